@@ -1,0 +1,51 @@
+"""keylock: per-key locks, leases with fencing tokens, and request coalescing.
+
+In one process (the default), across processes on one host (``FileBackend``), and across hosts
+(``RedisBackend``). See ``KeyedLock``, ``SingleFlight`` and ``stale_guard``.
+"""
+
+from __future__ import annotations
+
+from ._validate import MAX_KEY_LENGTH as MAX_KEY_LENGTH
+from .backends.base import KeyStatistics as KeyStatistics
+from .errors import BackendUnavailable as BackendUnavailable
+from .errors import InvalidKey as InvalidKey
+from .errors import KeylockError as KeylockError
+from .errors import LeaseLost as LeaseLost
+from .errors import LockTimeout as LockTimeout
+from .errors import StaleToken as StaleToken
+from .errors import Superseded as Superseded
+from .guard import SUPERSEDED as SUPERSEDED
+from .guard import stale_guard as stale_guard
+from .lease import Lease as Lease
+from .registry import KeyedLock as KeyedLock
+from .singleflight import SingleFlight as SingleFlight
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "MAX_KEY_LENGTH",
+    "SUPERSEDED",
+    "BackendUnavailable",
+    "InvalidKey",
+    "KeyStatistics",
+    "KeyedLock",
+    "KeylockError",
+    "Lease",
+    "LeaseLost",
+    "LockTimeout",
+    "SingleFlight",
+    "StaleToken",
+    "Superseded",
+    "stale_guard",
+]
+
+# Present the public classes as keylock.X in reprs, tracebacks and docs.
+for _name in __all__:
+    _obj = globals()[_name]
+    if isinstance(_obj, type) or callable(_obj):
+        try:
+            _obj.__module__ = __name__
+        except (AttributeError, TypeError):
+            pass
+del _name, _obj

@@ -1,0 +1,66 @@
+"""Argument checks shared by every entry point; each error names the key and the fix."""
+
+from __future__ import annotations
+
+import math
+
+from .errors import InvalidKey
+
+__all__ = ["MAX_KEY_LENGTH", "check_key", "check_timeout", "check_ttl"]
+
+#: Longest accepted key, in characters. Long enough for any id-based key, short enough that a
+#: key always fits a Redis key, a file name (after hashing) and a log line.
+MAX_KEY_LENGTH = 1024
+
+
+def check_key(key: object) -> str:
+    """Return *key* if it is a usable lock key, else raise InvalidKey saying why."""
+    if type(key) is str and 0 < len(key) <= MAX_KEY_LENGTH and "\x00" not in key:
+        return key
+    if not isinstance(key, str):
+        raise InvalidKey(
+            f"lock key {key!r} is a {type(key).__name__}, not a str: "
+            f"build a string key, e.g. f'agent:{{id}}'",
+            key=key,
+        )
+    if not key:
+        raise InvalidKey("lock key is empty: name what you lock, e.g. 'job:7'", key=key)
+    if len(key) > MAX_KEY_LENGTH:
+        raise InvalidKey(
+            f"lock key {key[:40]!r}... is {len(key)} characters long, over the "
+            f"{MAX_KEY_LENGTH} allowed: lock a short id or a hash of it instead",
+            key=key,
+        )
+    if "\x00" in key:
+        raise InvalidKey(f"lock key {key!r} contains a NUL character: remove it", key=key)
+    return str(key)  # a str subclass: use a plain copy so hashing and storage stay predictable
+
+
+def check_timeout(timeout: object, key: str) -> float | None:
+    """Return *timeout* as None (wait forever), 0 (one try) or a positive number of seconds."""
+    if timeout is None:
+        return None
+    if isinstance(timeout, bool) or not isinstance(timeout, int | float):
+        raise TypeError(
+            f"timeout for {key!r} must be a number of seconds or None, not {timeout!r}"
+        )
+    if not timeout >= 0:  # catches NaN too
+        raise ValueError(
+            f"timeout for {key!r} is {timeout!r}: use None to wait forever, 0 to try once, "
+            "or a positive number of seconds"
+        )
+    return None if timeout == math.inf else float(timeout)
+
+
+def check_ttl(ttl: object, key: str) -> float | None:
+    """Return *ttl* as None (backend default / no expiry) or a positive finite number."""
+    if ttl is None:
+        return None
+    if isinstance(ttl, bool) or not isinstance(ttl, int | float):
+        raise TypeError(f"ttl for {key!r} must be a number of seconds or None, not {ttl!r}")
+    if not 0 < ttl < math.inf:  # catches NaN too
+        raise ValueError(
+            f"ttl for {key!r} is {ttl!r}: a lease TTL must be a positive, finite number of "
+            "seconds (or None for the backend's default)"
+        )
+    return float(ttl)

@@ -1,0 +1,188 @@
+"""SingleFlight: concurrent callers of one key share one execution and its outcome."""
+
+from __future__ import annotations
+
+import asyncio
+import copy
+import threading
+from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING, Generic, ParamSpec, TypeVar, cast
+
+from ._validate import check_key
+
+if TYPE_CHECKING:
+    from .backends.base import Backend
+
+__all__ = ["SingleFlight"]
+
+P = ParamSpec("P")
+R = TypeVar("R")
+
+
+class _Flight(Generic[R]):
+    """One running execution on one event loop."""
+
+    __slots__ = ("callers", "task")
+
+    def __init__(self, task: asyncio.Task[R]) -> None:
+        self.task = task  # owned by the flight, never by a caller
+        self.callers = 0  # callers still waiting; the task is cancelled when this drops to 0
+
+
+class _SyncFlight:
+    """One running execution in a leader thread; followers block on ``done``."""
+
+    __slots__ = ("done", "error", "result")
+
+    def __init__(self) -> None:
+        self.done = threading.Event()
+        self.result: object = None
+        self.error: BaseException | None = None
+
+
+def _own_copy(exc: BaseException) -> BaseException:
+    """An instance-equivalent of *exc* for one caller, so callers never share a traceback."""
+    try:
+        clone = copy.copy(exc)
+    except Exception:  # an exception type that cannot be rebuilt: share the original
+        return exc
+    if type(clone) is not type(exc):
+        return exc
+    clone.__cause__ = exc.__cause__
+    clone.__context__ = exc.__context__
+    clone.__suppress_context__ = exc.__suppress_context__
+    return clone.with_traceback(exc.__traceback__)
+
+
+class SingleFlight:
+    """Concurrent ``do(key, fn)`` callers share one execution and its result or exception.
+
+    The work runs in a task the flight owns: a caller's cancellation never cancels it while
+    other callers still wait; it is cancelled only when every caller is gone, and a caller
+    arriving after that starts a fresh run. Nothing is cached: a call arriving after the work
+    finished starts a new one. Async callers coalesce per event loop; ``do_sync`` callers
+    coalesce across threads.
+
+    ``SingleFlight(RedisBackend(...))`` coalesces across processes and hosts instead.
+    """
+
+    def __init__(self, backend: Backend | None = None, *, namespace: str = "") -> None:
+        from .backends.memory import MemoryBackend
+
+        self._remote: _RemoteFlights | None = None
+        if backend is not None and not isinstance(backend, MemoryBackend):
+            make = getattr(backend, "_single_flight", None)
+            if make is None:
+                raise TypeError(
+                    f"SingleFlight cannot coalesce through {type(backend).__name__}: "
+                    "use no backend (in-process) or a RedisBackend (across hosts)"
+                )
+            self._remote = cast("_RemoteFlights", make(namespace))
+        self._flights: dict[tuple[str, asyncio.AbstractEventLoop], _Flight[object]] = {}
+        self._sync_flights: dict[str, _SyncFlight] = {}  # guarded by _mutex
+        self._mutex = threading.Lock()
+
+    def __len__(self) -> int:
+        """How many executions are running now."""
+        return len(self._flights) + len(self._sync_flights)
+
+    async def do(
+        self, key: str, fn: Callable[P, Awaitable[R]], /, *args: P.args, **kwargs: P.kwargs
+    ) -> R:
+        """Run ``await fn(*args, **kwargs)`` once for all concurrent callers of *key*.
+
+        Cancelling this caller leaves the shared work running for the others; the work is
+        cancelled once no caller is left. Each caller gets its own copy of an exception.
+        """
+        key = check_key(key)
+        if self._remote is not None:
+            return await self._remote.do(key, fn, *args, **kwargs)
+        loop = asyncio.get_running_loop()
+        slot = (key, loop)
+        flight = self._flights.get(slot)
+        if flight is None:
+            task = loop.create_task(_call(fn, *args, **kwargs))
+            flight = _Flight(task)
+            self._flights[slot] = flight
+            task.add_done_callback(lambda _: self._finish(slot, flight))
+        flight.callers += 1
+        task = flight.task
+        try:
+            result = await asyncio.shield(task)
+        except asyncio.CancelledError:
+            flight.callers -= 1
+            if flight.callers == 0 and not task.done():
+                # the last caller is gone: nobody wants the result any more
+                task.cancel()
+                self._finish(slot, flight)
+            raise
+        except BaseException as exc:
+            error = exc
+        else:
+            flight.callers -= 1
+            return result
+        flight.callers -= 1
+        raise _own_copy(error)  # raised outside the except block: no misleading context
+
+    def _finish(self, slot: tuple[str, asyncio.AbstractEventLoop], flight: _Flight[R]) -> None:
+        if self._flights.get(slot) is flight:
+            del self._flights[slot]
+
+    def do_sync(self, key: str, fn: Callable[P, R], /, *args: P.args, **kwargs: P.kwargs) -> R:
+        """Run ``fn(*args, **kwargs)`` once for all concurrent callers of *key* in any thread.
+
+        The first caller runs it in its own thread; the others block until it finishes.
+        """
+        key = check_key(key)
+        if self._remote is not None:
+            return self._remote.do_sync(key, fn, *args, **kwargs)
+        with self._mutex:
+            flight = self._sync_flights.get(key)
+            leader = flight is None
+            if flight is None:
+                flight = self._sync_flights[key] = _SyncFlight()
+        if not leader:
+            flight.done.wait()
+            if flight.error is None:
+                return cast("R", flight.result)
+            raise _own_copy(flight.error)
+        try:
+            flight.result = result = fn(*args, **kwargs)
+        except BaseException as exc:
+            flight.error = exc
+            raise
+        finally:
+            with self._mutex:
+                if self._sync_flights.get(key) is flight:
+                    del self._sync_flights[key]
+            flight.done.set()
+        return result
+
+    def forget(self, key: str) -> None:
+        """Let the next caller of *key* start a fresh execution; current callers keep theirs."""
+        key = check_key(key)
+        if self._remote is not None:
+            self._remote.forget(key)
+        for slot in [slot for slot in self._flights if slot[0] == key]:
+            self._flights.pop(slot, None)
+        with self._mutex:
+            self._sync_flights.pop(key, None)
+
+
+async def _call(fn: Callable[P, Awaitable[R]], /, *args: P.args, **kwargs: P.kwargs) -> R:
+    return await fn(*args, **kwargs)
+
+
+class _RemoteFlights:
+    """What a cross-process backend provides to SingleFlight (see RedisBackend)."""
+
+    async def do(
+        self, key: str, fn: Callable[P, Awaitable[R]], /, *args: P.args, **kwargs: P.kwargs
+    ) -> R:
+        raise NotImplementedError
+
+    def do_sync(self, key: str, fn: Callable[P, R], /, *args: P.args, **kwargs: P.kwargs) -> R:
+        raise NotImplementedError
+
+    def forget(self, key: str) -> None:
+        raise NotImplementedError

@@ -6,6 +6,8 @@ In one process (the default), across processes on one host (``FileBackend``), an
 
 from __future__ import annotations
 
+import contextlib
+
 from ._validate import MAX_KEY_LENGTH as MAX_KEY_LENGTH
 from .backends.base import KeyStatistics as KeyStatistics
 from .errors import BackendUnavailable as BackendUnavailable
@@ -44,8 +46,6 @@ __all__ = [
 for _name in __all__:
     _obj = globals()[_name]
     if isinstance(_obj, type) or callable(_obj):
-        try:
+        with contextlib.suppress(AttributeError, TypeError):
             _obj.__module__ = __name__
-        except (AttributeError, TypeError):
-            pass
 del _name, _obj

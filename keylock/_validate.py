@@ -41,9 +41,7 @@ def check_timeout(timeout: object, key: str) -> float | None:
     if timeout is None:
         return None
     if isinstance(timeout, bool) or not isinstance(timeout, int | float):
-        raise TypeError(
-            f"timeout for {key!r} must be a number of seconds or None, not {timeout!r}"
-        )
+        raise TypeError(f"timeout for {key!r} must be a number of seconds or None, not {timeout!r}")
     if not timeout >= 0:  # catches NaN too
         raise ValueError(
             f"timeout for {key!r} is {timeout!r}: use None to wait forever, 0 to try once, "

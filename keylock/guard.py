@@ -22,6 +22,10 @@ R = TypeVar("R")
 
 logger = logging.getLogger("keylock")
 
+#: Functions of the guarded handler's own arguments (any signature).
+KeyFunc = Callable[..., str]  # type: ignore[explicit-any]
+SnapshotFunc = Callable[..., object]  # type: ignore[explicit-any]
+
 
 class _SupersededType:
     """The value a guarded call returns when it was dropped as stale (falsy, a singleton)."""
@@ -85,8 +89,8 @@ class _Completions:
 def stale_guard(
     locks: KeyedLock,
     *,
-    key: Callable[..., str],
-    snapshot: Callable[..., object] | None = None,
+    key: KeyFunc,
+    snapshot: SnapshotFunc | None = None,
     on_stale: Literal["return", "raise"] = "return",
     timeout: float | None = None,
     ttl: float | None = None,

@@ -8,14 +8,16 @@ import os
 import random
 import time
 from collections.abc import Callable
-from types import TracebackType
 from typing import TYPE_CHECKING
 
 from ._validate import check_ttl
 from .errors import LeaseLost
 
 if TYPE_CHECKING:
-    from .backends.base import Backend, Grant
+    from types import TracebackType
+
+    from .backends.base import Backend
+    from .registry import KeyedLock
 
 __all__ = ["Lease", "LostCallback"]
 
@@ -35,6 +37,15 @@ def new_owner() -> bytes:
     return _rng.getrandbits(128).to_bytes(16)
 
 
+# Lease._state bits
+_RELEASED = 1  # release() was called
+_LOST = 2  # keylock learned the lease was lost
+_TRACKED = 4  # the backend looks after it (auto-renew) until release
+_CANCELLED_FOR_LOSS = 8  # its task was cancelled because the lease was lost
+_PENDING = 16  # not granted yet (a ``locks(key)`` block not entered yet)
+_SLOW_EXIT = _RELEASED | _TRACKED | _PENDING  # release needs more than the backend call
+
+
 class Lease:
     """A hold on ``key``: exclusive while live; ``token`` fences writes made under it.
 
@@ -47,56 +58,50 @@ class Lease:
     __slots__ = (
         "__weakref__",
         "_backend",
-        "_cancel_on_lost",
-        "_cancelled_for_loss",
         "_full_key",
-        "_lost",
-        "_on_lost",
-        "_released",
-        "_task",
-        "_tracked",
+        "_locks",
+        "_owner",
+        "_state",
+        "_task",  # set only for leases with a TTL (cancel_on_lost); read with getattr
         "expires_at",
         "key",
-        "owner",
         "token",
         "ttl",
     )
 
-    def __init__(
-        self,
-        backend: Backend,
-        key: str,
-        full_key: str,
-        owner: bytes,
-        grant: Grant,
-        ttl: float | None,
-        *,
-        on_lost: LostCallback | None = None,
-        cancel_on_lost: bool = False,
-    ) -> None:
-        self.key = key  #: the key as the caller named it (without namespace)
-        self.token = grant.token  #: fencing token: strictly increasing per key
-        self.owner = owner  #: random 128-bit id of this acquisition
-        self.expires_at = grant.expires_at  #: time.time() when the lease lapses; None = never
-        self.ttl = ttl  #: lease length used by extend() and auto-renew
-        self._backend = backend
-        self._full_key = full_key
-        self._released = False
-        self._lost = False
-        self._on_lost = on_lost
-        self._cancel_on_lost = cancel_on_lost
-        self._cancelled_for_loss = False
-        self._task: asyncio.Task[object] | None = None
-        self._tracked = False
+    key: str  #: the key as the caller named it (without namespace)
+    token: int  #: fencing token: strictly increasing per key, never reused
+    expires_at: float | None  #: time.time() when the lease lapses; None = never
+    ttl: float | None  #: lease length used by extend() and auto-renew; None = no expiry
+    _backend: Backend  # set when granted
+    _full_key: str  # namespace + key, as the backend knows it
+    _owner: bytes | None  # None until read, for backends that prove ownership by token
+
+    def __init__(self, locks: KeyedLock, key: str, ttl: float | None) -> None:
+        # KeyedLock fills in the rest when the key is granted (see KeyedLock._grant)
+        self._locks = locks
+        self.key = key
+        self.ttl = ttl
+        self._state = _PENDING
 
     def __repr__(self) -> str:
-        state = "released" if self._released else "lost" if self.lost else "held"
+        if self._state & _PENDING:
+            return f"<Lease {self.key!r} not acquired>"
+        state = "released" if self.released else "lost" if self.lost else "held"
         return f"<Lease {self.key!r} token={self.token} {state}>"
+
+    @property
+    def owner(self) -> bytes:
+        """The random 128-bit id of this acquisition (as stored by the backend)."""
+        owner = self._owner
+        if owner is None:  # a backend that proves ownership by token alone: mint it on demand
+            owner = self._owner = new_owner()
+        return owner
 
     @property
     def lost(self) -> bool:
         """True once the lease expired or was taken over: the holder is no longer protected."""
-        if self._lost:
+        if self._state & _LOST:
             return True
         expires_at = self.expires_at
         return expires_at is not None and time.time() >= expires_at
@@ -104,15 +109,18 @@ class Lease:
     @property
     def released(self) -> bool:
         """True once release() was called."""
-        return self._released
+        return bool(self._state & _RELEASED)
 
     # ----------------------------------------------------------------------------- release
 
     def _begin_release(self) -> None:
-        if self._released:
+        state = self._state
+        if state & _PENDING:
+            raise RuntimeError(f"the lock on {self.key!r} was never acquired: nothing to release")
+        if state & _RELEASED:
             raise RuntimeError(f"lease {self.token} on {self.key!r} was already released")
-        self._released = True
-        if self._tracked:
+        self._state = state | _RELEASED
+        if state & _TRACKED:
             self._backend._untrack(self)
 
     async def release(self) -> None:
@@ -121,7 +129,7 @@ class Lease:
         backend = self._backend
         try:
             if backend.nonblocking_step:
-                backend.release_sync(self._full_key, self.owner, self.token)
+                backend.release_sync(self._full_key, self._owner or b"", self.token)
             else:
                 await backend.release(self._full_key, self.owner, self.token)
         except LeaseLost:
@@ -132,7 +140,7 @@ class Lease:
         """Blocking twin of :meth:`release`."""
         self._begin_release()
         try:
-            self._backend.release_sync(self._full_key, self.owner, self.token)
+            self._backend.release_sync(self._full_key, self._owner or b"", self.token)
         except LeaseLost:
             self._mark_lost()
             raise
@@ -140,7 +148,7 @@ class Lease:
     # ------------------------------------------------------------------------------ extend
 
     def _extend_ttl(self, ttl: float | None) -> float:
-        if self._released:
+        if self._state & _RELEASED:
             raise RuntimeError(f"lease {self.token} on {self.key!r} was released: cannot extend")
         ttl = check_ttl(ttl if ttl is not None else self.ttl, self.key)
         if ttl is None:
@@ -157,7 +165,7 @@ class Lease:
         ttl = self._extend_ttl(ttl)
         try:
             self.expires_at = await self._backend.extend(
-                self._full_key, self.owner, self.token, ttl
+                self._full_key, self._owner or b"", self.token, ttl
             )
         except LeaseLost:
             self._mark_lost()
@@ -169,7 +177,7 @@ class Lease:
         ttl = self._extend_ttl(ttl)
         try:
             self.expires_at = self._backend.extend_sync(
-                self._full_key, self.owner, self.token, ttl
+                self._full_key, self._owner or b"", self.token, ttl
             )
         except LeaseLost:
             self._mark_lost()
@@ -183,21 +191,22 @@ class Lease:
 
         Safe to call from any thread, more than once; the callback and cancel run once.
         """
-        if self._lost:
+        state = self._state
+        if state & _LOST:
             return
-        self._lost = True
+        self._state = state | _LOST
         logger.warning("keylock: lease %d on %r was lost", self.token, self.key)
-        if self._on_lost is not None:
+        on_lost = self._locks._on_lost
+        if on_lost is not None:
             try:
-                self._on_lost(self)
+                on_lost(self)
             except Exception:
                 logger.exception("keylock: on_lost callback for %r raised", self.key)
-        task = self._task
-        if self._cancel_on_lost and task is not None and not self._released:
-            self._cancelled_for_loss = True
-            loop = task.get_loop()
+        task: asyncio.Task[object] | None = getattr(self, "_task", None)
+        if self._locks._cancel_on_lost and task is not None and not state & _RELEASED:
+            self._state |= _CANCELLED_FOR_LOSS
             try:
-                loop.call_soon_threadsafe(task.cancel)
+                task.get_loop().call_soon_threadsafe(task.cancel)
             except RuntimeError:  # loop closed: the section is over anyway
                 pass
 
@@ -212,9 +221,16 @@ class Lease:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
+        state = self._state
+        backend = self._backend
         try:
-            await self.release()
+            if state & _SLOW_EXIT or not backend.nonblocking_step:
+                await self.release()
+            else:  # the uncontended path: no extra coroutine
+                self._state = state | _RELEASED
+                backend.release_sync(self._full_key, self._owner or b"", self.token)
         except LeaseLost as lost:
+            self._mark_lost()
             _reraise_loss(self, lost, exc)
 
     def __enter__(self) -> Lease:
@@ -226,9 +242,15 @@ class Lease:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
+        state = self._state
         try:
-            self.release_sync()
+            if state & _SLOW_EXIT:
+                self.release_sync()
+            else:
+                self._state = state | _RELEASED
+                self._backend.release_sync(self._full_key, self._owner or b"", self.token)
         except LeaseLost as lost:
+            self._mark_lost()
             _reraise_loss(self, lost, exc)
 
 
@@ -241,8 +263,8 @@ def _reraise_loss(lease: Lease, lost: LeaseLost, exc: BaseException | None) -> N
     """
     if exc is None:
         raise lost
-    if lease._cancelled_for_loss and isinstance(exc, asyncio.CancelledError):
-        task = lease._task
+    if lease._state & _CANCELLED_FOR_LOSS and isinstance(exc, asyncio.CancelledError):
+        task: asyncio.Task[object] | None = getattr(lease, "_task", None)
         if task is not None:
             task.uncancel()
         raise lost from exc

@@ -6,13 +6,12 @@ import asyncio
 import functools
 import inspect
 from collections.abc import Awaitable, Callable
-from types import TracebackType
 from typing import ParamSpec, TypeVar, overload
 
-from ._validate import check_key, check_timeout, check_ttl
+from ._validate import MAX_KEY_LENGTH, check_key, check_timeout, check_ttl
 from .backends.base import Backend, Grant, KeyStatistics
 from .backends.memory import MemoryBackend
-from .lease import Lease, LostCallback, new_owner
+from .lease import _PENDING, _TRACKED, Lease, LostCallback, new_owner
 
 __all__ = ["KeyFunc", "KeyedLock"]
 
@@ -20,7 +19,7 @@ P = ParamSpec("P")
 R = TypeVar("R")
 
 #: A decorator's key: a fixed string, or a function of the decorated call's arguments.
-KeyFunc = str | Callable[..., str]
+KeyFunc = str | Callable[..., str]  # type: ignore[explicit-any]  # any signature
 
 
 class KeyedLock:
@@ -32,7 +31,16 @@ class KeyedLock:
     A caller cancelled while waiting holds nothing afterwards.
     """
 
-    __slots__ = ("_backend", "_cancel_on_lost", "_on_lost", "_prefix", "namespace")
+    __slots__ = (
+        "_backend",
+        "_cancel_on_lost",
+        "_default_ttl",
+        "_inline_step",
+        "_needs_owner",
+        "_on_lost",
+        "_prefix",
+        "namespace",
+    )
 
     def __init__(
         self,
@@ -49,7 +57,11 @@ class KeyedLock:
             )
         if not isinstance(namespace, str) or "\x00" in namespace:
             raise TypeError(f"namespace must be a str without NUL, not {namespace!r}")
-        self._backend = backend if backend is not None else MemoryBackend()
+        self._backend = backend = backend if backend is not None else MemoryBackend()
+        # copied from the backend once, for the hot path
+        self._inline_step = backend.nonblocking_step
+        self._needs_owner = backend.needs_owner
+        self._default_ttl = backend.default_ttl
         self.namespace = namespace
         self._prefix = f"{namespace}:" if namespace else ""
         self._on_lost = on_lost
@@ -67,13 +79,13 @@ class KeyedLock:
 
     def __call__(
         self, key: str, /, *, timeout: float | None = None, ttl: float | None = None
-    ) -> _Hold:
-        """``async with locks(key) as lease:`` holds *key* for the block."""
-        return _Hold(self, key, timeout, ttl)
+    ) -> Lease:
+        """``async with locks(key) as lease:`` holds *key* for the block (enter it once)."""
+        return _Hold(self, key, ttl, timeout)
 
-    def sync(self, key: str, /, *, timeout: float | None = None, ttl: float | None = None) -> _Hold:
+    def sync(self, key: str, /, *, timeout: float | None = None, ttl: float | None = None) -> Lease:
         """``with locks.sync(key) as lease:`` holds *key* for the block, blocking the thread."""
-        return _Hold(self, key, timeout, ttl)
+        return _Hold(self, key, ttl, timeout)
 
     async def acquire(
         self, key: str, /, *, timeout: float | None = None, ttl: float | None = None
@@ -82,65 +94,17 @@ class KeyedLock:
 
         Raises LockTimeout when *timeout* passes first; a cancelled caller holds nothing.
         """
-        key = check_key(key)
-        full = self._prefix + key if self._prefix else key
-        if timeout is not None:
-            timeout = check_timeout(timeout, key)
-        ttl = self._resolve_ttl(ttl, key)
-        owner = new_owner()
-        backend = self._backend
-        grant: Grant | None = None
-        if backend.nonblocking_step:  # the uncontended path: one step, no coroutine
-            grant = backend._try_acquire(full, owner, ttl, None)
-        if grant is None:
-            grant = await backend.acquire(full, owner, timeout=timeout, ttl=ttl)
-        lease = Lease(
-            backend,
-            key,
-            full,
-            owner,
-            grant,
-            ttl,
-            on_lost=self._on_lost,
-            cancel_on_lost=self._cancel_on_lost,
-        )
-        if ttl is not None:
-            lease._task = asyncio.current_task()
-            self._track(lease)
-        return lease
+        return await _Hold(self, key, ttl, timeout).__aenter__()
 
     def acquire_sync(
         self, key: str, /, *, timeout: float | None = None, ttl: float | None = None
     ) -> Lease:
-        """Blocking twin of :meth:`acquire`."""
-        key = check_key(key)
-        full = self._prefix + key if self._prefix else key
-        if timeout is not None:
-            timeout = check_timeout(timeout, key)
-        ttl = self._resolve_ttl(ttl, key)
-        owner = new_owner()
-        grant = self._backend.acquire_sync(full, owner, timeout=timeout, ttl=ttl)
-        lease = Lease(
-            self._backend,
-            key,
-            full,
-            owner,
-            grant,
-            ttl,
-            on_lost=self._on_lost,
-            cancel_on_lost=False,  # a thread cannot be cancelled; lease.lost still reports it
-        )
-        if ttl is not None:
-            self._track(lease)
-        return lease
-
-    def _resolve_ttl(self, ttl: float | None, key: str) -> float | None:
-        if ttl is None:
-            return self._backend.default_ttl
-        return check_ttl(ttl, key)
+        """Blocking twin of :meth:`acquire`; a thread cannot be cancelled, but ``lease.lost``
+        and ``on_lost`` still report a loss."""
+        return _Hold(self, key, ttl, timeout).__enter__()
 
     def _track(self, lease: Lease) -> None:
-        lease._tracked = True
+        lease._state |= _TRACKED
         self._backend._track(lease)
 
     @overload
@@ -203,54 +167,86 @@ class KeyedLock:
         self._backend.close_sync()
 
 
-class _Hold:
-    """The context manager behind ``locks(key)`` and ``locks.sync(key)``."""
+class _Hold(Lease):
+    """The lease behind ``locks(key)`` / ``locks.sync(key)``: acquired when the block is entered.
 
-    __slots__ = ("_key", "_lease", "_locks", "_timeout", "_ttl")
+    One block per object (as ``asyncio.timeout``): call ``locks(key)`` again for the next one.
+    """
+
+    __slots__ = ("_timeout",)
 
     def __init__(
-        self, locks: KeyedLock, key: str, timeout: float | None, ttl: float | None
+        self, locks: KeyedLock, key: str, ttl: float | None, timeout: float | None
     ) -> None:
         self._locks = locks
-        self._key = key
+        self.key = key
+        self.ttl = ttl
+        self._state = _PENDING
         self._timeout = timeout
-        self._ttl = ttl
-        self._lease: Lease | None = None
 
-    def _take(self) -> Lease:
-        lease = self._lease
-        if lease is None:
-            raise RuntimeError("keylock: exiting a lock block that was never entered")
-        self._lease = None
-        return lease
+    def _enter_once(self) -> None:
+        raise RuntimeError(
+            f"keylock: this locks({self.key!r}) block was already entered: "
+            "write a new locks(key) for each block"
+        )
+
+    # The two twins below differ only in how they wait (backend.acquire vs acquire_sync); the
+    # shared steps are inlined on purpose: this is the uncontended hot path.
 
     async def __aenter__(self) -> Lease:
-        if self._lease is not None:
-            raise RuntimeError(f"keylock: the block for {self._key!r} is already entered")
-        self._lease = await self._locks.acquire(self._key, timeout=self._timeout, ttl=self._ttl)
-        return self._lease
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        await self._take().__aexit__(exc_type, exc, tb)
+        if not self._state & _PENDING:
+            self._enter_once()
+        locks = self._locks
+        key = self.key
+        if type(key) is not str or not 0 < len(key) <= MAX_KEY_LENGTH or "\x00" in key:
+            key = self.key = check_key(key)
+        timeout = self._timeout
+        if timeout is not None:
+            timeout = check_timeout(timeout, key)
+        backend = self._backend = locks._backend
+        ttl = self.ttl
+        ttl = self.ttl = locks._default_ttl if ttl is None else check_ttl(ttl, key)
+        full = self._full_key = locks._prefix + key
+        owner = self._owner = new_owner() if locks._needs_owner else None
+        grant: Grant | None = None
+        if locks._inline_step:  # the uncontended path: one step, no extra coroutine
+            grant = backend._try_acquire(full, owner or b"", ttl, None)
+        if grant is None:
+            grant = await backend.acquire(full, owner or b"", timeout=timeout, ttl=ttl)
+        self.token = grant[0]
+        self.expires_at = grant[1]
+        self._state = 0
+        if ttl is not None:
+            self._task = asyncio.current_task()
+            locks._track(self)
+        return self
 
     def __enter__(self) -> Lease:
-        if self._lease is not None:
-            raise RuntimeError(f"keylock: the block for {self._key!r} is already entered")
-        self._lease = self._locks.acquire_sync(self._key, timeout=self._timeout, ttl=self._ttl)
-        return self._lease
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self._take().__exit__(exc_type, exc, tb)
+        if not self._state & _PENDING:
+            self._enter_once()
+        locks = self._locks
+        key = self.key
+        if type(key) is not str or not 0 < len(key) <= MAX_KEY_LENGTH or "\x00" in key:
+            key = self.key = check_key(key)
+        timeout = self._timeout
+        if timeout is not None:
+            timeout = check_timeout(timeout, key)
+        backend = self._backend = locks._backend
+        ttl = self.ttl
+        ttl = self.ttl = locks._default_ttl if ttl is None else check_ttl(ttl, key)
+        full = self._full_key = locks._prefix + key
+        owner = self._owner = new_owner() if locks._needs_owner else None
+        grant: Grant | None = None
+        if locks._inline_step:
+            grant = backend._try_acquire(full, owner or b"", ttl, None)
+        if grant is None:
+            grant = backend.acquire_sync(full, owner or b"", timeout=timeout, ttl=ttl)
+        self.token = grant[0]
+        self.expires_at = grant[1]
+        self._state = 0
+        if ttl is not None:
+            locks._track(self)
+        return self
 
 
 def _decorate(

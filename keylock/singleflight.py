@@ -5,12 +5,13 @@ from __future__ import annotations
 import asyncio
 import copy
 import threading
-from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Generic, ParamSpec, TypeVar, cast
 
 from ._validate import check_key
 
 if TYPE_CHECKING:
+    from collections.abc import Awaitable, Callable
+
     from .backends.base import Backend
 
 __all__ = ["SingleFlight"]
@@ -101,10 +102,10 @@ class SingleFlight:
         slot = (key, loop)
         flight = self._flights.get(slot)
         if flight is None:
-            task = loop.create_task(_call(fn, *args, **kwargs))
-            flight = _Flight(task)
+            work: asyncio.Task[object] = loop.create_task(_call(fn, *args, **kwargs))
+            flight = _Flight(work)
             self._flights[slot] = flight
-            task.add_done_callback(lambda _: self._finish(slot, flight))
+            work.add_done_callback(lambda _: self._finish(slot, flight))
         flight.callers += 1
         task = flight.task
         try:
@@ -120,11 +121,11 @@ class SingleFlight:
             error = exc
         else:
             flight.callers -= 1
-            return result
+            return cast("R", result)
         flight.callers -= 1
         raise _own_copy(error)  # raised outside the except block: no misleading context
 
-    def _finish(self, slot: tuple[str, asyncio.AbstractEventLoop], flight: _Flight[R]) -> None:
+    def _finish(self, slot: tuple[str, asyncio.AbstractEventLoop], flight: _Flight[object]) -> None:
         if self._flights.get(slot) is flight:
             del self._flights[slot]
 

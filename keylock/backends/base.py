@@ -11,11 +11,12 @@ from __future__ import annotations
 
 import abc
 import asyncio
+import contextlib
 import math
 import threading
 import time
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NamedTuple
 
 from ..errors import LockTimeout
 
@@ -32,17 +33,15 @@ __all__ = [
 ]
 
 
-class Grant:
-    """One granted lease as the backend sees it: its fencing token and wall-clock expiry."""
+class Grant(NamedTuple):
+    """One granted lease as the backend sees it: its fencing token and wall-clock expiry.
 
-    __slots__ = ("expires_at", "token")
+    Read by index (``grant[0]``, ``grant[1]``) on the hot path, so a backend may return any
+    sequence laid out the same way (the memory backend returns its entry record).
+    """
 
-    def __init__(self, token: int, expires_at: float | None) -> None:
-        self.token = token  # strictly increasing per key, never reused
-        self.expires_at = expires_at  # time.time() after which the lease is void; None = never
-
-    def __repr__(self) -> str:
-        return f"Grant(token={self.token}, expires_at={self.expires_at})"
+    token: int  # strictly increasing per key, never reused
+    expires_at: float | None  # time.time() after which the lease is void; None = never
 
 
 @dataclass(frozen=True, slots=True)
@@ -155,6 +154,9 @@ class Backend(abc.ABC):
     nonblocking_step: bool = True
     #: TTL applied when the caller passes ``ttl=None``.
     default_ttl: float | None = None
+    #: False when the token alone proves ownership (in-process): owner ids are then minted
+    #: only if someone reads ``lease.owner``, and the backend is passed ``b""``.
+    needs_owner: bool = True
 
     # ----------------------------------------------------------------- the step, per backend
 
@@ -203,10 +205,8 @@ class Backend(abc.ABC):
         """Give back a grant nobody will use (its waiter was cancelled); never raises LeaseLost."""
         from ..errors import LeaseLost
 
-        try:
-            self.release_sync(key, owner, grant.token)
-        except LeaseLost:
-            pass
+        with contextlib.suppress(LeaseLost):
+            self.release_sync(key, owner, grant[0])
 
     async def _discard(self, key: str, owner: bytes, grant: Grant) -> None:
         """Async twin of :meth:`_discard_sync`."""

@@ -7,24 +7,23 @@ import math
 import time
 from collections import OrderedDict
 from threading import Lock
+from typing import Any, TypeAlias
 
 from ..errors import LeaseLost
 from .base import Backend, Grant, KeyStatistics, Waiter
 
 __all__ = ["MemoryBackend"]
 
-
-class _Entry:
-    """A held key. Exists exactly while the key is held; waiters only queue behind a holder."""
-
-    __slots__ = ("deadline", "owner", "token", "waiters")
-
-    def __init__(self, owner: bytes, token: int, deadline: float | None) -> None:
-        self.owner = owner
-        self.token = token  # the live lease's token; the only proof of ownership in-process
-        self.deadline = deadline  # time.monotonic() at which the lease expires; None = never
-        # FIFO of waiters (dict for O(1) removal on cancel); never holds a granted waiter
-        self.waiters: OrderedDict[Waiter, None] | None = None
+# A held key's record, also returned as its holder's grant (index 0 and 1 match Grant), so the
+# uncontended path allocates one small list and no object with a Python __init__. Each grant
+# gets a new record, so a returned grant's token never changes under its holder.
+# [token, expires_at, owner, deadline, waiters]: a loosely typed record, on purpose (hot path)
+_Entry: TypeAlias = list[Any]
+_TOKEN = 0  # the live lease's token: the proof of ownership in-process
+_EXPIRES_AT = 1  # time.time() when it lapses, or None
+_OWNER = 2  # owner id as passed by the caller (b"" when the caller needs none)
+_DEADLINE = 3  # time.monotonic() when it lapses, or None
+_WAITERS = 4  # OrderedDict[Waiter, None] in FIFO order, or None; never holds a granted waiter
 
 
 class MemoryBackend(Backend):
@@ -37,30 +36,39 @@ class MemoryBackend(Backend):
     release raises :class:`~keylock.LeaseLost`.
     """
 
+    needs_owner = False  # the token proves ownership in-process
+
     def __init__(self, *, ttl: float | None = None) -> None:
         self.default_ttl = ttl
-        self._mutex = Lock()  # guards _entries and every _Entry; held only for O(1) work
-        self._entries: dict[str, _Entry] = {}  # guarded by _mutex; only held keys
+        self._mutex = Lock()  # guards _entries and every entry; held only for O(1) work
+        # explicit acquire/release: about 0.13 us cheaper per call than ``with`` on CPython 3.11
+        self._lock = self._mutex.acquire
+        self._unlock = self._mutex.release
+        self._entries: dict[str, _Entry] = {}  # guarded by _mutex; exactly the held keys
         self._tokens = itertools.count(1)  # guarded by _mutex
 
     def __repr__(self) -> str:
         return f"MemoryBackend(held={len(self._entries)})"
+
+    def __len__(self) -> int:
+        """How many keys are held now (for leak checks)."""
+        return len(self._entries)
 
     # ------------------------------------------------------------------------------- step
 
     def _try_acquire(
         self, key: str, owner: bytes, ttl: float | None, waiter: Waiter | None
     ) -> Grant | None:
-        with self._mutex:
+        self._lock()
+        try:
             entry = self._entries.get(key)
             if entry is None:
-                token = next(self._tokens)
                 if ttl is None:
-                    self._entries[key] = _Entry(owner, token, None)
-                    return Grant(token, None)
-                self._entries[key] = _Entry(owner, token, time.monotonic() + ttl)
-                return Grant(token, time.time() + ttl)
-            if entry.deadline is not None and time.monotonic() >= entry.deadline:
+                    entry = self._entries[key] = [next(self._tokens), None, owner, None, None]
+                    return entry  # type: ignore[return-value]  # laid out as a Grant
+                return self._grant_new(key, owner, ttl)
+            deadline = entry[_DEADLINE]
+            if deadline is not None and time.monotonic() >= deadline:
                 # the holder's lease ran out: the key goes to the oldest waiter, else to us
                 self._hand_off(key, entry)
                 if waiter is not None and waiter.grant is not None:
@@ -70,44 +78,55 @@ class MemoryBackend(Backend):
                 entry = self._entries[key]
             if waiter is None:
                 return None
-            if entry.waiters is None:
-                entry.waiters = OrderedDict()
-            entry.waiters[waiter] = None  # no-op when already queued: keeps its place
-            waiter.retry_at = math.inf if entry.deadline is None else entry.deadline
+            waiters = entry[_WAITERS]
+            if waiters is None:
+                waiters = entry[_WAITERS] = OrderedDict()
+            waiters[waiter] = None  # no-op when already queued: keeps its place
+            deadline = entry[_DEADLINE]
+            waiter.retry_at = math.inf if deadline is None else deadline
             return None
+        finally:
+            self._unlock()
 
     def _grant_new(self, key: str, owner: bytes, ttl: float | None) -> Grant:
+        """Record a grant of a free key. Caller holds _mutex."""
         token = next(self._tokens)
-        deadline = None if ttl is None else time.monotonic() + ttl
-        self._entries[key] = _Entry(owner, token, deadline)
-        return Grant(token, None if ttl is None else time.time() + ttl)
+        entry: _Entry
+        if ttl is None:
+            entry = [token, None, owner, None, None]
+        else:
+            entry = [token, time.time() + ttl, owner, time.monotonic() + ttl, None]
+        self._entries[key] = entry
+        return entry  # type: ignore[return-value]
 
     def _hand_off(self, key: str, entry: _Entry) -> None:
         """Give *key* to its oldest waiter, or free it. Caller holds _mutex."""
-        waiters = entry.waiters
+        waiters = entry[_WAITERS]
         if not waiters:
             del self._entries[key]
             return
         waiter, _ = waiters.popitem(last=False)
         ttl = waiter.ttl
-        entry.owner = waiter.owner
-        entry.token = token = next(self._tokens)
+        token = next(self._tokens)
+        successor: _Entry
         if ttl is None:
-            entry.deadline = None
-            waiter.grant = Grant(token, None)
+            successor = [token, None, waiter.owner, None, waiters]
         else:
-            entry.deadline = time.monotonic() + ttl
-            waiter.grant = Grant(token, time.time() + ttl)
-            self._arm_head(entry)
+            successor = [token, time.time() + ttl, waiter.owner, time.monotonic() + ttl, waiters]
+        self._entries[key] = successor
+        waiter.grant = successor  # laid out as a Grant
+        self._arm_head(successor)
         waiter.wake()
 
     @staticmethod
     def _arm_head(entry: _Entry) -> None:
         """Make the oldest waiter wake when the holder's lease runs out. Caller holds _mutex."""
-        if entry.deadline is not None and entry.waiters:
-            head = next(iter(entry.waiters))
-            if head.retry_at > entry.deadline:
-                head.retry_at = entry.deadline
+        deadline = entry[_DEADLINE]
+        waiters = entry[_WAITERS]
+        if deadline is not None and waiters:
+            head = next(iter(waiters))
+            if head.retry_at > deadline:
+                head.retry_at = deadline
                 head.wake()  # it may be sleeping with no retry time: let it re-read this one
 
     def _withdraw(self, key: str, waiter: Waiter) -> Grant | None:
@@ -115,22 +134,33 @@ class MemoryBackend(Backend):
             if waiter.grant is not None:
                 return waiter.grant
             entry = self._entries.get(key)
-            if entry is not None and entry.waiters and waiter in entry.waiters:
-                was_head = next(iter(entry.waiters)) is waiter
-                del entry.waiters[waiter]
+            waiters = None if entry is None else entry[_WAITERS]
+            if waiters and waiter in waiters:
+                was_head = next(iter(waiters)) is waiter
+                del waiters[waiter]
                 if was_head:
-                    self._arm_head(entry)
+                    self._arm_head(entry)  # type: ignore[arg-type]
             return None
 
     # ------------------------------------------------------------------- release, extend
 
     def release_sync(self, key: str, owner: bytes, token: int) -> None:
-        with self._mutex:
+        self._lock()
+        try:
             entry = self._entries.get(key)
-            if entry is None or entry.token != token:
+            if entry is None or entry[_TOKEN] != token:
                 raise _lost(key, token)
-            expired = entry.deadline is not None and time.monotonic() >= entry.deadline
+            deadline = entry[_DEADLINE]
+            if deadline is None:
+                if entry[_WAITERS]:
+                    self._hand_off(key, entry)
+                else:
+                    del self._entries[key]
+                return
+            expired = time.monotonic() >= deadline
             self._hand_off(key, entry)
+        finally:
+            self._unlock()
         if expired:
             raise _lost(key, token)
 
@@ -138,29 +168,29 @@ class MemoryBackend(Backend):
         with self._mutex:
             entry = self._entries.get(key)
             now = time.monotonic()
-            if (
-                entry is None
-                or entry.token != token
-                or (entry.deadline is not None and now >= entry.deadline)
-            ):
+            if entry is None or entry[_TOKEN] != token:
                 raise _lost(key, token)
-            entry.deadline = now + ttl
+            deadline = entry[_DEADLINE]
+            if deadline is not None and now >= deadline:
+                raise _lost(key, token)
+            entry[_DEADLINE] = now + ttl
+            entry[_EXPIRES_AT] = expires_at = time.time() + ttl
             self._arm_head(entry)
-            return time.time() + ttl
+            return expires_at
 
     def statistics(self, key: str) -> KeyStatistics:
         with self._mutex:
             entry = self._entries.get(key)
             if entry is None:
                 return KeyStatistics(key, held=False, token=None, owner=None, waiting=0)
-            waiting = len(entry.waiters) if entry.waiters else 0
+            waiters = entry[_WAITERS]
             return KeyStatistics(
-                key, held=True, token=entry.token, owner=entry.owner, waiting=waiting
+                key,
+                held=True,
+                token=entry[_TOKEN],
+                owner=entry[_OWNER] or None,
+                waiting=len(waiters) if waiters else 0,
             )
-
-    def __len__(self) -> int:
-        """How many keys are held now (for leak checks)."""
-        return len(self._entries)
 
 
 def _lost(key: str, token: int) -> LeaseLost:

@@ -60,6 +60,7 @@ class Lease:
         "_backend",
         "_full_key",
         "_locks",
+        "_minted_owner",  # owner id shown to users of backends that need none; set when read
         "_owner",
         "_state",
         "_task",  # set only for leases with a TTL (cancel_on_lost); read with getattr
@@ -75,7 +76,7 @@ class Lease:
     ttl: float | None  #: lease length used by extend() and auto-renew; None = no expiry
     _backend: Backend  # set when granted
     _full_key: str  # namespace + key, as the backend knows it
-    _owner: bytes | None  # None until read, for backends that prove ownership by token
+    _owner: bytes  # the owner id the backend knows (b"" when the token alone proves ownership)
 
     def __init__(self, locks: KeyedLock, key: str, ttl: float | None) -> None:
         # KeyedLock fills in the rest when the key is granted (see KeyedLock._grant)
@@ -92,11 +93,15 @@ class Lease:
 
     @property
     def owner(self) -> bytes:
-        """The random 128-bit id of this acquisition (as stored by the backend)."""
+        """The random 128-bit id of this acquisition."""
         owner = self._owner
-        if owner is None:  # a backend that proves ownership by token alone: mint it on demand
-            owner = self._owner = new_owner()
-        return owner
+        if owner:
+            return owner
+        # an in-process backend proves ownership by token alone: mint the id only when read
+        minted: bytes | None = getattr(self, "_minted_owner", None)
+        if minted is None:
+            minted = self._minted_owner = new_owner()
+        return minted
 
     @property
     def lost(self) -> bool:
@@ -129,9 +134,9 @@ class Lease:
         backend = self._backend
         try:
             if backend.nonblocking_step:
-                backend.release_sync(self._full_key, self._owner or b"", self.token)
+                backend.release_sync(self._full_key, self._owner, self.token)
             else:
-                await backend.release(self._full_key, self.owner, self.token)
+                await backend.release(self._full_key, self._owner, self.token)
         except LeaseLost:
             self._mark_lost()
             raise
@@ -140,7 +145,7 @@ class Lease:
         """Blocking twin of :meth:`release`."""
         self._begin_release()
         try:
-            self._backend.release_sync(self._full_key, self._owner or b"", self.token)
+            self._backend.release_sync(self._full_key, self._owner, self.token)
         except LeaseLost:
             self._mark_lost()
             raise
@@ -165,7 +170,7 @@ class Lease:
         ttl = self._extend_ttl(ttl)
         try:
             self.expires_at = await self._backend.extend(
-                self._full_key, self._owner or b"", self.token, ttl
+                self._full_key, self._owner, self.token, ttl
             )
         except LeaseLost:
             self._mark_lost()
@@ -177,7 +182,7 @@ class Lease:
         ttl = self._extend_ttl(ttl)
         try:
             self.expires_at = self._backend.extend_sync(
-                self._full_key, self._owner or b"", self.token, ttl
+                self._full_key, self._owner, self.token, ttl
             )
         except LeaseLost:
             self._mark_lost()
@@ -228,7 +233,7 @@ class Lease:
                 await self.release()
             else:  # the uncontended path: no extra coroutine
                 self._state = state | _RELEASED
-                backend.release_sync(self._full_key, self._owner or b"", self.token)
+                backend.release_sync(self._full_key, self._owner, self.token)
         except LeaseLost as lost:
             self._mark_lost()
             _reraise_loss(self, lost, exc)
@@ -248,7 +253,7 @@ class Lease:
                 self.release_sync()
             else:
                 self._state = state | _RELEASED
-                self._backend.release_sync(self._full_key, self._owner or b"", self.token)
+                self._backend.release_sync(self._full_key, self._owner, self.token)
         except LeaseLost as lost:
             self._mark_lost()
             _reraise_loss(self, lost, exc)

@@ -207,12 +207,12 @@ class _Hold(Lease):
         ttl = self.ttl
         ttl = self.ttl = locks._default_ttl if ttl is None else check_ttl(ttl, key)
         full = self._full_key = locks._prefix + key
-        owner = self._owner = new_owner() if locks._needs_owner else None
+        owner = self._owner = new_owner() if locks._needs_owner else b""
         grant: Grant | None = None
         if locks._inline_step:  # the uncontended path: one step, no extra coroutine
-            grant = backend._try_acquire(full, owner or b"", ttl, None)
+            grant = backend._try_acquire(full, owner, ttl, None)
         if grant is None:
-            grant = await backend.acquire(full, owner or b"", timeout=timeout, ttl=ttl)
+            grant = await backend.acquire(full, owner, timeout=timeout, ttl=ttl)
         self.token = grant[0]
         self.expires_at = grant[1]
         self._state = 0
@@ -235,12 +235,12 @@ class _Hold(Lease):
         ttl = self.ttl
         ttl = self.ttl = locks._default_ttl if ttl is None else check_ttl(ttl, key)
         full = self._full_key = locks._prefix + key
-        owner = self._owner = new_owner() if locks._needs_owner else None
+        owner = self._owner = new_owner() if locks._needs_owner else b""
         grant: Grant | None = None
         if locks._inline_step:
-            grant = backend._try_acquire(full, owner or b"", ttl, None)
+            grant = backend._try_acquire(full, owner, ttl, None)
         if grant is None:
-            grant = backend.acquire_sync(full, owner or b"", timeout=timeout, ttl=ttl)
+            grant = backend.acquire_sync(full, owner, timeout=timeout, ttl=ttl)
         self.token = grant[0]
         self.expires_at = grant[1]
         self._state = 0

@@ -1,8 +1,10 @@
 """Shared fixtures: every conformance test runs over every backend and both API flavours.
 
 A new backend joins the suite with one entry in ``BACKENDS``: a fixture-style factory that
-yields ``make()`` — a function returning a *new client* of one shared store (two calls give two
-clients that must exclude each other, as two processes or hosts would).
+yields ``make(**options)`` — a function returning a *new client* of one shared store (two calls
+give two clients that must exclude each other, as two processes or hosts would). The one option
+the suite passes is ``auto_renew=False`` (leases must be allowed to expire); backends that never
+renew ignore it.
 """
 
 from __future__ import annotations
@@ -15,14 +17,14 @@ from keylock.backends import Backend, MemoryBackend
 
 from .conformance._driver import Driver, flavours
 
-MakeBackend = Callable[[], Backend]
+MakeBackend = Callable[..., Backend]
 
 
 def _memory(request: pytest.FixtureRequest) -> Iterator[MakeBackend]:
     shared = MemoryBackend()
 
-    def make() -> Backend:
-        return shared
+    def make(*, auto_renew: bool = True) -> Backend:
+        return shared  # one process, one store: every "client" is the same backend
 
     yield make
 

@@ -148,7 +148,7 @@ class MemoryBackend(Backend):
         self._lock()
         try:
             entry = self._entries.get(key)
-            if entry is None or entry[_TOKEN] != token:
+            if entry is None or entry[_TOKEN] != token or entry[_OWNER] != owner:
                 raise _lost(key, token)
             deadline = entry[_DEADLINE]
             if deadline is None:
@@ -168,7 +168,7 @@ class MemoryBackend(Backend):
         with self._mutex:
             entry = self._entries.get(key)
             now = time.monotonic()
-            if entry is None or entry[_TOKEN] != token:
+            if entry is None or entry[_TOKEN] != token or entry[_OWNER] != owner:
                 raise _lost(key, token)
             deadline = entry[_DEADLINE]
             if deadline is not None and now >= deadline:

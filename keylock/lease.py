@@ -227,13 +227,13 @@ class Lease:
         tb: TracebackType | None,
     ) -> None:
         state = self._state
-        backend = self._backend
+        locks = self._locks
         try:
-            if state & _SLOW_EXIT or not backend.nonblocking_step:
+            if state & _SLOW_EXIT or locks._inline_step is None:
                 await self.release()
             else:  # the uncontended path: no extra coroutine
                 self._state = state | _RELEASED
-                backend.release_sync(self._full_key, self._owner, self.token)
+                locks._release_sync(self._full_key, self._owner, self.token)
         except LeaseLost as lost:
             self._mark_lost()
             _reraise_loss(self, lost, exc)
@@ -253,7 +253,7 @@ class Lease:
                 self.release_sync()
             else:
                 self._state = state | _RELEASED
-                self._backend.release_sync(self._full_key, self._owner, self.token)
+                self._locks._release_sync(self._full_key, self._owner, self.token)
         except LeaseLost as lost:
             self._mark_lost()
             _reraise_loss(self, lost, exc)

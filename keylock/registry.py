@@ -36,6 +36,7 @@ class KeyedLock:
         "_cancel_on_lost",
         "_default_ttl",
         "_inline_step",
+        "_release_sync",
         "_needs_owner",
         "_on_lost",
         "_prefix",
@@ -59,7 +60,9 @@ class KeyedLock:
             raise TypeError(f"namespace must be a str without NUL, not {namespace!r}")
         self._backend = backend = backend if backend is not None else MemoryBackend()
         # copied from the backend once, for the hot path
-        self._inline_step = backend.nonblocking_step
+        # bound once: the step when it may run inline on an event loop, else None
+        self._inline_step = backend._try_acquire if backend.nonblocking_step else None
+        self._release_sync = backend.release_sync
         self._needs_owner = backend.needs_owner
         self._default_ttl = backend.default_ttl
         self.namespace = namespace
@@ -81,11 +84,23 @@ class KeyedLock:
         self, key: str, /, *, timeout: float | None = None, ttl: float | None = None
     ) -> Lease:
         """``async with locks(key) as lease:`` holds *key* for the block (enter it once)."""
-        return _Hold(self, key, ttl, timeout)
+        hold = _new_hold(_Hold)  # no Python __init__ frame: this is on the hot path
+        hold._locks = self
+        hold.key = key
+        hold.ttl = ttl
+        hold._timeout = timeout
+        hold._state = _PENDING
+        return hold
 
     def sync(self, key: str, /, *, timeout: float | None = None, ttl: float | None = None) -> Lease:
         """``with locks.sync(key) as lease:`` holds *key* for the block, blocking the thread."""
-        return _Hold(self, key, ttl, timeout)
+        hold = _new_hold(_Hold)
+        hold._locks = self
+        hold.key = key
+        hold.ttl = ttl
+        hold._timeout = timeout
+        hold._state = _PENDING
+        return hold
 
     async def acquire(
         self, key: str, /, *, timeout: float | None = None, ttl: float | None = None
@@ -167,6 +182,9 @@ class KeyedLock:
         self._backend.close_sync()
 
 
+_new_hold = object.__new__
+
+
 class _Hold(Lease):
     """The lease behind ``locks(key)`` / ``locks.sync(key)``: acquired when the block is entered.
 
@@ -209,8 +227,9 @@ class _Hold(Lease):
         full = self._full_key = locks._prefix + key
         owner = self._owner = new_owner() if locks._needs_owner else b""
         grant: Grant | None = None
-        if locks._inline_step:  # the uncontended path: one step, no extra coroutine
-            grant = backend._try_acquire(full, owner, ttl, None)
+        step = locks._inline_step
+        if step is not None:  # the uncontended path: one step, no extra coroutine
+            grant = step(full, owner, ttl, None)
         if grant is None:
             grant = await backend.acquire(full, owner, timeout=timeout, ttl=ttl)
         self.token = grant[0]
@@ -237,8 +256,9 @@ class _Hold(Lease):
         full = self._full_key = locks._prefix + key
         owner = self._owner = new_owner() if locks._needs_owner else b""
         grant: Grant | None = None
-        if locks._inline_step:
-            grant = backend._try_acquire(full, owner, ttl, None)
+        step = locks._inline_step
+        if step is not None:
+            grant = step(full, owner, ttl, None)
         if grant is None:
             grant = backend.acquire_sync(full, owner, timeout=timeout, ttl=ttl)
         self.token = grant[0]

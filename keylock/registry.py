@@ -36,10 +36,10 @@ class KeyedLock:
         "_cancel_on_lost",
         "_default_ttl",
         "_inline_step",
-        "_release_sync",
         "_needs_owner",
         "_on_lost",
         "_prefix",
+        "_release_sync",
         "namespace",
     )
 

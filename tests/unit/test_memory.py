@@ -1,0 +1,146 @@
+"""MemoryBackend specifics: FIFO hand-off, expiry wake-ups, and no per-key state left behind."""
+
+from __future__ import annotations
+
+import asyncio
+import gc
+import threading
+import time
+import tracemalloc
+
+import pytest
+
+from keylock import KeyedLock, LeaseLost
+from keylock.backends import MemoryBackend
+
+
+async def test_waiters_are_served_in_arrival_order() -> None:
+    """FIFO: a releasing holder hands the key to the oldest waiter; nobody barges.
+
+    A lock that lets a newcomer grab a just-released key (as a bare check-then-set does) breaks
+    this order: the late task 'barger' below would run before the queued ones.
+    """
+    locks = KeyedLock()
+    order: list[str] = []
+    holder = await locks.acquire("fifo")
+
+    async def waiter(name: str) -> None:
+        async with locks("fifo"):
+            order.append(name)
+            await asyncio.sleep(0)
+
+    tasks = []
+    for i in range(10):
+        tasks.append(asyncio.create_task(waiter(f"w{i}")))
+        await asyncio.sleep(0)  # each is queued before the next arrives
+    await holder.release()
+    tasks.append(asyncio.create_task(waiter("barger")))
+    await asyncio.gather(*tasks)
+    assert order == [f"w{i}" for i in range(10)] + ["barger"]
+
+
+def test_thread_waiters_are_served_in_arrival_order() -> None:
+    locks = KeyedLock()
+    order: list[int] = []
+    holder = locks.acquire_sync("fifo")
+    threads = []
+    for i in range(6):
+        thread = threading.Thread(target=lambda i=i: _hold_and_record(locks, order, i))
+        thread.start()
+        threads.append(thread)
+        while locks.statistics("fifo").waiting < i + 1:  # queued before the next starts
+            time.sleep(0.001)
+    holder.release_sync()
+    for thread in threads:
+        thread.join(10)
+    assert order == list(range(6))
+
+
+def _hold_and_record(locks: KeyedLock, order: list[int], i: int) -> None:
+    with locks.sync("fifo"):
+        order.append(i)
+
+
+async def test_a_waiter_takes_over_when_the_holder_lease_expires() -> None:
+    """Nobody releases: the queued waiter wakes at the holder's expiry, not at its timeout."""
+    locks = KeyedLock()
+    stuck = await locks.acquire("ttl", ttl=0.2)
+    started = time.monotonic()
+    lease = await locks.acquire("ttl", timeout=30)
+    assert time.monotonic() - started < 29  # woke at the expiry, long before its own timeout
+    assert lease.token > stuck.token
+    assert stuck.lost
+    with pytest.raises(LeaseLost):
+        await stuck.release()
+    await lease.release()
+    assert len(locks.backend) == 0  # type: ignore[arg-type]
+
+
+async def test_expiry_wake_up_is_passed_down_the_queue() -> None:
+    """After a hand-off to a holder with a TTL, the next waiter is armed for that expiry."""
+    locks = KeyedLock()
+    first = await locks.acquire("chain")
+    second_task = asyncio.create_task(locks.acquire("chain", ttl=0.15))
+    third_task = asyncio.create_task(locks.acquire("chain", timeout=30))
+    await asyncio.sleep(0.02)
+    await first.release()  # hands to second (TTL 0.15), which never releases
+    second = await second_task
+    third = await third_task  # must wake at second's expiry
+    assert second.lost
+    assert third.token > second.token
+    await third.release()
+
+
+async def test_many_keys_churned_leave_nothing_behind() -> None:
+    locks = KeyedLock()
+    backend = locks.backend
+    assert isinstance(backend, MemoryBackend)
+    for i in range(2_000):  # warm up allocator pools
+        async with locks(f"warm:{i}"):
+            pass
+    gc.collect()
+    tracemalloc.start()
+    before = tracemalloc.take_snapshot()
+    for i in range(200_000):
+        async with locks(f"key:{i}"):
+            pass
+    gc.collect()
+    after = tracemalloc.take_snapshot()
+    tracemalloc.stop()
+    retained = sum(stat.size_diff for stat in after.compare_to(before, "filename"))
+    assert len(backend) == 0
+    assert retained < 1_000_000, retained
+
+
+async def test_ten_thousand_waiters_are_all_served() -> None:
+    locks = KeyedLock()
+    served = 0
+    holder = await locks.acquire("crowd")
+
+    async def waiter() -> None:
+        nonlocal served
+        async with locks("crowd", timeout=60):
+            served += 1
+
+    tasks = [asyncio.create_task(waiter()) for _ in range(10_000)]
+    await asyncio.sleep(0)
+    assert locks.statistics("crowd").waiting == 10_000
+    await holder.release()
+    await asyncio.gather(*tasks)
+    assert served == 10_000
+    assert len(locks.backend) == 0  # type: ignore[arg-type]
+
+
+async def test_statistics_report_holder_and_queue() -> None:
+    locks = KeyedLock(namespace="ns")
+    assert not locks.statistics("s").held
+    lease = await locks.acquire("s")
+    task = asyncio.create_task(locks.acquire("s"))
+    await asyncio.sleep(0)
+    stats = locks.statistics("s")
+    assert stats.held
+    assert stats.token == lease.token
+    assert stats.waiting == 1
+    assert stats.key == "ns:s"
+    await lease.release()
+    await (await task).release()

@@ -29,9 +29,30 @@ def _memory(request: pytest.FixtureRequest) -> Iterator[MakeBackend]:
     yield make
 
 
+class _ReferenceMemory(MemoryBackend):
+    """MemoryBackend through its plain methods (a subclass keeps the per-instance fast paths
+    off), so the reference step and release are held to the same suite as the fast ones."""
+
+    def _try_acquire(self, *args: object) -> object:  # type: ignore[override]
+        return super()._try_acquire(*args)  # type: ignore[arg-type]
+
+    def release_sync(self, *args: object) -> None:  # type: ignore[override]
+        super().release_sync(*args)  # type: ignore[arg-type]
+
+
+def _memory_reference(request: pytest.FixtureRequest) -> Iterator[MakeBackend]:
+    shared = _ReferenceMemory()
+
+    def make(*, auto_renew: bool = True) -> Backend:
+        return shared
+
+    yield make
+
+
 # name -> generator of a backend factory. File and Redis backends add themselves here.
 BACKENDS: dict[str, Callable[[pytest.FixtureRequest], Iterator[MakeBackend]]] = {
     "memory": _memory,
+    "memory-reference": _memory_reference,
 }
 
 

@@ -7,10 +7,13 @@ import math
 import time
 from collections import OrderedDict
 from threading import Lock
-from typing import Any, TypeAlias
+from typing import TYPE_CHECKING, Any, TypeAlias
 
 from ..errors import LeaseLost
 from .base import Backend, Grant, KeyStatistics, Waiter
+
+if TYPE_CHECKING:
+    from collections.abc import Callable
 
 __all__ = ["MemoryBackend"]
 
@@ -41,11 +44,17 @@ class MemoryBackend(Backend):
     def __init__(self, *, ttl: float | None = None) -> None:
         self.default_ttl = ttl
         self._mutex = Lock()  # guards _entries and every entry; held only for O(1) work
-        # explicit acquire/release: about 0.13 us cheaper per call than ``with`` on CPython 3.11
-        self._lock = self._mutex.acquire
-        self._unlock = self._mutex.release
         self._entries: dict[str, _Entry] = {}  # guarded by _mutex; exactly the held keys
         self._tokens = itertools.count(1)  # guarded by _mutex
+        # The uncontended acquire and release, as closures over their state: loads of closure
+        # cells beat attribute loads, and this pair is most of the cost of an uncontended lock.
+        # (Not when a subclass overrides either: its override must stay in charge.)
+        cls = type(self)
+        if (
+            cls._try_acquire is MemoryBackend._try_acquire
+            and cls.release_sync is MemoryBackend.release_sync
+        ):
+            self._try_acquire, self.release_sync = self._fast_paths()  # type: ignore[method-assign,assignment]
 
     def __repr__(self) -> str:
         return f"MemoryBackend(held={len(self._entries)})"
@@ -56,37 +65,81 @@ class MemoryBackend(Backend):
 
     # ------------------------------------------------------------------------------- step
 
+    def _fast_paths(
+        self,
+    ) -> tuple[
+        Callable[[str, bytes, float | None, Waiter | None], Grant | None],
+        Callable[[str, bytes, int], None],
+    ]:
+        # explicit acquire/release: about 0.13 us cheaper per call than ``with`` on CPython 3.11
+        lock = self._mutex.acquire
+        unlock = self._mutex.release
+        entries = self._entries
+        get = entries.get
+        tokens = self._tokens
+        slow_acquire = self._try_acquire_contended
+        slow_release = self._release_contended
+
+        def try_acquire(
+            key: str, owner: bytes, ttl: float | None, waiter: Waiter | None
+        ) -> Grant | None:
+            lock()
+            try:
+                entry = get(key)
+                if entry is None and ttl is None:
+                    entry = entries[key] = [next(tokens), None, owner, None, None]
+                    return entry  # type: ignore[return-value]  # laid out as a Grant
+                return slow_acquire(key, owner, ttl, waiter, entry)
+            finally:
+                unlock()
+
+        def release(key: str, owner: bytes, token: int) -> None:
+            lock()
+            try:
+                entry = get(key)
+                if entry is None or entry[_TOKEN] != token or entry[_OWNER] != owner:
+                    raise _lost(key, token)
+                if entry[_DEADLINE] is None and not entry[_WAITERS]:
+                    del entries[key]
+                    return
+                expired = slow_release(key, entry)
+            finally:
+                unlock()
+            if expired:
+                raise _lost(key, token)
+
+        return try_acquire, release
+
     def _try_acquire(
         self, key: str, owner: bytes, ttl: float | None, waiter: Waiter | None
     ) -> Grant | None:
-        self._lock()
-        try:
-            entry = self._entries.get(key)
-            if entry is None:
-                if ttl is None:
-                    entry = self._entries[key] = [next(self._tokens), None, owner, None, None]
-                    return entry  # type: ignore[return-value]  # laid out as a Grant
+        with self._mutex:
+            return self._try_acquire_contended(key, owner, ttl, waiter, self._entries.get(key))
+
+    def _try_acquire_contended(
+        self, key: str, owner: bytes, ttl: float | None, waiter: Waiter | None, entry: _Entry | None
+    ) -> Grant | None:
+        """The step, beyond the uncontended case. Caller holds _mutex."""
+        if entry is None:
+            return self._grant_new(key, owner, ttl)
+        deadline = entry[_DEADLINE]
+        if deadline is not None and time.monotonic() >= deadline:
+            # the holder's lease ran out: the key goes to the oldest waiter, else to us
+            self._hand_off(key, entry)
+            if waiter is not None and waiter.grant is not None:
+                return waiter.grant
+            if key not in self._entries:
                 return self._grant_new(key, owner, ttl)
-            deadline = entry[_DEADLINE]
-            if deadline is not None and time.monotonic() >= deadline:
-                # the holder's lease ran out: the key goes to the oldest waiter, else to us
-                self._hand_off(key, entry)
-                if waiter is not None and waiter.grant is not None:
-                    return waiter.grant
-                if key not in self._entries:
-                    return self._grant_new(key, owner, ttl)
-                entry = self._entries[key]
-            if waiter is None:
-                return None
-            waiters = entry[_WAITERS]
-            if waiters is None:
-                waiters = entry[_WAITERS] = OrderedDict()
-            waiters[waiter] = None  # no-op when already queued: keeps its place
-            deadline = entry[_DEADLINE]
-            waiter.retry_at = math.inf if deadline is None else deadline
+            entry = self._entries[key]
+        if waiter is None:
             return None
-        finally:
-            self._unlock()
+        waiters = entry[_WAITERS]
+        if waiters is None:
+            waiters = entry[_WAITERS] = OrderedDict()
+        waiters[waiter] = None  # no-op when already queued: keeps its place
+        deadline = entry[_DEADLINE]
+        waiter.retry_at = math.inf if deadline is None else deadline
+        return None
 
     def _grant_new(self, key: str, owner: bytes, ttl: float | None) -> Grant:
         """Record a grant of a free key. Caller holds _mutex."""
@@ -145,24 +198,23 @@ class MemoryBackend(Backend):
     # ------------------------------------------------------------------- release, extend
 
     def release_sync(self, key: str, owner: bytes, token: int) -> None:
-        self._lock()
-        try:
+        with self._mutex:
             entry = self._entries.get(key)
             if entry is None or entry[_TOKEN] != token or entry[_OWNER] != owner:
                 raise _lost(key, token)
-            deadline = entry[_DEADLINE]
-            if deadline is None:
-                if entry[_WAITERS]:
-                    self._hand_off(key, entry)
-                else:
-                    del self._entries[key]
-                return
-            expired = time.monotonic() >= deadline
-            self._hand_off(key, entry)
-        finally:
-            self._unlock()
+            expired = self._release_contended(key, entry)
         if expired:
             raise _lost(key, token)
+
+    def _release_contended(self, key: str, entry: _Entry) -> bool:
+        """Hand *key* on (or free it) after a release; True if the lease had expired.
+
+        Caller holds _mutex and has checked the token and owner.
+        """
+        deadline = entry[_DEADLINE]
+        expired = deadline is not None and time.monotonic() >= deadline
+        self._hand_off(key, entry)
+        return expired
 
     def extend_sync(self, key: str, owner: bytes, token: int, ttl: float) -> float:
         with self._mutex:

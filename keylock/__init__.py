@@ -20,15 +20,22 @@ from .errors import Superseded as Superseded
 from .guard import SUPERSEDED as SUPERSEDED
 from .guard import stale_guard as stale_guard
 from .lease import Lease as Lease
+from .observe import COUNTERS as COUNTERS
+from .observe import Counters as Counters
+from .observe import Observer as Observer
+from .observe import PrefixStats as PrefixStats
+from .observe import stats as stats
 from .registry import KeyedLock as KeyedLock
 from .singleflight import SingleFlight as SingleFlight
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "COUNTERS",
     "MAX_KEY_LENGTH",
     "SUPERSEDED",
     "BackendUnavailable",
+    "Counters",
     "InvalidKey",
     "KeyStatistics",
     "KeyedLock",
@@ -36,10 +43,13 @@ __all__ = [
     "Lease",
     "LeaseLost",
     "LockTimeout",
+    "Observer",
+    "PrefixStats",
     "SingleFlight",
     "StaleToken",
     "Superseded",
     "stale_guard",
+    "stats",
 ]
 
 # Present the public classes as keylock.X in reprs, tracebacks and docs.

@@ -112,6 +112,9 @@ def stale_guard(
 
     def dropped(k: str, why: str) -> _SupersededType:
         logger.info("keylock: dropped stale call for %r: %s", k, why)
+        observer = locks._observer
+        if observer is not None:
+            observer.superseded(observer.prefix_of(k))
         if on_stale == "raise":
             raise Superseded(f"call for {k!r} was superseded: {why}", key=k)
         return SUPERSEDED

@@ -43,7 +43,10 @@ _LOST = 2  # keylock learned the lease was lost
 _TRACKED = 4  # the backend looks after it (auto-renew) until release
 _CANCELLED_FOR_LOSS = 8  # its task was cancelled because the lease was lost
 _PENDING = 16  # not granted yet (a ``locks(key)`` block not entered yet)
-_SLOW_EXIT = _RELEASED | _TRACKED | _PENDING  # release needs more than the backend call
+_QUEUED = 32  # granted after waiting in the queue (an observer counts it as a hand-off)
+_SLOW_EXIT_OBSERVED = 64  # an observer wants to see the release
+# release needs more than the backend call
+_SLOW_EXIT = _RELEASED | _TRACKED | _PENDING | _SLOW_EXIT_OBSERVED
 
 
 class Lease:
@@ -117,6 +120,13 @@ class Lease:
         return bool(self._state & _RELEASED)
 
     # ----------------------------------------------------------------------------- release
+
+    def _renewed(self, expires_at: float) -> None:
+        """Record a background renewal (called by backends that auto-renew)."""
+        self.expires_at = expires_at
+        observer = self._locks._observer
+        if observer is not None:
+            observer.renewed(observer.prefix_of(self.key))
 
     def _begin_release(self) -> None:
         state = self._state
@@ -201,6 +211,9 @@ class Lease:
             return
         self._state = state | _LOST
         logger.warning("keylock: lease %d on %r was lost", self.token, self.key)
+        observer = self._locks._observer
+        if observer is not None:
+            observer.lost(observer.prefix_of(self.key))
         on_lost = self._locks._on_lost
         if on_lost is not None:
             try:

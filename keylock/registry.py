@@ -5,13 +5,26 @@ from __future__ import annotations
 import asyncio
 import functools
 import inspect
+import time
 from collections.abc import Awaitable, Callable
-from typing import ParamSpec, TypeVar, overload
+from typing import TYPE_CHECKING, ParamSpec, TypeVar, overload
 
 from ._validate import MAX_KEY_LENGTH, check_key, check_timeout, check_ttl
 from .backends.base import Backend, Grant, KeyStatistics
 from .backends.memory import MemoryBackend
-from .lease import _PENDING, _TRACKED, Lease, LostCallback, new_owner
+from .errors import LockTimeout
+
+if TYPE_CHECKING:
+    from .observe import Observer
+from .lease import (
+    _PENDING,
+    _QUEUED,
+    _SLOW_EXIT_OBSERVED,
+    _TRACKED,
+    Lease,
+    LostCallback,
+    new_owner,
+)
 
 __all__ = ["KeyFunc", "KeyedLock"]
 
@@ -35,8 +48,10 @@ class KeyedLock:
         "_backend",
         "_cancel_on_lost",
         "_default_ttl",
+        "_hold",
         "_inline_step",
         "_needs_owner",
+        "_observer",
         "_on_lost",
         "_prefix",
         "_release_sync",
@@ -50,6 +65,7 @@ class KeyedLock:
         namespace: str = "",
         on_lost: LostCallback | None = None,
         cancel_on_lost: bool = False,
+        observer: Observer | None = None,
     ) -> None:
         if backend is not None and not isinstance(backend, Backend):
             raise TypeError(
@@ -69,6 +85,9 @@ class KeyedLock:
         self._prefix = f"{namespace}:" if namespace else ""
         self._on_lost = on_lost
         self._cancel_on_lost = cancel_on_lost
+        # Observed locks use a subclass of the hold; unobserved ones run no observer code at all.
+        self._observer = observer
+        self._hold: type[_Hold] = _Hold if observer is None else _ObservedHold
 
     def __repr__(self) -> str:
         return f"KeyedLock({self._backend!r}, namespace={self.namespace!r})"
@@ -84,7 +103,7 @@ class KeyedLock:
         self, key: str, /, *, timeout: float | None = None, ttl: float | None = None
     ) -> Lease:
         """``async with locks(key) as lease:`` holds *key* for the block (enter it once)."""
-        hold = _new_hold(_Hold)  # no Python __init__ frame: this is on the hot path
+        hold = _new_hold(self._hold)  # no Python __init__ frame: this is on the hot path
         hold._locks = self
         hold.key = key
         hold.ttl = ttl
@@ -94,7 +113,7 @@ class KeyedLock:
 
     def sync(self, key: str, /, *, timeout: float | None = None, ttl: float | None = None) -> Lease:
         """``with locks.sync(key) as lease:`` holds *key* for the block, blocking the thread."""
-        hold = _new_hold(_Hold)
+        hold = _new_hold(self._hold)
         hold._locks = self
         hold.key = key
         hold.ttl = ttl
@@ -109,14 +128,14 @@ class KeyedLock:
 
         Raises LockTimeout when *timeout* passes first; a cancelled caller holds nothing.
         """
-        return await _Hold(self, key, ttl, timeout).__aenter__()
+        return await self._hold(self, key, ttl, timeout).__aenter__()
 
     def acquire_sync(
         self, key: str, /, *, timeout: float | None = None, ttl: float | None = None
     ) -> Lease:
         """Blocking twin of :meth:`acquire`; a thread cannot be cancelled, but ``lease.lost``
         and ``on_lost`` still report a loss."""
-        return _Hold(self, key, ttl, timeout).__enter__()
+        return self._hold(self, key, ttl, timeout).__enter__()
 
     def _track(self, lease: Lease) -> None:
         lease._state |= _TRACKED
@@ -232,9 +251,11 @@ class _Hold(Lease):
             grant = step(full, owner, ttl, None)
         if grant is None:
             grant = await backend.acquire(full, owner, timeout=timeout, ttl=ttl)
+            self._state = 0 if step is None else _QUEUED
+        else:
+            self._state = 0
         self.token = grant[0]
         self.expires_at = grant[1]
-        self._state = 0
         if ttl is not None:
             self._task = asyncio.current_task()
             locks._track(self)
@@ -261,12 +282,70 @@ class _Hold(Lease):
             grant = step(full, owner, ttl, None)
         if grant is None:
             grant = backend.acquire_sync(full, owner, timeout=timeout, ttl=ttl)
+            self._state = 0 if step is None else _QUEUED
+        else:
+            self._state = 0
         self.token = grant[0]
         self.expires_at = grant[1]
-        self._state = 0
         if ttl is not None:
             locks._track(self)
         return self
+
+
+class _ObservedHold(_Hold):
+    """A hold that reports to its KeyedLock's observer: wait, hold time, timeouts."""
+
+    __slots__ = ("_since",)
+
+    def _observer(self) -> Observer:
+        observer = self._locks._observer
+        assert observer is not None
+        return observer
+
+    async def __aenter__(self) -> Lease:
+        start = time.perf_counter()
+        try:
+            await _Hold.__aenter__(self)
+        except LockTimeout:
+            observer = self._observer()
+            observer.timed_out(observer.prefix_of(self.key), time.perf_counter() - start)
+            raise
+        self._acquired(start)
+        return self
+
+    def __enter__(self) -> Lease:
+        start = time.perf_counter()
+        try:
+            _Hold.__enter__(self)
+        except LockTimeout:
+            observer = self._observer()
+            observer.timed_out(observer.prefix_of(self.key), time.perf_counter() - start)
+            raise
+        self._acquired(start)
+        return self
+
+    def _acquired(self, start: float) -> None:
+        self._since = now = time.perf_counter()
+        self._state |= _SLOW_EXIT_OBSERVED  # route every release through release()
+        contended = None if self._locks._inline_step is None else bool(self._state & _QUEUED)
+        observer = self._observer()
+        observer.acquired(observer.prefix_of(self.key), now - start, contended=contended)
+
+    def _released(self) -> None:
+        observer = self._observer()
+        observer.released(observer.prefix_of(self.key), time.perf_counter() - self._since)
+
+    async def release(self) -> None:
+        try:
+            await _Hold.release(self)
+        finally:
+            self._released()
+
+    def release_sync(self) -> None:
+        try:
+            _Hold.release_sync(self)
+        finally:
+            self._released()
 
 
 def _decorate(

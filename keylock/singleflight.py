@@ -13,6 +13,7 @@ if TYPE_CHECKING:
     from collections.abc import Awaitable, Callable
 
     from .backends.base import Backend
+    from .observe import Observer
 
 __all__ = ["SingleFlight"]
 
@@ -67,7 +68,13 @@ class SingleFlight:
     ``SingleFlight(RedisBackend(...))`` coalesces across processes and hosts instead.
     """
 
-    def __init__(self, backend: Backend | None = None, *, namespace: str = "") -> None:
+    def __init__(
+        self,
+        backend: Backend | None = None,
+        *,
+        namespace: str = "",
+        observer: Observer | None = None,
+    ) -> None:
         from .backends.memory import MemoryBackend
 
         self._remote: _RemoteFlights | None = None
@@ -82,6 +89,7 @@ class SingleFlight:
         self._flights: dict[tuple[str, asyncio.AbstractEventLoop], _Flight[object]] = {}
         self._sync_flights: dict[str, _SyncFlight] = {}  # guarded by _mutex
         self._mutex = threading.Lock()
+        self._observer = observer  # told of every caller that joins a run in flight
 
     def __len__(self) -> int:
         """How many executions are running now."""
@@ -106,6 +114,8 @@ class SingleFlight:
             flight = _Flight(work)
             self._flights[slot] = flight
             work.add_done_callback(lambda _: self._finish(slot, flight))
+        elif self._observer is not None:
+            self._observer.coalesced(self._observer.prefix_of(key))
         flight.callers += 1
         task = flight.task
         try:
@@ -143,6 +153,8 @@ class SingleFlight:
             if flight is None:
                 flight = self._sync_flights[key] = _SyncFlight()
         if not leader:
+            if self._observer is not None:
+                self._observer.coalesced(self._observer.prefix_of(key))
             flight.done.wait()
             if flight.error is None:
                 return cast("R", flight.result)

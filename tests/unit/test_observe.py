@@ -1,0 +1,140 @@
+"""Observability hooks: what each event reports, and that an unobserved lock runs no hook."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from keylock import (
+    SUPERSEDED,
+    Counters,
+    KeyedLock,
+    LeaseLost,
+    LockTimeout,
+    Observer,
+    SingleFlight,
+    stale_guard,
+)
+from keylock.registry import _Hold, _ObservedHold
+
+
+class _Recorder(Observer):
+    def __init__(self) -> None:
+        self.events: list[tuple[object, ...]] = []
+
+    def acquired(self, prefix: str, waited: float, *, contended: bool | None) -> None:
+        self.events.append(("acquired", prefix, contended))
+
+    def released(self, prefix: str, held: float) -> None:
+        self.events.append(("released", prefix))
+
+    def timed_out(self, prefix: str, waited: float) -> None:
+        self.events.append(("timed_out", prefix))
+
+    def lost(self, prefix: str) -> None:
+        self.events.append(("lost", prefix))
+
+    def superseded(self, prefix: str) -> None:
+        self.events.append(("superseded", prefix))
+
+    def coalesced(self, prefix: str) -> None:
+        self.events.append(("coalesced", prefix))
+
+
+async def test_acquire_release_timeout_and_handoff_are_reported() -> None:
+    recorder = _Recorder()
+    locks = KeyedLock(observer=recorder)
+    holder = await locks.acquire("agent:1")
+    waiter = asyncio.create_task(locks.acquire("agent:1"))
+    await asyncio.sleep(0)
+    with pytest.raises(LockTimeout):
+        await locks.acquire("agent:1", timeout=0)
+    await holder.release()
+    second = await waiter
+    await second.release()
+    with locks.sync("job:9"):
+        pass
+    assert recorder.events == [
+        ("acquired", "agent", False),
+        ("timed_out", "agent"),
+        ("released", "agent"),
+        ("acquired", "agent", True),  # it queued: a hand-off
+        ("released", "agent"),
+        ("acquired", "job", False),
+        ("released", "job"),
+    ]
+
+
+async def test_lost_leases_superseded_and_coalesced_calls_are_reported() -> None:
+    counters = Counters()
+    locks = KeyedLock(observer=counters)
+    lease = await locks.acquire("lease:1", ttl=0.05)
+    await asyncio.sleep(0.1)
+    with pytest.raises(LeaseLost):
+        await lease.release()
+
+    calls = 0
+
+    @stale_guard(locks, key=lambda n: f"guard:{n}", snapshot=lambda n: calls)
+    async def handler(n: int) -> int:
+        return n
+
+    async def bump_then_call() -> object:
+        nonlocal calls
+        async with locks("guard:1"):
+            task = asyncio.create_task(handler(1))  # snapshots `calls`, then queues
+            await asyncio.sleep(0.01)
+            calls += 1  # the situation changes while it waits
+        return await task
+
+    assert await bump_then_call() is SUPERSEDED
+
+    flight = SingleFlight(observer=counters)
+
+    async def slow() -> int:
+        await asyncio.sleep(0.01)
+        return 1
+
+    assert await asyncio.gather(*(flight.do("user:1", slow) for _ in range(5))) == [1] * 5
+
+    stats = counters.snapshot()
+    assert stats["lease"].lost == 1
+    assert stats["lease"].acquired == 1
+    assert stats["lease"].released == 1
+    assert stats["guard"].superseded == 1
+    assert stats["user"].coalesced == 4
+    assert stats["lease"].hold_seconds > 0
+
+
+def test_unobserved_locks_use_the_plain_hold() -> None:
+    """Zero cost when nobody listens: the observed subclass is chosen at construction."""
+    assert type(KeyedLock()("k")) is _Hold
+    assert type(KeyedLock(observer=Counters())("k")) is _ObservedHold
+
+
+def test_otel_adapter_records_metrics() -> None:
+    from opentelemetry.sdk.metrics import MeterProvider
+    from opentelemetry.sdk.metrics.export import InMemoryMetricReader
+
+    from keylock.otel import OTelObserver
+
+    reader = InMemoryMetricReader()
+    provider = MeterProvider(metric_readers=[reader])
+    locks = KeyedLock(observer=OTelObserver(provider.get_meter("test")))
+    for _ in range(3):
+        with locks.sync("agent:7"):
+            pass
+    data = reader.get_metrics_data()
+    assert data is not None
+    metrics = {
+        metric.name: metric
+        for resource in data.resource_metrics
+        for scope in resource.scope_metrics
+        for metric in scope.metrics
+    }
+    acquired = metrics["keylock.acquired"].data.data_points[0]
+    assert acquired.value == 3
+    assert dict(acquired.attributes) == {"keylock.prefix": "agent"}
+    assert metrics["keylock.hold"].data.data_points[0].count == 3
+    provider.shutdown()

@@ -16,7 +16,6 @@ from .errors import LeaseLost
 if TYPE_CHECKING:
     from types import TracebackType
 
-    from .backends.base import Backend
     from .registry import KeyedLock
 
 __all__ = ["Lease", "LostCallback"]
@@ -60,7 +59,6 @@ class Lease:
 
     __slots__ = (
         "__weakref__",
-        "_backend",
         "_full_key",
         "_locks",
         "_minted_owner",  # owner id shown to users of backends that need none; set when read
@@ -77,7 +75,6 @@ class Lease:
     token: int  #: fencing token: strictly increasing per key, never reused
     expires_at: float | None  #: time.time() when the lease lapses; None = never
     ttl: float | None  #: lease length used by extend() and auto-renew; None = no expiry
-    _backend: Backend  # set when granted
     _full_key: str  # namespace + key, as the backend knows it
     _owner: bytes  # the owner id the backend knows (b"" when the token alone proves ownership)
 
@@ -136,12 +133,12 @@ class Lease:
             raise RuntimeError(f"lease {self.token} on {self.key!r} was already released")
         self._state = state | _RELEASED
         if state & _TRACKED:
-            self._backend._untrack(self)
+            self._locks._backend._untrack(self)
 
     async def release(self) -> None:
         """Give the key up (to the next waiter, in order); raises LeaseLost if it was lost."""
         self._begin_release()
-        backend = self._backend
+        backend = self._locks._backend
         try:
             if backend.nonblocking_step:
                 backend.release_sync(self._full_key, self._owner, self.token)
@@ -155,7 +152,7 @@ class Lease:
         """Blocking twin of :meth:`release`."""
         self._begin_release()
         try:
-            self._backend.release_sync(self._full_key, self._owner, self.token)
+            self._locks._backend.release_sync(self._full_key, self._owner, self.token)
         except LeaseLost:
             self._mark_lost()
             raise
@@ -179,7 +176,7 @@ class Lease:
         """
         ttl = self._extend_ttl(ttl)
         try:
-            self.expires_at = await self._backend.extend(
+            self.expires_at = await self._locks._backend.extend(
                 self._full_key, self._owner, self.token, ttl
             )
         except LeaseLost:
@@ -191,7 +188,7 @@ class Lease:
         """Blocking twin of :meth:`extend`."""
         ttl = self._extend_ttl(ttl)
         try:
-            self.expires_at = self._backend.extend_sync(
+            self.expires_at = self._locks._backend.extend_sync(
                 self._full_key, self._owner, self.token, ttl
             )
         except LeaseLost:

@@ -240,9 +240,11 @@ class _Hold(Lease):
         timeout = self._timeout
         if timeout is not None:
             timeout = check_timeout(timeout, key)
-        backend = self._backend = locks._backend
         ttl = self.ttl
-        ttl = self.ttl = locks._default_ttl if ttl is None else check_ttl(ttl, key)
+        if ttl is not None:
+            ttl = self.ttl = check_ttl(ttl, key)
+        elif locks._default_ttl is not None:
+            ttl = self.ttl = locks._default_ttl
         full = self._full_key = locks._prefix + key
         owner = self._owner = new_owner() if locks._needs_owner else b""
         grant: Grant | None = None
@@ -250,7 +252,7 @@ class _Hold(Lease):
         if step is not None:  # the uncontended path: one step, no extra coroutine
             grant = step(full, owner, ttl, None)
         if grant is None:
-            grant = await backend.acquire(full, owner, timeout=timeout, ttl=ttl)
+            grant = await locks._backend.acquire(full, owner, timeout=timeout, ttl=ttl)
             self._state = 0 if step is None else _QUEUED
         else:
             self._state = 0
@@ -271,9 +273,11 @@ class _Hold(Lease):
         timeout = self._timeout
         if timeout is not None:
             timeout = check_timeout(timeout, key)
-        backend = self._backend = locks._backend
         ttl = self.ttl
-        ttl = self.ttl = locks._default_ttl if ttl is None else check_ttl(ttl, key)
+        if ttl is not None:
+            ttl = self.ttl = check_ttl(ttl, key)
+        elif locks._default_ttl is not None:
+            ttl = self.ttl = locks._default_ttl
         full = self._full_key = locks._prefix + key
         owner = self._owner = new_owner() if locks._needs_owner else b""
         grant: Grant | None = None
@@ -281,7 +285,7 @@ class _Hold(Lease):
         if step is not None:
             grant = step(full, owner, ttl, None)
         if grant is None:
-            grant = backend.acquire_sync(full, owner, timeout=timeout, ttl=ttl)
+            grant = locks._backend.acquire_sync(full, owner, timeout=timeout, ttl=ttl)
             self._state = 0 if step is None else _QUEUED
         else:
             self._state = 0

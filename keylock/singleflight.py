@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import copy
 import threading
-from typing import TYPE_CHECKING, Generic, ParamSpec, TypeVar, cast
+from typing import TYPE_CHECKING, ParamSpec, TypeVar, cast
 
 from ._validate import check_key
 
@@ -21,14 +21,15 @@ P = ParamSpec("P")
 R = TypeVar("R")
 
 
-class _Flight(Generic[R]):
-    """One running execution on one event loop."""
+class _Flight:
+    """One running execution on one event loop, and the callers waiting for it."""
 
-    __slots__ = ("callers", "task")
+    __slots__ = ("task", "waiters")
 
-    def __init__(self, task: asyncio.Task[R]) -> None:
+    def __init__(self, task: asyncio.Task[object]) -> None:
         self.task = task  # owned by the flight, never by a caller
-        self.callers = 0  # callers still waiting; the task is cancelled when this drops to 0
+        # one future per caller still waiting; the task is cancelled when this empties
+        self.waiters: set[asyncio.Future[object]] = set()
 
 
 class _SyncFlight:
@@ -86,7 +87,7 @@ class SingleFlight:
                     "use no backend (in-process) or a RedisBackend (across hosts)"
                 )
             self._remote = cast("_RemoteFlights", make(namespace))
-        self._flights: dict[tuple[str, asyncio.AbstractEventLoop], _Flight[object]] = {}
+        self._flights: dict[tuple[str, asyncio.AbstractEventLoop], _Flight] = {}
         self._sync_flights: dict[str, _SyncFlight] = {}  # guarded by _mutex
         self._mutex = threading.Lock()
         self._observer = observer  # told of every caller that joins a run in flight
@@ -111,31 +112,47 @@ class SingleFlight:
         flight = self._flights.get(slot)
         if flight is None:
             work: asyncio.Task[object] = loop.create_task(_call(fn, *args, **kwargs))
-            flight = _Flight(work)
-            self._flights[slot] = flight
-            work.add_done_callback(lambda _: self._finish(slot, flight))
+            flight = self._flights[slot] = _Flight(work)
+            work.add_done_callback(lambda task: self._settle(slot, flight, task))
         elif self._observer is not None:
             self._observer.coalesced(self._observer.prefix_of(key))
-        flight.callers += 1
-        task = flight.task
+        # each caller waits on a future of its own: cancelling it leaves the work alone
+        waiter: asyncio.Future[object] = loop.create_future()
+        flight.waiters.add(waiter)
         try:
-            result = await asyncio.shield(task)
+            return cast("R", await waiter)
         except asyncio.CancelledError:
-            flight.callers -= 1
-            if flight.callers == 0 and not task.done():
-                # the last caller is gone: nobody wants the result any more
-                task.cancel()
-                self._finish(slot, flight)
+            if waiter.cancelled():  # this caller was cancelled (not the work)
+                flight.waiters.discard(waiter)
+                if not flight.waiters and not flight.task.done():
+                    # the last caller is gone: nobody wants the result any more
+                    flight.task.cancel()
+                    self._finish(slot, flight)
             raise
-        except BaseException as exc:
-            error = exc
-        else:
-            flight.callers -= 1
-            return cast("R", result)
-        flight.callers -= 1
-        raise _own_copy(error)  # raised outside the except block: no misleading context
 
-    def _finish(self, slot: tuple[str, asyncio.AbstractEventLoop], flight: _Flight[object]) -> None:
+    def _settle(
+        self,
+        slot: tuple[str, asyncio.AbstractEventLoop],
+        flight: _Flight,
+        task: asyncio.Task[object],
+    ) -> None:
+        """Hand the outcome to every caller still waiting (each its own copy of an error)."""
+        self._finish(slot, flight)
+        waiters = [w for w in flight.waiters if not w.done()]
+        if task.cancelled():
+            for waiter in waiters:
+                waiter.cancel()
+            return
+        error = task.exception()
+        if error is not None:
+            for waiter in waiters:
+                waiter.set_exception(_own_copy(error))
+            return
+        result = task.result()
+        for waiter in waiters:
+            waiter.set_result(result)
+
+    def _finish(self, slot: tuple[str, asyncio.AbstractEventLoop], flight: _Flight) -> None:
         if self._flights.get(slot) is flight:
             del self._flights[slot]
 

@@ -87,8 +87,12 @@ class ThreadWaiter(Waiter):
         except RuntimeError:  # already woken and not yet waited for
             pass
 
+    def prepare(self) -> None:
+        """Arm for the next wake-up; call before re-reading the state (a no-op: the lock latch
+        stays released until the next wait takes it, so no wake-up is lost)."""
+
     def wait(self, timeout: float | None) -> None:
-        """Block until woken or *timeout* seconds pass; re-arms itself either way."""
+        """Block until woken (since the last wait) or *timeout* seconds pass."""
         self._signal.acquire(timeout=-1 if timeout is None else max(timeout, 0.0))
 
 
@@ -98,7 +102,10 @@ class LoopWaiter(Waiter):
     __slots__ = ("_future", "_loop", "_thread")
 
     def __init__(self, owner: bytes, ttl: float | None) -> None:
-        super().__init__(owner, ttl)
+        self.owner = owner
+        self.ttl = ttl
+        self.grant = None
+        self.retry_at = math.inf
         self._loop = asyncio.get_running_loop()
         self._thread = threading.get_ident()
         self._future: asyncio.Future[None] = self._loop.create_future()
@@ -116,21 +123,23 @@ class LoopWaiter(Waiter):
         if not self._future.done():
             self._future.set_result(None)
 
-    async def wait(self, timeout: float | None) -> None:
-        """Wait until woken or *timeout* seconds pass; re-arms itself either way."""
-        future = self._future
-        try:
-            if timeout is None:
-                await future
-            else:
-                try:
-                    async with asyncio.timeout(max(timeout, 0.0)):
-                        await future
-                except TimeoutError:
-                    pass
-        finally:
-            # re-arm before the caller re-reads the state, so no wake-up between the two is lost
+    def prepare(self) -> None:
+        """Arm for the next wake-up; call before re-reading the state, so a wake-up that comes
+        between the read and the wait is not lost."""
+        if self._future.done():
             self._future = self._loop.create_future()
+
+    async def wait(self, timeout: float | None) -> None:
+        """Wait until woken (since the last prepare) or *timeout* seconds pass."""
+        future = self._future
+        if timeout is None:
+            await future
+            return
+        try:
+            async with asyncio.timeout(max(timeout, 0.0)):
+                await future
+        except TimeoutError:
+            pass
 
 
 class Backend(abc.ABC):
@@ -236,19 +245,36 @@ class Backend(abc.ABC):
         A caller cancelled while waiting leaves nothing behind: a grant that raced the cancel is
         passed on to the next waiter before the cancellation propagates.
         """
-        grant = await self._try_acquire_async(key, owner, ttl, None)
-        if grant is not None:
-            return grant
-        if timeout == 0:
-            raise _timeout(key, timeout)
+        inline = self.nonblocking_step
+        if timeout == 0 or not inline:  # the caller of an inline step has just tried it
+            grant = (
+                self._try_acquire(key, owner, ttl, None)
+                if inline
+                else await self._try_acquire_async(key, owner, ttl, None)
+            )
+            if grant is not None:
+                return grant
+            if timeout == 0:
+                raise _timeout(key, timeout)
         deadline = None if timeout is None else time.monotonic() + timeout
         waiter = LoopWaiter(owner, ttl)
         try:
             while True:
-                grant = waiter.grant or await self._try_acquire_async(key, owner, ttl, waiter)
+                grant = waiter.grant
+                if grant is None:
+                    waiter.prepare()
+                    grant = waiter.grant or (
+                        self._try_acquire(key, owner, ttl, waiter)
+                        if inline
+                        else await self._try_acquire_async(key, owner, ttl, waiter)
+                    )
                 if grant is not None:
-                    self._withdraw(key, waiter)
+                    if grant is not waiter.grant:  # granted by the step: unregister the waiter
+                        self._withdraw(key, waiter)
                     return grant
+                if deadline is None and waiter.retry_at == math.inf:
+                    await waiter._future  # woken by a hand-off or release: no timer needed
+                    continue
                 delay = _delay(deadline, waiter.retry_at)
                 if delay == 0.0:  # deadline passed: a grant handed over meanwhile still counts
                     grant = self._withdraw(key, waiter)
@@ -260,7 +286,7 @@ class Backend(abc.ABC):
             grant = self._withdraw(key, waiter)
             if grant is not None:
                 # a waiter cancelled after the hand-off passes the lock on (as anyio's Lock)
-                if self.nonblocking_step:
+                if inline:
                     self._discard_sync(key, owner, grant)
                 else:
                     await asyncio.shield(self._discard(key, owner, grant))
@@ -270,18 +296,23 @@ class Backend(abc.ABC):
         self, key: str, owner: bytes, *, timeout: float | None, ttl: float | None
     ) -> Grant:
         """Blocking twin of :meth:`acquire`; an interrupt while waiting leaves nothing behind."""
-        grant = self._try_acquire(key, owner, ttl, None)
-        if grant is not None:
-            return grant
-        if timeout == 0:
-            raise _timeout(key, timeout)
+        if timeout == 0 or not self.nonblocking_step:
+            grant = self._try_acquire(key, owner, ttl, None)
+            if grant is not None:
+                return grant
+            if timeout == 0:
+                raise _timeout(key, timeout)
         deadline = None if timeout is None else time.monotonic() + timeout
         waiter = ThreadWaiter(owner, ttl)
         try:
             while True:
-                grant = waiter.grant or self._try_acquire(key, owner, ttl, waiter)
+                grant = waiter.grant
+                if grant is None:
+                    waiter.prepare()
+                    grant = waiter.grant or self._try_acquire(key, owner, ttl, waiter)
                 if grant is not None:
-                    self._withdraw(key, waiter)
+                    if grant is not waiter.grant:
+                        self._withdraw(key, waiter)
                     return grant
                 delay = _delay(deadline, waiter.retry_at)
                 if delay == 0.0:

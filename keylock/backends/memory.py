@@ -79,6 +79,7 @@ class MemoryBackend(Backend):
         tokens = self._tokens
         slow_acquire = self._try_acquire_contended
         slow_release = self._release_contended
+        hand_off = self._hand_off
 
         def try_acquire(
             key: str, owner: bytes, ttl: float | None, waiter: Waiter | None
@@ -99,8 +100,11 @@ class MemoryBackend(Backend):
                 entry = get(key)
                 if entry is None or entry[_TOKEN] != token or entry[_OWNER] != owner:
                     raise _lost(key, token)
-                if entry[_DEADLINE] is None and not entry[_WAITERS]:
-                    del entries[key]
+                if entry[_DEADLINE] is None:  # no TTL: cannot have expired
+                    if entry[_WAITERS]:
+                        hand_off(key, entry)
+                    else:
+                        del entries[key]
                     return
                 expired = slow_release(key, entry)
             finally:
@@ -120,6 +124,10 @@ class MemoryBackend(Backend):
         self, key: str, owner: bytes, ttl: float | None, waiter: Waiter | None, entry: _Entry | None
     ) -> Grant | None:
         """The step, beyond the uncontended case. Caller holds _mutex."""
+        if waiter is not None and waiter.grant is not None:
+            # handed the key between the caller's last look and this step: never queue a
+            # granted waiter again (its next hand-off would go to nobody)
+            return waiter.grant
         if entry is None:
             return self._grant_new(key, owner, ttl)
         deadline = entry[_DEADLINE]
@@ -168,7 +176,8 @@ class MemoryBackend(Backend):
             successor = [token, time.time() + ttl, waiter.owner, time.monotonic() + ttl, waiters]
         self._entries[key] = successor
         waiter.grant = successor  # laid out as a Grant
-        self._arm_head(successor)
+        if ttl is not None:
+            self._arm_head(successor)
         waiter.wake()
 
     @staticmethod

@@ -1,0 +1,7 @@
+"""``python -m keylock``."""
+
+import sys
+
+from .cli import main
+
+sys.exit(main())

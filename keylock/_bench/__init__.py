@@ -1,0 +1,1 @@
+"""Contention benchmarks (``python -m keylock bench``): keylock against the peers, same run."""

@@ -1,0 +1,306 @@
+"""In-process workloads: keylock's MemoryBackend against a bare asyncio.Lock, a bare
+threading.Lock, asyncio-keyed-lock, and the PyPI ``singleflight`` package, in one run."""
+
+from __future__ import annotations
+
+import asyncio
+import gc
+import threading
+import time
+import tracemalloc
+from collections.abc import Awaitable, Callable
+from contextlib import AbstractAsyncContextManager
+
+from .. import KeyedLock, SingleFlight
+from .harness import Row, Suite, measure
+
+__all__ = ["run"]
+
+AsyncFactory = Callable[[str], AbstractAsyncContextManager[object]]
+_Do = Callable[[Callable[[], Awaitable[int]]], Awaitable[int]]  # a flight's do(fn)
+
+
+def _peer_keyed_lock() -> Callable[[], AsyncFactory] | None:
+    """A factory of asyncio-keyed-lock instances, or None when it is not installed."""
+    try:
+        from asyncio_keyed_lock import AsyncioKeyedLock
+    except ImportError:
+        return None
+    return lambda: AsyncioKeyedLock()
+
+
+def run(suite: Suite) -> None:
+    """Every in-process workload; rows go to *suite*."""
+    repeats = 3 if suite.quick else 7
+    _uncontended_async(suite, repeats)
+    _uncontended_sync(suite, repeats)
+    _hot_key(suite, repeats)
+    _distinct_keys(suite, 3 if suite.quick else 5)
+    _single_flight(suite, repeats)
+
+
+# ------------------------------------------------------------------ uncontended acquire+release
+
+
+def _uncontended_async(suite: Suite, repeats: int) -> None:
+    n = 50_000 if suite.quick else 200_000
+    workload = "uncontended async acquire+release"
+
+    def timed(make: Callable[[], AsyncFactory]) -> Callable[[], float]:
+        def once() -> float:
+            async def body() -> float:
+                factory = make()
+                start = time.perf_counter()
+                for _ in range(n):
+                    async with factory("k"):
+                        pass
+                return (time.perf_counter() - start) / n * 1e6
+
+            return asyncio.run(body())
+
+        return once
+
+    def bare() -> AsyncFactory:
+        lock = asyncio.Lock()
+        return lambda key: lock
+
+    subjects: list[tuple[str, Callable[[], AsyncFactory] | None]] = [
+        ("asyncio.Lock (bare, one key)", bare),
+        ("keylock KeyedLock()", lambda: KeyedLock()),
+        ("asyncio-keyed-lock", _peer_keyed_lock()),
+    ]
+    # interleave the subjects run by run, so drift in machine speed hits all of them alike
+    figures: dict[str, list[float]] = {name: [] for name, make in subjects if make}
+    for _ in range(repeats):
+        for name, make in subjects:
+            if make is not None:
+                figures[name].append(timed(make)())
+    for name, make in subjects:
+        if make is None:
+            suite.say(f"{name}: not installed, skipped (pip install 'keylock[bench]')")
+            continue
+        values = sorted(figures[name])
+        suite.add(
+            Row(
+                workload,
+                name,
+                "us",
+                values[len(values) // 2],
+                values[0],
+                values[-1],
+                repeats,
+                baseline="asyncio.Lock (bare, one key)",
+                notes="one loop only, no threads" if "asyncio" in name else "",
+            )
+        )
+
+
+def _uncontended_sync(suite: Suite, repeats: int) -> None:
+    n = 100_000 if suite.quick else 400_000
+    workload = "uncontended sync acquire+release"
+    locks = KeyedLock()
+    bare = threading.Lock()
+
+    def keylock_once() -> float:
+        start = time.perf_counter()
+        for _ in range(n):
+            with locks.sync("k"):
+                pass
+        return (time.perf_counter() - start) / n * 1e6
+
+    def bare_once() -> float:
+        start = time.perf_counter()
+        for _ in range(n):
+            with bare:
+                pass
+        return (time.perf_counter() - start) / n * 1e6
+
+    figures: dict[str, list[float]] = {"threading.Lock (bare, one key)": [], "keylock": []}
+    for _ in range(repeats):
+        figures["threading.Lock (bare, one key)"].append(bare_once())
+        figures["keylock"].append(keylock_once())
+    for name, values in figures.items():
+        values.sort()
+        suite.add(
+            Row(
+                workload,
+                "keylock KeyedLock().sync" if name == "keylock" else name,
+                "us",
+                values[len(values) // 2],
+                values[0],
+                values[-1],
+                repeats,
+                baseline="threading.Lock (bare, one key)",
+            )
+        )
+
+
+# --------------------------------------------------------------------------------- hot key
+
+
+def _hot_key(suite: Suite, repeats: int) -> None:
+    tasks, rounds = 100, (20 if suite.quick else 60)
+    workload = f"hot key, {tasks} tasks"
+
+    async def contend(factory: AsyncFactory) -> tuple[float, int]:
+        inside = 0
+        violations = 0
+
+        async def worker() -> None:
+            nonlocal inside, violations
+            for _ in range(rounds):
+                async with factory("hot"):
+                    inside += 1
+                    if inside != 1:
+                        violations += 1
+                    await asyncio.sleep(0)
+                    inside -= 1
+
+        start = time.perf_counter()
+        await asyncio.gather(*(worker() for _ in range(tasks)))
+        return tasks * rounds / (time.perf_counter() - start), violations
+
+    def bare() -> AsyncFactory:
+        lock = asyncio.Lock()
+        return lambda key: lock
+
+    subjects: list[tuple[str, Callable[[], AsyncFactory] | None]] = [
+        ("asyncio.Lock (bare, one key)", bare),
+        ("keylock KeyedLock()", lambda: KeyedLock()),
+        ("asyncio-keyed-lock", _peer_keyed_lock()),
+    ]
+    for name, make in subjects:
+        if make is None:
+            continue
+        violations = 0
+
+        def once(make: Callable[[], AsyncFactory] = make) -> float:
+            nonlocal violations
+            rate, bad = asyncio.run(contend(make()))
+            violations += bad
+            return rate
+
+        median, low, high = measure(once, repeats=repeats)
+        suite.add(
+            Row(
+                workload,
+                name,
+                "hand-offs/s",
+                median,
+                low,
+                high,
+                repeats,
+                higher_is_better=True,
+                baseline="asyncio.Lock (bare, one key)",
+                notes=f"{violations} exclusion violations",
+                extra={"violations": violations},
+            )
+        )
+
+
+# ---------------------------------------------------------------------------- many keys
+
+
+def _distinct_keys(suite: Suite, repeats: int) -> None:
+    n = 100_000
+    locks = KeyedLock()
+
+    async def churn(count: int, prefix: str) -> float:
+        keys = [f"{prefix}:{i}" for i in range(count)]
+        start = time.perf_counter()
+        for key in keys:
+            async with locks(key):
+                pass
+        return (time.perf_counter() - start) / count * 1e6
+
+    median, low, high = measure(lambda: asyncio.run(churn(n, "k")), repeats=repeats)
+    suite.add(
+        Row(f"{n:,} distinct keys", "keylock KeyedLock()", "us/op", median, low, high, repeats)
+    )
+
+    churned = 200_000
+
+    async def retained() -> float:
+        await churn(2_000, "warm")
+        gc.collect()
+        tracemalloc.start()
+        before = tracemalloc.take_snapshot()
+        await churn(churned, "churn")
+        gc.collect()
+        after = tracemalloc.take_snapshot()
+        tracemalloc.stop()
+        return float(sum(stat.size_diff for stat in after.compare_to(before, "filename")))
+
+    value = asyncio.run(retained())
+    suite.add(
+        Row(
+            f"{churned:,} distinct keys churned",
+            "keylock KeyedLock()",
+            "bytes retained",
+            value,
+            value,
+            value,
+            1,
+            notes=f"{len(locks.backend)} keys left held",  # type: ignore[arg-type]
+        )
+    )
+
+
+# ---------------------------------------------------------------------------- single-flight
+
+
+def _single_flight(suite: Suite, repeats: int) -> None:
+    callers = 10_000
+    work_seconds = 0.01
+    workload = f"single-flight, {callers:,} callers"
+
+    async def coalesce(do: _Do) -> float:
+        executions = 0
+
+        async def fetch() -> int:
+            nonlocal executions
+            executions += 1
+            await asyncio.sleep(work_seconds)
+            return 42
+
+        start = time.perf_counter()
+        results = await asyncio.gather(*(do(fetch) for _ in range(callers)))
+        elapsed = time.perf_counter() - start
+        if executions != 1 or results != [42] * callers:
+            raise AssertionError(f"{executions} executions for {callers} callers")
+        return (elapsed - work_seconds) / callers * 1e6
+
+    def keylock_do() -> _Do:
+        flight = SingleFlight()
+        return lambda fn: flight.do("user:1", fn)
+
+    subjects: list[tuple[str, Callable[[], _Do]]] = [("keylock SingleFlight()", keylock_do)]
+    try:
+        from singleflight.asynchronous import SingleFlightAsync  # type: ignore[import-untyped]
+
+        def peer_do() -> _Do:
+            flight = SingleFlightAsync()
+            return lambda fn: flight.call(fn, "user:1")
+
+        subjects.append(("singleflight (PyPI)", peer_do))
+    except ImportError:
+        suite.say("singleflight (PyPI): not installed, skipped")
+    for name, make in subjects:
+
+        def once(make: Callable[[], _Do] = make) -> float:
+            return asyncio.run(coalesce(make()))
+
+        median, low, high = measure(once, repeats=repeats)
+        suite.add(
+            Row(
+                workload,
+                name,
+                "us/caller",
+                median,
+                low,
+                high,
+                repeats,
+                baseline="keylock SingleFlight()",
+                notes="1 execution (checked)",
+            )
+        )

@@ -49,10 +49,27 @@ def _memory_reference(request: pytest.FixtureRequest) -> Iterator[MakeBackend]:
     yield make
 
 
+def _file(request: pytest.FixtureRequest) -> Iterator[MakeBackend]:
+    directory = request.getfixturevalue("tmp_path") / "locks"
+    made: list[Backend] = []
+
+    def make(*, auto_renew: bool = True) -> Backend:
+        from keylock.backends import FileBackend
+
+        backend = FileBackend(directory)  # a new client each call, as another process would be
+        made.append(backend)
+        return backend
+
+    yield make
+    for backend in made:
+        backend.close_sync()
+
+
 # name -> generator of a backend factory. File and Redis backends add themselves here.
 BACKENDS: dict[str, Callable[[pytest.FixtureRequest], Iterator[MakeBackend]]] = {
     "memory": _memory,
     "memory-reference": _memory_reference,
+    "file": _file,
 }
 
 

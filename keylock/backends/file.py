@@ -365,7 +365,7 @@ class FileBackend(Backend):
             fd = os.open(
                 file_name(key), os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=self._dir_fd
             )
-        except FileNotFoundError:
+        except OSError:  # no file (never locked, or pruned), or not a regular file
             return None, None, False
         try:
             fields = os.pread(fd, _RECORD_SIZE, 0).split()

@@ -9,12 +9,13 @@ renew ignore it.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 
 import pytest
 
 from keylock.backends import Backend, MemoryBackend
 
+from ._redis_server import Server, running_server
 from .conformance._driver import Driver, flavours
 
 MakeBackend = Callable[..., Backend]
@@ -51,18 +52,33 @@ def _memory_reference(request: pytest.FixtureRequest) -> Iterator[MakeBackend]:
 
 def _file(request: pytest.FixtureRequest) -> Iterator[MakeBackend]:
     directory = request.getfixturevalue("tmp_path") / "locks"
-    made: list[Backend] = []
 
     def make(*, auto_renew: bool = True) -> Backend:
         from keylock.backends import FileBackend
 
-        backend = FileBackend(directory)  # a new client each call, as another process would be
-        made.append(backend)
-        return backend
+        return FileBackend(directory)  # a new client each call, as another process would be
 
     yield make
-    for backend in made:
-        backend.close_sync()
+
+
+@pytest.fixture(scope="session")
+def redis_server() -> Iterator[Server]:
+    """One real server for the session (see tests/_redis_server.py); tests flush it."""
+    with running_server() as server:
+        yield server
+
+
+def _redis(request: pytest.FixtureRequest) -> Iterator[MakeBackend]:
+    server: Server = request.getfixturevalue("redis_server")
+    server.flush()
+
+    def make(*, auto_renew: bool = True) -> Backend:
+        from keylock.backends import RedisBackend
+
+        # a new client each call, as another host would be
+        return RedisBackend.from_url(server.url, auto_renew=auto_renew)
+
+    yield make
 
 
 # name -> generator of a backend factory. File and Redis backends add themselves here.
@@ -70,13 +86,29 @@ BACKENDS: dict[str, Callable[[pytest.FixtureRequest], Iterator[MakeBackend]]] = 
     "memory": _memory,
     "memory-reference": _memory_reference,
     "file": _file,
+    "redis": _redis,
 }
 
 
 @pytest.fixture(params=list(BACKENDS))
-def make_backend(request: pytest.FixtureRequest) -> Iterator[MakeBackend]:
-    """``make()`` returns a client of one store shared within the test."""
-    yield from BACKENDS[request.param](request)
+async def make_backend(request: pytest.FixtureRequest) -> AsyncIterator[MakeBackend]:
+    """``make()`` returns a client of one store shared within the test; every client made is
+    closed after the test, on the test's event loop (async connections belong to it)."""
+    factory = BACKENDS[request.param](request)
+    make = next(factory)
+    made: list[Backend] = []
+
+    def tracked(**options: object) -> Backend:
+        backend = make(**options)
+        if backend not in made:
+            made.append(backend)
+        return backend
+
+    yield tracked
+    for backend in made:
+        await backend.close()
+    for _ in factory:  # run the factory's own teardown
+        pass
 
 
 @pytest.fixture(params=flavours())

@@ -1,0 +1,705 @@
+"""Leases across hosts on Redis: one round trip to acquire, fencing tokens that never go back,
+waiters woken by pub/sub, and one background renewer per backend."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import inspect
+import logging
+import threading
+import time
+import weakref
+from collections.abc import Iterator, Sequence
+from typing import TYPE_CHECKING
+
+import redis
+import redis.asyncio
+from redis.exceptions import NoScriptError, RedisError
+
+from ..errors import BackendUnavailable, LeaseLost
+from .base import Backend, Grant, KeyStatistics, LoopWaiter, ThreadWaiter, Waiter, _timeout
+from .memory import MemoryBackend
+
+if TYPE_CHECKING:
+    from ..lease import Lease
+
+__all__ = ["RedisBackend"]
+
+logger = logging.getLogger("keylock")
+
+# KEYS[1] lock key, KEYS[2] fence (last token) key
+# ARGV[1] owner id, ARGV[2] lease TTL in ms, ARGV[3] fence TTL in ms
+# -> {1, token} when granted, {0, holder's PTTL in ms} when held by someone else.
+# The token is max(last + 1, server clock in µs): it rises even when Redis lost the fence key
+# (restart without persistence, failover to a lagging replica), because the clock has moved on
+# past every token it ever minted (at most one grant per µs of a single-threaded server).
+ACQUIRE = """
+if redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then
+  local now = redis.call('TIME')
+  local clock = tonumber(now[1]) * 1000000 + tonumber(now[2])
+  local last = tonumber(redis.call('GET', KEYS[2]) or '0')
+  local token = math.max(last + 1, clock)
+  redis.call('SET', KEYS[2], string.format('%.0f', token), 'PX', ARGV[3])
+  return {1, string.format('%.0f', token)}
+end
+return {0, redis.call('PTTL', KEYS[1])}
+"""
+
+# KEYS[1] lock key; ARGV[1] owner id, ARGV[2] channel, ARGV[3] message
+# -> 1 released (waiters are told), 0 not ours any more
+RELEASE = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+  redis.call('DEL', KEYS[1])
+  redis.call('PUBLISH', ARGV[2], ARGV[3])
+  return 1
+end
+return 0
+"""
+
+# KEYS[1] lock key, KEYS[2] fence key; ARGV[1] owner id, ARGV[2] TTL ms, ARGV[3] fence TTL ms
+# -> 1 extended, 0 not ours any more
+EXTEND = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+  redis.call('PEXPIRE', KEYS[1], ARGV[2])
+  redis.call('PEXPIRE', KEYS[2], ARGV[3])
+  return 1
+end
+return 0
+"""
+
+_SHA = {
+    name: hashlib.sha1(text.encode()).hexdigest()
+    for name, text in (("acquire", ACQUIRE), ("release", RELEASE), ("extend", EXTEND))
+}
+_TEXT = {"acquire": ACQUIRE, "release": RELEASE, "extend": EXTEND}
+_FENCE_SLACK_MS = 120_000  # the fence key outlives the lock by this much (see ACQUIRE)
+
+
+def _tag(key: str) -> str:
+    """The key's hash tag: every Redis key of one lock lands in one Cluster slot."""
+    if "{" in key or "}" in key:  # braces would end the tag early: tag a digest instead
+        return hashlib.sha1(key.encode("utf-8", "surrogatepass")).hexdigest()
+    return key
+
+
+@contextlib.contextmanager
+def _map_errors(key: str, where: str) -> Iterator[None]:
+    """Translate redis-py's errors once, at the boundary."""
+    try:
+        yield
+    except (RedisError, OSError) as exc:
+        raise BackendUnavailable(
+            f"Redis at {where} failed for lock {key!r}: {exc}; nothing was granted or "
+            "changed by this call; check the server and the URL",
+            key=key,
+        ) from exc
+
+
+class _Held:
+    """A lease this backend holds on Redis, and its turn in the in-process queue."""
+
+    __slots__ = ("local_token", "owner", "token")
+
+    def __init__(self, token: int, owner: bytes, local_token: int) -> None:
+        self.token = token
+        self.owner = owner
+        self.local_token = local_token
+
+
+class RedisBackend(Backend):
+    """Per-key leases shared by every process and host using one Redis (or Cluster).
+
+    Acquire is one round trip (a script: ``SET NX PX`` plus the fencing token); release and
+    extend are compare-owner-then-act scripts, so only the acquisition that took a lease can end
+    or extend it, and a lost lease raises :class:`~keylock.LeaseLost`. Waiters are woken by a
+    pub/sub message on release (one subscriber connection per backend), at the holder's expiry,
+    and by a bounded safety-net poll. Within this process, callers queue FIFO in front of Redis
+    (the memory backend), so a hot key costs one waiter per process on Redis.
+
+    Leases always have a TTL (``ttl``, default 30 s). With ``auto_renew`` (the default) one
+    background thread per backend renews every held lease at a third of its TTL; when a renewal
+    fails or finds the lease gone, ``lease.lost`` turns true, ``on_lost`` runs, and with
+    ``cancel_on_lost`` the critical section is cancelled. Connection errors surface as
+    :class:`~keylock.BackendUnavailable`, never as a phantom grant.
+    """
+
+    nonblocking_step = False
+    needs_owner = True
+
+    def __init__(
+        self,
+        client: redis.Redis | None = None,
+        *,
+        async_client: redis.asyncio.Redis | None = None,
+        ttl: float = 30.0,
+        auto_renew: bool = True,
+        prefix: str = "keylock",
+        poll: float = 1.0,
+    ) -> None:
+        if client is None and async_client is None:
+            raise TypeError("RedisBackend needs a client: use RedisBackend.from_url(url)")
+        if not ttl > 0:
+            raise ValueError(f"RedisBackend ttl must be a positive number of seconds, not {ttl}")
+        self.default_ttl = float(ttl)
+        self.auto_renew = auto_renew
+        self.prefix = prefix
+        self.poll = poll
+        self._client = client
+        self._async_client = async_client
+        self._async_clients: weakref.WeakKeyDictionary[
+            asyncio.AbstractEventLoop, redis.asyncio.Redis
+        ] = weakref.WeakKeyDictionary()
+        self._channel = f"{prefix}:released"
+        self._where = _address(client or async_client)
+        self._local = MemoryBackend()  # FIFO among this backend's own callers
+        self._mutex = threading.Lock()
+        self._held: dict[str, _Held] = {}  # guarded by _mutex
+        self._waiters: dict[str, set[Waiter]] = {}  # guarded by _mutex: woken on release
+        self._listener: _Listener | None = None
+        self._renewer: _Renewer | None = None
+
+    @classmethod
+    def from_url(
+        cls,
+        url: str,
+        *,
+        ttl: float = 30.0,
+        auto_renew: bool = True,
+        prefix: str = "keylock",
+        poll: float = 1.0,
+        **client_options: object,
+    ) -> RedisBackend:
+        """A backend on the server at *url* (``redis://``, ``rediss://``, ``unix://``)."""
+        try:
+            client = redis.Redis.from_url(url, **client_options)  # type: ignore[arg-type]
+        except ValueError as exc:
+            raise BackendUnavailable(f"bad Redis URL {url!r}: {exc}") from exc
+        backend = cls(client, ttl=ttl, auto_renew=auto_renew, prefix=prefix, poll=poll)
+        backend._url = url
+        backend._client_options = client_options
+        return backend
+
+    _url: str | None = None
+    _client_options: dict[str, object] = {}  # noqa: RUF012 - read-only default
+
+    def __repr__(self) -> str:
+        return f"RedisBackend({self._where})"
+
+    # ------------------------------------------------------------------------------ clients
+
+    def _sync(self) -> redis.Redis:
+        if self._client is None:
+            pool = self._async_client.connection_pool  # type: ignore[union-attr]
+            self._client = redis.Redis(**_options_for(redis.Redis, pool.connection_kwargs))
+        return self._client
+
+    def _async(self) -> redis.asyncio.Redis:
+        if self._async_client is not None:
+            return self._async_client
+        loop = asyncio.get_running_loop()
+        client = self._async_clients.get(loop)
+        if client is None:  # redis.asyncio connections belong to one event loop
+            if self._url is not None:
+                client = redis.asyncio.Redis.from_url(self._url, **self._client_options)  # type: ignore[arg-type]
+            else:
+                kwargs = self._sync().connection_pool.connection_kwargs
+                client = redis.asyncio.Redis(**_options_for(redis.asyncio.Redis, kwargs))
+            self._async_clients[loop] = client
+        return client
+
+    def _keys(self, key: str) -> list[str]:
+        tag = _tag(key)
+        return [f"{self.prefix}:{{{tag}}}", f"{self.prefix}:{{{tag}}}:fence"]
+
+    def _run_sync(
+        self, script: str, key: str, keys: Sequence[str], args: Sequence[object]
+    ) -> object:
+        client = self._sync()
+        with _map_errors(key, self._where):
+            try:
+                return client.evalsha(_SHA[script], len(keys), *keys, *args)
+            except NoScriptError:
+                return client.eval(_TEXT[script], len(keys), *keys, *args)
+
+    async def _run_async(
+        self, script: str, key: str, keys: Sequence[str], args: Sequence[object]
+    ) -> object:
+        client = self._async()
+        with _map_errors(key, self._where):
+            try:
+                return await client.evalsha(_SHA[script], len(keys), *keys, *args)
+            except NoScriptError:
+                return await client.eval(_TEXT[script], len(keys), *keys, *args)
+
+    # --------------------------------------------------------------------- the step, twice
+
+    def _acquire_args(self, key: str, owner: bytes, ttl: float) -> tuple[list[str], list[object]]:
+        ms = max(int(ttl * 1000), 1)
+        return self._keys(key), [owner, ms, ms + _FENCE_SLACK_MS]
+
+    def _parse_acquire(
+        self,
+        key: str,
+        owner: bytes,
+        ttl: float,
+        local: Grant,
+        reply: object,
+        sent_at: float,
+        waiter: Waiter | None,
+    ) -> Grant | None:
+        granted, value = reply  # type: ignore[misc]
+        if int(granted):
+            token = int(value)
+            with self._mutex:
+                self._held[key] = _Held(token, owner, local[0])
+            # expiry as seen from here: counted from before the request, so never late
+            return Grant(token, sent_at + ttl)
+        if waiter is not None:
+            pttl = int(value)
+            wake = self.poll if pttl < 0 else min(pttl / 1000 + 0.001, self.poll)
+            listener = self._listener
+            if listener is None or not listener.subscribed.is_set():
+                wake = min(wake, 0.01)  # a release message could be missed: look again soon
+            waiter.retry_at = time.monotonic() + wake
+        return None
+
+    def _try_redis_sync(
+        self, key: str, owner: bytes, ttl: float, local: Grant, waiter: Waiter | None
+    ) -> Grant | None:
+        keys, args = self._acquire_args(key, owner, ttl)
+        sent_at = time.time()
+        reply = self._run_sync("acquire", key, keys, args)
+        return self._parse_acquire(key, owner, ttl, local, reply, sent_at, waiter)
+
+    async def _try_redis_async(
+        self, key: str, owner: bytes, ttl: float, local: Grant, waiter: Waiter | None
+    ) -> Grant | None:
+        keys, args = self._acquire_args(key, owner, ttl)
+        sent_at = time.time()
+        # The script runs in a task of its own: a cancel must not cut redis-py off mid-reply
+        # (that breaks the connection), and the grant it may still make is given back below.
+        call = asyncio.ensure_future(self._run_async("acquire", key, keys, args))
+        try:
+            reply = await asyncio.shield(call)
+        except asyncio.CancelledError:
+            call.add_done_callback(lambda done: self._give_back(done, key, owner))
+            raise
+        return self._parse_acquire(key, owner, ttl, local, reply, sent_at, waiter)
+
+    def _give_back(self, call: asyncio.Future[object], key: str, owner: bytes) -> None:
+        """After a cancelled acquire: release the lease the script granted anyway, if it did."""
+        if call.cancelled() or call.exception() is not None:
+            return
+        granted, _ = call.result()  # type: ignore[misc]
+        if not int(granted):
+            return
+        release = self._run_async("release", key, self._keys(key)[:1], [owner, self._channel, key])
+        task = asyncio.ensure_future(release)
+        _background.add(task)
+        task.add_done_callback(_forget)
+
+    def _try_acquire(
+        self, key: str, owner: bytes, ttl: float | None, waiter: Waiter | None
+    ) -> Grant | None:
+        # used for timeout=0 through the sync twin: one local try, one Redis try
+        local = self._local._try_acquire(key, owner, None, None)
+        if local is None:
+            return None
+        try:
+            grant = self._try_redis_sync(key, owner, ttl or self.default_ttl, local, None)
+        except BaseException:
+            self._local._discard_sync(key, owner, local)
+            raise
+        if grant is None:
+            self._local._discard_sync(key, owner, local)
+        return grant
+
+    def _withdraw(self, key: str, waiter: Waiter) -> Grant | None:
+        self._unwatch(key, waiter)
+        return None
+
+    # ---------------------------------------------------------------------- waiting, twice
+
+    def _watch(self, key: str, waiter: Waiter) -> None:
+        """Have *waiter* woken when *key* is released anywhere (pub/sub)."""
+        with self._mutex:
+            self._waiters.setdefault(key, set()).add(waiter)
+            if self._listener is None:
+                self._listener = _Listener(self)
+
+    def _unwatch(self, key: str, waiter: Waiter) -> None:
+        with self._mutex:
+            waiters = self._waiters.get(key)
+            if waiters is not None:
+                waiters.discard(waiter)
+                if not waiters:
+                    del self._waiters[key]
+
+    def _released(self, key: str) -> None:
+        """Called by the listener thread for each release message."""
+        with self._mutex:
+            waiters = list(self._waiters.get(key, ()))
+        for waiter in waiters:
+            waiter.wake()
+
+    # Two phases, as in FileBackend: this backend's own FIFO queue (the memory backend's
+    # driver: timeouts, cancellation), then Redis, where the waiter sleeps until a release
+    # message, the holder's expiry, or the safety-net poll. The twins differ in how they wait.
+
+    async def acquire(
+        self, key: str, owner: bytes, *, timeout: float | None, ttl: float | None
+    ) -> Grant:
+        ttl = ttl or self.default_ttl
+        deadline = None if timeout is None else time.monotonic() + timeout
+        local = self._local._try_acquire(key, owner, self._local_ttl(ttl), None) or (
+            await self._local.acquire(key, owner, timeout=timeout, ttl=self._local_ttl(ttl))
+        )
+        waiter: LoopWaiter | None = None
+        try:
+            grant = await self._try_redis_async(key, owner, ttl, local, None)
+            if grant is not None:
+                return grant
+            if timeout == 0:
+                raise _timeout(key, timeout)
+            waiter = LoopWaiter(owner, ttl)
+            self._watch(key, waiter)
+            while True:
+                waiter.prepare()
+                grant = await self._try_redis_async(key, owner, ttl, local, waiter)
+                if grant is not None:
+                    return grant
+                await waiter.wait(_until(waiter, deadline, key, timeout))
+        except BaseException:
+            self._local._discard_sync(key, owner, local)
+            raise
+        finally:
+            if waiter is not None:
+                self._unwatch(key, waiter)
+
+    def acquire_sync(
+        self, key: str, owner: bytes, *, timeout: float | None, ttl: float | None
+    ) -> Grant:
+        ttl = ttl or self.default_ttl
+        deadline = None if timeout is None else time.monotonic() + timeout
+        local = self._local._try_acquire(key, owner, self._local_ttl(ttl), None) or (
+            self._local.acquire_sync(key, owner, timeout=timeout, ttl=self._local_ttl(ttl))
+        )
+        waiter: ThreadWaiter | None = None
+        try:
+            grant = self._try_redis_sync(key, owner, ttl, local, None)
+            if grant is not None:
+                return grant
+            if timeout == 0:
+                raise _timeout(key, timeout)
+            waiter = ThreadWaiter(owner, ttl)
+            self._watch(key, waiter)
+            while True:
+                waiter.prepare()
+                grant = self._try_redis_sync(key, owner, ttl, local, waiter)
+                if grant is not None:
+                    return grant
+                waiter.wait(_until(waiter, deadline, key, timeout))
+        except BaseException:
+            self._local._discard_sync(key, owner, local)
+            raise
+        finally:
+            if waiter is not None:
+                self._unwatch(key, waiter)
+
+    def _local_ttl(self, ttl: float) -> float | None:
+        # Without renewal the in-process turn lapses with the Redis lease, so the next caller
+        # here can take over an expired lease as a caller elsewhere would.
+        return None if self.auto_renew else ttl
+
+    # ------------------------------------------------------------------- release, extend
+
+    def _pop_held(self, key: str, owner: bytes, token: int) -> _Held:
+        with self._mutex:
+            held = self._held.get(key)
+            if held is None or held.token != token or held.owner != owner:
+                raise _lost(key, token)
+            del self._held[key]
+            return held
+
+    def _release_local(self, key: str, held: _Held) -> None:
+        with contextlib.suppress(LeaseLost):  # its in-process turn lapsed with it: fine
+            self._local.release_sync(key, held.owner, held.local_token)
+
+    def release_sync(self, key: str, owner: bytes, token: int) -> None:
+        held = self._pop_held(key, owner, token)
+        try:
+            released = self._run_sync(
+                "release", key, self._keys(key)[:1], [owner, self._channel, key]
+            )
+        finally:
+            self._release_local(key, held)
+        if not released:
+            raise _lost(key, token)
+
+    async def release(self, key: str, owner: bytes, token: int) -> None:
+        held = self._pop_held(key, owner, token)
+        try:
+            # shielded: a release, once started, completes even if its caller is cancelled
+            released = await asyncio.shield(
+                self._run_async("release", key, self._keys(key)[:1], [owner, self._channel, key])
+            )
+        finally:
+            self._release_local(key, held)
+        if not released:
+            raise _lost(key, token)
+
+    def _extend_args(self, owner: bytes, ttl: float) -> list[object]:
+        ms = max(int(ttl * 1000), 1)
+        return [owner, ms, ms + _FENCE_SLACK_MS]
+
+    def _check_held(self, key: str, owner: bytes, token: int) -> _Held:
+        with self._mutex:
+            held = self._held.get(key)
+        if held is None or held.token != token or held.owner != owner:
+            raise _lost(key, token)
+        return held
+
+    def extend_sync(self, key: str, owner: bytes, token: int, ttl: float) -> float:
+        held = self._check_held(key, owner, token)
+        sent_at = time.time()
+        if not self._run_sync("extend", key, self._keys(key), self._extend_args(owner, ttl)):
+            raise _lost(key, token)
+        if not self.auto_renew:
+            self._local.extend_sync(key, owner, held.local_token, ttl)
+        return sent_at + ttl
+
+    async def extend(self, key: str, owner: bytes, token: int, ttl: float) -> float:
+        held = self._check_held(key, owner, token)
+        sent_at = time.time()
+        if not await self._run_async("extend", key, self._keys(key), self._extend_args(owner, ttl)):
+            raise _lost(key, token)
+        if not self.auto_renew:
+            self._local.extend_sync(key, owner, held.local_token, ttl)
+        return sent_at + ttl
+
+    async def _discard(self, key: str, owner: bytes, grant: Grant) -> None:
+        with contextlib.suppress(LeaseLost):
+            await self.release(key, owner, grant[0])
+
+    def statistics(self, key: str) -> KeyStatistics:
+        lock_key, fence_key = self._keys(key)
+        with _map_errors(key, self._where):
+            pipe = self._sync().pipeline(transaction=False)
+            pipe.get(lock_key)
+            pipe.get(fence_key)
+            owner, token = pipe.execute()
+        local = self._local.statistics(key)
+        with self._mutex:
+            watching = len(self._waiters.get(key, ()))
+        waiting = local.waiting + watching
+        if owner is None:
+            return KeyStatistics(key, False, None, None, waiting)
+        return KeyStatistics(key, True, int(token) if token else None, bytes(owner), waiting)
+
+    # ------------------------------------------------------------------------- auto-renew
+
+    def _track(self, lease: Lease) -> None:
+        if self.auto_renew and lease.ttl:
+            with self._mutex:
+                if self._renewer is None:
+                    self._renewer = _Renewer(self)
+            self._renewer.add(lease)
+
+    def _untrack(self, lease: Lease) -> None:
+        if self._renewer is not None:
+            self._renewer.remove(lease)
+
+    def _renew(self, lease: Lease) -> bool:
+        """One renewal from the renewer thread: True if still ours (and extended)."""
+        ttl = lease.ttl or self.default_ttl
+        sent_at = time.time()
+        renewed = self._run_sync(
+            "extend",
+            lease._full_key,
+            self._keys(lease._full_key),
+            self._extend_args(lease._owner, ttl),
+        )
+        if renewed:
+            lease._renewed(sent_at + ttl)
+        return bool(renewed)
+
+    # ----------------------------------------------------------------------------- closing
+
+    def close_sync(self) -> None:
+        if self._renewer is not None:
+            self._renewer.stop()
+        if self._listener is not None:
+            self._listener.stop()
+        if self._client is not None:
+            self._client.close()
+
+    async def close(self) -> None:
+        self.close_sync()
+        for client in list(self._async_clients.values()):
+            await client.aclose()
+        if self._async_client is not None:
+            await self._async_client.aclose()
+
+    def _single_flight(self, namespace: str) -> object:
+        from ._redis_flight import RemoteFlights
+
+        return RemoteFlights(self, namespace)
+
+
+_background: set[asyncio.Future[object]] = set()  # give-back calls, kept alive until done
+
+
+def _forget(task: asyncio.Future[object]) -> None:
+    _background.discard(task)
+    if not task.cancelled() and task.exception() is not None:
+        logger.warning("keylock: giving back a cancelled grant failed: %s", task.exception())
+
+
+def _until(waiter: Waiter, deadline: float | None, key: str, timeout: float | None) -> float:
+    """Seconds to wait before the next try: the retry time, capped by the deadline."""
+    now = time.monotonic()
+    if deadline is not None and now >= deadline:
+        raise _timeout(key, timeout)
+    until = waiter.retry_at if deadline is None else min(waiter.retry_at, deadline)
+    return max(until - now, 0.0)
+
+
+def _options_for(cls: type, kwargs: dict[str, object]) -> dict[str, object]:
+    """The connection options of another client that *cls* accepts (pools add private ones)."""
+    accepted = inspect.signature(cls.__init__).parameters
+    return {name: value for name, value in kwargs.items() if name in accepted}
+
+
+def _lost(key: str, token: int) -> LeaseLost:
+    return LeaseLost(
+        f"lease {token} on {key!r} was lost (its TTL ran out, a renewal failed, or it was "
+        "taken over): the critical section was not protected; reconcile before acting",
+        key=key,
+    )
+
+
+def _address(client: object) -> str:
+    try:
+        kwargs = client.connection_pool.connection_kwargs  # type: ignore[attr-defined]
+    except AttributeError:
+        return "redis"
+    if "path" in kwargs:
+        return f"unix://{kwargs['path']}"
+    return f"{kwargs.get('host', 'localhost')}:{kwargs.get('port', 6379)}"
+
+
+class _Listener:
+    """One pub/sub connection per backend, in a daemon thread: wakes waiters on release."""
+
+    def __init__(self, backend: RedisBackend) -> None:
+        self._backend = weakref.ref(backend)
+        self._client = backend._sync()
+        self._channel = backend._channel
+        self.subscribed = threading.Event()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(
+            target=self._run, name="keylock-redis-listener", daemon=True
+        )
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            pubsub = self._client.pubsub(ignore_subscribe_messages=True)
+            try:
+                pubsub.subscribe(self._channel)
+                while not self._stop.is_set():
+                    message = pubsub.get_message(timeout=0.5)
+                    if message is None:
+                        if not self.subscribed.is_set() and pubsub.subscribed:
+                            self.subscribed.set()
+                        continue
+                    self.subscribed.set()
+                    backend = self._backend()
+                    if backend is None:
+                        return
+                    data = message.get("data")
+                    if isinstance(data, bytes):
+                        backend._released(data.decode("utf-8", "surrogatepass"))
+            except Exception as exc:
+                self.subscribed.clear()
+                if self._stop.is_set():
+                    return
+                logger.warning("keylock: Redis listener lost its connection (%s); retrying", exc)
+                self._stop.wait(0.5)  # waiters fall back to their safety-net poll meanwhile
+            finally:
+                with contextlib.suppress(Exception):
+                    pubsub.close()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not threading.current_thread():
+            self._thread.join(2)
+
+
+class _Renewer:
+    """One daemon thread per backend renewing every tracked lease at a third of its TTL."""
+
+    def __init__(self, backend: RedisBackend) -> None:
+        self._backend = weakref.ref(backend)
+        self._cond = threading.Condition()
+        self._due: dict[Lease, float] = {}  # lease -> monotonic time of its next renewal
+        self._stopped = False
+        self._thread = threading.Thread(target=self._run, name="keylock-redis-renewer", daemon=True)
+        self._thread.start()
+
+    def add(self, lease: Lease) -> None:
+        with self._cond:
+            self._due[lease] = time.monotonic() + (lease.ttl or 1.0) / 3
+            self._cond.notify()
+
+    def remove(self, lease: Lease) -> None:
+        with self._cond:
+            self._due.pop(lease, None)
+
+    def stop(self) -> None:
+        with self._cond:
+            self._stopped = True
+            self._cond.notify()
+        if self._thread is not threading.current_thread():
+            self._thread.join(5)
+
+    def _run(self) -> None:
+        while True:
+            with self._cond:
+                while not self._stopped:
+                    now = time.monotonic()
+                    ready = [lease for lease, due in self._due.items() if due <= now]
+                    if ready:
+                        break
+                    next_due = min(self._due.values(), default=now + 60)
+                    self._cond.wait(max(next_due - now, 0.001))
+                if self._stopped:
+                    return
+            backend = self._backend()
+            if backend is None:
+                return
+            for lease in ready:
+                self._renew_one(backend, lease)
+
+    def _renew_one(self, backend: RedisBackend, lease: Lease) -> None:
+        try:
+            ok = backend._renew(lease)
+        except BackendUnavailable as exc:
+            expires_at = lease.expires_at
+            if expires_at is not None and time.time() < expires_at:
+                with self._cond:  # still valid: try again soon
+                    if lease in self._due:
+                        self._due[lease] = time.monotonic() + min((lease.ttl or 1.0) / 10, 1.0)
+                return
+            logger.warning("keylock: renewal of %r failed past its expiry: %s", lease.key, exc)
+            ok = False
+        with self._cond:
+            if lease not in self._due:
+                return  # released meanwhile
+            if ok:
+                self._due[lease] = time.monotonic() + (lease.ttl or 1.0) / 3
+                return
+            del self._due[lease]
+        lease._mark_lost()

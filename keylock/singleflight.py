@@ -66,7 +66,10 @@ class SingleFlight:
     finished starts a new one. Async callers coalesce per event loop; ``do_sync`` callers
     coalesce across threads.
 
-    ``SingleFlight(RedisBackend(...))`` coalesces across processes and hosts instead.
+    ``SingleFlight(RedisBackend(...))`` coalesces across processes and hosts instead: one
+    caller anywhere runs the work, the others receive its result through Redis (JSON unless a
+    ``serializer=(dumps, loads)`` is given; never pickle by default), and if the leader dies
+    another caller takes over once its lease expires.
     """
 
     def __init__(
@@ -75,6 +78,8 @@ class SingleFlight:
         *,
         namespace: str = "",
         observer: Observer | None = None,
+        serializer: tuple[Callable[[object], str | bytes], Callable[[str | bytes], object]]
+        | None = None,
     ) -> None:
         from .backends.memory import MemoryBackend
 
@@ -86,7 +91,10 @@ class SingleFlight:
                     f"SingleFlight cannot coalesce through {type(backend).__name__}: "
                     "use no backend (in-process) or a RedisBackend (across hosts)"
                 )
-            self._remote = cast("_RemoteFlights", make(namespace))
+            if serializer is not None:
+                self._remote = cast("_RemoteFlights", make(namespace, serializer))
+            else:
+                self._remote = cast("_RemoteFlights", make(namespace))
         self._flights: dict[tuple[str, asyncio.AbstractEventLoop], _Flight] = {}
         self._sync_flights: dict[str, _SyncFlight] = {}  # guarded by _mutex
         self._mutex = threading.Lock()

@@ -11,8 +11,7 @@ import logging
 import threading
 import time
 import weakref
-from collections.abc import Iterator, Sequence
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, cast
 
 import redis
 import redis.asyncio
@@ -23,7 +22,10 @@ from .base import Backend, Grant, KeyStatistics, LoopWaiter, ThreadWaiter, Waite
 from .memory import MemoryBackend
 
 if TYPE_CHECKING:
+    from collections.abc import Iterator, Sequence
+
     from ..lease import Lease
+    from ._redis_flight import Serializer
 
 __all__ = ["RedisBackend"]
 
@@ -74,6 +76,7 @@ _SHA = {
     for name, text in (("acquire", ACQUIRE), ("release", RELEASE), ("extend", EXTEND))
 }
 _TEXT = {"acquire": ACQUIRE, "release": RELEASE, "extend": EXTEND}
+_Arg = str | bytes | int | float  # what a script accepts as an argument
 _FENCE_SLACK_MS = 120_000  # the fence key outlives the lock by this much (see ACQUIRE)
 
 
@@ -142,7 +145,7 @@ class RedisBackend(Backend):
             raise TypeError("RedisBackend needs a client: use RedisBackend.from_url(url)")
         if not ttl > 0:
             raise ValueError(f"RedisBackend ttl must be a positive number of seconds, not {ttl}")
-        self.default_ttl = float(ttl)
+        self.default_ttl = self._ttl = float(ttl)
         self.auto_renew = auto_renew
         self.prefix = prefix
         self.poll = poll
@@ -173,7 +176,7 @@ class RedisBackend(Backend):
     ) -> RedisBackend:
         """A backend on the server at *url* (``redis://``, ``rediss://``, ``unix://``)."""
         try:
-            client = redis.Redis.from_url(url, **client_options)  # type: ignore[arg-type]
+            client = redis.Redis.from_url(url, **client_options)
         except ValueError as exc:
             raise BackendUnavailable(f"bad Redis URL {url!r}: {exc}") from exc
         backend = cls(client, ttl=ttl, auto_renew=auto_renew, prefix=prefix, poll=poll)
@@ -192,7 +195,8 @@ class RedisBackend(Backend):
     def _sync(self) -> redis.Redis:
         if self._client is None:
             pool = self._async_client.connection_pool  # type: ignore[union-attr]
-            self._client = redis.Redis(**_options_for(redis.Redis, pool.connection_kwargs))
+            options = _options_for(redis.Redis, pool.connection_kwargs)
+            self._client = redis.Redis(**options)  # type: ignore[arg-type]
         return self._client
 
     def _async(self) -> redis.asyncio.Redis:
@@ -205,7 +209,8 @@ class RedisBackend(Backend):
                 client = redis.asyncio.Redis.from_url(self._url, **self._client_options)  # type: ignore[arg-type]
             else:
                 kwargs = self._sync().connection_pool.connection_kwargs
-                client = redis.asyncio.Redis(**_options_for(redis.asyncio.Redis, kwargs))
+                options = _options_for(redis.asyncio.Redis, kwargs)
+                client = redis.asyncio.Redis(**options)  # type: ignore[arg-type]
             self._async_clients[loop] = client
         return client
 
@@ -213,9 +218,7 @@ class RedisBackend(Backend):
         tag = _tag(key)
         return [f"{self.prefix}:{{{tag}}}", f"{self.prefix}:{{{tag}}}:fence"]
 
-    def _run_sync(
-        self, script: str, key: str, keys: Sequence[str], args: Sequence[object]
-    ) -> object:
+    def _run_sync(self, script: str, key: str, keys: Sequence[str], args: Sequence[_Arg]) -> object:
         client = self._sync()
         with _map_errors(key, self._where):
             try:
@@ -224,7 +227,7 @@ class RedisBackend(Backend):
                 return client.eval(_TEXT[script], len(keys), *keys, *args)
 
     async def _run_async(
-        self, script: str, key: str, keys: Sequence[str], args: Sequence[object]
+        self, script: str, key: str, keys: Sequence[str], args: Sequence[_Arg]
     ) -> object:
         client = self._async()
         with _map_errors(key, self._where):
@@ -235,7 +238,7 @@ class RedisBackend(Backend):
 
     # --------------------------------------------------------------------- the step, twice
 
-    def _acquire_args(self, key: str, owner: bytes, ttl: float) -> tuple[list[str], list[object]]:
+    def _acquire_args(self, key: str, owner: bytes, ttl: float) -> tuple[list[str], list[_Arg]]:
         ms = max(int(ttl * 1000), 1)
         return self._keys(key), [owner, ms, ms + _FENCE_SLACK_MS]
 
@@ -249,7 +252,7 @@ class RedisBackend(Backend):
         sent_at: float,
         waiter: Waiter | None,
     ) -> Grant | None:
-        granted, value = reply  # type: ignore[misc]
+        granted, value = cast("list[int | bytes]", reply)
         if int(granted):
             token = int(value)
             with self._mutex:
@@ -292,7 +295,7 @@ class RedisBackend(Backend):
         """After a cancelled acquire: release the lease the script granted anyway, if it did."""
         if call.cancelled() or call.exception() is not None:
             return
-        granted, _ = call.result()  # type: ignore[misc]
+        granted, _ = cast("list[int | bytes]", call.result())
         if not int(granted):
             return
         release = self._run_async("release", key, self._keys(key)[:1], [owner, self._channel, key])
@@ -308,7 +311,7 @@ class RedisBackend(Backend):
         if local is None:
             return None
         try:
-            grant = self._try_redis_sync(key, owner, ttl or self.default_ttl, local, None)
+            grant = self._try_redis_sync(key, owner, self._ttl if ttl is None else ttl, local, None)
         except BaseException:
             self._local._discard_sync(key, owner, local)
             raise
@@ -351,23 +354,23 @@ class RedisBackend(Backend):
     async def acquire(
         self, key: str, owner: bytes, *, timeout: float | None, ttl: float | None
     ) -> Grant:
-        ttl = ttl or self.default_ttl
+        lease_ttl = self._ttl if ttl is None else ttl
         deadline = None if timeout is None else time.monotonic() + timeout
-        local = self._local._try_acquire(key, owner, self._local_ttl(ttl), None) or (
-            await self._local.acquire(key, owner, timeout=timeout, ttl=self._local_ttl(ttl))
+        local = self._local._try_acquire(key, owner, self._local_ttl(lease_ttl), None) or (
+            await self._local.acquire(key, owner, timeout=timeout, ttl=self._local_ttl(lease_ttl))
         )
         waiter: LoopWaiter | None = None
         try:
-            grant = await self._try_redis_async(key, owner, ttl, local, None)
+            grant = await self._try_redis_async(key, owner, lease_ttl, local, None)
             if grant is not None:
                 return grant
             if timeout == 0:
                 raise _timeout(key, timeout)
-            waiter = LoopWaiter(owner, ttl)
+            waiter = LoopWaiter(owner, lease_ttl)
             self._watch(key, waiter)
             while True:
                 waiter.prepare()
-                grant = await self._try_redis_async(key, owner, ttl, local, waiter)
+                grant = await self._try_redis_async(key, owner, lease_ttl, local, waiter)
                 if grant is not None:
                     return grant
                 await waiter.wait(_until(waiter, deadline, key, timeout))
@@ -381,23 +384,23 @@ class RedisBackend(Backend):
     def acquire_sync(
         self, key: str, owner: bytes, *, timeout: float | None, ttl: float | None
     ) -> Grant:
-        ttl = ttl or self.default_ttl
+        lease_ttl = self._ttl if ttl is None else ttl
         deadline = None if timeout is None else time.monotonic() + timeout
-        local = self._local._try_acquire(key, owner, self._local_ttl(ttl), None) or (
-            self._local.acquire_sync(key, owner, timeout=timeout, ttl=self._local_ttl(ttl))
+        local = self._local._try_acquire(key, owner, self._local_ttl(lease_ttl), None) or (
+            self._local.acquire_sync(key, owner, timeout=timeout, ttl=self._local_ttl(lease_ttl))
         )
         waiter: ThreadWaiter | None = None
         try:
-            grant = self._try_redis_sync(key, owner, ttl, local, None)
+            grant = self._try_redis_sync(key, owner, lease_ttl, local, None)
             if grant is not None:
                 return grant
             if timeout == 0:
                 raise _timeout(key, timeout)
-            waiter = ThreadWaiter(owner, ttl)
+            waiter = ThreadWaiter(owner, lease_ttl)
             self._watch(key, waiter)
             while True:
                 waiter.prepare()
-                grant = self._try_redis_sync(key, owner, ttl, local, waiter)
+                grant = self._try_redis_sync(key, owner, lease_ttl, local, waiter)
                 if grant is not None:
                     return grant
                 waiter.wait(_until(waiter, deadline, key, timeout))
@@ -450,7 +453,7 @@ class RedisBackend(Backend):
         if not released:
             raise _lost(key, token)
 
-    def _extend_args(self, owner: bytes, ttl: float) -> list[object]:
+    def _extend_args(self, owner: bytes, ttl: float) -> list[_Arg]:
         ms = max(int(ttl * 1000), 1)
         return [owner, ms, ms + _FENCE_SLACK_MS]
 
@@ -513,7 +516,7 @@ class RedisBackend(Backend):
 
     def _renew(self, lease: Lease) -> bool:
         """One renewal from the renewer thread: True if still ours (and extended)."""
-        ttl = lease.ttl or self.default_ttl
+        ttl = lease.ttl or self._ttl
         sent_at = time.time()
         renewed = self._run_sync(
             "extend",
@@ -542,10 +545,10 @@ class RedisBackend(Backend):
         if self._async_client is not None:
             await self._async_client.aclose()
 
-    def _single_flight(self, namespace: str) -> object:
-        from ._redis_flight import RemoteFlights
+    def _single_flight(self, namespace: str, serializer: Serializer | None = None) -> object:
+        from ._redis_flight import JSON, RemoteFlights
 
-        return RemoteFlights(self, namespace)
+        return RemoteFlights(self, namespace, serializer or JSON)
 
 
 _background: set[asyncio.Future[object]] = set()  # give-back calls, kept alive until done
@@ -568,7 +571,7 @@ def _until(waiter: Waiter, deadline: float | None, key: str, timeout: float | No
 
 def _options_for(cls: type, kwargs: dict[str, object]) -> dict[str, object]:
     """The connection options of another client that *cls* accepts (pools add private ones)."""
-    accepted = inspect.signature(cls.__init__).parameters
+    accepted = inspect.signature(cls).parameters
     return {name: value for name, value in kwargs.items() if name in accepted}
 
 
@@ -606,7 +609,7 @@ class _Listener:
 
     def _run(self) -> None:
         while not self._stop.is_set():
-            pubsub = self._client.pubsub(ignore_subscribe_messages=True)
+            pubsub = self._client.pubsub(ignore_subscribe_messages=True)  # type: ignore[no-untyped-call]
             try:
                 pubsub.subscribe(self._channel)
                 while not self._stop.is_set():

@@ -648,14 +648,17 @@ class _Renewer:
         self._backend = weakref.ref(backend)
         self._cond = threading.Condition()
         self._due: dict[Lease, float] = {}  # lease -> monotonic time of its next renewal
+        self._wake_at = 0.0  # when the thread will look next (guarded by _cond)
         self._stopped = False
         self._thread = threading.Thread(target=self._run, name="keylock-redis-renewer", daemon=True)
         self._thread.start()
 
     def add(self, lease: Lease) -> None:
+        due = time.monotonic() + (lease.ttl or 1.0) / 3
         with self._cond:
-            self._due[lease] = time.monotonic() + (lease.ttl or 1.0) / 3
-            self._cond.notify()
+            self._due[lease] = due
+            if due < self._wake_at:  # wake the thread only if it would sleep past this one
+                self._cond.notify()
 
     def remove(self, lease: Lease) -> None:
         with self._cond:
@@ -676,10 +679,11 @@ class _Renewer:
                     ready = [lease for lease, due in self._due.items() if due <= now]
                     if ready:
                         break
-                    next_due = min(self._due.values(), default=now + 60)
-                    self._cond.wait(max(next_due - now, 0.001))
+                    self._wake_at = min(self._due.values(), default=now + 60)
+                    self._cond.wait(max(self._wake_at - now, 0.001))
                 if self._stopped:
                     return
+                self._wake_at = 0.0  # busy renewing: new leases are picked up next round
             backend = self._backend()
             if backend is None:
                 return

@@ -31,33 +31,66 @@ __all__ = ["RedisBackend"]
 
 logger = logging.getLogger("keylock")
 
-# KEYS[1] lock key, KEYS[2] fence (last token) key
-# ARGV[1] owner id, ARGV[2] lease TTL in ms, ARGV[3] fence TTL in ms
-# -> {1, token} when granted, {0, holder's PTTL in ms} when held by someone else.
+# KEYS[1] lock key, KEYS[2] fence (last token), KEYS[3] queue (zset owner -> arrival µs),
+# KEYS[4] queue liveness (hash owner -> deadline ms)
+# ARGV[1] owner id, ARGV[2] lease TTL ms, ARGV[3] fence TTL ms, ARGV[4] '1' to queue up if not
+# granted, ARGV[5] how long a queued waiter stays in line without coming back, ms
+# -> {1, token} granted; {0, holder's PTTL ms, or -2 when the key is free but promised to the
+# waiter at the head of the queue}.
+# Waiters queue FIFO across all clients: a free key goes to the head of the queue, so a
+# releasing client cannot barge back in ahead of waiters elsewhere. Dead waiters (not back
+# within ARGV[5]) leave the head of the line by themselves.
 # The token is max(last + 1, server clock in µs): it rises even when Redis lost the fence key
 # (restart without persistence, failover to a lagging replica), because the clock has moved on
 # past every token it ever minted (at most one grant per µs of a single-threaded server).
 ACQUIRE = """
-if redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then
-  local now = redis.call('TIME')
-  local clock = tonumber(now[1]) * 1000000 + tonumber(now[2])
+local now = redis.call('TIME')
+local clock = tonumber(now[1]) * 1000000 + tonumber(now[2])
+local now_ms = math.floor(clock / 1000)
+local head = redis.call('ZRANGE', KEYS[3], 0, 0)[1]
+while head do
+  if tonumber(redis.call('HGET', KEYS[4], head) or '0') > now_ms then break end
+  redis.call('ZREM', KEYS[3], head)
+  redis.call('HDEL', KEYS[4], head)
+  head = redis.call('ZRANGE', KEYS[3], 0, 0)[1]
+end
+if (not head or head == ARGV[1])
+    and redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then
+  if head then
+    redis.call('ZREM', KEYS[3], head)
+    redis.call('HDEL', KEYS[4], head)
+  end
   local last = tonumber(redis.call('GET', KEYS[2]) or '0')
   local token = math.max(last + 1, clock)
   redis.call('SET', KEYS[2], string.format('%.0f', token), 'PX', ARGV[3])
   return {1, string.format('%.0f', token)}
 end
+if ARGV[4] == '1' then
+  redis.call('ZADD', KEYS[3], 'NX', clock, ARGV[1])
+  redis.call('HSET', KEYS[4], ARGV[1], now_ms + tonumber(ARGV[5]))
+  redis.call('PEXPIRE', KEYS[3], tonumber(ARGV[5]) * 2)
+  redis.call('PEXPIRE', KEYS[4], tonumber(ARGV[5]) * 2)
+end
 return {0, redis.call('PTTL', KEYS[1])}
 """
 
-# KEYS[1] lock key; ARGV[1] owner id, ARGV[2] channel, ARGV[3] message
-# -> 1 released (waiters are told), 0 not ours any more
+# KEYS[1] lock key, KEYS[2] queue; ARGV[1] owner id, ARGV[2] channel, ARGV[3] key
+# -> 1 released (the waiter at the head of the queue is told, by owner id), 0 not ours
 RELEASE = """
 if redis.call('GET', KEYS[1]) == ARGV[1] then
   redis.call('DEL', KEYS[1])
-  redis.call('PUBLISH', ARGV[2], ARGV[3])
+  local head = redis.call('ZRANGE', KEYS[2], 0, 0)[1] or ''
+  redis.call('PUBLISH', ARGV[2], ARGV[3] .. '\\0' .. head)
   return 1
 end
 return 0
+"""
+
+# KEYS[1] queue, KEYS[2] queue liveness; ARGV[1] owner: leave the line (timeout, cancel)
+LEAVE = """
+redis.call('ZREM', KEYS[1], ARGV[1])
+redis.call('HDEL', KEYS[2], ARGV[1])
+return 1
 """
 
 # KEYS[1] lock key, KEYS[2] fence key; ARGV[1] owner id, ARGV[2] TTL ms, ARGV[3] fence TTL ms
@@ -71,11 +104,9 @@ end
 return 0
 """
 
-_SHA = {
-    name: hashlib.sha1(text.encode()).hexdigest()
-    for name, text in (("acquire", ACQUIRE), ("release", RELEASE), ("extend", EXTEND))
-}
-_TEXT = {"acquire": ACQUIRE, "release": RELEASE, "extend": EXTEND}
+_SCRIPTS = {"acquire": ACQUIRE, "release": RELEASE, "extend": EXTEND, "leave": LEAVE}
+_SHA = {name: hashlib.sha1(text.encode()).hexdigest() for name, text in _SCRIPTS.items()}
+_TEXT = _SCRIPTS
 _Arg = str | bytes | int | float  # what a script accepts as an argument
 _FENCE_SLACK_MS = 120_000  # the fence key outlives the lock by this much (see ACQUIRE)
 
@@ -215,8 +246,9 @@ class RedisBackend(Backend):
         return client
 
     def _keys(self, key: str) -> list[str]:
-        tag = _tag(key)
-        return [f"{self.prefix}:{{{tag}}}", f"{self.prefix}:{{{tag}}}:fence"]
+        """lock, fence, queue, queue liveness: one hash tag, so one Cluster slot."""
+        base = f"{self.prefix}:{{{_tag(key)}}}"
+        return [base, f"{base}:fence", f"{base}:queue", f"{base}:alive"]
 
     def _run_sync(self, script: str, key: str, keys: Sequence[str], args: Sequence[_Arg]) -> object:
         client = self._sync()
@@ -236,11 +268,22 @@ class RedisBackend(Backend):
             except NoScriptError:
                 return await client.eval(_TEXT[script], len(keys), *keys, *args)
 
+    def _release_keys(self, key: str) -> list[str]:
+        lock, _, queue, _ = self._keys(key)
+        return [lock, queue]
+
+    def _leave_args(self, key: str, owner: bytes) -> tuple[list[str], list[_Arg]]:
+        _, _, queue, alive = self._keys(key)
+        return [queue, alive], [owner]
+
     # --------------------------------------------------------------------- the step, twice
 
-    def _acquire_args(self, key: str, owner: bytes, ttl: float) -> tuple[list[str], list[_Arg]]:
+    def _acquire_args(
+        self, key: str, owner: bytes, ttl: float, waiting: bool
+    ) -> tuple[list[str], list[_Arg]]:
         ms = max(int(ttl * 1000), 1)
-        return self._keys(key), [owner, ms, ms + _FENCE_SLACK_MS]
+        stay = int(self.poll * 3000) + 1000  # a queued waiter comes back at least every poll
+        return self._keys(key), [owner, ms, ms + _FENCE_SLACK_MS, "1" if waiting else "0", stay]
 
     def _parse_acquire(
         self,
@@ -271,7 +314,7 @@ class RedisBackend(Backend):
     def _try_redis_sync(
         self, key: str, owner: bytes, ttl: float, local: Grant, waiter: Waiter | None
     ) -> Grant | None:
-        keys, args = self._acquire_args(key, owner, ttl)
+        keys, args = self._acquire_args(key, owner, ttl, waiter is not None)
         sent_at = time.time()
         reply = self._run_sync("acquire", key, keys, args)
         return self._parse_acquire(key, owner, ttl, local, reply, sent_at, waiter)
@@ -279,7 +322,7 @@ class RedisBackend(Backend):
     async def _try_redis_async(
         self, key: str, owner: bytes, ttl: float, local: Grant, waiter: Waiter | None
     ) -> Grant | None:
-        keys, args = self._acquire_args(key, owner, ttl)
+        keys, args = self._acquire_args(key, owner, ttl, waiter is not None)
         sent_at = time.time()
         # The script runs in a task of its own: a cancel must not cut redis-py off mid-reply
         # (that breaks the connection), and the grant it may still make is given back below.
@@ -298,7 +341,9 @@ class RedisBackend(Backend):
         granted, _ = cast("list[int | bytes]", call.result())
         if not int(granted):
             return
-        release = self._run_async("release", key, self._keys(key)[:1], [owner, self._channel, key])
+        release = self._run_async(
+            "release", key, self._release_keys(key), [owner, self._channel, key]
+        )
         task = asyncio.ensure_future(release)
         _background.add(task)
         task.add_done_callback(_forget)
@@ -340,12 +385,14 @@ class RedisBackend(Backend):
                 if not waiters:
                     del self._waiters[key]
 
-    def _released(self, key: str) -> None:
-        """Called by the listener thread for each release message."""
+    def _released(self, key: str, head: bytes) -> None:
+        """Called by the listener thread for each release message: wake the waiter at the head
+        of the queue if it is ours (everyone, when nobody was queued)."""
         with self._mutex:
             waiters = list(self._waiters.get(key, ()))
         for waiter in waiters:
-            waiter.wake()
+            if not head or waiter.owner == head:
+                waiter.wake()
 
     # Two phases, as in FileBackend: this backend's own FIFO queue (the memory backend's
     # driver: timeouts, cancellation), then Redis, where the waiter sleeps until a release
@@ -376,6 +423,10 @@ class RedisBackend(Backend):
                 await waiter.wait(_until(waiter, deadline, key, timeout))
         except BaseException:
             self._local._discard_sync(key, owner, local)
+            if waiter is not None:  # out of the Redis queue, or the next in line waits for us
+                keys, args = self._leave_args(key, owner)
+                with contextlib.suppress(BackendUnavailable):
+                    await asyncio.shield(self._run_async("leave", key, keys, args))
             raise
         finally:
             if waiter is not None:
@@ -406,6 +457,10 @@ class RedisBackend(Backend):
                 waiter.wait(_until(waiter, deadline, key, timeout))
         except BaseException:
             self._local._discard_sync(key, owner, local)
+            if waiter is not None:
+                keys, args = self._leave_args(key, owner)
+                with contextlib.suppress(BackendUnavailable):
+                    self._run_sync("leave", key, keys, args)
             raise
         finally:
             if waiter is not None:
@@ -434,7 +489,7 @@ class RedisBackend(Backend):
         held = self._pop_held(key, owner, token)
         try:
             released = self._run_sync(
-                "release", key, self._keys(key)[:1], [owner, self._channel, key]
+                "release", key, self._release_keys(key), [owner, self._channel, key]
             )
         finally:
             self._release_local(key, held)
@@ -446,7 +501,9 @@ class RedisBackend(Backend):
         try:
             # shielded: a release, once started, completes even if its caller is cancelled
             released = await asyncio.shield(
-                self._run_async("release", key, self._keys(key)[:1], [owner, self._channel, key])
+                self._run_async(
+                    "release", key, self._release_keys(key), [owner, self._channel, key]
+                )
             )
         finally:
             self._release_local(key, held)
@@ -467,7 +524,7 @@ class RedisBackend(Backend):
     def extend_sync(self, key: str, owner: bytes, token: int, ttl: float) -> float:
         held = self._check_held(key, owner, token)
         sent_at = time.time()
-        if not self._run_sync("extend", key, self._keys(key), self._extend_args(owner, ttl)):
+        if not self._run_sync("extend", key, self._keys(key)[:2], self._extend_args(owner, ttl)):
             raise _lost(key, token)
         if not self.auto_renew:
             self._local.extend_sync(key, owner, held.local_token, ttl)
@@ -476,7 +533,9 @@ class RedisBackend(Backend):
     async def extend(self, key: str, owner: bytes, token: int, ttl: float) -> float:
         held = self._check_held(key, owner, token)
         sent_at = time.time()
-        if not await self._run_async("extend", key, self._keys(key), self._extend_args(owner, ttl)):
+        if not await self._run_async(
+            "extend", key, self._keys(key)[:2], self._extend_args(owner, ttl)
+        ):
             raise _lost(key, token)
         if not self.auto_renew:
             self._local.extend_sync(key, owner, held.local_token, ttl)
@@ -487,7 +546,7 @@ class RedisBackend(Backend):
             await self.release(key, owner, grant[0])
 
     def statistics(self, key: str) -> KeyStatistics:
-        lock_key, fence_key = self._keys(key)
+        lock_key, fence_key, _, _ = self._keys(key)
         with _map_errors(key, self._where):
             pipe = self._sync().pipeline(transaction=False)
             pipe.get(lock_key)
@@ -521,7 +580,7 @@ class RedisBackend(Backend):
         renewed = self._run_sync(
             "extend",
             lease._full_key,
-            self._keys(lease._full_key),
+            self._keys(lease._full_key)[:2],
             self._extend_args(lease._owner, ttl),
         )
         if renewed:
@@ -624,7 +683,8 @@ class _Listener:
                         return
                     data = message.get("data")
                     if isinstance(data, bytes):
-                        backend._released(data.decode("utf-8", "surrogatepass"))
+                        key, _, head = data.partition(b"\0")  # keys never contain NUL
+                        backend._released(key.decode("utf-8", "surrogatepass"), head)
             except Exception as exc:
                 self.subscribed.clear()
                 if self._stop.is_set():

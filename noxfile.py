@@ -31,6 +31,13 @@ def typecheck(session: nox.Session) -> None:
 
 
 @nox.session
+def chaos(session: nox.Session) -> None:
+    """The fault and storm tests with the history checker (tests/chaos)."""
+    session.install("-e", ".[dev]")
+    session.run("pytest", "tests/chaos", "-v", *session.posargs)
+
+
+@nox.session
 def bench(session: nox.Session) -> None:
     """The contention benchmarks against the peers (``python -m keylock bench``)."""
     session.install("-e", ".[bench]")

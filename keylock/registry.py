@@ -10,7 +10,7 @@ from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, ParamSpec, TypeVar, overload
 
 from ._validate import MAX_KEY_LENGTH, check_key, check_timeout, check_ttl
-from .backends.base import Backend, Grant, KeyStatistics
+from .backends.base import Backend, KeyStatistics
 from .backends.memory import MemoryBackend
 from .errors import LockTimeout
 
@@ -231,7 +231,7 @@ class _Hold(Lease):
     # shared steps are inlined on purpose: this is the uncontended hot path.
 
     async def __aenter__(self) -> Lease:
-        if not self._state & _PENDING:
+        if self._state is not _PENDING:  # (a small int: identity is equality, and cheaper)
             self._enter_once()
         locks = self._locks
         key = self.key
@@ -247,15 +247,13 @@ class _Hold(Lease):
             ttl = self.ttl = locks._default_ttl
         full = self._full_key = locks._prefix + key
         owner = self._owner = new_owner() if locks._needs_owner else b""
-        grant: Grant | None = None
         step = locks._inline_step
-        if step is not None:  # the uncontended path: one step, no extra coroutine
-            grant = step(full, owner, ttl, None)
-        if grant is None:
+        # the uncontended path: one step, no extra coroutine
+        if step is not None and (grant := step(full, owner, ttl, None)) is not None:
+            self._state = 0
+        else:
             grant = await locks._backend.acquire(full, owner, timeout=timeout, ttl=ttl)
             self._state = 0 if step is None else _QUEUED
-        else:
-            self._state = 0
         self.token = grant[0]
         self.expires_at = grant[1]
         if ttl is not None:
@@ -264,7 +262,7 @@ class _Hold(Lease):
         return self
 
     def __enter__(self) -> Lease:
-        if not self._state & _PENDING:
+        if self._state is not _PENDING:  # (a small int: identity is equality, and cheaper)
             self._enter_once()
         locks = self._locks
         key = self.key
@@ -280,15 +278,12 @@ class _Hold(Lease):
             ttl = self.ttl = locks._default_ttl
         full = self._full_key = locks._prefix + key
         owner = self._owner = new_owner() if locks._needs_owner else b""
-        grant: Grant | None = None
         step = locks._inline_step
-        if step is not None:
-            grant = step(full, owner, ttl, None)
-        if grant is None:
+        if step is not None and (grant := step(full, owner, ttl, None)) is not None:
+            self._state = 0
+        else:
             grant = locks._backend.acquire_sync(full, owner, timeout=timeout, ttl=ttl)
             self._state = 0 if step is None else _QUEUED
-        else:
-            self._state = 0
         self.token = grant[0]
         self.expires_at = grant[1]
         if ttl is not None:

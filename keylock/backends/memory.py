@@ -81,6 +81,7 @@ class MemoryBackend(Backend):
         slow_release = self._release_contended
         hand_off = self._hand_off
 
+        # (literal indices below: constants beat global lookups on this path)
         def try_acquire(
             key: str, owner: bytes, ttl: float | None, waiter: Waiter | None
         ) -> Grant | None:
@@ -98,10 +99,10 @@ class MemoryBackend(Backend):
             lock()
             try:
                 entry = get(key)
-                if entry is None or entry[_TOKEN] != token or entry[_OWNER] != owner:
+                if entry is None or entry[0] != token or entry[2] != owner:
                     raise _lost(key, token)
-                if entry[_DEADLINE] is None:  # no TTL: cannot have expired
-                    if entry[_WAITERS]:
+                if entry[3] is None:  # no TTL: cannot have expired
+                    if entry[4]:
                         hand_off(key, entry)
                     else:
                         del entries[key]

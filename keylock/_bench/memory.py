@@ -276,7 +276,7 @@ def _single_flight(suite: Suite, repeats: int) -> None:
 
     subjects: list[tuple[str, Callable[[], _Do]]] = [("keylock SingleFlight()", keylock_do)]
     try:
-        from singleflight.asynchronous import SingleFlightAsync  # type: ignore[import-untyped]
+        from singleflight.asynchronous import SingleFlightAsync
 
         def peer_do() -> _Do:
             flight = SingleFlightAsync()

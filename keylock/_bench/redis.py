@@ -110,7 +110,7 @@ def _subjects(url: str) -> list[tuple[str, Callable[[str], SyncLock] | None]]:
         ("redis-py Lock (defaults)", redis_py),
     ]
     try:
-        import redis_lock  # type: ignore[import-untyped]
+        import redis_lock
 
         def python_redis_lock(key: str) -> SyncLock:
             client = redis.Redis.from_url(url)

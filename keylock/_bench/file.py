@@ -71,16 +71,12 @@ def _uncontended(suite: Suite, directory: str, repeats: int) -> None:
                     pass
             figures.setdefault(name, []).append((time.perf_counter() - start) / n * 1e6)
     for name, values in figures.items():
-        values.sort()
         suite.add(
-            Row(
+            Row.of(
                 workload,
                 name,
                 "us",
-                values[len(values) // 2],
-                values[0],
-                values[-1],
-                repeats,
+                values,
                 baseline="portalocker.Lock (raw)",
             )
         )

@@ -33,6 +33,35 @@ class Row:
     notes: str = ""
     extra: dict[str, float] = field(default_factory=dict)
 
+    @classmethod
+    def of(
+        cls,
+        workload: str,
+        subject: str,
+        unit: str,
+        values: list[float],
+        *,
+        higher_is_better: bool = False,
+        baseline: str | None = None,
+        notes: str = "",
+        extra: dict[str, float] | None = None,
+    ) -> Row:
+        """The row for repeated figures *values*: their median and spread."""
+        ordered = sorted(values)
+        return cls(
+            workload,
+            subject,
+            unit,
+            statistics.median(ordered),
+            ordered[0],
+            ordered[-1],
+            len(ordered),
+            higher_is_better,
+            baseline,
+            notes,
+            extra or {},
+        )
+
 
 def measure(run: Callable[[], float], *, repeats: int) -> tuple[float, float, float]:
     """Call *run* (which returns one figure) *repeats* times: (median, min, max)."""

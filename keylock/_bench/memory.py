@@ -79,16 +79,13 @@ def _uncontended_async(suite: Suite, repeats: int) -> None:
         if make is None:
             suite.say(f"{name}: not installed, skipped (pip install 'keylock[bench]')")
             continue
-        values = sorted(figures[name])
+        values = figures[name]
         suite.add(
-            Row(
+            Row.of(
                 workload,
                 name,
                 "us",
-                values[len(values) // 2],
-                values[0],
-                values[-1],
-                repeats,
+                values,
                 baseline="asyncio.Lock (bare, one key)",
                 notes="one loop only, no threads" if "asyncio" in name else "",
             )
@@ -120,16 +117,12 @@ def _uncontended_sync(suite: Suite, repeats: int) -> None:
         figures["threading.Lock (bare, one key)"].append(bare_once())
         figures["keylock"].append(keylock_once())
     for name, values in figures.items():
-        values.sort()
         suite.add(
-            Row(
+            Row.of(
                 workload,
                 "keylock KeyedLock().sync" if name == "keylock" else name,
                 "us",
-                values[len(values) // 2],
-                values[0],
-                values[-1],
-                repeats,
+                values,
                 baseline="threading.Lock (bare, one key)",
             )
         )

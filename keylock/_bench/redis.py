@@ -190,21 +190,10 @@ def _uncontended(suite: Suite, url: str, repeats: int) -> None:
         figures.setdefault("redis-py asyncio Lock", []).append(_async_redis_py(url, n))
     ping = statistics.median(figures["PING round trip"])
     for name, values in figures.items():
-        values.sort()
-        median = values[len(values) // 2]
-        suite.add(
-            Row(
-                workload,
-                name,
-                "us",
-                median,
-                values[0],
-                values[-1],
-                repeats,
-                baseline="PING round trip",
-                notes=f"{median / ping:.2f} PING round trips",
-            )
-        )
+        ratio = statistics.median(values) / ping
+        row = Row.of(workload, name, "us", values, baseline="PING round trip")
+        row.notes = f"{ratio:.2f} PING round trips"
+        suite.add(row)
 
 
 def _async_keylock(url: str, n: int) -> float:

@@ -1,4 +1,5 @@
-"""``python -m keylock`` / ``keylock``: ``bench`` runs the contention benchmarks."""
+"""``python -m keylock`` / ``keylock``: ``bench`` runs the contention benchmarks, ``inspect``
+lists held locks (Redis or a lock directory), ``release --force`` breaks one on Redis."""
 
 from __future__ import annotations
 
@@ -30,7 +31,53 @@ def _parser() -> argparse.ArgumentParser:
     )
     bench.add_argument("--json", metavar="FILE", help="also write the results as JSON")
     bench.add_argument("--redis-url", help="benchmark against this server instead of starting one")
+
+    inspect = commands.add_parser("inspect", help="list held locks: holder, token, TTL, waiters")
+    where = inspect.add_mutually_exclusive_group(required=True)
+    where.add_argument("--redis-url", help="a RedisBackend's server")
+    where.add_argument("--dir", help="a FileBackend's lock directory")
+    inspect.add_argument("--prefix", default="keylock", help="RedisBackend prefix")
+
+    release = commands.add_parser("release", help="force-release a lock on Redis")
+    release.add_argument("key", help="the key as stored, namespace included (ns:key)")
+    release.add_argument("--force", action="store_true", required=True)
+    release.add_argument("--redis-url", required=True)
+    release.add_argument("--prefix", default="keylock")
+    release.add_argument("--yes", action="store_true", help="do not ask for confirmation")
     return parser
+
+
+def _inspect(args: argparse.Namespace) -> int:
+    from ._inspect import inspect_directory, inspect_redis
+
+    held = list(
+        inspect_redis(args.redis_url, prefix=args.prefix)
+        if args.redis_url
+        else inspect_directory(args.dir)
+    )
+    print(f"{'key':40} {'token':>18} {'ttl s':>8} {'waiting':>7}  holder")
+    for lock in held:
+        ttl = "-" if lock.ttl is None else f"{lock.ttl:.1f}"
+        holder = f"pid {lock.holder_pid}" if lock.holder_pid else (lock.owner or "?")
+        print(f"{lock.key:40} {lock.token or '-':>18} {ttl:>8} {lock.waiting:>7}  {holder}")
+    print(f"{len(held)} held")
+    return 0
+
+
+def _release(args: argparse.Namespace) -> int:
+    from ._inspect import force_release_redis
+
+    if not args.yes:
+        answer = input(
+            f"Force-release {args.key!r}? Its holder keeps running unprotected "
+            "(its writes must be fenced). [y/N] "
+        )
+        if answer.strip().lower() not in ("y", "yes"):
+            print("not released")
+            return 1
+    released = force_release_redis(args.redis_url, args.key, prefix=args.prefix)
+    print("released" if released else f"{args.key!r} was not held")
+    return 0 if released else 1
 
 
 def _bench(args: argparse.Namespace) -> int:
@@ -65,6 +112,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     if args.command == "bench":
         return _bench(args)
+    if args.command == "inspect":
+        return _inspect(args)
+    if args.command == "release":
+        return _release(args)
     raise AssertionError(args.command)  # pragma: no cover
 
 

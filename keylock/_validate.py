@@ -6,11 +6,15 @@ import math
 
 from .errors import InvalidKey
 
-__all__ = ["MAX_KEY_LENGTH", "check_key", "check_timeout", "check_ttl"]
+__all__ = ["MAX_KEY_LENGTH", "MIN_TTL", "check_key", "check_timeout", "check_ttl"]
 
 #: Longest accepted key, in characters. Long enough for any id-based key, short enough that a
 #: key always fits a Redis key, a file name (after hashing) and a log line.
 MAX_KEY_LENGTH = 1024
+
+#: Shortest accepted lease TTL, in seconds: Redis counts in milliseconds, and a shorter lease
+#: would lapse before its holder could do anything under it.
+MIN_TTL = 0.001
 
 
 def check_key(key: object) -> str:
@@ -56,9 +60,9 @@ def check_ttl(ttl: object, key: str) -> float | None:
         return None
     if isinstance(ttl, bool) or not isinstance(ttl, int | float):
         raise TypeError(f"ttl for {key!r} must be a number of seconds or None, not {ttl!r}")
-    if not 0 < ttl < math.inf:  # catches NaN too
+    if not MIN_TTL <= ttl < math.inf:  # catches NaN too
         raise ValueError(
-            f"ttl for {key!r} is {ttl!r}: a lease TTL must be a positive, finite number of "
-            "seconds (or None for the backend's default)"
+            f"ttl for {key!r} is {ttl!r}: a lease TTL must be a finite number of seconds, at "
+            f"least {MIN_TTL} (or None for the backend's default)"
         )
     return float(ttl)

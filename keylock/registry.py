@@ -53,6 +53,7 @@ class KeyedLock:
         "_needs_owner",
         "_observer",
         "_on_lost",
+        "_plain_step",
         "_prefix",
         "_release_sync",
         "namespace",
@@ -79,6 +80,10 @@ class KeyedLock:
         # bound once: the step when it may run inline on an event loop, else None
         self._inline_step = backend._try_acquire if backend.nonblocking_step else None
         self._release_sync = backend.release_sync
+        # the commonest case, served by a shorter path: an in-process backend, no namespace,
+        # no owner ids, no default TTL (then a plain ``locks(key)`` needs only the step)
+        plain = backend.nonblocking_step and not backend.needs_owner and not namespace
+        self._plain_step = backend._try_acquire if plain and backend.default_ttl is None else None
         self._needs_owner = backend.needs_owner
         self._default_ttl = backend.default_ttl
         self.namespace = namespace
@@ -235,6 +240,23 @@ class _Hold(Lease):
             self._enter_once()
         locks = self._locks
         key = self.key
+        plain = locks._plain_step
+        if (
+            plain is not None
+            and self.ttl is None
+            and self._timeout is None
+            and type(key) is str
+            and 0 < len(key) <= MAX_KEY_LENGTH
+            and "\x00" not in key
+        ):
+            grant = plain(key, b"", None, None)
+            if grant is not None:  # uncontended: nothing else to resolve
+                self._full_key = key
+                self._owner = b""
+                self.token = grant[0]
+                self.expires_at = None
+                self._state = 0
+                return self
         if type(key) is not str or not 0 < len(key) <= MAX_KEY_LENGTH or "\x00" in key:
             key = self.key = check_key(key)
         timeout = self._timeout
@@ -266,6 +288,23 @@ class _Hold(Lease):
             self._enter_once()
         locks = self._locks
         key = self.key
+        plain = locks._plain_step
+        if (
+            plain is not None
+            and self.ttl is None
+            and self._timeout is None
+            and type(key) is str
+            and 0 < len(key) <= MAX_KEY_LENGTH
+            and "\x00" not in key
+        ):
+            grant = plain(key, b"", None, None)
+            if grant is not None:  # uncontended: nothing else to resolve
+                self._full_key = key
+                self._owner = b""
+                self.token = grant[0]
+                self.expires_at = None
+                self._state = 0
+                return self
         if type(key) is not str or not 0 < len(key) <= MAX_KEY_LENGTH or "\x00" in key:
             key = self.key = check_key(key)
         timeout = self._timeout

@@ -31,67 +31,105 @@ __all__ = ["RedisBackend"]
 
 logger = logging.getLogger("keylock")
 
-# KEYS[1] lock key, KEYS[2] fence (last token), KEYS[3] queue (zset owner -> arrival µs),
-# KEYS[4] queue liveness (hash owner -> deadline ms)
-# ARGV[1] owner id, ARGV[2] lease TTL ms, ARGV[3] fence TTL ms, ARGV[4] '1' to queue up if not
-# granted, ARGV[5] how long a queued waiter stays in line without coming back, ms
-# -> {1, token} granted; {0, holder's PTTL ms, or -2 when the key is free but promised to the
-# waiter at the head of the queue}.
-# Waiters queue FIFO across all clients: a free key goes to the head of the queue, so a
-# releasing client cannot barge back in ahead of waiters elsewhere. Dead waiters (not back
-# within ARGV[5]) leave the head of the line by themselves.
-# The token is max(last + 1, server clock in µs): it rises even when Redis lost the fence key
+# Every script gets the same four keys of one lock (one hash tag, so one Cluster slot):
+# KEYS[1] lock (value: owner id), KEYS[2] fence (last token), KEYS[3] queue (zset owner ->
+# arrival µs), KEYS[4] queue members (hash owner -> "<deadline ms> <lease TTL ms>").
+# Tokens are max(last + 1, server clock in µs): they rise even when Redis lost the fence key
 # (restart without persistence, failover to a lagging replica), because the clock has moved on
 # past every token it ever minted (at most one grant per µs of a single-threaded server).
-ACQUIRE = """
+# Waiters queue FIFO across all clients; a release hands the key straight to the live head of
+# the queue (no barging, no extra round trip) and publishes "<key>\\0<head><token>" so the
+# head's process can wake it; a waiter that does not come back in time leaves the line.
+_PRELUDE = """
 local now = redis.call('TIME')
 local clock = tonumber(now[1]) * 1000000 + tonumber(now[2])
 local now_ms = math.floor(clock / 1000)
-local head = redis.call('ZRANGE', KEYS[3], 0, 0)[1]
-while head do
-  if tonumber(redis.call('HGET', KEYS[4], head) or '0') > now_ms then break end
+local function live_head()
+  local head = redis.call('ZRANGE', KEYS[3], 0, 0)[1]
+  while head do
+    local entry = redis.call('HGET', KEYS[4], head)
+    if entry and tonumber(string.match(entry, '^(%d+)')) > now_ms then return head, entry end
+    redis.call('ZREM', KEYS[3], head)
+    redis.call('HDEL', KEYS[4], head)
+    head = redis.call('ZRANGE', KEYS[3], 0, 0)[1]
+  end
+  return nil, nil
+end
+local function mint(ttl_ms)
+  local last = tonumber(redis.call('GET', KEYS[2]) or '0')
+  local token = string.format('%.0f', math.max(last + 1, clock))
+  redis.call('SET', KEYS[2], token, 'PX', tonumber(ttl_ms) + 120000)
+  return token
+end
+local function hand_off(channel, key)
+  local head, entry = live_head()
+  if not head then
+    redis.call('PUBLISH', channel, key .. '\\0')
+    return
+  end
+  local ttl_ms = string.match(entry, ' (%d+)$')
+  redis.call('SET', KEYS[1], head, 'PX', ttl_ms)
+  local token = mint(ttl_ms)
   redis.call('ZREM', KEYS[3], head)
   redis.call('HDEL', KEYS[4], head)
-  head = redis.call('ZRANGE', KEYS[3], 0, 0)[1]
+  redis.call('PUBLISH', channel, key .. '\\0' .. head .. token)
 end
+"""
+
+# ARGV[1] owner, ARGV[2] lease TTL ms, ARGV[3] '1' to queue up if not granted, ARGV[4] how long
+# a queued waiter stays in line without coming back (ms)
+# -> {1, token, TTL ms left} granted (now, or earlier by a hand-off); {0, holder's PTTL ms, or
+# -2 when the key is free but promised to the head of the queue}
+ACQUIRE = (
+    _PRELUDE
+    + """
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+  return {1, redis.call('GET', KEYS[2]) or '0', redis.call('PTTL', KEYS[1])}
+end
+local head = live_head()
 if (not head or head == ARGV[1])
     and redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then
   if head then
     redis.call('ZREM', KEYS[3], head)
     redis.call('HDEL', KEYS[4], head)
   end
-  local last = tonumber(redis.call('GET', KEYS[2]) or '0')
-  local token = math.max(last + 1, clock)
-  redis.call('SET', KEYS[2], string.format('%.0f', token), 'PX', ARGV[3])
-  return {1, string.format('%.0f', token)}
+  return {1, mint(ARGV[2]), tonumber(ARGV[2])}
 end
-if ARGV[4] == '1' then
+if ARGV[3] == '1' then
   redis.call('ZADD', KEYS[3], 'NX', clock, ARGV[1])
-  redis.call('HSET', KEYS[4], ARGV[1], now_ms + tonumber(ARGV[5]))
-  redis.call('PEXPIRE', KEYS[3], tonumber(ARGV[5]) * 2)
-  redis.call('PEXPIRE', KEYS[4], tonumber(ARGV[5]) * 2)
+  redis.call('HSET', KEYS[4], ARGV[1], (now_ms + tonumber(ARGV[4])) .. ' ' .. ARGV[2])
+  redis.call('PEXPIRE', KEYS[3], tonumber(ARGV[4]) * 2)
+  redis.call('PEXPIRE', KEYS[4], tonumber(ARGV[4]) * 2)
 end
 return {0, redis.call('PTTL', KEYS[1])}
 """
+)
 
-# KEYS[1] lock key, KEYS[2] queue; ARGV[1] owner id, ARGV[2] channel, ARGV[3] key
-# -> 1 released (the waiter at the head of the queue is told, by owner id), 0 not ours
-RELEASE = """
-if redis.call('GET', KEYS[1]) == ARGV[1] then
-  redis.call('DEL', KEYS[1])
-  local head = redis.call('ZRANGE', KEYS[2], 0, 0)[1] or ''
-  redis.call('PUBLISH', ARGV[2], ARGV[3] .. '\\0' .. head)
-  return 1
-end
-return 0
-"""
-
-# KEYS[1] queue, KEYS[2] queue liveness; ARGV[1] owner: leave the line (timeout, cancel)
-LEAVE = """
-redis.call('ZREM', KEYS[1], ARGV[1])
-redis.call('HDEL', KEYS[2], ARGV[1])
+# ARGV[1] owner, ARGV[2] channel, ARGV[3] key -> 1 released (and handed on), 0 not ours
+RELEASE = (
+    _PRELUDE
+    + """
+if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
+redis.call('DEL', KEYS[1])
+hand_off(ARGV[2], ARGV[3])
 return 1
 """
+)
+
+# ARGV[1] owner, ARGV[2] channel, ARGV[3] key: leave the line (timeout, cancel); a hand-off
+# that raced the departure is passed on to the next in line
+LEAVE = (
+    _PRELUDE
+    + """
+redis.call('ZREM', KEYS[3], ARGV[1])
+redis.call('HDEL', KEYS[4], ARGV[1])
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+  redis.call('DEL', KEYS[1])
+  hand_off(ARGV[2], ARGV[3])
+end
+return 1
+"""
+)
 
 # KEYS[1] lock key, KEYS[2] fence key; ARGV[1] owner id, ARGV[2] TTL ms, ARGV[3] fence TTL ms
 # -> 1 extended, 0 not ours any more
@@ -269,12 +307,10 @@ class RedisBackend(Backend):
                 return await client.eval(_TEXT[script], len(keys), *keys, *args)
 
     def _release_keys(self, key: str) -> list[str]:
-        lock, _, queue, _ = self._keys(key)
-        return [lock, queue]
+        return self._keys(key)
 
     def _leave_args(self, key: str, owner: bytes) -> tuple[list[str], list[_Arg]]:
-        _, _, queue, alive = self._keys(key)
-        return [queue, alive], [owner]
+        return self._keys(key), [owner, self._channel, key]
 
     # --------------------------------------------------------------------- the step, twice
 
@@ -283,7 +319,7 @@ class RedisBackend(Backend):
     ) -> tuple[list[str], list[_Arg]]:
         ms = max(int(ttl * 1000), 1)
         stay = int(self.poll * 3000) + 1000  # a queued waiter comes back at least every poll
-        return self._keys(key), [owner, ms, ms + _FENCE_SLACK_MS, "1" if waiting else "0", stay]
+        return self._keys(key), [owner, ms, "1" if waiting else "0", stay]
 
     def _parse_acquire(
         self,
@@ -295,13 +331,10 @@ class RedisBackend(Backend):
         sent_at: float,
         waiter: Waiter | None,
     ) -> Grant | None:
-        granted, value = cast("list[int | bytes]", reply)
+        granted, value, *rest = cast("list[int | bytes]", reply)
         if int(granted):
-            token = int(value)
-            with self._mutex:
-                self._held[key] = _Held(token, owner, local[0])
             # expiry as seen from here: counted from before the request, so never late
-            return Grant(token, sent_at + ttl)
+            return self._adopt(key, owner, local, Grant(int(value), sent_at + int(rest[0]) / 1000))
         if waiter is not None:
             pttl = int(value)
             wake = self.poll if pttl < 0 else min(pttl / 1000 + 0.001, self.poll)
@@ -310,6 +343,12 @@ class RedisBackend(Backend):
                 wake = min(wake, 0.01)  # a release message could be missed: look again soon
             waiter.retry_at = time.monotonic() + wake
         return None
+
+    def _adopt(self, key: str, owner: bytes, local: Grant, grant: Grant) -> Grant:
+        """Record a lease granted on Redis (by our script, or handed to us at a release)."""
+        with self._mutex:
+            self._held[key] = _Held(grant[0], owner, local[0])
+        return grant
 
     def _try_redis_sync(
         self, key: str, owner: bytes, ttl: float, local: Grant, waiter: Waiter | None
@@ -335,16 +374,12 @@ class RedisBackend(Backend):
         return self._parse_acquire(key, owner, ttl, local, reply, sent_at, waiter)
 
     def _give_back(self, call: asyncio.Future[object], key: str, owner: bytes) -> None:
-        """After a cancelled acquire: release the lease the script granted anyway, if it did."""
+        """After a cancelled acquire whose script still ran: leave the queue it may have put
+        us in, and give back (hand on) a lease it may have granted."""
         if call.cancelled() or call.exception() is not None:
             return
-        granted, _ = cast("list[int | bytes]", call.result())
-        if not int(granted):
-            return
-        release = self._run_async(
-            "release", key, self._release_keys(key), [owner, self._channel, key]
-        )
-        task = asyncio.ensure_future(release)
+        keys, args = self._leave_args(key, owner)
+        task = asyncio.ensure_future(self._run_async("leave", key, keys, args))
         _background.add(task)
         task.add_done_callback(_forget)
 
@@ -370,12 +405,13 @@ class RedisBackend(Backend):
 
     # ---------------------------------------------------------------------- waiting, twice
 
-    def _watch(self, key: str, waiter: Waiter) -> None:
-        """Have *waiter* woken when *key* is released anywhere (pub/sub)."""
+    def _watch(self, key: str, waiter: Waiter) -> _Listener:
+        """Have *waiter* woken when *key* is released anywhere (pub/sub); returns the listener."""
         with self._mutex:
             self._waiters.setdefault(key, set()).add(waiter)
             if self._listener is None:
                 self._listener = _Listener(self)
+            return self._listener
 
     def _unwatch(self, key: str, waiter: Waiter) -> None:
         with self._mutex:
@@ -385,13 +421,20 @@ class RedisBackend(Backend):
                 if not waiters:
                     del self._waiters[key]
 
-    def _released(self, key: str, head: bytes) -> None:
-        """Called by the listener thread for each release message: wake the waiter at the head
-        of the queue if it is ours (everyone, when nobody was queued)."""
+    def _released(self, key: str, head: bytes, token: bytes) -> None:
+        """Called by the listener thread for each release: a grant to the head of the queue
+        goes to its waiter if it is ours; with nobody queued, every waiter looks again."""
         with self._mutex:
             waiters = list(self._waiters.get(key, ()))
         for waiter in waiters:
-            if not head or waiter.owner == head:
+            if not head:
+                waiter.wake()
+            elif waiter.owner == head:
+                if token.isdigit() and waiter.grant is None:
+                    ttl = waiter.ttl or self._ttl
+                    # granted just before the message left: a margin keeps the expiry early
+                    margin = max(0.05, ttl * 0.01)
+                    waiter.grant = Grant(int(token), time.time() + ttl - margin)
                 waiter.wake()
 
     # Two phases, as in FileBackend: this backend's own FIFO queue (the memory backend's
@@ -406,20 +449,27 @@ class RedisBackend(Backend):
         local = self._local._try_acquire(key, owner, self._local_ttl(lease_ttl), None) or (
             await self._local.acquire(key, owner, timeout=timeout, ttl=self._local_ttl(lease_ttl))
         )
-        waiter: LoopWaiter | None = None
+        # A caller that may wait joins the Redis queue in its very first round trip, and is
+        # watched for a hand-off before that trip, so no release message can slip past it.
+        waiter = None if timeout == 0 else LoopWaiter(owner, lease_ttl)
         try:
-            grant = await self._try_redis_async(key, owner, lease_ttl, local, None)
-            if grant is not None:
-                return grant
-            if timeout == 0:
-                raise _timeout(key, timeout)
-            waiter = LoopWaiter(owner, lease_ttl)
-            self._watch(key, waiter)
+            if waiter is not None:
+                listener = self._watch(key, waiter)
+                for _ in range(1000):  # a new listener: let it subscribe before we queue up
+                    if listener.subscribed.is_set():
+                        break
+                    await asyncio.sleep(0.001)
             while True:
-                waiter.prepare()
+                if waiter is not None:
+                    waiter.prepare()
+                    handed = waiter.grant  # the key was handed to us at a release
+                    if handed is not None:
+                        return self._adopt(key, owner, local, handed)
                 grant = await self._try_redis_async(key, owner, lease_ttl, local, waiter)
                 if grant is not None:
                     return grant
+                if waiter is None:
+                    raise _timeout(key, timeout)
                 await waiter.wait(_until(waiter, deadline, key, timeout))
         except BaseException:
             self._local._discard_sync(key, owner, local)
@@ -440,20 +490,21 @@ class RedisBackend(Backend):
         local = self._local._try_acquire(key, owner, self._local_ttl(lease_ttl), None) or (
             self._local.acquire_sync(key, owner, timeout=timeout, ttl=self._local_ttl(lease_ttl))
         )
-        waiter: ThreadWaiter | None = None
+        waiter = None if timeout == 0 else ThreadWaiter(owner, lease_ttl)
         try:
-            grant = self._try_redis_sync(key, owner, lease_ttl, local, None)
-            if grant is not None:
-                return grant
-            if timeout == 0:
-                raise _timeout(key, timeout)
-            waiter = ThreadWaiter(owner, lease_ttl)
-            self._watch(key, waiter)
+            if waiter is not None:
+                self._watch(key, waiter).subscribed.wait(1.0)
             while True:
-                waiter.prepare()
+                if waiter is not None:
+                    waiter.prepare()
+                    handed = waiter.grant
+                    if handed is not None:
+                        return self._adopt(key, owner, local, handed)
                 grant = self._try_redis_sync(key, owner, lease_ttl, local, waiter)
                 if grant is not None:
                     return grant
+                if waiter is None:
+                    raise _timeout(key, timeout)
                 waiter.wait(_until(waiter, deadline, key, timeout))
         except BaseException:
             self._local._discard_sync(key, owner, local)
@@ -661,6 +712,7 @@ class _Listener:
         self._channel = backend._channel
         self.subscribed = threading.Event()
         self._stop = threading.Event()
+        self._pubsub: redis.client.PubSub | None = None
         self._thread = threading.Thread(
             target=self._run, name="keylock-redis-listener", daemon=True
         )
@@ -669,6 +721,7 @@ class _Listener:
     def _run(self) -> None:
         while not self._stop.is_set():
             pubsub = self._client.pubsub(ignore_subscribe_messages=True)  # type: ignore[no-untyped-call]
+            self._pubsub = pubsub
             try:
                 pubsub.subscribe(self._channel)
                 while not self._stop.is_set():
@@ -683,8 +736,9 @@ class _Listener:
                         return
                     data = message.get("data")
                     if isinstance(data, bytes):
-                        key, _, head = data.partition(b"\0")  # keys never contain NUL
-                        backend._released(key.decode("utf-8", "surrogatepass"), head)
+                        key, _, rest = data.partition(b"\0")  # keys never contain NUL
+                        head, token = rest[:16], rest[16:]  # owner ids are 16 bytes
+                        backend._released(key.decode("utf-8", "surrogatepass"), head, token)
             except Exception as exc:
                 self.subscribed.clear()
                 if self._stop.is_set():
@@ -697,6 +751,11 @@ class _Listener:
 
     def stop(self) -> None:
         self._stop.set()
+        # disconnecting wakes the thread from its blocking read (redis-py types it as None)
+        disconnect = getattr(getattr(self._pubsub, "connection", None), "disconnect", None)
+        if disconnect is not None:
+            with contextlib.suppress(Exception):
+                disconnect()
         if self._thread is not threading.current_thread():
             self._thread.join(2)
 

@@ -63,10 +63,7 @@ local function mint(ttl_ms)
 end
 local function hand_off(channel, key)
   local head, entry = live_head()
-  if not head then
-    redis.call('PUBLISH', channel, key .. '\\0')
-    return
-  end
+  if not head then return end  -- nobody in line: waiters queue in their first trip
   local ttl_ms = string.match(entry, ' (%d+)$')
   redis.call('SET', KEYS[1], head, 'PX', ttl_ms)
   local token = mint(ttl_ms)

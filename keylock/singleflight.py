@@ -44,17 +44,40 @@ class _SyncFlight:
 
 
 def _own_copy(exc: BaseException) -> BaseException:
-    """An instance-equivalent of *exc* for one caller, so callers never share a traceback."""
+    """An instance-equivalent of *exc* for one caller, so callers never share a traceback.
+
+    Same type, ``args``, message and attributes. ``copy.copy`` calls ``cls(*exc.args)``, which
+    fails or changes the message when ``__init__`` takes other arguments than it stores in
+    ``args`` (``E(code)`` storing ``f"code {code}"``): then the clone skips ``__init__``.
+    """
+    cls = type(exc)
     try:
         clone = copy.copy(exc)
-    except Exception:  # an exception type that cannot be rebuilt: share the original
-        return exc
-    if type(clone) is not type(exc):
-        return exc
+    except Exception:
+        clone = None
+    if clone is None or type(clone) is not cls or not _same(clone, exc):
+        try:
+            clone = cls.__new__(cls, *exc.args)
+            clone.args = exc.args
+            clone.__dict__.update(vars(exc))
+        except Exception:
+            clone = None
+        if clone is None or type(clone) is not cls or not _same(clone, exc):
+            return exc  # cannot be rebuilt faithfully: share the original
     clone.__cause__ = exc.__cause__
     clone.__context__ = exc.__context__
     clone.__suppress_context__ = exc.__suppress_context__
+    notes = getattr(exc, "__notes__", None)
+    if isinstance(notes, list):  # a note one caller adds must not show up in the others'
+        clone.__notes__ = list(notes)
     return clone.with_traceback(exc.__traceback__)
+
+
+def _same(clone: BaseException, exc: BaseException) -> bool:
+    try:
+        return clone.args == exc.args and str(clone) == str(exc)
+    except Exception:
+        return False
 
 
 class SingleFlight:

@@ -1,98 +1,178 @@
-"""SingleFlight: one execution per key for concurrent callers; cancellation and errors."""
+"""SingleFlight: concurrent callers of one key share one execution; cancellation and errors.
+
+Every wait below is on an event or a gate the test opens itself, never on a sleep that has to
+be "long enough".
+"""
 
 from __future__ import annotations
 
 import asyncio
 import threading
-import time
 
 import pytest
 
+import keylock
 from keylock import InvalidKey, SingleFlight
+
+
+async def _spin(rounds: int = 5) -> None:
+    """Let every ready task run a few steps."""
+    for _ in range(rounds):
+        await asyncio.sleep(0)
+
+
+class Work:
+    """A coroutine function that counts its runs and waits for ``gate`` before returning."""
+
+    def __init__(self, result: object = "done") -> None:
+        self.gate = asyncio.Event()
+        self.started = 0
+        self.cancelled = 0
+        self.result = result
+
+    async def __call__(self) -> object:
+        self.started += 1
+        try:
+            await self.gate.wait()
+        except asyncio.CancelledError:
+            self.cancelled += 1
+            raise
+        return self.result
 
 
 async def test_concurrent_callers_share_one_execution() -> None:
     flight = SingleFlight()
     runs = 0
 
-    async def fetch(user: int) -> dict[str, int]:
+    async def fetch(user: int, *, field: str) -> dict[str, object]:
         nonlocal runs
         runs += 1
-        await asyncio.sleep(0.01)
-        return {"id": user}
+        await _spin()
+        return {"id": user, field: True}
 
-    results = await asyncio.gather(*(flight.do("user:1", fetch, 1) for _ in range(50)))
+    results = await asyncio.gather(*(flight.do("user:1", fetch, 1, field="x") for _ in range(50)))
     assert runs == 1
-    assert results == [{"id": 1}] * 50
+    assert results == [{"id": 1, "x": True}] * 50
     assert len(flight) == 0
+
+
+async def test_distinct_keys_run_separately() -> None:
+    flight = SingleFlight()
+    runs: list[str] = []
+
+    async def fetch(key: str) -> str:
+        runs.append(key)
+        await _spin()
+        return key
+
+    results = await asyncio.gather(*(flight.do(k, fetch, k) for k in ["a", "b", "a", "b"]))
+    assert results == ["a", "b", "a", "b"]
+    assert sorted(runs) == ["a", "b"]
 
 
 async def test_leader_cancelled_while_a_hundred_followers_wait() -> None:
     flight = SingleFlight()
-    runs = 0
-
-    async def work() -> str:
-        nonlocal runs
-        runs += 1
-        await asyncio.sleep(0.05)
-        return "done"
-
+    work = Work()
     leader = asyncio.create_task(flight.do("k", work))
-    await asyncio.sleep(0)
+    await _spin()
     followers = [asyncio.create_task(flight.do("k", work)) for _ in range(100)]
-    await asyncio.sleep(0.01)
+    await _spin()
+    assert work.started == 1
     leader.cancel()
-    results = await asyncio.gather(*followers)
-    assert results == ["done"] * 100
+    await _spin()
     assert leader.cancelled()
-    assert runs == 1
+    assert len(flight) == 1  # the work goes on for the followers
+    work.gate.set()
+    assert await asyncio.gather(*followers) == ["done"] * 100
+    assert (work.started, work.cancelled) == (1, 0)
+    assert len(flight) == 0
 
 
 async def test_everyone_cancelled_cancels_the_work_then_a_newcomer_runs_fresh() -> None:
     flight = SingleFlight()
-    started = 0
-    saw_cancel = 0
-
-    async def work() -> int:
-        nonlocal started, saw_cancel
-        started += 1
-        try:
-            await asyncio.sleep(10)
-        except asyncio.CancelledError:
-            saw_cancel += 1
-            raise
-        return started
-
+    work = Work()
     callers = [asyncio.create_task(flight.do("k", work)) for _ in range(10)]
-    await asyncio.sleep(0.01)
-    for caller in callers:
+    await _spin()
+    assert work.started == 1
+    for caller in callers[:-1]:
         caller.cancel()
-    await asyncio.gather(*callers, return_exceptions=True)
-    await asyncio.sleep(0)
-    assert saw_cancel == 1
+    await _spin()
+    assert work.cancelled == 0  # one caller is left: the work goes on
+    callers[-1].cancel()
+    results = await asyncio.gather(*callers, return_exceptions=True)
+    assert all(isinstance(r, asyncio.CancelledError) for r in results)
+    await _spin()
+    assert work.cancelled == 1  # the work itself saw the cancellation
     assert len(flight) == 0
 
-    async def quick() -> str:
-        return "fresh"
+    newcomer = asyncio.create_task(flight.do("k", work))
+    await _spin()
+    assert work.started == 2  # a fresh run, not the cancelled one
+    work.gate.set()
+    assert await newcomer == "done"
+    assert len(flight) == 0
 
-    assert await flight.do("k", quick) == "fresh"
 
-
-async def test_leader_error_reaches_fifty_followers_each_its_own_copy() -> None:
+async def test_leader_error_reaches_fifty_followers_each_its_own_instance() -> None:
     flight = SingleFlight()
+    runs = 0
 
-    class Boom(Exception):
+    class BackendDown(Exception):
         pass
 
     async def work() -> None:
-        await asyncio.sleep(0.01)
-        raise Boom("backend down")
+        nonlocal runs
+        runs += 1
+        await _spin()
+        raise BackendDown("backend down for user:1")
 
     results = await asyncio.gather(
         *(flight.do("k", work) for _ in range(51)), return_exceptions=True
     )
-    assert all(isinstance(r, Boom) and str(r) == "backend down" for r in results)
+    assert runs == 1
+    assert all(type(r) is BackendDown for r in results)
+    assert {str(r) for r in results} == {"backend down for user:1"}
     assert len({id(r) for r in results}) == 51  # distinct instances: no shared traceback
+    assert len(flight) == 0
+
+
+class CodedError(Exception):
+    """``__init__`` takes other arguments than it stores in ``args``."""
+
+    def __init__(self, code: int) -> None:
+        super().__init__(f"error code {code}")
+        self.code = code
+
+
+class KeywordError(Exception):
+    """``__init__`` needs a keyword ``args`` does not carry."""
+
+    def __init__(self, message: str, *, status: int) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+@pytest.mark.parametrize(
+    "error",
+    [CodedError(503), KeywordError("throttled", status=429), keylock.LockTimeout("t", key="k")],
+    ids=["args-rewriting-init", "keyword-only-init", "keylock-error"],
+)
+async def test_followers_get_faithful_copies_of_awkward_exceptions(error: Exception) -> None:
+    flight = SingleFlight()
+
+    async def work() -> None:
+        await _spin()
+        raise error
+
+    results = await asyncio.gather(
+        *(flight.do("k", work) for _ in range(5)), return_exceptions=True
+    )
+    assert all(type(r) is type(error) for r in results)
+    assert {str(r) for r in results} == {str(error)}
+    assert all(vars(r) == vars(error) for r in results)
+    assert len({id(r) for r in results}) == 5
+    results[0].add_note("seen by caller 0")
+    assert not getattr(results[1], "__notes__", None)
 
 
 async def test_nothing_is_cached_after_completion() -> None:
@@ -106,82 +186,109 @@ async def test_nothing_is_cached_after_completion() -> None:
 
     assert await flight.do("k", work) == 1
     assert await flight.do("k", work) == 2
+    assert len(flight) == 0
 
 
-async def test_forget_starts_a_fresh_run_for_newcomers() -> None:
+async def test_forget_lets_newcomers_start_a_fresh_run() -> None:
     flight = SingleFlight()
-    gate = asyncio.Event()
-    runs = 0
-
-    async def work() -> int:
-        nonlocal runs
-        runs += 1
-        mine = runs
-        await gate.wait()
-        return mine
-
-    first = asyncio.create_task(flight.do("k", work))
-    await asyncio.sleep(0)
+    first_work, second_work = Work("first"), Work("second")
+    first = asyncio.create_task(flight.do("k", first_work))
+    await _spin()
     flight.forget("k")
-    second = asyncio.create_task(flight.do("k", work))
-    await asyncio.sleep(0)
-    gate.set()
-    assert (await first, await second) == (1, 2)
+    second = asyncio.create_task(flight.do("k", second_work))
+    joined = asyncio.create_task(flight.do("k", first_work))  # joins the second run
+    await _spin()
+    assert (first_work.started, second_work.started) == (1, 1)
+    first_work.gate.set()
+    second_work.gate.set()
+    assert await asyncio.gather(first, second, joined) == ["first", "second", "second"]
+    assert len(flight) == 0
+
+
+def _in_threads(count: int, target: object) -> None:
+    barrier = threading.Barrier(count)
+
+    def run() -> None:
+        barrier.wait()
+        target()  # type: ignore[operator]
+
+    threads = [threading.Thread(target=run) for _ in range(count)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(30)
+    assert not any(thread.is_alive() for thread in threads)
+
+
+class _Joined(keylock.Observer):
+    """Sets ``event`` once *count* callers have joined a run in flight."""
+
+    def __init__(self, count: int) -> None:
+        self.count = count
+        self.event = threading.Event()
+        self._mutex = threading.Lock()
+
+    def coalesced(self, prefix: str) -> None:
+        with self._mutex:
+            self.count -= 1
+            if self.count == 0:
+                self.event.set()
 
 
 def test_do_sync_shares_one_execution_across_threads() -> None:
-    flight = SingleFlight()
+    joined = _Joined(7)
+    flight = SingleFlight(observer=joined)
     runs = 0
-    barrier = threading.Barrier(8)
     results: list[object] = []
 
-    def work() -> str:
+    def work(value: str) -> str:
         nonlocal runs
         runs += 1
-        time.sleep(0.05)
-        return "v"
+        assert joined.event.wait(10)  # every other thread joined this run
+        return value
 
-    def call() -> None:
-        barrier.wait()
-        results.append(flight.do_sync("k", work))
-
-    threads = [threading.Thread(target=call) for _ in range(8)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(10)
+    _in_threads(8, lambda: results.append(flight.do_sync("k", work, "v")))
     assert runs == 1
     assert results == ["v"] * 8
+    assert len(flight) == 0
 
 
 def test_do_sync_errors_reach_every_thread() -> None:
-    flight = SingleFlight()
-    barrier = threading.Barrier(4)
+    joined = _Joined(5)
+    flight = SingleFlight(observer=joined)
+    runs = 0
     errors: list[BaseException] = []
 
     def work() -> None:
-        time.sleep(0.05)
-        raise ValueError("nope")
+        nonlocal runs
+        runs += 1
+        assert joined.event.wait(10)
+        raise CodedError(7)
 
     def call() -> None:
-        barrier.wait()
         try:
             flight.do_sync("k", work)
-        except ValueError as exc:
+        except CodedError as exc:
             errors.append(exc)
 
-    threads = [threading.Thread(target=call) for _ in range(4)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(10)
-    assert len(errors) == 4
-    assert len({id(e) for e in errors}) == 4
+    _in_threads(6, call)
+    assert runs == 1
+    assert len(errors) == 6
+    assert {str(e) for e in errors} == {"error code 7"}
+    assert len({id(e) for e in errors}) == 6
+    assert len(flight) == 0
+    assert flight.do_sync("k", lambda: "again") == "again"  # nothing cached, errors neither
 
 
-async def test_invalid_key() -> None:
-    async def work() -> None:
-        return None
-
+@pytest.mark.parametrize("key", ["", "x" * (keylock.MAX_KEY_LENGTH + 1), "a\x00b", 7, None])
+async def test_invalid_key(key: object) -> None:
+    flight = SingleFlight()
+    work = Work()
     with pytest.raises(InvalidKey):
-        await SingleFlight().do("", work)
+        await flight.do(key, work)  # type: ignore[arg-type]
+    with pytest.raises(InvalidKey):
+        flight.do_sync(key, lambda: None)  # type: ignore[arg-type]
+    with pytest.raises(InvalidKey):
+        flight.forget(key)  # type: ignore[arg-type]
+    assert work.started == 0
+    assert len(flight) == 0

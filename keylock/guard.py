@@ -76,11 +76,15 @@ class _Completions:
         with self._mutex:
             return self._keys[key][1] > arrived
 
-    def leave(self, key: str, *, completed: bool) -> None:
+    def complete(self, key: str) -> None:
+        """Record a successful call; the caller still holds the key's lock, so the next holder
+        (woken by the release, maybe in another thread) is sure to see it."""
+        with self._mutex:
+            self._keys[key][1] = next(self._seq)
+
+    def leave(self, key: str) -> None:
         with self._mutex:
             state = self._keys[key]
-            if completed:
-                state[1] = next(self._seq)
             state[0] -= 1
             if state[0] == 0:
                 del self._keys[key]
@@ -134,16 +138,15 @@ def stale_guard(
                             return dropped(k, f"snapshot changed from {before!r} to {after!r}")
                         return await afn(*args, **kwargs)
                 arrived = completions.arrive(k)
-                completed = False
                 try:
                     async with locks(k, timeout=timeout, ttl=ttl):
                         if completions.superseded(k, arrived):
                             return dropped(k, "another call completed after this one arrived")
                         result = await afn(*args, **kwargs)
-                        completed = True
+                        completions.complete(k)  # before the release: see complete()
                         return result
                 finally:
-                    completions.leave(k, completed=completed)
+                    completions.leave(k)
 
             return aguarded  # type: ignore[return-value]
 
@@ -158,16 +161,15 @@ def stale_guard(
                         return dropped(k, f"snapshot changed from {before!r} to {after!r}")
                     return fn(*args, **kwargs)
             arrived = completions.arrive(k)
-            completed = False
             try:
                 with locks.sync(k, timeout=timeout, ttl=ttl):
                     if completions.superseded(k, arrived):
                         return dropped(k, "another call completed after this one arrived")
                     result = fn(*args, **kwargs)
-                    completed = True
+                    completions.complete(k)  # before the release: see complete()
                     return result
             finally:
-                completions.leave(k, completed=completed)
+                completions.leave(k)
 
         return guarded
 

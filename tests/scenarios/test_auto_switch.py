@@ -1,9 +1,19 @@
-"""Incident 3, the auto-switch cascade: five failure handlers for one agent fire at once; each
-reads the current subscription, awaits I/O, picks an alternative and restarts the agent.
+"""Incident 3, the auto-switch cascade.
 
-Without keylock every handler switches: with three alternatives the agent is restarted five
-times and hops A -> B -> C -> ... (the naive run below shows it). With ``stale_guard`` exactly one
-switch happens and the rest are dropped as superseded.
+An agent runs on subscription A and has three alternatives (B, C, D). When its subscription
+fails, five failure handlers fire for the same agent at once. Each reads the agent's current
+subscription, awaits (a health check: simulated I/O), picks the next alternative and restarts
+the agent on it.
+
+How it fails without keylock: every handler reads A before any of them writes, so all five
+restart the agent (five restarts for one failure: ``["B"] * 5``). A per-agent lock alone does
+not fix it: the handlers then run one after another, each reads the subscription the previous
+one just switched to, takes it for the failed one and switches again: the cascade
+A -> B -> C -> D -> A -> B. ``stale_guard`` fixes both: the snapshot taken at entry (A) no
+longer matches under the lock (B), so four handlers are dropped and exactly one switch happens.
+The naive and lock-only runs below use the same handler and the same harness, and are asserted
+to go wrong; the interleaving is forced by the event loop's FIFO scheduling (every handler
+yields between its read and its write) or, for threads, by a barrier.
 """
 
 from __future__ import annotations
@@ -11,104 +21,205 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
+from collections.abc import Awaitable, Callable
 
-import pytest
+from keylock import SUPERSEDED, KeyedLock, Lease, Superseded, stale_guard
 
-from keylock import SUPERSEDED, KeyedLock, Superseded, stale_guard
+SUBSCRIPTIONS = ["A", "B", "C", "D"]  # the current one and three alternatives
+HANDLERS = 5
+AGENT = 42
 
 
-class Agent:
+def next_alternative(current: str) -> str:
+    return SUBSCRIPTIONS[(SUBSCRIPTIONS.index(current) + 1) % len(SUBSCRIPTIONS)]
+
+
+class Fleet:
+    """The agents' store; every access is a round trip (a yield to the event loop)."""
+
     def __init__(self) -> None:
-        self.subscription = "A"
-        self.alternatives = ["A", "B", "C"]
-        self.restarts: list[str] = []
+        self.subscription = {AGENT: "A"}
+        self.restarts: list[str] = []  # the side effect that must happen once per failure
 
-    def current(self, agent_id: int, failed: str) -> str:
-        return self.subscription
+    async def read(self, agent_id: int) -> str:
+        await asyncio.sleep(0)
+        return self.subscription[agent_id]
 
-    async def switch(self, agent_id: int, failed: str) -> str:
-        current = self.subscription  # read
-        await asyncio.sleep(0.01)  # decide, with I/O in the middle
-        choice = next(s for s in self.alternatives if s != current)
-        self.alternatives.remove(current)
-        self.alternatives.append(current)
-        self.subscription = choice  # write
-        self.restarts.append(choice)
+    async def restart(self, agent_id: int, subscription: str) -> None:
+        await asyncio.sleep(0)
+        self.subscription[agent_id] = subscription
+        self.restarts.append(subscription)
+
+    # the same two operations for threads
+    def read_sync(self, agent_id: int) -> str:
+        return self.subscription[agent_id]
+
+    def restart_sync(self, agent_id: int, subscription: str) -> None:
+        self.subscription[agent_id] = subscription
+        self.restarts.append(subscription)
+
+
+def make_handler(fleet: Fleet) -> Callable[[int, str], Awaitable[str]]:
+    """The failure handler as written by hand: read -> await -> decide -> restart."""
+
+    async def on_failure(agent_id: int, failed: str) -> str:
+        current = await fleet.read(agent_id)
+        for _ in range(3):  # health checks of the alternatives
+            await asyncio.sleep(0)
+        choice = next_alternative(current)
+        await fleet.restart(agent_id, choice)
         return choice
 
-
-async def test_naive_handlers_cascade() -> None:
-    agent = Agent()
-    await asyncio.gather(*(agent.switch(42, "A") for _ in range(5)))
-    assert len(agent.restarts) == 5  # the bug: five restarts for one failure
+    return on_failure
 
 
-async def test_stale_guard_switches_exactly_once() -> None:
-    agent = Agent()
+async def burst(handler: Callable[[int, str], Awaitable[object]]) -> list[object]:
+    """The harness: five concurrent failure events for one agent whose subscription A failed."""
+    return await asyncio.gather(*(handler(AGENT, "A") for _ in range(HANDLERS)))
+
+
+def agent_key(agent_id: int, failed: str) -> str:
+    return f"agent:{agent_id}"
+
+
+# ------------------------------------------------------------------------ without keylock
+
+
+async def test_naive_handlers_all_restart_the_agent() -> None:
+    fleet = Fleet()
+    await burst(make_handler(fleet))
+    assert fleet.restarts == ["B"] * HANDLERS  # the bug: five restarts for one failure
+
+
+async def test_a_lock_alone_cascades() -> None:
+    fleet = Fleet()
     locks = KeyedLock()
-    handler = stale_guard(
-        locks, key=lambda agent_id, failed: f"agent:{agent_id}", snapshot=agent.current
-    )(agent.switch)
-    results = await asyncio.gather(*(handler(42, "A") for _ in range(5)))
-    assert agent.restarts == ["B"]
-    assert results.count(SUPERSEDED) == 4
-    assert agent.subscription == "B"
+    handler = locks.locked(key=agent_key)(make_handler(fleet))
+    await burst(handler)
+    assert fleet.restarts == ["B", "C", "D", "A", "B"]  # the cascade A -> B -> C -> ...
 
 
-async def test_burst_without_snapshot_is_handled_once() -> None:
-    agent = Agent()
-    locks = KeyedLock()
-    handler = stale_guard(locks, key=lambda agent_id, failed: f"agent:{agent_id}")(agent.switch)
-    results = await asyncio.gather(*(handler(42, "A") for _ in range(5)))
-    assert len(agent.restarts) == 1
-    assert results.count(SUPERSEDED) == 4
-    # a failure arriving after the burst was handled is a new failure: it runs
-    assert await handler(42, "B") != SUPERSEDED
-    assert len(agent.restarts) == 2
+# --------------------------------------------------------------------------- with keylock
 
 
-async def test_on_stale_raise() -> None:
-    agent = Agent()
+async def test_stale_guard_with_a_snapshot_switches_exactly_once() -> None:
+    fleet = Fleet()
     locks = KeyedLock()
     handler = stale_guard(
         locks,
-        key=lambda agent_id, failed: f"agent:{agent_id}",
-        snapshot=agent.current,
-        on_stale="raise",
-    )(agent.switch)
-    results = await asyncio.gather(*(handler(7, "A") for _ in range(3)), return_exceptions=True)
-    errors = [r for r in results if isinstance(r, Superseded)]
-    assert len(errors) == 2
-    assert errors[0].key == "agent:7"
-    assert len(agent.restarts) == 1
+        key=agent_key,
+        snapshot=lambda agent_id, failed: fleet.read(agent_id),  # an async snapshot
+    )(make_handler(fleet))
+    results = await burst(handler)
+    assert fleet.restarts == ["B"]
+    assert fleet.subscription[AGENT] == "B"
+    assert results.count("B") == 1
+    assert results.count(SUPERSEDED) == HANDLERS - 1
+    assert len(locks.backend) == 0  # type: ignore[arg-type]
+    # a failure of B, reported after the switch, is a new failure: it is handled
+    assert await handler(AGENT, "B") == "C"
+    assert fleet.restarts == ["B", "C"]
 
 
-def test_sync_handlers_in_threads_switch_once() -> None:
-    state = {"subscription": "A", "restarts": 0}
+async def test_stale_guard_without_a_snapshot_handles_the_burst_once() -> None:
+    fleet = Fleet()
     locks = KeyedLock()
+    handler = stale_guard(locks, key=agent_key)(make_handler(fleet))
+    results = await burst(handler)
+    assert fleet.restarts == ["B"]
+    assert results.count(SUPERSEDED) == HANDLERS - 1
+    # a failure arriving after the burst was handled is handled too
+    assert await handler(AGENT, "B") == "C"
+    assert fleet.restarts == ["B", "C"]
 
-    @stale_guard(locks, key=lambda a: f"agent:{a}", snapshot=lambda a: state["subscription"])
-    def on_failure(agent_id: int) -> None:
-        current = state["subscription"]
-        time.sleep(0.01)
-        state["subscription"] = "B" if current == "A" else "C"
-        state["restarts"] = int(state["restarts"]) + 1
 
-    barrier = threading.Barrier(5)
+async def test_stale_guard_on_stale_raise() -> None:
+    fleet = Fleet()
+    locks = KeyedLock()
+    handler = stale_guard(
+        locks,
+        key=agent_key,
+        snapshot=lambda agent_id, failed: fleet.read(agent_id),
+        on_stale="raise",
+    )(make_handler(fleet))
+    results = await asyncio.gather(
+        *(handler(AGENT, "A") for _ in range(HANDLERS)), return_exceptions=True
+    )
+    assert results.count("B") == 1
+    errors = [r for r in results if isinstance(r, Superseded)]
+    assert len(errors) == HANDLERS - 1
+    assert all(error.key == f"agent:{AGENT}" for error in errors)
+    assert fleet.restarts == ["B"]
 
-    def fire() -> None:
-        barrier.wait()
-        on_failure(1)
 
-    threads = [threading.Thread(target=fire) for _ in range(5)]
+# ------------------------------------------------------------------------------- threads
+
+
+def make_sync_handler(fleet: Fleet, hop: Callable[[], object]) -> Callable[[int, str], str]:
+    def on_failure(agent_id: int, failed: str) -> str:
+        current = fleet.read_sync(agent_id)
+        hop()  # the health checks
+        choice = next_alternative(current)
+        fleet.restart_sync(agent_id, choice)
+        return choice
+
+    return on_failure
+
+
+def thread_burst(handler: Callable[[int, str], object]) -> list[object]:
+    results: list[object] = []
+    threads = [
+        threading.Thread(target=lambda: results.append(handler(AGENT, "A")))
+        for _ in range(HANDLERS)
+    ]
     for thread in threads:
         thread.start()
     for thread in threads:
         thread.join(30)
-    assert state == {"subscription": "B", "restarts": 1}
+    assert len(results) == HANDLERS
+    return results
 
 
-@pytest.mark.parametrize("bad", ["sometimes"])
-def test_on_stale_is_validated(bad: str) -> None:
-    with pytest.raises(ValueError, match="on_stale"):
-        stale_guard(KeyedLock(), key=lambda: "k", on_stale=bad)  # type: ignore[arg-type]
+def test_naive_sync_handlers_in_threads_all_restart_the_agent() -> None:
+    fleet = Fleet()
+    everyone_read = threading.Barrier(HANDLERS, timeout=10)  # forces the interleaving
+    thread_burst(make_sync_handler(fleet, everyone_read.wait))
+    assert fleet.restarts == ["B"] * HANDLERS
+
+
+def test_stale_guard_on_sync_handlers_in_threads_switches_exactly_once() -> None:
+    fleet = Fleet()
+    locks = KeyedLock()
+    handler = stale_guard(
+        locks, key=agent_key, snapshot=lambda agent_id, failed: fleet.read_sync(agent_id)
+    )(make_sync_handler(fleet, lambda: time.sleep(0.001)))
+    # hold the agent's lock until all five handlers took their snapshot and queued, so they
+    # truly contend (else a late thread could start after the switch: a new failure)
+    gate = locks.acquire_sync(f"agent:{AGENT}")
+    opener = threading.Thread(target=_release_when_queued, args=(locks, gate))
+    opener.start()
+    results = thread_burst(handler)
+    opener.join(10)
+    assert fleet.restarts == ["B"]
+    assert results.count(SUPERSEDED) == HANDLERS - 1
+    assert len(locks.backend) == 0  # type: ignore[arg-type]
+
+
+def test_stale_guard_without_a_snapshot_on_threads_handles_the_burst_once() -> None:
+    fleet = Fleet()
+    locks = KeyedLock()
+    handler = stale_guard(locks, key=agent_key)(make_sync_handler(fleet, lambda: None))
+    gate = locks.acquire_sync(f"agent:{AGENT}")
+    opener = threading.Thread(target=_release_when_queued, args=(locks, gate))
+    opener.start()
+    results = thread_burst(handler)
+    opener.join(10)
+    assert fleet.restarts == ["B"]
+    assert results.count(SUPERSEDED) == HANDLERS - 1
+
+
+def _release_when_queued(locks: KeyedLock, gate: Lease) -> None:
+    deadline = time.monotonic() + 10
+    while locks.statistics(f"agent:{AGENT}").waiting < HANDLERS and time.monotonic() < deadline:
+        time.sleep(0.001)
+    gate.release_sync()

@@ -8,6 +8,7 @@ import contextlib
 import hashlib
 import inspect
 import logging
+import os
 import threading
 import time
 import weakref
@@ -15,14 +16,15 @@ from typing import TYPE_CHECKING, cast
 
 import redis
 import redis.asyncio
-from redis.exceptions import NoScriptError, RedisError
+from redis.exceptions import RedisError
 
-from ..errors import BackendUnavailable, LeaseLost
+from ..errors import BackendUnavailable, LeaseLost, LockTimeout
+from ._redis_wire import AsyncWire, SyncWire
 from .base import Backend, Grant, KeyStatistics, LoopWaiter, ThreadWaiter, Waiter, _timeout
 from .memory import MemoryBackend
 
 if TYPE_CHECKING:
-    from collections.abc import Iterator, Sequence
+    from collections.abc import Coroutine, Iterator, Sequence
 
     from ..lease import Lease
     from ._redis_flight import Serializer
@@ -33,22 +35,29 @@ logger = logging.getLogger("keylock")
 
 # Every script gets the same four keys of one lock (one hash tag, so one Cluster slot):
 # KEYS[1] lock (value: owner id), KEYS[2] fence (last token), KEYS[3] queue (zset owner ->
-# arrival µs), KEYS[4] queue members (hash owner -> "<deadline ms> <lease TTL ms>").
+# arrival µs), KEYS[4] queue members (hash owner -> "<deadline ms> <lease TTL ms> <channel>").
 # Tokens are max(last + 1, server clock in µs): they rise even when Redis lost the fence key
 # (restart without persistence, failover to a lagging replica), because the clock has moved on
 # past every token it ever minted (at most one grant per µs of a single-threaded server).
 # Waiters queue FIFO across all clients; a release hands the key straight to the live head of
-# the queue (no barging, no extra round trip) and publishes "<key>\\0<head><token>" so the
-# head's process can wake it; a waiter that does not come back in time leaves the line.
+# the queue (no barging, no extra round trip) and publishes "<key>\\0<head><token>" on the
+# channel of the head's backend only, so one process wakes per hand-off, not every process
+# that waits; a waiter that does not come back in time leaves the line.
 _PRELUDE = """
-local now = redis.call('TIME')
-local clock = tonumber(now[1]) * 1000000 + tonumber(now[2])
-local now_ms = math.floor(clock / 1000)
+local clock, now_ms
+local function tick()  -- the server clock, read once per script and only when needed
+  if not clock then
+    local now = redis.call('TIME')
+    clock = tonumber(now[1]) * 1000000 + tonumber(now[2])
+    now_ms = math.floor(clock / 1000)
+  end
+end
 local function live_head()
   local head = redis.call('ZRANGE', KEYS[3], 0, 0)[1]
   while head do
+    tick()
     local entry = redis.call('HGET', KEYS[4], head)
-    if entry and tonumber(string.match(entry, '^(%d+)')) > now_ms then return head, entry end
+    if entry and tonumber(string.match(entry, '^%d+')) > now_ms then return head, entry end
     redis.call('ZREM', KEYS[3], head)
     redis.call('HDEL', KEYS[4], head)
     head = redis.call('ZRANGE', KEYS[3], 0, 0)[1]
@@ -56,15 +65,16 @@ local function live_head()
   return nil, nil
 end
 local function mint(ttl_ms)
+  tick()
   local last = tonumber(redis.call('GET', KEYS[2]) or '0')
   local token = string.format('%.0f', math.max(last + 1, clock))
   redis.call('SET', KEYS[2], token, 'PX', tonumber(ttl_ms) + 120000)
   return token
 end
-local function hand_off(channel, key)
+local function hand_off(key)
   local head, entry = live_head()
   if not head then return end  -- nobody in line: waiters queue in their first trip
-  local ttl_ms = string.match(entry, ' (%d+)$')
+  local ttl_ms, channel = string.match(entry, '^%d+ (%d+) (.*)$')
   redis.call('SET', KEYS[1], head, 'PX', ttl_ms)
   local token = mint(ttl_ms)
   redis.call('ZREM', KEYS[3], head)
@@ -73,16 +83,18 @@ local function hand_off(channel, key)
 end
 """
 
-# ARGV[1] owner, ARGV[2] lease TTL ms, ARGV[3] '1' to queue up if not granted, ARGV[4] how long
-# a queued waiter stays in line without coming back (ms)
+# KEYS[5] the acquisition's departure mark (see LEAVE); ARGV[1] owner, ARGV[2] lease TTL ms,
+# ARGV[3] '1' to queue up if not granted, ARGV[4] how long a queued waiter stays in line without
+# coming back (ms), ARGV[5] the waiter's wake-up channel
 # -> {1, token, TTL ms left} granted (now, or earlier by a hand-off); {0, holder's PTTL ms, or
-# -2 when the key is free but promised to the head of the queue}
+# -2 when the key is free but promised to the head of the queue}; {0, -3} the caller has left
 ACQUIRE = (
     _PRELUDE
     + """
-if redis.call('GET', KEYS[1]) == ARGV[1] then
+if redis.call('GET', KEYS[1]) == ARGV[1] then  -- a retried call that was granted already
   return {1, redis.call('GET', KEYS[2]) or '0', redis.call('PTTL', KEYS[1])}
 end
+if redis.call('EXISTS', KEYS[5]) == 1 then return {0, -3} end  -- arrived after its own LEAVE
 local head = live_head()
 if (not head or head == ARGV[1])
     and redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then
@@ -93,8 +105,10 @@ if (not head or head == ARGV[1])
   return {1, mint(ARGV[2]), tonumber(ARGV[2])}
 end
 if ARGV[3] == '1' then
+  tick()
   redis.call('ZADD', KEYS[3], 'NX', clock, ARGV[1])
-  redis.call('HSET', KEYS[4], ARGV[1], (now_ms + tonumber(ARGV[4])) .. ' ' .. ARGV[2])
+  local entry = (now_ms + tonumber(ARGV[4])) .. ' ' .. ARGV[2] .. ' ' .. ARGV[5]
+  redis.call('HSET', KEYS[4], ARGV[1], entry)
   redis.call('PEXPIRE', KEYS[3], tonumber(ARGV[4]) * 2)
   redis.call('PEXPIRE', KEYS[4], tonumber(ARGV[4]) * 2)
 end
@@ -102,27 +116,31 @@ return {0, redis.call('PTTL', KEYS[1])}
 """
 )
 
-# ARGV[1] owner, ARGV[2] channel, ARGV[3] key -> 1 released (and handed on), 0 not ours
+# ARGV[1] owner, ARGV[2] key (named in the hand-off message) -> 1 released (and handed on), 0 not
+# ours
 RELEASE = (
     _PRELUDE
     + """
 if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
 redis.call('DEL', KEYS[1])
-hand_off(ARGV[2], ARGV[3])
+hand_off(ARGV[2])
 return 1
 """
 )
 
-# ARGV[1] owner, ARGV[2] channel, ARGV[3] key: leave the line (timeout, cancel); a hand-off
-# that raced the departure is passed on to the next in line
+# KEYS[5] the departure mark; ARGV[1] owner, ARGV[2] key, ARGV[3] ms to keep the mark, or 0.
+# Leave the line (timeout, cancel); a grant that raced the departure is passed on to the next in
+# line. When an ACQUIRE of this owner may still be on its way (the caller gave up mid-call, and
+# the reply never came), the mark makes that late ACQUIRE a no-op instead of a phantom grant.
 LEAVE = (
     _PRELUDE
     + """
 redis.call('ZREM', KEYS[3], ARGV[1])
 redis.call('HDEL', KEYS[4], ARGV[1])
+if tonumber(ARGV[3]) > 0 then redis.call('SET', KEYS[5], '1', 'PX', ARGV[3]) end
 if redis.call('GET', KEYS[1]) == ARGV[1] then
   redis.call('DEL', KEYS[1])
-  hand_off(ARGV[2], ARGV[3])
+  hand_off(ARGV[2])
 end
 return 1
 """
@@ -220,13 +238,20 @@ class RedisBackend(Backend):
         self._async_clients: weakref.WeakKeyDictionary[
             asyncio.AbstractEventLoop, redis.asyncio.Redis
         ] = weakref.WeakKeyDictionary()
-        self._channel = f"{prefix}:released"
+        # this backend's own wake-up channel: a hand-off wakes the one process it concerns
+        self._channel = f"{prefix}:wake:{os.urandom(8).hex()}"
+        # how long a queued waiter stays in line without coming back (it does every poll)
+        self._stay_ms = int(poll * 3000) + 1000
         self._where = _address(client or async_client)
         self._local = MemoryBackend()  # FIFO among this backend's own callers
         self._mutex = threading.Lock()
         self._held: dict[str, _Held] = {}  # guarded by _mutex
         self._waiters: dict[str, set[Waiter]] = {}  # guarded by _mutex: woken on release
         self._listener: _Listener | None = None
+        self._wire: SyncWire | None = None
+        self._async_wires: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, AsyncWire] = (
+            weakref.WeakKeyDictionary()
+        )
         self._renewer: _Renewer | None = None
 
     @classmethod
@@ -280,34 +305,38 @@ class RedisBackend(Backend):
             self._async_clients[loop] = client
         return client
 
-    def _keys(self, key: str) -> list[str]:
-        """lock, fence, queue, queue liveness: one hash tag, so one Cluster slot."""
+    def _keys(self, key: str, owner: bytes | None = None) -> list[str]:
+        """lock, fence, queue, queue liveness (and *owner*'s departure mark): one hash tag, so
+        one Cluster slot."""
         base = f"{self.prefix}:{{{_tag(key)}}}"
-        return [base, f"{base}:fence", f"{base}:queue", f"{base}:alive"]
+        keys = [base, f"{base}:fence", f"{base}:queue", f"{base}:alive"]
+        if owner is not None:
+            keys.append(f"{base}:left:{owner.hex()}")
+        return keys
 
     def _run_sync(self, script: str, key: str, keys: Sequence[str], args: Sequence[_Arg]) -> object:
-        client = self._sync()
+        wire = self._wire
+        if wire is None:
+            wire = self._wire = SyncWire(self._sync())
         with _map_errors(key, self._where):
-            try:
-                return client.evalsha(_SHA[script], len(keys), *keys, *args)
-            except NoScriptError:
-                return client.eval(_TEXT[script], len(keys), *keys, *args)
+            return wire.call(_SHA[script], _TEXT[script], keys, args)
 
     async def _run_async(
         self, script: str, key: str, keys: Sequence[str], args: Sequence[_Arg]
     ) -> object:
-        client = self._async()
+        loop = asyncio.get_running_loop()
+        wire = self._async_wires.get(loop)
+        if wire is None:  # redis.asyncio connections belong to one event loop
+            wire = self._async_wires[loop] = AsyncWire(self._async())
+        task = asyncio.current_task()
+        cancels = 0 if task is None else task.cancelling()
         with _map_errors(key, self._where):
-            try:
-                return await client.evalsha(_SHA[script], len(keys), *keys, *args)
-            except NoScriptError:
-                return await client.eval(_TEXT[script], len(keys), *keys, *args)
-
-    def _release_keys(self, key: str) -> list[str]:
-        return self._keys(key)
-
-    def _leave_args(self, key: str, owner: bytes) -> tuple[list[str], list[_Arg]]:
-        return self._keys(key), [owner, self._channel, key]
+            reply = await wire.call(_SHA[script], _TEXT[script], keys, args)
+        if task is not None and task.cancelling() > cancels:
+            # Python 3.11's wait_for (inside redis-py's send) swallows a cancel that lands as
+            # the send completes: honour it, so a cancelled caller never walks off with a lease
+            raise asyncio.CancelledError
+        return reply
 
     # --------------------------------------------------------------------- the step, twice
 
@@ -315,8 +344,8 @@ class RedisBackend(Backend):
         self, key: str, owner: bytes, ttl: float, waiting: bool
     ) -> tuple[list[str], list[_Arg]]:
         ms = max(int(ttl * 1000), 1)
-        stay = int(self.poll * 3000) + 1000  # a queued waiter comes back at least every poll
-        return self._keys(key), [owner, ms, "1" if waiting else "0", stay]
+        args: list[_Arg] = [owner, ms, "1" if waiting else "0", self._stay_ms, self._channel]
+        return self._keys(key, owner), args
 
     def _parse_acquire(
         self,
@@ -347,63 +376,30 @@ class RedisBackend(Backend):
             self._held[key] = _Held(grant[0], owner, local[0])
         return grant
 
-    def _try_redis_sync(
-        self, key: str, owner: bytes, ttl: float, local: Grant, waiter: Waiter | None
-    ) -> Grant | None:
-        keys, args = self._acquire_args(key, owner, ttl, waiter is not None)
-        sent_at = time.time()
-        reply = self._run_sync("acquire", key, keys, args)
-        return self._parse_acquire(key, owner, ttl, local, reply, sent_at, waiter)
-
-    async def _try_redis_async(
-        self, key: str, owner: bytes, ttl: float, local: Grant, waiter: Waiter | None
-    ) -> Grant | None:
-        keys, args = self._acquire_args(key, owner, ttl, waiter is not None)
-        sent_at = time.time()
-        # The script runs in a task of its own: a cancel must not cut redis-py off mid-reply
-        # (that breaks the connection), and the grant it may still make is given back below.
-        call = asyncio.ensure_future(self._run_async("acquire", key, keys, args))
-        try:
-            reply = await asyncio.shield(call)
-        except asyncio.CancelledError:
-            call.add_done_callback(lambda done: self._give_back(done, key, owner))
-            raise
-        return self._parse_acquire(key, owner, ttl, local, reply, sent_at, waiter)
-
-    def _give_back(self, call: asyncio.Future[object], key: str, owner: bytes) -> None:
-        """After a cancelled acquire whose script still ran: leave the queue it may have put
-        us in, and give back (hand on) a lease it may have granted."""
-        if call.cancelled() or call.exception() is not None:
-            return
-        keys, args = self._leave_args(key, owner)
-        task = asyncio.ensure_future(self._run_async("leave", key, keys, args))
-        _background.add(task)
-        task.add_done_callback(_forget)
-
     def _try_acquire(
         self, key: str, owner: bytes, ttl: float | None, waiter: Waiter | None
     ) -> Grant | None:
-        # used for timeout=0 through the sync twin: one local try, one Redis try
-        local = self._local._try_acquire(key, owner, None, None)
-        if local is None:
-            return None
+        # the step of the protocol: one try, without queueing (acquire_sync with timeout=0)
         try:
-            grant = self._try_redis_sync(key, owner, self._ttl if ttl is None else ttl, local, None)
-        except BaseException:
-            self._local._discard_sync(key, owner, local)
-            raise
-        if grant is None:
-            self._local._discard_sync(key, owner, local)
-        return grant
+            return self.acquire_sync(key, owner, timeout=0, ttl=ttl)
+        except LockTimeout:
+            return None
 
     def _withdraw(self, key: str, waiter: Waiter) -> Grant | None:
         self._unwatch(key, waiter)
         return None
 
+    def _leave_args(
+        self, key: str, owner: bytes, ttl: float, in_flight: bool
+    ) -> tuple[list[str], list[_Arg]]:
+        """LEAVE for a caller that gives up; *in_flight*: an ACQUIRE of its may still arrive."""
+        mark_ms = max(int(ttl * 1000), 1) + self._stay_ms if in_flight else 0
+        return self._keys(key, owner), [owner, key, mark_ms]
+
     # ---------------------------------------------------------------------- waiting, twice
 
     def _watch(self, key: str, waiter: Waiter) -> _Listener:
-        """Have *waiter* woken when *key* is released anywhere (pub/sub); returns the listener."""
+        """Have *waiter* woken when *key* is handed to it (pub/sub); returns the listener."""
         with self._mutex:
             self._waiters.setdefault(key, set()).add(waiter)
             if self._listener is None:
@@ -419,14 +415,12 @@ class RedisBackend(Backend):
                     del self._waiters[key]
 
     def _released(self, key: str, head: bytes, token: bytes) -> None:
-        """Called by the listener thread for each release: a grant to the head of the queue
-        goes to its waiter if it is ours; with nobody queued, every waiter looks again."""
+        """Called by the listener thread for each hand-off to one of this backend's waiters:
+        the grant goes to the waiter whose owner id is at the head of the queue."""
         with self._mutex:
             waiters = list(self._waiters.get(key, ()))
         for waiter in waiters:
-            if not head:
-                waiter.wake()
-            elif waiter.owner == head:
+            if waiter.owner == head:
                 if token.isdigit() and waiter.grant is None:
                     ttl = waiter.ttl or self._ttl
                     # granted just before the message left: a margin keeps the expiry early
@@ -435,8 +429,14 @@ class RedisBackend(Backend):
                 waiter.wake()
 
     # Two phases, as in FileBackend: this backend's own FIFO queue (the memory backend's
-    # driver: timeouts, cancellation), then Redis, where the waiter sleeps until a release
-    # message, the holder's expiry, or the safety-net poll. The twins differ in how they wait.
+    # driver: timeouts, cancellation), then Redis, where the waiter sleeps until the key is
+    # handed to it, the holder's expiry, or the safety-net poll. A caller that may wait joins
+    # the Redis queue in its very first round trip, and is watched for a hand-off before that
+    # trip, so no hand-off can slip past it. The twins differ only in how they wait.
+    # A caller that gives up (timeout, cancel, error) leaves the Redis queue, handing on a key
+    # granted to it meanwhile; if it gave up during an ACQUIRE call, whose reply is lost (a
+    # cancel cuts redis-py off mid-reply), LEAVE marks the acquisition gone, so that ACQUIRE,
+    # should it reach Redis only now, grants nothing.
 
     async def acquire(
         self, key: str, owner: bytes, *, timeout: float | None, ttl: float | None
@@ -446,9 +446,8 @@ class RedisBackend(Backend):
         local = self._local._try_acquire(key, owner, self._local_ttl(lease_ttl), None) or (
             await self._local.acquire(key, owner, timeout=timeout, ttl=self._local_ttl(lease_ttl))
         )
-        # A caller that may wait joins the Redis queue in its very first round trip, and is
-        # watched for a hand-off before that trip, so no release message can slip past it.
         waiter = None if timeout == 0 else LoopWaiter(owner, lease_ttl)
+        in_flight = False  # an ACQUIRE was sent and its reply has not come back
         try:
             if waiter is not None:
                 listener = self._watch(key, waiter)
@@ -462,7 +461,12 @@ class RedisBackend(Backend):
                     handed = waiter.grant  # the key was handed to us at a release
                     if handed is not None:
                         return self._adopt(key, owner, local, handed)
-                grant = await self._try_redis_async(key, owner, lease_ttl, local, waiter)
+                keys, args = self._acquire_args(key, owner, lease_ttl, waiter is not None)
+                sent_at = time.time()
+                in_flight = True
+                reply = await self._run_async("acquire", key, keys, args)
+                in_flight = False
+                grant = self._parse_acquire(key, owner, lease_ttl, local, reply, sent_at, waiter)
                 if grant is not None:
                     return grant
                 if waiter is None:
@@ -470,8 +474,8 @@ class RedisBackend(Backend):
                 await waiter.wait(_until(waiter, deadline, key, timeout))
         except BaseException:
             self._local._discard_sync(key, owner, local)
-            if waiter is not None:  # out of the Redis queue, or the next in line waits for us
-                keys, args = self._leave_args(key, owner)
+            if waiter is not None or in_flight:
+                keys, args = self._leave_args(key, owner, lease_ttl, in_flight)
                 with contextlib.suppress(BackendUnavailable):
                     await asyncio.shield(self._run_async("leave", key, keys, args))
             raise
@@ -488,6 +492,7 @@ class RedisBackend(Backend):
             self._local.acquire_sync(key, owner, timeout=timeout, ttl=self._local_ttl(lease_ttl))
         )
         waiter = None if timeout == 0 else ThreadWaiter(owner, lease_ttl)
+        in_flight = False
         try:
             if waiter is not None:
                 self._watch(key, waiter).subscribed.wait(1.0)
@@ -497,7 +502,12 @@ class RedisBackend(Backend):
                     handed = waiter.grant
                     if handed is not None:
                         return self._adopt(key, owner, local, handed)
-                grant = self._try_redis_sync(key, owner, lease_ttl, local, waiter)
+                keys, args = self._acquire_args(key, owner, lease_ttl, waiter is not None)
+                sent_at = time.time()
+                in_flight = True
+                reply = self._run_sync("acquire", key, keys, args)
+                in_flight = False
+                grant = self._parse_acquire(key, owner, lease_ttl, local, reply, sent_at, waiter)
                 if grant is not None:
                     return grant
                 if waiter is None:
@@ -505,8 +515,8 @@ class RedisBackend(Backend):
                 waiter.wait(_until(waiter, deadline, key, timeout))
         except BaseException:
             self._local._discard_sync(key, owner, local)
-            if waiter is not None:
-                keys, args = self._leave_args(key, owner)
+            if waiter is not None or in_flight:
+                keys, args = self._leave_args(key, owner, lease_ttl, in_flight)
                 with contextlib.suppress(BackendUnavailable):
                     self._run_sync("leave", key, keys, args)
             raise
@@ -536,9 +546,7 @@ class RedisBackend(Backend):
     def release_sync(self, key: str, owner: bytes, token: int) -> None:
         held = self._pop_held(key, owner, token)
         try:
-            released = self._run_sync(
-                "release", key, self._release_keys(key), [owner, self._channel, key]
-            )
+            released = self._run_sync("release", key, self._keys(key), [owner, key])
         finally:
             self._release_local(key, held)
         if not released:
@@ -547,12 +555,13 @@ class RedisBackend(Backend):
     async def release(self, key: str, owner: bytes, token: int) -> None:
         held = self._pop_held(key, owner, token)
         try:
-            # shielded: a release, once started, completes even if its caller is cancelled
-            released = await asyncio.shield(
-                self._run_async(
-                    "release", key, self._release_keys(key), [owner, self._channel, key]
-                )
-            )
+            released = await self._run_async("release", key, self._keys(key), [owner, key])
+        except asyncio.CancelledError:
+            # A release, once started, completes even if its caller is cancelled: the cancel
+            # cut redis-py off mid-call, so the script may or may not have run; running it again
+            # is harmless (it compares the owner), and skipping it would strand the key.
+            _in_background(self._run_async("release", key, self._keys(key), [owner, key]))
+            raise
         finally:
             self._release_local(key, held)
         if not released:
@@ -642,11 +651,20 @@ class RedisBackend(Backend):
             self._renewer.stop()
         if self._listener is not None:
             self._listener.stop()
+        if self._wire is not None:
+            self._wire.close()
         if self._client is not None:
             self._client.close()
 
     async def close(self) -> None:
+        loop = asyncio.get_running_loop()
+        finishing = [task for task in _background if task.get_loop() is loop]
+        if finishing:  # releases finishing for cancelled callers: let them land first
+            await asyncio.wait(finishing, timeout=5)
         self.close_sync()
+        wire = self._async_wires.pop(loop, None)
+        if wire is not None:  # other loops' connections can only be dropped, not closed
+            await wire.close()
         for client in list(self._async_clients.values()):
             await client.aclose()
         if self._async_client is not None:
@@ -658,13 +676,20 @@ class RedisBackend(Backend):
         return RemoteFlights(self, namespace, serializer or JSON)
 
 
-_background: set[asyncio.Future[object]] = set()  # give-back calls, kept alive until done
+_background: set[asyncio.Future[object]] = set()  # finishing calls, kept alive until done
+
+
+def _in_background(call: Coroutine[object, object, object]) -> None:
+    """Run *call* to its end in a task nobody awaits (its failure is logged)."""
+    task = asyncio.ensure_future(call)
+    _background.add(task)
+    task.add_done_callback(_forget)
 
 
 def _forget(task: asyncio.Future[object]) -> None:
     _background.discard(task)
     if not task.cancelled() and task.exception() is not None:
-        logger.warning("keylock: giving back a cancelled grant failed: %s", task.exception())
+        logger.warning("keylock: finishing a cancelled call failed: %s", task.exception())
 
 
 def _until(waiter: Waiter, deadline: float | None, key: str, timeout: float | None) -> float:
@@ -765,6 +790,7 @@ class _Renewer:
         self._cond = threading.Condition()
         self._due: dict[Lease, float] = {}  # lease -> monotonic time of its next renewal
         self._wake_at = 0.0  # when the thread will look next (guarded by _cond)
+        self._idle = backend._ttl / 3  # the soonest a lease at the default TTL is due
         self._stopped = False
         self._thread = threading.Thread(target=self._run, name="keylock-redis-renewer", daemon=True)
         self._thread.start()
@@ -795,7 +821,9 @@ class _Renewer:
                     ready = [lease for lease, due in self._due.items() if due <= now]
                     if ready:
                         break
-                    self._wake_at = min(self._due.values(), default=now + 60)
+                    # idle: look again when a lease taken now at the default TTL would be due,
+                    # so taking one never has to wake this thread (a thread switch per acquire)
+                    self._wake_at = min(self._due.values(), default=now + self._idle)
                     self._cond.wait(max(self._wake_at - now, 0.001))
                 if self._stopped:
                     return

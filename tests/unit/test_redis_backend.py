@@ -4,6 +4,9 @@ loss signalling, connection errors, tokens from the server clock."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import random
+import threading
 import time
 
 import pytest
@@ -33,7 +36,7 @@ def _slot_tags(keys: list[str]) -> set[str]:
 @pytest.mark.parametrize("key", ["agent:42", "a}b", "{x}", "}", "{", "é/ü"])
 def test_every_key_of_a_lock_shares_one_hash_tag(key: str) -> None:
     backend = RedisBackend(redis.Redis(), ttl=5)
-    keys = backend._keys(key)
+    keys = backend._keys(key, b"\x01" * 16)  # the departure mark too
     assert len(_slot_tags(keys)) == 1
     assert _slot_tags(keys) != {""}
     assert "{" not in _tag(key) or key == _tag(key)
@@ -48,8 +51,8 @@ async def test_a_forged_owner_cannot_release_or_extend_on_the_server(url: str) -
         backend._run_sync(
             "release",
             "own:mine",
-            backend._release_keys("own:mine"),
-            [forged, backend._channel, "own:mine"],
+            backend._keys("own:mine"),
+            [forged, "own:mine"],
         )
         == 0
     )
@@ -161,3 +164,167 @@ def test_unreachable_server_is_backend_unavailable(redis_server: Server) -> None
 def test_bad_url_is_backend_unavailable() -> None:
     with pytest.raises(BackendUnavailable, match="bad Redis URL"):
         RedisBackend.from_url("nonsense://where")
+
+
+def test_an_acquire_that_arrives_after_its_own_leave_grants_nothing(url: str) -> None:
+    """A caller cancelled mid-ACQUIRE never reads the reply; it sends LEAVE, which may reach
+    Redis before the ACQUIRE itself (another connection). The departure mark makes that late
+    ACQUIRE a no-op. The control shows the same late ACQUIRE after a LEAVE without the mark
+    grants a lease nobody holds: the key would be stranded for a whole TTL."""
+    backend = RedisBackend.from_url(url)
+    other = KeyedLock(RedisBackend.from_url(url))
+    for key, marked in (("late", True), ("late-control", False)):
+        owner = bytes([7]) * 16
+        keys, args = backend._leave_args(key, owner, 30.0, marked)
+        backend._run_sync("leave", key, keys, args)
+        keys, args = backend._acquire_args(key, owner, 30.0, True)
+        granted = backend._run_sync("acquire", key, keys, args)[0]  # type: ignore[index]
+        if marked:
+            assert granted == 0
+            other.acquire_sync(key, timeout=0).release_sync()  # free for anyone else
+        else:
+            assert granted == 1  # the phantom grant the mark prevents
+            with pytest.raises(LockTimeout):
+                other.acquire_sync(key, timeout=0)
+    backend.close_sync()
+    other.close_sync()
+
+
+async def test_acquires_cancelled_at_random_instants_never_strand_the_key(url: str) -> None:
+    """Cancel async acquires at random instants, many of them mid-call (the reply is then
+    lost): every time, once the cancelled call has returned, another client gets the key at
+    once. Without the LEAVE that follows a cancel (the naive version), a cancel that lands
+    after Redis granted the key leaves it held by nobody until the TTL runs out."""
+    rng = random.Random(7)
+    locks = KeyedLock(RedisBackend.from_url(url))
+    other = KeyedLock(RedisBackend.from_url(url))
+    won = cancelled = 0
+    for _ in range(150):
+        task = asyncio.create_task(locks.acquire("mid", timeout=5))
+        for _ in range(rng.randrange(4)):  # 0: before it starts; 1-3: mostly mid-call
+            await asyncio.sleep(0)
+        task.cancel()
+        try:
+            lease = await task
+        except asyncio.CancelledError:
+            cancelled += 1
+        else:
+            won += 1
+            await lease.release()
+        (await other.acquire("mid", timeout=0)).release_sync()
+    assert cancelled > 50  # the storm really cancelled calls in flight, not just finished ones
+    await locks.close()
+    await other.close()
+
+
+async def test_a_cancelled_release_still_frees_the_key(url: str) -> None:
+    """A release cancelled mid-call completes in the background: the key is free right after,
+    for a client elsewhere."""
+    locks = KeyedLock(RedisBackend.from_url(url))
+    other = KeyedLock(RedisBackend.from_url(url))
+    for _ in range(30):
+        lease = await locks.acquire("bye")
+        task = asyncio.create_task(lease.release())
+        await asyncio.sleep(0)  # the release script is on its way
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+        (await other.acquire("bye", timeout=2)).release_sync()
+    await locks.close()
+    await other.close()
+
+
+def test_a_hand_off_wakes_only_the_client_it_goes_to(url: str) -> None:
+    """Three clients queue behind a holder; each release sends one wake-up, to the next
+    holder's client only. (With one channel shared by every client, each release woke every
+    client that had a waiter: up to 3 messages per client here, 6 in all.)"""
+    holder = KeyedLock(RedisBackend.from_url(url))
+    clients = [KeyedLock(RedisBackend.from_url(url)) for _ in range(3)]
+    received = [0, 0, 0]
+    for n, locks in enumerate(clients):
+        backend = locks.backend
+        original = backend._released  # type: ignore[attr-defined]
+
+        def counting(key: str, head: bytes, token: bytes, n: int = n, original=original) -> None:
+            received[n] += 1
+            original(key, head, token)
+
+        backend._released = counting  # type: ignore[attr-defined]
+    gate = holder.acquire_sync("relay")
+    order: list[int] = []
+
+    def wait(n: int) -> None:
+        with clients[n].sync("relay", timeout=30):
+            order.append(n)
+
+    raw = redis.Redis.from_url(url)
+    queue = holder.backend._keys("relay")[2]  # type: ignore[attr-defined]
+    threads = []
+    for n in range(3):
+        threads.append(threading.Thread(target=wait, args=(n,)))
+        threads[-1].start()
+        while raw.zcard(queue) < n + 1:  # queued in this order: FIFO across clients
+            time.sleep(0.001)
+    gate.release_sync()
+    for thread in threads:
+        thread.join(30)
+    assert order == [0, 1, 2]
+    assert received == [1, 1, 1]
+    for locks in (holder, *clients):
+        locks.close_sync()
+
+
+def test_taking_a_lease_does_not_wake_the_renewer(url: str) -> None:
+    """One thread renews every lease of a backend; taking and releasing leases at the default
+    TTL must not wake it each time (a thread switch per acquire: it used to be woken for every
+    lease added while it slept for 60 s)."""
+    locks = KeyedLock(RedisBackend.from_url(url))
+    locks.acquire_sync("r").release_sync()  # starts the renewer
+    renewer = locks.backend._renewer  # type: ignore[attr-defined]
+    time.sleep(0.05)  # let it go to sleep
+    notified = 0
+    notify = renewer._cond.notify
+
+    def counting(n: int = 1) -> None:
+        nonlocal notified
+        notified += 1
+        notify(n)
+
+    renewer._cond.notify = counting
+    for _ in range(50):
+        locks.acquire_sync("r").release_sync()
+    assert notified == 0
+    short = locks.acquire_sync("short", ttl=0.3)  # due sooner than it will look: woken once
+    assert notified == 1
+    short.release_sync()
+    locks.close_sync()
+
+
+def test_a_killed_connection_is_replaced_without_an_error(url: str) -> None:
+    """The backend's own connections can be cut (CLIENT KILL, a server restart): the next call
+    notices, opens a fresh connection and succeeds; with the server gone it is
+    BackendUnavailable."""
+    locks = KeyedLock(RedisBackend.from_url(url))
+    raw = redis.Redis.from_url(url)
+    for _ in range(3):
+        locks.acquire_sync("cut").release_sync()
+        raw.client_kill_filter(_type="normal", skipme=True)
+    locks.acquire_sync("cut").release_sync()
+    locks.close_sync()
+
+
+@pytest.mark.parametrize(
+    "pool_class", [redis.BlockingConnectionPool, redis.ConnectionPool], ids=["blocking", "plain"]
+)
+def test_any_client_pool_works(url: str, pool_class: type[redis.ConnectionPool]) -> None:
+    """A plain pool is driven directly; any other pool through redis-py's client API."""
+    client = redis.Redis(connection_pool=pool_class.from_url(url))
+    locks = KeyedLock(RedisBackend(client))
+    other = KeyedLock(RedisBackend.from_url(url))
+    with locks.sync("pool") as lease:
+        with pytest.raises(LockTimeout):
+            other.acquire_sync("pool", timeout=0)
+        lease.extend_sync(5)
+    other.acquire_sync("pool", timeout=0).release_sync()
+    locks.close_sync()
+    other.close_sync()

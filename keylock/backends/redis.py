@@ -238,11 +238,17 @@ class RedisBackend(Backend):
         self._async_clients: weakref.WeakKeyDictionary[
             asyncio.AbstractEventLoop, redis.asyncio.Redis
         ] = weakref.WeakKeyDictionary()
-        # this backend's own wake-up channel: a hand-off wakes the one process it concerns
-        self._channel = f"{prefix}:wake:{os.urandom(8).hex()}"
         # how long a queued waiter stays in line without coming back (it does every poll)
         self._stay_ms = int(poll * 3000) + 1000
         self._where = _address(client or async_client)
+        self._start_process()
+        _BACKENDS.add(self)
+
+    def _start_process(self) -> None:
+        """The state that belongs to one process (set again in a forked child, which holds
+        none of its parent's leases and must run its own listener and renewer threads)."""
+        # this process's own wake-up channel: a hand-off wakes the one process it concerns
+        self._channel = f"{self.prefix}:wake:{os.urandom(8).hex()}"
         self._local = MemoryBackend()  # FIFO among this backend's own callers
         self._mutex = threading.Lock()
         self._held: dict[str, _Held] = {}  # guarded by _mutex
@@ -252,6 +258,7 @@ class RedisBackend(Backend):
         self._async_wires: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, AsyncWire] = (
             weakref.WeakKeyDictionary()
         )
+        self._async_clients.clear()  # their sockets are the parent's
         self._renewer: _Renewer | None = None
 
     @classmethod
@@ -675,6 +682,17 @@ class RedisBackend(Backend):
 
         return RemoteFlights(self, namespace, serializer or JSON)
 
+
+# Every backend of this process, so a forked child can start each afresh (see _start_process).
+_BACKENDS: weakref.WeakSet[RedisBackend] = weakref.WeakSet()
+
+
+def _after_fork_in_child() -> None:
+    for backend in list(_BACKENDS):
+        backend._start_process()
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
 
 _background: set[asyncio.Future[object]] = set()  # finishing calls, kept alive until done
 

@@ -328,3 +328,58 @@ def test_any_client_pool_works(url: str, pool_class: type[redis.ConnectionPool])
     other.acquire_sync("pool", timeout=0).release_sync()
     locks.close_sync()
     other.close_sync()
+
+
+def _in_forked_child(locks: KeyedLock, parents: object, out: object) -> None:
+    """Runs in a child forked from a process that already used *locks*."""
+    try:
+        lease = locks.acquire_sync("forked", ttl=0.6)
+        time.sleep(1.5)  # 2.5 TTLs: only the child's own renewer keeps it
+        renewed = not lease.lost
+        woke: list[float] = []
+
+        def wait() -> None:
+            start = time.monotonic()
+            locks.acquire_sync("forked", timeout=10).release_sync()
+            woke.append(time.monotonic() - start)
+
+        thread = threading.Thread(target=wait)
+        thread.start()
+        time.sleep(0.2)
+        lease.release_sync()
+        thread.join(10)
+        try:
+            parents.release_sync()  # type: ignore[attr-defined]
+            inherited = "released"
+        except LeaseLost:
+            inherited = "LeaseLost"
+        out.put((renewed, woke, inherited))  # type: ignore[attr-defined]
+    except BaseException as exc:  # report, never hang the parent
+        out.put(repr(exc))  # type: ignore[attr-defined]
+
+
+def test_a_forked_child_runs_its_own_renewer_and_listener(url: str) -> None:
+    """After fork the parent's threads do not exist in the child: a child that reused them
+    would never renew (its lease silently lapses) and never be woken (it sleeps out the poll).
+    The child also holds none of its parent's leases: releasing one raises LeaseLost."""
+    import multiprocessing
+
+    locks = KeyedLock(RedisBackend.from_url(url, poll=30.0))
+    parents = locks.acquire_sync("parents")  # starts the listener and renewer threads
+    with locks.sync("warm", timeout=5):
+        pass
+    ctx = multiprocessing.get_context("fork")
+    out = ctx.Queue()
+    child = ctx.Process(target=_in_forked_child, args=(locks, parents, out))
+    child.start()
+    result = out.get(timeout=30)
+    child.join(10)
+    assert isinstance(result, tuple), result
+    renewed, woke, inherited = result
+    assert renewed
+    assert woke
+    assert woke[0] < 5  # woken by the release, not by the 30 s safety poll
+    assert inherited == "LeaseLost"
+    assert not parents.lost
+    parents.release_sync()  # still the parent's
+    locks.close_sync()

@@ -15,7 +15,7 @@ import pytest
 
 from keylock.backends import Backend, MemoryBackend
 
-from ._redis_server import Server, running_server
+from ._redis_server import Cluster, Server, running_cluster, running_server
 from .conformance._driver import Driver, flavours
 
 MakeBackend = Callable[..., Backend]
@@ -81,12 +81,33 @@ def _redis(request: pytest.FixtureRequest) -> Iterator[MakeBackend]:
     yield make
 
 
+@pytest.fixture(scope="session")
+def redis_cluster() -> Iterator[Cluster]:
+    """A real three-master Redis Cluster for the session (see tests/_redis_server.py)."""
+    with running_cluster() as cluster:
+        yield cluster
+
+
+def _redis_cluster(request: pytest.FixtureRequest) -> Iterator[MakeBackend]:
+    cluster: Cluster = request.getfixturevalue("redis_cluster")
+    cluster.flush()
+
+    def make(*, auto_renew: bool = True) -> Backend:
+        from keylock.backends import RedisBackend
+
+        url = f"redis://{cluster.host}:{cluster.port}/0"
+        return RedisBackend.from_url(url, cluster=True, auto_renew=auto_renew)
+
+    yield make
+
+
 # name -> generator of a backend factory. File and Redis backends add themselves here.
 BACKENDS: dict[str, Callable[[pytest.FixtureRequest], Iterator[MakeBackend]]] = {
     "memory": _memory,
     "memory-reference": _memory_reference,
     "file": _file,
     "redis": _redis,
+    "redis-cluster": _redis_cluster,
 }
 
 

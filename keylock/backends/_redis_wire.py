@@ -12,10 +12,12 @@ from __future__ import annotations
 
 import os
 import weakref
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, cast
 
 import redis
 import redis.asyncio
+import redis.asyncio.cluster
+import redis.cluster
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import NoScriptError
 
@@ -27,14 +29,16 @@ __all__ = ["AsyncWire", "SyncWire"]
 _Arg = str | bytes | int | float  # what a script accepts as an argument
 
 
-def _plain(client: redis.Redis | redis.asyncio.Redis) -> bool:
-    """True when *client* talks to one server through an ordinary pool (direct calls are safe)."""
+def _plain_pool(client: object) -> object:
+    """*client*'s pool if it talks to one server through an ordinary pool (direct calls are
+    then safe), else None."""
     pool = getattr(client, "connection_pool", None)
-    return (
+    plain = (
         type(pool) in (redis.ConnectionPool, redis.asyncio.ConnectionPool)
         and getattr(pool, "cache", None) is None
         and getattr(client, "connection", None) is None  # not a single-connection client
     )
+    return pool if plain else None
 
 
 class SyncWire:
@@ -43,15 +47,16 @@ class SyncWire:
     failed to reach the server is retried once on a fresh connection (every script is safe to
     run twice: they compare the owner first)."""
 
-    def __init__(self, client: redis.Redis) -> None:
+    def __init__(self, client: redis.Redis | redis.cluster.RedisCluster) -> None:
         self._client = client
-        self._direct = _plain(client)
+        self._pool = cast("redis.ConnectionPool | None", _plain_pool(client))
         self._idle: list[redis.Connection] = []  # list.pop/append are atomic: no lock needed
         self._made: weakref.WeakSet[redis.Connection] = weakref.WeakSet()  # closed by close()
         self._pid = os.getpid()
 
     def call(self, sha: str, text: str, keys: Sequence[str], args: Sequence[_Arg]) -> object:
-        if not self._direct:
+        pool = self._pool
+        if pool is None:
             try:
                 return self._client.evalsha(sha, len(keys), *keys, *args)
             except NoScriptError:
@@ -64,7 +69,6 @@ class SyncWire:
             try:
                 conn = self._idle.pop()
             except IndexError:
-                pool = self._client.connection_pool
                 conn = pool.connection_class(**pool.connection_kwargs)
                 self._made.add(conn)
             # (redis-py's sync Connection is untyped: hence the ignores)
@@ -99,14 +103,15 @@ class AsyncWire:
     """The same for one event loop (redis.asyncio connections belong to the loop they were
     made on). A call cancelled mid-reply drops its connection (redis-py disconnects it)."""
 
-    def __init__(self, client: redis.asyncio.Redis) -> None:
+    def __init__(self, client: redis.asyncio.Redis | redis.asyncio.cluster.RedisCluster) -> None:
         self._client = client
-        self._direct = _plain(client)
+        self._pool = cast("redis.asyncio.ConnectionPool | None", _plain_pool(client))
         self._idle: list[redis.asyncio.Connection] = []
         self._made: weakref.WeakSet[redis.asyncio.Connection] = weakref.WeakSet()
 
     async def call(self, sha: str, text: str, keys: Sequence[str], args: Sequence[_Arg]) -> object:
-        if not self._direct:
+        pool = self._pool
+        if pool is None:
             try:
                 return await self._client.evalsha(sha, len(keys), *keys, *args)
             except NoScriptError:
@@ -115,7 +120,6 @@ class AsyncWire:
             try:
                 conn = self._idle.pop()
             except IndexError:
-                pool = self._client.connection_pool
                 conn = pool.connection_class(**pool.connection_kwargs)  # type: ignore[assignment]
                 self._made.add(conn)
             try:

@@ -16,6 +16,8 @@ from typing import TYPE_CHECKING, cast
 
 import redis
 import redis.asyncio
+import redis.asyncio.cluster
+import redis.cluster
 from redis.exceptions import RedisError
 
 from ..errors import BackendUnavailable, LeaseLost, LockTimeout
@@ -161,6 +163,8 @@ _SCRIPTS = {"acquire": ACQUIRE, "release": RELEASE, "extend": EXTEND, "leave": L
 _SHA = {name: hashlib.sha1(text.encode()).hexdigest() for name, text in _SCRIPTS.items()}
 _TEXT = _SCRIPTS
 _Arg = str | bytes | int | float  # what a script accepts as an argument
+SyncClient = redis.Redis | redis.cluster.RedisCluster
+AsyncClient = redis.asyncio.Redis | redis.asyncio.cluster.RedisCluster
 _FENCE_SLACK_MS = 120_000  # the fence key outlives the lock by this much (see ACQUIRE)
 
 
@@ -217,9 +221,9 @@ class RedisBackend(Backend):
 
     def __init__(
         self,
-        client: redis.Redis | None = None,
+        client: SyncClient | None = None,
         *,
-        async_client: redis.asyncio.Redis | None = None,
+        async_client: AsyncClient | None = None,
         ttl: float = 30.0,
         auto_renew: bool = True,
         prefix: str = "keylock",
@@ -235,9 +239,9 @@ class RedisBackend(Backend):
         self.poll = poll
         self._client = client
         self._async_client = async_client
-        self._async_clients: weakref.WeakKeyDictionary[
-            asyncio.AbstractEventLoop, redis.asyncio.Redis
-        ] = weakref.WeakKeyDictionary()
+        self._async_clients: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, AsyncClient] = (
+            weakref.WeakKeyDictionary()
+        )
         # how long a queued waiter stays in line without coming back (it does every poll)
         self._stay_ms = int(poll * 3000) + 1000
         self._where = _address(client or async_client)
@@ -270,13 +274,21 @@ class RedisBackend(Backend):
         auto_renew: bool = True,
         prefix: str = "keylock",
         poll: float = 1.0,
+        cluster: bool = False,
         **client_options: object,
     ) -> RedisBackend:
-        """A backend on the server at *url* (``redis://``, ``rediss://``, ``unix://``)."""
+        """A backend on the server at *url* (``redis://``, ``rediss://``, ``unix://``); with
+        ``cluster=True``, on the Redis Cluster that the node at *url* belongs to."""
         try:
-            client = redis.Redis.from_url(url, **client_options)
+            client: SyncClient = (
+                redis.cluster.RedisCluster.from_url(url, **client_options)
+                if cluster
+                else redis.Redis.from_url(url, **client_options)
+            )
         except ValueError as exc:
             raise BackendUnavailable(f"bad Redis URL {url!r}: {exc}") from exc
+        except RedisError as exc:  # a Cluster client looks for its nodes at once
+            raise BackendUnavailable(f"Redis Cluster at {url!r} is unreachable: {exc}") from exc
         backend = cls(client, ttl=ttl, auto_renew=auto_renew, prefix=prefix, poll=poll)
         backend._url = url
         backend._client_options = client_options
@@ -290,27 +302,44 @@ class RedisBackend(Backend):
 
     # ------------------------------------------------------------------------------ clients
 
-    def _sync(self) -> redis.Redis:
+    # The renewer and the listener are threads: they need a sync client. Async callers need an
+    # async one per event loop. Whichever the user did not give is made with the other's
+    # options (address, auth, TLS, timeouts); a Cluster client begets a Cluster client.
+
+    def _sync(self) -> SyncClient:
         if self._client is None:
-            pool = self._async_client.connection_pool  # type: ignore[union-attr]
-            options = _options_for(redis.Redis, pool.connection_kwargs)
-            self._client = redis.Redis(**options)  # type: ignore[arg-type]
+            source = self._async_client
+            if isinstance(source, redis.asyncio.cluster.RedisCluster):
+                kwargs = source.get_nodes()[0].connection_kwargs  # the client finds the rest
+                options = _options_for(redis.cluster.RedisCluster, kwargs)
+                self._client = redis.cluster.RedisCluster(**options)  # type: ignore[arg-type]
+            else:
+                kwargs = source.connection_pool.connection_kwargs  # type: ignore[union-attr]
+                self._client = redis.Redis(**_options_for(redis.Redis, kwargs))  # type: ignore[arg-type]
         return self._client
 
-    def _async(self) -> redis.asyncio.Redis:
+    def _async(self) -> AsyncClient:
         if self._async_client is not None:
             return self._async_client
         loop = asyncio.get_running_loop()
         client = self._async_clients.get(loop)
         if client is None:  # redis.asyncio connections belong to one event loop
-            if self._url is not None:
-                client = redis.asyncio.Redis.from_url(self._url, **self._client_options)  # type: ignore[arg-type]
-            else:
-                kwargs = self._sync().connection_pool.connection_kwargs
-                options = _options_for(redis.asyncio.Redis, kwargs)
-                client = redis.asyncio.Redis(**options)  # type: ignore[arg-type]
-            self._async_clients[loop] = client
+            client = self._async_clients[loop] = self._new_async_client()
         return client
+
+    def _new_async_client(self) -> AsyncClient:
+        source = self._sync()
+        cluster = isinstance(source, redis.cluster.RedisCluster)
+        if self._url is not None:
+            kind = redis.asyncio.cluster.RedisCluster if cluster else redis.asyncio.Redis
+            return kind.from_url(self._url, **self._client_options)  # type: ignore[arg-type]
+        if isinstance(source, redis.cluster.RedisCluster):
+            node = source.get_default_node() or source.get_nodes()[0]  # type: ignore[no-untyped-call]
+            kwargs = node.redis_connection.connection_pool.connection_kwargs
+            options = _options_for(redis.asyncio.cluster.RedisCluster, kwargs)
+            return redis.asyncio.cluster.RedisCluster(**options)  # type: ignore[arg-type]
+        options = _options_for(redis.asyncio.Redis, source.connection_pool.connection_kwargs)
+        return redis.asyncio.Redis(**options)  # type: ignore[arg-type]
 
     def _keys(self, key: str, owner: bytes | None = None) -> list[str]:
         """lock, fence, queue, queue liveness (and *owner*'s departure mark): one hash tag, so
@@ -734,6 +763,9 @@ def _lost(key: str, token: int) -> LeaseLost:
 
 
 def _address(client: object) -> str:
+    if isinstance(client, redis.cluster.RedisCluster | redis.asyncio.cluster.RedisCluster):
+        nodes = client.get_nodes()
+        return "cluster " + ",".join(f"{node.host}:{node.port}" for node in nodes[:3])
     try:
         kwargs = client.connection_pool.connection_kwargs  # type: ignore[attr-defined]
     except AttributeError:

@@ -16,7 +16,7 @@ from keylock import BackendUnavailable, KeyedLock, LeaseLost, LockTimeout
 from keylock.backends import RedisBackend
 from keylock.backends.redis import _tag
 
-from .._redis_server import Server
+from .._redis_server import Cluster, Server
 
 
 @pytest.fixture
@@ -383,3 +383,37 @@ def test_a_forked_child_runs_its_own_renewer_and_listener(url: str) -> None:
     assert not parents.lost
     parents.release_sync()  # still the parent's
     locks.close_sync()
+
+
+async def test_cluster_clients_of_either_kind(redis_cluster: Cluster) -> None:
+    """Given only a sync Cluster client, async callers get an async Cluster client made from
+    its options, and the other way round; every key of a lock lands in one slot of the real
+    cluster (the scripts would fail with CROSSSLOT otherwise)."""
+    import redis.asyncio.cluster
+    import redis.cluster
+
+    redis_cluster.flush()
+    sync_only = KeyedLock(
+        RedisBackend(redis.cluster.RedisCluster(host=redis_cluster.host, port=redis_cluster.port))
+    )
+    async_only = KeyedLock(
+        RedisBackend(
+            async_client=redis.asyncio.cluster.RedisCluster(
+                host=redis_cluster.host, port=redis_cluster.port
+            )
+        )
+    )
+    for key in ("agent:1", "job:2", "{odd}", "é"):
+        async with sync_only(key) as lease:
+            with pytest.raises(LockTimeout):
+                await async_only.acquire(key, timeout=0)
+            with pytest.raises(LockTimeout):
+                async_only.acquire_sync(key, timeout=0)
+        async with async_only(key) as later:
+            assert later.token > lease.token
+        keys = sync_only.backend._keys(key, later.owner)  # type: ignore[attr-defined]
+        slots = {sync_only.backend._sync().keyslot(name) for name in keys}  # type: ignore[attr-defined]
+        assert len(slots) == 1
+    assert "cluster" in repr(sync_only.backend)
+    await sync_only.close()
+    await async_only.close()

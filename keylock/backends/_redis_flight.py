@@ -1,17 +1,16 @@
 """SingleFlight across processes and hosts, through a RedisBackend.
 
 One caller per key runs the work (it holds the lease ``flight:<key>``); the others, anywhere,
-wait for the result the leader stores in Redis under that lease's token (JSON by default, never
-pickle). If the leader dies, its lease expires and the next caller takes over. Within one
-process callers coalesce first, so one process sends one caller to Redis per key.
+queue for that lease and read the result the leader stored in Redis under its token (JSON by
+default, never pickle): they are woken by the leader's release, not by polling. If the leader
+dies, its lease expires and the next caller in line takes over. Within one process callers
+coalesce first, so one process sends one caller to Redis per key.
 """
 
 from __future__ import annotations
 
-import asyncio
 import builtins
 import json
-import time
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, ParamSpec, TypeVar, cast
 
@@ -29,8 +28,6 @@ Serializer = tuple[Callable[[object], str | bytes], Callable[[str | bytes], obje
 JSON: Serializer = (json.dumps, json.loads)
 
 _TTL = 60_000  # ms a result stays readable for late followers
-_FIRST_POLL = 0.002
-_MAX_POLL = 0.1
 
 
 def _rebuild(payload: dict[str, str]) -> BaseException:
@@ -70,7 +67,13 @@ class RemoteFlights:
             raise _rebuild(cast("dict[str, str]", payload["error"]))
         return payload["ok"]
 
-    # ------------------------------------------------------------------------- async
+    # Leader: takes the lease flight:<key>, runs the work, stores the outcome under its token,
+    # then releases. Follower: notes the holder's token, queues for the lease (woken at the
+    # leader's release, no polling) and reads the outcome stored under that token. No outcome
+    # (the leader died and its lease expired; or the holder was a follower, so the work it
+    # shared had finished before this caller came): the follower holds the lease, so it leads.
+    # Outcomes are never passed on from follower to follower: that would serve a finished
+    # result to callers for as long as new ones keep arriving.
 
     async def do(
         self, key: str, fn: Callable[P, Awaitable[R]], /, *args: P.args, **kwargs: P.kwargs
@@ -89,38 +92,31 @@ class RemoteFlights:
             try:
                 lease = await self._locks.acquire(lock_key, timeout=0)
             except LockTimeout:
-                lease = None
-            if lease is not None:  # the leader: run it, publish the outcome, give up the lease
-                # the outcome is stored before the lease goes, so no follower sees neither
+                leader = await self._backend._holder_async(self._full(lock_key))
+                if leader is None:  # released in between: try again
+                    continue
+                lease = await self._locks.acquire(lock_key)
                 try:
-                    try:
-                        outcome = await fn(*args, **kwargs)
-                    except Exception as exc:
-                        payload = self._encode(None, exc)
-                        await client.set(self._result_key(key, lease.token), payload, px=_TTL)
-                        raise
-                    payload = self._encode(outcome, None)
-                    await client.set(self._result_key(key, lease.token), payload, px=_TTL)
-                    return outcome
-                finally:
+                    raw = await client.get(self._result_key(key, leader))
+                except BaseException:
                     await lease.release()
-            # a follower: wait for the running leader's result, or for its lease to go
-            stats = self._locks.statistics(lock_key)
-            if not stats.held or stats.token is None:
-                continue
-            pause = _FIRST_POLL
-            while True:
-                raw = await client.get(self._result_key(key, stats.token))
+                    raise
                 if raw is not None:
+                    await lease.release()
                     return cast("R", self._decode(raw))
-                now = self._locks.statistics(lock_key)
-                if now.token != stats.token:  # leader finished or died: result or retake
-                    raw = await client.get(self._result_key(key, stats.token))
-                    if raw is not None:
-                        return cast("R", self._decode(raw))
-                    break
-                await asyncio.sleep(pause)
-                pause = min(pause * 2, _MAX_POLL)
+            # the leader: run it, store the outcome, then give up the lease
+            try:
+                try:
+                    outcome = await fn(*args, **kwargs)
+                except Exception as exc:
+                    payload = self._encode(None, exc)
+                    await client.set(self._result_key(key, lease.token), payload, px=_TTL)
+                    raise
+                payload = self._encode(outcome, None)
+                await client.set(self._result_key(key, lease.token), payload, px=_TTL)
+                return outcome
+            finally:
+                await lease.release()
 
     # -------------------------------------------------------------------------- sync
 
@@ -134,36 +130,33 @@ class RemoteFlights:
             try:
                 lease = self._locks.acquire_sync(lock_key, timeout=0)
             except LockTimeout:
-                lease = None
-            if lease is not None:
+                leader = self._locks.statistics(lock_key).token
+                if leader is None:
+                    continue
+                lease = self._locks.acquire_sync(lock_key)
                 try:
-                    try:
-                        outcome = fn(*args, **kwargs)
-                    except Exception as exc:
-                        payload = self._encode(None, exc)
-                        client.set(self._result_key(key, lease.token), payload, px=_TTL)
-                        raise
-                    payload = self._encode(outcome, None)
-                    client.set(self._result_key(key, lease.token), payload, px=_TTL)
-                    return outcome
-                finally:
+                    raw = cast("bytes | None", client.get(self._result_key(key, leader)))
+                except BaseException:
                     lease.release_sync()
-            stats = self._locks.statistics(lock_key)
-            if not stats.held or stats.token is None:
-                continue
-            pause = _FIRST_POLL
-            while True:
-                raw = client.get(self._result_key(key, stats.token))
+                    raise
                 if raw is not None:
-                    return cast("R", self._decode(cast("bytes", raw)))
-                now = self._locks.statistics(lock_key)
-                if now.token != stats.token:
-                    raw = client.get(self._result_key(key, stats.token))
-                    if raw is not None:
-                        return cast("R", self._decode(cast("bytes", raw)))
-                    break
-                time.sleep(pause)
-                pause = min(pause * 2, _MAX_POLL)
+                    lease.release_sync()
+                    return cast("R", self._decode(raw))
+            try:
+                try:
+                    outcome = fn(*args, **kwargs)
+                except Exception as exc:
+                    payload = self._encode(None, exc)
+                    client.set(self._result_key(key, lease.token), payload, px=_TTL)
+                    raise
+                payload = self._encode(outcome, None)
+                client.set(self._result_key(key, lease.token), payload, px=_TTL)
+                return outcome
+            finally:
+                lease.release_sync()
+
+    def _full(self, lock_key: str) -> str:
+        return self._locks._prefix + lock_key
 
     def forget(self, key: str) -> None:
         self._local.forget(key)

@@ -638,6 +638,16 @@ class RedisBackend(Backend):
         with contextlib.suppress(LeaseLost):
             await self.release(key, owner, grant[0])
 
+    async def _holder_async(self, key: str) -> int | None:
+        """The token of *key*'s live lease, or None when nobody holds it (async)."""
+        lock_key, fence_key, _, _ = self._keys(key)
+        with _map_errors(key, self._where):
+            pipe = self._async().pipeline(transaction=False)
+            pipe.get(lock_key)
+            pipe.get(fence_key)
+            owner, token = await pipe.execute()
+        return int(token) if owner is not None and token else None
+
     def statistics(self, key: str) -> KeyStatistics:
         lock_key, fence_key, _, _ = self._keys(key)
         with _map_errors(key, self._where):

@@ -249,3 +249,42 @@ def test_single_flight_takes_over_when_the_leader_dies(server: Server) -> None:
     flight = SingleFlight(RedisBackend.from_url(server.url))
     assert flight.do_sync("job", lambda: "taken over") == "taken over"
     leader.join(10)
+
+
+async def test_single_flight_followers_wait_without_polling(server: Server) -> None:
+    """Followers on other clients queue for the leader's lease and read its result once, when
+    it releases: over a 0.6 s flight each follower reads the result key exactly once (polling,
+    as the first version did, read it a dozen times or more), and each gets the leader's
+    result."""
+    raw = redis.Redis.from_url(server.url)
+    backends = [RedisBackend.from_url(server.url) for _ in range(5)]
+    flights = [SingleFlight(backend) for backend in backends]
+    reads = [0] * len(backends)
+    for n, backend in enumerate(backends):
+        client = backend._async()
+        get = client.get
+
+        async def counting(name: str, n: int = n, get=get) -> object:  # type: ignore[no-untyped-def]
+            reads[n] += 1
+            return await get(name)
+
+        client.get = counting  # type: ignore[method-assign]
+    started = asyncio.Event()
+
+    async def work() -> int:
+        started.set()
+        await asyncio.sleep(0.6)
+        return int(raw.incr("polled:runs"))
+
+    async def never() -> int:
+        raise AssertionError("a follower must not run the work")
+
+    leader = asyncio.create_task(flights[0].do("polled", work))
+    await started.wait()
+    await asyncio.sleep(0.05)  # the leader holds its lease
+    followers = [asyncio.create_task(flight.do("polled", never)) for flight in flights[1:]]
+    results = await asyncio.gather(leader, *followers)
+    assert results == [1] * 5
+    assert reads == [0, 1, 1, 1, 1]
+    for backend in backends:
+        await backend.close()

@@ -17,16 +17,26 @@ Zero rows updated means a newer holder already wrote: raise, do not retry blindl
 
 from __future__ import annotations
 
+import hashlib
 import re
 from typing import TYPE_CHECKING, Protocol, cast
 
 from .errors import StaleToken
 
 if TYPE_CHECKING:
+    import contextlib
+
     import redis
     import redis.asyncio
 
-__all__ = ["FENCED_SET", "fenced_get_sync", "fenced_set", "fenced_set_sync", "fenced_update"]
+__all__ = [
+    "FENCED_SET",
+    "fenced_get",
+    "fenced_get_sync",
+    "fenced_set",
+    "fenced_set_sync",
+    "fenced_update",
+]
 
 # KEYS[1] value key, KEYS[2] highest token accepted; ARGV[1] token, ARGV[2] value
 # -> {1, token} written; {0, highest} rejected and nothing changed
@@ -41,8 +51,22 @@ return {1, ARGV[1]}
 """
 
 
+_SHA = hashlib.sha1(FENCED_SET.encode()).hexdigest()
+
+
 def _keys(resource: str, prefix: str) -> list[str]:
-    return [f"{prefix}:{{{resource}}}", f"{prefix}:{{{resource}}}:fence"]
+    from .backends.redis import _tag  # one hash tag: both keys in one Cluster slot
+
+    base = f"{prefix}:{{{_tag(resource)}}}"
+    return [base, f"{base}:fence"]
+
+
+def _boundary(resource: str, client: object) -> contextlib.AbstractContextManager[None]:
+    """Redis errors become BackendUnavailable naming the server (redis is imported only here:
+    whoever calls these has a redis client already)."""
+    from .backends.redis import _address, _map_errors
+
+    return _map_errors(resource, _address(client))
 
 
 def _verdict(resource: str, token: int, reply: object) -> None:
@@ -67,7 +91,15 @@ def fenced_set_sync(
 
     Raises StaleToken, changing nothing, when a newer token already wrote.
     """
-    _verdict(resource, token, client.eval(FENCED_SET, 2, *_keys(resource, prefix), token, value))
+    from redis.exceptions import NoScriptError
+
+    keys = _keys(resource, prefix)
+    with _boundary(resource, client):
+        try:
+            reply = client.evalsha(_SHA, 2, *keys, token, value)
+        except NoScriptError:
+            reply = client.eval(FENCED_SET, 2, *keys, token, value)
+    _verdict(resource, token, reply)
 
 
 async def fenced_set(
@@ -79,7 +111,14 @@ async def fenced_set(
     prefix: str = "keylock:fenced",
 ) -> None:
     """Async twin of :func:`fenced_set_sync`."""
-    reply = await client.eval(FENCED_SET, 2, *_keys(resource, prefix), token, value)
+    from redis.exceptions import NoScriptError
+
+    keys = _keys(resource, prefix)
+    with _boundary(resource, client):
+        try:
+            reply = await client.evalsha(_SHA, 2, *keys, token, value)
+        except NoScriptError:
+            reply = await client.eval(FENCED_SET, 2, *keys, token, value)
     _verdict(resource, token, reply)
 
 
@@ -87,7 +126,17 @@ def fenced_get_sync(
     client: redis.Redis, resource: str, *, prefix: str = "keylock:fenced"
 ) -> tuple[bytes | None, int | None]:
     """The stored value and the highest token accepted for *resource*."""
-    value, fence = client.mget(_keys(resource, prefix))
+    with _boundary(resource, client):
+        value, fence = client.mget(_keys(resource, prefix))
+    return cast("bytes | None", value), (int(fence) if fence is not None else None)
+
+
+async def fenced_get(
+    client: redis.asyncio.Redis, resource: str, *, prefix: str = "keylock:fenced"
+) -> tuple[bytes | None, int | None]:
+    """Async twin of :func:`fenced_get_sync`."""
+    with _boundary(resource, client):
+        value, fence = await client.mget(_keys(resource, prefix))
     return cast("bytes | None", value), (int(fence) if fence is not None else None)
 
 

@@ -12,7 +12,7 @@ import pytest
 
 import keylock
 import keylock.backends
-from keylock import KeyedLock, Lease, SingleFlight
+from keylock import KeyedLock, Lease, SingleFlight, fencing
 from keylock.backends import Backend
 
 KEYLOCK_ALL = [
@@ -109,6 +109,39 @@ def test_sync_twins_take_the_same_parameters(async_fn: object, sync_fn: object) 
     async_sig = inspect.signature(async_fn)  # type: ignore[arg-type]
     sync_sig = inspect.signature(sync_fn)  # type: ignore[arg-type]
     assert async_sig.parameters == sync_sig.parameters
+
+
+OVERRIDES = [
+    (cls.acquire, cls.acquire_sync)
+    for cls in (keylock.backends.RedisBackend, keylock.backends.FileBackend)
+] + [
+    (keylock.backends.RedisBackend.release, keylock.backends.RedisBackend.release_sync),
+    (keylock.backends.RedisBackend.extend, keylock.backends.RedisBackend.extend_sync),
+    (keylock.backends.RedisBackend.close, keylock.backends.RedisBackend.close_sync),
+]
+
+
+@pytest.mark.parametrize(
+    ("async_fn", "sync_fn"), OVERRIDES, ids=[sync.__qualname__ for _, sync in OVERRIDES]
+)
+def test_backend_overrides_keep_the_base_parameters(async_fn: object, sync_fn: object) -> None:
+    """A backend that writes its own twins keeps them equal to each other and to the base."""
+    base = getattr(Backend, sync_fn.__name__)  # type: ignore[attr-defined]
+    assert inspect.signature(async_fn).parameters == inspect.signature(sync_fn).parameters  # type: ignore[arg-type]
+    assert inspect.signature(sync_fn).parameters == inspect.signature(base).parameters  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    ("async_fn", "sync_fn"),
+    [(fencing.fenced_set, fencing.fenced_set_sync), (fencing.fenced_get, fencing.fenced_get_sync)],
+)
+def test_fencing_twins_differ_only_in_the_client_they_take(
+    async_fn: object, sync_fn: object
+) -> None:
+    a = inspect.signature(async_fn).parameters  # type: ignore[arg-type]
+    s = inspect.signature(sync_fn).parameters  # type: ignore[arg-type]
+    assert list(a) == list(s)
+    assert all(a[name] == s[name] for name in a if name != "client")
 
 
 def test_single_flight_twins_differ_only_in_the_function_they_take() -> None:

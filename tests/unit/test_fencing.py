@@ -10,7 +10,7 @@ import redis
 from keylock import StaleToken
 from keylock.fencing import fenced_get_sync, fenced_set, fenced_set_sync, fenced_update
 
-from .._redis_server import Server
+from .._redis_server import Cluster, Server
 
 
 @pytest.fixture
@@ -55,3 +55,44 @@ def test_sql_fence_pattern_with_sqlite() -> None:
     assert db.execute("SELECT status, fence FROM jobs WHERE id = 1").fetchone() == ("done", 205)
     with pytest.raises(ValueError, match="identifier"):
         fenced_update(db, "jobs; DROP TABLE jobs", 1, 300, {"status": "x"})
+
+
+async def test_fenced_get_async_twin(redis_server: Server) -> None:
+    import redis.asyncio
+
+    from keylock.fencing import fenced_get
+
+    redis_server.flush()
+    client = redis.asyncio.Redis.from_url(redis_server.url)
+    assert await fenced_get(client, "g") == (None, None)
+    await fenced_set(client, "g", 7, "seven")
+    assert await fenced_get(client, "g") == (b"seven", 7)
+    await client.aclose()
+
+
+def test_an_unreachable_store_is_backend_unavailable() -> None:
+    from keylock import BackendUnavailable
+
+    from .._redis_server import free_port
+
+    client = redis.Redis(port=free_port())
+    with pytest.raises(BackendUnavailable, match="invoice:9") as info:
+        fenced_set_sync(client, "invoice:9", 1, "x")
+    assert isinstance(info.value.__cause__, redis.ConnectionError)
+    with pytest.raises(BackendUnavailable):
+        fenced_get_sync(client, "invoice:9")
+
+
+def test_fenced_writes_on_a_cluster_even_with_braces_in_the_name(redis_cluster: Cluster) -> None:
+    """The value and its fence share one hash tag, also for names with braces (a raw
+    ``{name}`` tag would split them across slots: CROSSSLOT)."""
+    import redis.cluster
+
+    redis_cluster.flush()
+    client = redis.cluster.RedisCluster(host=redis_cluster.host, port=redis_cluster.port)
+    for name in ("invoice:7", "a}b", "{x}"):
+        fenced_set_sync(client, name, 10, "ten")
+        with pytest.raises(StaleToken):
+            fenced_set_sync(client, name, 9, "nine")
+        assert fenced_get_sync(client, name) == (b"ten", 10)  # type: ignore[arg-type]
+    client.close()

@@ -17,9 +17,10 @@ from typing import TYPE_CHECKING, ParamSpec, TypeVar, cast
 from ..errors import LockTimeout
 from ..registry import KeyedLock
 from ..singleflight import SingleFlight
+from .redis import _map_errors
 
 if TYPE_CHECKING:
-    from .redis import RedisBackend
+    from .redis import AsyncClient, RedisBackend, SyncClient
 
 P = ParamSpec("P")
 R = TypeVar("R")
@@ -97,7 +98,7 @@ class RemoteFlights:
                     continue
                 lease = await self._locks.acquire(lock_key)
                 try:
-                    raw = await client.get(self._result_key(key, leader))
+                    raw = await self._get(client, key, leader)
                 except BaseException:
                     await lease.release()
                     raise
@@ -110,10 +111,10 @@ class RemoteFlights:
                     outcome = await fn(*args, **kwargs)
                 except Exception as exc:
                     payload = self._encode(None, exc)
-                    await client.set(self._result_key(key, lease.token), payload, px=_TTL)
+                    await self._put(client, key, lease.token, payload)
                     raise
                 payload = self._encode(outcome, None)
-                await client.set(self._result_key(key, lease.token), payload, px=_TTL)
+                await self._put(client, key, lease.token, payload)
                 return outcome
             finally:
                 await lease.release()
@@ -135,7 +136,7 @@ class RemoteFlights:
                     continue
                 lease = self._locks.acquire_sync(lock_key)
                 try:
-                    raw = cast("bytes | None", client.get(self._result_key(key, leader)))
+                    raw = self._get_sync(client, key, leader)
                 except BaseException:
                     lease.release_sync()
                     raise
@@ -147,16 +148,34 @@ class RemoteFlights:
                     outcome = fn(*args, **kwargs)
                 except Exception as exc:
                     payload = self._encode(None, exc)
-                    client.set(self._result_key(key, lease.token), payload, px=_TTL)
+                    self._put_sync(client, key, lease.token, payload)
                     raise
                 payload = self._encode(outcome, None)
-                client.set(self._result_key(key, lease.token), payload, px=_TTL)
+                self._put_sync(client, key, lease.token, payload)
                 return outcome
             finally:
                 lease.release_sync()
 
     def _full(self, lock_key: str) -> str:
         return self._locks._prefix + lock_key
+
+    # Outcomes in Redis; errors become BackendUnavailable here, once.
+
+    async def _get(self, client: AsyncClient, key: str, token: int) -> bytes | None:
+        with _map_errors(key, self._backend._where):
+            return cast("bytes | None", await client.get(self._result_key(key, token)))
+
+    async def _put(self, client: AsyncClient, key: str, token: int, payload: str | bytes) -> None:
+        with _map_errors(key, self._backend._where):
+            await client.set(self._result_key(key, token), payload, px=_TTL)
+
+    def _get_sync(self, client: SyncClient, key: str, token: int) -> bytes | None:
+        with _map_errors(key, self._backend._where):
+            return cast("bytes | None", client.get(self._result_key(key, token)))
+
+    def _put_sync(self, client: SyncClient, key: str, token: int, payload: str | bytes) -> None:
+        with _map_errors(key, self._backend._where):
+            client.set(self._result_key(key, token), payload, px=_TTL)
 
     def forget(self, key: str) -> None:
         self._local.forget(key)

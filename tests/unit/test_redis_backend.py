@@ -417,3 +417,24 @@ async def test_cluster_clients_of_either_kind(redis_cluster: Cluster) -> None:
     assert "cluster" in repr(sync_only.backend)
     await sync_only.close()
     await async_only.close()
+
+
+def test_single_flight_storage_errors_are_backend_unavailable(url: str) -> None:
+    """The leader's result cannot be stored (the connection breaks): the caller gets
+    BackendUnavailable naming the key, not a raw redis error, and the lease is released."""
+    from keylock import SingleFlight
+
+    backend = RedisBackend.from_url(url)
+    flight = SingleFlight(backend)
+    client = backend._sync()
+
+    def broken_set(*args: object, **kwargs: object) -> None:
+        raise redis.ConnectionError("connection reset by peer")
+
+    client.set = broken_set  # type: ignore[method-assign]
+    with pytest.raises(BackendUnavailable, match="user:1"):
+        flight.do_sync("user:1", lambda: 42)
+    other = KeyedLock(RedisBackend.from_url(url), namespace="flight")
+    other.acquire_sync("flight:user:1", timeout=0).release_sync()  # nothing left held
+    backend.close_sync()
+    other.close_sync()

@@ -203,7 +203,7 @@ class FileBackend(Backend):
                 held.local_token = local[0]
                 held.owner = owner
                 held.token = token = self._next_token(held.fd, owner, ttl)
-                return Grant(token, None if ttl is None else time.time() + ttl)
+                return Grant(token, local[1])
         fd = self._open(key)
         try:
             portalocker.lock(fd, _LOCK_NB)
@@ -232,7 +232,9 @@ class FileBackend(Backend):
             raise
         with shared.mutex:
             shared.held[key] = _Held(fd, token, owner, local[0], os.getpid())
-        return Grant(token, None if ttl is None else time.time() + ttl)
+        # the lease lapses when its in-process turn does: report that expiry, never a later one
+        # (counting from now, after the OS lock, told the holder it had ~0.1 ms it did not have)
+        return Grant(token, local[1])
 
     @staticmethod
     def _next_token(fd: int, owner: bytes, ttl: float | None) -> int:

@@ -3,6 +3,7 @@ prune, and the lock-file record."""
 
 from __future__ import annotations
 
+import asyncio
 import gc
 import os
 from pathlib import Path
@@ -135,3 +136,28 @@ def test_prune_removes_idle_files_only(tmp_path: Path) -> None:
     held.release_sync()
     with locks.sync("a"):  # a pruned key is simply recreated
         pass
+
+
+async def test_a_lease_never_reports_a_later_expiry_than_it_has(tmp_path: Path) -> None:
+    """The lease lapses when its in-process turn does (a waiter here takes it over then), so
+    ``expires_at`` must be that moment, not one counted after the OS lock was taken: that
+    promised the holder time it did not have (the chaos history checker caught a takeover
+    ~0.1 ms before the reported expiry). Checked on the one-step path and the waiting path."""
+    backend = FileBackend(tmp_path / "locks")
+    locks = KeyedLock(backend)
+    local = backend._shared.local
+    lease = await locks.acquire("exp", ttl=5)  # one step: free key
+    assert lease.expires_at is not None
+    assert lease.expires_at <= local._entries["exp"][1]
+    waiter = asyncio.create_task(locks.acquire("exp", ttl=5))  # waits, then takes it on
+    await asyncio.sleep(0.01)
+    await lease.release()
+    second = await waiter
+    assert second.expires_at is not None
+    assert second.expires_at <= local._entries["exp"][1]
+    await second.release()
+    lease = locks.acquire_sync("exp", ttl=5)
+    assert lease.expires_at is not None
+    assert lease.expires_at <= local._entries["exp"][1]
+    lease.release_sync()
+    locks.close_sync()

@@ -81,7 +81,8 @@ local function hand_off(key)
   local token = mint(ttl_ms)
   redis.call('ZREM', KEYS[3], head)
   redis.call('HDEL', KEYS[4], head)
-  redis.call('PUBLISH', channel, key .. '\\0' .. head .. token)
+  local granted_at = string.format('%.0f', clock)  -- lets the waiter date its lease
+  redis.call('PUBLISH', channel, key .. '\\0' .. head .. token .. ' ' .. granted_at)
 end
 """
 
@@ -89,7 +90,8 @@ end
 # ARGV[3] '1' to queue up if not granted, ARGV[4] how long a queued waiter stays in line without
 # coming back (ms), ARGV[5] the waiter's wake-up channel
 # -> {1, token, TTL ms left} granted (now, or earlier by a hand-off); {0, holder's PTTL ms, or
-# -2 when the key is free but promised to the head of the queue}; {0, -3} the caller has left
+# -2 when the key is free but promised to the head of the queue, server clock µs when queued};
+# {0, -3} the caller has left
 ACQUIRE = (
     _PRELUDE
     + """
@@ -113,6 +115,7 @@ if ARGV[3] == '1' then
   redis.call('HSET', KEYS[4], ARGV[1], entry)
   redis.call('PEXPIRE', KEYS[3], tonumber(ARGV[4]) * 2)
   redis.call('PEXPIRE', KEYS[4], tonumber(ARGV[4]) * 2)
+  return {0, redis.call('PTTL', KEYS[1]), string.format('%.0f', clock)}
 end
 return {0, redis.call('PTTL', KEYS[1])}
 """
@@ -264,6 +267,8 @@ class RedisBackend(Backend):
         )
         self._async_clients.clear()  # their sockets are the parent's
         self._renewer: _Renewer | None = None
+        # (server clock - ours) in s, and its uncertainty: read from queueing replies
+        self._clock: tuple[float, float] = (0.0, float("inf"))
 
     @classmethod
     def from_url(
@@ -397,6 +402,9 @@ class RedisBackend(Backend):
         if int(granted):
             # expiry as seen from here: counted from before the request, so never late
             return self._adopt(key, owner, local, Grant(int(value), sent_at + int(rest[0]) / 1000))
+        if rest:  # queued: the reply carries the server's clock, to date hand-offs by
+            received = time.time()
+            self._clock = (int(rest[0]) / 1e6 - (sent_at + received) / 2, (received - sent_at) / 2)
         if waiter is not None:
             pttl = int(value)
             wake = self.poll if pttl < 0 else min(pttl / 1000 + 0.001, self.poll)
@@ -450,19 +458,28 @@ class RedisBackend(Backend):
                 if not waiters:
                     del self._waiters[key]
 
-    def _released(self, key: str, head: bytes, token: bytes) -> None:
-        """Called by the listener thread for each hand-off to one of this backend's waiters:
-        the grant goes to the waiter whose owner id is at the head of the queue."""
+    def _released(self, key: str, head: bytes, grant: bytes) -> None:
+        """Called by the listener thread for each hand-off to one of this backend's waiters
+        (*grant*: b"<token> <server clock µs>"): the grant goes to the waiter whose owner id is
+        at the head of the queue."""
         with self._mutex:
             waiters = list(self._waiters.get(key, ()))
+        token, _, granted_us = grant.partition(b" ")
         for waiter in waiters:
             if waiter.owner == head:
                 if token.isdigit() and waiter.grant is None:
                     ttl = waiter.ttl or self._ttl
-                    # granted just before the message left: a margin keeps the expiry early
-                    margin = max(0.05, ttl * 0.01)
-                    waiter.grant = Grant(int(token), time.time() + ttl - margin)
+                    waiter.grant = Grant(int(token), self._handed_expiry(granted_us, ttl))
                 waiter.wake()
+
+    def _handed_expiry(self, granted_us: bytes, ttl: float) -> float:
+        """When a lease handed over at server time *granted_us* lapses, on this host's clock,
+        never later than it really does (the message may have been delayed on its way)."""
+        offset, error = self._clock
+        if granted_us.isdigit() and error < 1.0:
+            # the server's clock read against ours at our last queueing, to within half a trip
+            return int(granted_us) / 1e6 - offset + ttl - error - 0.001
+        return time.time() + ttl - max(0.05, ttl * 0.01)  # no reading: assume a short delay
 
     # Two phases, as in FileBackend: this backend's own FIFO queue (the memory backend's
     # driver: timeouts, cancellation), then Redis, where the waiter sleeps until the key is
@@ -819,8 +836,8 @@ class _Listener:
                     data = message.get("data")
                     if isinstance(data, bytes):
                         key, _, rest = data.partition(b"\0")  # keys never contain NUL
-                        head, token = rest[:16], rest[16:]  # owner ids are 16 bytes
-                        backend._released(key.decode("utf-8", "surrogatepass"), head, token)
+                        head, grant = rest[:16], rest[16:]  # owner ids are 16 bytes
+                        backend._released(key.decode("utf-8", "surrogatepass"), head, grant)
             except Exception as exc:
                 self.subscribed.clear()
                 if self._stop.is_set():

@@ -438,3 +438,30 @@ def test_single_flight_storage_errors_are_backend_unavailable(url: str) -> None:
     other.acquire_sync("flight:user:1", timeout=0).release_sync()  # nothing left held
     backend.close_sync()
     other.close_sync()
+
+
+def test_a_handed_over_lease_is_dated_by_the_server_not_by_the_message(url: str) -> None:
+    """A hand-off message can arrive late (a busy listener, a slow network): the lease was
+    granted when the release script ran, so its expiry counts from then, on the server's clock
+    read against ours. Dating it from the message's arrival (minus a fixed 50 ms, as before)
+    promised a holder whose message came 200 ms late 150 ms it did not have."""
+    backend = RedisBackend.from_url(url, ttl=10)
+    holder = KeyedLock(RedisBackend.from_url(url))
+    lease = holder.acquire_sync("dated")
+    with pytest.raises(LockTimeout):  # queues, and reads the server clock on the way
+        KeyedLock(backend).acquire_sync("dated", timeout=0.05)
+    offset, error = backend._clock
+    assert error < 0.5
+    assert abs(offset) < 1.0  # same host: the clocks agree
+    server_now_us = (time.time() + offset) * 1e6
+    late = 0.2
+    granted_us = str(int(server_now_us - late * 1e6)).encode()
+    expiry = backend._handed_expiry(granted_us, 10.0)
+    assert expiry <= time.time() - late + 10.0 + 0.005  # never later than the true expiry
+    assert expiry >= time.time() - late + 10.0 - 0.5  # and not needlessly early
+    backend._clock = (100.0, 0.001)  # a server whose clock runs 100 s ahead of ours
+    expiry = backend._handed_expiry(str(int((time.time() + 100.0) * 1e6)).encode(), 10.0)
+    assert abs(expiry - (time.time() + 10.0)) < 0.1
+    lease.release_sync()
+    holder.close_sync()
+    backend.close_sync()

@@ -10,6 +10,7 @@ used through its public API. Errors are redis-py's; the backend translates them 
 
 from __future__ import annotations
 
+import asyncio
 import os
 import weakref
 from typing import TYPE_CHECKING, cast
@@ -20,6 +21,7 @@ import redis.asyncio.cluster
 import redis.cluster
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import NoScriptError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 if TYPE_CHECKING:
     from collections.abc import Sequence
@@ -41,6 +43,15 @@ def _plain_pool(client: object) -> object:
     return pool if plain else None
 
 
+def _limit(timeout: float | None, socket_timeout: float | None) -> float | None:
+    """How long to wait for a reply: the caller's bound, capped by the socket timeout."""
+    if timeout is None:
+        return socket_timeout
+    return (
+        max(timeout, 0.001) if socket_timeout is None else max(min(timeout, socket_timeout), 0.001)
+    )
+
+
 class SyncWire:
     """Runs scripts for threads: each call takes an idle connection (or makes one), so
     concurrent callers never share a socket. A connection that fails is dropped; a call that
@@ -54,7 +65,17 @@ class SyncWire:
         self._made: weakref.WeakSet[redis.Connection] = weakref.WeakSet()  # closed by close()
         self._pid = os.getpid()
 
-    def call(self, sha: str, text: str, keys: Sequence[str], args: Sequence[_Arg]) -> object:
+    def call(
+        self,
+        sha: str,
+        text: str,
+        keys: Sequence[str],
+        args: Sequence[_Arg],
+        timeout: float | None = None,
+    ) -> object:
+        """One script call; with *timeout*, its reply is awaited at most that long (and never
+        longer than the client's socket timeout): redis-py's TimeoutError then, the script
+        having run or not. Only plain pools honour *timeout*."""
         pool = self._pool
         if pool is None:
             try:
@@ -72,13 +93,15 @@ class SyncWire:
                 conn = pool.connection_class(**pool.connection_kwargs)
                 self._made.add(conn)
             # (redis-py's sync Connection is untyped: hence the ignores)
+            # (no timeout: redis-py's default read, which costs no extra system calls)
+            bound = {} if timeout is None else {"timeout": _limit(timeout, conn.socket_timeout)}
             try:
                 conn.send_command("EVALSHA", sha, len(keys), *keys, *args)  # type: ignore[no-untyped-call]
                 try:
-                    reply = conn.read_response()
+                    reply = conn.read_response(**bound)
                 except NoScriptError:  # a new or flushed server: send the text once
                     conn.send_command("EVAL", text, len(keys), *keys, *args)  # type: ignore[no-untyped-call]
-                    reply = conn.read_response()
+                    reply = conn.read_response(**bound)
             except RedisConnectionError:
                 conn.disconnect()  # type: ignore[no-untyped-call]
                 if attempt == 2:
@@ -109,26 +132,41 @@ class AsyncWire:
         self._idle: list[redis.asyncio.Connection] = []
         self._made: weakref.WeakSet[redis.asyncio.Connection] = weakref.WeakSet()
 
-    async def call(self, sha: str, text: str, keys: Sequence[str], args: Sequence[_Arg]) -> object:
+    async def call(
+        self,
+        sha: str,
+        text: str,
+        keys: Sequence[str],
+        args: Sequence[_Arg],
+        timeout: float | None = None,
+    ) -> object:
+        """One script call; *timeout* bounds the wait for its reply, as in :class:`SyncWire`
+        (through the client's API, a cancel at the bound: TimeoutError)."""
         pool = self._pool
         if pool is None:
-            try:
-                return await self._client.evalsha(sha, len(keys), *keys, *args)
-            except NoScriptError:
-                return await self._client.eval(text, len(keys), *keys, *args)
+            async with asyncio.timeout(timeout):
+                try:
+                    return await self._client.evalsha(sha, len(keys), *keys, *args)
+                except NoScriptError:
+                    return await self._client.eval(text, len(keys), *keys, *args)
         for attempt in (1, 2):
             try:
                 conn = self._idle.pop()
             except IndexError:
                 conn = pool.connection_class(**pool.connection_kwargs)  # type: ignore[assignment]
                 self._made.add(conn)
+            limit = _limit(timeout, conn.socket_timeout)
             try:
                 await conn.send_command("EVALSHA", sha, len(keys), *keys, *args)
                 try:
-                    reply = await conn.read_response()
+                    reply = await conn.read_response(timeout=limit)
                 except NoScriptError:
                     await conn.send_command("EVAL", text, len(keys), *keys, *args)
-                    reply = await conn.read_response()
+                    reply = await conn.read_response(timeout=limit)
+                if reply is None and timeout is not None:
+                    # redis-py answers None when a read given its own timeout runs out, and
+                    # leaves the reply pending on the socket (a script never answers None)
+                    raise RedisTimeoutError(f"no reply within {limit} s")
             except RedisConnectionError:
                 await conn.disconnect()
                 if attempt == 2:

@@ -20,7 +20,7 @@ import redis.asyncio.cluster
 import redis.cluster
 from redis.exceptions import RedisError
 
-from ..errors import BackendUnavailable, LeaseLost, LockTimeout
+from ..errors import BackendUnavailable, KeylockError, LeaseLost, LockTimeout
 from ._redis_wire import AsyncWire, SyncWire
 from .base import Backend, Grant, KeyStatistics, LoopWaiter, ThreadWaiter, Waiter, _timeout
 from .memory import MemoryBackend
@@ -355,15 +355,27 @@ class RedisBackend(Backend):
             keys.append(f"{base}:left:{owner.hex()}")
         return keys
 
-    def _run_sync(self, script: str, key: str, keys: Sequence[str], args: Sequence[_Arg]) -> object:
+    def _run_sync(
+        self,
+        script: str,
+        key: str,
+        keys: Sequence[str],
+        args: Sequence[_Arg],
+        bound: float | None = None,
+    ) -> object:
         wire = self._wire
         if wire is None:
             wire = self._wire = SyncWire(self._sync())
         with _map_errors(key, self._where):
-            return wire.call(_SHA[script], _TEXT[script], keys, args)
+            return wire.call(_SHA[script], _TEXT[script], keys, args, bound)
 
     async def _run_async(
-        self, script: str, key: str, keys: Sequence[str], args: Sequence[_Arg]
+        self,
+        script: str,
+        key: str,
+        keys: Sequence[str],
+        args: Sequence[_Arg],
+        bound: float | None = None,
     ) -> object:
         loop = asyncio.get_running_loop()
         wire = self._async_wires.get(loop)
@@ -372,7 +384,7 @@ class RedisBackend(Backend):
         task = asyncio.current_task()
         cancels = 0 if task is None else task.cancelling()
         with _map_errors(key, self._where):
-            reply = await wire.call(_SHA[script], _TEXT[script], keys, args)
+            reply = await wire.call(_SHA[script], _TEXT[script], keys, args, bound)
         if task is not None and task.cancelling() > cancels:
             # Python 3.11's wait_for (inside redis-py's send) swallows a cancel that lands as
             # the send completes: honour it, so a cancelled caller never walks off with a lease
@@ -501,12 +513,15 @@ class RedisBackend(Backend):
         )
         waiter = None if timeout == 0 else LoopWaiter(owner, lease_ttl)
         in_flight = False  # an ACQUIRE was sent and its reply has not come back
+        tried = False
         try:
             if waiter is not None:
                 listener = self._watch(key, waiter)
-                for _ in range(1000):  # a new listener: let it subscribe before we queue up
-                    if listener.subscribed.is_set():
-                        break
+                # a new listener: let it subscribe before we queue up (up to 1 s, and never
+                # past the deadline: meanwhile a waiter looks again every 10 ms anyway)
+                until = time.monotonic() + min(1.0, _bound(deadline, timeout) or 1.0)
+                # (a threading.Event, set by the listener thread: polled, not awaited)
+                while not listener.subscribed.is_set() and time.monotonic() < until:  # noqa: ASYNC110
                     await asyncio.sleep(0.001)
             while True:
                 if waiter is not None:
@@ -514,10 +529,17 @@ class RedisBackend(Backend):
                     handed = waiter.grant  # the key was handed to us at a release
                     if handed is not None:
                         return self._adopt(key, owner, local, handed)
+                if tried and deadline is not None and time.monotonic() >= deadline:
+                    raise _timeout(key, timeout)  # woken at the deadline: no trip past it
+                tried = True
                 keys, args = self._acquire_args(key, owner, lease_ttl, waiter is not None)
+                bound = _bound(deadline, timeout)
                 sent_at = time.time()
                 in_flight = True
-                reply = await self._run_async("acquire", key, keys, args)
+                try:
+                    reply = await self._run_async("acquire", key, keys, args, bound)
+                except BackendUnavailable as exc:
+                    raise _late(exc, deadline, key, timeout) from exc.__cause__
                 in_flight = False
                 grant = self._parse_acquire(key, owner, lease_ttl, local, reply, sent_at, waiter)
                 if grant is not None:
@@ -529,8 +551,8 @@ class RedisBackend(Backend):
             self._local._discard_sync(key, owner, local)
             if waiter is not None or in_flight:
                 keys, args = self._leave_args(key, owner, lease_ttl, in_flight)
-                with contextlib.suppress(BackendUnavailable):
-                    await asyncio.shield(self._run_async("leave", key, keys, args))
+                leave = _in_background(self._run_async("leave", key, keys, args))
+                await asyncio.wait({leave}, timeout=_GIVE_UP_WAIT)  # it lands, or goes on alone
             raise
         finally:
             if waiter is not None:
@@ -546,19 +568,27 @@ class RedisBackend(Backend):
         )
         waiter = None if timeout == 0 else ThreadWaiter(owner, lease_ttl)
         in_flight = False
+        tried = False
         try:
             if waiter is not None:
-                self._watch(key, waiter).subscribed.wait(1.0)
+                self._watch(key, waiter).subscribed.wait(min(1.0, _bound(deadline, timeout) or 1.0))
             while True:
                 if waiter is not None:
                     waiter.prepare()
                     handed = waiter.grant
                     if handed is not None:
                         return self._adopt(key, owner, local, handed)
+                if tried and deadline is not None and time.monotonic() >= deadline:
+                    raise _timeout(key, timeout)  # woken at the deadline: no trip past it
+                tried = True
                 keys, args = self._acquire_args(key, owner, lease_ttl, waiter is not None)
+                bound = _bound(deadline, timeout)
                 sent_at = time.time()
                 in_flight = True
-                reply = self._run_sync("acquire", key, keys, args)
+                try:
+                    reply = self._run_sync("acquire", key, keys, args, bound)
+                except BackendUnavailable as exc:
+                    raise _late(exc, deadline, key, timeout) from exc.__cause__
                 in_flight = False
                 grant = self._parse_acquire(key, owner, lease_ttl, local, reply, sent_at, waiter)
                 if grant is not None:
@@ -571,7 +601,7 @@ class RedisBackend(Backend):
             if waiter is not None or in_flight:
                 keys, args = self._leave_args(key, owner, lease_ttl, in_flight)
                 with contextlib.suppress(BackendUnavailable):
-                    self._run_sync("leave", key, keys, args)
+                    self._run_sync("leave", key, keys, args, _GIVE_UP_WAIT)
             raise
         finally:
             if waiter is not None:
@@ -753,11 +783,44 @@ os.register_at_fork(after_in_child=_after_fork_in_child)
 _background: set[asyncio.Future[object]] = set()  # finishing calls, kept alive until done
 
 
-def _in_background(call: Coroutine[object, object, object]) -> None:
-    """Run *call* to its end in a task nobody awaits (its failure is logged)."""
+def _in_background(call: Coroutine[object, object, object]) -> asyncio.Future[object]:
+    """Run *call* to its end in a task nobody needs to await (its failure is logged)."""
     task = asyncio.ensure_future(call)
     _background.add(task)
     task.add_done_callback(_forget)
+    return task
+
+
+# A caller that gives up (timeout, cancel, error) waits this long for its LEAVE to land, then
+# goes on while the LEAVE finishes alone: on a link that drops everything, giving up must not
+# cost another socket timeout. (In sync code, the LEAVE's reply is waited for this long.)
+_GIVE_UP_WAIT = 0.25
+
+
+def _bound(deadline: float | None, timeout: float | None) -> float | None:
+    """How long one round trip of an acquire may take: until the caller's deadline, but at
+    least _MIN_TRIP (a trip sent just before the deadline still gets a fair chance). A try with
+    timeout=0 is one round trip, bounded by the socket timeout alone."""
+    if deadline is None or timeout == 0:
+        return None
+    return max(deadline - time.monotonic(), _MIN_TRIP)
+
+
+_MIN_TRIP = 0.05
+
+
+def _late(
+    exc: BackendUnavailable, deadline: float | None, key: str, timeout: float | None
+) -> KeylockError:
+    """A round trip that failed: LockTimeout if it ran into the caller's deadline, else the
+    backend's error as it is."""
+    if (
+        deadline is not None
+        and isinstance(exc.__cause__, TimeoutError | redis.exceptions.TimeoutError)
+        and time.monotonic() >= deadline - 0.002
+    ):
+        return _timeout(key, timeout)
+    return exc
 
 
 def _forget(task: asyncio.Future[object]) -> None:

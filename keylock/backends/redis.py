@@ -37,14 +37,16 @@ logger = logging.getLogger("keylock")
 
 # Every script gets the same four keys of one lock (one hash tag, so one Cluster slot):
 # KEYS[1] lock (value: owner id), KEYS[2] fence (last token), KEYS[3] queue (zset owner ->
-# arrival µs), KEYS[4] queue members (hash owner -> "<deadline ms> <lease TTL ms> <channel>").
+# arrival µs), KEYS[4] queue members (hash owner -> "<deadline ms> <lease TTL ms> <claim ms>
+# <channel>").
 # Tokens are max(last + 1, server clock in µs): they rise even when Redis lost the fence key
 # (restart without persistence, failover to a lagging replica), because the clock has moved on
 # past every token it ever minted (at most one grant per µs of a single-threaded server).
 # Waiters queue FIFO across all clients; a release hands the key straight to the live head of
-# the queue (no barging, no extra round trip) and publishes "<key>\\0<head><token>" on the
-# channel of the head's backend only, so one process wakes per hand-off, not every process
-# that waits; a waiter that does not come back in time leaves the line.
+# the queue (no barging, no extra round trip) and publishes "<key>\\0<head><token> <granted
+# at, server µs> <claim ms>" on the channel of the head's process only, so one process wakes
+# per hand-off, not every process that waits; a waiter that does not come back in time leaves
+# the line.
 _PRELUDE = """
 local clock, now_ms
 local function tick()  -- the server clock, read once per script and only when needed
@@ -76,19 +78,22 @@ end
 local function hand_off(key)
   local head, entry = live_head()
   if not head then return end  -- nobody in line: waiters queue in their first trip
-  local ttl_ms, channel = string.match(entry, '^%d+ (%d+) (.*)$')
-  redis.call('SET', KEYS[1], head, 'PX', ttl_ms)
+  -- the head gets the key for its claim window only (its renewer, or its acquire, extends
+  -- it to the full TTL): a waiter that died in line holds it that long, not a whole TTL
+  local ttl_ms, claim_ms, channel = string.match(entry, '^%d+ (%d+) (%d+) (.*)$')
+  redis.call('SET', KEYS[1], head, 'PX', claim_ms)
   local token = mint(ttl_ms)
   redis.call('ZREM', KEYS[3], head)
   redis.call('HDEL', KEYS[4], head)
-  local granted_at = string.format('%.0f', clock)  -- lets the waiter date its lease
-  redis.call('PUBLISH', channel, key .. '\\0' .. head .. token .. ' ' .. granted_at)
+  local granted = string.format('%.0f', clock) .. ' ' .. claim_ms  -- dates the waiter's lease
+  redis.call('PUBLISH', channel, key .. '\\0' .. head .. token .. ' ' .. granted)
 end
 """
 
 # KEYS[5] the acquisition's departure mark (see LEAVE); ARGV[1] owner, ARGV[2] lease TTL ms,
 # ARGV[3] '1' to queue up if not granted, ARGV[4] how long a queued waiter stays in line without
-# coming back (ms), ARGV[5] the waiter's wake-up channel
+# coming back (ms), ARGV[5] the waiter's wake-up channel, ARGV[6] how long a lease handed to it
+# at a release lasts before it is extended (ms, at most the TTL)
 # -> {1, token, TTL ms left} granted (now, or earlier by a hand-off); {0, holder's PTTL ms, or
 # -2 when the key is free but promised to the head of the queue, server clock µs when queued};
 # {0, -3} the caller has left
@@ -111,7 +116,7 @@ end
 if ARGV[3] == '1' then
   tick()
   redis.call('ZADD', KEYS[3], 'NX', clock, ARGV[1])
-  local entry = (now_ms + tonumber(ARGV[4])) .. ' ' .. ARGV[2] .. ' ' .. ARGV[5]
+  local entry = (now_ms + tonumber(ARGV[4])) .. ' ' .. ARGV[2] .. ' ' .. ARGV[6] .. ' ' .. ARGV[5]
   redis.call('HSET', KEYS[4], ARGV[1], entry)
   redis.call('PEXPIRE', KEYS[3], tonumber(ARGV[4]) * 2)
   redis.call('PEXPIRE', KEYS[4], tonumber(ARGV[4]) * 2)
@@ -397,7 +402,11 @@ class RedisBackend(Backend):
         self, key: str, owner: bytes, ttl: float, waiting: bool
     ) -> tuple[list[str], list[_Arg]]:
         ms = max(int(ttl * 1000), 1)
-        args: list[_Arg] = [owner, ms, "1" if waiting else "0", self._stay_ms, self._channel]
+        # with auto-renew the renewer extends a handed-over lease within a third of its claim
+        # window; without it, nobody would, so the lease is handed over for its whole TTL
+        claim = min(ms, self._stay_ms) if self.auto_renew else ms
+        waits = "1" if waiting else "0"
+        args: list[_Arg] = [owner, ms, waits, self._stay_ms, self._channel, claim]
         return self._keys(key, owner), args
 
     def _parse_acquire(
@@ -476,12 +485,12 @@ class RedisBackend(Backend):
         at the head of the queue."""
         with self._mutex:
             waiters = list(self._waiters.get(key, ()))
-        token, _, granted_us = grant.partition(b" ")
+        token, granted_us, claim_ms = [*grant.split(b" "), b"", b""][:3]
         for waiter in waiters:
             if waiter.owner == head:
-                if token.isdigit() and waiter.grant is None:
-                    ttl = waiter.ttl or self._ttl
-                    waiter.grant = Grant(int(token), self._handed_expiry(granted_us, ttl))
+                if token.isdigit() and claim_ms.isdigit() and waiter.grant is None:
+                    claim = int(claim_ms) / 1000
+                    waiter.grant = Grant(int(token), self._handed_expiry(granted_us, claim))
                 waiter.wake()
 
     def _handed_expiry(self, granted_us: bytes, ttl: float) -> float:
@@ -936,7 +945,12 @@ class _Renewer:
         self._thread.start()
 
     def add(self, lease: Lease) -> None:
-        due = time.monotonic() + (lease.ttl or 1.0) / 3
+        # a third of the way to its expiry: a lease handed over at a release starts with a short
+        # claim window (see hand_off), others with their whole TTL
+        left = lease.ttl or 1.0
+        if lease.expires_at is not None:
+            left = min(left, max(lease.expires_at - time.time(), 0.0))
+        due = time.monotonic() + left / 3
         with self._cond:
             self._due[lease] = due
             if due < self._wake_at:  # wake the thread only if it would sleep past this one

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import multiprocessing
 import os
 import shutil
 import socket
@@ -15,7 +14,8 @@ import statistics
 import subprocess
 import tempfile
 import time
-from collections.abc import Callable, Iterator
+import uuid
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import AbstractContextManager
 
 import redis
@@ -23,11 +23,15 @@ import redis.asyncio
 
 from .. import KeyedLock
 from ..backends.redis import RedisBackend
+from .contend import Run, SyncLockFor, Witness, run_processes
 from .harness import Row, Suite
+from .workload import Subjects, hot_key, zipf
 
 __all__ = ["run"]
 
-SyncLock = Callable[[], AbstractContextManager[object]]
+KeyLock = Callable[[str], AbstractContextManager[object]]  # key -> a fresh lock, entered once
+
+FAMILY = "redis, processes"
 
 
 # ------------------------------------------------------------------------------ the server
@@ -94,27 +98,27 @@ def _server(url: str | None, suite: Suite) -> Iterator[str | None]:
 # ------------------------------------------------------------------------------ subjects
 
 
-def _subjects(url: str) -> list[tuple[str, Callable[[str], SyncLock] | None]]:
-    """name -> (key -> a fresh lock context manager factory), each on its own client."""
+def _subjects(url: str) -> list[tuple[str, Callable[[], KeyLock] | None]]:
+    """name -> a factory run once per process: its clients, and key -> a fresh lock."""
 
-    def keylock(key: str) -> SyncLock:
+    def keylock() -> KeyLock:
         locks = KeyedLock(RedisBackend.from_url(url))
-        return lambda: locks.sync(key)
+        return lambda key: locks.sync(key)
 
-    def redis_py(key: str) -> SyncLock:
+    def redis_py() -> KeyLock:
         client = redis.Redis.from_url(url)
-        return lambda: client.lock(key, timeout=30)
+        return lambda key: client.lock(key, timeout=30)
 
-    subjects: list[tuple[str, Callable[[str], SyncLock] | None]] = [
+    subjects: list[tuple[str, Callable[[], KeyLock] | None]] = [
         ("keylock RedisBackend (sync)", keylock),
         ("redis-py Lock (defaults)", redis_py),
     ]
     try:
         import redis_lock
 
-        def python_redis_lock(key: str) -> SyncLock:
+        def python_redis_lock() -> KeyLock:
             client = redis.Redis.from_url(url)
-            return lambda: redis_lock.Lock(client, key, expire=30)
+            return lambda key: redis_lock.Lock(client, key, expire=30)
 
         subjects.append(("python-redis-lock", python_redis_lock))
     except ImportError:
@@ -122,9 +126,9 @@ def _subjects(url: str) -> list[tuple[str, Callable[[str], SyncLock] | None]]:
     try:
         from pottery import Redlock
 
-        def pottery(key: str) -> SyncLock:
+        def pottery() -> KeyLock:
             client = redis.Redis.from_url(url)
-            return lambda: Redlock(key=key, masters={client}, auto_release_time=30)
+            return lambda key: Redlock(key=key, masters={client}, auto_release_time=30)
 
         subjects.append(("pottery Redlock (1 master)", pottery))
     except ImportError:
@@ -132,9 +136,9 @@ def _subjects(url: str) -> list[tuple[str, Callable[[str], SyncLock] | None]]:
     try:
         import portalocker
 
-        def portalocker_redis(key: str) -> SyncLock:
+        def portalocker_redis() -> KeyLock:
             client = redis.Redis.from_url(url)
-            return lambda: portalocker.RedisLock(key, connection=client, timeout=60)
+            return lambda key: portalocker.RedisLock(key, connection=client, timeout=60)
 
         subjects.append(("portalocker RedisLock", portalocker_redis))
     except ImportError:
@@ -143,11 +147,16 @@ def _subjects(url: str) -> list[tuple[str, Callable[[str], SyncLock] | None]]:
 
 
 def run(suite: Suite, *, redis_url: str | None = None) -> None:
+    """Uncontended acquire+release (sync and async, against a PING), then 1-16 processes on
+    one key and 8 on 1,000 Zipf keys; rows go to *suite*."""
     with _server(redis_url, suite) as url:
         if url is None:
             return
+        info = redis.Redis.from_url(url).info("server")
+        name = "valkey" if "valkey_version" in info else "redis"
+        suite.info["server"] = f"{name} {info.get(f'{name}_version', '?')}"
         _uncontended(suite, url, 3 if suite.quick else 5)
-        _hot_key(suite, url, 1 if suite.quick else 3)
+        _contention(suite, url)
 
 
 # ---------------------------------------------------------------------- uncontended
@@ -164,36 +173,42 @@ def _ping_us(url: str, n: int) -> float:
     return elapsed
 
 
+_PING = "PING round trip"
+
+
 def _uncontended(suite: Suite, url: str, repeats: int) -> None:
     n = 500 if suite.quick else 2_000
-    workload = "redis: uncontended acquire+release"
-    figures: dict[str, list[float]] = {"PING round trip": []}
-    subjects = [(name, make) for name, make in _subjects(url) if make is not None]
+    sync_figures: dict[str, list[float]] = {_PING: []}
+    async_figures: dict[str, list[float]] = {_PING: []}
     for name, make in _subjects(url):
         if make is None:
             suite.say(f"{name}: not installed, skipped")
-    for _ in range(repeats):
-        figures["PING round trip"].append(_ping_us(url, n))
-        for name, make in subjects:
-            factory = make("bench_" + "".join(c if c.isalnum() else "_" for c in name))
-            with factory():
+    subjects = [(name, make()) for name, make in _subjects(url) if make is not None]
+    for _ in range(repeats):  # interleaved, so drift hits every subject alike
+        ping = _ping_us(url, n)
+        sync_figures[_PING].append(ping)
+        async_figures[_PING].append(ping)
+        for name, lock_for in subjects:
+            key = "bench:" + "".join(c if c.isalnum() else "_" for c in name)
+            with lock_for(key):
                 pass  # connect, load scripts
             done = 0
             start = time.perf_counter()
             budget = start + (0.5 if suite.quick else 1.5)  # slow peers get fewer ops
             while done < n and (done < 5 or time.perf_counter() < budget):
-                with factory():
+                with lock_for(key):
                     pass
                 done += 1
-            figures.setdefault(name, []).append((time.perf_counter() - start) / done * 1e6)
-        figures.setdefault("keylock RedisBackend (async)", []).append(_async_keylock(url, n))
-        figures.setdefault("redis-py asyncio Lock", []).append(_async_redis_py(url, n))
-    ping = statistics.median(figures["PING round trip"])
-    for name, values in figures.items():
-        ratio = statistics.median(values) / ping
-        row = Row.of(workload, name, "us", values, baseline="PING round trip")
-        row.notes = f"{ratio:.2f} PING round trips"
-        suite.add(row)
+            sync_figures.setdefault(name, []).append((time.perf_counter() - start) / done * 1e6)
+        async_figures.setdefault("keylock RedisBackend (async)", []).append(_async_keylock(url, n))
+        async_figures.setdefault("redis-py asyncio Lock", []).append(_async_redis_py(url, n))
+    for flavour, figures in (("sync", sync_figures), ("async", async_figures)):
+        workload = f"redis: uncontended {flavour} acquire+release"
+        ping = statistics.median(figures[_PING])
+        for name, values in figures.items():
+            row = Row.of(workload, name, "us", values, reference=name == _PING)
+            row.notes = f"{row.median / ping:.2f} PING round trips"
+            suite.add(row)
 
 
 def _async_keylock(url: str, n: int) -> float:
@@ -228,84 +243,53 @@ def _async_redis_py(url: str, n: int) -> float:
     return asyncio.run(body())
 
 
-# ---------------------------------------------------------------------------- hot key
+# -------------------------------------------------------------------------- contention
 
 
-def _worker(url: str, name: str, seconds: float, start: object, out: object) -> None:
-    make = dict(_subjects(url))[name]
-    assert make is not None
-    factory = make("bench_hot")
-    marker = redis.Redis.from_url(url)
-    me = str(os.getpid())
-    waits: list[float] = []
-    violations = 0
-    handoffs = 0  # acquisitions right after another process held the key
-    start.wait()  # type: ignore[attr-defined]
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
-        asked = time.perf_counter()
-        with factory():
-            waits.append(time.perf_counter() - asked)
-            # checked outside the lock under test: a holder counter and the previous holder
-            pipe = marker.pipeline(transaction=False)
-            pipe.incr("bench:hot:inside")
-            pipe.getset("bench:hot:last", me)
-            inside, previous = pipe.execute()
-            violations += inside != 1
-            handoffs += previous is not None and previous.decode() != me
-            marker.decr("bench:hot:inside")
-    out.put((waits, violations, handoffs))  # type: ignore[attr-defined]
+class _RedisWitness(Witness):
+    """A holder counter and the last holder per key, kept on the server beside the lock."""
+
+    def __init__(self, url: str, prefix: str) -> None:
+        self._client = redis.Redis.from_url(url)
+        self._prefix = prefix
+
+    def enter(self, key: int, me: int) -> tuple[bool, bool]:
+        pipe = self._client.pipeline(transaction=False)
+        pipe.incr(f"{self._prefix}:{key}:inside")
+        pipe.getset(f"{self._prefix}:{key}:last", me)
+        inside, previous = pipe.execute()
+        return inside != 1, previous is not None and int(previous) != me
+
+    def leave(self, key: int, violated: bool) -> None:
+        self._client.decr(f"{self._prefix}:{key}:inside")
 
 
-def _hot_key(suite: Suite, url: str, repeats: int) -> None:
-    workers = 8
-    seconds = 2.0 if suite.quick else 4.0
-    workload = f"redis: one key, {workers} processes (hand-offs between processes)"
-    ctx = multiprocessing.get_context("fork")
-    for name, make in _subjects(url):
-        if make is None:
-            continue
-        rates: list[float] = []
-        acquisitions: list[float] = []
-        all_waits: list[float] = []
-        violations = 0
-        for _ in range(repeats):
-            redis.Redis.from_url(url).delete("bench:hot:inside", "bench:hot:last")
-            start = ctx.Event()
-            out = ctx.Queue()
-            procs = [
-                ctx.Process(target=_worker, args=(url, name, seconds, start, out))
-                for _ in range(workers)
-            ]
-            for proc in procs:
-                proc.start()
-            start.set()
-            results = [out.get(timeout=seconds + 120) for _ in procs]
-            for proc in procs:
-                proc.join(30)
-            rates.append(sum(handoffs for _, _, handoffs in results) / seconds)
-            acquisitions.append(sum(len(waits) for waits, _, _ in results) / seconds)
-            violations += sum(bad for _, bad, _ in results)
-            all_waits.extend(w for waits, _, _ in results for w in waits)
-        rates.sort()
-        all_waits.sort()
-        p50 = all_waits[len(all_waits) // 2] * 1e3 if all_waits else 0.0
-        p99 = all_waits[int(len(all_waits) * 0.99)] * 1e3 if all_waits else 0.0
-        suite.add(
-            Row(
-                workload,
-                name,
-                "hand-offs/s",
-                rates[len(rates) // 2],
-                rates[0],
-                rates[-1],
-                repeats,
-                higher_is_better=True,
-                baseline="redis-py Lock (defaults)",
-                notes=(
-                    f"{statistics.median(acquisitions):.0f} acquisitions/s; wait p50 "
-                    f"{p50:.1f} ms, p99 {p99:.1f} ms; {violations} exclusion violations"
-                ),
-                extra={"violations": violations, "p50_ms": p50, "p99_ms": p99},
-            )
-        )
+def _processes(url: str, name: str) -> Callable[[Sequence[Sequence[int]], float], Run]:
+    def run(keys: Sequence[Sequence[int]], seconds: float) -> Run:
+        prefix = f"bench:{uuid.uuid4().hex[:12]}"  # fresh keys: a run never sees the last one's
+
+        def make() -> tuple[SyncLockFor, Witness]:  # in each worker process
+            make_lock = dict(_subjects(url))[name]
+            assert make_lock is not None
+            lock = make_lock()
+            names = [f"{prefix}:{key}" for key in range(1 + max(max(seq) for seq in keys))]
+            return lambda key: lock(names[key]), _RedisWitness(url, prefix)
+
+        return run_processes(make, keys, seconds, grace=_GRACE)
+
+    return run
+
+
+#: Seconds a worker may go on waiting after the deadline before it reports and leaves
+#: (portalocker's RedisLock can wait seconds for a key).
+_GRACE = 1.0
+
+
+def _contention(suite: Suite, url: str) -> None:
+    seconds = 0.5 if suite.quick else 1.5
+    repeats = 2 if suite.quick else 3
+    subjects: Subjects = [
+        (name, _processes(url, name) if make is not None else None) for name, make in _subjects(url)
+    ]
+    hot_key(suite, FAMILY, "process", subjects, seconds=seconds, repeats=repeats)
+    zipf(suite, FAMILY, "process", subjects, seconds=seconds, repeats=repeats)

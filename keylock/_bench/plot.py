@@ -32,8 +32,15 @@ def write(rows: Sequence[Row], path: str, *, title: str = "") -> None:
     families = list(dict.fromkeys(r.family for r in rows if r.family))
     if not families:
         raise ValueError("no contention rows to plot (run the hot key workloads)")
-    figure, axes = plt.subplots(1, len(families), figsize=(4.6 * len(families), 4.2), squeeze=False)
-    for ax, family in zip(axes[0], families, strict=True):
+    columns = min(2, len(families))
+    rows_of_panels = -(-len(families) // columns)
+    figure, axes = plt.subplots(
+        rows_of_panels, columns, figsize=(6.4 * columns, 4.4 * rows_of_panels), squeeze=False
+    )
+    panels = [ax for row in axes for ax in row]
+    for ax in panels[len(families) :]:
+        ax.set_visible(False)
+    for ax, family in zip(panels, families, strict=False):
         mine = [r for r in rows if r.family == family]
         for subject in dict.fromkeys(r.subject for r in mine):
             line = sorted((r for r in mine if r.subject == subject), key=lambda r: r.workers)
@@ -50,7 +57,9 @@ def write(rows: Sequence[Row], path: str, *, title: str = "") -> None:
                 marker="o",
                 markersize=4,
                 capsize=3,
-                linewidth=2.4 if keylock else 1.2,
+                linewidth=2.6 if keylock else 1.2,
+                color="black" if keylock else None,  # keylock: the same line in every panel
+                zorder=3 if keylock else 2,
                 linestyle="-" if keylock else "--",
             )
         ax.set_title(family)
@@ -60,8 +69,8 @@ def write(rows: Sequence[Row], path: str, *, title: str = "") -> None:
         ax.set_xticks(workers, [str(w) for w in workers])
         ax.set_xlabel("workers on one key")
         ax.grid(True, which="both", alpha=0.3)
-        ax.legend(fontsize=7, loc="lower left")
-    axes[0][0].set_ylabel("hand-offs/s (1 worker: acquisitions/s)")
+        ax.set_ylabel("hand-offs/s (1 worker: acquisitions/s)")
+        ax.legend(fontsize=7, loc="best")
     if title:
         figure.suptitle(title, fontsize=10)
     figure.tight_layout()

@@ -15,7 +15,7 @@ import subprocess
 import tempfile
 import time
 import uuid
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 from contextlib import AbstractContextManager
 
 import redis
@@ -30,6 +30,7 @@ from .workload import Subjects, hot_key, zipf
 __all__ = ["run"]
 
 KeyLock = Callable[[str], AbstractContextManager[object]]  # key -> a fresh lock, entered once
+_Pair = tuple[float, float]  # (us per op, us per PING sent right after it)
 
 FAMILY = "redis, processes"
 
@@ -98,11 +99,16 @@ def _server(url: str | None, suite: Suite) -> Iterator[str | None]:
 # ------------------------------------------------------------------------------ subjects
 
 
-def _subjects(url: str) -> list[tuple[str, Callable[[], KeyLock] | None]]:
-    """name -> a factory run once per process: its clients, and key -> a fresh lock."""
+def _subjects(
+    url: str, closers: list[Callable[[], object]] | None = None
+) -> list[tuple[str, Callable[[], KeyLock] | None]]:
+    """name -> a factory run once per process: its clients, and key -> a fresh lock. Each
+    keylock client made is added to *closers* (the peers' clients close when collected)."""
 
     def keylock() -> KeyLock:
         locks = KeyedLock(RedisBackend.from_url(url))
+        if closers is not None:
+            closers.append(locks.close_sync)
         return lambda key: locks.sync(key)
 
     def redis_py() -> KeyLock:
@@ -162,83 +168,131 @@ def run(suite: Suite, *, redis_url: str | None = None) -> None:
 # ---------------------------------------------------------------------- uncontended
 
 
-def _ping_us(url: str, n: int) -> float:
-    client = redis.Redis.from_url(url)
-    client.ping()
-    start = time.perf_counter()
-    for _ in range(n):
-        client.ping()
-    elapsed = (time.perf_counter() - start) / n * 1e6
-    client.close()
-    return elapsed
-
-
 _PING = "PING round trip"
 
 
+def _paired(op: Callable[[], object], ping: Callable[[], object], n: int, budget: float) -> _Pair:
+    """Mean us of *op* and of a PING sent right after each one, over up to *n* pairs (slow
+    peers stop at *budget* seconds). Paired op by op, because a loopback round trip on a VM
+    swings between ~35 and ~130 us from one second to the next."""
+    op_s = ping_s = 0.0
+    done = 0
+    deadline = time.perf_counter() + budget
+    while done < n and (done < 5 or time.perf_counter() < deadline):
+        t0 = time.perf_counter()
+        op()
+        t1 = time.perf_counter()
+        ping()
+        op_s += t1 - t0
+        ping_s += time.perf_counter() - t1
+        done += 1
+    return op_s / done * 1e6, ping_s / done * 1e6
+
+
+async def _paired_async(
+    op: Callable[[], Awaitable[object]], ping: Callable[[], Awaitable[object]], n: int
+) -> _Pair:
+    """:func:`_paired` on an event loop."""
+    op_s = ping_s = 0.0
+    for _ in range(n):
+        t0 = time.perf_counter()
+        await op()
+        t1 = time.perf_counter()
+        await ping()
+        op_s += t1 - t0
+        ping_s += time.perf_counter() - t1
+    return op_s / n * 1e6, ping_s / n * 1e6
+
+
 def _uncontended(suite: Suite, url: str, repeats: int) -> None:
-    n = 500 if suite.quick else 2_000
-    sync_figures: dict[str, list[float]] = {_PING: []}
-    async_figures: dict[str, list[float]] = {_PING: []}
+    """Acquire+release in PING round trips (each op timed beside a PING), and in us."""
+    n = 300 if suite.quick else 1_000
+    budget = 0.5 if suite.quick else 1.5
+    figures: dict[str, list[_Pair]] = {}
     for name, make in _subjects(url):
         if make is None:
             suite.say(f"{name}: not installed, skipped")
-    subjects = [(name, make()) for name, make in _subjects(url) if make is not None]
+    closers: list[Callable[[], object]] = []
+    subjects = [(name, make()) for name, make in _subjects(url, closers) if make is not None]
+    pinger = redis.Redis.from_url(url)
     for _ in range(repeats):  # interleaved, so drift hits every subject alike
-        ping = _ping_us(url, n)
-        sync_figures[_PING].append(ping)
-        async_figures[_PING].append(ping)
         for name, lock_for in subjects:
             key = "bench:" + "".join(c if c.isalnum() else "_" for c in name)
-            with lock_for(key):
-                pass  # connect, load scripts
-            done = 0
-            start = time.perf_counter()
-            budget = start + (0.5 if suite.quick else 1.5)  # slow peers get fewer ops
-            while done < n and (done < 5 or time.perf_counter() < budget):
+
+            def op(lock_for: KeyLock = lock_for, key: str = key) -> None:
                 with lock_for(key):
                     pass
-                done += 1
-            sync_figures.setdefault(name, []).append((time.perf_counter() - start) / done * 1e6)
-        async_figures.setdefault("keylock RedisBackend (async)", []).append(_async_keylock(url, n))
-        async_figures.setdefault("redis-py asyncio Lock", []).append(_async_redis_py(url, n))
-    for flavour, figures in (("sync", sync_figures), ("async", async_figures)):
+
+            op()  # connect, load scripts
+            figures.setdefault(name, []).append(_paired(op, pinger.ping, n, budget))
+        figures.setdefault("keylock RedisBackend (async)", []).append(_async_keylock(url, n))
+        figures.setdefault("redis-py asyncio Lock", []).append(_async_redis_py(url, n))
+    pinger.close()
+    for close in closers:
+        close()
+    for flavour in ("sync", "async"):
         workload = f"redis: uncontended {flavour} acquire+release"
-        ping = statistics.median(figures[_PING])
-        for name, values in figures.items():
-            row = Row.of(workload, name, "us", values, reference=name == _PING)
-            row.notes = f"{row.median / ping:.2f} PING round trips"
-            suite.add(row)
+        mine = {k: v for k, v in figures.items() if ("async" in k) == (flavour == "async")}
+        pings = [p for pairs in mine.values() for _, p in pairs]
+        suite.add(
+            Row.of(
+                workload,
+                _PING,
+                "PINGs",
+                [1.0] * len(pings),
+                reference=True,
+                notes=f"{statistics.median(pings):.0f} us (range {min(pings):.0f}-"
+                f"{max(pings):.0f} us in this run)",
+            )
+        )
+        for name, pairs in mine.items():
+            us = statistics.median(op for op, _ in pairs)
+            suite.add(
+                Row.of(
+                    workload,
+                    name,
+                    "PINGs",
+                    [op / ping for op, ping in pairs],
+                    notes=f"{us:.0f} us",
+                    extra={"us": us},
+                )
+            )
 
 
-def _async_keylock(url: str, n: int) -> float:
-    async def body() -> float:
+def _async_keylock(url: str, n: int) -> _Pair:
+    async def body() -> _Pair:
         locks = KeyedLock(RedisBackend.from_url(url))
-        async with locks("bench:async"):
-            pass
-        start = time.perf_counter()
-        for _ in range(n):
+        pinger = redis.asyncio.Redis.from_url(url)
+
+        async def op() -> None:
             async with locks("bench:async"):
                 pass
-        elapsed = (time.perf_counter() - start) / n * 1e6
+
+        await op()
+        await pinger.ping()
+        pair = await _paired_async(op, pinger.ping, n)
         await locks.close()
-        return elapsed
+        await pinger.aclose()
+        return pair
 
     return asyncio.run(body())
 
 
-def _async_redis_py(url: str, n: int) -> float:
-    async def body() -> float:
+def _async_redis_py(url: str, n: int) -> _Pair:
+    async def body() -> _Pair:
         client = redis.asyncio.Redis.from_url(url)
-        async with client.lock("bench:async-redis-py", timeout=30):
-            pass
-        start = time.perf_counter()
-        for _ in range(n):
+        pinger = redis.asyncio.Redis.from_url(url)
+
+        async def op() -> None:
             async with client.lock("bench:async-redis-py", timeout=30):
                 pass
-        elapsed = (time.perf_counter() - start) / n * 1e6
+
+        await op()
+        await pinger.ping()
+        pair = await _paired_async(op, pinger.ping, n)
         await client.aclose()
-        return elapsed
+        await pinger.aclose()
+        return pair
 
     return asyncio.run(body())
 
@@ -286,8 +340,8 @@ _GRACE = 1.0
 
 
 def _contention(suite: Suite, url: str) -> None:
-    seconds = 0.5 if suite.quick else 1.5
-    repeats = 2 if suite.quick else 3
+    seconds = 0.5 if suite.quick else 1.0
+    repeats = 2 if suite.quick else 5  # Redis figures swing with loopback latency: more runs
     subjects: Subjects = [
         (name, _processes(url, name) if make is not None else None) for name, make in _subjects(url)
     ]

@@ -1,7 +1,8 @@
 """Run the contention benchmarks from a checkout: ``python benchmarks/run.py [--quick]``.
 
 The suites live in ``keylock/_bench/`` so that ``python -m keylock bench`` works from an
-installed wheel; this script only saves their output next to it, in ``results/``.
+installed wheel; this script saves their output next to it, in ``results/`` (table, JSON and,
+with matplotlib, the chart), and a full run also rewrites the README's generated section.
 """
 
 from __future__ import annotations
@@ -11,14 +12,21 @@ import io
 import sys
 from pathlib import Path
 
+from keylock._bench import plot
 from keylock.cli import main
 
 if __name__ == "__main__":
-    results = Path(__file__).parent / "results"
+    here = Path(__file__).parent
+    results = here / "results"
     results.mkdir(exist_ok=True)
+    args = ["bench", "--json", str(results / "latest.json"), *sys.argv[1:]]
+    if plot.available():
+        args += ["--plot", str(results / "handoffs.png")]
+    if "--quick" not in sys.argv[1:]:
+        args += ["--readme", str(here.parent / "README.md")]
     table = io.StringIO()
     with contextlib.redirect_stdout(table):
-        code = main(["bench", "--json", str(results / "latest.json"), *sys.argv[1:]])
+        code = main(args)
     (results / "latest.md").write_text(table.getvalue())
     print(table.getvalue())
     sys.exit(code)

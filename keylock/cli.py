@@ -5,11 +5,15 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
+import time
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from collections.abc import Sequence
+
+    from ._bench.harness import Row
 
 __all__ = ["main"]
 
@@ -30,6 +34,21 @@ def _parser() -> argparse.ArgumentParser:
         "--only", action="append", choices=SUITES, help="run only this suite (repeatable)"
     )
     bench.add_argument("--json", metavar="FILE", help="also write the results as JSON")
+    bench.add_argument(
+        "--plot",
+        metavar="FILE",
+        help="also draw hand-offs/s against workers as a PNG (pip install 'keylock[plot]')",
+    )
+    bench.add_argument(
+        "--readme",
+        metavar="FILE",
+        help="rewrite the section between <!-- bench:start --> and <!-- bench:end --> in FILE",
+    )
+    bench.add_argument(
+        "--from-json",
+        metavar="FILE",
+        help="render (table, --plot, --readme) from a saved --json run instead of running",
+    )
     bench.add_argument("--redis-url", help="benchmark against this server instead of starting one")
 
     inspect = commands.add_parser("inspect", help="list held locks: holder, token, TTL, waiters")
@@ -81,31 +100,63 @@ def _release(args: argparse.Namespace) -> int:
 
 
 def _bench(args: argparse.Namespace) -> int:
-    from ._bench.harness import Suite, machine, render, to_json
+    from ._bench import plot
+    from ._bench.harness import Suite, from_json, machine, render, render_verdicts, to_json
 
-    suite = Suite(quick=args.quick)
-    info = machine()
-    print(
-        "keylock bench on " + ", ".join(f"{k} {v}" for k, v in info.items()),
-        file=sys.stderr,
-    )
-    for name in args.only or SUITES:
-        try:
+    if args.plot and not plot.available():
+        print(plot.MISSING, file=sys.stderr)  # before the run, not after it
+        return 2
+    started = time.monotonic()
+    if args.from_json:
+        with open(args.from_json) as fh:
+            rows, info = from_json(fh.read())
+        quick = info.get("mode") == "quick"
+    else:
+        quick = args.quick
+        suite = Suite(quick=quick)
+        suite.info.update(machine(), mode="quick" if quick else "full")
+        print(
+            "keylock bench on " + ", ".join(f"{k} {v}" for k, v in suite.info.items()),
+            file=sys.stderr,
+        )
+        for name in args.only or SUITES:
+            print(f"[{name}] {time.monotonic() - started:.0f} s", file=sys.stderr, flush=True)
             module = importlib.import_module(f"keylock._bench.{name}")
-        except ModuleNotFoundError as exc:
-            if exc.name != f"keylock._bench.{name}":
-                raise
-            suite.say(f"{name}: no benchmark suite in this version")
-            continue
-        print(f"[{name}]", file=sys.stderr, flush=True)
-        module.run(suite, redis_url=args.redis_url) if name == "redis" else module.run(suite)
-    print(f"\n## keylock bench ({'quick' if args.quick else 'full'})\n")
+            module.run(suite, redis_url=args.redis_url) if name == "redis" else module.run(suite)
+        rows, info = suite.rows, suite.info
+        info["seconds"] = f"{time.monotonic() - started:.0f}"
+        print(f"[done] {info['seconds']} s", file=sys.stderr, flush=True)
+    print(f"\n## keylock bench ({'quick' if quick else 'full'})\n")
     print("Machine: " + ", ".join(f"{k} {v}" for k, v in info.items()) + "\n")
-    print(render(suite.rows))
+    print(render(rows))
+    print("\nkeylock against the fastest peer of each workload:\n")
+    print(render_verdicts(rows))
     if args.json:
         with open(args.json, "w") as fh:
-            fh.write(to_json(suite.rows))
+            fh.write(to_json(rows, info))
+    if args.plot:
+        plot.write(rows, args.plot, title=_title(info))
+    if args.readme:
+        _rewrite_readme(args.readme, rows, info, args.plot, quick=quick)
     return 0
+
+
+def _title(info: dict[str, str]) -> str:
+    facts = ("cpu", "cores", "python", "server", "date")
+    return ", ".join(f"{k} {info[k]}" for k in facts if k in info)
+
+
+def _rewrite_readme(
+    path: str, rows: list[Row], info: dict[str, str], chart: str | None, *, quick: bool
+) -> None:
+    from ._bench.readme import rewrite, section
+
+    if chart is not None:  # as the README links it: relative to the README's directory
+        chart = os.path.relpath(chart, os.path.dirname(os.path.abspath(path)))
+    with open(path) as fh:
+        text = fh.read()
+    with open(path, "w") as fh:
+        fh.write(rewrite(text, section(rows, info, chart=chart, quick=quick)))
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -1,48 +1,65 @@
 """One-host workloads: keylock's FileBackend against filelock.FileLock and a raw
-portalocker.Lock, in one run on the same directory."""
+portalocker.Lock, in one run on the same directory: uncontended, then processes contending."""
 
 from __future__ import annotations
 
-import multiprocessing
 import os
 import tempfile
 import time
-from collections.abc import Callable
-from contextlib import AbstractContextManager
+from typing import TYPE_CHECKING
 
 from .. import KeyedLock
 from ..backends.file import FileBackend
+from .contend import FileWitness, Run, SyncLockFor, Witness, run_processes
 from .harness import Row, Suite
+from .workload import Subjects, hot_key, zipf
+
+if TYPE_CHECKING:
+    from collections.abc import Callable, Sequence
+    from contextlib import AbstractContextManager
 
 __all__ = ["run"]
 
-SyncFactory = Callable[[str], Callable[[], AbstractContextManager[object]] | None]
+FAMILY = "file, processes"
+
+#: The peers wait by polling the OS lock; they poll every 0.5 ms, keylock's first pause.
+_POLL = 0.0005
 
 
-def _keylock(directory: str) -> Callable[[], AbstractContextManager[object]]:
+def _keylock(directory: str) -> SyncLockFor:
     locks = KeyedLock(FileBackend(directory))
-    return lambda: locks.sync("bench")
+    return lambda key: locks.sync(f"k{key}")
 
 
-def _portalocker(directory: str) -> Callable[[], AbstractContextManager[object]]:
+def _portalocker(directory: str) -> SyncLockFor:
     import portalocker
 
-    path = os.path.join(directory, "portalocker.lock")
-    return lambda: portalocker.Lock(path, timeout=60, check_interval=0.0005)
+    def lock_for(key: int) -> AbstractContextManager[object]:
+        path = os.path.join(directory, f"portalocker-{key}.lock")
+        return portalocker.Lock(path, timeout=60, check_interval=_POLL)
+
+    return lock_for
 
 
-def _filelock(directory: str) -> Callable[[], AbstractContextManager[object]] | None:
+def _filelock(directory: str) -> SyncLockFor | None:
     try:
         import filelock
     except ImportError:
         return None
-    path = os.path.join(directory, "filelock.lock")
-    # one FileLock object per process, as filelock documents (it is reentrant per object)
-    lock = filelock.FileLock(path, timeout=60)
-    return lambda: lock
+    # one FileLock object per path and process, as filelock documents (reentrant per object)
+    locks: dict[int, filelock.FileLock] = {}
+
+    def lock_for(key: int) -> AbstractContextManager[object]:
+        lock = locks.get(key)
+        if lock is None:
+            path = os.path.join(directory, f"filelock-{key}.lock")
+            lock = locks[key] = filelock.FileLock(path, timeout=60, poll_interval=_POLL)
+        return lock
+
+    return lock_for
 
 
-SUBJECTS: list[tuple[str, SyncFactory]] = [
+SUBJECTS: list[tuple[str, Callable[[str], SyncLockFor | None]]] = [
     ("portalocker.Lock (raw)", _portalocker),
     ("keylock FileBackend", _keylock),
     ("filelock.FileLock", _filelock),
@@ -50,10 +67,11 @@ SUBJECTS: list[tuple[str, SyncFactory]] = [
 
 
 def run(suite: Suite) -> None:
-    """Uncontended acquire+release, then 8 processes on one key; rows go to *suite*."""
+    """Uncontended acquire+release, then 1-16 processes on one key and 8 on 1,000 Zipf keys;
+    rows go to *suite*."""
     with tempfile.TemporaryDirectory(prefix="keylock-bench-") as directory:
         _uncontended(suite, directory, 3 if suite.quick else 7)
-        _hot_key(suite, directory, 3 if suite.quick else 5)
+        _contention(suite, directory)
 
 
 def _uncontended(suite: Suite, directory: str, repeats: int) -> None:
@@ -62,91 +80,38 @@ def _uncontended(suite: Suite, directory: str, repeats: int) -> None:
     figures: dict[str, list[float]] = {}
     for _ in range(repeats):  # interleaved, so drift hits every subject alike
         for name, make in SUBJECTS:
-            factory = make(directory)
-            if factory is None:
+            lock_for = make(directory)
+            if lock_for is None:
                 continue
             start = time.perf_counter()
             for _ in range(n):
-                with factory():
+                with lock_for(0):
                     pass
             figures.setdefault(name, []).append((time.perf_counter() - start) / n * 1e6)
     for name, values in figures.items():
-        suite.add(
-            Row.of(
-                workload,
-                name,
-                "us",
-                values,
-                baseline="portalocker.Lock (raw)",
-            )
-        )
+        suite.add(Row.of(workload, name, "us", values))
 
 
-def _worker(
-    name: str, directory: str, seconds: float, start: object, count: object, bad: object
-) -> None:
-    factory = dict(SUBJECTS)[name](directory)
-    assert factory is not None
-    marker = os.path.join(directory, f"{name}.holder")
-    done = 0
-    violations = 0
-    start.wait()  # type: ignore[attr-defined]
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
-        with factory():
-            try:  # an O_EXCL marker, independent of the lock, catches two holders at once
-                fd = os.open(marker, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
-            except FileExistsError:
-                violations += 1
-                continue
-            os.close(fd)
-            os.unlink(marker)
-            done += 1
-    with count.get_lock():  # type: ignore[attr-defined]
-        count.value += done  # type: ignore[attr-defined]
-    with bad.get_lock():  # type: ignore[attr-defined]
-        bad.value += violations  # type: ignore[attr-defined]
+def _processes(name: str, directory: str) -> Callable[[Sequence[Sequence[int]], float], Run]:
+    def run(keys: Sequence[Sequence[int]], seconds: float) -> Run:
+        witness = FileWitness(directory, 1 + max(max(seq) for seq in keys))
+
+        def make() -> tuple[SyncLockFor, Witness]:  # in each worker process
+            lock_for = dict(SUBJECTS)[name](directory)
+            assert lock_for is not None
+            return lock_for, witness
+
+        return run_processes(make, keys, seconds)
+
+    return run
 
 
-def _hot_key(suite: Suite, directory: str, repeats: int) -> None:
-    processes = 8
-    seconds = 1.0 if suite.quick else 2.0
-    workload = f"file: one key, {processes} processes"
-    ctx = multiprocessing.get_context("fork")
-    for name, make in SUBJECTS:
-        if make(directory) is None:
-            suite.say(f"{name}: not installed, skipped")
-            continue
-        rates = []
-        violations = 0
-        for _ in range(repeats):
-            count = ctx.Value("q", 0)
-            bad = ctx.Value("q", 0)
-            start = ctx.Event()
-            procs = [
-                ctx.Process(target=_worker, args=(name, directory, seconds, start, count, bad))
-                for _ in range(processes)
-            ]
-            for proc in procs:
-                proc.start()
-            start.set()
-            for proc in procs:
-                proc.join()
-            rates.append(count.value / seconds)
-            violations += bad.value
-        rates.sort()
-        suite.add(
-            Row(
-                workload,
-                name,
-                "hand-offs/s",
-                rates[len(rates) // 2],
-                rates[0],
-                rates[-1],
-                repeats,
-                higher_is_better=True,
-                baseline="filelock.FileLock",
-                notes=f"{violations} exclusion violations",
-                extra={"violations": violations},
-            )
-        )
+def _contention(suite: Suite, directory: str) -> None:
+    seconds = 0.3 if suite.quick else 1.0
+    repeats = 2 if suite.quick else 3
+    subjects: Subjects = [
+        (name, _processes(name, directory) if make(directory) is not None else None)
+        for name, make in SUBJECTS
+    ]
+    hot_key(suite, FAMILY, "process", subjects, seconds=seconds, repeats=repeats)
+    zipf(suite, FAMILY, "process", subjects, seconds=seconds, repeats=repeats)

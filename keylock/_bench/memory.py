@@ -12,6 +12,7 @@ from collections.abc import Awaitable, Callable
 from contextlib import AbstractAsyncContextManager
 
 from .. import KeyedLock, SingleFlight
+from . import inproc, observability
 from .harness import Row, Suite, measure
 
 __all__ = ["run"]
@@ -30,13 +31,16 @@ def _peer_keyed_lock() -> Callable[[], AsyncFactory] | None:
 
 
 def run(suite: Suite) -> None:
-    """Every in-process workload; rows go to *suite*."""
+    """Every in-process workload (contention in :mod:`.inproc`, the cost of observing in
+    :mod:`.observability`); rows go to *suite*."""
     repeats = 3 if suite.quick else 7
     _uncontended_async(suite, repeats)
     _uncontended_sync(suite, repeats)
     _hot_key(suite, repeats)
+    inproc.run(suite)
     _distinct_keys(suite, 3 if suite.quick else 5)
     _single_flight(suite, repeats)
+    observability.run(suite)
 
 
 # ------------------------------------------------------------------ uncontended acquire+release
@@ -86,7 +90,6 @@ def _uncontended_async(suite: Suite, repeats: int) -> None:
                 name,
                 "us",
                 values,
-                baseline="asyncio.Lock (bare, one key)",
                 notes="one loop only, no threads" if "asyncio" in name else "",
             )
         )
@@ -123,7 +126,6 @@ def _uncontended_sync(suite: Suite, repeats: int) -> None:
                 "keylock KeyedLock().sync" if name == "keylock" else name,
                 "us",
                 values,
-                baseline="threading.Lock (bare, one key)",
             )
         )
 
@@ -184,7 +186,6 @@ def _hot_key(suite: Suite, repeats: int) -> None:
                 high,
                 repeats,
                 higher_is_better=True,
-                baseline="asyncio.Lock (bare, one key)",
                 notes=f"{violations} exclusion violations",
                 extra={"violations": violations},
             )
@@ -293,7 +294,6 @@ def _single_flight(suite: Suite, repeats: int) -> None:
                 low,
                 high,
                 repeats,
-                baseline="keylock SingleFlight()",
                 notes="1 execution (checked)",
             )
         )

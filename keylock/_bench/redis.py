@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import multiprocessing
 import os
 import shutil
 import socket
@@ -15,7 +14,8 @@ import statistics
 import subprocess
 import tempfile
 import time
-from collections.abc import Callable, Iterator
+import uuid
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 from contextlib import AbstractContextManager
 
 import redis
@@ -23,11 +23,16 @@ import redis.asyncio
 
 from .. import KeyedLock
 from ..backends.redis import RedisBackend
+from .contend import Run, SyncLockFor, Witness, run_processes
 from .harness import Row, Suite
+from .workload import Subjects, hot_key, zipf
 
 __all__ = ["run"]
 
-SyncLock = Callable[[], AbstractContextManager[object]]
+KeyLock = Callable[[str], AbstractContextManager[object]]  # key -> a fresh lock, entered once
+_Pair = tuple[float, float]  # (us per op, us per PING sent right after it)
+
+FAMILY = "redis, processes"
 
 
 # ------------------------------------------------------------------------------ the server
@@ -94,27 +99,32 @@ def _server(url: str | None, suite: Suite) -> Iterator[str | None]:
 # ------------------------------------------------------------------------------ subjects
 
 
-def _subjects(url: str) -> list[tuple[str, Callable[[str], SyncLock] | None]]:
-    """name -> (key -> a fresh lock context manager factory), each on its own client."""
+def _subjects(
+    url: str, closers: list[Callable[[], object]] | None = None
+) -> list[tuple[str, Callable[[], KeyLock] | None]]:
+    """name -> a factory run once per process: its clients, and key -> a fresh lock. Each
+    keylock client made is added to *closers* (the peers' clients close when collected)."""
 
-    def keylock(key: str) -> SyncLock:
+    def keylock() -> KeyLock:
         locks = KeyedLock(RedisBackend.from_url(url))
-        return lambda: locks.sync(key)
+        if closers is not None:
+            closers.append(locks.close_sync)
+        return lambda key: locks.sync(key)
 
-    def redis_py(key: str) -> SyncLock:
+    def redis_py() -> KeyLock:
         client = redis.Redis.from_url(url)
-        return lambda: client.lock(key, timeout=30)
+        return lambda key: client.lock(key, timeout=30)
 
-    subjects: list[tuple[str, Callable[[str], SyncLock] | None]] = [
+    subjects: list[tuple[str, Callable[[], KeyLock] | None]] = [
         ("keylock RedisBackend (sync)", keylock),
         ("redis-py Lock (defaults)", redis_py),
     ]
     try:
         import redis_lock
 
-        def python_redis_lock(key: str) -> SyncLock:
+        def python_redis_lock() -> KeyLock:
             client = redis.Redis.from_url(url)
-            return lambda: redis_lock.Lock(client, key, expire=30)
+            return lambda key: redis_lock.Lock(client, key, expire=30)
 
         subjects.append(("python-redis-lock", python_redis_lock))
     except ImportError:
@@ -122,9 +132,9 @@ def _subjects(url: str) -> list[tuple[str, Callable[[str], SyncLock] | None]]:
     try:
         from pottery import Redlock
 
-        def pottery(key: str) -> SyncLock:
+        def pottery() -> KeyLock:
             client = redis.Redis.from_url(url)
-            return lambda: Redlock(key=key, masters={client}, auto_release_time=30)
+            return lambda key: Redlock(key=key, masters={client}, auto_release_time=30)
 
         subjects.append(("pottery Redlock (1 master)", pottery))
     except ImportError:
@@ -132,9 +142,9 @@ def _subjects(url: str) -> list[tuple[str, Callable[[str], SyncLock] | None]]:
     try:
         import portalocker
 
-        def portalocker_redis(key: str) -> SyncLock:
+        def portalocker_redis() -> KeyLock:
             client = redis.Redis.from_url(url)
-            return lambda: portalocker.RedisLock(key, connection=client, timeout=60)
+            return lambda key: portalocker.RedisLock(key, connection=client, timeout=60)
 
         subjects.append(("portalocker RedisLock", portalocker_redis))
     except ImportError:
@@ -143,169 +153,197 @@ def _subjects(url: str) -> list[tuple[str, Callable[[str], SyncLock] | None]]:
 
 
 def run(suite: Suite, *, redis_url: str | None = None) -> None:
+    """Uncontended acquire+release (sync and async, against a PING), then 1-16 processes on
+    one key and 8 on 1,000 Zipf keys; rows go to *suite*."""
     with _server(redis_url, suite) as url:
         if url is None:
             return
+        info = redis.Redis.from_url(url).info("server")
+        name = "valkey" if "valkey_version" in info else "redis"
+        suite.info["server"] = f"{name} {info.get(f'{name}_version', '?')}"
         _uncontended(suite, url, 3 if suite.quick else 5)
-        _hot_key(suite, url, 1 if suite.quick else 3)
+        _contention(suite, url)
 
 
 # ---------------------------------------------------------------------- uncontended
 
 
-def _ping_us(url: str, n: int) -> float:
-    client = redis.Redis.from_url(url)
-    client.ping()
-    start = time.perf_counter()
+_PING = "PING round trip"
+
+
+def _paired(op: Callable[[], object], ping: Callable[[], object], n: int, budget: float) -> _Pair:
+    """Mean us of *op* and of a PING sent right after each one, over up to *n* pairs (slow
+    peers stop at *budget* seconds). Paired op by op, because a loopback round trip on a VM
+    swings between ~35 and ~130 us from one second to the next."""
+    op_s = ping_s = 0.0
+    done = 0
+    deadline = time.perf_counter() + budget
+    while done < n and (done < 5 or time.perf_counter() < deadline):
+        t0 = time.perf_counter()
+        op()
+        t1 = time.perf_counter()
+        ping()
+        op_s += t1 - t0
+        ping_s += time.perf_counter() - t1
+        done += 1
+    return op_s / done * 1e6, ping_s / done * 1e6
+
+
+async def _paired_async(
+    op: Callable[[], Awaitable[object]], ping: Callable[[], Awaitable[object]], n: int
+) -> _Pair:
+    """:func:`_paired` on an event loop."""
+    op_s = ping_s = 0.0
     for _ in range(n):
-        client.ping()
-    elapsed = (time.perf_counter() - start) / n * 1e6
-    client.close()
-    return elapsed
+        t0 = time.perf_counter()
+        await op()
+        t1 = time.perf_counter()
+        await ping()
+        op_s += t1 - t0
+        ping_s += time.perf_counter() - t1
+    return op_s / n * 1e6, ping_s / n * 1e6
 
 
 def _uncontended(suite: Suite, url: str, repeats: int) -> None:
-    n = 500 if suite.quick else 2_000
-    workload = "redis: uncontended acquire+release"
-    figures: dict[str, list[float]] = {"PING round trip": []}
-    subjects = [(name, make) for name, make in _subjects(url) if make is not None]
+    """Acquire+release in PING round trips (each op timed beside a PING), and in us."""
+    n = 300 if suite.quick else 1_000
+    budget = 0.5 if suite.quick else 1.5
+    figures: dict[str, list[_Pair]] = {}
     for name, make in _subjects(url):
         if make is None:
             suite.say(f"{name}: not installed, skipped")
-    for _ in range(repeats):
-        figures["PING round trip"].append(_ping_us(url, n))
-        for name, make in subjects:
-            factory = make("bench_" + "".join(c if c.isalnum() else "_" for c in name))
-            with factory():
-                pass  # connect, load scripts
-            done = 0
-            start = time.perf_counter()
-            budget = start + (0.5 if suite.quick else 1.5)  # slow peers get fewer ops
-            while done < n and (done < 5 or time.perf_counter() < budget):
-                with factory():
+    closers: list[Callable[[], object]] = []
+    subjects = [(name, make()) for name, make in _subjects(url, closers) if make is not None]
+    pinger = redis.Redis.from_url(url)
+    for _ in range(repeats):  # interleaved, so drift hits every subject alike
+        for name, lock_for in subjects:
+            key = "bench:" + "".join(c if c.isalnum() else "_" for c in name)
+
+            def op(lock_for: KeyLock = lock_for, key: str = key) -> None:
+                with lock_for(key):
                     pass
-                done += 1
-            figures.setdefault(name, []).append((time.perf_counter() - start) / done * 1e6)
+
+            op()  # connect, load scripts
+            figures.setdefault(name, []).append(_paired(op, pinger.ping, n, budget))
         figures.setdefault("keylock RedisBackend (async)", []).append(_async_keylock(url, n))
         figures.setdefault("redis-py asyncio Lock", []).append(_async_redis_py(url, n))
-    ping = statistics.median(figures["PING round trip"])
-    for name, values in figures.items():
-        ratio = statistics.median(values) / ping
-        row = Row.of(workload, name, "us", values, baseline="PING round trip")
-        row.notes = f"{ratio:.2f} PING round trips"
-        suite.add(row)
-
-
-def _async_keylock(url: str, n: int) -> float:
-    async def body() -> float:
-        locks = KeyedLock(RedisBackend.from_url(url))
-        async with locks("bench:async"):
-            pass
-        start = time.perf_counter()
-        for _ in range(n):
-            async with locks("bench:async"):
-                pass
-        elapsed = (time.perf_counter() - start) / n * 1e6
-        await locks.close()
-        return elapsed
-
-    return asyncio.run(body())
-
-
-def _async_redis_py(url: str, n: int) -> float:
-    async def body() -> float:
-        client = redis.asyncio.Redis.from_url(url)
-        async with client.lock("bench:async-redis-py", timeout=30):
-            pass
-        start = time.perf_counter()
-        for _ in range(n):
-            async with client.lock("bench:async-redis-py", timeout=30):
-                pass
-        elapsed = (time.perf_counter() - start) / n * 1e6
-        await client.aclose()
-        return elapsed
-
-    return asyncio.run(body())
-
-
-# ---------------------------------------------------------------------------- hot key
-
-
-def _worker(url: str, name: str, seconds: float, start: object, out: object) -> None:
-    make = dict(_subjects(url))[name]
-    assert make is not None
-    factory = make("bench_hot")
-    marker = redis.Redis.from_url(url)
-    me = str(os.getpid())
-    waits: list[float] = []
-    violations = 0
-    handoffs = 0  # acquisitions right after another process held the key
-    start.wait()  # type: ignore[attr-defined]
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
-        asked = time.perf_counter()
-        with factory():
-            waits.append(time.perf_counter() - asked)
-            # checked outside the lock under test: a holder counter and the previous holder
-            pipe = marker.pipeline(transaction=False)
-            pipe.incr("bench:hot:inside")
-            pipe.getset("bench:hot:last", me)
-            inside, previous = pipe.execute()
-            violations += inside != 1
-            handoffs += previous is not None and previous.decode() != me
-            marker.decr("bench:hot:inside")
-    out.put((waits, violations, handoffs))  # type: ignore[attr-defined]
-
-
-def _hot_key(suite: Suite, url: str, repeats: int) -> None:
-    workers = 8
-    seconds = 2.0 if suite.quick else 4.0
-    workload = f"redis: one key, {workers} processes (hand-offs between processes)"
-    ctx = multiprocessing.get_context("fork")
-    for name, make in _subjects(url):
-        if make is None:
-            continue
-        rates: list[float] = []
-        acquisitions: list[float] = []
-        all_waits: list[float] = []
-        violations = 0
-        for _ in range(repeats):
-            redis.Redis.from_url(url).delete("bench:hot:inside", "bench:hot:last")
-            start = ctx.Event()
-            out = ctx.Queue()
-            procs = [
-                ctx.Process(target=_worker, args=(url, name, seconds, start, out))
-                for _ in range(workers)
-            ]
-            for proc in procs:
-                proc.start()
-            start.set()
-            results = [out.get(timeout=seconds + 120) for _ in procs]
-            for proc in procs:
-                proc.join(30)
-            rates.append(sum(handoffs for _, _, handoffs in results) / seconds)
-            acquisitions.append(sum(len(waits) for waits, _, _ in results) / seconds)
-            violations += sum(bad for _, bad, _ in results)
-            all_waits.extend(w for waits, _, _ in results for w in waits)
-        rates.sort()
-        all_waits.sort()
-        p50 = all_waits[len(all_waits) // 2] * 1e3 if all_waits else 0.0
-        p99 = all_waits[int(len(all_waits) * 0.99)] * 1e3 if all_waits else 0.0
+    pinger.close()
+    for close in closers:
+        close()
+    for flavour in ("sync", "async"):
+        workload = f"redis: uncontended {flavour} acquire+release"
+        mine = {k: v for k, v in figures.items() if ("async" in k) == (flavour == "async")}
+        pings = [p for pairs in mine.values() for _, p in pairs]
         suite.add(
-            Row(
+            Row.of(
                 workload,
-                name,
-                "hand-offs/s",
-                rates[len(rates) // 2],
-                rates[0],
-                rates[-1],
-                repeats,
-                higher_is_better=True,
-                baseline="redis-py Lock (defaults)",
-                notes=(
-                    f"{statistics.median(acquisitions):.0f} acquisitions/s; wait p50 "
-                    f"{p50:.1f} ms, p99 {p99:.1f} ms; {violations} exclusion violations"
-                ),
-                extra={"violations": violations, "p50_ms": p50, "p99_ms": p99},
+                _PING,
+                "PINGs",
+                [1.0] * len(pings),
+                reference=True,
+                notes=f"{statistics.median(pings):.0f} us (range {min(pings):.0f}-"
+                f"{max(pings):.0f} us in this run)",
             )
         )
+        for name, pairs in mine.items():
+            us = statistics.median(op for op, _ in pairs)
+            suite.add(
+                Row.of(
+                    workload,
+                    name,
+                    "PINGs",
+                    [op / ping for op, ping in pairs],
+                    notes=f"{us:.0f} us",
+                    extra={"us": us},
+                )
+            )
+
+
+def _async_keylock(url: str, n: int) -> _Pair:
+    async def body() -> _Pair:
+        locks = KeyedLock(RedisBackend.from_url(url))
+        pinger = redis.asyncio.Redis.from_url(url)
+
+        async def op() -> None:
+            async with locks("bench:async"):
+                pass
+
+        await op()
+        await pinger.ping()
+        pair = await _paired_async(op, pinger.ping, n)
+        await locks.close()
+        await pinger.aclose()
+        return pair
+
+    return asyncio.run(body())
+
+
+def _async_redis_py(url: str, n: int) -> _Pair:
+    async def body() -> _Pair:
+        client = redis.asyncio.Redis.from_url(url)
+        pinger = redis.asyncio.Redis.from_url(url)
+
+        async def op() -> None:
+            async with client.lock("bench:async-redis-py", timeout=30):
+                pass
+
+        await op()
+        await pinger.ping()
+        pair = await _paired_async(op, pinger.ping, n)
+        await client.aclose()
+        await pinger.aclose()
+        return pair
+
+    return asyncio.run(body())
+
+
+# -------------------------------------------------------------------------- contention
+
+
+class _RedisWitness(Witness):
+    """A holder counter and the last holder per key, kept on the server beside the lock."""
+
+    def __init__(self, url: str, prefix: str) -> None:
+        self._client = redis.Redis.from_url(url)
+        self._prefix = prefix
+
+    def enter(self, key: int, me: int) -> tuple[bool, bool]:
+        pipe = self._client.pipeline(transaction=False)
+        pipe.incr(f"{self._prefix}:{key}:inside")
+        pipe.getset(f"{self._prefix}:{key}:last", me)
+        inside, previous = pipe.execute()
+        return inside != 1, previous is not None and int(previous) != me
+
+    def leave(self, key: int, violated: bool) -> None:
+        self._client.decr(f"{self._prefix}:{key}:inside")
+
+
+def _processes(url: str, name: str) -> Callable[[Sequence[Sequence[int]], float], Run]:
+    def run(keys: Sequence[Sequence[int]], seconds: float) -> Run:
+        prefix = f"bench:{uuid.uuid4().hex[:12]}"  # fresh keys: a run never sees the last one's
+
+        def make() -> tuple[SyncLockFor, Witness]:  # in each worker process
+            make_lock = dict(_subjects(url))[name]
+            assert make_lock is not None
+            lock = make_lock()
+            names = [f"{prefix}:{key}" for key in range(1 + max(max(seq) for seq in keys))]
+            return lambda key: lock(names[key]), _RedisWitness(url, prefix)
+
+        return run_processes(make, keys, seconds, grace=_GRACE)
+
+    return run
+
+
+#: Seconds a worker may go on waiting after the deadline before it reports and leaves
+#: (portalocker's RedisLock can wait seconds for a key).
+_GRACE = 1.0
+
+
+def _contention(suite: Suite, url: str) -> None:
+    seconds = 0.5 if suite.quick else 1.0
+    repeats = 2 if suite.quick else 5  # Redis figures swing with loopback latency: more runs
+    subjects: Subjects = [
+        (name, _processes(url, name) if make is not None else None) for name, make in _subjects(url)
+    ]
+    hot_key(suite, FAMILY, "process", subjects, seconds=seconds, repeats=repeats)
+    zipf(suite, FAMILY, "process", subjects, seconds=seconds, repeats=repeats)

@@ -1,0 +1,117 @@
+"""In-process contention: keylock's MemoryBackend against a bare asyncio.Lock, a bare
+threading.Lock, asyncio-keyed-lock, and a dict of locks, with tasks and with threads."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from typing import TYPE_CHECKING
+
+from .. import KeyedLock
+from .contend import AsyncLockFor, Run, SyncLockFor, run_tasks, run_threads
+from .workload import Subjects, hot_key, zipf
+
+if TYPE_CHECKING:
+    from collections.abc import Callable, Sequence
+    from contextlib import AbstractAsyncContextManager, AbstractContextManager
+
+    from .harness import Suite
+
+__all__ = ["run"]
+
+TASKS = "in-process, tasks"
+THREADS = "in-process, threads"
+
+
+def _tasks(make: Callable[[], AsyncLockFor]) -> Callable[[Sequence[Sequence[int]], float], Run]:
+    return lambda keys, seconds: run_tasks(make, keys, seconds)
+
+
+def _threads(make: Callable[[], SyncLockFor]) -> Callable[[Sequence[Sequence[int]], float], Run]:
+    return lambda keys, seconds: run_threads(make(), keys, seconds)
+
+
+def _keylock_async() -> AsyncLockFor:
+    locks = KeyedLock()
+    return lambda key: locks(str(key))
+
+
+def _keylock_sync() -> SyncLockFor:
+    locks = KeyedLock()
+    return lambda key: locks.sync(str(key))
+
+
+def _one_asyncio_lock() -> AsyncLockFor:
+    lock = asyncio.Lock()
+    return lambda key: lock
+
+
+def _one_threading_lock() -> SyncLockFor:
+    lock = threading.Lock()
+    return lambda key: lock
+
+
+def _dict_of_asyncio_locks() -> AsyncLockFor:
+    locks: dict[int, asyncio.Lock] = {}
+
+    def lock_for(key: int) -> AbstractAsyncContextManager[object]:
+        lock = locks.get(key)
+        if lock is None:
+            lock = locks[key] = asyncio.Lock()
+        return lock
+
+    return lock_for
+
+
+def _dict_of_threading_locks() -> SyncLockFor:
+    locks: dict[int, threading.Lock] = {}
+
+    def lock_for(key: int) -> AbstractContextManager[object]:
+        lock = locks.get(key)
+        if lock is None:  # setdefault is atomic: two threads never get two locks for one key
+            lock = locks.setdefault(key, threading.Lock())
+        return lock
+
+    return lock_for
+
+
+def _asyncio_keyed_lock() -> Callable[[], AsyncLockFor] | None:
+    try:
+        from asyncio_keyed_lock import AsyncioKeyedLock
+    except ImportError:
+        return None
+
+    def make() -> AsyncLockFor:
+        locks = AsyncioKeyedLock()
+        return lambda key: locks(str(key))
+
+    return make
+
+
+def run(suite: Suite) -> None:
+    """Hot key with 1-16 tasks and threads, then 1,000 Zipf keys; rows go to *suite*."""
+    seconds = 0.1 if suite.quick else 0.3
+    repeats = 3 if suite.quick else 5
+    peer = _asyncio_keyed_lock()
+    tasks: Subjects = [
+        ("asyncio.Lock (bare, one key)", _tasks(_one_asyncio_lock)),
+        ("keylock KeyedLock()", _tasks(_keylock_async)),
+        ("asyncio-keyed-lock", _tasks(peer) if peer else None),
+    ]
+    threads: Subjects = [
+        ("threading.Lock (bare, one key)", _threads(_one_threading_lock)),
+        ("keylock KeyedLock().sync", _threads(_keylock_sync)),
+    ]
+    hot_key(suite, TASKS, "task", tasks, seconds=seconds, repeats=repeats)
+    hot_key(suite, THREADS, "thread", threads, seconds=seconds, repeats=repeats)
+    zipf_tasks: Subjects = [
+        ("dict of asyncio.Lock (never freed)", _tasks(_dict_of_asyncio_locks)),
+        ("keylock KeyedLock()", _tasks(_keylock_async)),
+        ("asyncio-keyed-lock", _tasks(peer) if peer else None),
+    ]
+    zipf_threads: Subjects = [
+        ("dict of threading.Lock (never freed)", _threads(_dict_of_threading_locks)),
+        ("keylock KeyedLock().sync", _threads(_keylock_sync)),
+    ]
+    zipf(suite, TASKS, "task", zipf_tasks, seconds=seconds, repeats=repeats)
+    zipf(suite, THREADS, "thread", zipf_threads, seconds=seconds, repeats=repeats)

@@ -1,0 +1,227 @@
+"""The benchmark harness: tables, JSON, the Zipf sampler, the independent exclusion witness,
+the chart and the README section. Tiny runs only; no figure is asserted (speed is measured by
+``keylock bench``, never asserted in a test)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import math
+from collections import Counter
+from pathlib import Path
+
+import pytest
+
+from keylock import KeyedLock
+from keylock._bench import inproc, plot
+from keylock._bench.contend import FileWitness, ThreadWitness, run_processes, run_tasks
+from keylock._bench.harness import Row, Suite, from_json, render, to_json, verdicts
+from keylock._bench.readme import END, START, rewrite
+from keylock._bench.workload import hot_key
+from keylock._bench.zipf import zipf_indices
+from keylock.backends import FileBackend
+from keylock.cli import main
+
+
+def _rows() -> list[Row]:
+    return [
+        Row.of("uncontended", "peer A", "us", [1.0, 1.2, 0.9]),
+        Row.of("uncontended", "keylock X", "us", [2.0, 2.2, 1.8]),
+        Row.of("uncontended", "peer B", "us", [4.0, 4.0, 4.0]),
+        Row.of("uncontended", "PING", "us", [0.5], reference=True),
+        *(
+            Row.of(
+                f"hot key, {n} workers",
+                subject,
+                "hand-offs/s",
+                [rate * n, rate * n * 1.1],
+                higher_is_better=True,
+                family="in-process, tasks",
+                workers=n,
+                extra={
+                    "wait_p50_ms": 0.5,
+                    "wait_p99_ms": 2.0,
+                    "wait_p999_ms": 3.0,
+                    "violations": 0.0,
+                },
+            )
+            for n in (1, 2, 4)
+            for subject, rate in (("keylock X", 300.0), ("peer A", 200.0))
+        ),
+    ]
+
+
+def test_table_gives_each_figure_against_the_fastest_peer_with_spread_and_waits() -> None:
+    table = render(_rows()).splitlines()
+    assert table[0].startswith("| workload | subject | median | spread (min-max) | vs fastest")
+    assert len(table) == 2 + len(_rows())
+    keylock = next(line for line in table if line.startswith("| uncontended | **keylock X**"))
+    assert "| 2.00 us | 1.80-2.20 | 2.00x peer A |" in keylock  # peer A is the fastest peer
+    peer_b = next(line for line in table if "| peer B |" in line)
+    assert "| 4.00x |" in peer_b
+    ping = next(line for line in table if "| PING |" in line)
+    assert "x" not in ping.split("|")[5]  # a reference is not ranked
+    hot = next(line for line in table if line.startswith("| hot key, 2 workers | **keylock"))
+    assert "| 0.500 / 2.00 / 3.00 ms | 0 |" in hot
+
+
+def test_verdicts_say_where_keylock_is_behind_and_where_ahead() -> None:
+    found = {v.workload: v for v in verdicts(_rows())}
+    assert not found["uncontended"].ahead  # 2.0 us against 1.0 us
+    assert found["uncontended"].ratio == pytest.approx(2.0 / 1.0)
+    assert found["hot key, 4 workers"].ahead  # more hand-offs/s
+    assert found["hot key, 4 workers"].peer == "peer A"
+
+
+def test_json_round_trips_rows_and_machine() -> None:
+    rows = _rows()
+    back, info = from_json(to_json(rows, {"cpu": "test", "cores": "2"}))
+    assert back == rows
+    assert info == {"cpu": "test", "cores": "2"}
+
+
+def test_zipf_sampler_is_seeded_and_zipf_shaped() -> None:
+    draws = zipf_indices(1_000, 200_000, seed=7)
+    assert draws == zipf_indices(1_000, 200_000, seed=7)
+    assert draws != zipf_indices(1_000, 200_000, seed=8)
+    assert min(draws) >= 0
+    assert max(draws) < 1_000
+    counts = Counter(draws)
+    harmonic = sum(1 / k for k in range(1, 1_001))
+    for rank in (1, 2, 3, 10):  # frequency of rank k is 1 / (k * H_1000)
+        expected = len(draws) / (rank * harmonic)
+        assert counts[rank - 1] == pytest.approx(expected, rel=0.05)
+    # log-log rank/frequency slope over the well-sampled head is -s = -1
+    xs = [math.log(k) for k in range(1, 51)]
+    ys = [math.log(counts[k - 1]) for k in range(1, 51)]
+    mx, my = sum(xs) / len(xs), sum(ys) / len(ys)
+    slope = sum((x - mx) * (y - my) for x, y in zip(xs, ys, strict=True)) / sum(
+        (x - mx) ** 2 for x in xs
+    )
+    assert slope == pytest.approx(-1.0, abs=0.1)
+    with pytest.raises(ValueError, match="n >= 1"):
+        zipf_indices(0, 10)
+
+
+def test_the_witness_catches_a_lock_that_excludes_nobody() -> None:
+    run = run_tasks(lambda: lambda key: _NoLock(), [[0], [0]], 0.02)
+    assert run.violations > 0
+    locks = KeyedLock()
+    run = run_tasks(lambda: lambda key: locks(str(key)), [[0], [0]], 0.02)
+    assert run.violations == 0
+    assert run.acquisitions > 0
+    assert run.handoffs > 0  # two tasks on one key take turns
+    assert len(run.waits) >= run.acquisitions
+
+
+def test_thread_and_file_witnesses_report_overlap_and_hand_offs(tmp_path: Path) -> None:
+    for witness in (ThreadWitness(2), FileWitness(str(tmp_path), 2)):
+        assert witness.enter(1, me=1) == (False, False)  # first holder: no hand-off
+        assert witness.enter(1, me=2) == (True, False)  # a second holder inside
+        witness.leave(1, violated=True)
+        witness.leave(1, violated=False)
+        assert witness.enter(1, me=2) == (False, True)  # the key passed from 1 to 2
+        witness.leave(1, violated=False)
+        assert witness.enter(1, me=2) == (False, False)  # 2 again: no hand-off
+        witness.leave(1, violated=False)
+
+
+def test_processes_contend_on_the_file_backend(tmp_path: Path) -> None:
+    directory = str(tmp_path)
+    witness = FileWitness(directory, 3)
+
+    def make() -> tuple[object, FileWitness]:
+        locks = KeyedLock(FileBackend(directory))
+        return (lambda key: locks.sync(f"k{key}")), witness
+
+    run = run_processes(make, [[0, 1, 2], [2, 1, 0]], 0.1)  # type: ignore[arg-type]
+    assert run.violations == 0
+    assert run.acquisitions > 0
+    assert len(run.waits) >= run.acquisitions
+
+
+def test_hot_key_rows_carry_family_workers_waits_and_violations() -> None:
+    suite = Suite(quick=True, progress=False)
+    subjects = [("keylock KeyedLock()", inproc._tasks(inproc._keylock_async)), ("gone", None)]
+    hot_key(suite, inproc.TASKS, "task", subjects, seconds=0.01, repeats=2, workers=(1, 2))
+    assert [(r.workload, r.unit, r.workers, r.runs) for r in suite.rows] == [
+        ("in-process, tasks: hot key, 1 task", "ops/s", 1, 2),
+        ("in-process, tasks: hot key, 2 tasks", "hand-offs/s", 2, 2),
+    ]
+    for row in suite.rows:
+        assert row.family == inproc.TASKS
+        assert row.extra["violations"] == 0
+        assert row.low <= row.median <= row.high
+        assert row.extra["wait_p50_ms"] <= row.extra["wait_p99_ms"] <= row.extra["wait_p999_ms"]
+
+
+_README = """# project
+
+Intro text, kept as is.
+
+## Benchmarks
+
+Hand-written prose before.
+
+<!-- bench:start -->
+old table
+<!-- bench:end -->
+
+Hand-written prose after.
+
+## Redis
+
+Another engineer's section.
+"""
+
+
+def test_readme_rewrite_touches_only_the_marked_section() -> None:
+    new = rewrite(_README, "new table\n")
+    head, tail = _README.split(START)[0], _README.split(END)[1]
+    assert new.startswith(head + START + "\nnew table\n" + END)
+    assert new.endswith(END + tail)
+    assert "old table" not in new
+    assert rewrite(new, "new table") == new  # idempotent
+    with pytest.raises(ValueError, match="exactly one"):
+        rewrite("no markers", "x")
+    with pytest.raises(ValueError, match="before"):
+        rewrite(f"{END}\n{START}\n", "x")
+
+
+def test_bench_renders_a_saved_run_into_table_chart_and_readme(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    saved = tmp_path / "run.json"
+    saved.write_text(to_json(_rows(), {"cpu": "test cpu", "cores": "2", "mode": "quick"}))
+    (tmp_path / "results").mkdir()
+    chart = tmp_path / "results" / "chart.png"
+    readme = tmp_path / "README.md"
+    readme.write_text(_README)
+    args = ["bench", "--from-json", str(saved), "--plot", str(chart), "--readme", str(readme)]
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    assert "| uncontended | **keylock X** |" in out
+    assert chart.read_bytes().startswith(b"\x89PNG\r\n\x1a\n")
+    text = readme.read_text()
+    assert "![hand-offs/s against workers, per library](results/chart.png)" in text
+    assert "Quick run on cpu test cpu, cores 2." in text
+    assert "| uncontended | **keylock X** |" in text
+    assert "hot key, 4 workers: keylock X ahead of peer A" in text
+    assert text.split(START)[0] == _README.split(START)[0]
+    assert text.split(END)[1] == _README.split(END)[1]
+
+
+def test_plot_without_matplotlib_names_the_extra_before_running(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setattr(plot, "available", lambda: False)
+    assert main(["bench", "--plot", str(tmp_path / "x.png")]) == 2
+    assert "pip install 'keylock[plot]'" in capsys.readouterr().err
+    assert not (tmp_path / "x.png").exists()
+
+
+class _NoLock(contextlib.AbstractAsyncContextManager[object]):
+    """A lock that excludes nobody: the witness must catch it."""
+
+    async def __aexit__(self, *exc: object) -> None:
+        await asyncio.sleep(0)

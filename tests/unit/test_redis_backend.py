@@ -465,3 +465,41 @@ def test_a_handed_over_lease_is_dated_by_the_server_not_by_the_message(url: str)
     lease.release_sync()
     holder.close_sync()
     backend.close_sync()
+
+
+def test_a_waiter_that_died_in_line_holds_a_handed_key_only_for_its_claim(url: str) -> None:
+    """A waiter queues and dies (its process is gone; its place in line has not yet expired):
+    the release hands it the key anyway. It holds the key for its claim window (its stay in
+    line: 3 polls + 1 s), not the whole 30 s TTL, which is what it held before the claim window
+    existed (the other client's 10 s wait then timed out). A live waiter handed the key keeps
+    it past that window: its renewer extends it."""
+    holder = KeyedLock(RedisBackend.from_url(url, poll=0.2))
+    lease = holder.acquire_sync("ghost")
+    ghost = RedisBackend.from_url(url, poll=0.2)  # stay in line: 1.6 s
+    owner = b"\x09" * 16
+    keys, args = ghost._acquire_args("ghost", owner, 30.0, True)
+    assert ghost._run_sync("acquire", "ghost", keys, args)[0] == 0  # type: ignore[index]
+    lease.release_sync()  # hands the key to the ghost
+    other = KeyedLock(RedisBackend.from_url(url, poll=0.2))
+    started = time.monotonic()
+    taken = other.acquire_sync("ghost", timeout=10)
+    assert time.monotonic() - started < 5  # the claim window, not the TTL
+    # a live waiter keeps a handed-over lease past its claim window
+    waiter = KeyedLock(RedisBackend.from_url(url, poll=0.2))
+    got: list[object] = []
+    thread = threading.Thread(target=lambda: got.append(waiter.acquire_sync("ghost", timeout=10)))
+    thread.start()
+    raw = redis.Redis.from_url(url)
+    while not raw.zcard(other.backend._keys("ghost")[2]):  # type: ignore[attr-defined]
+        time.sleep(0.005)
+    taken.release_sync()  # handed to the live waiter, for its 1.6 s claim window at first
+    thread.join(10)
+    (handed,) = got
+    time.sleep(2.5)
+    assert not handed.lost  # type: ignore[attr-defined]
+    with pytest.raises(LockTimeout):
+        other.acquire_sync("ghost", timeout=0)
+    handed.release_sync()  # type: ignore[attr-defined]
+    for locks in (holder, other, waiter):
+        locks.close_sync()
+    ghost.close_sync()

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import fcntl
 import functools
 import hashlib
 import os
@@ -32,7 +33,15 @@ __all__ = ["FileBackend"]
 
 _RECORD_SIZE = 128  # bytes of the record at the start of each lock file
 _FIRST_POLL = 0.0005  # seconds before the first retry of a busy OS lock; doubles each time
-_MAX_POLL = 0.02  # the longest wait between retries (another process holds the key)
+_MAX_POLL = 0.002  # the longest wait between retries (another process holds the key)
+# Fairness between processes. A process waiting for a key's OS lock holds a POSIX read lock on
+# byte 1 of the lock file (advisory: it guards nothing, it only says "waiting"; the OS drops it
+# when the process dies). A process releasing the key checks for such readers; if there are
+# any, its next acquire of the key steps aside until another process has taken a turn (the
+# file's token moved) or _STEP_ASIDE passes. Without it the releasing process takes the key
+# straight back while the others sleep between polls: one process kept it for whole seconds.
+_WAITING_BYTE = 1
+_STEP_ASIDE = 0.05
 _LOCK_NB = portalocker.LockFlags.EXCLUSIVE | portalocker.LockFlags.NON_BLOCKING
 _OPEN_FLAGS = os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC
 
@@ -65,22 +74,29 @@ class _Shared:
 
     def __init__(self) -> None:
         self.local = MemoryBackend()
-        self.mutex = threading.Lock()  # guards held
+        self.mutex = threading.Lock()  # guards held, aside, waiting
         self.held: dict[str, _Held] = {}  # key -> OS lock held by this process
+        # key -> (token at our release, monotonic time until which we step aside)
+        self.aside: dict[str, tuple[int, float]] = {}
+        # key -> (open file, marked as waiting yet) of this process's caller waiting for the key
+        self.waiting: dict[str, tuple[int, bool]] = {}
 
     def reset_after_fork(self) -> None:
         """In a forked child: forget the parent's leases and locks."""
         # A forked child inherits the parent's descriptors: closing them does not release the
         # parent's flock (filelock #634 came from unlocking instead), and the child must not
         # think it holds anything.
-        for held in self.held.values():
+        fds = [held.fd for held in self.held.values()] + [fd for fd, _ in self.waiting.values()]
+        for fd in fds:
             try:
-                os.close(held.fd)
+                os.close(fd)
             except OSError:
                 pass
         self.local = MemoryBackend()
         self.mutex = threading.Lock()
         self.held = {}
+        self.aside = {}
+        self.waiting = {}  # (POSIX locks are not inherited: the child waits for nothing)
 
 
 _SHARED: weakref.WeakValueDictionary[tuple[int, int], _Shared] = weakref.WeakValueDictionary()
@@ -95,6 +111,34 @@ def _after_fork_in_child() -> None:
 
 
 os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
+def _say_waiting(fd: int) -> bool:
+    """Mark this process as waiting for the key of *fd* (a read lock on _WAITING_BYTE); False
+    if a releaser was probing at this very instant (the next poll tries again)."""
+    try:
+        fcntl.lockf(fd, fcntl.LOCK_SH | fcntl.LOCK_NB, 1, _WAITING_BYTE)
+    except OSError as exc:
+        if exc.errno in (errno.EACCES, errno.EAGAIN):
+            return False
+        raise
+    return True
+
+
+def _done_waiting(fd: int) -> None:
+    fcntl.lockf(fd, fcntl.LOCK_UN, 1, _WAITING_BYTE)
+
+
+def _others_wait(fd: int) -> bool:
+    """True if another process is marked as waiting for the key of *fd*."""
+    try:
+        fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB, 1, _WAITING_BYTE)
+    except OSError as exc:
+        if exc.errno in (errno.EACCES, errno.EAGAIN):
+            return True
+        raise
+    fcntl.lockf(fd, fcntl.LOCK_UN, 1, _WAITING_BYTE)
+    return False
 
 
 def _open_directory(directory: str) -> int:
@@ -191,9 +235,12 @@ class FileBackend(Backend):
                 key=key,
             ) from exc
 
-    def _try_os_lock(self, key: str, owner: bytes, local: Grant, ttl: float | None) -> Grant | None:
+    def _try_os_lock(
+        self, key: str, owner: bytes, local: Grant, ttl: float | None, *, wait: bool = False
+    ) -> Grant | None:
         """Take *key*'s OS lock for the in-process lease *local*, or None if another process
-        holds it. Never blocks."""
+        holds it (or is owed a turn: see _STEP_ASIDE). Never blocks. With *wait* the caller
+        will try again: its file stays open, marked as waiting, until _stop_waiting."""
         shared = self._shared
         with shared.mutex:
             held = shared.held.get(key)
@@ -204,16 +251,34 @@ class FileBackend(Backend):
                 held.owner = owner
                 held.token = token = self._next_token(held.fd, owner, ttl)
                 return Grant(token, local[1])
-        fd = self._open(key)
+            fd, marked = shared.waiting.pop(key, (-1, False))
+            aside = shared.aside.get(key)
+        waiting = fd >= 0
+        if not waiting:
+            fd = self._open(key)
         try:
-            portalocker.lock(fd, _LOCK_NB)
-        except portalocker.AlreadyLocked:
-            os.close(fd)
-            return None
+            if aside is not None and self._stepping_aside(key, fd, aside):
+                busy = True
+            else:
+                try:
+                    portalocker.lock(fd, _LOCK_NB)
+                    busy = False
+                except portalocker.AlreadyLocked:
+                    busy = True
+            if busy:
+                if wait:
+                    marked = marked or _say_waiting(fd)
+                    with shared.mutex:
+                        shared.waiting[key] = (fd, marked)
+                else:
+                    os.close(fd)  # (drops the waiting mark with it)
+                return None
         except BaseException:
             os.close(fd)
             raise
         try:
+            if waiting:
+                _done_waiting(fd)
             # prune() may have unlinked the file between our open and our lock: then we hold a
             # lock nobody else will ever see (filelock #574's split brain); retry on the new one
             here = os.fstat(fd)
@@ -236,6 +301,24 @@ class FileBackend(Backend):
         # (counting from now, after the OS lock, told the holder it had ~0.1 ms it did not have)
         return Grant(token, local[1])
 
+    def _stepping_aside(self, key: str, fd: int, aside: tuple[int, float]) -> bool:
+        """True while this process owes another process a turn at *key* (see _STEP_ASIDE)."""
+        token_then, until = aside
+        if time.monotonic() < until:
+            record = os.pread(fd, _RECORD_SIZE, 0).split(b" ", 1)[0]
+            if record.isdigit() and int(record) == token_then:  # nobody took a turn yet
+                return True
+        with self._shared.mutex:
+            self._shared.aside.pop(key, None)
+        return False
+
+    def _stop_waiting(self, key: str) -> None:
+        """The caller gave up on *key*: close its waiting file (which drops the mark)."""
+        with self._shared.mutex:
+            fd, _ = self._shared.waiting.pop(key, (-1, False))
+        if fd >= 0:
+            os.close(fd)
+
     @staticmethod
     def _next_token(fd: int, owner: bytes, ttl: float | None) -> int:
         """Mint the next token from the lock file's record and write it back. Caller holds the
@@ -248,8 +331,11 @@ class FileBackend(Backend):
         os.pwrite(fd, line.ljust(_RECORD_SIZE), 0)
         return token
 
-    def _drop_os_lock(self, held: _Held) -> None:
+    def _drop_os_lock(self, key: str, held: _Held) -> None:
         try:
+            if _others_wait(held.fd):  # our next turn waits until one of them had theirs
+                with self._shared.mutex:
+                    self._shared.aside[key] = (held.token, time.monotonic() + _STEP_ASIDE)
             portalocker.unlock(held.fd)
         finally:
             os.close(held.fd)
@@ -275,8 +361,9 @@ class FileBackend(Backend):
         return None  # waiters queue in the in-process layer, which withdraws them itself
 
     # Two phases: the in-process layer (the memory backend's own driver: FIFO, cancellation,
-    # timeouts), then the OS lock, polled with a growing pause since another process cannot
-    # wake us. The twins differ only in how they sleep.
+    # timeouts), then the OS lock, polled with a growing pause (0.5 to 2 ms) since another
+    # process cannot wake us; meanwhile the file stays open, marked as waiting, so the holder
+    # steps aside for us at its release. The twins differ only in how they sleep.
 
     async def acquire(
         self, key: str, owner: bytes, *, timeout: float | None, ttl: float | None
@@ -287,12 +374,13 @@ class FileBackend(Backend):
         try:
             pause = _FIRST_POLL
             while True:
-                os_grant = self._try_os_lock(key, owner, grant, None)
+                os_grant = self._try_os_lock(key, owner, grant, None, wait=True)
                 if os_grant is not None:
                     return self._arm_ttl(key, owner, os_grant, ttl)
                 await asyncio.sleep(_next_pause(pause, deadline, key, timeout))
                 pause = min(pause * 2, _MAX_POLL)
         except BaseException:
+            self._stop_waiting(key)
             local._discard_sync(key, owner, grant)  # pass the in-process turn on
             raise
 
@@ -305,12 +393,13 @@ class FileBackend(Backend):
         try:
             pause = _FIRST_POLL
             while True:
-                os_grant = self._try_os_lock(key, owner, grant, None)
+                os_grant = self._try_os_lock(key, owner, grant, None, wait=True)
                 if os_grant is not None:
                     return self._arm_ttl(key, owner, os_grant, ttl)
                 time.sleep(_next_pause(pause, deadline, key, timeout))
                 pause = min(pause * 2, _MAX_POLL)
         except BaseException:
+            self._stop_waiting(key)
             local._discard_sync(key, owner, grant)
             raise
 
@@ -341,7 +430,7 @@ class FileBackend(Backend):
     def release_sync(self, key: str, owner: bytes, token: int) -> None:
         held = self._take_held(key, owner, token, pop=True)
         try:
-            self._drop_os_lock(held)
+            self._drop_os_lock(key, held)
         finally:
             # then the next caller in this process (raises LeaseLost if the TTL had run out)
             self._shared.local.release_sync(key, owner, held.local_token)

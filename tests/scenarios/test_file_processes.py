@@ -3,6 +3,7 @@ lock-file cleanup racing acquirers. Real processes (multiprocessing, fork start 
 
 from __future__ import annotations
 
+import itertools
 import multiprocessing
 import os
 import signal
@@ -169,3 +170,37 @@ def test_cleanup_racing_sixteen_processes_never_makes_two_holders(tmp_path: Path
         stop.set()
         pruner.join(30)
     assert violations.value == 0
+
+
+def _take_turns(directory: str, log: str, rounds: int, name: str, start: object) -> None:
+    locks = KeyedLock(FileBackend(directory))
+    start.wait()  # type: ignore[attr-defined]
+    for _ in range(rounds):
+        with locks.sync("turns"), open(log, "a") as fh:
+            fh.write(name)
+
+
+def test_a_releasing_process_does_not_keep_the_key_from_waiting_ones(tmp_path: Path) -> None:
+    """Three processes acquire one key 200 times each in tight loops. A process that releases
+    while others wait steps aside until one of them had a turn, so no process keeps the key for
+    long. Without that, the releaser took the key straight back while the others slept
+    between polls: runs of hundreds (one process finished all its rounds first)."""
+    log = tmp_path / "log"
+    log.write_text("")
+    start = ctx.Event()
+    procs = [
+        ctx.Process(target=_take_turns, args=(str(tmp_path / "locks"), str(log), 200, n, start))
+        for n in "abc"
+    ]
+    for proc in procs:
+        proc.start()
+    start.set()
+    for proc in procs:
+        proc.join(120)
+        assert proc.exitcode == 0
+    order = log.read_text()
+    assert sorted(order) == sorted("abc" * 200)  # every turn taken, none lost
+    # while all three contend: from when the last one started to when the first one finished
+    both_ends = order[max(order.index(n) for n in "abc") : min(order.rindex(n) for n in "abc")]
+    longest = max((len(list(run)) for _, run in itertools.groupby(both_ends)), default=0)
+    assert longest < 20, f"one process kept the key for {longest} turns in a row"

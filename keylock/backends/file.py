@@ -113,16 +113,22 @@ def _after_fork_in_child() -> None:
 os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
-def _say_waiting(fd: int) -> bool:
-    """Mark this process as waiting for the key of *fd* (a read lock on _WAITING_BYTE); False
-    if a releaser was probing at this very instant (the next poll tries again)."""
+def _lock_waiting_byte(fd: int, mode: int) -> bool:
+    """Take *mode* (LOCK_SH or LOCK_EX) on _WAITING_BYTE without waiting; False if another
+    process's lock stands in the way."""
     try:
-        fcntl.lockf(fd, fcntl.LOCK_SH | fcntl.LOCK_NB, 1, _WAITING_BYTE)
+        fcntl.lockf(fd, mode | fcntl.LOCK_NB, 1, _WAITING_BYTE)
     except OSError as exc:
         if exc.errno in (errno.EACCES, errno.EAGAIN):
             return False
         raise
     return True
+
+
+def _say_waiting(fd: int) -> bool:
+    """Mark this process as waiting for the key of *fd* (a read lock on _WAITING_BYTE); False
+    if a releaser was probing at this very instant (the next poll tries again)."""
+    return _lock_waiting_byte(fd, fcntl.LOCK_SH)
 
 
 def _done_waiting(fd: int) -> None:
@@ -131,13 +137,9 @@ def _done_waiting(fd: int) -> None:
 
 def _others_wait(fd: int) -> bool:
     """True if another process is marked as waiting for the key of *fd*."""
-    try:
-        fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB, 1, _WAITING_BYTE)
-    except OSError as exc:
-        if exc.errno in (errno.EACCES, errno.EAGAIN):
-            return True
-        raise
-    fcntl.lockf(fd, fcntl.LOCK_UN, 1, _WAITING_BYTE)
+    if not _lock_waiting_byte(fd, fcntl.LOCK_EX):
+        return True
+    _done_waiting(fd)
     return False
 
 

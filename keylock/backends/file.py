@@ -203,7 +203,7 @@ class FileBackend(Backend):
                 held.local_token = local[0]
                 held.owner = owner
                 held.token = token = self._next_token(held.fd, owner, ttl)
-                return Grant(token, None if ttl is None else time.time() + ttl)
+                return Grant(token, local[1])
         fd = self._open(key)
         try:
             portalocker.lock(fd, _LOCK_NB)
@@ -232,7 +232,10 @@ class FileBackend(Backend):
             raise
         with shared.mutex:
             shared.held[key] = _Held(fd, token, owner, local[0], os.getpid())
-        return Grant(token, None if ttl is None else time.time() + ttl)
+        # the in-process lease's expiry, not a new reading of the clock: the in-process layer
+        # hands the key on at its own deadline, and an expiry read after the file I/O above
+        # would let this holder believe in its lease after that (a phantom grant)
+        return Grant(token, local[1])
 
     @staticmethod
     def _next_token(fd: int, owner: bytes, ttl: float | None) -> int:

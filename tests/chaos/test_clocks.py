@@ -19,11 +19,12 @@ from __future__ import annotations
 
 import time
 import types
+from pathlib import Path
 
 import pytest
 
 from keylock import KeyedLock
-from keylock.backends import MemoryBackend
+from keylock.backends import FileBackend, MemoryBackend
 from keylock.backends import memory as memory_module
 
 SLOW = 0.05
@@ -49,6 +50,30 @@ def test_an_extended_lease_is_never_believed_live_after_its_takeover(
     )
     old.extend_sync(0.2)
     new = locks.acquire_sync("k", timeout=5, ttl=5)
+    believed_live = not old.lost
+    new.release_sync()
+    assert not believed_live, "the old holder still believed in its lease after the takeover"
+
+
+def test_a_file_lease_is_never_believed_live_after_its_takeover(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A file lease with a 0.2 s TTL whose token record takes 50 ms to write (a slow disk, a
+    preempted thread); another backend on the directory in this process takes the key over at
+    the in-process deadline; by then the old holder must see ``lease.lost``. With the expiry
+    read after the I/O, it was 50 ms late."""
+    mint = FileBackend._next_token
+
+    def slow_mint(fd: int, owner: bytes, ttl: float | None) -> int:
+        time.sleep(SLOW)
+        return mint(fd, owner, ttl)
+
+    old_locks = KeyedLock(FileBackend(tmp_path / "locks"))
+    new_locks = KeyedLock(FileBackend(tmp_path / "locks"))
+    monkeypatch.setattr(FileBackend, "_next_token", staticmethod(slow_mint))
+    old = old_locks.acquire_sync("k", ttl=0.2)
+    monkeypatch.setattr(FileBackend, "_next_token", staticmethod(mint))
+    new = new_locks.acquire_sync("k", timeout=5, ttl=5)
     believed_live = not old.lost
     new.release_sync()
     assert not believed_live, "the old holder still believed in its lease after the takeover"

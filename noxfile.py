@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import nox
 
 nox.options.sessions = ["tests", "lint", "typecheck"]
@@ -32,9 +34,18 @@ def typecheck(session: nox.Session) -> None:
 
 @nox.session
 def chaos(session: nox.Session) -> None:
-    """The fault and storm tests with the history checker (tests/chaos)."""
+    """The fault and storm tests with the history checker (tests/chaos), at ten times the
+    trials of CI (``KEYLOCK_CHAOS_SCALE``, 10 unless set); prints one table per fault."""
     session.install("-e", ".[dev]")
-    session.run("pytest", "tests/chaos", "-v", *session.posargs)
+    scale = os.environ.get("KEYLOCK_CHAOS_SCALE", "10")
+    session.run(
+        "pytest",
+        "tests/chaos",
+        "-v",
+        "--timeout=1800",  # per test: the longest runs ten times its CI form
+        *session.posargs,
+        env={"KEYLOCK_CHAOS_SCALE": scale},
+    )
 
 
 @nox.session

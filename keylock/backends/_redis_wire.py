@@ -52,6 +52,25 @@ def _limit(timeout: float | None, socket_timeout: float | None) -> float | None:
     )
 
 
+def _is_open(conn: redis.Connection) -> bool:
+    return getattr(conn, "_sock", None) is not None
+
+
+def _connect_within(conn: redis.Connection, timeout: float) -> None:
+    """Open *conn* (the socket and redis-py's handshake) within *timeout* seconds: a new
+    connection on a dead link must not cost the client's socket timeout (5 s by default)."""
+    saved = conn.socket_timeout, conn.socket_connect_timeout
+    conn.socket_timeout = _limit(timeout, saved[0])
+    conn.socket_connect_timeout = _limit(timeout, saved[1])
+    try:
+        conn.connect()  # type: ignore[no-untyped-call]
+    finally:
+        conn.socket_timeout, conn.socket_connect_timeout = saved
+    sock = getattr(conn, "_sock", None)
+    if sock is not None:  # later calls: the client's own socket timeout again
+        sock.settimeout(saved[0])
+
+
 class SyncWire:
     """Runs scripts for threads: each call takes an idle connection (or makes one), so
     concurrent callers never share a socket. A connection that fails is dropped; a call that
@@ -96,6 +115,8 @@ class SyncWire:
             # (no timeout: redis-py's default read, which costs no extra system calls)
             bound = {} if timeout is None else {"timeout": _limit(timeout, conn.socket_timeout)}
             try:
+                if timeout is not None and not _is_open(conn):
+                    _connect_within(conn, timeout)
                 conn.send_command("EVALSHA", sha, len(keys), *keys, *args)  # type: ignore[no-untyped-call]
                 try:
                     reply = conn.read_response(**bound)
@@ -157,6 +178,9 @@ class AsyncWire:
                 self._made.add(conn)
             limit = _limit(timeout, conn.socket_timeout)
             try:
+                if timeout is not None and not conn.is_connected:
+                    async with asyncio.timeout(limit):  # socket and handshake, both bounded
+                        await conn.connect()  # type: ignore[no-untyped-call]
                 await conn.send_command("EVALSHA", sha, len(keys), *keys, *args)
                 try:
                     reply = await conn.read_response(timeout=limit)

@@ -229,6 +229,9 @@ class MemoryBackend(Backend):
     def extend_sync(self, key: str, owner: bytes, token: int, ttl: float) -> float:
         with self._mutex:
             entry = self._entries.get(key)
+            # the wall clock first: a thread switch between the two reads may then only make
+            # the holder's expires_at early, never later than the takeover (a phantom grant)
+            wall = time.time()
             now = time.monotonic()
             if entry is None or entry[_TOKEN] != token or entry[_OWNER] != owner:
                 raise _lost(key, token)
@@ -236,7 +239,7 @@ class MemoryBackend(Backend):
             if deadline is not None and now >= deadline:
                 raise _lost(key, token)
             entry[_DEADLINE] = now + ttl
-            entry[_EXPIRES_AT] = expires_at = time.time() + ttl
+            entry[_EXPIRES_AT] = expires_at = wall + ttl
             self._arm_head(entry)
             return expires_at
 

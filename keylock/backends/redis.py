@@ -272,6 +272,7 @@ class RedisBackend(Backend):
         )
         self._async_clients.clear()  # their sockets are the parent's
         self._renewer: _Renewer | None = None
+        self._leaving: set[threading.Thread] = set()  # LEAVE threads of sync give-ups
         # (server clock - ours) in s, and its uncertainty: read from queueing replies
         self._clock: tuple[float, float] = (0.0, float("inf"))
 
@@ -609,12 +610,31 @@ class RedisBackend(Backend):
             self._local._discard_sync(key, owner, local)
             if waiter is not None or in_flight:
                 keys, args = self._leave_args(key, owner, lease_ttl, in_flight)
-                with contextlib.suppress(BackendUnavailable):
-                    self._run_sync("leave", key, keys, args, _GIVE_UP_WAIT)
+                if in_flight:  # the link may be what failed: leave from a thread of its own,
+                    # waited for _GIVE_UP_WAIT at most (as the async twin waits for its task)
+                    leave = threading.Thread(
+                        target=self._leave_quietly, args=(key, keys, args), daemon=True
+                    )
+                    self._leaving.add(leave)
+                    leave.start()
+                    leave.join(_GIVE_UP_WAIT)
+                else:
+                    self._leave_quietly(key, keys, args, _GIVE_UP_WAIT)
             raise
         finally:
             if waiter is not None:
                 self._unwatch(key, waiter)
+
+    def _leave_quietly(
+        self, key: str, keys: list[str], args: list[_Arg], bound: float | None = None
+    ) -> None:
+        """LEAVE for a caller that gave up; a failure only costs the place in line its stay."""
+        try:
+            self._run_sync("leave", key, keys, args, bound)
+        except Exception as exc:  # (also: the backend closed under a LEAVE left to finish)
+            logger.debug("keylock: leaving the line for %r failed: %s", key, exc)
+        finally:
+            self._leaving.discard(threading.current_thread())
 
     def _local_ttl(self, ttl: float) -> float | None:
         # Without renewal the in-process turn lapses with the Redis lease, so the next caller
@@ -749,6 +769,8 @@ class RedisBackend(Backend):
     # ----------------------------------------------------------------------------- closing
 
     def close_sync(self) -> None:
+        for leave in list(self._leaving):  # LEAVEs finishing for callers that gave up
+            leave.join(1.0)
         if self._renewer is not None:
             self._renewer.stop()
         if self._listener is not None:

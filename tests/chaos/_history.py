@@ -1,16 +1,29 @@
 """A history of grants, releases and fenced writes, and the checker that judges it.
 
-Workers record each grant right after ``acquire`` returns and each release right before
+Workers record each grant right after ``acquire`` returns (or after their first fenced write,
+which makes the fence know the new token before the grant counts) and each release right before
 ``release`` is called, so a recorded interval always lies inside the true holding interval:
 the checker never blames a correct lock, and two recorded intervals that overlap prove two live
-holders. Times are ``time.monotonic()`` (one host).
+holders. ``expires_at`` is the holder's own belief (the lease's ``expires_at`` after its last
+renewal), so an overlap with a lease its holder still believed live is a phantom grant.
+Times are ``time.monotonic()`` (one host).
+
+Waits are recorded too (asked, ended, timeout, outcome): a wait that ended later than its
+timeout plus a slack is a hang.
 """
 
 from __future__ import annotations
 
+import bisect
 import itertools
+import math
 import threading
-from dataclasses import dataclass, field
+import time
+from dataclasses import KW_ONLY, dataclass, field
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from keylock import Lease
 
 
 @dataclass
@@ -20,7 +33,28 @@ class Grant:
     holder: str
     granted_at: float
     expires_at: float | None  # monotonic; None = no TTL
+    _: KW_ONLY
     released_at: float | None = None  # None: never released (crashed, or lease lost)
+    asked_at: float | None = None  # when its acquire started (for the hand-off delay)
+    voided_at: float | None = None  # the server forgot it then (restart without persistence)
+
+    @property
+    def ended_at(self) -> float:
+        """When the lease stopped counting: released, expired, or voided (inf: never)."""
+        return min(
+            math.inf if t is None else t
+            for t in (self.released_at, self.expires_at, self.voided_at)
+        )
+
+
+@dataclass
+class Wait:
+    key: str
+    holder: str
+    asked_at: float
+    ended_at: float
+    timeout: float | None
+    outcome: str  # "granted", "timeout", "error", "cancelled"
 
 
 @dataclass
@@ -38,10 +72,20 @@ class Verdict:
     overlaps: list[str] = field(default_factory=list)
     token_regressions: list[str] = field(default_factory=list)
     stale_writes_accepted: list[str] = field(default_factory=list)
+    hangs: list[str] = field(default_factory=list)  # waits that outlived timeout + slack
+    waits: dict[str, int] = field(default_factory=dict)  # outcome -> count
+    max_handoff: float | None = None  # longest gap from a lease's end to a waiter's grant
+    max_overrun: float | None = None  # longest wait past its own timeout (can be negative)
 
     @property
     def ok(self) -> bool:
-        return not (self.overlaps or self.token_regressions or self.stale_writes_accepted)
+        return not (
+            self.overlaps or self.token_regressions or self.stale_writes_accepted or self.hangs
+        )
+
+    @property
+    def timed_out(self) -> int:
+        return self.waits.get("timeout", 0)
 
 
 class History:
@@ -51,7 +95,7 @@ class History:
         self._mutex = threading.Lock()
         self.grants: list[Grant] = []
         self.writes: list[Write] = []
-        self._ids = itertools.count()
+        self.waits: list[Wait] = []
 
     def granted(self, grant: Grant) -> Grant:
         with self._mutex:
@@ -62,10 +106,16 @@ class History:
         with self._mutex:
             self.writes.append(write)
 
-    def check(self) -> Verdict:
+    def waited(self, wait: Wait) -> None:
+        with self._mutex:
+            self.waits.append(wait)
+
+    def check(self, *, slack: float = 1.0) -> Verdict:
         """Per key: no two live leases overlap (an overlap is excused only when the earlier
-        lease had expired and its holder's later writes were all rejected); tokens strictly
-        increase in grant order; every accepted write carries the highest token granted so far.
+        lease had ended on the server — expired as its holder knew, or voided by a server that
+        lost its data — and its holder's later writes were all rejected); tokens strictly
+        increase in grant order; every accepted write carries the highest token granted so far;
+        no wait outlived its timeout by more than *slack* seconds.
         """
         verdict = Verdict(grants=len(self.grants))
         by_key: dict[str, list[Grant]] = {}
@@ -83,7 +133,10 @@ class History:
                 for b in in_order[i + 1 :]:
                     if b.granted_at >= end_a:
                         break
-                    if a.expires_at is not None and a.expires_at <= b.granted_at:
+                    server_end = min(
+                        math.inf if t is None else t for t in (a.expires_at, a.voided_at)
+                    )
+                    if server_end <= b.granted_at:
                         late = [
                             w
                             for w in self.writes
@@ -95,23 +148,45 @@ class History:
                         f"{key}: {a.holder} (token {a.token}) and {b.holder} (token {b.token}) "
                         f"both held it at {b.granted_at:.6f}"
                     )
+            for a, b in itertools.pairwise(in_order):
+                end = a.ended_at
+                if b.asked_at is not None and b.asked_at < end < math.inf:
+                    gap = max(b.granted_at - end, 0.0)
+                    verdict.max_handoff = max(verdict.max_handoff or 0.0, gap)
         by_resource: dict[str, list[Write]] = {}
         for write in self.writes:
             by_resource.setdefault(write.resource, []).append(write)
         for resource, writes in by_resource.items():
-            granted_tokens = sorted(
-                (g.granted_at, g.token) for g in self.grants if g.key == resource
-            )
+            granted = sorted((g.granted_at, g.token) for g in by_key.get(resource, ()))
+            times = [at for at, _ in granted]
+            newest = list(itertools.accumulate((t for _, t in granted), max))  # so far
             for write in writes:
-                if not write.accepted:
-                    continue
-                newest = max((t for at, t in granted_tokens if at <= write.at), default=None)
-                if newest is not None and write.token < newest:
+                n = bisect.bisect_right(times, write.at)  # grants recorded by then
+                if write.accepted and n and write.token < newest[n - 1]:
                     verdict.stale_writes_accepted.append(
                         f"{resource}: write with token {write.token} accepted after token "
-                        f"{newest} was granted"
+                        f"{newest[n - 1]} was granted"
                     )
+        for wait in self.waits:
+            verdict.waits[wait.outcome] = verdict.waits.get(wait.outcome, 0) + 1
+            if wait.timeout is None or wait.outcome == "cancelled":
+                continue
+            overrun = wait.ended_at - wait.asked_at - wait.timeout
+            verdict.max_overrun = max(verdict.max_overrun or -math.inf, overrun)
+            if overrun > slack:
+                verdict.hangs.append(
+                    f"{wait.key}: {wait.holder} waited {wait.ended_at - wait.asked_at:.3f}s "
+                    f"with timeout={wait.timeout} ({wait.outcome})"
+                )
         return verdict
+
+
+def believed_expiry(lease: Lease) -> float | None:
+    """The lease's expiry as its holder believes it now, on the monotonic clock."""
+    expires_at = lease.expires_at
+    if expires_at is None:
+        return None
+    return time.monotonic() + (expires_at - time.time())
 
 
 class FencedStore:
@@ -131,3 +206,57 @@ class FencedStore:
                 self.values[resource] = value
             self._history.wrote(Write(resource, token, holder, at, accepted))
             return accepted
+
+
+class RedisFencedStore:
+    """The protected resource on Redis, behind :mod:`keylock.fencing`'s fenced set: a write
+    with a token below the highest one that wrote raises StaleToken; each write is recorded."""
+
+    def __init__(self, history: History, url: str) -> None:
+        import redis
+        import redis.asyncio
+
+        self._history = history
+        self._sync = redis.Redis.from_url(url)
+        self._url = url
+        self._async: dict[int, redis.asyncio.Redis] = {}  # per event loop
+
+    def write_sync(self, resource: str, token: int, holder: str, value: str) -> bool:
+        from keylock import StaleToken
+        from keylock.fencing import fenced_set_sync
+
+        at = time.monotonic()
+        try:
+            fenced_set_sync(self._sync, resource, token, value)
+        except StaleToken:
+            self._history.wrote(Write(resource, token, holder, at, False))
+            return False
+        self._history.wrote(Write(resource, token, holder, at, True))
+        return True
+
+    async def write(self, resource: str, token: int, holder: str, value: str) -> bool:
+        import asyncio
+
+        import redis.asyncio
+
+        from keylock import StaleToken
+        from keylock.fencing import fenced_set
+
+        loop = id(asyncio.get_running_loop())
+        client = self._async.get(loop)
+        if client is None:
+            client = self._async[loop] = redis.asyncio.Redis.from_url(self._url)
+        at = time.monotonic()
+        try:
+            await fenced_set(client, resource, token, value)
+        except StaleToken:
+            self._history.wrote(Write(resource, token, holder, at, False))
+            return False
+        self._history.wrote(Write(resource, token, holder, at, True))
+        return True
+
+    async def aclose(self) -> None:
+        for client in self._async.values():
+            await client.aclose()
+        self._async.clear()
+        self._sync.close()

@@ -112,25 +112,6 @@ async def test_many_keys_churned_leave_nothing_behind() -> None:
     assert retained < 1_000_000, retained
 
 
-async def test_ten_thousand_waiters_are_all_served() -> None:
-    locks = KeyedLock()
-    served = 0
-    holder = await locks.acquire("crowd")
-
-    async def waiter() -> None:
-        nonlocal served
-        async with locks("crowd", timeout=60):
-            served += 1
-
-    tasks = [asyncio.create_task(waiter()) for _ in range(10_000)]
-    await asyncio.sleep(0)
-    assert locks.statistics("crowd").waiting == 10_000
-    await holder.release()
-    await asyncio.gather(*tasks)
-    assert served == 10_000
-    assert len(locks.backend) == 0  # type: ignore[arg-type]
-
-
 async def test_statistics_report_holder_and_queue() -> None:
     locks = KeyedLock(namespace="ns")
     assert not locks.statistics("s").held

@@ -1,0 +1,101 @@
+"""Figures of the chaos run, one table per fault, printed at the end of the session.
+
+Every chaos test records what its history checker found (``record``); ``pytest_terminal_summary``
+in ``conftest.py`` prints the tables when any chaos test ran. ``KEYLOCK_CHAOS_SCALE=10`` (what
+``nox -s chaos`` sets) multiplies the trials of every test; the default keeps CI short.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+from ._history import Verdict
+
+SCALE = max(1, int(os.environ.get("KEYLOCK_CHAOS_SCALE", "1")))
+
+
+def scaled(trials: int) -> int:
+    """*trials* times the chaos scale."""
+    return trials * SCALE
+
+
+@dataclass
+class Row:
+    trials: int = 0
+    grants: int = 0
+    overlaps: int = 0
+    stale_writes_accepted: int = 0
+    token_regressions: int = 0
+    timed_out: int = 0
+    errors: int = 0
+    hangs: int = 0
+    max_handoff: float | None = None
+    notes: str = ""
+
+
+COLUMNS = (
+    "case",
+    "trials",
+    "grants",
+    "overlaps",
+    "stale writes accepted",
+    "token regressions",
+    "waiters timed out",
+    "clear errors",
+    "hangs past timeout",
+    "max hand-off delay",
+    "notes",
+)
+
+
+class Report:
+    """Rows by fault, then by case (backend or variant); repeated records add up."""
+
+    def __init__(self) -> None:
+        self.faults: dict[str, dict[str, Row]] = {}
+
+    def record(
+        self, fault: str, case: str, verdict: Verdict, *, trials: int, notes: str = ""
+    ) -> None:
+        row = self.faults.setdefault(fault, {}).setdefault(case, Row())
+        row.trials += trials
+        row.grants += verdict.grants
+        row.overlaps += len(verdict.overlaps)
+        row.stale_writes_accepted += len(verdict.stale_writes_accepted)
+        row.token_regressions += len(verdict.token_regressions)
+        row.timed_out += verdict.timed_out
+        row.errors += verdict.waits.get("error", 0)
+        row.hangs += len(verdict.hangs)
+        if verdict.max_handoff is not None:
+            row.max_handoff = max(row.max_handoff or 0.0, verdict.max_handoff)
+        if notes and notes not in row.notes:
+            row.notes = f"{row.notes}; {notes}" if row.notes else notes
+
+    def tables(self) -> list[str]:
+        """One Markdown table per fault, in the order the faults were first recorded."""
+        out = []
+        for fault, rows in self.faults.items():
+            lines = [f"{fault}", "", "| " + " | ".join(COLUMNS) + " |"]
+            lines.append("|---|" + "---:|" * (len(COLUMNS) - 2) + "---|")
+            for case, row in rows.items():
+                handoff = "-" if row.max_handoff is None else f"{row.max_handoff * 1000:.1f} ms"
+                cells = [
+                    case,
+                    f"{row.trials:,}",
+                    f"{row.grants:,}",
+                    str(row.overlaps),
+                    str(row.stale_writes_accepted),
+                    str(row.token_regressions),
+                    f"{row.timed_out:,}",
+                    f"{row.errors:,}",
+                    str(row.hangs),
+                    handoff,
+                    row.notes,
+                ]
+                lines.append("| " + " | ".join(cells) + " |")
+            out.append("\n".join(lines))
+        return out
+
+
+REPORT = Report()

@@ -149,9 +149,15 @@ class AsyncWire:
 
     def __init__(self, client: redis.asyncio.Redis | redis.asyncio.cluster.RedisCluster) -> None:
         self._client = client
-        self._pool = cast("redis.asyncio.ConnectionPool | None", _plain_pool(client))
+        self._pool = pool = cast("redis.asyncio.ConnectionPool | None", _plain_pool(client))
         self._idle: list[redis.asyncio.Connection] = []
         self._made: weakref.WeakSet[redis.asyncio.Connection] = weakref.WeakSet()
+        # Our connections get no socket timeout of their own: redis-py then writes without
+        # asyncio.wait_for, which on Python 3.11 costs a task per command. The client's socket
+        # timeout still bounds every read and every handshake, here.
+        options = {} if pool is None else pool.connection_kwargs
+        self._options = {**options, "socket_timeout": None}
+        self._socket_timeout = cast("float | None", options.get("socket_timeout"))
 
     async def call(
         self,
@@ -174,11 +180,11 @@ class AsyncWire:
             try:
                 conn = self._idle.pop()
             except IndexError:
-                conn = pool.connection_class(**pool.connection_kwargs)  # type: ignore[assignment]
+                conn = pool.connection_class(**self._options)  # type: ignore[assignment]
                 self._made.add(conn)
-            limit = _limit(timeout, conn.socket_timeout)
+            limit = _limit(timeout, self._socket_timeout)
             try:
-                if timeout is not None and not conn.is_connected:
+                if not conn.is_connected:
                     async with asyncio.timeout(limit):  # socket and handshake, both bounded
                         await conn.connect()  # type: ignore[no-untyped-call]
                 await conn.send_command("EVALSHA", sha, len(keys), *keys, *args)
@@ -187,7 +193,7 @@ class AsyncWire:
                 except NoScriptError:
                     await conn.send_command("EVAL", text, len(keys), *keys, *args)
                     reply = await conn.read_response(timeout=limit)
-                if reply is None and timeout is not None:
+                if reply is None and limit is not None:
                     # redis-py answers None when a read given its own timeout runs out, and
                     # leaves the reply pending on the socket (a script never answers None)
                     raise RedisTimeoutError(f"no reply within {limit} s")

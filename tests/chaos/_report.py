@@ -34,6 +34,22 @@ class Row:
     notes: str = ""
 
 
+FAULTS = (  # the order of the tables
+    "Holder killed mid-section",
+    "Holder paused past its TTL (SIGSTOP), then resumed",
+    "Holder paused past its TTL (in-process pause), others take over",
+    "Redis restarted without persistence (leases held, waiters waiting)",
+    "CLIENT KILL mid-renewal",
+    "CLIENT KILL mid-release",
+    "Renewals late (proxy delays client -> Redis)",
+    "Releases lost (proxy black-holes the release)",
+    "Network storm (delays, drops, cuts at random)",
+    "Crowds on one key",
+    "100,000 keys held at once",
+    "Cancellation storm during hand-offs",
+    "Single-flight callers cancelled at random",
+)
+
 COLUMNS = (
     "case",
     "trials",
@@ -69,13 +85,14 @@ class Report:
         row.hangs += len(verdict.hangs)
         if verdict.max_handoff is not None:
             row.max_handoff = max(row.max_handoff or 0.0, verdict.max_handoff)
-        if notes and notes not in row.notes:
-            row.notes = f"{row.notes}; {notes}" if row.notes else notes
+        if notes:  # notes speak for the whole row: a later record restates them
+            row.notes = notes
 
     def tables(self) -> list[str]:
-        """One Markdown table per fault, in the order the faults were first recorded."""
+        """One Markdown table per fault, in the issue's order of faults, then the others."""
         out = []
-        for fault, rows in self.faults.items():
+        order = {name: i for i, name in enumerate(FAULTS)}
+        for fault, rows in sorted(self.faults.items(), key=lambda f: order.get(f[0], len(order))):
             lines = [f"{fault}", "", "| " + " | ".join(COLUMNS) + " |"]
             lines.append("|---|" + "---:|" * (len(COLUMNS) - 2) + "---|")
             for case, row in rows.items():

@@ -311,7 +311,7 @@ async def test_client_kill_mid_release(
         f"redis, {'retry_on_error' if retrying else 'default'} client, kills every 1-100 ms",
         verdict,
         trials=killer.kills,
-        notes=", ".join(f"{n} {k}" for k, n in outcomes.items()) + " (releases)",
+        notes="trials = kills; releases: " + ", ".join(f"{n} {k}" for k, n in outcomes.items()),
     )
     assert verdict.ok, verdict
     assert verdict.grants >= 1

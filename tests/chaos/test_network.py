@@ -38,6 +38,10 @@ FAR = {"socket_timeout": 0.4, "socket_connect_timeout": 0.4}  # lost packets fai
 # trips), each bounded by the socket timeout or slowed by the proxy's delay; the acquire does
 # not bound them by its deadline (see test_a_black_holed_waiter_is_bounded_by_its_timeout).
 SLACK = 2.0
+# In the storm the link may also delay each round trip by up to 0.3 s, and a call after a cut
+# opens a fresh connection: redis-py's handshake and the script, five round trips, for the
+# acquire and again for leaving the line: ten round trips, 3 s, on top of the timeout.
+STORM_SLACK = 4.0
 
 
 @pytest.fixture
@@ -340,7 +344,8 @@ async def test_network_storm(
     to 0.6 TTL: past the renewal period), replies a little late, requests lost, replies lost,
     and cut. Sections are short or span several renewals. No overlap, no phantom grant (a
     holder whose first fenced write is rejected must already know its lease is lost), tokens
-    rise, no stale write is accepted, and every wait ends within its timeout plus a bound.
+    rise, no stale write is accepted, and every wait ends within its timeout plus a bound
+    (``STORM_SLACK``: the round trips in flight, which the acquire does not cut short).
     Replies are delayed by at most 20 ms here, under the hand-off expiry margin (50 ms): see
     the xfail test below for more."""
     rng = random.Random(2024)
@@ -420,14 +425,15 @@ async def test_network_storm(
         await (await locks.acquire("probe", timeout=0)).release()
     for locks in clients:
         await locks.close()
-    verdict = history.check(slack=SLACK)
+    verdict = history.check(slack=STORM_SLACK)
     chaos_report.record(
         "Network storm (delays, drops, cuts at random)",
         "redis, 3 far + 1 near client, 8 workers",
         verdict,
         trials=sum(faults.values()),
-        notes=f"{counts['LeaseLost']} releases LeaseLost, {counts['BackendUnavailable']} "
-        f"BackendUnavailable; {faults.get('cut', 0)} cuts",
+        notes=f"trials = link changes ({faults.get('cut', 0)} cuts); releases: "
+        f"{counts['LeaseLost']} LeaseLost, {counts['BackendUnavailable']} BackendUnavailable; "
+        f"waits ended at most {verdict.max_overrun or 0:.2f} s past their timeout",
     )
     assert phantoms == []
     assert verdict.ok, verdict

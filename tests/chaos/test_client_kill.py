@@ -237,6 +237,9 @@ async def test_client_kill_mid_release(
     connection errors, LeaseLost (the retry found the first attempt had released it). No
     overlap, no stale write, and no key stays stuck: the longest gap between a holder's end
     and the next grant stays under a TTL plus the time a cut-off waiter keeps its place.
+    A lease without a TTL would stay stuck after a failed release (the hand-off bound fails);
+    no planted bug here: the checker's grip on such histories is shown in test_history and
+    test_network.
 
     With redis-py's defaults (no retry on connection errors, and the asyncio pool hands out a
     connection the server closed while it sat idle), nearly every call after a kill fails:

@@ -346,6 +346,8 @@ async def test_network_storm(
     holder whose first fenced write is rejected must already know its lease is lost), tokens
     rise, no stale write is accepted, and every wait ends within its timeout plus a bound
     (``STORM_SLACK``: the round trips in flight, which the acquire does not cut short).
+    Against a naive lock: a waiter let in before the holder's believed expiry, or a release
+    freeing another's lease, is an overlap; an unfenced store would accept the stale writes.
     Replies are delayed by at most 20 ms here, under the hand-off expiry margin (50 ms): see
     the xfail test below for more."""
     rng = random.Random(2024)

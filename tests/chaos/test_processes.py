@@ -209,7 +209,9 @@ def test_holders_sigstopped_past_their_ttl(
     the fence and its release raises LeaseLost. On files the OS lock stays with the frozen
     process (another process cannot break it, by design): the others wait, and the woken
     holder finds its lease expired (LeaseLost) but no one else's grant. No overlap either way;
-    every waiter served or timed out on time."""
+    every waiter served or timed out on time. Without the fence the woken holder's write
+    would land after the new holder's (a stale write accepted); a holder that trusted its
+    old lease on waking instead of checking would show as an overlap."""
     redis_server.flush()
     rng = random.Random(4)
     ttl = TTL if kind == "file" else None  # Redis: the backend's TTL, auto-renewed
@@ -254,7 +256,8 @@ def test_holders_sigstopped_past_their_ttl(
 async def test_holder_tasks_killed_by_cancellation(chaos_report: Report) -> None:
     """In memory a holder "dies" by cancellation: tasks cycle on one key and the holder is
     cancelled at a random instant of its section; its ``async with`` gives the key on at
-    once; the checker sees no overlap and no waiter waits past its timeout."""
+    once; the checker sees no overlap and no waiter waits past its timeout. A section that
+    kept the key when cancelled (a lock released only on success) strands every waiter."""
     rng = random.Random(5)
     history = History()
     locks = KeyedLock()

@@ -11,7 +11,6 @@ used through its public API. Errors are redis-py's; the backend translates them 
 from __future__ import annotations
 
 import asyncio
-import os
 import weakref
 from typing import TYPE_CHECKING, cast
 
@@ -47,9 +46,9 @@ def _limit(timeout: float | None, socket_timeout: float | None) -> float | None:
     """How long to wait for a reply: the caller's bound, capped by the socket timeout."""
     if timeout is None:
         return socket_timeout
-    return (
-        max(timeout, 0.001) if socket_timeout is None else max(min(timeout, socket_timeout), 0.001)
-    )
+    if socket_timeout is not None:
+        timeout = min(timeout, socket_timeout)
+    return max(timeout, 0.001)
 
 
 def _is_open(conn: redis.Connection) -> bool:
@@ -82,7 +81,7 @@ class SyncWire:
         self._pool = cast("redis.ConnectionPool | None", _plain_pool(client))
         self._idle: list[redis.Connection] = []  # list.pop/append are atomic: no lock needed
         self._made: weakref.WeakSet[redis.Connection] = weakref.WeakSet()  # closed by close()
-        self._pid = os.getpid()
+        # (a forked child gets a new wire: RedisBackend starts afresh after a fork)
 
     def call(
         self,
@@ -101,10 +100,6 @@ class SyncWire:
                 return self._client.evalsha(sha, len(keys), *keys, *args)
             except NoScriptError:
                 return self._client.eval(text, len(keys), *keys, *args)
-        if self._pid != os.getpid():  # a forked child must not talk on its parent's sockets
-            self._idle = []
-            self._made = weakref.WeakSet()
-            self._pid = os.getpid()
         for attempt in (1, 2):
             try:
                 conn = self._idle.pop()

@@ -340,8 +340,8 @@ class RedisBackend(Backend):
 
     def _new_async_client(self) -> AsyncClient:
         source = self._sync()
-        cluster = isinstance(source, redis.cluster.RedisCluster)
         if self._url is not None:
+            cluster = isinstance(source, redis.cluster.RedisCluster)
             kind = redis.asyncio.cluster.RedisCluster if cluster else redis.asyncio.Redis
             return kind.from_url(self._url, **self._client_options)  # type: ignore[arg-type]
         if isinstance(source, redis.cluster.RedisCluster):
@@ -399,6 +399,23 @@ class RedisBackend(Backend):
 
     # --------------------------------------------------------------------- the step, twice
 
+    def _trip(
+        self,
+        key: str,
+        owner: bytes,
+        ttl: float,
+        waiter: Waiter | None,
+        deadline: float | None,
+        timeout: float | None,
+        tried: bool,
+    ) -> tuple[list[str], list[_Arg], float | None]:
+        """The next ACQUIRE of an acquire loop: its keys, its arguments and how long it may take;
+        LockTimeout instead when the caller was woken at its deadline (no trip past it)."""
+        if tried and deadline is not None and time.monotonic() >= deadline:
+            raise _timeout(key, timeout)
+        keys, args = self._acquire_args(key, owner, ttl, waiter is not None)
+        return keys, args, _bound(deadline, timeout)
+
     def _acquire_args(
         self, key: str, owner: bytes, ttl: float, waiting: bool
     ) -> tuple[list[str], list[_Arg]]:
@@ -414,7 +431,6 @@ class RedisBackend(Backend):
         self,
         key: str,
         owner: bytes,
-        ttl: float,
         local: Grant,
         reply: object,
         sent_at: float,
@@ -482,8 +498,8 @@ class RedisBackend(Backend):
 
     def _released(self, key: str, head: bytes, grant: bytes) -> None:
         """Called by the listener thread for each hand-off to one of this backend's waiters
-        (*grant*: b"<token> <server clock µs>"): the grant goes to the waiter whose owner id is
-        at the head of the queue."""
+        (*grant*: b"<token> <granted at, server µs> <claim ms>"): the grant goes to the waiter
+        whose owner id is at the head of the queue."""
         with self._mutex:
             waiters = list(self._waiters.get(key, ()))
         token, granted_us, claim_ms = [*grant.split(b" "), b"", b""][:3]
@@ -494,14 +510,14 @@ class RedisBackend(Backend):
                     waiter.grant = Grant(int(token), self._handed_expiry(granted_us, claim))
                 waiter.wake()
 
-    def _handed_expiry(self, granted_us: bytes, ttl: float) -> float:
-        """When a lease handed over at server time *granted_us* lapses, on this host's clock,
-        never later than it really does (the message may have been delayed on its way)."""
+    def _handed_expiry(self, granted_us: bytes, length: float) -> float:
+        """When a lease handed over at server time *granted_us* for *length* seconds lapses, on
+        this host's clock, never later than it really does (the message may have been late)."""
         offset, error = self._clock
         if granted_us.isdigit() and error < 1.0:
             # the server's clock read against ours at our last queueing, to within half a trip
-            return int(granted_us) / 1e6 - offset + ttl - error - 0.001
-        return time.time() + ttl - max(0.05, ttl * 0.01)  # no reading: assume a short delay
+            return int(granted_us) / 1e6 - offset + length - error - 0.001
+        return time.time() + length - max(0.05, length * 0.01)  # no reading: assume a short delay
 
     # Two phases, as in FileBackend: this backend's own FIFO queue (the memory backend's
     # driver: timeouts, cancellation), then Redis, where the waiter sleeps until the key is
@@ -539,19 +555,17 @@ class RedisBackend(Backend):
                     handed = waiter.grant  # the key was handed to us at a release
                     if handed is not None:
                         return self._adopt(key, owner, local, handed)
-                if tried and deadline is not None and time.monotonic() >= deadline:
-                    raise _timeout(key, timeout)  # woken at the deadline: no trip past it
-                tried = True
-                keys, args = self._acquire_args(key, owner, lease_ttl, waiter is not None)
-                bound = _bound(deadline, timeout)
+                keys, args, bound = self._trip(
+                    key, owner, lease_ttl, waiter, deadline, timeout, tried
+                )
+                tried = in_flight = True
                 sent_at = time.time()
-                in_flight = True
                 try:
                     reply = await self._run_async("acquire", key, keys, args, bound)
                 except BackendUnavailable as exc:
                     raise _late(exc, deadline, key, timeout) from exc.__cause__
                 in_flight = False
-                grant = self._parse_acquire(key, owner, lease_ttl, local, reply, sent_at, waiter)
+                grant = self._parse_acquire(key, owner, local, reply, sent_at, waiter)
                 if grant is not None:
                     return grant
                 if waiter is None:
@@ -588,19 +602,17 @@ class RedisBackend(Backend):
                     handed = waiter.grant
                     if handed is not None:
                         return self._adopt(key, owner, local, handed)
-                if tried and deadline is not None and time.monotonic() >= deadline:
-                    raise _timeout(key, timeout)  # woken at the deadline: no trip past it
-                tried = True
-                keys, args = self._acquire_args(key, owner, lease_ttl, waiter is not None)
-                bound = _bound(deadline, timeout)
+                keys, args, bound = self._trip(
+                    key, owner, lease_ttl, waiter, deadline, timeout, tried
+                )
+                tried = in_flight = True
                 sent_at = time.time()
-                in_flight = True
                 try:
                     reply = self._run_sync("acquire", key, keys, args, bound)
                 except BackendUnavailable as exc:
                     raise _late(exc, deadline, key, timeout) from exc.__cause__
                 in_flight = False
-                grant = self._parse_acquire(key, owner, lease_ttl, local, reply, sent_at, waiter)
+                grant = self._parse_acquire(key, owner, local, reply, sent_at, waiter)
                 if grant is not None:
                     return grant
                 if waiter is None:

@@ -6,7 +6,15 @@ import math
 
 from .errors import InvalidKey
 
-__all__ = ["MAX_KEY_LENGTH", "MIN_TTL", "check_key", "check_timeout", "check_ttl"]
+__all__ = [
+    "MAX_KEY_LENGTH",
+    "MIN_TTL",
+    "check_backend_ttl",
+    "check_key",
+    "check_namespace",
+    "check_timeout",
+    "check_ttl",
+]
 
 #: Longest accepted key, in characters. Long enough for any id-based key, short enough that a
 #: key always fits a Redis key, a file name (after hashing) and a log line.
@@ -66,3 +74,31 @@ def check_ttl(ttl: object, key: str) -> float | None:
             f"least {MIN_TTL} (or None for the backend's default)"
         )
     return float(ttl)
+
+
+def check_backend_ttl(ttl: object, backend: str, *, required: bool = False) -> float | None:
+    """A backend's default TTL, held to the same rules as a per-call ``ttl`` (None: no expiry,
+    unless *required*)."""
+    if ttl is None and not required:
+        return None
+    if isinstance(ttl, bool) or not isinstance(ttl, int | float):
+        raise TypeError(f"{backend}(ttl=...) must be a number of seconds, not {ttl!r}")
+    if not MIN_TTL <= ttl < math.inf:  # catches NaN too
+        raise ValueError(
+            f"{backend}(ttl={ttl!r}): a lease TTL must be a finite number of seconds, at least "
+            f"{MIN_TTL}" + ("" if required else " (or None for leases that never expire)")
+        )
+    return float(ttl)
+
+
+def check_namespace(namespace: object) -> str:
+    """Return *namespace* if usable: a str without NUL (NUL separates it from the key)."""
+    if not isinstance(namespace, str):
+        raise TypeError(f"namespace must be a str, not {type(namespace).__name__}")
+    if "\x00" in namespace:
+        raise ValueError(f"namespace {namespace!r} contains a NUL character: remove it")
+    if len(namespace) > MAX_KEY_LENGTH:
+        raise ValueError(
+            f"namespace {namespace[:40]!r}... is longer than {MAX_KEY_LENGTH} characters"
+        )
+    return str(namespace)

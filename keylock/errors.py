@@ -30,7 +30,13 @@ __all__ = [
 class KeylockError(Exception):
     """Base of every keylock error; ``key`` names the lock key involved (or None)."""
 
+    _stored_key = True  # ``key`` comes from a backend (namespace encoded in)
+
     def __init__(self, message: str, *, key: object = None) -> None:
+        if isinstance(key, str) and "\x00" in key and self._stored_key:
+            # a backend names the key as stored, "namespace NUL key": show it as people write it
+            key = key.replace("\x00", ":")
+            message = message.replace("\\x00", ":")
         super().__init__(message)
         self.key = key
 
@@ -61,6 +67,8 @@ class Superseded(KeylockError):
 
 class InvalidKey(KeylockError, ValueError):
     """``key`` cannot be used as a lock key (wrong type, empty, too long, or contains NUL)."""
+
+    _stored_key = False  # ``key`` is the caller's own, shown as given
 
 
 class BackendUnavailable(KeylockError):

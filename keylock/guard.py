@@ -116,7 +116,7 @@ def stale_guard(
 
     def dropped(k: str, why: str) -> _SupersededType:
         logger.info("keylock: dropped stale call for %r: %s", k, why)
-        observer = locks._observer
+        observer = locks.observer
         if observer is not None:
             observer.superseded(observer.prefix_of(k))
         if on_stale == "raise":

@@ -6,24 +6,22 @@ import asyncio
 import logging
 import os
 import random
-import time
-from collections.abc import Callable
+import threading
 from typing import TYPE_CHECKING
 
+from ._host import LostCallback, deliver, report
 from ._validate import check_ttl
-from .errors import LeaseLost
+from .errors import BackendUnavailable, LeaseLost
 
 if TYPE_CHECKING:
     from types import TracebackType
 
-    from .registry import KeyedLock
+    from ._host import LeaseHost
+    from .backends.base import Grant
 
 __all__ = ["Lease", "LostCallback"]
 
 logger = logging.getLogger("keylock")
-
-#: Called with the lease when keylock learns the lease was lost (expired or taken over).
-LostCallback = Callable[["Lease"], object]
 
 # Owner ids: 128 random bits from a private generator seeded by the OS (a user's random.seed()
 # must not make two processes mint the same ids), reseeded in forked children.
@@ -36,35 +34,41 @@ def new_owner() -> bytes:
     return _rng.getrandbits(128).to_bytes(16)
 
 
-# Lease._state bits
+# Lease._state bits. A lease's bits change on its holder's thread, except _LOST, which a
+# backend's background thread may set: every change of a lease that such a thread can see
+# (a tracked lease) happens under _STATE, so no bit is lost to a racing read-modify-write.
 _RELEASED = 1  # release() was called
-_LOST = 2  # keylock learned the lease was lost
+_LOST = 2  # keylock learned the lease was lost; final
 _TRACKED = 4  # the backend looks after it (auto-renew) until release
 _CANCELLED_FOR_LOSS = 8  # its task was cancelled because the lease was lost
 _PENDING = 16  # not granted yet (a ``locks(key)`` block not entered yet)
 _QUEUED = 32  # granted after waiting in the queue (an observer counts it as a hand-off)
 _SLOW_EXIT_OBSERVED = 64  # an observer wants to see the release
+_TOLD = 128  # the holder's hooks (on_lost, observer, cancel) ran or are on their way
 # release needs more than the backend call
 _SLOW_EXIT = _RELEASED | _TRACKED | _PENDING | _SLOW_EXIT_OBSERVED
+_STATE = threading.Lock()
+os.register_at_fork(after_in_child=lambda: globals().__setitem__("_STATE", threading.Lock()))
 
 
 class Lease:
     """A hold on ``key``: exclusive while live; ``token`` fences writes made under it.
 
-    ``lost`` becomes true when the lease expired or was taken over; from then on the holder is
-    no longer protected and must reconcile rather than act. ``release()`` on a lost lease raises
-    :class:`~keylock.LeaseLost`. A lease belongs to its acquisition, not to a task or thread:
-    whoever holds this object may release it, exactly once.
+    ``lost`` becomes true when the lease expired or was taken over, and stays true: from then
+    on the holder is no longer protected and must reconcile rather than act. ``release()`` on a
+    lost lease raises :class:`~keylock.LeaseLost`. A lease belongs to its acquisition, not to a
+    task or thread: whoever holds this object may release it, exactly once.
     """
 
     __slots__ = (
         "__weakref__",
+        "_deadline",  # host.clock.monotonic() when the lease lapses; None = never
         "_full_key",
-        "_locks",
+        "_host",
         "_minted_owner",  # owner id shown to users of backends that need none; set when read
         "_owner",
         "_state",
-        "_task",  # set only for leases with a TTL (cancel_on_lost); read with getattr
+        "_task",  # the holder's task, set only for async leases with a TTL (cancel_on_lost)
         "expires_at",
         "key",
         "token",
@@ -73,23 +77,24 @@ class Lease:
 
     key: str  #: the key as the caller named it (without namespace)
     token: int  #: fencing token: strictly increasing per key, never reused
-    expires_at: float | None  #: time.time() when the lease lapses; None = never
+    expires_at: float | None  #: time.time() when the lease lapses (for display); None = never
     ttl: float | None  #: lease length used by extend() and auto-renew; None = no expiry
-    _full_key: str  # namespace + key, as the backend knows it
+    _full_key: str  # the key as the backend knows it (namespace encoded in)
     _owner: bytes  # the owner id the backend knows (b"" when the token alone proves ownership)
-
-    def __init__(self, locks: KeyedLock, key: str, ttl: float | None) -> None:
-        # KeyedLock fills in the rest when the key is granted (see KeyedLock._grant)
-        self._locks = locks
-        self.key = key
-        self.ttl = ttl
-        self._state = _PENDING
+    _deadline: float | None
+    _host: LeaseHost
+    _state: int
 
     def __repr__(self) -> str:
         if self._state & _PENDING:
             return f"<Lease {self.key!r} not acquired>"
         state = "released" if self.released else "lost" if self.lost else "held"
         return f"<Lease {self.key!r} token={self.token} {state}>"
+
+    def _granted(self, grant: Grant) -> None:
+        self.token = grant[0]
+        self.expires_at = grant[1]
+        self._deadline = grant[2]
 
     @property
     def owner(self) -> bytes:
@@ -105,57 +110,127 @@ class Lease:
 
     @property
     def lost(self) -> bool:
-        """True once the lease expired or was taken over: the holder is no longer protected."""
-        if self._state & _LOST:
+        """True once the lease expired or was taken over (judged on the monotonic clock, so a
+        step of the wall clock changes nothing); once true, it stays true."""
+        state = self._state
+        if state & _LOST:
             return True
-        expires_at = self.expires_at
-        return expires_at is not None and time.time() >= expires_at
+        deadline = self._deadline
+        if deadline is None or self._host.clock.monotonic() < deadline:
+            return False
+        with _STATE:  # a renewal that lands after this instant no longer revives it
+            self._state |= _LOST
+        return True
 
     @property
     def released(self) -> bool:
         """True once release() was called."""
         return bool(self._state & _RELEASED)
 
+    # ---------------------------------------------- the backend's seam (any thread, at once)
+
+    def _on_renewed(self, grant: Grant) -> None:
+        """A background renewal succeeded: *grant* carries the new dates. Returns at once,
+        never raises; ignored once the lease is released or lost (lost is final)."""
+        with _STATE:
+            if self._state & (_LOST | _RELEASED):
+                return
+            self.expires_at = grant[1]
+            self._deadline = grant[2]
+        observer = self._host.observer
+        if observer is not None:
+            prefix = observer.prefix_of(self.key)
+            deliver(lambda: report("Observer.renewed", lambda: observer.renewed(prefix)), None)
+
+    def _on_lost(self) -> None:
+        """The backend learned the lease is gone. Returns at once, never raises: ``on_lost``,
+        the observer and ``cancel_on_lost`` run on the holder's loop (or keylock's callback
+        thread), once."""
+        if self._set_lost():
+            task: asyncio.Task[object] | None = getattr(self, "_task", None)
+            loop = None if task is None else task.get_loop()
+            deliver(lambda: self._report_lost(cancel=True), loop)
+
+    def _lost_here(self) -> None:
+        """The holder's own call found the lease lost: tell its hooks now, on this thread."""
+        if self._set_lost():
+            self._report_lost(cancel=False)
+
+    def _set_lost(self) -> bool:
+        """Mark the lease lost (final); True for the one call that must tell the holder."""
+        with _STATE:
+            state = self._state
+            self._state = state | _LOST | _TOLD
+        return not state & _TOLD
+
+    def _report_lost(self, *, cancel: bool) -> None:
+        """Tell the holder: log, observer, on_lost, then cancel its block if asked to (decided
+        here, on the holder's loop, so a block that already ended is never cancelled)."""
+        logger.warning("keylock: lease %d on %r was lost", self.token, self.key)
+        host = self._host
+        observer = host.observer
+        if observer is not None:
+            report("Observer.lost", lambda: observer.lost(observer.prefix_of(self.key)))
+        on_lost = host.on_lost
+        if on_lost is not None:
+            report("on_lost callback", lambda: on_lost(self))
+        task: asyncio.Task[object] | None = getattr(self, "_task", None)
+        if cancel and host.cancel_on_lost and task is not None and not task.done():
+            with _STATE:
+                if self._state & _RELEASED:
+                    return
+                self._state |= _CANCELLED_FOR_LOSS
+            task.cancel()
+
     # ----------------------------------------------------------------------------- release
 
-    def _renewed(self, expires_at: float) -> None:
-        """Record a background renewal (called by backends that auto-renew)."""
-        self.expires_at = expires_at
-        observer = self._locks._observer
-        if observer is not None:
-            observer.renewed(observer.prefix_of(self.key))
-
     def _begin_release(self) -> None:
-        state = self._state
-        if state & _PENDING:
-            raise RuntimeError(f"the lock on {self.key!r} was never acquired: nothing to release")
-        if state & _RELEASED:
-            raise RuntimeError(f"lease {self.token} on {self.key!r} was already released")
-        self._state = state | _RELEASED
+        with _STATE:
+            state = self._state
+            if state & _PENDING:
+                raise RuntimeError(
+                    f"the lock on {self.key!r} was never acquired: nothing to release"
+                )
+            if state & _RELEASED:
+                raise RuntimeError(f"lease {self.token} on {self.key!r} was already released")
+            self._state = state | _RELEASED
         if state & _TRACKED:
-            self._locks._backend._untrack(self)
+            self._host.backend._untrack(self)
+
+    def _after_release(self) -> None:
+        """A release the backend accepted still reports a loss already seen (lost is final)."""
+        if self._state & _LOST:
+            raise LeaseLost(
+                f"lease {self.token} on {self.key!r} was lost before its release (its TTL ran "
+                "out or a renewal failed): the critical section was not protected",
+                key=self.key,
+            )
 
     async def release(self) -> None:
-        """Give the key up (to the next waiter, in order); raises LeaseLost if it was lost."""
+        """Give the key up (to the next waiter, in order); raises LeaseLost if it was lost.
+
+        Once started, a release completes even if the caller is cancelled meanwhile."""
         self._begin_release()
-        backend = self._locks._backend
+        backend = self._host.backend
         try:
-            if backend.nonblocking_step:
+            if self._host.inline:
                 backend.release_sync(self._full_key, self._owner, self.token)
             else:
                 await backend.release(self._full_key, self._owner, self.token)
         except LeaseLost:
-            self._mark_lost()
+            self._lost_here()
             raise
+        self._after_release()
 
     def release_sync(self) -> None:
         """Blocking twin of :meth:`release`."""
         self._begin_release()
         try:
-            self._locks._backend.release_sync(self._full_key, self._owner, self.token)
+            self._host.backend.release_sync(self._full_key, self._owner, self.token)
         except LeaseLost:
-            self._mark_lost()
+            self._lost_here()
             raise
+        self._after_release()
 
     # ------------------------------------------------------------------------------ extend
 
@@ -167,68 +242,46 @@ class Lease:
             raise ValueError(
                 f"lease on {self.key!r} has no TTL: pass extend(seconds) to give it one"
             )
+        if self.lost:
+            self._lost_here()
+            raise LeaseLost(
+                f"lease {self.token} on {self.key!r} was lost (its TTL ran out): it cannot be "
+                "extended; reconcile before acting",
+                key=self.key,
+            )
         return ttl
 
-    async def extend(self, ttl: float | None = None) -> None:
-        """Make the lease expire *ttl* seconds from now (default: its own TTL).
+    def _extended(self, grant: Grant, ttl: float) -> None:
+        with _STATE:
+            self.expires_at = grant[1]
+            self._deadline = grant[2]
+            self.ttl = ttl
+        if self._state & _TRACKED:  # auto-renew follows the new length at once
+            self._host.backend._track(self)
 
-        Raises LeaseLost, and marks the lease lost, if it already expired or was taken over.
-        """
+    async def extend(self, ttl: float | None = None) -> None:
+        """Make the lease expire *ttl* seconds from now (default: its own TTL); auto-renew
+        follows the new length. Raises LeaseLost, and marks the lease lost, if it already
+        expired or was taken over."""
         ttl = self._extend_ttl(ttl)
         try:
-            self.expires_at = await self._locks._backend.extend(
-                self._full_key, self._owner, self.token, ttl
-            )
+            grant = await self._host.backend.extend(self._full_key, self._owner, self.token, ttl)
         except LeaseLost:
-            self._mark_lost()
+            self._lost_here()
             raise
-        self.ttl = ttl
+        self._extended(grant, ttl)
 
     def extend_sync(self, ttl: float | None = None) -> None:
         """Blocking twin of :meth:`extend`."""
         ttl = self._extend_ttl(ttl)
         try:
-            self.expires_at = self._locks._backend.extend_sync(
-                self._full_key, self._owner, self.token, ttl
-            )
+            grant = self._host.backend.extend_sync(self._full_key, self._owner, self.token, ttl)
         except LeaseLost:
-            self._mark_lost()
+            self._lost_here()
             raise
-        self.ttl = ttl
-
-    # ------------------------------------------------------------------------------- loss
-
-    def _mark_lost(self) -> None:
-        """Record that the lease is gone: set ``lost``, run ``on_lost``, cancel if asked to.
-
-        Safe to call from any thread, more than once; the callback and cancel run once.
-        """
-        state = self._state
-        if state & _LOST:
-            return
-        self._state = state | _LOST
-        logger.warning("keylock: lease %d on %r was lost", self.token, self.key)
-        observer = self._locks._observer
-        if observer is not None:
-            observer.lost(observer.prefix_of(self.key))
-        on_lost = self._locks._on_lost
-        if on_lost is not None:
-            try:
-                on_lost(self)
-            except Exception:
-                logger.exception("keylock: on_lost callback for %r raised", self.key)
-        task: asyncio.Task[object] | None = getattr(self, "_task", None)
-        if self._locks._cancel_on_lost and task is not None and not state & _RELEASED:
-            self._state |= _CANCELLED_FOR_LOSS
-            try:
-                task.get_loop().call_soon_threadsafe(task.cancel)
-            except RuntimeError:  # loop closed: the section is over anyway
-                pass
+        self._extended(grant, ttl)
 
     # ------------------------------------------------------------------ context management
-
-    async def __aenter__(self) -> Lease:
-        return self
 
     async def __aexit__(
         self,
@@ -237,19 +290,18 @@ class Lease:
         tb: TracebackType | None,
     ) -> None:
         state = self._state
-        locks = self._locks
+        host = self._host
         try:
-            if state & _SLOW_EXIT or locks._inline_step is None:
+            if state & _SLOW_EXIT or not host.inline:
                 await self.release()
             else:  # the uncontended path: no extra coroutine
                 self._state = state | _RELEASED
-                locks._release_sync(self._full_key, self._owner, self.token)
+                host.backend.release_sync(self._full_key, self._owner, self.token)
         except LeaseLost as lost:
-            self._mark_lost()
+            self._lost_here()
             _reraise_loss(self, lost, exc)
-
-    def __enter__(self) -> Lease:
-        return self
+        except BackendUnavailable as unavailable:
+            _reraise_unavailable(self, unavailable, exc)
 
     def __exit__(
         self,
@@ -263,10 +315,12 @@ class Lease:
                 self.release_sync()
             else:
                 self._state = state | _RELEASED
-                self._locks._release_sync(self._full_key, self._owner, self.token)
+                self._host.backend.release_sync(self._full_key, self._owner, self.token)
         except LeaseLost as lost:
-            self._mark_lost()
+            self._lost_here()
             _reraise_loss(self, lost, exc)
+        except BackendUnavailable as unavailable:
+            _reraise_unavailable(self, unavailable, exc)
 
 
 def _reraise_loss(lease: Lease, lost: LeaseLost, exc: BaseException | None) -> None:
@@ -284,3 +338,23 @@ def _reraise_loss(lease: Lease, lost: LeaseLost, exc: BaseException | None) -> N
             task.uncancel()
         raise lost from exc
     exc.add_note(f"keylock: the lease on {lease.key!r} was lost as well")
+
+
+def _reraise_unavailable(
+    lease: Lease, unavailable: BackendUnavailable, exc: BaseException | None
+) -> None:
+    """The release at the end of a block failed to reach the store. If the lease was already
+    known lost, the holder must hear LeaseLost (its section was not protected); else the
+    release error, or the body's own error with a note."""
+    if lease._state & _LOST:
+        lost = LeaseLost(
+            f"lease {lease.token} on {lease.key!r} was lost, and its release could not reach "
+            "the store either: the critical section was not protected",
+            key=lease.key,
+        )
+        lost.__cause__ = unavailable
+        _reraise_loss(lease, lost, exc)
+        return
+    if exc is None:
+        raise unavailable
+    exc.add_note(f"keylock: releasing {lease.key!r} failed too: {unavailable}")

@@ -10,24 +10,30 @@ holder under the lock: ``token pid expires_at owner``.
 
 from __future__ import annotations
 
-import asyncio
 import errno
 import fcntl
 import functools
 import hashlib
+import math
 import os
 import re
 import stat
 import threading
 import time
 import weakref
-from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import portalocker
 
-from ..errors import BackendUnavailable, LeaseLost
-from .base import Backend, Grant, KeyStatistics, Waiter, _timeout
-from .memory import MemoryBackend
+from .._validate import check_backend_ttl
+from ..errors import BackendUnavailable
+from ._tiered import Flow, Held, Step, Tier, TieredBackend
+from .base import Deadline, Grant, KeyStatistics
+
+if TYPE_CHECKING:
+    from collections.abc import Hashable
+
+    from ._waiters import Waiter
 
 __all__ = ["FileBackend"]
 
@@ -54,63 +60,79 @@ def file_name(key: str) -> str:
     return f"{readable}.{digest}.lock"
 
 
-@dataclass
-class _Held:
+class _Held(Held):
     """The OS lock this process holds on one key, and the lease it belongs to."""
 
-    fd: int
-    token: int  # the lease's fencing token (from the lock file)
-    owner: bytes
-    local_token: int  # the in-process layer's token for the same lease
-    pid: int  # the process that took the OS lock
+    __slots__ = ("fd",)
+
+    def __init__(self, fd: int, token: int, owner: bytes, local_token: int) -> None:
+        super().__init__(token, owner, local_token)
+        self.fd = fd
 
 
-class _Shared:
-    """Per process and lock directory: the in-process layer shared by every FileBackend on it.
+class _Shared(Tier):
+    """Per process and lock directory: the in-process tier shared by every FileBackend on it
+    (FIFO hand-off, TTL takeover and exclusion between tasks, threads and event loops of this
+    process), so the OS lock only arbitrates between processes."""
 
-    ``local`` (a MemoryBackend) gives FIFO hand-off, TTL takeover and exclusion between tasks,
-    threads and event loops of this process, so the OS lock only arbitrates between processes.
-    """
+    held: dict[str, _Held]  # type: ignore[assignment]
 
     def __init__(self) -> None:
-        self.local = MemoryBackend()
-        self.mutex = threading.Lock()  # guards held, aside, waiting
-        self.held: dict[str, _Held] = {}  # key -> OS lock held by this process
+        super().__init__()  # mutex also guards aside, waiting, fds
         # key -> (token at our release, monotonic time until which we step aside)
         self.aside: dict[str, tuple[int, float]] = {}
         # key -> (open file, marked as waiting yet) of this process's caller waiting for the key
         self.waiting: dict[str, tuple[int, bool]] = {}
+        # every lock-file descriptor open in this process, from its open to its close: a fork
+        # (which waits for mutex) can then close in the child each one the parent had open,
+        # even one between its flock and its entry in held
+        self.fds: set[int] = set()
 
     def reset_after_fork(self) -> None:
         """In a forked child: forget the parent's leases and locks."""
         # A forked child inherits the parent's descriptors: closing them does not release the
         # parent's flock (filelock #634 came from unlocking instead), and the child must not
-        # think it holds anything.
-        fds = [held.fd for held in self.held.values()] + [fd for fd, _ in self.waiting.values()]
-        for fd in fds:
+        # think it holds anything, or keep a parent's lock alive after the parent dies.
+        for fd in self.fds:
             try:
                 os.close(fd)
             except OSError:
                 pass
-        self.local = MemoryBackend()
-        self.mutex = threading.Lock()
-        self.held = {}
-        self.aside = {}
-        self.waiting = {}  # (POSIX locks are not inherited: the child waits for nothing)
+        self.__init__()  # type: ignore[misc]  # (POSIX locks are not inherited either)
 
 
 _SHARED: weakref.WeakValueDictionary[tuple[int, int], _Shared] = weakref.WeakValueDictionary()
 _SHARED_MUTEX = threading.Lock()
+_FORKING: list[_Shared] = []  # the tiers whose mutex a fork in progress holds
+
+
+def _before_fork() -> None:
+    _SHARED_MUTEX.acquire()
+    _FORKING[:] = list(_SHARED.values())
+    for shared in _FORKING:
+        shared.mutex.acquire()
+
+
+def _after_fork_in_parent() -> None:
+    for shared in _FORKING:
+        shared.mutex.release()
+    _FORKING.clear()
+    _SHARED_MUTEX.release()
 
 
 def _after_fork_in_child() -> None:
     global _SHARED_MUTEX
     _SHARED_MUTEX = threading.Lock()
-    for shared in list(_SHARED.values()):
+    for shared in _FORKING:
         shared.reset_after_fork()
+    _FORKING.clear()
 
 
-os.register_at_fork(after_in_child=_after_fork_in_child)
+os.register_at_fork(
+    before=_before_fork,
+    after_in_parent=_after_fork_in_parent,
+    after_in_child=_after_fork_in_child,
+)
 
 
 def _lock_waiting_byte(fd: int, mode: int) -> bool:
@@ -168,7 +190,7 @@ def _open_directory(directory: str) -> int:
     return fd
 
 
-class FileBackend(Backend):
+class FileBackend(TieredBackend):
     """Per-key leases between processes on one host, one lock file per key.
 
     Exclusion between processes comes from an OS lock on the key's file (flock, through
@@ -197,14 +219,14 @@ class FileBackend(Backend):
 
     def __init__(self, directory: str | os.PathLike[str], *, ttl: float | None = None) -> None:
         self.directory = os.path.abspath(os.fspath(directory))
-        self.default_ttl = ttl
+        self.default_ttl = check_backend_ttl(ttl, "FileBackend")
         self._dir_fd = _open_directory(self.directory)
         info = os.fstat(self._dir_fd)
         with _SHARED_MUTEX:
             shared = _SHARED.get((info.st_dev, info.st_ino))
             if shared is None:
                 shared = _SHARED[(info.st_dev, info.st_ino)] = _Shared()
-        self._shared = shared
+        self._tier = self._shared = shared
 
     def __repr__(self) -> str:
         return f"FileBackend({self.directory!r})"
@@ -237,6 +259,20 @@ class FileBackend(Backend):
                 key=key,
             ) from exc
 
+    def _open_tracked(self, key: str) -> int:
+        """Open *key*'s lock file, registered in ``fds`` until :meth:`_close` (see fork)."""
+        shared = self._shared
+        with shared.mutex:
+            fd = self._open(key)
+            shared.fds.add(fd)
+        return fd
+
+    def _close(self, fd: int) -> None:
+        shared = self._shared
+        with shared.mutex:
+            shared.fds.discard(fd)
+            os.close(fd)
+
     def _try_os_lock(
         self, key: str, owner: bytes, local: Grant, ttl: float | None, *, wait: bool = False
     ) -> Grant | None:
@@ -252,12 +288,12 @@ class FileBackend(Backend):
                 held.local_token = local[0]
                 held.owner = owner
                 held.token = token = self._next_token(held.fd, owner, ttl)
-                return Grant(token, local[1])
+                return Grant(token, local[1], local[2])
             fd, marked = shared.waiting.pop(key, (-1, False))
             aside = shared.aside.get(key)
         waiting = fd >= 0
         if not waiting:
-            fd = self._open(key)
+            fd = self._open_tracked(key)
         try:
             if aside is not None and self._stepping_aside(key, fd, aside):
                 busy = True
@@ -273,10 +309,10 @@ class FileBackend(Backend):
                     with shared.mutex:
                         shared.waiting[key] = (fd, marked)
                 else:
-                    os.close(fd)  # (drops the waiting mark with it)
+                    self._close(fd)  # (drops the waiting mark with it)
                 return None
         except BaseException:
-            os.close(fd)
+            self._close(fd)
             raise
         try:
             if waiting:
@@ -290,18 +326,17 @@ class FileBackend(Backend):
                 there = None
             if there is None or (there.st_ino, there.st_dev) != (here.st_ino, here.st_dev):
                 portalocker.unlock(fd)
-                os.close(fd)
+                self._close(fd)
                 return None
             token = self._next_token(fd, owner, ttl)
         except BaseException:
             portalocker.unlock(fd)
-            os.close(fd)
+            self._close(fd)
             raise
         with shared.mutex:
-            shared.held[key] = _Held(fd, token, owner, local[0], os.getpid())
+            shared.held[key] = _Held(fd, token, owner, local[0])
         # the lease lapses when its in-process turn does: report that expiry, never a later one
-        # (counting from now, after the OS lock, told the holder it had ~0.1 ms it did not have)
-        return Grant(token, local[1])
+        return Grant(token, local[1], local[2])
 
     def _stepping_aside(self, key: str, fd: int, aside: tuple[int, float]) -> bool:
         """True while this process owes another process a turn at *key* (see _STEP_ASIDE)."""
@@ -314,12 +349,22 @@ class FileBackend(Backend):
             self._shared.aside.pop(key, None)
         return False
 
+    def _step_aside(self, key: str, token: int) -> None:
+        """After our release of *key*, owe its waiting processes a turn (see _STEP_ASIDE)."""
+        now = time.monotonic()
+        with self._shared.mutex:
+            aside = self._shared.aside
+            # entries nobody came back for would pile up, one per key ever released
+            for stale in [k for k, (_, until) in aside.items() if until <= now]:
+                del aside[stale]
+            aside[key] = (token, now + _STEP_ASIDE)
+
     def _stop_waiting(self, key: str) -> None:
         """The caller gave up on *key*: close its waiting file (which drops the mark)."""
         with self._shared.mutex:
             fd, _ = self._shared.waiting.pop(key, (-1, False))
         if fd >= 0:
-            os.close(fd)
+            self._close(fd)
 
     @staticmethod
     def _next_token(fd: int, owner: bytes, ttl: float | None) -> int:
@@ -336,117 +381,55 @@ class FileBackend(Backend):
     def _drop_os_lock(self, key: str, held: _Held) -> None:
         try:
             if _others_wait(held.fd):  # our next turn waits until one of them had theirs
-                with self._shared.mutex:
-                    self._shared.aside[key] = (held.token, time.monotonic() + _STEP_ASIDE)
+                self._step_aside(key, held.token)
             portalocker.unlock(held.fd)
         finally:
-            os.close(held.fd)
+            self._close(held.fd)
 
-    # ------------------------------------------------------------------------------- step
+    # --------------------------------------------------------------- the arbiter's part
 
-    def _try_acquire(
-        self, key: str, owner: bytes, ttl: float | None, waiter: Waiter | None
-    ) -> Grant | None:
-        local = self._shared.local._try_acquire(key, owner, ttl, None)
-        if local is None:
+    def _try_now(self, key: str, owner: bytes, ttl: float | None, local: Grant) -> Grant | None:
+        return self._try_os_lock(key, owner, local, ttl)
+
+    def _flow(
+        self,
+        key: str,
+        owner: bytes,
+        ttl: float | None,
+        deadline: Deadline,
+        waiter: Waiter,
+        local: Grant,
+    ) -> Flow:
+        return _FileFlow(key, owner, ttl, deadline, waiter, local)
+
+    def _local_ttl(self, ttl: float | None) -> float | None:
+        return None  # waiting for another process must not eat the lease: see _adopt
+
+    def _trip_sync(self, flow: Flow, trip: Hashable) -> object:
+        if trip == _LEAVE:
+            self._stop_waiting(flow.key)
             return None
-        try:
-            grant = self._try_os_lock(key, owner, local, ttl)
-        except BaseException:
-            self._shared.local._discard_sync(key, owner, local)
-            raise
-        if grant is None:
-            self._shared.local._discard_sync(key, owner, local)
-        return grant
+        return self._try_os_lock(flow.key, flow.owner, flow.local, None, wait=True)
 
-    def _withdraw(self, key: str, waiter: Waiter) -> Grant | None:
-        return None  # waiters queue in the in-process layer, which withdraws them itself
-
-    # Two phases: the in-process layer (the memory backend's own driver: FIFO, cancellation,
-    # timeouts), then the OS lock, polled with a growing pause (0.5 to 2 ms) since another
-    # process cannot wake us; meanwhile the file stays open, marked as waiting, so the holder
-    # steps aside for us at its release. The twins differ only in how they sleep.
-
-    async def acquire(
-        self, key: str, owner: bytes, *, timeout: float | None, ttl: float | None
-    ) -> Grant:
-        deadline = None if timeout is None else time.monotonic() + timeout
-        local = self._shared.local
-        grant = await local.acquire(key, owner, timeout=timeout, ttl=None)
-        try:
-            pause = _FIRST_POLL
-            while True:
-                os_grant = self._try_os_lock(key, owner, grant, None, wait=True)
-                if os_grant is not None:
-                    return self._arm_ttl(key, owner, os_grant, ttl)
-                await asyncio.sleep(_next_pause(pause, deadline, key, timeout))
-                pause = min(pause * 2, _MAX_POLL)
-        except BaseException:
-            self._stop_waiting(key)
-            local._discard_sync(key, owner, grant)  # pass the in-process turn on
-            raise
-
-    def acquire_sync(
-        self, key: str, owner: bytes, *, timeout: float | None, ttl: float | None
-    ) -> Grant:
-        deadline = None if timeout is None else time.monotonic() + timeout
-        local = self._shared.local
-        grant = local.acquire_sync(key, owner, timeout=timeout, ttl=None)
-        try:
-            pause = _FIRST_POLL
-            while True:
-                os_grant = self._try_os_lock(key, owner, grant, None, wait=True)
-                if os_grant is not None:
-                    return self._arm_ttl(key, owner, os_grant, ttl)
-                time.sleep(_next_pause(pause, deadline, key, timeout))
-                pause = min(pause * 2, _MAX_POLL)
-        except BaseException:
-            self._stop_waiting(key)
-            local._discard_sync(key, owner, grant)
-            raise
-
-    def _arm_ttl(self, key: str, owner: bytes, grant: Grant, ttl: float | None) -> Grant:
-        """Start the TTL once the OS lock is held (waiting for it must not eat the lease)."""
-        if ttl is None:
+    def _adopt(self, flow: Flow) -> Grant:
+        """The OS lock is ours (recorded by _try_os_lock): start the TTL only now."""
+        grant = flow.grant
+        assert grant is not None
+        if flow.ttl is None:
             return grant
-        held = self._shared.held[key]
-        expires_at = self._shared.local.extend_sync(key, owner, held.local_token, ttl)
-        return Grant(grant[0], expires_at)
+        held = self._shared.held[flow.key]
+        return self._extend_local(flow.key, held, flow.ttl)
 
-    # ------------------------------------------------------------------- release, extend
+    def _end_sync(self, key: str, held: Held) -> bool:
+        assert isinstance(held, _Held)
+        self._drop_os_lock(key, held)
+        return True
 
-    def _take_held(self, key: str, owner: bytes, token: int, *, pop: bool) -> _Held:
-        with self._shared.mutex:
-            held = self._shared.held.get(key)
-            if held is None or held.token != token or held.owner != owner:
-                raise LeaseLost(
-                    f"lease {token} on {key!r} is not held here: it was taken over after its "
-                    "TTL, already released, or belongs to a parent process (fork); the critical "
-                    "section was not protected",
-                    key=key,
-                )
-            if pop:
-                del self._shared.held[key]
-            return held
-
-    def release_sync(self, key: str, owner: bytes, token: int) -> None:
-        held = self._take_held(key, owner, token, pop=True)
-        try:
-            self._drop_os_lock(key, held)
-        finally:
-            # then the next caller in this process (raises LeaseLost if the TTL had run out)
-            self._shared.local.release_sync(key, owner, held.local_token)
-
-    def extend_sync(self, key: str, owner: bytes, token: int, ttl: float) -> float:
+    def extend_sync(self, key: str, owner: bytes, token: int, ttl: float) -> Grant:
         held = self._take_held(key, owner, token, pop=False)
-        return self._shared.local.extend_sync(key, owner, held.local_token, ttl)
+        return self._extend_local(key, held, ttl)
 
-    def statistics(self, key: str) -> KeyStatistics:
-        local = self._shared.local.statistics(key)
-        with self._shared.mutex:
-            held = self._shared.held.get(key)
-        if held is not None:
-            return KeyStatistics(key, True, held.token, held.owner, local.waiting)
+    def _arbiter_statistics(self, key: str, local: KeyStatistics) -> KeyStatistics:
         if local.held:  # granted in-process, still waiting for another process
             return KeyStatistics(key, False, None, None, local.waiting + 1)
         token, owner, busy = self._probe(key)
@@ -512,11 +495,33 @@ class FileBackend(Backend):
         return removed
 
 
-def _next_pause(pause: float, deadline: float | None, key: str, timeout: float | None) -> float:
-    """How long to sleep before the next try of the OS lock; LockTimeout past the deadline."""
-    if deadline is None:
-        return pause
-    remaining = deadline - time.monotonic()
-    if remaining <= 0:
-        raise _timeout(key, timeout)
-    return min(pause, remaining)
+_LEAVE = "leave"
+_TRY = "try"
+
+
+class _FileFlow(Flow):
+    """Polls the OS lock (another process cannot wake us) with a growing pause, 0.5 to 2 ms;
+    meanwhile the file stays open, marked as waiting, so the holder steps aside for us."""
+
+    _pause = 0.0  # the last pause between two tries
+    _due = -math.inf  # time.monotonic() of the next try; the last one falls on the deadline
+
+    def next(self, now: float) -> Step | None:
+        if self.grant is not None:
+            return None
+        if now >= self._due:
+            return Step(_TRY, None)
+        return Step(None, self._due - now)
+
+    def on_reply(self, reply: object, now: float) -> None:
+        if reply is not None:
+            assert isinstance(reply, Grant)
+            self.grant = reply
+            return
+        if self.deadline.passed(now):
+            raise self.deadline.expired()
+        self._pause = min(self._pause * 2, _MAX_POLL) if self._pause else _FIRST_POLL
+        self._due = min(now + self._pause, self.deadline.at)
+
+    def leaving(self) -> Hashable | None:
+        return _LEAVE

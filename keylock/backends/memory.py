@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
-import itertools
 import math
+import os
+import threading
 import time
+import weakref
 from collections import OrderedDict
-from threading import Lock
 from typing import TYPE_CHECKING, Any, TypeAlias
 
+from .._clock import SYSTEM_CLOCK, Clock
+from .._validate import check_backend_ttl
 from ..errors import LeaseLost
 from .base import Backend, Grant, KeyStatistics, Waiter
 
@@ -17,15 +20,15 @@ if TYPE_CHECKING:
 
 __all__ = ["MemoryBackend"]
 
-# A held key's record, also returned as its holder's grant (index 0 and 1 match Grant), so the
-# uncontended path allocates one small list and no object with a Python __init__. Each grant
-# gets a new record, so a returned grant's token never changes under its holder.
-# [token, expires_at, owner, deadline, waiters]: a loosely typed record, on purpose (hot path)
+# A held key's record, also returned as its holder's grant (index 0, 1 and 2 match Grant), so
+# the uncontended path allocates one small list and no object with a Python __init__. Each
+# grant gets a new record, so a returned grant's token never changes under its holder.
+# [token, expires_at, deadline, owner, waiters]: a loosely typed record, on purpose (hot path)
 _Entry: TypeAlias = list[Any]
 _TOKEN = 0  # the live lease's token: the proof of ownership in-process
-_EXPIRES_AT = 1  # time.time() when it lapses, or None
-_OWNER = 2  # owner id as passed by the caller (b"" when the caller needs none)
-_DEADLINE = 3  # time.monotonic() when it lapses, or None
+_EXPIRES_AT = 1  # clock.time() when it lapses, or None (display only)
+_DEADLINE = 2  # clock.monotonic() when it lapses, or None: what expiry is judged by
+_OWNER = 3  # owner id as passed by the caller (b"" when the caller needs none)
 _WAITERS = 4  # OrderedDict[Waiter, None] in FIFO order, or None; never holds a granted waiter
 
 
@@ -33,19 +36,27 @@ class MemoryBackend(Backend):
     """Per-key leases within one process, shared by asyncio tasks, threads and event loops.
 
     Hand-off is FIFO (a releasing holder gives the key straight to the oldest waiter, so
-    nobody barges). Per-key state is freed as soon as a key is neither held nor awaited.
-    Tokens come from one counter per backend, so they increase per key and are never reused.
+    nobody barges); a waiter whose event loop has closed is skipped. Per-key state is freed as
+    soon as a key is neither held nor awaited. Tokens are ``max(last + 1, wall clock in µs)``,
+    so they increase per key and never go back, not even across a restart of the process.
     With a TTL, an expired lease is taken over by the next caller or waiter, and its holder's
-    release raises :class:`~keylock.LeaseLost`.
+    release raises :class:`~keylock.LeaseLost`. A forked child starts with nothing held.
     """
 
     needs_owner = False  # the token proves ownership in-process
 
-    def __init__(self, *, ttl: float | None = None) -> None:
-        self.default_ttl = ttl
-        self._mutex = Lock()  # guards _entries and every entry; held only for O(1) work
+    def __init__(self, *, ttl: float | None = None, clock: Clock | None = None) -> None:
+        self.default_ttl = check_backend_ttl(ttl, "MemoryBackend")
+        self.clock = clock if clock is not None else SYSTEM_CLOCK
+        self._start()
+        _BACKENDS.add(self)
+
+    def _start(self) -> None:
+        """Fresh per-process state (again in a forked child: the parent's threads, which held
+        its keys and may have held the mutex, do not exist there)."""
+        self._mutex = threading.Lock()  # guards _entries, every entry and _last
         self._entries: dict[str, _Entry] = {}  # guarded by _mutex; exactly the held keys
-        self._tokens = itertools.count(1)  # guarded by _mutex
+        self._last = getattr(self, "_last", [0])  # [last token minted], guarded by _mutex
         # The uncontended acquire and release, as closures over their state: loads of closure
         # cells beat attribute loads, and this pair is most of the cost of an uncontended lock.
         # (Not when a subclass overrides either: its override must stay in charge.)
@@ -76,7 +87,8 @@ class MemoryBackend(Backend):
         unlock = self._mutex.release
         entries = self._entries
         get = entries.get
-        tokens = self._tokens
+        last = self._last
+        wall_ns = time.time_ns
         slow_acquire = self._try_acquire_contended
         slow_release = self._release_contended
         hand_off = self._hand_off
@@ -89,7 +101,11 @@ class MemoryBackend(Backend):
             try:
                 entry = get(key)
                 if entry is None and ttl is None:
-                    entry = entries[key] = [next(tokens), None, owner, None, None]
+                    token = wall_ns() // 1000
+                    if token <= last[0]:
+                        token = last[0] + 1
+                    last[0] = token
+                    entry = entries[key] = [token, None, None, owner, None]
                     return entry  # type: ignore[return-value]  # laid out as a Grant
                 return slow_acquire(key, owner, ttl, waiter, entry)
             finally:
@@ -99,9 +115,9 @@ class MemoryBackend(Backend):
             lock()
             try:
                 entry = get(key)
-                if entry is None or entry[0] != token or entry[2] != owner:
+                if entry is None or entry[0] != token or entry[3] != owner:
                     raise _lost(key, token)
-                if entry[3] is None:  # no TTL: cannot have expired
+                if entry[2] is None:  # no TTL: cannot have expired
                     if entry[4]:
                         hand_off(key, entry)
                     else:
@@ -114,6 +130,15 @@ class MemoryBackend(Backend):
                 raise _lost(key, token)
 
         return try_acquire, release
+
+    def _mint(self) -> int:
+        """The next token: ``max(last + 1, wall clock in µs)``. Caller holds _mutex."""
+        last = self._last
+        token = time.time_ns() // 1000
+        if token <= last[0]:
+            token = last[0] + 1
+        last[0] = token
+        return token
 
     def _try_acquire(
         self, key: str, owner: bytes, ttl: float | None, waiter: Waiter | None
@@ -132,7 +157,7 @@ class MemoryBackend(Backend):
         if entry is None:
             return self._grant_new(key, owner, ttl)
         deadline = entry[_DEADLINE]
-        if deadline is not None and time.monotonic() >= deadline:
+        if deadline is not None and self.clock.monotonic() >= deadline:
             # the holder's lease ran out: the key goes to the oldest waiter, else to us
             self._hand_off(key, entry)
             if waiter is not None and waiter.grant is not None:
@@ -150,36 +175,36 @@ class MemoryBackend(Backend):
         waiter.retry_at = math.inf if deadline is None else deadline
         return None
 
+    def _record(self, owner: bytes, ttl: float | None, waiters: object) -> _Entry:
+        """A new holder's record (its token minted now). Caller holds _mutex."""
+        token = self._mint()
+        if ttl is None:
+            return [token, None, None, owner, waiters]
+        clock = self.clock
+        # the wall clock first: a thread switch between the two reads may then only make the
+        # holder's expires_at early, never later than the takeover
+        wall = clock.time()
+        return [token, wall + ttl, clock.monotonic() + ttl, owner, waiters]
+
     def _grant_new(self, key: str, owner: bytes, ttl: float | None) -> Grant:
         """Record a grant of a free key. Caller holds _mutex."""
-        token = next(self._tokens)
-        entry: _Entry
-        if ttl is None:
-            entry = [token, None, owner, None, None]
-        else:
-            entry = [token, time.time() + ttl, owner, time.monotonic() + ttl, None]
-        self._entries[key] = entry
+        entry = self._entries[key] = self._record(owner, ttl, None)
         return entry  # type: ignore[return-value]
 
     def _hand_off(self, key: str, entry: _Entry) -> None:
-        """Give *key* to its oldest waiter, or free it. Caller holds _mutex."""
+        """Give *key* to its oldest live waiter, or free it. Caller holds _mutex."""
         waiters = entry[_WAITERS]
-        if not waiters:
-            del self._entries[key]
-            return
-        waiter, _ = waiters.popitem(last=False)
-        ttl = waiter.ttl
-        token = next(self._tokens)
-        successor: _Entry
-        if ttl is None:
-            successor = [token, None, waiter.owner, None, waiters]
-        else:
-            successor = [token, time.time() + ttl, waiter.owner, time.monotonic() + ttl, waiters]
-        self._entries[key] = successor
-        waiter.grant = successor  # laid out as a Grant
-        if ttl is not None:
-            self._arm_head(successor)
-        waiter.wake()
+        while waiters:
+            waiter, _ = waiters.popitem(last=False)
+            successor = self._entries[key] = self._record(waiter.owner, waiter.ttl, waiters)
+            waiter.grant = successor  # laid out as a Grant
+            if waiter.wake():
+                if waiter.ttl is not None:
+                    self._arm_head(successor)
+                return
+            # its event loop is closed: nobody will ever release this grant, so pass it on
+            waiter.grant = None
+        del self._entries[key]
 
     @staticmethod
     def _arm_head(entry: _Entry) -> None:
@@ -222,26 +247,25 @@ class MemoryBackend(Backend):
         Caller holds _mutex and has checked the token and owner.
         """
         deadline = entry[_DEADLINE]
-        expired = deadline is not None and time.monotonic() >= deadline
+        expired = deadline is not None and self.clock.monotonic() >= deadline
         self._hand_off(key, entry)
         return expired
 
-    def extend_sync(self, key: str, owner: bytes, token: int, ttl: float) -> float:
+    def extend_sync(self, key: str, owner: bytes, token: int, ttl: float) -> Grant:
         with self._mutex:
             entry = self._entries.get(key)
-            # the wall clock first: a thread switch between the two reads may then only make
-            # the holder's expires_at early, never later than the takeover (a phantom grant)
-            wall = time.time()
-            now = time.monotonic()
+            clock = self.clock
+            wall = clock.time()  # first: see _record
+            now = clock.monotonic()
             if entry is None or entry[_TOKEN] != token or entry[_OWNER] != owner:
                 raise _lost(key, token)
             deadline = entry[_DEADLINE]
             if deadline is not None and now >= deadline:
                 raise _lost(key, token)
-            entry[_DEADLINE] = now + ttl
+            entry[_DEADLINE] = deadline = now + ttl
             entry[_EXPIRES_AT] = expires_at = wall + ttl
             self._arm_head(entry)
-            return expires_at
+            return Grant(token, expires_at, deadline)
 
     def statistics(self, key: str) -> KeyStatistics:
         with self._mutex:
@@ -264,3 +288,15 @@ def _lost(key: str, token: int) -> LeaseLost:
         "the critical section was not protected; reconcile before acting on its results",
         key=key,
     )
+
+
+# Every memory backend of this process, so a forked child can start each afresh.
+_BACKENDS: weakref.WeakSet[MemoryBackend] = weakref.WeakSet()
+
+
+def _after_fork_in_child() -> None:
+    for backend in list(_BACKENDS):
+        backend._start()
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)

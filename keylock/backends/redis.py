@@ -22,7 +22,7 @@ from redis.exceptions import RedisError
 
 from ..errors import BackendUnavailable, KeylockError, LeaseLost, LockTimeout
 from ._redis_wire import AsyncWire, SyncWire
-from .base import Backend, Grant, KeyStatistics, LoopWaiter, ThreadWaiter, Waiter, _timeout
+from .base import Backend, Deadline, Grant, KeyStatistics, LoopWaiter, ThreadWaiter, Waiter
 from .memory import MemoryBackend
 
 if TYPE_CHECKING:
@@ -439,7 +439,7 @@ class RedisBackend(Backend):
         granted, value, *rest = cast("list[int | bytes]", reply)
         if int(granted):
             # expiry as seen from here: counted from before the request, so never late
-            return self._adopt(key, owner, local, Grant(int(value), sent_at + int(rest[0]) / 1000))
+            return self._adopt(key, owner, local, _dated(int(value), sent_at + int(rest[0]) / 1000))
         if rest:  # queued: the reply carries the server's clock, to date hand-offs by
             received = time.time()
             self._clock = (int(rest[0]) / 1e6 - (sent_at + received) / 2, (received - sent_at) / 2)
@@ -507,7 +507,7 @@ class RedisBackend(Backend):
             if waiter.owner == head:
                 if token.isdigit() and claim_ms.isdigit() and waiter.grant is None:
                     claim = int(claim_ms) / 1000
-                    waiter.grant = Grant(int(token), self._handed_expiry(granted_us, claim))
+                    waiter.grant = _dated(int(token), self._handed_expiry(granted_us, claim))
                 waiter.wake()
 
     def _handed_expiry(self, granted_us: bytes, length: float) -> float:
@@ -702,25 +702,27 @@ class RedisBackend(Backend):
             raise _lost(key, token)
         return held
 
-    def extend_sync(self, key: str, owner: bytes, token: int, ttl: float) -> float:
+    def extend_sync(self, key: str, owner: bytes, token: int, ttl: float) -> Grant:
         held = self._check_held(key, owner, token)
         sent_at = time.time()
+        mono = time.monotonic()
         if not self._run_sync("extend", key, self._keys(key)[:2], self._extend_args(owner, ttl)):
             raise _lost(key, token)
         if not self.auto_renew:
             self._local.extend_sync(key, owner, held.local_token, ttl)
-        return sent_at + ttl
+        return Grant(token, sent_at + ttl, mono + ttl)
 
-    async def extend(self, key: str, owner: bytes, token: int, ttl: float) -> float:
+    async def extend(self, key: str, owner: bytes, token: int, ttl: float) -> Grant:
         held = self._check_held(key, owner, token)
         sent_at = time.time()
+        mono = time.monotonic()
         if not await self._run_async(
             "extend", key, self._keys(key)[:2], self._extend_args(owner, ttl)
         ):
             raise _lost(key, token)
         if not self.auto_renew:
             self._local.extend_sync(key, owner, held.local_token, ttl)
-        return sent_at + ttl
+        return Grant(token, sent_at + ttl, mono + ttl)
 
     async def _discard(self, key: str, owner: bytes, grant: Grant) -> None:
         with contextlib.suppress(LeaseLost):
@@ -768,6 +770,7 @@ class RedisBackend(Backend):
         """One renewal from the renewer thread: True if still ours (and extended)."""
         ttl = lease.ttl or self._ttl
         sent_at = time.time()
+        mono = time.monotonic()
         renewed = self._run_sync(
             "extend",
             lease._full_key,
@@ -775,7 +778,7 @@ class RedisBackend(Backend):
             self._extend_args(lease._owner, ttl),
         )
         if renewed:
-            lease._renewed(sent_at + ttl)
+            lease._on_renewed(Grant(lease.token, sent_at + ttl, mono + ttl))
         return bool(renewed)
 
     # ----------------------------------------------------------------------------- closing
@@ -1041,4 +1044,13 @@ class _Renewer:
                 self._due[lease] = time.monotonic() + (lease.ttl or 1.0) / 3
                 return
             del self._due[lease]
-        lease._mark_lost()
+        lease._on_lost()
+
+
+def _timeout(key: str, timeout: float | None) -> LockTimeout:
+    return Deadline(key, timeout, 0.0).expired()
+
+
+def _dated(token: int, expires_at: float) -> Grant:
+    """A grant lapsing at wall-clock *expires_at*, with its monotonic deadline read now."""
+    return Grant(token, expires_at, expires_at - time.time() + time.monotonic())

@@ -111,7 +111,7 @@ def test_tokens_stay_above_a_recreated_file(tmp_path: Path) -> None:
 def test_record_names_the_holder(tmp_path: Path) -> None:
     locks = KeyedLock(FileBackend(tmp_path), namespace="ns")
     with locks.sync("k", ttl=30) as lease:
-        fields = (tmp_path / file_name("ns:k")).read_text().split()
+        fields = (tmp_path / file_name("ns\x00k")).read_text().split()  # namespace NUL key
         assert int(fields[0]) == lease.token
         assert int(fields[1]) == os.getpid()
         assert float(fields[2]) > 0

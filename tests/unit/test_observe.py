@@ -16,7 +16,7 @@ from keylock import (
     SingleFlight,
     stale_guard,
 )
-from keylock.registry import _Hold, _ObservedHold
+from keylock.registry import AsyncHold, SyncHold, _ObservedAsync, _ObservedSync
 
 
 class _Recorder(Observer):
@@ -109,8 +109,10 @@ async def test_lost_leases_superseded_and_coalesced_calls_are_reported() -> None
 
 def test_unobserved_locks_use_the_plain_hold() -> None:
     """Zero cost when nobody listens: the observed subclass is chosen at construction."""
-    assert type(KeyedLock()("k")) is _Hold
-    assert type(KeyedLock(observer=Counters())("k")) is _ObservedHold
+    assert type(KeyedLock()("k")) is AsyncHold
+    assert type(KeyedLock().sync("k")) is SyncHold
+    assert type(KeyedLock(observer=Counters())("k")) is _ObservedAsync
+    assert type(KeyedLock(observer=Counters()).sync("k")) is _ObservedSync
 
 
 def test_otel_adapter_records_metrics() -> None:

@@ -1,0 +1,115 @@
+"""The two ways a caller waits for a key: a thread on a latch, a task on a future.
+
+Both kinds sit in one backend's queue, which is how sync and async callers of one key, and
+callers on several event loops, exclude each other. ``wake`` may come from any thread.
+"""
+
+from __future__ import annotations
+
+import abc
+import asyncio
+import math
+import threading
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from .base import Grant
+
+__all__ = ["LoopWaiter", "ThreadWaiter", "Waiter"]
+
+
+class Waiter(abc.ABC):
+    """A caller waiting for a key; the backend hands it a grant or wakes it to try again."""
+
+    __slots__ = ("grant", "owner", "retry_at", "ttl")
+
+    def __init__(self, owner: bytes, ttl: float | None) -> None:
+        self.owner = owner
+        self.ttl = ttl
+        self.grant: Grant | None = None  # set once, by the backend that hands the key over
+        self.retry_at = math.inf  # time.monotonic() at which to run the step again unwoken
+
+    @abc.abstractmethod
+    def wake(self) -> bool:
+        """Wake the waiting caller; callable from any thread, any number of times.
+
+        False when nobody is left to wake (the caller's event loop is closed): a backend then
+        passes a key it just handed over on to the next waiter.
+        """
+
+
+class ThreadWaiter(Waiter):
+    """Waits by blocking the calling thread on a ``threading.Lock`` that ``wake`` releases."""
+
+    __slots__ = ("_signal",)
+
+    def __init__(self, owner: bytes, ttl: float | None) -> None:
+        super().__init__(owner, ttl)
+        self._signal = threading.Lock()
+        self._signal.acquire()  # held = armed; wake() releases it
+
+    def wake(self) -> bool:
+        try:
+            self._signal.release()
+        except RuntimeError:  # already woken and not yet waited for
+            pass
+        return True
+
+    def prepare(self) -> None:
+        """Arm for the next wake-up; call before re-reading the state (a no-op: the lock latch
+        stays released until the next wait takes it, so no wake-up is lost)."""
+
+    def wait(self, timeout: float | None) -> None:
+        """Block until woken (since the last wait) or *timeout* seconds pass."""
+        if timeout is None:
+            self._signal.acquire()
+        else:
+            # threading's own bound: a longer wait is cut and the caller simply looks again
+            self._signal.acquire(timeout=min(max(timeout, 0.0), threading.TIMEOUT_MAX))
+
+
+class LoopWaiter(Waiter):
+    """Waits on a future of the caller's event loop; ``wake`` may come from any thread."""
+
+    __slots__ = ("_future", "_loop", "_thread")
+
+    def __init__(self, owner: bytes, ttl: float | None) -> None:
+        self.owner = owner
+        self.ttl = ttl
+        self.grant = None
+        self.retry_at = math.inf
+        self._loop = asyncio.get_running_loop()
+        self._thread = threading.get_ident()
+        self._future: asyncio.Future[None] = self._loop.create_future()
+
+    def wake(self) -> bool:
+        if threading.get_ident() == self._thread and not self._loop.is_closed():
+            self._set()
+            return True
+        try:
+            self._loop.call_soon_threadsafe(self._set)
+        except RuntimeError:  # the waiter's loop is closed: nobody is left to wake
+            return False
+        return True
+
+    def _set(self) -> None:
+        if not self._future.done():
+            self._future.set_result(None)
+
+    def prepare(self) -> None:
+        """Arm for the next wake-up; call before re-reading the state, so a wake-up that comes
+        between the read and the wait is not lost."""
+        if self._future.done():
+            self._future = self._loop.create_future()
+
+    async def wait(self, timeout: float | None) -> None:
+        """Wait until woken (since the last prepare) or *timeout* seconds pass."""
+        future = self._future
+        if timeout is None:
+            await future
+            return
+        try:
+            async with asyncio.timeout(max(timeout, 0.0)):
+                await future
+        except TimeoutError:
+            pass

@@ -198,7 +198,7 @@ class SingleFlight:
         waiters = flight.waiters
         if not waiters:
             return
-        if task.cancelled():  # only at loop shutdown: the flight cancels it only when unwanted
+        if task.cancelled():  # cancelled from outside (loop shutdown) or it raised CancelledError
             for waiter in waiters:
                 if not waiter.done():
                     waiter.cancel()

@@ -4,14 +4,15 @@ from __future__ import annotations
 
 import asyncio
 import copy
+import functools
+import sys
 import threading
-from typing import TYPE_CHECKING, ParamSpec, TypeVar, cast
+from collections.abc import Awaitable, Callable, Coroutine
+from typing import TYPE_CHECKING, ParamSpec, Protocol, TypeVar, cast
 
 from ._validate import check_key
 
 if TYPE_CHECKING:
-    from collections.abc import Awaitable, Callable
-
     from .backends.base import Backend
     from .observe import Observer
 
@@ -20,16 +21,36 @@ __all__ = ["SingleFlight"]
 P = ParamSpec("P")
 R = TypeVar("R")
 
+Serializer = tuple[Callable[[object], str | bytes], Callable[[str | bytes], object]]
+_Slot = tuple[str, asyncio.AbstractEventLoop]
+
+
+class RemoteFlight(Protocol):
+    """Runs one process's share of a key's work so that one caller across hosts runs it.
+
+    Called by the one in-process leader of *key*; it either runs *fn* or returns (or raises)
+    what the run elsewhere produced, decoded the same way for every caller.
+    """
+
+    def run(
+        self, key: str, fn: Callable[P, Awaitable[R]], /, *args: P.args, **kwargs: P.kwargs
+    ) -> Coroutine[object, object, R]: ...
+
+    def run_sync(self, key: str, fn: Callable[P, R], /, *args: P.args, **kwargs: P.kwargs) -> R: ...
+
 
 class _Flight:
     """One running execution on one event loop, and the callers waiting for it."""
 
-    __slots__ = ("task", "waiters")
+    __slots__ = ("abandoned", "task", "waiters")
 
     def __init__(self, task: asyncio.Task[object]) -> None:
         self.task = task  # owned by the flight, never by a caller
         # one future per caller still waiting; the task is cancelled when this empties
         self.waiters: set[asyncio.Future[object]] = set()
+        # every caller left and the task was cancelled: it may still be cleaning up, so it
+        # keeps its slot (a newcomer waits for its end) until it is done
+        self.abandoned = False
 
 
 class _SyncFlight:
@@ -83,16 +104,21 @@ def _same(clone: BaseException, exc: BaseException) -> bool:
 class SingleFlight:
     """Concurrent ``do(key, fn)`` callers share one execution and its result or exception.
 
-    The work runs in a task the flight owns: a caller's cancellation never cancels it while
-    other callers still wait; it is cancelled only when every caller is gone, and a caller
-    arriving after that starts a fresh run. Nothing is cached: a call arriving after the work
-    finished starts a new one. Async callers coalesce per event loop; ``do_sync`` callers
-    coalesce across threads.
+    One run per key at a time: the work runs in a task the flight owns; a caller's
+    cancellation never cancels it while other callers still wait; it is cancelled only when
+    every caller is gone. A caller arriving while such a cancelled run still cleans up (a
+    ``finally: await ...``) waits for that run to end, then starts a fresh one (or joins the
+    fresh one another newcomer started): it never joins a run that is being cancelled, and
+    never overlaps it. Nothing is cached: a call arriving after the work finished starts a new
+    one. Async callers coalesce per event loop; ``do_sync`` callers coalesce across threads.
+    Every method is safe to call from any thread.
 
     ``SingleFlight(RedisBackend(...))`` coalesces across processes and hosts instead: one
     caller anywhere runs the work, the others receive its result through Redis (JSON unless a
     ``serializer=(dumps, loads)`` is given; never pickle by default), and if the leader dies
-    another caller takes over once its lease expires.
+    another caller takes over once its lease expires. Every caller, the leader's included,
+    gets the result as the serializer decodes it (a tuple comes back as a list with JSON); a
+    result the serializer cannot encode is a ``TypeError`` for every caller of that run.
     """
 
     def __init__(
@@ -101,30 +127,20 @@ class SingleFlight:
         *,
         namespace: str = "",
         observer: Observer | None = None,
-        serializer: tuple[Callable[[object], str | bytes], Callable[[str | bytes], object]]
-        | None = None,
+        serializer: Serializer | None = None,
     ) -> None:
         from .backends.memory import MemoryBackend
 
-        self._remote: _RemoteFlights | None = None
+        self._remote: RemoteFlight | None = None
         if backend is not None and not isinstance(backend, MemoryBackend):
-            make = getattr(backend, "_single_flight", None)
-            if make is None:
-                raise TypeError(
-                    f"SingleFlight cannot coalesce through {type(backend).__name__}: "
-                    "use no backend (in-process) or a RedisBackend (across hosts)"
-                )
-            if serializer is not None:
-                self._remote = cast("_RemoteFlights", make(namespace, serializer))
-            else:
-                self._remote = cast("_RemoteFlights", make(namespace))
-        self._flights: dict[tuple[str, asyncio.AbstractEventLoop], _Flight] = {}
+            self._remote = _remote_for(backend, namespace, serializer)
+        self._flights: dict[_Slot, _Flight] = {}  # read anywhere; changed under _mutex
         self._sync_flights: dict[str, _SyncFlight] = {}  # guarded by _mutex
         self._mutex = threading.Lock()
         self._observer = observer  # told of every caller that joins a run in flight
 
     def __len__(self) -> int:
-        """How many executions are running now."""
+        """How many executions are running now (a cancelled one until its cleanup ends)."""
         return len(self._flights) + len(self._sync_flights)
 
     async def do(
@@ -136,56 +152,67 @@ class SingleFlight:
         cancelled once no caller is left. Each caller gets its own copy of an exception.
         """
         key = check_key(key)
-        if self._remote is not None:
-            return await self._remote.do(key, fn, *args, **kwargs)
         loop = asyncio.get_running_loop()
         slot = (key, loop)
         flight = self._flights.get(slot)
-        if flight is None:
-            work: asyncio.Task[object] = loop.create_task(_call(fn, *args, **kwargs))
-            flight = self._flights[slot] = _Flight(work)
-            work.add_done_callback(lambda task: self._settle(slot, flight, task))
-        elif self._observer is not None:
-            self._observer.coalesced(self._observer.prefix_of(key))
+        while flight is None or flight.abandoned:
+            if flight is None:
+                if self._remote is None:
+                    work = _call(fn, *args, **kwargs)
+                else:
+                    work = self._remote.run(key, fn, *args, **kwargs)
+                flight = self._start(slot, loop.create_task(work))
+                break
+            # the previous run is being cancelled and still cleans up: one run at a time
+            await asyncio.wait((flight.task,))
+            flight = self._flights.get(slot)
+        else:
+            if self._observer is not None:
+                self._observer.coalesced(self._observer.prefix_of(key))
         # each caller waits on a future of its own: cancelling it leaves the work alone
         waiter: asyncio.Future[object] = loop.create_future()
         flight.waiters.add(waiter)
         try:
-            return cast("R", await waiter)
+            return await waiter  # type: ignore[return-value]
         except asyncio.CancelledError:
             if waiter.cancelled():  # this caller was cancelled (not the work)
                 flight.waiters.discard(waiter)
                 if not flight.waiters and not flight.task.done():
                     # the last caller is gone: nobody wants the result any more
+                    flight.abandoned = True
                     flight.task.cancel()
-                    self._finish(slot, flight)
             raise
 
-    def _settle(
-        self,
-        slot: tuple[str, asyncio.AbstractEventLoop],
-        flight: _Flight,
-        task: asyncio.Task[object],
-    ) -> None:
+    def _start(self, slot: _Slot, task: asyncio.Task[object]) -> _Flight:
+        flight = _Flight(task)
+        with self._mutex:
+            self._flights[slot] = flight
+        task.add_done_callback(functools.partial(self._settle, slot, flight))
+        return flight
+
+    def _settle(self, slot: _Slot, flight: _Flight, task: asyncio.Task[object]) -> None:
         """Hand the outcome to every caller still waiting (each its own copy of an error)."""
-        self._finish(slot, flight)
-        waiters = [w for w in flight.waiters if not w.done()]
-        if task.cancelled():
+        with self._mutex:
+            if self._flights.get(slot) is flight:
+                del self._flights[slot]
+        waiters = flight.waiters
+        if not waiters:
+            return
+        if task.cancelled():  # cancelled from outside (loop shutdown) or it raised CancelledError
             for waiter in waiters:
-                waiter.cancel()
+                if not waiter.done():
+                    waiter.cancel()
             return
         error = task.exception()
         if error is not None:
             for waiter in waiters:
-                waiter.set_exception(_own_copy(error))
+                if not waiter.done():
+                    waiter.set_exception(_own_copy(error))
             return
         result = task.result()
         for waiter in waiters:
-            waiter.set_result(result)
-
-    def _finish(self, slot: tuple[str, asyncio.AbstractEventLoop], flight: _Flight) -> None:
-        if self._flights.get(slot) is flight:
-            del self._flights[slot]
+            if not waiter.done():  # a caller cancelled a moment ago has not left the set yet
+                waiter.set_result(result)
 
     def do_sync(self, key: str, fn: Callable[P, R], /, *args: P.args, **kwargs: P.kwargs) -> R:
         """Run ``fn(*args, **kwargs)`` once for all concurrent callers of *key* in any thread.
@@ -193,8 +220,6 @@ class SingleFlight:
         The first caller runs it in its own thread; the others block until it finishes.
         """
         key = check_key(key)
-        if self._remote is not None:
-            return self._remote.do_sync(key, fn, *args, **kwargs)
         with self._mutex:
             flight = self._sync_flights.get(key)
             leader = flight is None
@@ -208,7 +233,11 @@ class SingleFlight:
                 return cast("R", flight.result)
             raise _own_copy(flight.error)
         try:
-            flight.result = result = fn(*args, **kwargs)
+            if self._remote is None:
+                result = fn(*args, **kwargs)
+            else:
+                result = self._remote.run_sync(key, fn, *args, **kwargs)
+            flight.result = result
         except BaseException as exc:
             flight.error = exc
             raise
@@ -220,30 +249,36 @@ class SingleFlight:
         return result
 
     def forget(self, key: str) -> None:
-        """Let the next caller of *key* start a fresh execution; current callers keep theirs."""
+        """Let the next caller of *key* start a fresh execution; current callers keep theirs.
+
+        Safe from any thread while loops run flights. A run being cancelled is left alone: a
+        newcomer already waits for its end and then starts fresh.
+        """
         key = check_key(key)
-        if self._remote is not None:
-            self._remote.forget(key)
-        for slot in [slot for slot in self._flights if slot[0] == key]:
-            self._flights.pop(slot, None)
         with self._mutex:
+            for slot in [s for s, f in self._flights.items() if s[0] == key and not f.abandoned]:
+                del self._flights[slot]
             self._sync_flights.pop(key, None)
+
+
+def _remote_for(backend: Backend, namespace: str, serializer: Serializer | None) -> RemoteFlight:
+    """The cross-host flight for *backend*, or TypeError when it cannot coalesce across hosts.
+
+    A RedisBackend exists only once its module is loaded, so an unloaded module means "not
+    Redis" without importing redis (``import keylock`` stays free of it).
+    """
+    if "keylock.backends.redis" in sys.modules:
+        from .backends.redis import RedisBackend
+
+        if isinstance(backend, RedisBackend):
+            from ._remote_flight import RedisFlight
+
+            return RedisFlight(backend, namespace, serializer)
+    raise TypeError(
+        f"SingleFlight cannot coalesce through {type(backend).__name__}: "
+        "use no backend (in-process) or a RedisBackend (across hosts)"
+    )
 
 
 async def _call(fn: Callable[P, Awaitable[R]], /, *args: P.args, **kwargs: P.kwargs) -> R:
     return await fn(*args, **kwargs)
-
-
-class _RemoteFlights:
-    """What a cross-process backend provides to SingleFlight (see RedisBackend)."""
-
-    async def do(
-        self, key: str, fn: Callable[P, Awaitable[R]], /, *args: P.args, **kwargs: P.kwargs
-    ) -> R:
-        raise NotImplementedError
-
-    def do_sync(self, key: str, fn: Callable[P, R], /, *args: P.args, **kwargs: P.kwargs) -> R:
-        raise NotImplementedError
-
-    def forget(self, key: str) -> None:
-        raise NotImplementedError

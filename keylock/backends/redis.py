@@ -29,7 +29,6 @@ if TYPE_CHECKING:
     from collections.abc import Coroutine, Iterator, Sequence
 
     from ..lease import Lease
-    from ._redis_flight import Serializer
 
 __all__ = ["RedisBackend"]
 
@@ -808,11 +807,6 @@ class RedisBackend(Backend):
             await client.aclose()
         if self._async_client is not None:
             await self._async_client.aclose()
-
-    def _single_flight(self, namespace: str, serializer: Serializer | None = None) -> object:
-        from ._redis_flight import JSON, RemoteFlights
-
-        return RemoteFlights(self, namespace, serializer or JSON)
 
 
 # Every backend of this process, so a forked child can start each afresh (see _start_process).

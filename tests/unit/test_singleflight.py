@@ -7,7 +7,11 @@ be "long enough".
 from __future__ import annotations
 
 import asyncio
+import subprocess
+import sys
 import threading
+import time
+from pathlib import Path
 
 import pytest
 
@@ -203,6 +207,141 @@ async def test_forget_lets_newcomers_start_a_fresh_run() -> None:
     second_work.gate.set()
     assert await asyncio.gather(first, second, joined) == ["first", "second", "second"]
     assert len(flight) == 0
+
+
+async def test_a_newcomer_waits_for_a_cancelled_run_to_clean_up_then_runs_fresh() -> None:
+    """Row 41: one run per key at a time. The only caller is cancelled; its run, cancelled,
+    still cleans up (an ``await`` in ``finally``). Newcomers wait for that run's end, then
+    share one fresh run; ``forget`` meanwhile changes nothing. Before, the cancelled run left
+    its slot at once and the first newcomer started a second run beside it: this test failed
+    on ``started == 1`` (it was 2, two runs of one key at once)."""
+    flight = SingleFlight()
+    cleanup = asyncio.Event()
+    started = running = peak = 0
+
+    async def work() -> str:
+        nonlocal started, running, peak
+        started += 1
+        run = started
+        running += 1
+        peak = max(peak, running)
+        try:
+            if run == 1:
+                await asyncio.Event().wait()  # until cancelled
+            return f"run {run}"
+        finally:
+            if run == 1:
+                await cleanup.wait()
+            running -= 1
+
+    first = asyncio.create_task(flight.do("k", work))
+    await _spin()
+    first.cancel()
+    await _spin()
+    assert first.cancelled()
+    flight.forget("k")
+    newcomers = [asyncio.create_task(flight.do("k", work)) for _ in range(3)]
+    await _spin()
+    assert started == 1  # the cancelled run still cleans up: nobody starts another
+    assert len(flight) == 1
+    cleanup.set()
+    assert await asyncio.gather(*newcomers) == ["run 2"] * 3
+    assert (started, peak) == (2, 1)
+    assert len(flight) == 0
+
+
+async def test_a_newcomer_waiting_for_a_cancelled_run_can_itself_be_cancelled() -> None:
+    """A caller waiting for a cancelled run's cleanup leaves cleanly when cancelled; the
+    next caller after the cleanup runs fresh."""
+    flight = SingleFlight()
+    cleanup = asyncio.Event()
+    runs = 0
+
+    async def work() -> int:
+        nonlocal runs
+        runs += 1
+        try:
+            if runs == 1:
+                await asyncio.Event().wait()
+            return runs
+        finally:
+            if runs == 1:
+                await cleanup.wait()
+
+    first = asyncio.create_task(flight.do("k", work))
+    await _spin()
+    first.cancel()
+    await _spin()
+    waiting = asyncio.create_task(flight.do("k", work))
+    await _spin()
+    waiting.cancel()
+    await _spin()
+    assert waiting.cancelled()
+    cleanup.set()
+    await _spin()
+    assert len(flight) == 0
+    assert await flight.do("k", work) == 2
+
+
+def test_forget_is_safe_while_loops_in_other_threads_run_flights() -> None:
+    """Row 40: ``forget`` from one thread while two event loops start and finish flights in
+    theirs. Thread switches are forced every microsecond so a switch lands inside forget's
+    scan. Before, forget iterated the flights unguarded and raised ``RuntimeError:
+    dictionary changed size during iteration`` within a few hundredths of a second: this test
+    failed on that error."""
+    flight = SingleFlight()
+    stop = threading.Event()
+
+    async def work(i: int) -> int:
+        await asyncio.sleep(0)
+        return i
+
+    async def churn(tag: str) -> None:
+        i = 0
+        while not stop.is_set():
+            keys = [f"{tag}:{i + j}" for j in range(200)]
+            assert await asyncio.gather(*(flight.do(k, work, n) for n, k in enumerate(keys))) == [
+                *range(200)
+            ]
+            i += 200
+
+    loops = [threading.Thread(target=asyncio.run, args=(churn(tag),)) for tag in "ab"]
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)
+    try:
+        for thread in loops:
+            thread.start()
+        deadline = time.monotonic() + 2
+        while time.monotonic() < deadline:
+            flight.forget("a:1")
+    finally:
+        stop.set()
+        sys.setswitchinterval(interval)
+        for thread in loops:
+            thread.join(30)
+    assert not any(thread.is_alive() for thread in loops)
+    assert len(flight) == 0
+
+
+def test_a_backend_that_cannot_coalesce_across_hosts_is_refused_without_loading_redis_code(
+    tmp_path: Path,
+) -> None:
+    """SingleFlight recognises a RedisBackend by type; any other backend is a TypeError that
+    names the choices, and deciding that loads neither the Redis backend nor the cross-host
+    flight (portalocker itself imports redis-py, so that is not what is checked)."""
+    code = (
+        "import sys, keylock\n"
+        "from keylock.backends.file import FileBackend\n"
+        "try:\n"
+        f"    keylock.SingleFlight(FileBackend({str(tmp_path)!r}))\n"
+        "except TypeError as exc:\n"
+        "    assert 'RedisBackend' in str(exc), exc\n"
+        "else:\n"
+        "    raise AssertionError('accepted')\n"
+        "loaded = {'keylock.backends.redis', 'keylock._remote_flight'} & set(sys.modules)\n"
+        "assert not loaded, loaded\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=60)
 
 
 def _in_threads(count: int, target: object) -> None:

@@ -3,30 +3,30 @@
 One caller per key runs the work (it holds the lease ``flight:<key>``); the others, anywhere,
 queue for that lease and read the result the leader stored in Redis under its token (JSON by
 default, never pickle): they are woken by the leader's release, not by polling. If the leader
-dies, its lease expires and the next caller in line takes over. Within one process callers
-coalesce first, so one process sends one caller to Redis per key.
+dies, its lease expires and the next caller in line takes over. SingleFlight coalesces the
+callers of one process first and hands only its one leader per key to :class:`RedisFlight`.
 """
 
 from __future__ import annotations
 
 import builtins
 import json
-from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, ParamSpec, TypeVar, cast
 
-from ..errors import LockTimeout
-from ..registry import KeyedLock
-from ..singleflight import SingleFlight
-from .redis import _map_errors
+from .backends.redis import _map_errors
+from .errors import LockTimeout
+from .registry import KeyedLock
 
 if TYPE_CHECKING:
-    from .redis import AsyncClient, RedisBackend, SyncClient
+    from collections.abc import Awaitable, Callable
+
+    from .backends.redis import AsyncClient, RedisBackend, SyncClient
+    from .singleflight import Serializer
+
+__all__ = ["RedisFlight"]
 
 P = ParamSpec("P")
 R = TypeVar("R")
-
-Serializer = tuple[Callable[[object], str | bytes], Callable[[str | bytes], object]]
-JSON: Serializer = (json.dumps, json.loads)
 
 _TTL = 60_000  # ms a result stays readable for late followers
 
@@ -43,30 +43,54 @@ def _rebuild(payload: dict[str, str]) -> BaseException:
     return RuntimeError(f"{name}: {message} (raised by the single-flight leader)")
 
 
-class RemoteFlights:
-    """What ``SingleFlight(RedisBackend(...))`` delegates to."""
+class RedisFlight:
+    """The cross-host part of ``SingleFlight(RedisBackend(...))`` (a ``RemoteFlight``).
+
+    Every caller gets the outcome as the serializer decodes it: the leader decodes the
+    payload it stores, so it sees what its followers see. A result the serializer cannot
+    round-trip is stored as a ``TypeError`` naming the key, which every caller of that run
+    gets, once; the work is not run again for each of them.
+    """
 
     def __init__(
-        self, backend: RedisBackend, namespace: str, serializer: Serializer = JSON
+        self, backend: RedisBackend, namespace: str, serializer: Serializer | None = None
     ) -> None:
         self._backend = backend
         self._locks = KeyedLock(backend, namespace=namespace or "flight")
-        self._local = SingleFlight()
-        self._dumps, self._loads = serializer
+        dumps, loads = serializer or (json.dumps, json.loads)
+        self._dumps: Callable[[object], str | bytes] = dumps
+        self._loads: Callable[[str | bytes], object] = loads
 
     def _result_key(self, key: str, token: int) -> str:
         return f"{self._backend.prefix}:{{flight:{key}}}:result:{token}"
 
-    def _encode(self, outcome: object, error: BaseException | None) -> str | bytes:
-        if error is not None:
-            return self._dumps({"error": {"type": type(error).__name__, "message": str(error)}})
-        return self._dumps({"ok": outcome})
-
     def _decode(self, raw: str | bytes) -> object:
+        # bytes, as Redis returns them, for every caller (a decode_responses client gives str)
+        if isinstance(raw, str):
+            raw = raw.encode("utf-8", "surrogatepass")
         payload = cast("dict[str, object]", self._loads(raw))
         if "error" in payload:
             raise _rebuild(cast("dict[str, str]", payload["error"]))
         return payload["ok"]
+
+    def _failed(self, error: BaseException) -> str | bytes:
+        return self._dumps({"error": {"type": type(error).__name__, "message": str(error)}})
+
+    def _succeeded(self, key: str, outcome: object) -> tuple[str | bytes, object, TypeError | None]:
+        """The payload to store for *outcome* and what every caller gets: its decoding, or,
+        when the serializer cannot round-trip it, a payload and TypeError saying so."""
+        try:
+            payload = self._dumps({"ok": outcome})
+            return payload, self._decode(payload), None
+        except Exception as exc:
+            error = TypeError(
+                f"single-flight result for {key!r} ({type(outcome).__name__}) cannot go "
+                f"through the serializer ({type(exc).__name__}: {exc}): return a value it "
+                "encodes (JSON by default: dict, list, str, int, float, bool, None) or pass "
+                "SingleFlight(..., serializer=(dumps, loads))"
+            )
+            error.__cause__ = exc
+            return self._failed(error), None, error
 
     # Leader: takes the lease flight:<key>, runs the work, stores the outcome under its token,
     # then releases. Follower: notes the holder's token, queues for the lease (woken at the
@@ -76,17 +100,10 @@ class RemoteFlights:
     # Outcomes are never passed on from follower to follower: that would serve a finished
     # result to callers for as long as new ones keep arriving.
 
-    async def do(
+    async def run(
         self, key: str, fn: Callable[P, Awaitable[R]], /, *args: P.args, **kwargs: P.kwargs
     ) -> R:
-        async def remote() -> R:
-            return await self._remote(key, fn, *args, **kwargs)
-
-        return await self._local.do(key, remote)
-
-    async def _remote(
-        self, key: str, fn: Callable[P, Awaitable[R]], /, *args: P.args, **kwargs: P.kwargs
-    ) -> R:
+        """Run *fn* as the leader of *key* across hosts, or return the leader's outcome."""
         client = self._backend._async()
         lock_key = f"flight:{key}"
         while True:
@@ -110,21 +127,18 @@ class RemoteFlights:
                 try:
                     outcome = await fn(*args, **kwargs)
                 except Exception as exc:
-                    payload = self._encode(None, exc)
-                    await self._put(client, key, lease.token, payload)
+                    await self._put(client, key, lease.token, self._failed(exc))
                     raise
-                payload = self._encode(outcome, None)
+                payload, value, error = self._succeeded(key, outcome)
                 await self._put(client, key, lease.token, payload)
-                return outcome
+                if error is not None:
+                    raise error
+                return cast("R", value)
             finally:
                 await lease.release()
 
-    # -------------------------------------------------------------------------- sync
-
-    def do_sync(self, key: str, fn: Callable[P, R], /, *args: P.args, **kwargs: P.kwargs) -> R:
-        return self._local.do_sync(key, lambda: self._remote_sync(key, fn, *args, **kwargs))
-
-    def _remote_sync(self, key: str, fn: Callable[P, R], /, *args: P.args, **kwargs: P.kwargs) -> R:
+    def run_sync(self, key: str, fn: Callable[P, R], /, *args: P.args, **kwargs: P.kwargs) -> R:
+        """Run *fn* as the leader of *key* across hosts, or return the leader's outcome."""
         client = self._backend._sync()
         lock_key = f"flight:{key}"
         while True:
@@ -147,12 +161,13 @@ class RemoteFlights:
                 try:
                     outcome = fn(*args, **kwargs)
                 except Exception as exc:
-                    payload = self._encode(None, exc)
-                    self._put_sync(client, key, lease.token, payload)
+                    self._put_sync(client, key, lease.token, self._failed(exc))
                     raise
-                payload = self._encode(outcome, None)
+                payload, value, error = self._succeeded(key, outcome)
                 self._put_sync(client, key, lease.token, payload)
-                return outcome
+                if error is not None:
+                    raise error
+                return cast("R", value)
             finally:
                 lease.release_sync()
 
@@ -176,6 +191,3 @@ class RemoteFlights:
     def _put_sync(self, client: SyncClient, key: str, token: int, payload: str | bytes) -> None:
         with _map_errors(key, self._backend._where):
             client.set(self._result_key(key, token), payload, px=_TTL)
-
-    def forget(self, key: str) -> None:
-        self._local.forget(key)

@@ -255,18 +255,6 @@ class _Hold(Lease):
         self._owner = new_owner() if locks._needs_owner else b""
         return full, self._owner, ttl, timeout
 
-    def _plain(self) -> bool:
-        """True when the uncontended in-process step alone may serve this block."""
-        key = self.key
-        return (
-            self._locks._plain_step is not None
-            and self.ttl is None
-            and self._timeout is None
-            and type(key) is str
-            and 0 < len(key) <= MAX_KEY_LENGTH
-            and "\x00" not in key
-        )
-
 
 class AsyncHold(_Hold):
     """``locks(key)``: for ``async with`` only."""
@@ -277,10 +265,19 @@ class AsyncHold(_Hold):
         if self._state is not _PENDING:  # (a small int: identity is equality, and cheaper)
             self._enter_once()
         locks = self._locks
-        if self._plain():
-            grant = locks._plain_step(self.key, b"", None, None)  # type: ignore[misc]
+        plain = locks._plain_step
+        key = self.key
+        if (  # (inlined: this is the uncontended hot path)
+            plain is not None
+            and self.ttl is None
+            and self._timeout is None
+            and type(key) is str
+            and 0 < len(key) <= MAX_KEY_LENGTH
+            and "\x00" not in key
+        ):
+            grant = plain(key, b"", None, None)
             if grant is not None:  # uncontended: nothing else to resolve
-                self._full_key = self.key
+                self._full_key = key
                 self._owner = b""
                 self.token = grant[0]
                 self.expires_at = self._deadline = None
@@ -317,10 +314,19 @@ class SyncHold(_Hold):
         if self._state is not _PENDING:  # (a small int: identity is equality, and cheaper)
             self._enter_once()
         locks = self._locks
-        if self._plain():
-            grant = locks._plain_step(self.key, b"", None, None)  # type: ignore[misc]
+        plain = locks._plain_step
+        key = self.key
+        if (  # (inlined: this is the uncontended hot path)
+            plain is not None
+            and self.ttl is None
+            and self._timeout is None
+            and type(key) is str
+            and 0 < len(key) <= MAX_KEY_LENGTH
+            and "\x00" not in key
+        ):
+            grant = plain(key, b"", None, None)
             if grant is not None:  # uncontended: nothing else to resolve
-                self._full_key = self.key
+                self._full_key = key
                 self._owner = b""
                 self.token = grant[0]
                 self.expires_at = self._deadline = None

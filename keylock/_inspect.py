@@ -44,7 +44,7 @@ def inspect_redis(url: str, *, prefix: str = "keylock") -> Iterator[HeldLock]:
             if owner is None:
                 continue  # released between SCAN and GET
             yield HeldLock(
-                key=name[len(prefix) + 2 : -1],
+                key=name[len(prefix) + 2 : -1].replace("\x00", ":"),  # namespace:key
                 token=int(token) if token is not None else None,
                 owner=bytes(owner).hex(),
                 ttl=None if pttl is None or pttl < 0 else pttl / 1000,

@@ -150,3 +150,46 @@ def test_the_count_lives_beside_the_lock(kind: str, tmp_path: Path, redis_server
         assert 0 < client.ttl(name) <= 86_400
         client.close()
     locks.close_sync()
+
+
+async def test_async_handlers_on_two_redis_backends_share_the_count(redis_server: Server) -> None:
+    """The async path of the Redis count: two backends (as two hosts would have) each run the
+    same guarded async handler; the second call arrives while the first runs, and is dropped
+    once the first completes. On the old code each guard counted alone: both ran."""
+    import asyncio
+
+    from keylock.backends import RedisBackend
+
+    redis_server.flush()
+    queued = asyncio.Event()
+
+    class Signalling(RedisBackend):
+        async def acquire(self, *args: object, **kwargs: object) -> object:  # type: ignore[override]
+            queued.set()
+            return await super().acquire(*args, **kwargs)  # type: ignore[arg-type]
+
+    ran: list[str] = []
+    first_inside = asyncio.Event()
+    finish = asyncio.Event()
+
+    def make(locks: KeyedLock) -> object:
+        @stale_guard(locks, key=lambda who: KEY)
+        async def handle(who: str) -> str:
+            ran.append(who)
+            first_inside.set()
+            await finish.wait()
+            return who
+
+        return handle
+
+    one = KeyedLock(RedisBackend.from_url(redis_server.url))
+    two = KeyedLock(Signalling.from_url(redis_server.url))
+    first = asyncio.create_task(make(one)("one"))  # type: ignore[operator]
+    await asyncio.wait_for(first_inside.wait(), 30)
+    second = asyncio.create_task(make(two)("two"))  # type: ignore[operator]
+    await asyncio.wait_for(queued.wait(), 30)
+    finish.set()
+    assert await asyncio.wait_for(asyncio.gather(first, second), 30) == ["one", SUPERSEDED]
+    assert ran == ["one"]
+    await one.close()
+    await two.close()

@@ -257,11 +257,11 @@ def for_lock(locks: KeyedLock, scope: str) -> Completions:
     if callable(hook):
         store: Completions = hook(scope, _lock_key(locks))
         return store
-    from .backends.file import FileBackend
-
-    if isinstance(backend, FileBackend):
+    # a backend's module is loaded if one of its backends exists: no import for the others
+    file_backends = sys.modules.get("keylock.backends.file")
+    if file_backends is not None and isinstance(backend, file_backends.FileBackend):
         return FileCompletions(backend.directory, scope, _lock_key(locks))
-    redis_backends = sys.modules.get("keylock.backends.redis")  # loaded if one can exist
+    redis_backends = sys.modules.get("keylock.backends.redis")
     if redis_backends is not None and isinstance(backend, redis_backends.RedisBackend):
         return RedisCompletions(backend, scope, _lock_key(locks))
     return LocalCompletions()

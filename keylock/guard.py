@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import functools
 import inspect
-import itertools
 import logging
-import threading
-from collections.abc import Callable
-from typing import TYPE_CHECKING, Final, Literal, ParamSpec, TypeVar
+import math
+from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING, Final, Literal, ParamSpec, TypeVar, cast
 
-from .errors import Superseded
+from ._callables import describe, is_async_callable, refuse_awaitable
+from ._completions import for_lock
+from ._validate import check_key
+from .errors import KeylockError, Superseded
 
 if TYPE_CHECKING:
     from .registry import KeyedLock
@@ -51,68 +53,55 @@ class _SupersededType:
 SUPERSEDED: Final = _SupersededType()
 
 
-class _Completions:
-    """Per key: calls in flight, and the sequence number of the last completed call.
-
-    State for a key exists only while a call for it is in flight: a call arriving later has a
-    higher sequence number than any earlier completion, so forgetting them is safe.
-    """
-
-    def __init__(self) -> None:
-        self._mutex = threading.Lock()
-        self._seq = itertools.count(1)  # guarded by _mutex
-        self._keys: dict[str, list[int]] = {}  # key -> [in flight, last completion]; _mutex
-
-    def arrive(self, key: str) -> int:
-        with self._mutex:
-            state = self._keys.get(key)
-            if state is None:
-                self._keys[key] = [1, 0]
-            else:
-                state[0] += 1
-            return next(self._seq)
-
-    def superseded(self, key: str, arrived: int) -> bool:
-        with self._mutex:
-            return self._keys[key][1] > arrived
-
-    def complete(self, key: str) -> None:
-        """Record a successful call; the caller still holds the key's lock, so the next holder
-        (woken by the release, maybe in another thread) is sure to see it."""
-        with self._mutex:
-            self._keys[key][1] = next(self._seq)
-
-    def leave(self, key: str) -> None:
-        with self._mutex:
-            state = self._keys[key]
-            state[0] -= 1
-            if state[0] == 0:
-                del self._keys[key]
-
-
 def stale_guard(
     locks: KeyedLock,
     *,
     key: KeyFunc,
     snapshot: SnapshotFunc | None = None,
+    expected: SnapshotFunc | None = None,
     on_stale: Literal["return", "raise"] = "return",
     timeout: float | None = None,
     ttl: float | None = None,
 ) -> Callable[[Callable[P, R]], Callable[P, R | _SupersededType]]:
     """Run the handler under *key*'s lock, unless the situation changed while it waited.
 
-    With *snapshot*, it is read at entry and again under the lock; if the two differ the call is
-    dropped. Without it, a call is dropped when another call for the same key completed
-    successfully after this one arrived (a burst of identical failures is handled once; that
-    bookkeeping is per process). A dropped call returns :data:`SUPERSEDED`, or raises
-    :class:`~keylock.Superseded` with ``on_stale="raise"``; each drop is logged on the
-    ``keylock`` logger. Works on sync and async functions (an async *snapshot* may be awaited).
+    Three ways to tell (*snapshot* and *expected* are functions of the call's arguments, sync
+    or async; an async one needs an async handler):
+
+    - ``expected`` and ``snapshot``: the call runs only if the state read under the lock
+      (*snapshot*) equals what the event saw (*expected*), e.g. ``expected=lambda agent,
+      failed: failed, snapshot=lambda agent, failed: current_subscription(agent)``. The form
+      for events that may arrive late: a failure of A reported after the switch to B is
+      dropped.
+    - ``snapshot`` alone: read at entry and again under the lock; the call is dropped if they
+      differ (a burst that arrives together is handled once; a late event is not caught).
+    - neither: a call is dropped when another call of this function for the same key
+      completed successfully after this one arrived. The count of completions lives where the
+      lock does: in this process for MemoryBackend, in the lock directory for FileBackend, in
+      Redis for RedisBackend, so a burst across processes is handled once (see
+      ``keylock._completions``).
+
+    Values are the same when they are the same object (``is``), both NaN floats, or ``==``;
+    a value whose ``==`` raises (or has no truth value) raises TypeError (return a comparable value,
+    e.g. a tuple of fields). An object without ``__eq__`` (a fresh ORM row) is equal only to
+    itself. A dropped call returns :data:`SUPERSEDED`, or raises :class:`~keylock.Superseded`
+    with ``on_stale="raise"``; each drop is logged on the ``keylock`` logger with its key,
+    never with the values compared (they may hold secrets). A handler that returns an
+    awaitable without being recognisably async is refused with TypeError (see
+    :func:`keylock._callables.is_async_callable`).
     """
     if on_stale not in ("return", "raise"):
         raise ValueError(f"on_stale must be 'return' or 'raise', not {on_stale!r}")
     if not callable(key):
         raise TypeError("stale_guard(key=...) takes a function of the call's arguments")
-    completions = _Completions()
+    for name, given in (("snapshot", snapshot), ("expected", expected)):
+        if given is not None and not callable(given):
+            raise TypeError(f"stale_guard({name}=...) takes a function of the call's arguments")
+    if expected is not None and snapshot is None:
+        raise TypeError(
+            "stale_guard(expected=...) needs snapshot=...: the current state, read under the "
+            "lock and compared with what the event expected"
+        )
 
     def dropped(k: str, why: str) -> _SupersededType:
         logger.info("keylock: dropped stale call for %r: %s", k, why)
@@ -124,49 +113,77 @@ def stale_guard(
         return SUPERSEDED
 
     def decorate(fn: Callable[P, R]) -> Callable[P, R | _SupersededType]:
-        if inspect.iscoroutinefunction(fn):
-            afn = fn
+        name = describe(fn)
+        completions = for_lock(locks, name) if snapshot is None else None
+        if is_async_callable(fn):
+            afn = cast("Callable[P, Awaitable[R]]", fn)
 
             @functools.wraps(fn)
             async def aguarded(*args: P.args, **kwargs: P.kwargs) -> object:
-                k = key(*args, **kwargs)
+                k = check_key(key(*args, **kwargs))
                 if snapshot is not None:
-                    before = await _maybe_await(snapshot(*args, **kwargs))
+                    if expected is not None:
+                        before = await _maybe_await(expected(*args, **kwargs))
+                    else:
+                        before = await _maybe_await(snapshot(*args, **kwargs))
                     async with locks(k, timeout=timeout, ttl=ttl):
                         after = await _maybe_await(snapshot(*args, **kwargs))
-                        if after != before:
-                            return dropped(k, f"snapshot changed from {before!r} to {after!r}")
-                        return await afn(*args, **kwargs)
-                arrived = completions.arrive(k)
+                        if not _same(k, before, after):
+                            return dropped(k, _why(expected))
+                        return await _maybe_await(afn(*args, **kwargs))
+                assert completions is not None
+                arrived = await completions.arrive(k)
                 try:
                     async with locks(k, timeout=timeout, ttl=ttl):
-                        if completions.superseded(k, arrived):
-                            return dropped(k, "another call completed after this one arrived")
-                        result = await afn(*args, **kwargs)
-                        completions.complete(k)  # before the release: see complete()
+                        if await completions.completed_since(k, arrived):
+                            return dropped(k, _COMPLETED)
+                        result = await _maybe_await(afn(*args, **kwargs))
+                        try:  # before the release: the next holder must see it
+                            await completions.complete(k)
+                        except KeylockError as exc:
+                            _not_counted(k, exc)
                         return result
                 finally:
                     completions.leave(k)
 
             return aguarded  # type: ignore[return-value]
 
+        for what, given in (("snapshot", snapshot), ("expected", expected)):
+            if given is not None and is_async_callable(given):
+                raise TypeError(
+                    f"stale_guard on the sync function {name}: {what}= is async; give a sync "
+                    "one, or make the handler async def"
+                )
+
+        def read(function: SnapshotFunc, *args: object, **kwargs: object) -> object:
+            value = function(*args, **kwargs)
+            _refuse(function, value)
+            return value
+
         @functools.wraps(fn)
         def guarded(*args: P.args, **kwargs: P.kwargs) -> R | _SupersededType:
-            k = key(*args, **kwargs)
+            k = check_key(key(*args, **kwargs))
             if snapshot is not None:
-                before = snapshot(*args, **kwargs)
+                before = read(snapshot if expected is None else expected, *args, **kwargs)
                 with locks.sync(k, timeout=timeout, ttl=ttl):
-                    after = snapshot(*args, **kwargs)
-                    if after != before:
-                        return dropped(k, f"snapshot changed from {before!r} to {after!r}")
-                    return fn(*args, **kwargs)
-            arrived = completions.arrive(k)
+                    after = read(snapshot, *args, **kwargs)
+                    if not _same(k, before, after):
+                        return dropped(k, _why(expected))
+                    result = fn(*args, **kwargs)
+                    refuse_awaitable(fn, result, "stale_guard")
+                    return result
+            assert completions is not None
+            arrived = completions.arrive_sync(k)
             try:
                 with locks.sync(k, timeout=timeout, ttl=ttl):
-                    if completions.superseded(k, arrived):
-                        return dropped(k, "another call completed after this one arrived")
+                    if completions.completed_since_sync(k, arrived):
+                        return dropped(k, _COMPLETED)
                     result = fn(*args, **kwargs)
-                    completions.complete(k)  # before the release: see complete()
+                    refuse_awaitable(fn, result, "stale_guard")
+                    try:  # before the release: the next holder must see it
+                        completions.complete_sync(k)
+                    except KeylockError as exc:
+                        _not_counted(k, exc)
                     return result
             finally:
                 completions.leave(k)
@@ -174,6 +191,55 @@ def stale_guard(
         return guarded
 
     return decorate
+
+
+_COMPLETED = "another call completed after this one arrived"
+
+
+def _why(expected: SnapshotFunc | None) -> str:
+    if expected is not None:
+        return "the state read under the lock is not what the event expected"
+    return "the snapshot read under the lock differs from the one read at entry"
+
+
+def _same(key: str, before: object, after: object) -> bool:
+    """Whether two snapshots are the same state: ``is``, both NaN, or ``==``."""
+    if before is after:
+        return True
+    if (
+        isinstance(before, float)
+        and isinstance(after, float)
+        and math.isnan(before)
+        and math.isnan(after)
+    ):
+        return True  # a missing metric, read twice: no change
+    try:
+        return bool(before == after)
+    except Exception as exc:
+        raise TypeError(
+            f"stale_guard for {key!r}: snapshot values of types {type(before).__name__} and "
+            f"{type(after).__name__} cannot be compared with == ({type(exc).__name__}); "
+            "return a comparable value, e.g. a tuple of the fields that matter"
+        ) from None
+
+
+def _refuse(function: SnapshotFunc, value: object) -> None:
+    if inspect.isawaitable(value):
+        if inspect.iscoroutine(value):
+            value.close()
+        raise TypeError(
+            f"stale_guard on a sync function: {describe(function)} returned an awaitable; "
+            "give a sync snapshot/expected, or make the handler async def"
+        )
+
+
+def _not_counted(key: str, exc: KeylockError) -> None:
+    logger.warning(
+        "keylock: stale_guard could not count a completed call for %r (%s): a call that "
+        "arrived before it may run too",
+        key,
+        exc,
+    )
 
 
 async def _maybe_await(value: object) -> object:

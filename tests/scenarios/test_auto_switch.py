@@ -223,3 +223,32 @@ def _release_when_queued(locks: KeyedLock, gate: Lease) -> None:
     while locks.statistics(f"agent:{AGENT}").waiting < HANDLERS and time.monotonic() < deadline:
         time.sleep(0.001)
     gate.release_sync()
+
+
+# --------------------------------------------------------------- a late event (issue 11.6)
+
+
+async def test_a_late_failure_is_dropped_with_expected() -> None:
+    """A failure of A reported after the switch to B (an event that arrives late, e.g. from a
+    slow queue). The entry-snapshot form reads B at entry and B under the lock and switches
+    again (B -> C: the cascade the README's pattern still let through); ``expected=`` compares
+    what the event saw (A) with the state under the lock (B) and drops it."""
+    fleet = Fleet()
+    locks = KeyedLock()
+    entry_only = stale_guard(
+        locks, key=agent_key, snapshot=lambda agent_id, failed: fleet.read(agent_id)
+    )(make_handler(fleet))
+    assert await entry_only(AGENT, "A") == "B"
+    assert await entry_only(AGENT, "A") == "C"  # the late event switched a healthy agent
+    fleet = Fleet()
+    handler = stale_guard(
+        locks,
+        key=agent_key,
+        expected=lambda agent_id, failed: failed,
+        snapshot=lambda agent_id, failed: fleet.read(agent_id),
+    )(make_handler(fleet))
+    assert (await burst(handler)).count("B") == 1  # the burst: one switch
+    assert await handler(AGENT, "A") is SUPERSEDED  # the late event: dropped
+    assert fleet.restarts == ["B"]
+    assert await handler(AGENT, "B") == "C"  # B failing is a new failure
+    assert fleet.restarts == ["B", "C"]

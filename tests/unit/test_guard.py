@@ -6,6 +6,7 @@ import asyncio
 import copy
 import inspect
 import logging
+import math
 import pickle
 import threading
 import time
@@ -114,8 +115,9 @@ async def test_snapshot_mode_raise() -> None:
     error = results[1]
     assert isinstance(error, Superseded)
     assert error.key == "agent:9"
-    assert "'A'" in str(error)
-    assert "'B'" in str(error)
+    assert "agent:9" in str(error)
+    assert "'A'" not in str(error)  # values are not shown: they may hold secrets (row 26)
+    assert "'B'" not in str(error)
 
 
 def test_snapshot_mode_on_sync_functions_in_threads() -> None:
@@ -298,4 +300,129 @@ async def test_drops_are_logged_on_the_keylock_logger(caplog: pytest.LogCaptureF
     drops = [r for r in caplog.records if r.name == "keylock" and "dropped" in r.getMessage()]
     assert len(drops) == 1
     assert "agent:5" in drops[0].getMessage()
-    assert "'A'" in drops[0].getMessage()
+    assert "'A'" not in drops[0].getMessage()  # the fact, not the values (row 26)
+
+
+# -------------------------------------------------------------- comparing, secrets (row 26)
+
+
+class _Secret:
+    """A record re-read each time, holding a secret; compares by identity only."""
+
+    def __repr__(self) -> str:
+        return "Subscription(api_key='sk_live_SECRET123')"
+
+
+class _Uncomparable:
+    def __eq__(self, other: object) -> bool:
+        raise RuntimeError("no comparisons")
+
+    __hash__ = object.__hash__
+
+
+def test_snapshots_equal_but_not_equal_to_themselves_do_not_drop_calls() -> None:
+    """Row 26 (adv_40): on the old code (``!=``) a NaN snapshot, or one whose ``__eq__``
+    raises, dropped (or crashed) every call: 0 of 5 ran."""
+    locks = KeyedLock()
+    ran: list[object] = []
+    same = _Uncomparable()
+    nans = iter([float("nan"), float("nan")] * 5)  # distinct NaN objects each read
+    for snapshot in (lambda a: math.nan, lambda a: next(nans), lambda a: same):
+
+        @stale_guard(locks, key=lambda a: f"agent:{a}", snapshot=snapshot)
+        def handle(a: int) -> int:
+            ran.append(a)
+            return a
+
+        assert [handle(n) for n in range(5)] == list(range(5))
+    assert len(ran) == 15
+
+
+def test_snapshots_that_cannot_be_compared_raise_a_clear_type_error() -> None:
+    locks = KeyedLock()
+
+    @stale_guard(locks, key=lambda a: "agent:1", snapshot=lambda a: _Uncomparable())
+    def handle(a: int) -> int:
+        return a
+
+    with pytest.raises(TypeError, match=r"agent:1.*_Uncomparable.*comparable"):
+        handle(1)
+    assert len(locks.backend) == 0  # type: ignore[arg-type]
+
+
+async def test_no_snapshot_value_is_logged_or_put_in_superseded(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Row 26 (adv_40): the old code logged both snapshots' repr at INFO and put them in
+    Superseded's message: the secret was in both."""
+    locks = KeyedLock()
+
+    @stale_guard(locks, key=lambda a: f"sub:{a}", snapshot=lambda a: _Secret(), on_stale="raise")
+    async def switch(a: int) -> None:
+        return None
+
+    with caplog.at_level(logging.DEBUG, logger="keylock"), pytest.raises(Superseded) as info:
+        await switch(1)
+    assert "sk_live_SECRET123" not in str(info.value)
+    assert "sub:1" in str(info.value)
+    assert "sk_live_SECRET123" not in caplog.text
+    assert "sub:1" in caplog.text
+
+
+# ---------------------------------------------------------- expected= (issue 11 point 6)
+
+
+async def test_expected_drops_a_late_event_the_entry_snapshot_lets_through() -> None:
+    """Issue 11 point 6, the README reproducer: a second failure of A arriving after the
+    switch to B. With the entry snapshot alone it snapshots B at entry and B under the lock,
+    and switches B -> C (prints ``B C``); with ``expected=`` it is dropped (``B SUPERSEDED``).
+    ``expected=`` does not exist on the old code (TypeError)."""
+    sub = {"42": "A"}
+    locks = KeyedLock()
+
+    async def cur(a: str) -> str:
+        await asyncio.sleep(0)
+        return sub[a]
+
+    async def on_fail(a: str, f: str) -> str:
+        sub[a] = {"A": "B", "B": "C"}[sub[a]]
+        return sub[a]
+
+    entry_only = stale_guard(locks, key=lambda a, f: f"agent:{a}", snapshot=lambda a, f: cur(a))
+    assert [await entry_only(on_fail)("42", "A"), await entry_only(on_fail)("42", "A")] == [
+        "B",
+        "C",
+    ]  # the old form's blind spot, kept as it is: it compares two reads, not the event
+    sub["42"] = "A"
+    guarded = stale_guard(
+        locks, key=lambda a, f: f"agent:{a}", expected=lambda a, f: f, snapshot=lambda a, f: cur(a)
+    )(on_fail)
+    first, second = await guarded("42", "A"), await guarded("42", "A")
+    assert (first, second) == ("B", SUPERSEDED)
+    assert await guarded("42", "B") == "C"  # B failing now is a real failure: handled
+    # a burst of five, together: one switch
+    sub["42"] = "A"
+    assert (await asyncio.gather(*(guarded("42", "A") for _ in range(5)))).count("B") == 1
+    assert sub["42"] == "B"
+
+
+def test_expected_on_sync_handlers_with_an_async_expected_is_refused() -> None:
+    locks = KeyedLock()
+    state = {"k": "A"}
+
+    @stale_guard(locks, key=lambda f: "k", expected=lambda f: f, snapshot=lambda f: state["k"])
+    def switch(f: str) -> str:
+        state["k"] = "B"
+        return "B"
+
+    assert [switch("A"), switch("A")] == ["B", SUPERSEDED]
+
+    async def aread(f: str) -> str:
+        return state["k"]
+
+    with pytest.raises(TypeError, match="async"):
+        stale_guard(locks, key=lambda f: "k", snapshot=aread)(lambda f: f)
+    with pytest.raises(TypeError, match="snapshot"):
+        stale_guard(locks, key=lambda f: "k", expected=lambda f: f)
+    with pytest.raises(TypeError, match="expected"):
+        stale_guard(locks, key=lambda f: "k", expected="A", snapshot=aread)  # type: ignore[arg-type]

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import functools
-import inspect
 import logging
 import time
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, ParamSpec, TypeVar, overload
 
+from ._callables import is_async_callable, refuse_awaitable
 from ._host import LeaseHost, LostCallback, report
 from ._validate import MAX_KEY_LENGTH, check_key, check_namespace, check_timeout, check_ttl
 from .backends.base import Backend, KeyStatistics
@@ -428,14 +428,6 @@ class _ObservedSync(_Observed, SyncHold):
         return self
 
 
-def is_async_callable(func: object) -> bool:
-    """True for ``async def`` functions, seen through ``functools.partial`` and ``__call__``."""
-    while isinstance(func, functools.partial):
-        func = func.func
-    call = getattr(func, "__call__", None)  # noqa: B004 - an object whose __call__ is async def
-    return inspect.iscoroutinefunction(func) or inspect.iscoroutinefunction(call)
-
-
 def _decorate(
     locks: KeyedLock,
     func: Callable[P, R],
@@ -460,17 +452,8 @@ def _decorate(
     def slocked(*args: P.args, **kwargs: P.kwargs) -> R:
         with locks.sync(key_of(*args, **kwargs), timeout=timeout, ttl=ttl):
             result = func(*args, **kwargs)
-            if inspect.isawaitable(result):
-                # its body would run after the lock is released: refuse, never run it unlocked
-                close = getattr(result, "close", None)
-                if close is not None:
-                    close()
-                name = getattr(func, "__qualname__", repr(func))
-                raise TypeError(
-                    f"@locked: {name} returned an awaitable, so keylock took it for a sync "
-                    "function and its body would run outside the lock; make it 'async def' "
-                    "(or give it an 'async def __call__')"
-                )
+            # an awaitable's body would run after the lock is released: refuse it here
+            refuse_awaitable(func, result, "locked")
             return result
 
     return slocked

@@ -48,7 +48,7 @@ _TOLD = 128  # the holder's hooks (on_lost, observer, cancel) ran or are on thei
 # release needs more than the backend call
 _SLOW_EXIT = _RELEASED | _TRACKED | _PENDING | _SLOW_EXIT_OBSERVED
 _STATE = threading.Lock()
-os.register_at_fork(after_in_child=lambda: globals().__setitem__("_STATE", threading.Lock()))
+os.register_at_fork(after_in_child=_STATE._at_fork_reinit)  # type: ignore[attr-defined]
 
 
 class Lease:

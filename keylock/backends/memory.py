@@ -48,15 +48,11 @@ class MemoryBackend(Backend):
     def __init__(self, *, ttl: float | None = None, clock: Clock | None = None) -> None:
         self.default_ttl = check_backend_ttl(ttl, "MemoryBackend")
         self.clock = clock if clock is not None else SYSTEM_CLOCK
-        self._start()
-        _BACKENDS.add(self)
-
-    def _start(self) -> None:
-        """Fresh per-process state (again in a forked child: the parent's threads, which held
-        its keys and may have held the mutex, do not exist there)."""
+        # (a forked child resets the mutex and forgets the entries: the parent's threads,
+        # which held its keys and may have held the mutex, do not exist there)
         self._mutex = threading.Lock()  # guards _entries, every entry and _last
         self._entries: dict[str, _Entry] = {}  # guarded by _mutex; exactly the held keys
-        self._last = getattr(self, "_last", [0])  # [last token minted], guarded by _mutex
+        self._last = [0]  # [last token minted], guarded by _mutex
         # The uncontended acquire and release, as closures over their state: loads of closure
         # cells beat attribute loads, and this pair is most of the cost of an uncontended lock.
         # (Not when a subclass overrides either: its override must stay in charge.)
@@ -66,6 +62,7 @@ class MemoryBackend(Backend):
             and cls.release_sync is MemoryBackend.release_sync
         ):
             self._try_acquire, self.release_sync = self._fast_paths()  # type: ignore[method-assign,assignment]
+        _BACKENDS.add(self)
 
     def __repr__(self) -> str:
         return f"MemoryBackend(held={len(self._entries)})"
@@ -295,8 +292,10 @@ _BACKENDS: weakref.WeakSet[MemoryBackend] = weakref.WeakSet()
 
 
 def _after_fork_in_child() -> None:
+    # in place: KeyedLock keeps the fast-path closures, which hold this very mutex and dict
     for backend in list(_BACKENDS):
-        backend._start()
+        backend._mutex._at_fork_reinit()  # type: ignore[attr-defined]  # (as threading does)
+        backend._entries.clear()
 
 
 os.register_at_fork(after_in_child=_after_fork_in_child)

@@ -267,6 +267,12 @@ class FileBackend(TieredBackend):
             shared.fds.add(fd)
         return fd
 
+    def _open_inodes(self) -> set[int]:
+        """The inodes of the lock files this process has open (held, waiting or in a try)."""
+        shared = self._shared
+        with shared.mutex:
+            return {os.fstat(fd).st_ino for fd in shared.fds}
+
     def _close(self, fd: int) -> None:
         shared = self._shared
         with shared.mutex:
@@ -468,8 +474,13 @@ class FileBackend(TieredBackend):
         """
         removed = 0
         now = time.time()
+        # Files this process has open are skipped unopened: closing any descriptor of a file
+        # drops every POSIX lock this process has on it, a waiting caller's mark included.
+        ours = self._open_inodes()
         for entry in os.scandir(self._dir_fd):
             if not entry.name.endswith(".lock") or not entry.is_file(follow_symlinks=False):
+                continue
+            if entry.inode() in ours:
                 continue
             try:
                 fd = os.open(

@@ -74,10 +74,14 @@ async def test_a_loss_during_the_block_cancels_it_with_lease_lost() -> None:
     LeaseLost, and on_lost runs on the holder's loop."""
     seen: list[int] = []
     locks = KeyedLock(cancel_on_lost=True, on_lost=lambda _: seen.append(threading.get_ident()))
-    with pytest.raises(LeaseLost):
+
+    async def section() -> None:
         async with locks("k", ttl=30) as lease:
             await asyncio.to_thread(lease._on_lost)
             await asyncio.sleep(5)
+
+    with pytest.raises(LeaseLost):
+        await section()
     assert seen == [threading.get_ident()]
 
 
@@ -106,9 +110,8 @@ async def test_the_wrong_with_fails_at_once_naming_the_right_one() -> None:
     with pytest.raises(TypeError, match=r"async with locks\('k'\)"):
         async with locks.sync("k"):
             pass
-    with pytest.raises(TypeError, match=r"with locks.sync\('k'\)"):
-        with locks("k"):
-            pass
+    with pytest.raises(TypeError, match=r"with locks.sync\('k'\)"), locks("k"):
+        pass
     assert not locks.statistics("k").held
 
 
@@ -116,12 +119,13 @@ def test_a_hand_off_to_a_waiter_whose_loop_closed_passes_the_key_on() -> None:
     """Row 19 (adv_34): the key went to a task whose loop was closed, and stayed held."""
     locks = KeyedLock()
     holder = locks.acquire_sync("job")
+    abandoned: list[object] = []
 
     def abandon_a_waiter() -> None:
         loop = asyncio.new_event_loop()
 
         async def main() -> None:
-            asyncio.ensure_future(locks.acquire("job"))
+            abandoned.append(asyncio.ensure_future(locks.acquire("job")))
             for _ in range(100):  # until it is queued (bounded)
                 if locks.statistics("job").waiting:
                     break

@@ -58,7 +58,8 @@ def test_prune_keeps_the_waiting_mark_of_a_caller_in_this_process(tmp_path: Path
         stdout=subprocess.PIPE,
         text=True,
     )
-    assert holder.stdout is not None and holder.stdin is not None
+    assert holder.stdout is not None
+    assert holder.stdin is not None
     try:
         assert holder.stdout.readline().strip() == "held"
         backend = FileBackend(tmp_path)

@@ -10,15 +10,33 @@ from .contend import Run
 from .harness import Row, Suite, wait_figures
 from .zipf import SEED, zipf_indices
 
-__all__ = ["WORKERS", "ZIPF_KEYS", "ZIPF_WORKERS", "hot_key", "zipf"]
+__all__ = [
+    "HEADLINE_WORKERS",
+    "WORKERS",
+    "ZIPF_KEYS",
+    "ZIPF_WORKERS",
+    "estimate",
+    "hot_key",
+    "zipf",
+]
 
 WORKERS = (1, 2, 4, 8, 16)
+HEADLINE_WORKERS = 4  # the one hot-key workload of a headline run
 ZIPF_KEYS = 1_000
 ZIPF_WORKERS = 8
 _ZIPF_DRAWS = 50_000  # per worker; a worker cycles through its draws if it gets that far
 
 #: subject name -> run(key sequences, seconds); None when the peer is not installed
 Subjects = Sequence[tuple[str, Callable[[Sequence[Sequence[int]], float], Run] | None]]
+
+
+def estimate(
+    subjects: Subjects, seconds: float, repeats: int, *, runs: int = 1, overhead: float = 0.05
+) -> float:
+    """Seconds a contention step should take: each installed subject runs *runs* workloads
+    *repeats* times, each run *seconds* long plus *overhead* (start-up, warm-up, joins)."""
+    present = sum(1 for _, run in subjects if run is not None)
+    return present * runs * repeats * (seconds + overhead)
 
 
 def hot_key(

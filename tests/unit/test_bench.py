@@ -141,7 +141,7 @@ def test_processes_contend_on_the_file_backend(tmp_path: Path) -> None:
 
 
 def test_hot_key_rows_carry_family_workers_waits_and_violations() -> None:
-    suite = Suite(quick=True, progress=False)
+    suite = Suite(mode="quick", progress=False)
     subjects = [("keylock KeyedLock()", inproc._tasks(inproc._keylock_async)), ("gone", None)]
     hot_key(suite, inproc.TASKS, "task", subjects, seconds=0.01, repeats=2, workers=(1, 2))
     assert [(r.workload, r.unit, r.workers, r.runs) for r in suite.rows] == [

@@ -183,7 +183,7 @@ def steps(suite: Suite, stack: ExitStack, *, redis_url: str | None = None) -> li
     found = [
         Step(
             "redis: uncontended sync and async acquire+release",
-            uncontended * (3 if suite.quick else 5) * (0.2 if suite.quick else 0.5),
+            uncontended * (3 if suite.quick else 5) * (0.3 if suite.quick else 0.8),
             lambda: _uncontended(suite, url, run_id, 3 if suite.quick else 5),
         )
     ]

@@ -13,7 +13,7 @@ from ..backends.file import FileBackend
 from .contend import FileWitness, Run, SyncLockFor, Witness, run_processes
 from .harness import Row, Suite
 from .progress import Step
-from .workload import HEADLINE_WORKERS, WORKERS, Subjects, estimate, hot_key, zipf
+from .workload import HEADLINE_WORKERS, Subjects, estimate, hot_key_steps, zipf
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Sequence
@@ -87,29 +87,29 @@ def steps(suite: Suite, stack: ExitStack) -> list[Step]:
         for name, make in SUBJECTS
     ]
     if suite.headline:
-        workers = (HEADLINE_WORKERS,)
         return [
             *found,
-            Step(
-                f"{FAMILY}: hot key, {HEADLINE_WORKERS} processes",
-                estimate(subjects, seconds, repeats, overhead=_OVERHEAD),
-                lambda: hot_key(
-                    suite,
-                    FAMILY,
-                    "process",
-                    subjects,
-                    seconds=seconds,
-                    repeats=repeats,
-                    workers=workers,
-                ),
+            *hot_key_steps(
+                suite,
+                FAMILY,
+                "process",
+                subjects,
+                seconds=seconds,
+                repeats=repeats,
+                workers=(HEADLINE_WORKERS,),
+                overhead=_OVERHEAD,
             ),
         ]
     return [
         *found,
-        Step(
-            f"{FAMILY}: hot key, 1-16 processes",
-            estimate(subjects, seconds, repeats, runs=len(WORKERS), overhead=_OVERHEAD),
-            lambda: hot_key(suite, FAMILY, "process", subjects, seconds=seconds, repeats=repeats),
+        *hot_key_steps(
+            suite,
+            FAMILY,
+            "process",
+            subjects,
+            seconds=seconds,
+            repeats=repeats,
+            overhead=_OVERHEAD,
         ),
         Step(
             f"{FAMILY}: 1,000 Zipf keys",

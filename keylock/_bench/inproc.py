@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING
 from .. import KeyedLock
 from .contend import AsyncLockFor, Run, SyncLockFor, run_tasks, run_threads
 from .progress import Step
-from .workload import HEADLINE_WORKERS, WORKERS, Subjects, estimate, hot_key, zipf
+from .workload import HEADLINE_WORKERS, Subjects, estimate, hot_key_steps, zipf
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Sequence
@@ -101,21 +101,15 @@ def steps(suite: Suite) -> list[Step]:
         ("asyncio-keyed-lock", _tasks(peer) if peer else None),
     ]
     if suite.headline:
-        return [
-            Step(
-                f"{TASKS}: hot key, {HEADLINE_WORKERS} tasks",
-                estimate(tasks, seconds, repeats),
-                lambda: hot_key(
-                    suite,
-                    TASKS,
-                    "task",
-                    tasks,
-                    seconds=seconds,
-                    repeats=repeats,
-                    workers=(HEADLINE_WORKERS,),
-                ),
-            )
-        ]
+        return hot_key_steps(
+            suite,
+            TASKS,
+            "task",
+            tasks,
+            seconds=seconds,
+            repeats=repeats,
+            workers=(HEADLINE_WORKERS,),
+        )
     threads: Subjects = [
         ("threading.Lock (bare, one key)", _threads(_one_threading_lock)),
         ("keylock KeyedLock().sync", _threads(_keylock_sync)),
@@ -129,18 +123,9 @@ def steps(suite: Suite) -> list[Step]:
         ("dict of threading.Lock (never freed)", _threads(_dict_of_threading_locks)),
         ("keylock KeyedLock().sync", _threads(_keylock_sync)),
     ]
-    every = len(WORKERS)
     return [
-        Step(
-            f"{TASKS}: hot key, 1-16 tasks",
-            estimate(tasks, seconds, repeats, runs=every),
-            lambda: hot_key(suite, TASKS, "task", tasks, seconds=seconds, repeats=repeats),
-        ),
-        Step(
-            f"{THREADS}: hot key, 1-16 threads",
-            estimate(threads, seconds, repeats, runs=every),
-            lambda: hot_key(suite, THREADS, "thread", threads, seconds=seconds, repeats=repeats),
-        ),
+        *hot_key_steps(suite, TASKS, "task", tasks, seconds=seconds, repeats=repeats),
+        *hot_key_steps(suite, THREADS, "thread", threads, seconds=seconds, repeats=repeats),
         Step(
             f"{TASKS}: 1,000 Zipf keys",
             estimate(zipf_tasks, seconds, repeats),

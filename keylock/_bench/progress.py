@@ -9,6 +9,7 @@ than an uncontended one; tqdm's rate then corrects the estimates by what this ma
 from __future__ import annotations
 
 import sys
+import threading
 import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol, TextIO
@@ -23,7 +24,10 @@ class _Bar(Protocol):
     """What is used of a ``tqdm`` bar."""
 
     def set_description_str(self, desc: str, refresh: bool = True) -> None: ...
-    def update(self, n: float = 1) -> object: ...
+
+    n: float
+
+    def refresh(self) -> None: ...
     def write(self, s: str, file: TextIO | None = None) -> None: ...
     def close(self) -> None: ...
 
@@ -48,7 +52,12 @@ class Progress:
         self._done = 0.0
         self._index = 0
         self._started = time.monotonic()
+        self._step_started = self._started
+        self._step_estimate = 0.0
         self._bar = self._make_bar() if self._stream.isatty() else None
+        self._stop = threading.Event()
+        if self._bar is not None:  # a step lasts up to a minute: the bar moves meanwhile
+            threading.Thread(target=self._tick, name="keylock-bench-progress", daemon=True).start()
 
     def _make_bar(self) -> _Bar | None:
         try:
@@ -64,8 +73,10 @@ class Progress:
         )
         return bar
 
-    def start(self, label: str) -> None:
+    def start(self, label: str, estimate: float = 0.0) -> None:
         self._index += 1
+        self._step_started = time.monotonic()
+        self._step_estimate = estimate
         if self._bar is not None:
             self._bar.set_description_str(f"[{self._index}/{self._steps}] {label}", refresh=True)
             return
@@ -76,8 +87,21 @@ class Progress:
 
     def finish(self, estimate: float) -> None:
         self._done += estimate
-        if self._bar is not None:
-            self._bar.update(round(estimate, 1))
+        self._step_estimate = 0.0
+        self._draw()
+
+    def _tick(self) -> None:
+        while not self._stop.wait(0.5):
+            self._draw()
+
+    def _draw(self) -> None:
+        """The bar at the steps done plus the running step's time so far (short of its
+        estimate, so a step that overruns waits at the end of its share)."""
+        bar = self._bar
+        if bar is not None:
+            running = min(time.monotonic() - self._step_started, 0.95 * self._step_estimate)
+            bar.n = round(self._done + max(running, 0.0), 1)
+            bar.refresh()
 
     def note(self, message: str) -> None:
         self._line(f"  {message}")
@@ -87,9 +111,10 @@ class Progress:
             self._line(f"  {message}")
 
     def close(self) -> None:
-        if self._bar is not None:
-            self._bar.close()
-            self._bar = None
+        self._stop.set()
+        bar, self._bar = self._bar, None
+        if bar is not None:
+            bar.close()
 
     def _remaining(self, elapsed: float) -> float | None:
         """Seconds left: the estimates still to run, scaled by how this machine compares."""
@@ -113,7 +138,7 @@ def run_steps(steps: Sequence[Step], progress: Progress) -> None:
     """Run *steps* in order, reporting each to *progress* (closed at the end, even on Ctrl-C)."""
     try:
         for step in steps:
-            progress.start(step.label)
+            progress.start(step.label, step.estimate)
             step.run()
             progress.finish(step.estimate)
     finally:

@@ -8,6 +8,7 @@ from collections.abc import Callable, Sequence
 
 from .contend import Run
 from .harness import Row, Suite, wait_figures
+from .progress import Step
 from .zipf import SEED, zipf_indices
 
 __all__ = [
@@ -17,6 +18,7 @@ __all__ = [
     "ZIPF_WORKERS",
     "estimate",
     "hot_key",
+    "hot_key_steps",
     "zipf",
 ]
 
@@ -53,6 +55,30 @@ def hot_key(
     for count in workers:
         workload = f"{family}: hot key, {_plural(count, label)}"
         _interleaved(suite, workload, family, count, subjects, [[0]] * count, seconds, repeats)
+
+
+def hot_key_steps(
+    suite: Suite,
+    family: str,
+    label: str,
+    subjects: Subjects,
+    *,
+    seconds: float,
+    repeats: int,
+    workers: Sequence[int] = WORKERS,
+    overhead: float = 0.05,
+) -> list[Step]:
+    """:func:`hot_key` as one step per worker count (each its own workload and progress line)."""
+    return [
+        Step(
+            f"{family}: hot key, {_plural(count, label)}",
+            estimate(subjects, seconds, repeats, overhead=overhead),
+            lambda count=count: hot_key(  # type: ignore[misc]
+                suite, family, label, subjects, seconds=seconds, repeats=repeats, workers=(count,)
+            ),
+        )
+        for count in workers
+    ]
 
 
 def zipf(

@@ -17,7 +17,7 @@ import pytest
 import redis
 
 from keylock import KeyedLock
-from keylock._bench import file, inproc, memory, plot
+from keylock._bench import file, inproc, memory, plot, workload
 from keylock._bench import redis as redis_suite
 from keylock._bench.contend import FileWitness, ThreadWitness, run_processes, run_tasks
 from keylock._bench.harness import Row, Suite, from_json, render, to_json, verdicts
@@ -311,7 +311,7 @@ def test_bench_on_a_users_server_deletes_every_key_it_made_even_on_ctrl_c(
     client = redis.Redis.from_url(redis_server.url)
     client.set("users:1", "the user's own data")  # no TTL: must survive untouched
     seen: dict[bytes, int] = {}
-    real_hot_key = redis_suite.hot_key
+    real_hot_key = workload.hot_key
 
     def hot_key_then_ctrl_c(*args: Any, **options: Any) -> None:
         real_hot_key(*args, **{**options, "workers": (2,), "repeats": 1, "seconds": 0.05})
@@ -319,7 +319,7 @@ def test_bench_on_a_users_server_deletes_every_key_it_made_even_on_ctrl_c(
             seen[name] = client.ttl(name)
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(redis_suite, "hot_key", hot_key_then_ctrl_c)
+    monkeypatch.setattr(workload, "hot_key", hot_key_then_ctrl_c)
     argv = ["bench", "--quick", "--only", "redis", "--redis-url", redis_server.url]
     assert main(argv) == 130
     assert "keylock: interrupted" in capsys.readouterr().err

@@ -23,6 +23,7 @@ class HeldLock:
     ttl: float | None  # seconds left; None = no expiry
     waiting: int
     holder_pid: int | None = None
+    holder_host: str | None = None
 
 
 def inspect_redis(url: str, *, prefix: str = "keylock") -> Iterator[HeldLock]:
@@ -54,8 +55,11 @@ def inspect_redis(url: str, *, prefix: str = "keylock") -> Iterator[HeldLock]:
         client.close()
 
 
-def force_release_redis(url: str, key: str, *, prefix: str = "keylock") -> bool:
-    """Delete *key*'s lock whoever holds it and wake its waiters; True if it was held."""
+def force_release_redis(
+    url: str, key: str, *, prefix: str = "keylock", owner: bytes | None = None
+) -> bool:
+    """Delete *key*'s lock and wake its waiters; True if it was held. *owner* names the holder
+    the operator was shown (the CLI always passes it)."""
     import redis
 
     from .backends.redis import _tag

@@ -1,35 +1,82 @@
-"""``python -m keylock`` / ``keylock``: ``bench`` runs the contention benchmarks, ``inspect``
-lists held locks (Redis or a lock directory), ``release --force`` breaks one on Redis."""
+"""The ``keylock`` command: run the benchmarks, list held locks, force-release one.
+
+Every ordinary mistake (a server that does not answer, a wrong password, a URL without a
+scheme, a directory that does not exist, no terminal to confirm on) ends in one line on stderr
+that starts with ``keylock:`` and an exit code: 2 for a usage mistake, 1 for a failure at run
+time, 130 for Ctrl-C. Passwords never appear in what it prints. Keys and every string a store
+returns are printed with control characters escaped, so a key cannot drive the terminal.
+"""
 
 from __future__ import annotations
 
 import argparse
-import importlib
 import os
 import sys
-import time
-from typing import TYPE_CHECKING
+import unicodedata
+import urllib.parse
+from typing import TYPE_CHECKING, NoReturn
 
 if TYPE_CHECKING:
-    from collections.abc import Sequence
+    from collections.abc import Iterator, Sequence
 
-    from ._bench.harness import Row
+    from ._inspect import HeldLock
 
-__all__ = ["main"]
+__all__ = ["CliError", "main", "printable", "redact"]
 
-#: Benchmark suites, run in this order; each is a module ``keylock._bench.<name>`` with
-#: ``run(suite, **options)``.
+#: Benchmark suites, run in this order; each is a module ``keylock._bench.<name>``.
 SUITES = ("memory", "file", "redis")
+
+_DESCRIPTION = """\
+keylock command line.
+  bench    keylock against the libraries users would pick instead (progress on stderr)
+  inspect  list held locks on a Redis server or in a FileBackend's lock directory
+  release  force-release one lock on Redis, after showing its holder
+"""
+
+_RELEASE_FORCE_HELP = (
+    "required: breaking a lock is never the default. The holder is shown first and only that "
+    "holder's lease is deleted; the holder keeps running unprotected, so its writes must be "
+    "fenced"
+)
+
+
+class CliError(Exception):
+    """A mistake reported as one line on stderr; ``code`` is the exit status (2 usage, 1 run)."""
+
+    def __init__(self, message: str, *, code: int = 1) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse that reports a usage mistake as one ``keylock:`` line, exit status 2."""
+
+    def error(self, message: str) -> NoReturn:
+        raise CliError(f"{message} (see: {self.prog} --help)", code=2)
+
+
+def _version() -> str:
+    from . import __version__
+
+    return f"keylock {__version__}"
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="keylock", description=__doc__)
-    commands = parser.add_subparsers(dest="command", required=True)
+    parser = _Parser(
+        prog="keylock", description=_DESCRIPTION, formatter_class=argparse.RawTextHelpFormatter
+    )
+    parser.add_argument("--version", action="version", version=_version())
+    commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
     bench = commands.add_parser(
         "bench",
-        help="contention benchmarks: every keylock backend against the peers, in one run",
+        help="contention benchmarks: every keylock backend against the peers",
+        description="By default a headline run of about two minutes: uncontended and one hot "
+        "key for each backend (in-process, file, Redis) against its peers. --full runs every "
+        "workload (about ten minutes).",
     )
-    bench.add_argument("--quick", action="store_true", help="fewer and shorter runs")
+    size = bench.add_mutually_exclusive_group()
+    size.add_argument("--full", action="store_true", help="every workload, full-length runs")
+    size.add_argument("--quick", action="store_true", help="every workload, very short runs")
     bench.add_argument(
         "--only", action="append", choices=SUITES, help="run only this suite (repeatable)"
     )
@@ -49,125 +96,231 @@ def _parser() -> argparse.ArgumentParser:
         metavar="FILE",
         help="render (table, --plot, --readme) from a saved --json run instead of running",
     )
-    bench.add_argument("--redis-url", help="benchmark against this server instead of starting one")
+    bench.add_argument(
+        "--redis-url",
+        help="benchmark on this server instead of starting one; every key the run makes "
+        "carries a unique prefix, expires, and is deleted at the end (even on Ctrl-C)",
+    )
 
     inspect = commands.add_parser("inspect", help="list held locks: holder, token, TTL, waiters")
     where = inspect.add_mutually_exclusive_group(required=True)
-    where.add_argument("--redis-url", help="a RedisBackend's server")
+    where.add_argument("--redis-url", help="a RedisBackend's server, e.g. redis://host:6379/0")
     where.add_argument("--dir", help="a FileBackend's lock directory")
     inspect.add_argument("--prefix", default="keylock", help="RedisBackend prefix")
 
-    release = commands.add_parser("release", help="force-release a lock on Redis")
+    release = commands.add_parser(
+        "release",
+        help="force-release one lock on Redis (shows its holder, asks, releases only it)",
+    )
     release.add_argument("key", help="the key as stored, namespace included (ns:key)")
-    release.add_argument("--force", action="store_true", required=True)
-    release.add_argument("--redis-url", required=True)
-    release.add_argument("--prefix", default="keylock")
-    release.add_argument("--yes", action="store_true", help="do not ask for confirmation")
+    release.add_argument("--force", action="store_true", required=True, help=_RELEASE_FORCE_HELP)
+    release.add_argument("--redis-url", required=True, help="the RedisBackend's server")
+    release.add_argument("--prefix", default="keylock", help="RedisBackend prefix")
+    release.add_argument(
+        "--yes", action="store_true", help="do not ask for confirmation (needed without a terminal)"
+    )
     return parser
+
+
+# ------------------------------------------------------------------------------- output
+
+
+_ESCAPES = {"\\": "\\\\", "\n": "\\n", "\r": "\\r", "\t": "\\t"}
+_UNSAFE = {"Cc", "Cf", "Cs", "Co", "Cn", "Zl", "Zp"}  # controls, format/bidi, line breaks
+
+
+def printable(text: str) -> str:
+    """*text* safe for a terminal: control, format (bidi), surrogate and unassigned characters
+    as backslash escapes, and backslash doubled, so the output maps back to one string."""
+    if text.isprintable() and "\\" not in text:
+        return text
+    out = []
+    for ch in text:
+        if ch in _ESCAPES:
+            out.append(_ESCAPES[ch])
+        elif unicodedata.category(ch) in _UNSAFE:
+            code = ord(ch)
+            out.append(f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}")
+        else:
+            out.append(ch)
+    return "".join(out)
+
+
+def redact(url: str) -> str:
+    """*url* with its password (if any) replaced by ``***``."""
+    try:
+        parts = urllib.parse.urlsplit(url)
+        password = parts.password
+    except ValueError:
+        return "<unparsable URL>"
+    if not password:
+        return url
+    user = parts.username or ""
+    host = parts.netloc.rpartition("@")[2]
+    return urllib.parse.urlunsplit(parts._replace(netloc=f"{user}:***@{host}"))
+
+
+def _scrub(text: str, url: str) -> str:
+    """*text* (an error message) with the password of *url* removed wherever it appears."""
+    try:
+        password = urllib.parse.urlsplit(url).password
+    except ValueError:
+        password = None
+    for secret in {password, urllib.parse.unquote(password or "")} - {None, ""}:
+        text = text.replace(str(secret), "***")
+    return text
+
+
+# -------------------------------------------------------------------------------- Redis
+
+
+def check_redis_url(url: str) -> None:
+    """Raise :class:`CliError` (usage) unless *url* is a Redis URL redis-py can use."""
+    import redis
+
+    scheme = url.partition("://")[0] if "://" in url else ""
+    if scheme not in ("redis", "rediss", "unix"):
+        raise CliError(
+            f"--redis-url {redact(url)!r} needs a scheme: redis://HOST:PORT/DB "
+            "(rediss:// for TLS, unix:///path/to/socket)",
+            code=2,
+        )
+    try:
+        redis.Redis.from_url(url).close()
+    except ValueError as exc:
+        raise CliError(f"--redis-url {redact(url)!r}: {_scrub(str(exc), url)}", code=2) from None
+
+
+def redis_failure(exc: BaseException, url: str) -> CliError:
+    """The one-line report of a redis-py error met while talking to *url*."""
+    import redis
+
+    where = f"the Redis server at {redact(url)}"
+    detail = _scrub(str(exc), url).rstrip(".")
+    if isinstance(exc, redis.AuthenticationError) or "NOAUTH" in detail:
+        if redact(url) == url:  # no password given
+            return CliError(
+                f"{where} needs a password: put it in the URL, redis://:PASSWORD@HOST:PORT/DB "
+                "(or redis://USER:PASSWORD@HOST:PORT/DB)"
+            )
+        return CliError(f"{where} refused the user name or password given ({detail})")
+    if isinstance(exc, redis.ConnectionError | redis.TimeoutError):
+        return CliError(f"cannot reach {where}: {detail}")
+    return CliError(f"{where} answered with an error: {detail}")
+
+
+def _describe(lock: HeldLock) -> str:
+    owner = f"owner {lock.owner}" if lock.owner else "owner ?"
+    seen = [f"host {printable(lock.holder_host)}"] if lock.holder_host else []
+    if lock.holder_pid:
+        seen.append(f"pid {lock.holder_pid}")
+    return printable(owner) + (f" ({', '.join(seen)})" if seen else "")
 
 
 def _inspect(args: argparse.Namespace) -> int:
     from ._inspect import inspect_directory, inspect_redis
 
-    held = list(
-        inspect_redis(args.redis_url, prefix=args.prefix)
-        if args.redis_url
-        else inspect_directory(args.dir)
-    )
+    if args.redis_url:
+        check_redis_url(args.redis_url)
+        found: Iterator[HeldLock] = inspect_redis(args.redis_url, prefix=args.prefix)
+    else:
+        if not os.path.isdir(args.dir):
+            why = "does not exist" if not os.path.exists(args.dir) else "is not a directory"
+            raise CliError(f"--dir {printable(args.dir)!r} {why}", code=2)
+        found = inspect_directory(args.dir)
+    held = _collect(found, args.redis_url)
     print(f"{'key':40} {'token':>18} {'ttl s':>8} {'waiting':>7}  holder")
     for lock in held:
         ttl = "-" if lock.ttl is None else f"{lock.ttl:.1f}"
-        holder = f"pid {lock.holder_pid}" if lock.holder_pid else (lock.owner or "?")
-        print(f"{lock.key:40} {lock.token or '-':>18} {ttl:>8} {lock.waiting:>7}  {holder}")
+        token = "-" if lock.token is None else str(lock.token)
+        print(f"{printable(lock.key):40} {token:>18} {ttl:>8} {lock.waiting:>7}  {_describe(lock)}")
     print(f"{len(held)} held")
     return 0
 
 
-def _release(args: argparse.Namespace) -> int:
-    from ._inspect import force_release_redis
+def _collect(found: Iterator[HeldLock], url: str | None) -> list[HeldLock]:
+    import redis
 
-    if not args.yes:
-        answer = input(
-            f"Force-release {args.key!r}? Its holder keeps running unprotected "
-            "(its writes must be fenced). [y/N] "
+    try:
+        return list(found)
+    except redis.RedisError as exc:
+        raise redis_failure(exc, url or "") from None
+
+
+def _release(args: argparse.Namespace) -> int:
+    import redis
+
+    from ._inspect import force_release_redis, inspect_redis
+
+    check_redis_url(args.redis_url)
+    try:
+        holder = next(
+            (
+                lock
+                for lock in inspect_redis(args.redis_url, prefix=args.prefix)
+                if lock.key == args.key
+            ),
+            None,
         )
+    except redis.RedisError as exc:
+        raise redis_failure(exc, args.redis_url) from None
+    if holder is None or holder.owner is None:
+        print(f"{printable(args.key)!r} is not held")
+        return 1
+    ttl = "no expiry" if holder.ttl is None else f"expires in {holder.ttl:.1f} s"
+    print(f"{printable(args.key)!r} is held: token {holder.token}, {_describe(holder)}, {ttl}")
+    if not args.yes:
+        try:
+            answer = input(
+                "Force-release it from this holder? It keeps running unprotected "
+                "(its writes must be fenced). [y/N] "
+            )
+        except EOFError:
+            raise CliError(
+                "no terminal to confirm on: pass --yes to force-release without asking", code=2
+            ) from None
         if answer.strip().lower() not in ("y", "yes"):
             print("not released")
             return 1
-    released = force_release_redis(args.redis_url, args.key, prefix=args.prefix)
-    print("released" if released else f"{args.key!r} was not held")
-    return 0 if released else 1
-
-
-def _bench(args: argparse.Namespace) -> int:
-    from ._bench import plot
-    from ._bench.harness import Suite, from_json, machine, render, render_verdicts, to_json
-
-    if args.plot and not plot.available():
-        print(plot.MISSING, file=sys.stderr)  # before the run, not after it
-        return 2
-    started = time.monotonic()
-    if args.from_json:
-        with open(args.from_json) as fh:
-            rows, info = from_json(fh.read())
-        quick = info.get("mode") == "quick"
-    else:
-        quick = args.quick
-        suite = Suite(quick=quick)
-        suite.info.update(machine(), mode="quick" if quick else "full")
-        print(
-            "keylock bench on " + ", ".join(f"{k} {v}" for k, v in suite.info.items()),
-            file=sys.stderr,
+    try:
+        released = force_release_redis(
+            args.redis_url, args.key, prefix=args.prefix, owner=bytes.fromhex(holder.owner)
         )
-        for name in args.only or SUITES:
-            print(f"[{name}] {time.monotonic() - started:.0f} s", file=sys.stderr, flush=True)
-            module = importlib.import_module(f"keylock._bench.{name}")
-            module.run(suite, redis_url=args.redis_url) if name == "redis" else module.run(suite)
-        rows, info = suite.rows, suite.info
-        info["seconds"] = f"{time.monotonic() - started:.0f}"
-        print(f"[done] {info['seconds']} s", file=sys.stderr, flush=True)
-    print(f"\n## keylock bench ({'quick' if quick else 'full'})\n")
-    print("Machine: " + ", ".join(f"{k} {v}" for k, v in info.items()) + "\n")
-    print(render(rows))
-    print("\nkeylock against the fastest peer of each workload:\n")
-    print(render_verdicts(rows))
-    if args.json:
-        with open(args.json, "w") as fh:
-            fh.write(to_json(rows, info))
-    if args.plot:
-        plot.write(rows, args.plot, title=_title(info))
-    if args.readme:
-        _rewrite_readme(args.readme, rows, info, args.plot, quick=quick)
-    return 0
+    except redis.RedisError as exc:
+        raise redis_failure(exc, args.redis_url) from None
+    if released:
+        print("released")
+        return 0
+    print(f"not released: {printable(args.key)!r} is no longer held by owner {holder.owner}")
+    return 1
 
 
-def _title(info: dict[str, str]) -> str:
-    facts = ("cpu", "cores", "python", "server", "date")
-    return ", ".join(f"{k} {info[k]}" for k in facts if k in info)
-
-
-def _rewrite_readme(
-    path: str, rows: list[Row], info: dict[str, str], chart: str | None, *, quick: bool
-) -> None:
-    from ._bench.readme import rewrite, section
-
-    if chart is not None:  # as the README links it: relative to the README's directory
-        chart = os.path.relpath(chart, os.path.dirname(os.path.abspath(path)))
-    with open(path) as fh:
-        text = fh.read()
-    with open(path, "w") as fh:
-        fh.write(rewrite(text, section(rows, info, chart=chart, quick=quick)))
+# --------------------------------------------------------------------------------- main
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
-    if args.command == "bench":
-        return _bench(args)
-    if args.command == "inspect":
-        return _inspect(args)
-    if args.command == "release":
-        return _release(args)
-    raise AssertionError(args.command)  # pragma: no cover
+    """Run one command; the exit status (0 ok, 1 failed at run time, 2 usage, 130 Ctrl-C)."""
+    try:
+        args = _parser().parse_args(argv)
+        if args.command == "bench":
+            from ._bench.command import bench
+
+            return bench(args)
+        if args.command == "inspect":
+            return _inspect(args)
+        if args.command == "release":
+            return _release(args)
+        raise AssertionError(args.command)  # pragma: no cover
+    except CliError as exc:
+        print(f"keylock: {exc}", file=sys.stderr)
+        return exc.code
+    except KeyboardInterrupt:
+        print("keylock: interrupted", file=sys.stderr)
+        return 130
+    except OSError as exc:
+        where = f" {printable(exc.filename)!r}" if isinstance(exc.filename, str) else ""
+        print(f"keylock:{where} {exc.strerror or exc}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -12,13 +12,14 @@ from .. import KeyedLock
 from ..backends.file import FileBackend
 from .contend import FileWitness, Run, SyncLockFor, Witness, run_processes
 from .harness import Row, Suite
-from .workload import Subjects, hot_key, zipf
+from .progress import Step
+from .workload import HEADLINE_WORKERS, Subjects, estimate, hot_key_steps, zipf
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Sequence
-    from contextlib import AbstractContextManager
+    from contextlib import AbstractContextManager, ExitStack
 
-__all__ = ["run"]
+__all__ = ["steps"]
 
 FAMILY = "file, processes"
 
@@ -66,12 +67,60 @@ SUBJECTS: list[tuple[str, Callable[[str], SyncLockFor | None]]] = [
 ]
 
 
-def run(suite: Suite) -> None:
-    """Uncontended acquire+release, then 1-16 processes on one key and 8 on 1,000 Zipf keys;
+def steps(suite: Suite, stack: ExitStack) -> list[Step]:
+    """Uncontended acquire+release, then 1-16 processes on one key and 8 on 1,000 Zipf keys
+    (headline: 4 processes on one key), all in one temporary directory that *stack* removes;
     rows go to *suite*."""
-    with tempfile.TemporaryDirectory(prefix="keylock-bench-") as directory:
-        _uncontended(suite, directory, 3 if suite.quick else 7)
-        _contention(suite, directory)
+    directory = stack.enter_context(tempfile.TemporaryDirectory(prefix="keylock-bench-"))
+    repeats = 3 if suite.quick else 7
+    found = [
+        Step(
+            "file: uncontended acquire+release",
+            2 if suite.quick else 6,
+            lambda: _uncontended(suite, directory, repeats),
+        )
+    ]
+    seconds = 0.3 if suite.quick else 1.0
+    repeats = 2 if suite.quick else 3
+    subjects: Subjects = [
+        (name, _processes(name, directory) if make(directory) is not None else None)
+        for name, make in SUBJECTS
+    ]
+    if suite.headline:
+        return [
+            *found,
+            *hot_key_steps(
+                suite,
+                FAMILY,
+                "process",
+                subjects,
+                seconds=seconds,
+                repeats=repeats,
+                workers=(HEADLINE_WORKERS,),
+                overhead=_OVERHEAD,
+            ),
+        ]
+    return [
+        *found,
+        *hot_key_steps(
+            suite,
+            FAMILY,
+            "process",
+            subjects,
+            seconds=seconds,
+            repeats=repeats,
+            overhead=_OVERHEAD,
+        ),
+        Step(
+            f"{FAMILY}: 1,000 Zipf keys",
+            estimate(subjects, seconds, repeats, overhead=_OVERHEAD),
+            lambda: zipf(suite, FAMILY, "process", subjects, seconds=seconds, repeats=repeats),
+        ),
+    ]
+
+
+#: Seconds a run over processes spends outside its clock (fork, warm-up, join).
+_OVERHEAD = 0.3
 
 
 def _uncontended(suite: Suite, directory: str, repeats: int) -> None:
@@ -104,14 +153,3 @@ def _processes(name: str, directory: str) -> Callable[[Sequence[Sequence[int]], 
         return run_processes(make, keys, seconds)
 
     return run
-
-
-def _contention(suite: Suite, directory: str) -> None:
-    seconds = 0.3 if suite.quick else 1.0
-    repeats = 2 if suite.quick else 3
-    subjects: Subjects = [
-        (name, _processes(name, directory) if make(directory) is not None else None)
-        for name, make in SUBJECTS
-    ]
-    hot_key(suite, FAMILY, "process", subjects, seconds=seconds, repeats=repeats)
-    zipf(suite, FAMILY, "process", subjects, seconds=seconds, repeats=repeats)

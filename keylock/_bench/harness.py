@@ -12,12 +12,15 @@ import sys
 import time
 from dataclasses import asdict, dataclass, field, fields
 from importlib import metadata
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Literal
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Sequence
 
+    from .progress import Progress
+
 __all__ = [
+    "Mode",
     "Row",
     "Suite",
     "Verdict",
@@ -131,27 +134,51 @@ def wait_figures(runs: Sequence[Sequence[float]]) -> dict[str, float]:
     return figures
 
 
-class Suite:
-    """Collects rows (and facts about the run in ``info``); prints progress to stderr."""
+#: How much a run measures: ``headline`` (the default) one uncontended and one hot-key
+#: workload per backend, ``full`` every workload, ``quick`` every workload with very short runs.
+Mode = Literal["headline", "full", "quick"]
 
-    def __init__(self, *, quick: bool, progress: bool = True) -> None:
-        self.quick = quick
+
+class Suite:
+    """Collects rows (and facts about the run in ``info``); reports to ``reporter`` when set
+    (the progress display), else to stderr unless *progress* is false."""
+
+    def __init__(self, *, mode: Mode = "headline", progress: bool = True) -> None:
+        self.mode = mode
         self.progress = progress
+        self.reporter: Progress | None = None
         self.rows: list[Row] = []
         self.info: dict[str, str] = {}  # e.g. the Redis server's version, added by its suite
 
+    @property
+    def quick(self) -> bool:
+        """Very short runs (tests, a smoke check)."""
+        return self.mode == "quick"
+
+    @property
+    def headline(self) -> bool:
+        """Only the workloads that answer "keylock against the peers" per backend."""
+        return self.mode == "headline"
+
     def say(self, message: str) -> None:
-        if self.progress:
+        """A line the user must see (a peer skipped, a server started)."""
+        if self.reporter is not None:
+            self.reporter.note(message)
+        elif self.progress:
             print(f"  {message}", file=sys.stderr, flush=True)
 
     def add(self, row: Row) -> Row:
         self.rows.append(row)
         waits = _waits(row.extra)
         waits = f", wait p50/p99/p99.9 {waits}" if waits else ""
-        self.say(
+        line = (
             f"{row.workload} / {row.subject}: {_fmt(row.median)} {row.unit} "
             f"[{_fmt(row.low)}-{_fmt(row.high)}]{waits}"
         )
+        if self.reporter is not None:
+            self.reporter.detail(line)
+        elif self.progress:
+            print(f"  {line}", file=sys.stderr, flush=True)
         return row
 
 

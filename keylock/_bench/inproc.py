@@ -9,7 +9,8 @@ from typing import TYPE_CHECKING
 
 from .. import KeyedLock
 from .contend import AsyncLockFor, Run, SyncLockFor, run_tasks, run_threads
-from .workload import Subjects, hot_key, zipf
+from .progress import Step
+from .workload import HEADLINE_WORKERS, Subjects, estimate, hot_key_steps, zipf
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Sequence
@@ -17,7 +18,7 @@ if TYPE_CHECKING:
 
     from .harness import Suite
 
-__all__ = ["run"]
+__all__ = ["steps"]
 
 TASKS = "in-process, tasks"
 THREADS = "in-process, threads"
@@ -88,8 +89,9 @@ def _asyncio_keyed_lock() -> Callable[[], AsyncLockFor] | None:
     return make
 
 
-def run(suite: Suite) -> None:
-    """Hot key with 1-16 tasks and threads, then 1,000 Zipf keys; rows go to *suite*."""
+def steps(suite: Suite) -> list[Step]:
+    """Hot key with 1-16 tasks and threads, then 1,000 Zipf keys (headline: one hot key, 4
+    tasks); rows go to *suite*."""
     seconds = 0.1 if suite.quick else 0.3
     repeats = 3 if suite.quick else 5
     peer = _asyncio_keyed_lock()
@@ -98,12 +100,20 @@ def run(suite: Suite) -> None:
         ("keylock KeyedLock()", _tasks(_keylock_async)),
         ("asyncio-keyed-lock", _tasks(peer) if peer else None),
     ]
+    if suite.headline:
+        return hot_key_steps(
+            suite,
+            TASKS,
+            "task",
+            tasks,
+            seconds=seconds,
+            repeats=repeats,
+            workers=(HEADLINE_WORKERS,),
+        )
     threads: Subjects = [
         ("threading.Lock (bare, one key)", _threads(_one_threading_lock)),
         ("keylock KeyedLock().sync", _threads(_keylock_sync)),
     ]
-    hot_key(suite, TASKS, "task", tasks, seconds=seconds, repeats=repeats)
-    hot_key(suite, THREADS, "thread", threads, seconds=seconds, repeats=repeats)
     zipf_tasks: Subjects = [
         ("dict of asyncio.Lock (never freed)", _tasks(_dict_of_asyncio_locks)),
         ("keylock KeyedLock()", _tasks(_keylock_async)),
@@ -113,5 +123,17 @@ def run(suite: Suite) -> None:
         ("dict of threading.Lock (never freed)", _threads(_dict_of_threading_locks)),
         ("keylock KeyedLock().sync", _threads(_keylock_sync)),
     ]
-    zipf(suite, TASKS, "task", zipf_tasks, seconds=seconds, repeats=repeats)
-    zipf(suite, THREADS, "thread", zipf_threads, seconds=seconds, repeats=repeats)
+    return [
+        *hot_key_steps(suite, TASKS, "task", tasks, seconds=seconds, repeats=repeats),
+        *hot_key_steps(suite, THREADS, "thread", threads, seconds=seconds, repeats=repeats),
+        Step(
+            f"{TASKS}: 1,000 Zipf keys",
+            estimate(zipf_tasks, seconds, repeats),
+            lambda: zipf(suite, TASKS, "task", zipf_tasks, seconds=seconds, repeats=repeats),
+        ),
+        Step(
+            f"{THREADS}: 1,000 Zipf keys",
+            estimate(zipf_threads, seconds, repeats),
+            lambda: zipf(suite, THREADS, "thread", zipf_threads, seconds=seconds, repeats=repeats),
+        ),
+    ]

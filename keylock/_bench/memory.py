@@ -14,8 +14,9 @@ from contextlib import AbstractAsyncContextManager
 from .. import KeyedLock, SingleFlight
 from . import inproc, observability
 from .harness import Row, Suite, measure
+from .progress import Step
 
-__all__ = ["run"]
+__all__ = ["steps"]
 
 AsyncFactory = Callable[[str], AbstractAsyncContextManager[object]]
 _Do = Callable[[Callable[[], Awaitable[int]]], Awaitable[int]]  # a flight's do(fn)
@@ -30,17 +31,37 @@ def _peer_keyed_lock() -> Callable[[], AsyncFactory] | None:
     return lambda: AsyncioKeyedLock()
 
 
-def run(suite: Suite) -> None:
-    """Every in-process workload (contention in :mod:`.inproc`, the cost of observing in
-    :mod:`.observability`); rows go to *suite*."""
+def steps(suite: Suite) -> list[Step]:
+    """The in-process workloads of *suite*'s mode (contention in :mod:`.inproc`, the cost of
+    observing in :mod:`.observability`); their rows go to *suite*."""
     repeats = 3 if suite.quick else 7
-    _uncontended_async(suite, repeats)
-    _uncontended_sync(suite, repeats)
-    _hot_key(suite, repeats)
-    inproc.run(suite)
-    _distinct_keys(suite, 3 if suite.quick else 5)
-    _single_flight(suite, repeats)
-    observability.run(suite)
+    scale = 0.25 if suite.quick else 1.0  # the estimates: seconds on a 2-core VM
+    found = [
+        Step(
+            "in-process: uncontended async acquire+release",
+            8 * scale,
+            lambda: _uncontended_async(suite, repeats),
+        ),
+        Step(
+            "in-process: uncontended sync acquire+release",
+            4 * scale,
+            lambda: _uncontended_sync(suite, repeats),
+        ),
+    ]
+    if suite.headline:
+        return found + inproc.steps(suite)
+    return [
+        *found,
+        Step("in-process: hot key, 100 tasks", 3 * scale, lambda: _hot_key(suite, repeats)),
+        *inproc.steps(suite),
+        Step(
+            "in-process: 100,000 distinct keys",
+            12 * scale,
+            lambda: _distinct_keys(suite, 3 if suite.quick else 5),
+        ),
+        Step("in-process: single-flight", 6 * scale, lambda: _single_flight(suite, repeats)),
+        Step("in-process: observability", 20 * scale, lambda: observability.run(suite)),
+    ]
 
 
 # ------------------------------------------------------------------ uncontended acquire+release

@@ -8,17 +8,37 @@ from collections.abc import Callable, Sequence
 
 from .contend import Run
 from .harness import Row, Suite, wait_figures
+from .progress import Step
 from .zipf import SEED, zipf_indices
 
-__all__ = ["WORKERS", "ZIPF_KEYS", "ZIPF_WORKERS", "hot_key", "zipf"]
+__all__ = [
+    "HEADLINE_WORKERS",
+    "WORKERS",
+    "ZIPF_KEYS",
+    "ZIPF_WORKERS",
+    "estimate",
+    "hot_key",
+    "hot_key_steps",
+    "zipf",
+]
 
 WORKERS = (1, 2, 4, 8, 16)
+HEADLINE_WORKERS = 4  # the one hot-key workload of a headline run
 ZIPF_KEYS = 1_000
 ZIPF_WORKERS = 8
 _ZIPF_DRAWS = 50_000  # per worker; a worker cycles through its draws if it gets that far
 
 #: subject name -> run(key sequences, seconds); None when the peer is not installed
 Subjects = Sequence[tuple[str, Callable[[Sequence[Sequence[int]], float], Run] | None]]
+
+
+def estimate(
+    subjects: Subjects, seconds: float, repeats: int, *, runs: int = 1, overhead: float = 0.05
+) -> float:
+    """Seconds a contention step should take: each installed subject runs *runs* workloads
+    *repeats* times, each run *seconds* long plus *overhead* (start-up, warm-up, joins)."""
+    present = sum(1 for _, run in subjects if run is not None)
+    return present * runs * repeats * (seconds + overhead)
 
 
 def hot_key(
@@ -35,6 +55,30 @@ def hot_key(
     for count in workers:
         workload = f"{family}: hot key, {_plural(count, label)}"
         _interleaved(suite, workload, family, count, subjects, [[0]] * count, seconds, repeats)
+
+
+def hot_key_steps(
+    suite: Suite,
+    family: str,
+    label: str,
+    subjects: Subjects,
+    *,
+    seconds: float,
+    repeats: int,
+    workers: Sequence[int] = WORKERS,
+    overhead: float = 0.05,
+) -> list[Step]:
+    """:func:`hot_key` as one step per worker count (each its own workload and progress line)."""
+    return [
+        Step(
+            f"{family}: hot key, {_plural(count, label)}",
+            estimate(subjects, seconds, repeats, overhead=overhead),
+            lambda count=count: hot_key(  # type: ignore[misc]
+                suite, family, label, subjects, seconds=seconds, repeats=repeats, workers=(count,)
+            ),
+        )
+        for count in workers
+    ]
 
 
 def zipf(

@@ -6,21 +6,29 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import io
 import math
+import re
 from collections import Counter
 from pathlib import Path
+from typing import Any
 
 import pytest
+import redis
 
 from keylock import KeyedLock
-from keylock._bench import inproc, plot
+from keylock._bench import file, inproc, memory, plot, workload
+from keylock._bench import redis as redis_suite
 from keylock._bench.contend import FileWitness, ThreadWitness, run_processes, run_tasks
 from keylock._bench.harness import Row, Suite, from_json, render, to_json, verdicts
+from keylock._bench.progress import Progress, Step, run_steps
 from keylock._bench.readme import END, START, rewrite
 from keylock._bench.workload import hot_key
 from keylock._bench.zipf import zipf_indices
 from keylock.backends import FileBackend
 from keylock.cli import main
+
+from .._redis_server import Server
 
 
 def _rows() -> list[Row]:
@@ -141,7 +149,7 @@ def test_processes_contend_on_the_file_backend(tmp_path: Path) -> None:
 
 
 def test_hot_key_rows_carry_family_workers_waits_and_violations() -> None:
-    suite = Suite(quick=True, progress=False)
+    suite = Suite(mode="quick", progress=False)
     subjects = [("keylock KeyedLock()", inproc._tasks(inproc._keylock_async)), ("gone", None)]
     hot_key(suite, inproc.TASKS, "task", subjects, seconds=0.01, repeats=2, workers=(1, 2))
     assert [(r.workload, r.unit, r.workers, r.runs) for r in suite.rows] == [
@@ -225,3 +233,102 @@ class _NoLock(contextlib.AbstractAsyncContextManager[object]):
 
     async def __aexit__(self, *exc: object) -> None:
         await asyncio.sleep(0)
+
+
+# ------------------------------------------------------------------------ progress and plans
+
+
+class _Terminal(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+def _steps(seen: list[str]) -> list[Step]:
+    return [Step(f"workload {i}", 1.0 + i, lambda i=i: seen.append(f"ran {i}")) for i in range(3)]
+
+
+def test_progress_without_a_terminal_is_one_line_per_workload_with_an_eta() -> None:
+    """Issue 16 finding 8: a run was silent for up to a minute, with no estimate."""
+    seen: list[str] = []
+    log = io.StringIO()
+    steps = _steps(seen)
+    run_steps(steps, Progress(sum(s.estimate for s in steps), len(steps), stream=log))
+    assert seen == ["ran 0", "ran 1", "ran 2"]
+    lines = log.getvalue().splitlines()
+    assert [line.split(" (")[0] for line in lines] == [
+        "[1/3] workload 0",
+        "[2/3] workload 1",
+        "[3/3] workload 2",
+    ]
+    assert all(" s left)" in line for line in lines)
+
+
+def test_progress_on_a_terminal_is_a_bar_naming_the_workload_and_its_eta() -> None:
+    seen: list[str] = []
+    screen = _Terminal()
+    steps = _steps(seen)
+    progress = Progress(sum(s.estimate for s in steps), len(steps), stream=screen)
+    progress.detail("a figure")  # printed above the bar, not into it
+    run_steps(steps, progress)
+    drawn = screen.getvalue()
+    assert "[3/3] workload 2" in drawn
+    assert "<" in drawn  # elapsed<remaining
+    assert "%|" in drawn  # the bar
+    assert "  a figure\n" in drawn
+
+
+def test_the_default_run_is_one_uncontended_and_one_hot_key_workload_per_backend(
+    redis_server: Server,
+) -> None:
+    """Issue 16 finding 8: the default run measured every workload (8 min 33 s)."""
+    suite = Suite(mode="headline", progress=False)
+    with contextlib.ExitStack() as stack:
+        plan = [
+            *memory.steps(suite),
+            *file.steps(suite, stack),
+            *redis_suite.steps(suite, stack, redis_url=redis_server.url),
+        ]
+    assert [step.label for step in plan] == [
+        "in-process: uncontended async acquire+release",
+        "in-process: uncontended sync acquire+release",
+        "in-process, tasks: hot key, 4 tasks",
+        "file: uncontended acquire+release",
+        "file, processes: hot key, 4 processes",
+        "redis: uncontended sync and async acquire+release",
+        "redis, processes: hot key, 4 processes",
+    ]
+    assert sum(step.estimate for step in plan) < 150
+    full = Suite(mode="full", progress=False)
+    with contextlib.ExitStack() as stack:
+        assert len(memory.steps(full)) + len(file.steps(full, stack)) > 10
+
+
+def test_bench_on_a_users_server_deletes_every_key_it_made_even_on_ctrl_c(
+    redis_server: Server, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Issue 16 finding 8: a run on the user's server left 6,500 keys, 5,674 without a TTL."""
+    redis_server.flush()
+    client = redis.Redis.from_url(redis_server.url)
+    client.set("users:1", "the user's own data")  # no TTL: must survive untouched
+    seen: dict[bytes, int] = {}
+    real_hot_key = workload.hot_key
+
+    def hot_key_then_ctrl_c(*args: Any, **options: Any) -> None:
+        real_hot_key(*args, **{**options, "workers": (2,), "repeats": 1, "seconds": 0.05})
+        for name in client.scan_iter(count=1_000):
+            seen[name] = client.ttl(name)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(workload, "hot_key", hot_key_then_ctrl_c)
+    argv = ["bench", "--quick", "--only", "redis", "--redis-url", redis_server.url]
+    assert main(argv) == 130
+    assert "keylock: interrupted" in capsys.readouterr().err
+    made = {name: ttl for name, ttl in seen.items() if name != b"users:1"}
+    assert len(made) > 10  # locks, fences, witnesses of keylock and of the peers
+    without_ttl = [name for name, ttl in made.items() if ttl < 0]
+    assert without_ttl == []
+    (run_id,) = {re.search(rb"keylock-bench-[0-9a-f]{12}", name)[0] for name in made}  # type: ignore[index]
+    assert all(run_id in name for name in made)
+    assert list(client.scan_iter(count=1_000)) == [b"users:1"]
+    assert client.get("users:1") == b"the user's own data"
+    client.close()

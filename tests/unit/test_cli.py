@@ -2,14 +2,25 @@
 
 from __future__ import annotations
 
-import pytest
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
 
+import pytest
+import redis
+
+import keylock
+import keylock._inspect
 from keylock import KeyedLock, LeaseLost, LockTimeout
 from keylock._inspect import inspect_directory, inspect_redis
 from keylock.backends import FileBackend, RedisBackend
-from keylock.cli import main
+from keylock.cli import main, printable
 
-from .._redis_server import Server
+from .._redis_server import Server, running_server
+
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_inspect_lists_three_held_redis_locks_with_tokens_and_ttls(
@@ -67,3 +78,188 @@ def test_inspect_a_lock_directory(tmp_path: object, capsys: pytest.CaptureFixtur
     assert main(["inspect", "--dir", directory]) == 0
     assert "1 held" in capsys.readouterr().out
     lease.release_sync()
+
+
+# ------------------------------------------------------------- mistakes: one line, no traceback
+
+
+def _keylock(*args: str) -> subprocess.CompletedProcess[str]:
+    """``python -m keylock ARGS`` as from cron: no terminal, nothing on stdin."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    return subprocess.run(
+        [sys.executable, "-m", "keylock", *args],
+        capture_output=True,
+        text=True,
+        stdin=subprocess.DEVNULL,
+        env=env,
+        timeout=60,
+        check=False,
+    )
+
+
+def _one_line(err: str) -> str:
+    assert "Traceback" not in err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1, err
+    assert lines[0].startswith("keylock: ")
+    return lines[0]
+
+
+@pytest.mark.parametrize(
+    ("argv", "code", "says"),
+    [
+        (["inspect", "--redis-url", "redis://127.0.0.1:1/0"], 1, "cannot reach"),
+        (["inspect", "--redis-url", "redis://127.0.0.1:63x79/0"], 2, "63x79"),
+        (["inspect", "--redis-url", "localhost:6379"], 2, "needs a scheme: redis://"),
+        (["inspect", "--dir", "/nonexistent/locks"], 2, "does not exist"),
+        (["release", "--force", "job:7", "--redis-url", "redis://127.0.0.1:1/0"], 1, "reach"),
+        (["bench", "--from-json", "/nonexistent/missing.json"], 2, "no such file"),
+        (["bench", "--redis-url", "redis://127.0.0.1:1/0"], 1, "cannot reach"),
+        (["inspect"], 2, "--redis-url --dir is required"),
+    ],
+)
+def test_an_ordinary_mistake_is_one_line_and_an_exit_code(
+    argv: list[str], code: int, says: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Row 39, issue 16 finding 7: each of these printed a Python traceback (exit 1, or 2 from
+    argparse with a usage block)."""
+    assert main(argv) == code
+    err = capsys.readouterr().err
+    assert says in _one_line(err)
+    assert "keylock bench on" not in err  # a dead --redis-url is found before the run starts
+
+
+def test_wrong_or_missing_password_says_so_and_never_prints_it(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """Issue 16 finding 7: a wrong or missing password printed a traceback."""
+    with running_server() as server:
+        redis.Redis.from_url(server.url).config_set("requirepass", "s3cret-pw")
+        wrong = server.url.replace("redis://", "redis://:w0rng-pw@")
+        assert main(["inspect", "--redis-url", wrong]) == 1
+        line = _one_line(capsys.readouterr().err)
+        assert "refused the user name or password" in line
+        assert "w0rng-pw" not in line
+        assert ":***@" in line
+        assert main(["inspect", "--redis-url", server.url]) == 1
+        assert "needs a password: put it in the URL" in _one_line(capsys.readouterr().err)
+        right = server.url.replace("redis://", "redis://:s3cret-pw@")
+        assert main(["inspect", "--redis-url", right]) == 0
+        out, err = capsys.readouterr()
+        assert "0 held" in out
+        assert "s3cret" not in out + err
+
+
+def test_release_without_a_terminal_refuses_and_names_yes(redis_server: Server) -> None:
+    """Row 39, issue 16 finding 7: without a terminal (cron, CI, ssh -T) the prompt raised
+    EOFError with a traceback; the lock must stay held."""
+    redis_server.flush()
+    locks = KeyedLock(RedisBackend.from_url(redis_server.url))
+    lease = locks.acquire_sync("job:7")
+    done = _keylock("release", "--force", "job:7", "--redis-url", redis_server.url)
+    assert done.returncode == 2
+    assert "pass --yes" in _one_line(done.stderr)
+    assert not lease.lost
+    assert [h.key for h in inspect_redis(redis_server.url)] == ["job:7"]
+    lease.release_sync()
+    locks.close_sync()
+
+
+def test_version_and_help_text(capsys: pytest.CaptureFixture[str]) -> None:
+    """Issue 16 finding 7: no --version, no help for release --force, and the module's reST
+    docstring (double backticks) was the --help description."""
+    with pytest.raises(SystemExit) as exited:
+        main(["--version"])
+    assert exited.value.code == 0
+    assert capsys.readouterr().out.strip() == f"keylock {keylock.__version__}"
+    for argv in (["--help"], ["bench", "--help"], ["inspect", "--help"], ["release", "--help"]):
+        with pytest.raises(SystemExit):
+            main(argv)
+        out = capsys.readouterr().out
+        assert "``" not in out, argv
+    with pytest.raises(SystemExit):
+        main(["release", "--help"])
+    options = capsys.readouterr().out.split("options:", 1)[1]
+    force = options.split("\n  --force", 1)[1].split("\n  --redis-url", 1)[0]
+    assert "only that holder" in " ".join(force.split())
+
+
+# ------------------------------------------------------------------- output: escaped, owners
+
+
+def test_printable_escapes_every_control_character() -> None:
+    assert printable("job:7") == "job:7"
+    assert printable("a\x1b[2Jb\r\n\t\x07\x00\u202e") == "a\\x1b[2Jb\\r\\n\\t\\x07\\x00\\u202e"
+    assert printable("back\\slash") == "back\\\\slash"  # so an escape maps back to one key
+    assert printable("ключ:é") == "ключ:é"
+
+
+def test_inspect_escapes_keys_that_carry_terminal_sequences(
+    redis_server: Server, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Row 23: a key's ESC sequence (here: clear the screen) reached the operator's terminal."""
+    redis_server.flush()
+    evil = "export:\x1b[2J\x1b]0;owned\x07\rreport.csv"
+    locks = KeyedLock(RedisBackend.from_url(redis_server.url))
+    lease = locks.acquire_sync(evil)
+    assert main(["inspect", "--redis-url", redis_server.url]) == 0
+    out = capsys.readouterr().out
+    assert "export:\\x1b[2J\\x1b]0;owned\\x07\\rreport.csv" in out
+    assert "\x1b" not in out
+    assert "\r" not in out
+    assert "\x07" not in out
+    assert main(["release", "--force", "--yes", evil, "--redis-url", redis_server.url]) == 0
+    out = capsys.readouterr().out
+    assert "\x1b" not in out
+    assert "\\x1b[2J" in out
+    with pytest.raises(LeaseLost):
+        lease.release_sync()
+    locks.close_sync()
+
+
+def test_release_force_shows_the_holder_and_releases_only_that_owner(
+    redis_server: Server, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Row 24 (CLI side): the prompt named no holder and the delete compared nothing."""
+    redis_server.flush()
+    locks = KeyedLock(RedisBackend.from_url(redis_server.url), namespace="app")
+    lease = locks.acquire_sync("job:7")
+    calls: list[dict[str, object]] = []
+    real = keylock._inspect.force_release_redis
+
+    def spy(url: str, key: str, **options: Any) -> bool:
+        calls.append({"key": key, **options})
+        return real(url, key, **options)
+
+    monkeypatch.setattr(keylock._inspect, "force_release_redis", spy)
+    monkeypatch.setattr("builtins.input", lambda prompt: "y")
+    assert main(["release", "app:job:7", "--force", "--redis-url", redis_server.url]) == 0
+    out = capsys.readouterr().out
+    shown = out.splitlines()[0]
+    assert f"token {lease.token}" in shown
+    assert f"owner {lease.owner.hex()}" in shown
+    assert calls == [{"key": "app:job:7", "prefix": "keylock", "owner": lease.owner}]
+    assert out.splitlines()[-1] == "released"
+    with pytest.raises(LeaseLost):
+        lease.release_sync()
+    assert main(["release", "app:job:7", "--force", "--redis-url", redis_server.url]) == 1
+    assert "'app:job:7' is not held" in capsys.readouterr().out
+    locks.close_sync()
+
+
+def test_inspect_shows_owner_hex_and_pid(
+    redis_server: Server, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Issue 16 finding 7: the holder column showed a pid or an owner, never both."""
+    redis_server.flush()
+    on_redis = KeyedLock(RedisBackend.from_url(redis_server.url))
+    lease = on_redis.acquire_sync("job:1")
+    assert main(["inspect", "--redis-url", redis_server.url]) == 0
+    assert f"owner {lease.owner.hex()}" in capsys.readouterr().out
+    lease.release_sync()
+    on_redis.close_sync()
+    on_disk = KeyedLock(FileBackend(str(tmp_path)))
+    held = on_disk.acquire_sync("job:2", ttl=60)
+    assert main(["inspect", "--dir", str(tmp_path)]) == 0
+    assert f"owner {held.owner.hex()} (pid {os.getpid()})" in capsys.readouterr().out
+    held.release_sync()

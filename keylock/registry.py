@@ -337,6 +337,8 @@ class SyncHold(_Hold):
         if step is not None and (grant := step(full, owner, ttl, None)) is not None:
             self._state = 0
         else:
+            if timeout != 0 and asyncio._get_running_loop() is not None:
+                _refuse_blocking_the_loop(self.key)
             grant = locks._backend.acquire_sync(full, owner, timeout=timeout, ttl=ttl)
             self._state = 0 if step is None else _QUEUED
         self._granted(grant)
@@ -426,6 +428,16 @@ class _ObservedSync(_Observed, SyncHold):
             raise
         self._acquired(start)
         return self
+
+
+def _refuse_blocking_the_loop(key: str) -> None:
+    """A sync acquire that may wait, on a thread running an event loop, would stop that loop
+    while it waits, and deadlock it when a task of that loop holds the key."""
+    raise RuntimeError(
+        f"keylock: locks.sync({key!r}) would block this thread's running event loop while it "
+        f"waits (and never return if a task on that loop holds {key!r}); in a coroutine use "
+        f"'async with locks({key!r})', or run the sync code in a thread (asyncio.to_thread)"
+    )
 
 
 def _decorate(

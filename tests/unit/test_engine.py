@@ -178,3 +178,19 @@ def test_a_child_forked_while_another_thread_uses_the_lock_can_lock() -> None:
     finally:
         stop.set()
         thread.join()
+
+
+async def test_a_sync_wait_on_a_running_loop_is_refused_at_once() -> None:
+    """Issue 16 finding 3: ``locks.sync(key)`` on a running loop whose task holds the key hung
+    until killed (timeout=None) or raised LockTimeout advising a longer timeout."""
+    locks = KeyedLock()
+    async with locks("k"):
+        with pytest.raises(RuntimeError, match="would block this thread's running event loop"):
+            locks.acquire_sync("k")
+        with pytest.raises(RuntimeError, match=r"async with locks\('k'\)"):
+            locks.acquire_sync("k", timeout=2)
+    # a try, or an uncontended key, never blocks: both still work on the loop
+    locks.acquire_sync("k", timeout=0).release_sync()
+    with locks.sync("other"):
+        pass
+    assert not locks.statistics("k").held

@@ -2,20 +2,18 @@
 
 from __future__ import annotations
 
-import asyncio
 import functools
 import logging
-import time
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, ParamSpec, TypeVar, overload
 
 from ._callables import is_async_callable, refuse_awaitable
-from ._host import LeaseHost, LostCallback, report
-from ._validate import MAX_KEY_LENGTH, check_key, check_namespace, check_timeout, check_ttl
+from ._holds import AsyncHold, SyncHold, _ObservedAsync, _ObservedSync
+from ._host import LeaseHost, LostCallback
+from ._validate import check_key, check_namespace, check_timeout, check_ttl
 from .backends.base import Backend, KeyStatistics
 from .backends.memory import MemoryBackend
-from .errors import LockTimeout
-from .lease import _PENDING, _QUEUED, _SLOW_EXIT_OBSERVED, _TRACKED, Lease, new_owner
+from .lease import _PENDING, Lease
 
 if TYPE_CHECKING:
     from .observe import Observer
@@ -28,6 +26,9 @@ logger = logging.getLogger("keylock")
 
 #: A decorator's key: a fixed string, or a function of the decorated call's arguments.
 KeyFunc = str | Callable[..., str]  # type: ignore[explicit-any]  # any signature
+
+
+_new_hold = object.__new__  # no Python __init__ frame: a hold is made on the hot path
 
 
 class KeyedLock:
@@ -217,227 +218,6 @@ class KeyedLock:
     def close_sync(self) -> None:
         """Blocking twin of :meth:`close`."""
         self._backend.close_sync()
-
-
-_new_hold = object.__new__
-
-
-class _Hold(Lease):
-    """The lease behind ``locks(key)`` / ``locks.sync(key)``: acquired when the block is entered.
-
-    One block per object (as ``asyncio.timeout``): call ``locks(key)`` again for the next one.
-    """
-
-    __slots__ = ("_locks", "_timeout")
-
-    _locks: KeyedLock
-    _timeout: float | None
-
-    def _enter_once(self) -> None:
-        raise RuntimeError(
-            f"keylock: this locks({self.key!r}) block was already entered: "
-            "write a new locks(key) for each block"
-        )
-
-    def _resolve(self) -> tuple[str, bytes, float | None, float | None]:
-        """Check the arguments; return (full key, owner, ttl, timeout) for the backend."""
-        locks = self._locks
-        key = self.key = check_key(self.key)
-        timeout = self._timeout
-        if timeout is not None:
-            timeout = check_timeout(timeout, key)
-        ttl = self.ttl
-        if ttl is not None:
-            ttl = self.ttl = check_ttl(ttl, key)
-        elif locks._default_ttl is not None:
-            ttl = self.ttl = locks._default_ttl
-        full = self._full_key = locks._prefix + key
-        self._owner = new_owner() if locks._needs_owner else b""
-        return full, self._owner, ttl, timeout
-
-
-class AsyncHold(_Hold):
-    """``locks(key)``: for ``async with`` only."""
-
-    __slots__ = ()
-
-    async def __aenter__(self) -> Lease:
-        if self._state is not _PENDING:  # (a small int: identity is equality, and cheaper)
-            self._enter_once()
-        locks = self._locks
-        plain = locks._plain_step
-        key = self.key
-        if (  # (inlined: this is the uncontended hot path)
-            plain is not None
-            and self.ttl is None
-            and self._timeout is None
-            and type(key) is str
-            and 0 < len(key) <= MAX_KEY_LENGTH
-            and "\x00" not in key
-        ):
-            grant = plain(key, b"", None, None)
-            if grant is not None:  # uncontended: nothing else to resolve
-                self._full_key = key
-                self._owner = b""
-                self.token = grant[0]
-                self.expires_at = self._deadline = None
-                self._state = 0
-                return self
-        full, owner, ttl, timeout = self._resolve()
-        step = locks._inline_step
-        # the uncontended path: one step, no extra coroutine
-        if step is not None and (grant := step(full, owner, ttl, None)) is not None:
-            self._state = 0
-        else:
-            grant = await locks._backend.acquire(full, owner, timeout=timeout, ttl=ttl)
-            self._state = 0 if step is None else _QUEUED
-        self._granted(grant)
-        if ttl is not None:
-            self._task = asyncio.current_task()
-            self._state |= _TRACKED
-            locks._backend._track(self)
-        return self
-
-    def __enter__(self) -> Lease:
-        raise TypeError(
-            f"locks({self.key!r}) is for 'async with' in a coroutine; in sync code or a thread "
-            f"use 'with locks.sync({self.key!r})'"
-        )
-
-
-class SyncHold(_Hold):
-    """``locks.sync(key)``: for ``with`` only."""
-
-    __slots__ = ()
-
-    def __enter__(self) -> Lease:
-        if self._state is not _PENDING:  # (a small int: identity is equality, and cheaper)
-            self._enter_once()
-        locks = self._locks
-        plain = locks._plain_step
-        key = self.key
-        if (  # (inlined: this is the uncontended hot path)
-            plain is not None
-            and self.ttl is None
-            and self._timeout is None
-            and type(key) is str
-            and 0 < len(key) <= MAX_KEY_LENGTH
-            and "\x00" not in key
-        ):
-            grant = plain(key, b"", None, None)
-            if grant is not None:  # uncontended: nothing else to resolve
-                self._full_key = key
-                self._owner = b""
-                self.token = grant[0]
-                self.expires_at = self._deadline = None
-                self._state = 0
-                return self
-        full, owner, ttl, timeout = self._resolve()
-        step = locks._inline_step
-        if step is not None and (grant := step(full, owner, ttl, None)) is not None:
-            self._state = 0
-        else:
-            if timeout != 0 and asyncio._get_running_loop() is not None:
-                _refuse_blocking_the_loop(self.key)
-            grant = locks._backend.acquire_sync(full, owner, timeout=timeout, ttl=ttl)
-            self._state = 0 if step is None else _QUEUED
-        self._granted(grant)
-        if ttl is not None:
-            self._state |= _TRACKED
-            locks._backend._track(self)
-        return self
-
-    async def __aenter__(self) -> Lease:
-        raise TypeError(
-            f"locks.sync({self.key!r}) is for 'with' in sync code; in a coroutine use "
-            f"'async with locks({self.key!r})', which waits without blocking the event loop"
-        )
-
-
-class _Observed(_Hold):
-    """Reports to the lock's observer: wait, hold time, timeouts. An observer that raises is
-    logged and ignored: it never costs a grant or a release."""
-
-    __slots__ = ("_since",)
-
-    def _observer(self) -> Observer:
-        observer = self._host.observer
-        assert observer is not None
-        return observer
-
-    def _timed_out(self, start: float) -> None:
-        observer = self._observer()
-        waited = time.perf_counter() - start
-        report(
-            "Observer.timed_out", lambda: observer.timed_out(observer.prefix_of(self.key), waited)
-        )
-
-    def _acquired(self, start: float) -> None:
-        self._since = now = time.perf_counter()
-        self._state |= _SLOW_EXIT_OBSERVED  # route every release through release()
-        contended = None if self._locks._inline_step is None else bool(self._state & _QUEUED)
-        observer = self._observer()
-        report(
-            "Observer.acquired",
-            lambda: observer.acquired(
-                observer.prefix_of(self.key), now - start, contended=contended
-            ),
-        )
-
-    def _released(self) -> None:
-        observer = self._observer()
-        held = time.perf_counter() - self._since
-        report("Observer.released", lambda: observer.released(observer.prefix_of(self.key), held))
-
-    async def release(self) -> None:
-        try:
-            await _Hold.release(self)
-        finally:
-            self._released()
-
-    def release_sync(self) -> None:
-        try:
-            _Hold.release_sync(self)
-        finally:
-            self._released()
-
-
-class _ObservedAsync(_Observed, AsyncHold):
-    __slots__ = ()
-
-    async def __aenter__(self) -> Lease:
-        start = time.perf_counter()
-        try:
-            await AsyncHold.__aenter__(self)
-        except LockTimeout:
-            self._timed_out(start)
-            raise
-        self._acquired(start)
-        return self
-
-
-class _ObservedSync(_Observed, SyncHold):
-    __slots__ = ()
-
-    def __enter__(self) -> Lease:
-        start = time.perf_counter()
-        try:
-            SyncHold.__enter__(self)
-        except LockTimeout:
-            self._timed_out(start)
-            raise
-        self._acquired(start)
-        return self
-
-
-def _refuse_blocking_the_loop(key: str) -> None:
-    """A sync acquire that may wait, on a thread running an event loop, would stop that loop
-    while it waits, and deadlock it when a task of that loop holds the key."""
-    raise RuntimeError(
-        f"keylock: locks.sync({key!r}) would block this thread's running event loop while it "
-        f"waits (and never return if a task on that loop holds {key!r}); in a coroutine use "
-        f"'async with locks({key!r})', or run the sync code in a thread (asyncio.to_thread)"
-    )
 
 
 def _decorate(

@@ -10,7 +10,7 @@ import sys
 import time
 from typing import TYPE_CHECKING
 
-from ..cli import SUITES, CliError, check_redis_url, printable, redis_failure
+from .._console import SUITES, CliError, check_redis_url, printable, redis_failure
 from ..errors import KeylockError
 from . import plot
 from .harness import Mode, Suite, from_json, machine, render, render_verdicts, to_json

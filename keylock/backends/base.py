@@ -186,37 +186,16 @@ class Backend(abc.ABC):
         """
         deadline = Deadline(key, timeout, time.monotonic())
         if timeout == 0:
-            grant = self._try_acquire(key, owner, ttl, None)
-            if grant is None:
-                raise deadline.expired()
-            return grant
+            return self._once(key, owner, ttl, deadline)
         waiter = LoopWaiter(owner, ttl)
         try:
             while True:
-                grant = waiter.grant
-                if grant is None:
-                    waiter.prepare()
-                    grant = waiter.grant or self._try_acquire(key, owner, ttl, waiter)
+                grant, delay = self._round(key, owner, ttl, waiter, deadline)
                 if grant is not None:
-                    if grant is not waiter.grant:  # granted by the step: unregister the waiter
-                        self._withdraw(key, waiter)
                     return grant
-                if waiter.retry_at == math.inf and timeout is None:
-                    await waiter._future  # woken by a hand-off or release: no timer needed
-                    continue
-                try:
-                    delay = deadline.until(waiter.retry_at, time.monotonic())
-                except LockTimeout:
-                    grant = self._withdraw(key, waiter)  # a grant handed over meanwhile counts
-                    if grant is not None:
-                        return grant
-                    raise
                 await waiter.wait(delay)
         except BaseException:
-            grant = self._withdraw(key, waiter)
-            if grant is not None:
-                # a waiter cancelled after the hand-off passes the lock on (as anyio's Lock)
-                self._discard_sync(key, owner, grant)
+            self._give_up(key, owner, waiter)
             raise
 
     def acquire_sync(
@@ -225,31 +204,55 @@ class Backend(abc.ABC):
         """Blocking twin of :meth:`acquire`; an interrupt while waiting leaves nothing behind."""
         deadline = Deadline(key, timeout, time.monotonic())
         if timeout == 0:
-            grant = self._try_acquire(key, owner, ttl, None)
-            if grant is None:
-                raise deadline.expired()
-            return grant
+            return self._once(key, owner, ttl, deadline)
         waiter = ThreadWaiter(owner, ttl)
         try:
             while True:
-                grant = waiter.grant
-                if grant is None:
-                    waiter.prepare()
-                    grant = waiter.grant or self._try_acquire(key, owner, ttl, waiter)
+                grant, delay = self._round(key, owner, ttl, waiter, deadline)
                 if grant is not None:
-                    if grant is not waiter.grant:
-                        self._withdraw(key, waiter)
                     return grant
-                try:
-                    delay = deadline.until(waiter.retry_at, time.monotonic())
-                except LockTimeout:
-                    grant = self._withdraw(key, waiter)
-                    if grant is not None:
-                        return grant
-                    raise
                 waiter.wait(delay)
         except BaseException:
-            grant = self._withdraw(key, waiter)
-            if grant is not None:
-                self._discard_sync(key, owner, grant)
+            self._give_up(key, owner, waiter)
             raise
+
+    # The twins above differ only in how they wait; the decisions are these three.
+
+    def _once(self, key: str, owner: bytes, ttl: float | None, deadline: Deadline) -> Grant:
+        grant = self._try_acquire(key, owner, ttl, None)
+        if grant is None:
+            raise deadline.expired()
+        return grant
+
+    def _round(
+        self,
+        key: str,
+        owner: bytes,
+        ttl: float | None,
+        waiter: LoopWaiter | ThreadWaiter,
+        deadline: Deadline,
+    ) -> tuple[Grant | None, float | None]:
+        """One look: (the grant, None), or (None, how long to wait; None until woken).
+        LockTimeout once the deadline passed, unless a grant was handed over meanwhile."""
+        grant = waiter.grant
+        if grant is None:
+            waiter.prepare()  # before the step, so a wake-up after it is not lost
+            grant = waiter.grant or self._try_acquire(key, owner, ttl, waiter)
+        if grant is not None:
+            if grant is not waiter.grant:  # granted by the step: unregister the waiter
+                self._withdraw(key, waiter)
+            return grant, None
+        try:
+            return None, deadline.until(waiter.retry_at, time.monotonic())
+        except LockTimeout:
+            grant = self._withdraw(key, waiter)  # a grant handed over meanwhile still counts
+            if grant is None:
+                raise
+            return grant, None
+
+    def _give_up(self, key: str, owner: bytes, waiter: Waiter) -> None:
+        """The waiter leaves (timeout, cancel, error): a grant that raced it is passed on to the
+        next waiter (as anyio's Lock does)."""
+        grant = self._withdraw(key, waiter)
+        if grant is not None:
+            self._discard_sync(key, owner, grant)

@@ -16,7 +16,7 @@ from keylock import (
     SingleFlight,
     stale_guard,
 )
-from keylock.registry import AsyncHold, SyncHold, _ObservedAsync, _ObservedSync
+from keylock._holds import AsyncHold, SyncHold, _ObservedAsync, _ObservedSync
 
 
 class _Recorder(Observer):

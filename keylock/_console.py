@@ -1,0 +1,104 @@
+"""What the command line prints: one-line errors, escaped keys, redacted URLs (used by the
+``keylock`` command and by its benchmark runner)."""
+
+from __future__ import annotations
+
+import unicodedata
+import urllib.parse
+
+__all__ = ["SUITES", "CliError", "check_redis_url", "printable", "redact", "redis_failure"]
+
+#: Benchmark suites, run in this order; each is a module ``keylock._bench.<name>``.
+SUITES = ("memory", "file", "redis")
+
+
+class CliError(Exception):
+    """A mistake reported as one line on stderr; ``code`` is the exit status (2 usage, 1 run)."""
+
+    def __init__(self, message: str, *, code: int = 1) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+_ESCAPES = {"\\": "\\\\", "\n": "\\n", "\r": "\\r", "\t": "\\t"}
+_UNSAFE = {"Cc", "Cf", "Cs", "Co", "Cn", "Zl", "Zp"}  # controls, format/bidi, line breaks
+
+
+def printable(text: str) -> str:
+    """*text* safe for a terminal: control, format (bidi), surrogate and unassigned characters
+    as backslash escapes, and backslash doubled, so the output maps back to one string."""
+    if text.isprintable() and "\\" not in text:
+        return text
+    out = []
+    for ch in text:
+        if ch in _ESCAPES:
+            out.append(_ESCAPES[ch])
+        elif unicodedata.category(ch) in _UNSAFE:
+            code = ord(ch)
+            out.append(f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}")
+        else:
+            out.append(ch)
+    return "".join(out)
+
+
+def redact(url: str) -> str:
+    """*url* with its password (if any) replaced by ``***``."""
+    try:
+        parts = urllib.parse.urlsplit(url)
+        password = parts.password
+    except ValueError:
+        return "<unparsable URL>"
+    if not password:
+        return url
+    user = parts.username or ""
+    host = parts.netloc.rpartition("@")[2]
+    return urllib.parse.urlunsplit(parts._replace(netloc=f"{user}:***@{host}"))
+
+
+def _scrub(text: str, url: str) -> str:
+    """*text* (an error message) with the password of *url* removed wherever it appears."""
+    try:
+        password = urllib.parse.urlsplit(url).password
+    except ValueError:
+        password = None
+    for secret in {password, urllib.parse.unquote(password or "")} - {None, ""}:
+        text = text.replace(str(secret), "***")
+    return text
+
+
+# -------------------------------------------------------------------------------- Redis
+
+
+def check_redis_url(url: str) -> None:
+    """Raise :class:`CliError` (usage) unless *url* is a Redis URL redis-py can use."""
+    import redis
+
+    scheme = url.partition("://")[0] if "://" in url else ""
+    if scheme not in ("redis", "rediss", "unix"):
+        raise CliError(
+            f"--redis-url {redact(url)!r} needs a scheme: redis://HOST:PORT/DB "
+            "(rediss:// for TLS, unix:///path/to/socket)",
+            code=2,
+        )
+    try:
+        redis.Redis.from_url(url).close()
+    except ValueError as exc:
+        raise CliError(f"--redis-url {redact(url)!r}: {_scrub(str(exc), url)}", code=2) from None
+
+
+def redis_failure(exc: BaseException, url: str) -> CliError:
+    """The one-line report of a redis-py error met while talking to *url*."""
+    import redis
+
+    where = f"the Redis server at {redact(url)}"
+    detail = _scrub(str(exc), url).rstrip(".")
+    if isinstance(exc, redis.AuthenticationError) or "NOAUTH" in detail:
+        if redact(url) == url:  # no password given
+            return CliError(
+                f"{where} needs a password: put it in the URL, redis://:PASSWORD@HOST:PORT/DB "
+                "(or redis://USER:PASSWORD@HOST:PORT/DB)"
+            )
+        return CliError(f"{where} refused the user name or password given ({detail})")
+    if isinstance(exc, redis.ConnectionError | redis.TimeoutError):
+        return CliError(f"cannot reach {where}: {detail}")
+    return CliError(f"{where} answered with an error: {detail}")

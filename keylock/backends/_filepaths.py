@@ -29,12 +29,15 @@ import os
 import re
 import stat
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING, Literal, TypeVar
 
 from ..errors import BackendUnavailable
 
 if TYPE_CHECKING:
-    from collections.abc import Iterator
+    from collections.abc import Callable, Iterator
+
+_S = TypeVar("_S")
+_T = TypeVar("_T")
 
 __all__ = [
     "MODES",
@@ -102,18 +105,12 @@ def _groups() -> set[int]:
     return {os.getegid(), *os.getgroups()}
 
 
+_KINDS = {stat.S_IFLNK: "a symlink", stat.S_IFDIR: "a directory", stat.S_IFIFO: "a FIFO"}
+_KINDS |= {stat.S_IFSOCK: "a socket", stat.S_IFCHR: "a device", stat.S_IFBLK: "a device"}
+
+
 def _kind(mode: int) -> str:
-    for test, name in (
-        (stat.S_ISLNK, "a symlink"),
-        (stat.S_ISDIR, "a directory"),
-        (stat.S_ISFIFO, "a FIFO"),
-        (stat.S_ISSOCK, "a socket"),
-        (stat.S_ISCHR, "a character device"),
-        (stat.S_ISBLK, "a block device"),
-    ):
-        if test(mode):
-            return name
-    return "a file"
+    return _KINDS.get(stat.S_IFMT(mode), "a file")
 
 
 class LockDirectory:
@@ -174,19 +171,14 @@ class LockDirectory:
         """Open the directory *part* of *parent* (creating it if missing), never a symlink."""
         for _ in range(3):  # a racing creator or remover: try again
             try:
-                return os.open(part, _DIR_FLAGS, dir_fd=parent)
-            except FileNotFoundError:
-                pass
-            except OSError as exc:
-                raise self._refusal(parent, part, where, exc) from exc
-            try:
-                os.mkdir(part, self.dir_mode, dir_fd=parent)
-            except FileExistsError:
-                continue
-            except OSError as exc:
-                raise self._refusal(parent, part, where, exc) from exc
-            try:
-                fd = os.open(part, _DIR_FLAGS, dir_fd=parent)
+                try:
+                    return os.open(part, _DIR_FLAGS, dir_fd=parent)
+                except FileNotFoundError:
+                    try:
+                        os.mkdir(part, self.dir_mode, dir_fd=parent)
+                    except FileExistsError:
+                        continue
+                    fd = os.open(part, _DIR_FLAGS, dir_fd=parent)
             except OSError as exc:
                 raise self._refusal(parent, part, where, exc) from exc
             try:  # exactly the mode asked for, whatever the umask
@@ -194,10 +186,7 @@ class LockDirectory:
             except PermissionError:  # setgid needs membership of the directory's group
                 os.fchmod(fd, self.dir_mode & 0o777)
             return fd
-        raise BackendUnavailable(
-            f"lock directory {self.path!r}: {where!r} keeps appearing and disappearing; "
-            "is another program removing it?"
-        )
+        raise BackendUnavailable(f"lock directory {self.path!r}: {where!r} keeps vanishing")
 
     def _refusal(self, parent: int, part: str, where: str, exc: OSError) -> BackendUnavailable:
         try:
@@ -208,7 +197,7 @@ class LockDirectory:
             return BackendUnavailable(
                 f"lock directory {self.path!r}: {where!r} is a symlink: symlinks are refused "
                 "anywhere in the path so nobody can redirect your lock files; pass the real "
-                "path (os.path.realpath) if you trust the link"
+                f"path ({os.path.realpath(self.path)!r}) if you trust the link"
             )
         if kind is not None and kind != "a directory":
             return BackendUnavailable(
@@ -242,30 +231,21 @@ class LockDirectory:
 
     def _check_directory(self, info: os.stat_result) -> None:
         """Refuse a lock directory that someone else could unlink or rewrite lock files in."""
-        euid = os.geteuid()
-        if self.mode == "group":
-            if info.st_uid != euid and info.st_gid not in _groups():
-                raise BackendUnavailable(
-                    f"lock directory {self.path!r} belongs to uid {info.st_uid} and group "
-                    f"{info.st_gid}, none of this user's: mode='group' shares a directory with "
-                    "its group only; chgrp it to a group of yours, or pass trust_directory=True "
-                    "if you trust its owner"
-                )
-            forbidden = 0o002
-        else:
-            if info.st_uid != euid:
-                raise BackendUnavailable(
-                    f"lock directory {self.path!r} is owned by uid {info.st_uid}, not this user "
-                    f"(uid {euid}): its owner could unlink lock files (two holders of one key) "
-                    "or rewrite tokens; use a directory you own (keylock creates it 0o700), "
-                    "mode='group' to share one with your group, or trust_directory=True if you "
-                    "trust its owner"
-                )
-            forbidden = 0o022
+        euid, group = os.geteuid(), self.mode == "group"
+        if info.st_uid != euid and not (group and info.st_gid in _groups()):
+            whose = f"uid {info.st_uid}, group {info.st_gid}" if group else f"uid {info.st_uid}"
+            raise BackendUnavailable(
+                f"lock directory {self.path!r} is owned by {whose}, not this user (uid {euid})"
+                f"{' nor one of its groups' if group else ''}: its owner could unlink lock files "
+                "(two holders of one key) or rewrite tokens; use a directory you own (keylock "
+                "creates it), mode='group' to share one with your group, or "
+                "trust_directory=True if you trust its owner"
+            )
+        forbidden = 0o002 if group else 0o022
         if info.st_mode & forbidden:
             raise BackendUnavailable(
                 f"lock directory {self.path!r} is writable by "
-                f"{'others' if forbidden == 0o002 else 'its group or others'} "
+                f"{'others' if group else 'its group or others'} "
                 f"(mode {oct(info.st_mode & 0o7777)}): they could unlink lock files (two holders "
                 f"of one key) or rewrite tokens; chmod it to {oct(self.dir_mode)}, or pass "
                 "trust_directory=True if you trust everyone who can write it"
@@ -276,43 +256,27 @@ class LockDirectory:
     def open_file(self, key: str) -> int:
         """*key*'s lock file, opened read-write (created if missing), checked to be a plain
         regular file with one link; BackendUnavailable naming the key and the file if not."""
-        name = file_name(key)
-        flags = os.O_RDWR | _FILE_FLAGS
+        name, flags = file_name(key), os.O_RDWR | _FILE_FLAGS
         for _ in range(3):  # a racing prune() between the two opens: try again
             try:
-                fd = os.open(name, flags, dir_fd=self.fd)
-            except FileNotFoundError:
                 try:
-                    fd = os.open(
-                        name, flags | os.O_CREAT | os.O_EXCL, self.file_mode, dir_fd=self.fd
-                    )
-                except FileExistsError:
-                    continue
-                except OSError as exc:
-                    raise self._file_error(key, exc) from exc
-                try:  # exactly the mode asked for, whatever the umask
-                    os.fchmod(fd, self.file_mode)
-                except BaseException:
-                    os.close(fd)
-                    raise
-                return fd
+                    fd = os.open(name, flags, dir_fd=self.fd)
+                except FileNotFoundError:
+                    try:
+                        fd = os.open(name, flags | os.O_CREAT | os.O_EXCL, 0o600, dir_fd=self.fd)
+                    except FileExistsError:
+                        continue
+                    os.fchmod(fd, self.file_mode)  # exactly the mode asked for, whatever the umask
+                    return fd
             except OSError as exc:
                 raise self._file_error(key, exc) from exc
             self._verify(fd, key, name)
             return fd
-        raise BackendUnavailable(
-            f"the lock file for {key!r} ({name} in {self.path}) keeps appearing and "
-            "disappearing; is another program removing it?",
-            key=key,
-        )
-
-    def open_existing(self, key: str, *, writable: bool = False) -> int | None:
-        """*key*'s lock file if it exists and is a plain regular file with one link, else None
-        (statistics: a planted object is no holder; acquire reports it)."""
-        return self.open_name(file_name(key), writable=writable)
+        raise BackendUnavailable(f"the lock file for {key!r} ({name}) keeps vanishing", key=key)
 
     def open_name(self, name: str, *, writable: bool = False) -> int | None:
-        """The lock file *name* in the directory, as :func:`open_plain`."""
+        """The lock file *name* (e.g. ``file_name(key)``) if it is a plain regular file with one
+        link, else None: a planted object is no holder to statistics or prune; acquire says."""
         return open_plain(self.fd, name, writable=writable)
 
     def lock_names(self) -> Iterator[str]:
@@ -426,32 +390,21 @@ def read_token(fd: int) -> int | None:
 def read_record(fd: int, *, with_key: bool = True) -> Record:
     """The record of the lock file *fd*; never raises on a malformed one (fields become None)."""
     data = os.pread(fd, RECORD_SIZE + (_KEY_AREA_MAX if with_key else 0), 0)
-    fields = data[:RECORD_SIZE].split()
-
-    def field(i: int) -> bytes | None:
-        return fields[i] if len(fields) > i else None
-
-    token, pid, expires, owner = field(0), field(1), field(2), field(3)
-    key = None
-    line = data[RECORD_SIZE:].split(b"\n", 1)
-    if with_key and len(line) == 2:
-        try:
-            decoded = json.loads(line[0])
-        except ValueError:
-            decoded = None
-        key = decoded if isinstance(decoded, str) else None
-    try:
-        expires_at = float(expires) if expires is not None and expires != b"-" else None
-    except ValueError:
-        expires_at = None
-    try:
-        owner_bytes = bytes.fromhex(owner.decode()) if owner is not None else None
-    except ValueError:
-        owner_bytes = None
+    token, pid, expires, owner = (data[:RECORD_SIZE].split() + [b""] * 4)[:4]
+    line, newline, _ = data[RECORD_SIZE:].partition(b"\n")
+    key = _parse(json.loads, line) if newline else None
     return Record(
-        token=int(token) if token is not None and token.isdigit() else None,
-        pid=int(pid) if pid is not None and pid.isdigit() else None,
-        expires_at=expires_at,
-        owner=owner_bytes,
-        key=key,
+        token=int(token) if token.isdigit() else None,
+        pid=int(pid) if pid.isdigit() else None,
+        expires_at=_parse(float, expires),
+        owner=_parse(bytes.fromhex, owner.decode("ascii", "replace")) if owner else None,
+        key=key if isinstance(key, str) else None,
     )
+
+
+def _parse(parse: Callable[[_S], _T], text: _S) -> _T | None:
+    """parse(text), or None if it raises ValueError (a malformed record field)."""
+    try:
+        return parse(text)
+    except ValueError:
+        return None

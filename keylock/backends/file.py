@@ -420,7 +420,7 @@ class FileBackend(Backend):
 
     def _probe(self, key: str) -> tuple[int | None, bytes | None, bool]:
         """(token, owner, held by another process) from the lock file, without waiting."""
-        fd = self._files.open_existing(key)
+        fd = self._files.open_name(file_name(key))
         if fd is None:  # never locked, or pruned
             return None, None, False
         try:

@@ -257,22 +257,18 @@ class LockDirectory:
         """*key*'s lock file, opened read-write (created if missing), checked to be a plain
         regular file with one link; BackendUnavailable naming the key and the file if not."""
         name, flags = file_name(key), os.O_RDWR | _FILE_FLAGS
-        for _ in range(3):  # a racing prune() between the two opens: try again
+        try:
             try:
-                try:
-                    fd = os.open(name, flags, dir_fd=self.fd)
-                except FileNotFoundError:
-                    try:
-                        fd = os.open(name, flags | os.O_CREAT | os.O_EXCL, 0o600, dir_fd=self.fd)
-                    except FileExistsError:
-                        continue
-                    os.fchmod(fd, self.file_mode)  # exactly the mode asked for, whatever the umask
-                    return fd
-            except OSError as exc:
-                raise self._file_error(key, exc) from exc
-            self._verify(fd, key, name)
-            return fd
-        raise BackendUnavailable(f"the lock file for {key!r} ({name}) keeps vanishing", key=key)
+                fd = os.open(name, flags, dir_fd=self.fd)
+            except FileNotFoundError:  # one atomic create-or-open: a racing prune() is harmless
+                fd = os.open(name, flags | os.O_CREAT, self.file_mode, dir_fd=self.fd)
+        except OSError as exc:
+            raise self._file_error(key, exc) from exc
+        info = self._verify(fd, key, name)
+        fresh = info.st_size == 0 and info.st_uid == os.geteuid()  # new: no record yet, ours
+        if fresh and info.st_mode & 0o7777 != self.file_mode:  # exactly it, whatever the umask
+            os.fchmod(fd, self.file_mode)
+        return fd
 
     def open_name(self, name: str, *, writable: bool = False) -> int | None:
         """The lock file *name* (e.g. ``file_name(key)``) if it is a plain regular file with one
@@ -298,10 +294,10 @@ class LockDirectory:
         """Remove the lock file *name* (the caller holds its OS lock)."""
         os.unlink(name, dir_fd=self.fd)
 
-    def _verify(self, fd: int, key: str, name: str) -> None:
+    def _verify(self, fd: int, key: str, name: str) -> os.stat_result:
         info = os.fstat(fd)
         if stat.S_ISREG(info.st_mode) and info.st_nlink <= 1:
-            return
+            return info
         os.close(fd)
         what = (
             f"has {info.st_nlink} hard links (a link to another file)"

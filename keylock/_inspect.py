@@ -13,6 +13,11 @@ if TYPE_CHECKING:
 __all__ = ["HeldLock", "force_release_redis", "inspect_directory", "inspect_redis"]
 
 
+def shown(stored: str) -> str:
+    """A stored key as people write it: ``namespace:key`` (stored with NUL between the two)."""
+    return stored.replace("\x00", ":")
+
+
 @dataclass(frozen=True)
 class HeldLock:
     """One lock as the store shows it."""
@@ -45,7 +50,7 @@ def inspect_redis(url: str, *, prefix: str = "keylock") -> Iterator[HeldLock]:
             if owner is None:
                 continue  # released between SCAN and GET
             yield HeldLock(
-                key=name[len(prefix) + 2 : -1].replace("\x00", ":"),  # namespace:key
+                key=shown(name[len(prefix) + 2 : -1]),
                 token=int(token) if token is not None else None,
                 owner=bytes(owner).hex(),
                 ttl=None if pttl is None or pttl < 0 else pttl / 1000,
@@ -76,34 +81,38 @@ def force_release_redis(
 
 
 def inspect_directory(directory: str) -> Iterator[HeldLock]:
-    """Every lock file in *directory* whose OS lock some process holds now."""
+    """Every lock file in *directory* whose OS lock some process holds now, with its key."""
     import portalocker
 
+    from .backends._filepaths import open_plain, read_record
+
     flags = portalocker.LockFlags.SHARED | portalocker.LockFlags.NON_BLOCKING
-    for entry in sorted(os.scandir(directory), key=lambda e: e.name):
-        if not entry.name.endswith(".lock") or not entry.is_file(follow_symlinks=False):
-            continue
-        try:
-            fd = os.open(entry.path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
-        except OSError:
-            continue
-        try:
+    dir_fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        for entry in sorted(os.scandir(dir_fd), key=lambda e: e.name):
+            if not entry.name.endswith(".lock") or not entry.is_file(follow_symlinks=False):
+                continue
+            fd = open_plain(dir_fd, entry.name)
+            if fd is None:
+                continue
             try:
-                portalocker.lock(fd, flags)
-            except portalocker.AlreadyLocked:
-                fields = os.pread(fd, 128, 0).split()
-                token = int(fields[0]) if fields and fields[0].isdigit() else None
-                pid = int(fields[1]) if len(fields) > 1 and fields[1].isdigit() else None
-                expires = float(fields[2]) if len(fields) > 2 and fields[2] != b"-" else None
-                yield HeldLock(
-                    key=entry.name,
-                    token=token,
-                    owner=fields[3].decode() if len(fields) > 3 else None,
-                    ttl=None if expires is None else max(expires - time.time(), 0.0),
-                    waiting=0,
-                    holder_pid=pid,
-                )
-            else:
-                portalocker.unlock(fd)
-        finally:
-            os.close(fd)
+                try:
+                    portalocker.lock(fd, flags)
+                except portalocker.AlreadyLocked:
+                    record = read_record(fd)
+                    yield HeldLock(
+                        key=entry.name if record.key is None else shown(record.key),
+                        token=record.token,
+                        owner=None if record.owner is None else record.owner.hex(),
+                        ttl=None
+                        if record.expires_at is None
+                        else max(record.expires_at - time.time(), 0.0),
+                        waiting=0,
+                        holder_pid=record.pid,
+                    )
+                else:
+                    portalocker.unlock(fd)
+            finally:
+                os.close(fd)
+    finally:
+        os.close(dir_fd)

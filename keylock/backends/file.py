@@ -1,23 +1,20 @@
 """Leases between processes on one host: one lock file per key, locked with portalocker (flock).
 
-Layout of ``directory`` (created with mode 0o700 if missing): one file per key, named
-``<readable>.<hash>.lock``, where *readable* keeps the key's ``[A-Za-z0-9._-]`` characters (at
-most 64, others become ``_``, leading dots dropped) and *hash* is 16 hex digits of the key's
-SHA-256, so two keys never share a file and no key can name a path outside the directory (no
-``/``, no ``..``, no NUL, bounded length). Each file holds one text record, rewritten by each
-holder under the lock: ``token pid expires_at owner``.
+Layout of ``directory`` (created with mode 0o700 if missing, 0o2770 with ``mode="group"``): one
+file per key, named ``<readable>.<hash>.lock``, where *readable* keeps the key's
+``[A-Za-z0-9._-]`` characters (at most 64, others become ``_``, leading dots dropped) and *hash*
+is 32 hex digits (128 bits) of the key's SHA-256, so two keys never share a file and no key can
+name a path outside the directory (no ``/``, no ``..``, no NUL, bounded length). Each file holds
+one record, rewritten by each holder under the lock: ``token pid expires_at owner``, then the
+key. Paths, modes and the record live in :mod:`keylock.backends._filepaths`.
 """
 
 from __future__ import annotations
 
 import errno
 import fcntl
-import functools
-import hashlib
 import math
 import os
-import re
-import stat
 import threading
 import time
 import weakref
@@ -26,7 +23,15 @@ from typing import TYPE_CHECKING
 import portalocker
 
 from .._validate import check_backend_ttl
-from ..errors import BackendUnavailable
+from ._filepaths import (
+    LockDirectory,
+    Mode,
+    check_directory,
+    file_name,
+    read_record,
+    read_token,
+    write_record,
+)
 from ._tiered import Flow, Held, Step, Tier, TieredBackend
 from .base import Deadline, Grant, KeyStatistics
 
@@ -35,9 +40,8 @@ if TYPE_CHECKING:
 
     from ._waiters import Waiter
 
-__all__ = ["FileBackend"]
+__all__ = ["FileBackend", "file_name"]
 
-_RECORD_SIZE = 128  # bytes of the record at the start of each lock file
 _FIRST_POLL = 0.0005  # seconds before the first retry of a busy OS lock; doubles each time
 _MAX_POLL = 0.002  # the longest wait between retries (another process holds the key)
 # Fairness between processes. A process waiting for a key's OS lock holds a POSIX read lock on
@@ -49,15 +53,6 @@ _MAX_POLL = 0.002  # the longest wait between retries (another process holds the
 _WAITING_BYTE = 1
 _STEP_ASIDE = 0.05
 _LOCK_NB = portalocker.LockFlags.EXCLUSIVE | portalocker.LockFlags.NON_BLOCKING
-_OPEN_FLAGS = os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC
-
-
-@functools.lru_cache(maxsize=4096)
-def file_name(key: str) -> str:
-    """The lock file's name for *key*: readable where possible, always unique and contained."""
-    readable = re.sub(r"[^A-Za-z0-9._-]", "_", key)[:64].lstrip(".") or "key"
-    digest = hashlib.sha256(key.encode("utf-8", "surrogatepass")).hexdigest()[:16]
-    return f"{readable}.{digest}.lock"
 
 
 class _Held(Held):
@@ -165,31 +160,6 @@ def _others_wait(fd: int) -> bool:
     return False
 
 
-def _open_directory(directory: str) -> int:
-    """Open (creating with mode 0o700) the lock directory; refuse a symlink or a read-only one."""
-    try:
-        os.makedirs(directory, mode=0o700, exist_ok=True)
-        fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
-    except OSError as exc:
-        if exc.errno in (errno.ELOOP, errno.ENOTDIR):
-            raise BackendUnavailable(
-                f"lock directory {directory!r} is a symlink or not a directory: "
-                "point FileBackend at a real directory (symlinks are refused so nobody can "
-                "redirect your lock files)"
-            ) from exc
-        raise BackendUnavailable(
-            f"cannot open lock directory {directory!r}: {exc.strerror}; "
-            "create it or pick a directory this user may write"
-        ) from exc
-    if not os.access(directory, os.W_OK | os.X_OK):
-        os.close(fd)
-        raise BackendUnavailable(
-            f"lock directory {directory!r} is not writable by this user: "
-            "fix its permissions or pick another directory"
-        )
-    return fd
-
-
 class FileBackend(TieredBackend):
     """Per-key leases between processes on one host, one lock file per key.
 
@@ -201,9 +171,24 @@ class FileBackend(TieredBackend):
     increasing across processes and across new backends on the same directory, even if a lock
     file is pruned and recreated.
 
+    The directory is opened by a walk from ``/`` that refuses a symlink in any component, and
+    an existing one must be safe to rely on: owned by this user and writable by nobody else
+    (every directory above it owned by root or this user, or sticky like ``/tmp``), else
+    :class:`~keylock.BackendUnavailable`. Whoever can write or rename the lock directory can
+    unlink a held lock file (two holders of one key) or rewrite tokens.
+
+    * ``mode="private"`` (the default): directory 0o700, files 0o600; one OS user.
+    * ``mode="group"``: directory 0o2770 (setgid), files 0o660, exactly, whatever the umask,
+      for OS users sharing the directory's group (cron jobs running as different users). The
+      directory may then belong to another member; it must belong to one of this user's groups
+      and not be writable by others. Every user of the directory needs ``mode="group"``.
+    * ``trust_directory=True``: skip the owner and mode checks of an existing directory (you
+      vouch for everyone who can write it); symlinks, hard links and odd files stay refused.
+
     Lock files are opened with ``O_NOFOLLOW`` and never truncated (filelock's CVE-2025-68146
-    truncated a symlink's target): a symlink planted at a lock path makes acquire fail with
-    :class:`~keylock.BackendUnavailable`, target untouched. Files are kept after release (an
+    truncated a symlink's target): a symlink, a hard link or anything but a regular file
+    planted at a lock path makes acquire fail with :class:`~keylock.BackendUnavailable`,
+    nothing written to it. Files are kept after release (an
     unlink on release lets two processes lock two different inodes, filelock #574); idle ones
     are removed by :meth:`prune`, and every acquire re-checks after locking that its file is
     still the one at the path.
@@ -217,24 +202,38 @@ class FileBackend(TieredBackend):
 
     nonblocking_step = True  # open/flock(LOCK_NB)/pread/pwrite on a local file: microseconds
 
-    def __init__(self, directory: str | os.PathLike[str], *, ttl: float | None = None) -> None:
-        self.directory = os.path.abspath(os.fspath(directory))
+    def __init__(
+        self,
+        directory: str | os.PathLike[str],
+        *,
+        ttl: float | None = None,
+        mode: Mode = "private",
+        trust_directory: bool = False,
+    ) -> None:
+        self.directory = check_directory(directory)
         self.default_ttl = check_backend_ttl(ttl, "FileBackend")
-        self._dir_fd = _open_directory(self.directory)
-        info = os.fstat(self._dir_fd)
+        self._files = LockDirectory(self.directory, mode=mode, trust_directory=trust_directory)
+        info = os.fstat(self._files.fd)
         with _SHARED_MUTEX:
             shared = _SHARED.get((info.st_dev, info.st_ino))
             if shared is None:
                 shared = _SHARED[(info.st_dev, info.st_ino)] = _Shared()
-        self._tier = self._shared = shared
+        self._tier = shared
+
+    @property
+    def _shared(self) -> _Shared:
+        """This process's tier for the directory (one per directory, shared by backends)."""
+        return self._tier  # type: ignore[return-value]
+
+    @_shared.setter
+    def _shared(self, shared: _Shared) -> None:
+        self._tier = shared
 
     def __repr__(self) -> str:
         return f"FileBackend({self.directory!r})"
 
     def close_sync(self) -> None:
-        if self._dir_fd >= 0:
-            os.close(self._dir_fd)
-            self._dir_fd = -1
+        self._files.close()
 
     def __del__(self) -> None:
         try:
@@ -244,26 +243,11 @@ class FileBackend(TieredBackend):
 
     # ---------------------------------------------------------------------------- the OS lock
 
-    def _open(self, key: str) -> int:
-        try:
-            return os.open(file_name(key), _OPEN_FLAGS, 0o600, dir_fd=self._dir_fd)
-        except OSError as exc:
-            if exc.errno == errno.ELOOP:
-                raise BackendUnavailable(
-                    f"lock file for {key!r} ({file_name(key)} in {self.directory}) is a symlink: "
-                    "someone planted it; remove it (its target was not touched)",
-                    key=key,
-                ) from exc
-            raise BackendUnavailable(
-                f"cannot open the lock file for {key!r} in {self.directory}: {exc.strerror}",
-                key=key,
-            ) from exc
-
     def _open_tracked(self, key: str) -> int:
         """Open *key*'s lock file, registered in ``fds`` until :meth:`_close` (see fork)."""
         shared = self._shared
         with shared.mutex:
-            fd = self._open(key)
+            fd = self._files.open_file(key)
             shared.fds.add(fd)
         return fd
 
@@ -293,7 +277,7 @@ class FileBackend(TieredBackend):
                 # holder still has the OS lock: it is ours now (its release will find LeaseLost)
                 held.local_token = local[0]
                 held.owner = owner
-                held.token = token = self._next_token(held.fd, owner, ttl)
+                held.token = token = self._next_token(held.fd, key, owner, ttl)
                 return Grant(token, local[1], local[2])
             fd, marked = shared.waiting.pop(key, (-1, False))
             aside = shared.aside.get(key)
@@ -325,16 +309,11 @@ class FileBackend(TieredBackend):
                 _done_waiting(fd)
             # prune() may have unlinked the file between our open and our lock: then we hold a
             # lock nobody else will ever see (filelock #574's split brain); retry on the new one
-            here = os.fstat(fd)
-            try:
-                there = os.stat(file_name(key), dir_fd=self._dir_fd, follow_symlinks=False)
-            except FileNotFoundError:
-                there = None
-            if there is None or (there.st_ino, there.st_dev) != (here.st_ino, here.st_dev):
+            if not self._files.is_current(key, fd):
                 portalocker.unlock(fd)
                 self._close(fd)
                 return None
-            token = self._next_token(fd, owner, ttl)
+            token = self._next_token(fd, key, owner, ttl)
         except BaseException:
             portalocker.unlock(fd)
             self._close(fd)
@@ -347,10 +326,8 @@ class FileBackend(TieredBackend):
     def _stepping_aside(self, key: str, fd: int, aside: tuple[int, float]) -> bool:
         """True while this process owes another process a turn at *key* (see _STEP_ASIDE)."""
         token_then, until = aside
-        if time.monotonic() < until:
-            record = os.pread(fd, _RECORD_SIZE, 0).split(b" ", 1)[0]
-            if record.isdigit() and int(record) == token_then:  # nobody took a turn yet
-                return True
+        if time.monotonic() < until and read_token(fd) == token_then:  # nobody took a turn yet
+            return True
         with self._shared.mutex:
             self._shared.aside.pop(key, None)
         return False
@@ -373,15 +350,12 @@ class FileBackend(TieredBackend):
             self._close(fd)
 
     @staticmethod
-    def _next_token(fd: int, owner: bytes, ttl: float | None) -> int:
+    def _next_token(fd: int, key: str, owner: bytes, ttl: float | None) -> int:
         """Mint the next token from the lock file's record and write it back. Caller holds the
         OS lock. ``max(last + 1, now in µs)`` keeps tokens rising even over a recreated file."""
-        record = os.pread(fd, _RECORD_SIZE, 0).split(b" ", 1)[0]
-        last = int(record) if record.isdigit() else 0
-        token = max(last + 1, time.time_ns() // 1000)
-        expires = "-" if ttl is None else f"{time.time() + ttl:.6f}"
-        line = f"{token} {os.getpid()} {expires} {owner.hex()}\n".encode()
-        os.pwrite(fd, line.ljust(_RECORD_SIZE), 0)
+        token = max((read_token(fd) or 0) + 1, time.time_ns() // 1000)
+        expires = None if ttl is None else time.time() + ttl
+        write_record(fd, token, os.getpid(), expires, owner, key)
         return token
 
     def _drop_os_lock(self, key: str, held: _Held) -> None:
@@ -443,16 +417,12 @@ class FileBackend(TieredBackend):
 
     def _probe(self, key: str) -> tuple[int | None, bytes | None, bool]:
         """(token, owner, held by another process) from the lock file, without waiting."""
-        try:
-            fd = os.open(
-                file_name(key), os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=self._dir_fd
-            )
-        except OSError:  # no file (never locked, or pruned), or not a regular file
+        fd = self._files.open_name(file_name(key))
+        if fd is None:  # never locked, or pruned
             return None, None, False
         try:
-            fields = os.pread(fd, _RECORD_SIZE, 0).split()
-            token = int(fields[0]) if fields and fields[0].isdigit() else None
-            owner = bytes.fromhex(fields[3].decode()) if len(fields) > 3 else None
+            record = read_record(fd, with_key=False)
+            token, owner = record.token, record.owner
             try:
                 portalocker.lock(
                     fd, portalocker.LockFlags.SHARED | portalocker.LockFlags.NON_BLOCKING
@@ -477,27 +447,24 @@ class FileBackend(TieredBackend):
         # Files this process has open are skipped unopened: closing any descriptor of a file
         # drops every POSIX lock this process has on it, a waiting caller's mark included.
         ours = self._open_inodes()
-        for entry in os.scandir(self._dir_fd):
-            if not entry.name.endswith(".lock") or not entry.is_file(follow_symlinks=False):
-                continue
-            if entry.inode() in ours:
-                continue
+        for name in self._files.lock_names():
             try:
-                fd = os.open(
-                    entry.name, os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=self._dir_fd
-                )
+                if os.stat(name, dir_fd=self._files.fd, follow_symlinks=False).st_ino in ours:
+                    continue
             except OSError:
                 continue
+            fd = self._files.open_name(name, writable=True)
+            if fd is None:  # gone, or not a plain lock file: not ours to remove
+                continue
             try:
-                info = os.fstat(fd)
-                if not stat.S_ISREG(info.st_mode) or now - info.st_mtime < idle_for:
+                if now - os.fstat(fd).st_mtime < idle_for:
                     continue
                 try:
                     portalocker.lock(fd, _LOCK_NB)
                 except portalocker.AlreadyLocked:
                     continue
                 try:
-                    os.unlink(entry.name, dir_fd=self._dir_fd)
+                    self._files.unlink(name)
                     removed += 1
                 finally:
                     portalocker.unlock(fd)

@@ -12,6 +12,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from keylock import MAX_KEY_LENGTH, BackendUnavailable, InvalidKey, KeyedLock, LeaseLost
+from keylock._inspect import inspect_directory
 from keylock._validate import MIN_TTL
 from keylock.backends import FileBackend, RedisBackend
 from keylock.backends.file import file_name
@@ -59,6 +60,32 @@ def test_any_valid_key_maps_to_one_file_inside_the_directory(key: str) -> None:
         assert os.path.dirname(os.path.realpath(os.path.join(directory, file_name(key)))) == (
             os.path.realpath(directory)
         )
+
+
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    keys=st.lists(
+        st.text(alphabet=st.sampled_from(["\x00", "a", "_", ".", "/", "é", "\udcff", "\n"])),
+        min_size=1,
+        max_size=4,
+        unique=True,
+    ).filter(lambda keys: all(keys))
+)
+def test_full_keys_with_nul_map_to_distinct_files_that_name_them(keys: list[str]) -> None:
+    """The registry's full key is ``namespace + "\\0" + key``: the backend must give any such
+    key its own file inside the directory, and inspect must show it (as ``namespace:key``)."""
+    with tempfile.TemporaryDirectory() as root:
+        directory = os.path.join(root, "locks")
+        backend = FileBackend(directory)
+        owner = b"\x01" * 16
+        grants = [(key, backend.acquire_sync(key, owner, timeout=0, ttl=None)) for key in keys]
+        assert sorted(os.listdir(directory)) == sorted(file_name(key) for key in keys)
+        assert os.listdir(root) == ["locks"]
+        shown = sorted(key.replace("\x00", ":") for key in keys)  # as namespace:key
+        assert sorted(lock.key for lock in inspect_directory(directory)) == shown
+        for key, grant in grants:
+            backend.release_sync(key, owner, grant[0])
+        backend.close_sync()
 
 
 NUMBERS = st.one_of(

@@ -35,7 +35,7 @@ def test_hostile_keys_map_to_plain_names_inside_the_directory(key: str, tmp_path
     assert "\\" not in name
     assert "\x00" not in name
     assert not name.startswith(".")
-    assert len(name) <= 64 + 1 + 16 + 5
+    assert len(name) <= 64 + 1 + 32 + 5  # readable part, 128-bit hash, ".lock"
     locks = KeyedLock(FileBackend(tmp_path))
     with locks.sync(key):
         pass

@@ -166,7 +166,9 @@ def test_example_runs(block: Block, tmp_path: Path, request: pytest.FixtureReque
             f"{block.name} connects to Redis: mark it <!-- example: needs redis -->"
         )
     result = _run(code, tmp_path)
-    assert result.returncode == 0 and not result.stderr, (
+    report = (
         f"{block.name} exited {result.returncode}\n--- stdout\n{result.stdout}"
         f"--- stderr\n{result.stderr}"
     )
+    assert result.returncode == 0, report
+    assert not result.stderr, report

@@ -2,7 +2,8 @@
 
 The suites live in ``keylock/_bench/`` so that ``python -m keylock bench`` works from an
 installed wheel; this script saves their output next to it, in ``results/`` (table, JSON and,
-with matplotlib, the chart), and a full run also rewrites the README's generated section.
+with matplotlib, the chart, in ``docs/assets/``), and a full run also rewrites the generated
+section of ``docs/benchmarks.md``.
 """
 
 from __future__ import annotations
@@ -21,9 +22,9 @@ if __name__ == "__main__":
     results.mkdir(exist_ok=True)
     args = ["bench", "--json", str(results / "latest.json"), *sys.argv[1:]]
     if plot.available():
-        args += ["--plot", str(results / "handoffs.png")]
+        args += ["--plot", str(here.parent / "docs" / "assets" / "handoffs.png")]
     if "--quick" not in sys.argv[1:]:  # the committed tables are of a full run
-        args += ["--full", "--readme", str(here.parent / "README.md")]
+        args += ["--full", "--readme", str(here.parent / "docs" / "benchmarks.md")]
     table = io.StringIO()
     with contextlib.redirect_stdout(table):
         code = main(args)

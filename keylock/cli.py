@@ -73,7 +73,7 @@ def _parser() -> argparse.ArgumentParser:
     bench.add_argument(
         "--plot",
         metavar="FILE",
-        help="also draw hand-offs/s against workers as a PNG (pip install 'keylock[plot]')",
+        help="also draw hand-offs/s against workers as a PNG (pip install 'python-keylock[plot]')",
     )
     bench.add_argument(
         "--readme",

@@ -1,6 +1,6 @@
 """OpenTelemetry metrics for keylock: ``KeyedLock(observer=OTelObserver())``.
 
-Needs the optional ``opentelemetry-api`` package (``pip install 'keylock[otel]'``); keylock
+Needs the optional ``opentelemetry-api`` package (``pip install 'python-keylock[otel]'``); keylock
 itself never imports it. Every instrument carries one attribute, ``keylock.prefix`` (the part of
 the key before its first ``:``), so label cardinality stays bounded however many keys there are.
 """
@@ -30,7 +30,7 @@ class OTelObserver(Observer):
             from opentelemetry import metrics
         except ImportError as exc:  # pragma: no cover - exercised only without the extra
             raise ImportError(
-                "keylock.otel needs opentelemetry-api: pip install 'keylock[otel]'"
+                "keylock.otel needs opentelemetry-api: pip install 'python-keylock[otel]'"
             ) from exc
         meter = meter if meter is not None else metrics.get_meter("keylock")
         self._wait = meter.create_histogram(

@@ -36,7 +36,7 @@ __all__ = [
 
 #: Packages whose versions every result states (those not installed are left out).
 PACKAGES = (
-    "keylock",
+    "python-keylock",
     "redis",
     "hiredis",
     "portalocker",

@@ -102,7 +102,7 @@ def _uncontended_async(suite: Suite, repeats: int) -> None:
                 figures[name].append(timed(make)())
     for name, make in subjects:
         if make is None:
-            suite.say(f"{name}: not installed, skipped (pip install 'keylock[bench]')")
+            suite.say(f"{name}: not installed, skipped (pip install 'python-keylock[bench]')")
             continue
         values = figures[name]
         suite.add(

@@ -13,7 +13,7 @@ if TYPE_CHECKING:
 
 __all__ = ["MISSING", "available", "write"]
 
-MISSING = "--plot needs matplotlib: pip install 'keylock[plot]'"
+MISSING = "--plot needs matplotlib: pip install 'python-keylock[plot]'"
 
 
 def available() -> bool:

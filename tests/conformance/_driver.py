@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
+import time
 from collections.abc import Callable
 from typing import TypeVar
 
@@ -75,6 +76,16 @@ class SyncDriver(Driver):
 
     async def extend(self, lease: Lease, ttl: float | None = None) -> None:
         await in_thread(lease.extend_sync, ttl)
+
+
+async def until_waiting(locks: KeyedLock, key: str, count: int = 1, within: float = 10.0) -> None:
+    """Bounded poll until *locks* sees at least *count* callers waiting for *key* (instead of a
+    sleep that "should be long enough" for them to queue)."""
+    deadline = time.monotonic() + within
+    while locks.statistics(key).waiting < count:
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{count} waiter(s) for {key!r} never queued within {within}s")
+        await asyncio.sleep(0.001)
 
 
 def flavours() -> list[object]:

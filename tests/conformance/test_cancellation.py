@@ -13,13 +13,15 @@ import random
 from keylock import KeyedLock
 
 from ..conftest import MakeBackend
+from ._driver import until_waiting
 
 
 async def test_cancelled_waiter_leaves_no_trace(make_backend: MakeBackend) -> None:
     locks = KeyedLock(make_backend())
     holder = await locks.acquire("c")
-    waiter = asyncio.create_task(KeyedLock(make_backend()).acquire("c"))
-    await asyncio.sleep(0.05)
+    other = KeyedLock(make_backend())
+    waiter = asyncio.create_task(other.acquire("c"))
+    await until_waiting(other, "c")
     waiter.cancel()
     await asyncio.gather(waiter, return_exceptions=True)
     assert waiter.cancelled()
@@ -33,8 +35,9 @@ async def test_cancel_racing_the_hand_off_passes_the_lock_on(make_backend: MakeB
     locks = KeyedLock(make_backend())
     for _ in range(5):
         holder = await locks.acquire("race")
-        racer = asyncio.create_task(KeyedLock(make_backend()).acquire("race"))
-        await asyncio.sleep(0.02)
+        other = KeyedLock(make_backend())
+        racer = asyncio.create_task(other.acquire("race"))
+        await until_waiting(other, "race")
         await holder.release()  # hands the key to racer (or lets it win its next step) ...
         racer.cancel()  # ... which is cancelled before it can run
         results = await asyncio.gather(racer, return_exceptions=True)

@@ -8,7 +8,7 @@ import asyncio
 from keylock import KeyedLock, LockTimeout
 
 from ..conftest import MakeBackend
-from ._driver import Driver
+from ._driver import Driver, until_waiting
 
 
 async def test_churned_keys_leave_no_state(make_backend: MakeBackend, driver: Driver) -> None:
@@ -26,15 +26,13 @@ async def test_churned_keys_leave_no_state(make_backend: MakeBackend, driver: Dr
 async def test_timeouts_and_cancellations_leave_no_waiters(make_backend: MakeBackend) -> None:
     locks = KeyedLock(make_backend(), namespace="left")
     holder = await locks.acquire("k")
+    other = KeyedLock(make_backend(), namespace="left")
+    cancelled = [asyncio.create_task(other.acquire("k")) for _ in range(5)]
+    await until_waiting(other, "k", 5)  # queued before they are cancelled
     timed_out = [
         asyncio.create_task(KeyedLock(make_backend(), namespace="left").acquire("k", timeout=0.05))
         for _ in range(5)
     ]
-    cancelled = [
-        asyncio.create_task(KeyedLock(make_backend(), namespace="left").acquire("k"))
-        for _ in range(5)
-    ]
-    await asyncio.sleep(0.02)
     for task in cancelled:
         task.cancel()
     results = await asyncio.gather(*timed_out, *cancelled, return_exceptions=True)

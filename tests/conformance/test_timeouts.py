@@ -10,7 +10,7 @@ import pytest
 from keylock import KeyedLock, LockTimeout
 
 from ..conftest import MakeBackend
-from ._driver import Driver
+from ._driver import Driver, until_waiting
 
 
 async def test_zero_timeout_tries_once(make_backend: MakeBackend, driver: Driver) -> None:
@@ -50,8 +50,9 @@ async def test_waiter_is_granted_when_released_before_deadline(
 ) -> None:
     locks = KeyedLock(make_backend())
     holder = await driver.acquire(locks, "handoff")
-    waiter = asyncio.ensure_future(driver.acquire(KeyedLock(make_backend()), "handoff", timeout=10))
-    await asyncio.sleep(0.05)
+    other = KeyedLock(make_backend())
+    waiter = asyncio.ensure_future(driver.acquire(other, "handoff", timeout=10))
+    await until_waiting(other, "handoff")
     assert not waiter.done()
     await driver.release(holder)
     lease = await waiter
@@ -62,8 +63,9 @@ async def test_waiter_is_granted_when_released_before_deadline(
 async def test_none_waits_until_free(make_backend: MakeBackend, driver: Driver) -> None:
     locks = KeyedLock(make_backend())
     holder = await driver.acquire(locks, "forever")
-    waiter = asyncio.ensure_future(driver.acquire(KeyedLock(make_backend()), "forever"))
-    await asyncio.sleep(0.1)
+    other = KeyedLock(make_backend())
+    waiter = asyncio.ensure_future(driver.acquire(other, "forever"))
+    await until_waiting(other, "forever")
     assert not waiter.done()
     await driver.release(holder)
     lease = await asyncio.wait_for(waiter, 10)

@@ -3,10 +3,11 @@ lock-file cleanup racing acquirers. Real processes (multiprocessing, fork start 
 
 from __future__ import annotations
 
-import itertools
 import multiprocessing
 import os
 import signal
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -14,6 +15,7 @@ import pytest
 
 from keylock import KeyedLock, LeaseLost, LockTimeout
 from keylock.backends import FileBackend
+from keylock.backends.file import file_name
 
 ctx = multiprocessing.get_context("fork")
 
@@ -180,11 +182,10 @@ def _take_turns(directory: str, log: str, rounds: int, name: str, start: object)
             fh.write(name)
 
 
-def test_a_releasing_process_does_not_keep_the_key_from_waiting_ones(tmp_path: Path) -> None:
-    """Three processes acquire one key 200 times each in tight loops. A process that releases
-    while others wait steps aside until one of them had a turn, so no process keeps the key for
-    long. Without that, the releaser took the key straight back while the others slept
-    between polls: runs of hundreds (one process finished all its rounds first)."""
+def test_three_processes_taking_turns_lose_no_turn(tmp_path: Path) -> None:
+    """Three processes acquire one key 200 times each in tight loops: every turn is taken and
+    recorded once. (How evenly they alternate depends on the scheduler: it is a benchmark
+    figure, not an assertion; the step-aside rule itself is checked below.)"""
     log = tmp_path / "log"
     log.write_text("")
     start = ctx.Event()
@@ -198,9 +199,66 @@ def test_a_releasing_process_does_not_keep_the_key_from_waiting_ones(tmp_path: P
     for proc in procs:
         proc.join(120)
         assert proc.exitcode == 0
-    order = log.read_text()
-    assert sorted(order) == sorted("abc" * 200)  # every turn taken, none lost
-    # while all three contend: from when the last one started to when the first one finished
-    both_ends = order[max(order.index(n) for n in "abc") : min(order.rindex(n) for n in "abc")]
-    longest = max((len(list(run)) for _, run in itertools.groupby(both_ends)), default=0)
-    assert longest < 20, f"one process kept the key for {longest} turns in a row"
+    assert sorted(log.read_text()) == sorted("abc" * 200)  # every turn taken, none lost
+
+
+def _wait_for_turn(directory: str, ready: object, done: object) -> None:
+    locks = KeyedLock(FileBackend(directory))
+    ready.set()  # type: ignore[attr-defined]
+    with locks.sync("turn", timeout=60):
+        done.set()  # type: ignore[attr-defined]
+
+
+def test_a_releaser_steps_aside_for_a_waiting_process(tmp_path: Path) -> None:
+    """A process that releases a key while another process is marked as waiting does not take
+    it straight back: its next try fails until the other had a turn or 50 ms passed. This holds
+    under any scheduling (the check allows the 50 ms), where a count of turns in a row does
+    not. Without the step-aside, the releaser's immediate retry wins the OS lock at once."""
+    directory = str(tmp_path / "locks")
+    locks = KeyedLock(FileBackend(directory))
+    path = Path(directory) / file_name("turn")
+    for _ in range(3):
+        holder = locks.acquire_sync("turn")
+        ready, done = ctx.Event(), ctx.Event()
+        waiter = ctx.Process(target=_wait_for_turn, args=(directory, ready, done))
+        waiter.start()
+        try:
+            assert ready.wait(60)
+            deadline = time.monotonic() + 60
+            while not _marked_as_waiting(path):  # bounded poll: the waiter marked itself
+                assert time.monotonic() < deadline, "the waiting process never marked itself"
+            released_at = time.monotonic()
+            holder.release_sync()
+            while True:
+                try:
+                    again = locks.acquire_sync("turn", timeout=0)
+                except LockTimeout:
+                    if done.is_set():
+                        break  # the other process had its turn: the rule held
+                    continue
+                waited = time.monotonic() - released_at
+                assert done.is_set() or waited >= 0.05, (
+                    f"took the key back after {waited * 1000:.1f} ms with a process waiting"
+                )
+                again.release_sync()
+                break
+        finally:
+            waiter.join(60)
+        assert waiter.exitcode == 0
+
+
+def _marked_as_waiting(path: Path) -> bool:
+    """Whether some process holds a waiting mark (a read lock on byte 1) on *path*: asked
+    from a child, since this process's own locks never conflict with each other."""
+    probe = (
+        "import fcntl, os, sys\n"
+        "fd = os.open(sys.argv[1], os.O_RDWR)\n"
+        "try:\n"
+        "    fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB, 1, 1)\n"
+        "except OSError:\n"
+        "    print('marked')\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", probe, str(path)], capture_output=True, text=True, check=True
+    )
+    return out.stdout.strip() == "marked"

@@ -17,10 +17,11 @@ from typing import TYPE_CHECKING, ParamSpec, TypeVar, cast
 from ..errors import LockTimeout
 from ..registry import KeyedLock
 from ..singleflight import SingleFlight
-from .redis import _map_errors
+from .redis._wire import map_errors
 
 if TYPE_CHECKING:
-    from .redis import AsyncClient, RedisBackend, SyncClient
+    from .redis import RedisBackend
+    from .redis._clients import AsyncClient, SyncClient
 
 P = ParamSpec("P")
 R = TypeVar("R")
@@ -55,7 +56,7 @@ class RemoteFlights:
         self._dumps, self._loads = serializer
 
     def _result_key(self, key: str, token: int) -> str:
-        return f"{self._backend.prefix}:{{flight:{key}}}:result:{token}"
+        return self._backend.layout.flight_result(key, token)
 
     def _encode(self, outcome: object, error: BaseException | None) -> str | bytes:
         if error is not None:
@@ -162,19 +163,19 @@ class RemoteFlights:
     # Outcomes in Redis; errors become BackendUnavailable here, once.
 
     async def _get(self, client: AsyncClient, key: str, token: int) -> bytes | None:
-        with _map_errors(key, self._backend._where):
+        with map_errors(key, self._backend._where):
             return cast("bytes | None", await client.get(self._result_key(key, token)))
 
     async def _put(self, client: AsyncClient, key: str, token: int, payload: str | bytes) -> None:
-        with _map_errors(key, self._backend._where):
+        with map_errors(key, self._backend._where):
             await client.set(self._result_key(key, token), payload, px=_TTL)
 
     def _get_sync(self, client: SyncClient, key: str, token: int) -> bytes | None:
-        with _map_errors(key, self._backend._where):
+        with map_errors(key, self._backend._where):
             return cast("bytes | None", client.get(self._result_key(key, token)))
 
     def _put_sync(self, client: SyncClient, key: str, token: int, payload: str | bytes) -> None:
-        with _map_errors(key, self._backend._where):
+        with map_errors(key, self._backend._where):
             client.set(self._result_key(key, token), payload, px=_TTL)
 
     def forget(self, key: str) -> None:

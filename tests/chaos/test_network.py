@@ -230,7 +230,7 @@ async def test_checker_catches_a_renewer_that_trusts_its_own_requests(
 
 async def _queued(server: Server, locks: KeyedLock, key: str, waiting: int) -> None:
     """Until *waiting* callers are in *key*'s queue on Redis (no event tells: poll the zset)."""
-    queue = locks.backend._keys(locks._prefix + key)[2]  # type: ignore[attr-defined]
+    queue = locks.backend.layout.lock(locks._prefix + key)[2]  # type: ignore[attr-defined]
     raw = redis.asyncio.Redis.from_url(server.url)
     while await raw.zcard(queue) < waiting:
         await asyncio.sleep(0.002)

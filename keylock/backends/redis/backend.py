@@ -1,0 +1,612 @@
+"""Leases across hosts on Redis: one round trip to acquire, fencing tokens that never go back,
+waiters woken by pub/sub, and one background renewer per backend."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import threading
+import time
+import weakref
+from typing import TYPE_CHECKING
+
+from ...errors import BackendUnavailable, LeaseLost, LockTimeout
+from ..base import Backend, Grant, KeyStatistics, LoopWaiter, ThreadWaiter, Waiter
+from ..memory import MemoryBackend
+from ._clients import AsyncClient, SyncClient, address, async_from, check_clients, from_url
+from ._clients import sync_from as _sync_from
+from ._flow import AcquireFlow, Handed, ServerClock, lost, ttl_ms
+from ._keys import Layout
+from ._listener import HandOff, Listener
+from ._renewer import Renewer
+from ._scripts import ACQUIRE, EXTEND, FENCE_SLACK_MS, LEAVE, RELEASE, Script
+from ._wire import Arg, AsyncWire, SyncWire, map_errors
+
+if TYPE_CHECKING:
+    from collections.abc import Coroutine, Sequence
+
+    from ...lease import Lease
+
+__all__ = ["RedisBackend"]
+
+logger = logging.getLogger("keylock")
+
+# A caller that gives up (timeout, cancel, error) waits this long for its LEAVE to land, then
+# goes on while the LEAVE finishes alone: on a link that drops everything, giving up must not
+# cost another socket timeout.
+_GIVE_UP_WAIT = 0.25
+_MAX_POLL = 86_400.0  # a waiter's place in line lasts 3 polls: keep it within a Redis TTL
+
+
+class _Held:
+    """A lease this backend holds on Redis, and its turn in the in-process queue."""
+
+    __slots__ = ("local_token", "owner", "token")
+
+    def __init__(self, token: int, owner: bytes, local_token: int) -> None:
+        self.token = token
+        self.owner = owner
+        self.local_token = local_token
+
+
+def _seconds(name: str, value: object, limit: float) -> float:
+    """*value* as a finite number of seconds in (0, limit], else TypeError/ValueError."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise TypeError(f"RedisBackend {name} must be a number of seconds, not {value!r}")
+    if not 0 < value <= limit:  # NaN and inf fail too
+        raise ValueError(
+            f"RedisBackend {name} is {value!r}: it must be a finite number of seconds above 0 "
+            f"and at most {limit:g}"
+        )
+    return float(value)
+
+
+class RedisBackend(Backend):
+    """Per-key leases shared by every process and host using one Redis (or Cluster).
+
+    Acquire is one round trip (a script: ``SET NX PX`` plus the fencing token); release and
+    extend are compare-owner-then-act scripts, so only the acquisition that took a lease can end
+    or extend it, and a lost lease raises :class:`~keylock.LeaseLost`. Waiters queue FIFO across
+    clients; a release hands the key to the head of the line and wakes its process by pub/sub
+    (one subscriber connection per backend), with the holder's expiry and a bounded safety-net
+    poll as fallbacks. Within this process, callers queue FIFO in front of Redis (the memory
+    backend), so a hot key costs one waiter per process on Redis.
+
+    Leases always have a TTL (``ttl``, default 30 s). With ``auto_renew`` (the default) one
+    background thread per backend renews held leases at a third of their TTL; when a renewal
+    finds the lease gone, ``lease.lost`` turns true, ``on_lost`` runs (never on that thread),
+    and with ``cancel_on_lost`` the critical section is cancelled. Connection errors surface
+    as :class:`~keylock.BackendUnavailable`, never as a phantom grant.
+    """
+
+    nonblocking_step = False
+    needs_owner = True
+
+    def __init__(
+        self,
+        client: SyncClient | None = None,
+        *,
+        async_client: AsyncClient | None = None,
+        ttl: float = 30.0,
+        auto_renew: bool = True,
+        prefix: str = "keylock",
+        poll: float = 1.0,
+    ) -> None:
+        check_clients(client, async_client)
+        self.default_ttl = self._ttl = _seconds("ttl", ttl, (2**52 - FENCE_SLACK_MS) / 1000)
+        if not isinstance(prefix, str) or not prefix or set("{}\0") & set(prefix):
+            raise (TypeError if not isinstance(prefix, str) else ValueError)(
+                f"RedisBackend prefix must be a non-empty str without braces or NUL, not "
+                f"{prefix!r}: braces would move every key's hash tag into the prefix"
+            )
+        self.auto_renew = bool(auto_renew)
+        self.prefix = prefix
+        self.layout = Layout(prefix)
+        self.poll = _seconds("poll", poll, _MAX_POLL)
+        self._client = client
+        self._async_client = async_client
+        self._async_clients: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, AsyncClient] = (
+            weakref.WeakKeyDictionary()
+        )
+        # how long a queued waiter stays in line without coming back (it does every poll)
+        self._stay_ms = int(self.poll * 3000) + 1000
+        self._where = address(client or async_client)
+        self._start_process()
+        _BACKENDS.add(self)
+
+    def _start_process(self) -> None:
+        """The state that belongs to one process (set again in a forked child, which holds
+        none of its parent's leases and must run its own listener and renewer threads)."""
+        # this process's own wake-up channel: a hand-off wakes the one process it concerns
+        self._channel = self.layout.wake_channel(os.urandom(8).hex())
+        self._local = MemoryBackend()  # FIFO among this backend's own callers
+        self._mutex = threading.Lock()
+        self._held: dict[str, _Held] = {}  # guarded by _mutex
+        # guarded by _mutex: key -> owner -> its acquire, woken when the key is handed to it
+        self._waiters: dict[str, dict[bytes, tuple[AcquireFlow, Waiter]]] = {}
+        self._listener: Listener | None = None
+        self._wire: SyncWire | None = None
+        self._async_wires: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, AsyncWire] = (
+            weakref.WeakKeyDictionary()
+        )
+        self._async_clients.clear()  # their sockets are the parent's
+        self._renewer: Renewer | None = None
+        self._leaving: set[threading.Thread] = set()  # LEAVE threads of sync give-ups
+        self.clock = ServerClock()  # read from queueing replies; dates hand-offs
+
+    @classmethod
+    def from_url(
+        cls,
+        url: str,
+        *,
+        ttl: float = 30.0,
+        auto_renew: bool = True,
+        prefix: str = "keylock",
+        poll: float = 1.0,
+        cluster: bool = False,
+        **client_options: object,
+    ) -> RedisBackend:
+        """A backend on the server at *url* (``redis://``, ``rediss://``, ``unix://``); with
+        ``cluster=True``, on the Redis Cluster that the node at *url* belongs to. An option
+        no redis-py client takes is a TypeError here, not at the first command."""
+        client = from_url(url, cluster=cluster, options=client_options)
+        backend = cls(client, ttl=ttl, auto_renew=auto_renew, prefix=prefix, poll=poll)
+        backend._url = url
+        backend._client_options = client_options
+        return backend
+
+    _url: str | None = None
+    _client_options: dict[str, object] = {}  # noqa: RUF012 - read-only default
+
+    def __repr__(self) -> str:
+        return f"RedisBackend({self._where})"
+
+    # ------------------------------------------------------------------------ clients, wire
+
+    def _sync(self) -> SyncClient:
+        if self._client is None:
+            self._client = _sync_from(self._async_client)  # type: ignore[arg-type]
+        return self._client
+
+    def _async(self) -> AsyncClient:
+        if self._async_client is not None:
+            return self._async_client
+        loop = asyncio.get_running_loop()
+        client = self._async_clients.get(loop)
+        if client is None:  # redis.asyncio connections belong to one event loop
+            client = async_from(self._sync(), self._url, self._client_options)
+            self._async_clients[loop] = client
+        return client
+
+    def _run_sync(
+        self,
+        script: Script,
+        key: str,
+        keys: Sequence[str],
+        args: Sequence[Arg],
+        bound: float | None = None,
+    ) -> object:
+        wire = self._wire
+        if wire is None:
+            wire = self._wire = SyncWire(self._sync())
+        with map_errors(key, self._where):
+            return wire.call(script, keys, args, bound)
+
+    async def _run_async(
+        self,
+        script: Script,
+        key: str,
+        keys: Sequence[str],
+        args: Sequence[Arg],
+        bound: float | None = None,
+    ) -> object:
+        loop = asyncio.get_running_loop()
+        wire = self._async_wires.get(loop)
+        if wire is None:  # redis.asyncio connections belong to one event loop
+            wire = self._async_wires[loop] = AsyncWire(self._async())
+        task = asyncio.current_task()
+        cancels = 0 if task is None else task.cancelling()
+        with map_errors(key, self._where):
+            reply = await wire.call(script, keys, args, bound)
+        if task is not None and task.cancelling() > cancels:
+            # Python 3.11's wait_for (inside redis-py's send) swallows a cancel that lands as
+            # the send completes: honour it, so a cancelled caller never walks off with a lease
+            raise asyncio.CancelledError
+        return reply
+
+    # ------------------------------------------------------------------------ acquire, twice
+
+    # Two phases: this backend's own FIFO queue (the memory backend: timeouts, cancellation),
+    # then Redis, where the waiter sleeps until the key is handed to it, the holder's expiry,
+    # or the safety-net poll. A caller that may wait joins the Redis queue in its first trip,
+    # and is watched for a hand-off before that trip, so no hand-off can slip past it. A
+    # caller that gives up leaves the Redis queue (see _give_up). The twins differ only in
+    # how they call and how they wait; every decision is the flow's.
+
+    def _flow(
+        self, key: str, owner: bytes, timeout: float | None, ttl: float | None
+    ) -> AcquireFlow:
+        return AcquireFlow(
+            self.layout,
+            key,
+            owner,
+            ttl=self._ttl if ttl is None else ttl,
+            timeout=timeout,
+            now=time.monotonic(),
+            channel=self._channel,
+            stay_ms=self._stay_ms,
+            poll=self.poll,
+            renewed=self.auto_renew,
+        )
+
+    async def acquire(
+        self, key: str, owner: bytes, *, timeout: float | None, ttl: float | None
+    ) -> Grant:
+        flow = self._flow(key, owner, timeout, ttl)
+        local_ttl = self._local_ttl(flow.ttl)
+        local = self._local._try_acquire(key, owner, local_ttl, None) or (
+            await self._local.acquire(key, owner, timeout=timeout, ttl=local_ttl)
+        )
+        waiter = LoopWaiter(owner, flow.ttl) if flow.waits else None
+        try:
+            if waiter is not None:
+                listener = self._watch(flow, waiter)
+                until = time.monotonic() + min(1.0, flow.bound(time.monotonic()) or 1.0)
+                # a new listener subscribes before we queue (a threading.Event: polled)
+                while not listener.subscribed.is_set() and time.monotonic() < until:  # noqa: ASYNC110
+                    await asyncio.sleep(0.001)
+            while True:
+                if waiter is not None:
+                    waiter.prepare()
+                if (trip := flow.next_trip(time.monotonic())) is None:
+                    break
+                sent = time.time()
+                try:
+                    reply = await self._run_async(ACQUIRE, key, trip.keys, trip.args, trip.bound)
+                except BackendUnavailable as exc:
+                    raise flow.failed(exc, time.monotonic()) from exc.__cause__
+                if self._granted(flow, reply, sent):
+                    break
+                await waiter.wait(flow.wait_time(time.monotonic()))  # type: ignore[union-attr]
+            return self._adopt(key, owner, local, flow)
+        except BaseException:
+            self._local._discard_sync(key, owner, local)
+            if (args := flow.leave_args()) is not None:
+                leave = _in_background(self._run_async(LEAVE, key, flow.keys, args))
+                await asyncio.wait({leave}, timeout=_GIVE_UP_WAIT)  # it lands, or goes on alone
+            raise
+        finally:
+            if waiter is not None:
+                self._unwatch(key, owner)
+
+    def acquire_sync(
+        self, key: str, owner: bytes, *, timeout: float | None, ttl: float | None
+    ) -> Grant:
+        flow = self._flow(key, owner, timeout, ttl)
+        local_ttl = self._local_ttl(flow.ttl)
+        local = self._local._try_acquire(key, owner, local_ttl, None) or (
+            self._local.acquire_sync(key, owner, timeout=timeout, ttl=local_ttl)
+        )
+        waiter = ThreadWaiter(owner, flow.ttl) if flow.waits else None
+        try:
+            if waiter is not None:
+                listener = self._watch(flow, waiter)
+                listener.subscribed.wait(min(1.0, flow.bound(time.monotonic()) or 1.0))
+            while True:
+                if waiter is not None:
+                    waiter.prepare()
+                if (trip := flow.next_trip(time.monotonic())) is None:
+                    break
+                sent = time.time()
+                try:
+                    reply = self._run_sync(ACQUIRE, key, trip.keys, trip.args, trip.bound)
+                except BackendUnavailable as exc:
+                    raise flow.failed(exc, time.monotonic()) from exc.__cause__
+                if self._granted(flow, reply, sent):
+                    break
+                waiter.wait(flow.wait_time(time.monotonic()))  # type: ignore[union-attr]
+            return self._adopt(key, owner, local, flow)
+        except BaseException:
+            self._local._discard_sync(key, owner, local)
+            if (args := flow.leave_args()) is not None:
+                self._leave_sync(key, flow.keys, args, flow.in_flight)
+            raise
+        finally:
+            if waiter is not None:
+                self._unwatch(key, owner)
+
+    def _granted(self, flow: AcquireFlow, reply: object, sent: float) -> bool:
+        listener = self._listener
+        subscribed = listener is not None and listener.subscribed.is_set()
+        return flow.on_reply(reply, sent, time.time(), time.monotonic(), self.clock, subscribed)
+
+    def _adopt(self, key: str, owner: bytes, local: Grant, flow: AcquireFlow) -> Grant:
+        """Record a lease granted on Redis (by our script, or handed to us at a release)."""
+        grant = flow.grant
+        assert grant is not None  # the loops above end only with a grant
+        with self._mutex:
+            self._held[key] = _Held(grant[0], owner, local[0])
+        return grant
+
+    def _try_acquire(
+        self, key: str, owner: bytes, ttl: float | None, waiter: Waiter | None
+    ) -> Grant | None:
+        # the step of the protocol: one try, without queueing (acquire_sync with timeout=0)
+        try:
+            return self.acquire_sync(key, owner, timeout=0, ttl=ttl)
+        except LockTimeout:
+            return None
+
+    def _withdraw(self, key: str, waiter: Waiter) -> Grant | None:
+        self._unwatch(key, waiter.owner)
+        return None
+
+    def _leave_sync(self, key: str, keys: list[str], args: list[Arg], in_flight: bool) -> None:
+        """LEAVE for a sync caller that gave up. With a call in flight the link may be what
+        failed: leave from a thread of its own, waited for _GIVE_UP_WAIT at most."""
+        if not in_flight:
+            self._leave_quietly(key, keys, args, _GIVE_UP_WAIT)
+            return
+        leave = threading.Thread(target=self._leave_quietly, args=(key, keys, args), daemon=True)
+        self._leaving.add(leave)
+        leave.start()
+        leave.join(_GIVE_UP_WAIT)
+
+    def _leave_quietly(
+        self, key: str, keys: list[str], args: list[Arg], bound: float | None = None
+    ) -> None:
+        """LEAVE for a caller that gave up; a failure only costs the place in line its stay."""
+        try:
+            self._run_sync(LEAVE, key, keys, args, bound)
+        except Exception as exc:  # (also: the backend closed under a LEAVE left to finish)
+            logger.debug("keylock: leaving the line for %r failed: %s", key, exc)
+        finally:
+            self._leaving.discard(threading.current_thread())
+
+    def _local_ttl(self, ttl: float) -> float | None:
+        # Without renewal the in-process turn lapses with the Redis lease, so the next caller
+        # here can take over an expired lease as a caller elsewhere would.
+        return None if self.auto_renew else ttl
+
+    # -------------------------------------------------------------------- hand-offs (pub/sub)
+
+    def _watch(self, flow: AcquireFlow, waiter: Waiter) -> Listener:
+        """Have *waiter* woken when its key is handed to it; returns the listener."""
+        with self._mutex:
+            self._waiters.setdefault(flow.key, {})[flow.owner] = (flow, waiter)
+            if self._listener is None:
+                ref = weakref.ref(self)
+
+                def deliver(hand_off: HandOff) -> None:
+                    backend = ref()
+                    if backend is not None:
+                        backend._hand_off(hand_off)
+
+                self._listener = Listener(self._sync(), self._channel, deliver)
+            return self._listener
+
+    def _unwatch(self, key: str, owner: bytes) -> None:
+        with self._mutex:
+            waiters = self._waiters.get(key)
+            if waiters is not None:
+                waiters.pop(owner, None)
+                if not waiters:
+                    del self._waiters[key]
+
+    def _hand_off(self, hand_off: HandOff) -> None:
+        """On the listener thread: a release handed a key to one of our waiters; its flow
+        gets the grant, dated by the server's clock, and the waiter is woken."""
+        with self._mutex:
+            found = self._waiters.get(hand_off.key, {}).get(hand_off.head)
+        if found is None:
+            return
+        flow, waiter = found
+        now = time.time()
+        expires_at = self.clock.handed_expiry(hand_off.granted_us, hand_off.claim, now)
+        flow.handed = Handed(hand_off.token, expires_at, time.monotonic() + expires_at - now)
+        waiter.wake()
+
+    # ---------------------------------------------------------------------- release, extend
+
+    def _pop_held(self, key: str, owner: bytes, token: int) -> _Held:
+        with self._mutex:
+            held = self._held.get(key)
+            if held is None or held.token != token or held.owner != owner:
+                raise lost(key, token)
+            del self._held[key]
+            return held
+
+    def _release_local(self, key: str, held: _Held) -> None:
+        with contextlib.suppress(LeaseLost):  # its in-process turn lapsed with it: fine
+            self._local.release_sync(key, held.owner, held.local_token)
+
+    def release_sync(self, key: str, owner: bytes, token: int) -> None:
+        held = self._pop_held(key, owner, token)
+        try:
+            released = self._run_sync(RELEASE, key, self.layout.lock(key), [owner, key])
+        finally:
+            self._release_local(key, held)
+        if not released:
+            raise lost(key, token)
+
+    async def release(self, key: str, owner: bytes, token: int) -> None:
+        held = self._pop_held(key, owner, token)
+        keys = self.layout.lock(key)
+        try:
+            released = await self._run_async(RELEASE, key, keys, [owner, key])
+        except asyncio.CancelledError:
+            # A release, once started, completes even if its caller is cancelled: the cancel
+            # cut redis-py off mid-call, so the script may or may not have run; running it again
+            # is harmless (it compares the owner), and skipping it would strand the key.
+            _in_background(self._run_async(RELEASE, key, keys, [owner, key]))
+            raise
+        finally:
+            self._release_local(key, held)
+        if not released:
+            raise lost(key, token)
+
+    def _extend_call(
+        self, key: str, owner: bytes, token: int, ttl: float
+    ) -> tuple[list[str], list[Arg]]:
+        with self._mutex:
+            held = self._held.get(key)
+        if held is None or held.token != token or held.owner != owner:
+            raise lost(key, token)
+        ms = ttl_ms(ttl, key)
+        return self.layout.lock(key)[:2], [owner, ms, ms + FENCE_SLACK_MS]
+
+    def _extended(self, key: str, owner: bytes, token: int, ttl: float, sent: float) -> None:
+        """After an extend: the renewer follows the new TTL; without auto-renew, the
+        in-process turn lapses with the lease."""
+        if self._renewer is not None:
+            self._renewer.extended(key, token, ttl, sent)
+        if not self.auto_renew:
+            with self._mutex:
+                held = self._held.get(key)
+            if held is not None:
+                self._local.extend_sync(key, owner, held.local_token, ttl)
+
+    def extend_sync(self, key: str, owner: bytes, token: int, ttl: float) -> float:
+        keys, args = self._extend_call(key, owner, token, ttl)
+        sent_at, sent = time.time(), time.monotonic()
+        if not self._run_sync(EXTEND, key, keys, args):
+            raise lost(key, token)
+        self._extended(key, owner, token, ttl, sent)
+        return sent_at + ttl
+
+    async def extend(self, key: str, owner: bytes, token: int, ttl: float) -> float:
+        keys, args = self._extend_call(key, owner, token, ttl)
+        sent_at, sent = time.time(), time.monotonic()
+        if not await self._run_async(EXTEND, key, keys, args):
+            raise lost(key, token)
+        self._extended(key, owner, token, ttl, sent)
+        return sent_at + ttl
+
+    async def _discard(self, key: str, owner: bytes, grant: Grant) -> None:
+        with contextlib.suppress(LeaseLost):
+            await self.release(key, owner, grant[0])
+
+    async def _holder_async(self, key: str) -> int | None:
+        """The token of *key*'s live lease, or None when nobody holds it (async)."""
+        lock_key, fence_key = self.layout.lock(key)[:2]
+        with map_errors(key, self._where):
+            pipe = self._async().pipeline(transaction=False)
+            pipe.get(lock_key)
+            pipe.get(fence_key)
+            owner, token = await pipe.execute()
+        return int(token) if owner is not None and token else None
+
+    def statistics(self, key: str) -> KeyStatistics:
+        lock_key, fence_key = self.layout.lock(key)[:2]
+        with map_errors(key, self._where):
+            pipe = self._sync().pipeline(transaction=False)
+            pipe.get(lock_key)
+            pipe.get(fence_key)
+            owner, token = pipe.execute()
+        local = self._local.statistics(key)
+        with self._mutex:
+            watching = len(self._waiters.get(key, ()))
+        waiting = local.waiting + watching
+        if owner is None:
+            return KeyStatistics(key, False, None, None, waiting)
+        if isinstance(owner, str):  # a client with decode_responses=True
+            owner = owner.encode("utf-8", "surrogateescape")
+        return KeyStatistics(key, True, int(token) if token else None, bytes(owner), waiting)
+
+    # ------------------------------------------------------------------------- auto-renew
+
+    def _track(self, lease: Lease) -> None:
+        if self.auto_renew and lease.ttl:
+            with self._mutex:
+                if self._renewer is None:
+                    ref = weakref.ref(self)
+
+                    def renew(batch: list[tuple[str, bytes, float]]) -> list[object]:
+                        backend = ref()
+                        if backend is None:
+                            return [BackendUnavailable("the backend is gone")] * len(batch)
+                        return backend._renew(batch)
+
+                    self._renewer = Renewer(renew, self._ttl / 3)
+            self._renewer.add(lease)
+
+    def _untrack(self, lease: Lease) -> None:
+        if self._renewer is not None:
+            self._renewer.remove(lease)
+
+    def _renew(self, batch: list[tuple[str, bytes, float]]) -> list[object]:
+        """Extend every lease of *batch* (key, owner, TTL) in one round trip: True if still
+        ours (and extended), False if not, or the error of that one call."""
+        calls: list[tuple[list[str], list[Arg]]] = []
+        for key, owner, ttl in batch:
+            ms = ttl_ms(ttl, key)
+            calls.append((self.layout.lock(key)[:2], [owner, ms, ms + FENCE_SLACK_MS]))
+        wire = self._wire
+        if wire is None:
+            wire = self._wire = SyncWire(self._sync())
+        with map_errors(batch[0][0], self._where):
+            replies = wire.call_many(EXTEND, calls)
+        return [reply if isinstance(reply, Exception) else reply == 1 for reply in replies]
+
+    # ----------------------------------------------------------------------------- closing
+
+    def close_sync(self) -> None:
+        for leave in list(self._leaving):  # LEAVEs finishing for callers that gave up
+            leave.join(1.0)
+        if self._renewer is not None:
+            self._renewer.stop()
+        if self._listener is not None:
+            self._listener.stop()
+        if self._wire is not None:
+            self._wire.close()
+        if self._client is not None:
+            self._client.close()
+
+    async def close(self) -> None:
+        loop = asyncio.get_running_loop()
+        finishing = [task for task in _background if task.get_loop() is loop]
+        if finishing:  # releases finishing for cancelled callers: let them land first
+            await asyncio.wait(finishing, timeout=5)
+        self.close_sync()
+        wire = self._async_wires.pop(loop, None)
+        if wire is not None:  # other loops' connections can only be dropped, not closed
+            await wire.close()
+        for client in list(self._async_clients.values()):
+            await client.aclose()
+        if self._async_client is not None:
+            await self._async_client.aclose()
+
+    def _single_flight(self, namespace: str, serializer: object = None) -> object:
+        from .._redis_flight import JSON, RemoteFlights
+
+        return RemoteFlights(self, namespace, serializer or JSON)  # type: ignore[arg-type]
+
+
+# Every backend of this process, so a forked child can start each afresh (see _start_process).
+_BACKENDS: weakref.WeakSet[RedisBackend] = weakref.WeakSet()
+
+
+def _after_fork_in_child() -> None:
+    for backend in list(_BACKENDS):
+        backend._start_process()
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
+
+_background: set[asyncio.Future[object]] = set()  # finishing calls, kept alive until done
+
+
+def _in_background(call: Coroutine[object, object, object]) -> asyncio.Future[object]:
+    """Run *call* to its end in a task nobody needs to await (its failure is logged)."""
+    task = asyncio.ensure_future(call)
+    _background.add(task)
+    task.add_done_callback(_forget)
+    return task
+
+
+def _forget(task: asyncio.Future[object]) -> None:
+    _background.discard(task)
+    if not task.cancelled() and task.exception() is not None:
+        logger.warning("keylock: finishing a cancelled call failed: %s", task.exception())

@@ -162,7 +162,7 @@ async def test_five_hundred_waiters_on_one_key_on_redis(
         assert raw.exists(lock, queue, alive) == 0
         for locks in (*clients, hold):
             b: RedisBackend = locks.backend  # type: ignore[assignment]
-            assert (len(b._local), b._held, b._waiters) == (0, {}, {})
+            assert (len(b._local), b._held, b._waiting.waiters) == (0, {}, {})
             await locks.close()
     raw.close()
     verdict = history.check(slack=SLACK)

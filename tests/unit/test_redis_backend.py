@@ -249,13 +249,14 @@ def test_a_hand_off_wakes_only_the_client_it_goes_to(url: str) -> None:
     received = [0, 0, 0]
     for n, locks in enumerate(clients):
         backend = locks.backend
-        original = backend._hand_off  # type: ignore[attr-defined]
+        waiting = backend._waiting  # type: ignore[attr-defined]
+        original = waiting.deliver
 
         def counting(hand_off: object, n: int = n, original=original) -> None:
             received[n] += 1
             original(hand_off)
 
-        backend._hand_off = counting  # type: ignore[attr-defined]
+        waiting.deliver = counting
     gate = holder.acquire_sync("relay")
     order: list[int] = []
 

@@ -7,8 +7,11 @@ async one per event loop. Whichever the user did not give is made with the other
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import inspect
+import weakref
+from typing import TYPE_CHECKING
 
 import redis
 import redis.asyncio
@@ -17,10 +20,17 @@ import redis.cluster
 from redis.exceptions import RedisClusterException, RedisError
 
 from ...errors import BackendUnavailable
-from ._wire import redact
+from ._wire import AsyncWire, SyncWire, map_errors, redact
+
+if TYPE_CHECKING:
+    from collections.abc import Sequence
+
+    from ._scripts import Script
+    from ._wire import Arg
 
 __all__ = [
     "AsyncClient",
+    "Connections",
     "SyncClient",
     "address",
     "async_from",
@@ -140,3 +150,104 @@ def address(client: object) -> str:
     if "path" in kwargs:
         return f"unix://{kwargs['path']}"
     return f"{kwargs.get('host', 'localhost')}:{kwargs.get('port', 6379)}"
+
+
+class Connections:
+    """A backend's clients and wires: the sync ones (threads), and an async client and wire
+    per event loop (redis.asyncio connections belong to the loop that made them). Every
+    script call goes through :meth:`run_sync` / :meth:`run`, inside the one error boundary."""
+
+    def __init__(
+        self,
+        client: SyncClient | None,
+        async_client: AsyncClient | None,
+        url: str | None = None,
+        options: dict[str, object] | None = None,
+    ) -> None:
+        self.client = client
+        self.async_client = async_client
+        self.url = url
+        self.options = options or {}
+        self.where = address(client or async_client)  # for messages: never a secret
+        self._async_clients: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, AsyncClient]
+        self._async_clients = weakref.WeakKeyDictionary()
+        self.restart()
+
+    def restart(self) -> None:
+        """Forget every connection (in a forked child: their sockets are the parent's)."""
+        self._wire: SyncWire | None = None
+        self._async_wires: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, AsyncWire]
+        self._async_wires = weakref.WeakKeyDictionary()
+        self._async_clients.clear()
+
+    def sync(self) -> SyncClient:
+        if self.client is None:
+            self.client = sync_from(self.async_client)  # type: ignore[arg-type]
+        return self.client
+
+    def async_(self) -> AsyncClient:
+        """The async client for the running event loop."""
+        if self.async_client is not None:
+            return self.async_client
+        loop = asyncio.get_running_loop()
+        client = self._async_clients.get(loop)
+        if client is None:
+            client = self._async_clients[loop] = async_from(self.sync(), self.url, self.options)
+        return client
+
+    def wire(self) -> SyncWire:
+        wire = self._wire
+        if wire is None:
+            wire = self._wire = SyncWire(self.sync())
+        return wire
+
+    def run_sync(
+        self,
+        script: Script,
+        key: str,
+        keys: Sequence[str],
+        args: Sequence[Arg],
+        bound: float | None,
+    ) -> object:
+        with map_errors(key, self.where):
+            return self.wire().call(script, keys, args, bound)
+
+    async def run(
+        self,
+        script: Script,
+        key: str,
+        keys: Sequence[str],
+        args: Sequence[Arg],
+        bound: float | None,
+    ) -> object:
+        loop = asyncio.get_running_loop()
+        wire = self._async_wires.get(loop)
+        if wire is None:
+            wire = self._async_wires[loop] = AsyncWire(self.async_())
+        task = asyncio.current_task()
+        cancels = 0 if task is None else task.cancelling()
+        with map_errors(key, self.where):
+            reply = await wire.call(script, keys, args, bound)
+        if task is not None and task.cancelling() > cancels:
+            # Python 3.11's wait_for (inside redis-py's send) swallows a cancel that lands as
+            # the send completes: honour it, so a cancelled caller never walks off with a lease
+            raise asyncio.CancelledError
+        return reply
+
+    def close_sync(self) -> None:
+        if self._wire is not None:
+            self._wire.close()
+        if self.client is not None:
+            self.client.close()
+
+    async def close(self) -> None:
+        """Close the sync connections and those of the running loop (other loops'
+        connections can only be dropped, not closed)."""
+        self.close_sync()
+        wire = self._async_wires.pop(asyncio.get_running_loop(), None)
+        if wire is not None:
+            await wire.close()
+        for client in list(self._async_clients.values()):
+            await client.aclose()
+        if self.async_client is not None:
+            await self.async_client.aclose()

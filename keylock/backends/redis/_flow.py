@@ -16,12 +16,22 @@ import redis.exceptions
 
 from ...errors import BackendUnavailable, KeylockError, LeaseLost
 from ..base import Grant, _timeout
+from ._scripts import FENCE_SLACK_MS
 
 if TYPE_CHECKING:
     from ._keys import Layout
     from ._wire import Arg
 
-__all__ = ["AcquireFlow", "Handed", "ServerClock", "Trip", "lost", "ttl_ms"]
+__all__ = [
+    "AcquireFlow",
+    "Handed",
+    "ServerClock",
+    "Trip",
+    "check_seconds",
+    "extend_call",
+    "lost",
+    "ttl_ms",
+]
 
 # How long one round trip of an acquire may take at the least: a trip sent just before the
 # caller's deadline still gets a fair chance.
@@ -39,6 +49,24 @@ def ttl_ms(ttl: float, key: str) -> int:
             "use a shorter TTL and let auto-renew keep the lease"
         )
     return ms
+
+
+def check_seconds(name: str, value: object, limit: float) -> float:
+    """*value* as a finite number of seconds in (0, limit], else TypeError/ValueError."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise TypeError(f"RedisBackend {name} must be a number of seconds, not {value!r}")
+    if not 0 < value <= limit:  # NaN and inf fail too
+        raise ValueError(
+            f"RedisBackend {name} is {value!r}: it must be a finite number of seconds above 0 "
+            f"and at most {limit:g}"
+        )
+    return float(value)
+
+
+def extend_call(layout: Layout, key: str, owner: bytes, ttl: float) -> tuple[list[str], list[Arg]]:
+    """EXTEND's keys and arguments: *owner*'s lease on *key* for *ttl* more seconds."""
+    ms = ttl_ms(ttl, key)
+    return layout.lock(key)[:2], [owner, ms, ms + FENCE_SLACK_MS]
 
 
 def lost(key: str, token: int) -> LeaseLost:

@@ -56,6 +56,14 @@ class Layout:
 
     prefix: str
 
+    def __post_init__(self) -> None:
+        prefix = self.prefix
+        if not isinstance(prefix, str) or not prefix or set("{}\0") & set(prefix):
+            raise (TypeError if not isinstance(prefix, str) else ValueError)(
+                f"Redis key prefix must be a non-empty str without braces or NUL, not "
+                f"{prefix!r}: braces would move every key's hash tag into the prefix"
+            )
+
     def lock(self, key: str) -> list[str]:
         """lock, fence, queue, queue entries: one hash tag, so one Cluster slot."""
         base = f"{self.prefix}:{{{tag(key)}}}"

@@ -1,20 +1,27 @@
-"""One pub/sub connection per backend, in a daemon thread: hands released keys to waiters."""
+"""Hand-offs: one pub/sub connection per backend, in a daemon thread, gives a released key
+to the waiter it was handed to."""
 
 from __future__ import annotations
 
 import contextlib
 import logging
 import threading
+import time
+import weakref
 from typing import TYPE_CHECKING, NamedTuple
+
+from ._flow import Handed
 
 if TYPE_CHECKING:
     from collections.abc import Callable
 
     import redis.client
 
+    from ..base import Waiter
     from ._clients import SyncClient
+    from ._flow import AcquireFlow, ServerClock
 
-__all__ = ["HandOff", "Listener", "parse_hand_off"]
+__all__ = ["HandOff", "Listener", "Waiting", "parse_hand_off"]
 
 logger = logging.getLogger("keylock")
 
@@ -102,3 +109,65 @@ class Listener:
                 disconnect()
         if self._thread is not threading.current_thread():
             self._thread.join(2)
+
+
+class Waiting:
+    """This backend's callers queued on Redis, by key and owner, and the listener that hands
+    them keys: a hand-off sets the waiter's flow's grant (dated by the server's clock) and
+    wakes it. One listener (one pub/sub connection) per backend, started by the first wait."""
+
+    def __init__(self, client: Callable[[], SyncClient], channel: str, clock: ServerClock) -> None:
+        self._client = client
+        self.channel = channel
+        self._clock = clock
+        self._mutex = threading.Lock()
+        # guarded by _mutex: key -> owner -> its acquire, until it stops waiting
+        self.waiters: dict[str, dict[bytes, tuple[AcquireFlow, Waiter]]] = {}
+        self.listener: Listener | None = None
+
+    def watch(self, flow: AcquireFlow, waiter: Waiter) -> Listener:
+        """Have *waiter* woken when its key is handed to it; returns the listener."""
+        with self._mutex:
+            self.waiters.setdefault(flow.key, {})[flow.owner] = (flow, waiter)
+            if self.listener is None:
+                ref = weakref.ref(self)
+
+                def deliver(hand_off: HandOff) -> None:
+                    waiting = ref()
+                    if waiting is not None:
+                        waiting.deliver(hand_off)
+
+                self.listener = Listener(self._client(), self.channel, deliver)
+            return self.listener
+
+    def unwatch(self, key: str, owner: bytes) -> None:
+        with self._mutex:
+            waiters = self.waiters.get(key)
+            if waiters is not None:
+                waiters.pop(owner, None)
+                if not waiters:
+                    del self.waiters[key]
+
+    def count(self, key: str) -> int:
+        with self._mutex:
+            return len(self.waiters.get(key, ()))
+
+    def subscribed(self) -> bool:
+        listener = self.listener
+        return listener is not None and listener.subscribed.is_set()
+
+    def deliver(self, hand_off: HandOff) -> None:
+        """On the listener thread: give the key to the waiter it was handed to."""
+        with self._mutex:
+            found = self.waiters.get(hand_off.key, {}).get(hand_off.head)
+        if found is None:
+            return
+        flow, waiter = found
+        now = time.time()
+        expires_at = self._clock.handed_expiry(hand_off.granted_us, hand_off.claim, now)
+        flow.handed = Handed(hand_off.token, expires_at, time.monotonic() + expires_at - now)
+        waiter.wake()
+
+    def stop(self) -> None:
+        if self.listener is not None:
+            self.listener.stop()

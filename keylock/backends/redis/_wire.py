@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import re
 import weakref
 from typing import TYPE_CHECKING, cast
@@ -28,11 +29,13 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 from ...errors import BackendUnavailable
 
 if TYPE_CHECKING:
-    from collections.abc import Iterator, Sequence
+    from collections.abc import Coroutine, Iterator, Sequence
 
     from ._scripts import Script
 
-__all__ = ["Arg", "AsyncWire", "SyncWire", "map_errors", "redact"]
+__all__ = ["Arg", "AsyncWire", "SyncWire", "in_background", "map_errors", "redact"]
+
+logger = logging.getLogger("keylock")
 
 Arg = str | bytes | int | float  # what a script accepts as an argument
 
@@ -310,3 +313,20 @@ class AsyncWire:
         self._idle = []
         for conn in list(self._made):
             await conn.disconnect()
+
+
+background: set[asyncio.Future[object]] = set()  # finishing calls, kept alive until done
+
+
+def in_background(call: Coroutine[object, object, object]) -> asyncio.Future[object]:
+    """Run *call* to its end in a task nobody needs to await (its failure is logged)."""
+    task = asyncio.ensure_future(call)
+    background.add(task)
+    task.add_done_callback(_forget)
+    return task
+
+
+def _forget(task: asyncio.Future[object]) -> None:
+    background.discard(task)
+    if not task.cancelled() and task.exception() is not None:
+        logger.warning("keylock: finishing a cancelled call failed: %s", task.exception())

@@ -15,17 +15,16 @@ from typing import TYPE_CHECKING
 from ...errors import BackendUnavailable, LeaseLost, LockTimeout
 from ..base import Backend, Grant, KeyStatistics, LoopWaiter, ThreadWaiter, Waiter
 from ..memory import MemoryBackend
-from ._clients import AsyncClient, SyncClient, address, async_from, check_clients, from_url
-from ._clients import sync_from as _sync_from
-from ._flow import AcquireFlow, Handed, ServerClock, lost, ttl_ms
+from ._clients import AsyncClient, Connections, SyncClient, check_clients, from_url
+from ._flow import AcquireFlow, ServerClock, check_seconds, extend_call, lost
 from ._keys import Layout
-from ._listener import HandOff, Listener
+from ._listener import Waiting
 from ._renewer import Renewer
 from ._scripts import ACQUIRE, EXTEND, FENCE_SLACK_MS, LEAVE, RELEASE, Script
-from ._wire import Arg, AsyncWire, SyncWire, map_errors
+from ._wire import Arg, background, in_background, map_errors
 
 if TYPE_CHECKING:
-    from collections.abc import Coroutine, Sequence
+    from collections.abc import Sequence
 
     from ...lease import Lease
 
@@ -49,18 +48,6 @@ class _Held:
         self.token = token
         self.owner = owner
         self.local_token = local_token
-
-
-def _seconds(name: str, value: object, limit: float) -> float:
-    """*value* as a finite number of seconds in (0, limit], else TypeError/ValueError."""
-    if isinstance(value, bool) or not isinstance(value, int | float):
-        raise TypeError(f"RedisBackend {name} must be a number of seconds, not {value!r}")
-    if not 0 < value <= limit:  # NaN and inf fail too
-        raise ValueError(
-            f"RedisBackend {name} is {value!r}: it must be a finite number of seconds above 0 "
-            f"and at most {limit:g}"
-        )
-    return float(value)
 
 
 class RedisBackend(Backend):
@@ -95,24 +82,15 @@ class RedisBackend(Backend):
         poll: float = 1.0,
     ) -> None:
         check_clients(client, async_client)
-        self.default_ttl = self._ttl = _seconds("ttl", ttl, (2**52 - FENCE_SLACK_MS) / 1000)
-        if not isinstance(prefix, str) or not prefix or set("{}\0") & set(prefix):
-            raise (TypeError if not isinstance(prefix, str) else ValueError)(
-                f"RedisBackend prefix must be a non-empty str without braces or NUL, not "
-                f"{prefix!r}: braces would move every key's hash tag into the prefix"
-            )
-        self.auto_renew = bool(auto_renew)
+        self.default_ttl = self._ttl = check_seconds("ttl", ttl, (2**52 - FENCE_SLACK_MS) / 1000)
+        self.layout = Layout(prefix)  # checks the prefix
         self.prefix = prefix
-        self.layout = Layout(prefix)
-        self.poll = _seconds("poll", poll, _MAX_POLL)
-        self._client = client
-        self._async_client = async_client
-        self._async_clients: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, AsyncClient] = (
-            weakref.WeakKeyDictionary()
-        )
+        self.auto_renew = bool(auto_renew)
+        self.poll = check_seconds("poll", poll, _MAX_POLL)
         # how long a queued waiter stays in line without coming back (it does every poll)
         self._stay_ms = int(self.poll * 3000) + 1000
-        self._where = address(client or async_client)
+        self._connections = Connections(client, async_client)
+        self._where = self._connections.where
         self._start_process()
         _BACKENDS.add(self)
 
@@ -124,17 +102,11 @@ class RedisBackend(Backend):
         self._local = MemoryBackend()  # FIFO among this backend's own callers
         self._mutex = threading.Lock()
         self._held: dict[str, _Held] = {}  # guarded by _mutex
-        # guarded by _mutex: key -> owner -> its acquire, woken when the key is handed to it
-        self._waiters: dict[str, dict[bytes, tuple[AcquireFlow, Waiter]]] = {}
-        self._listener: Listener | None = None
-        self._wire: SyncWire | None = None
-        self._async_wires: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, AsyncWire] = (
-            weakref.WeakKeyDictionary()
-        )
-        self._async_clients.clear()  # their sockets are the parent's
+        self._connections.restart()  # their sockets are the parent's
+        self.clock = ServerClock()  # read from queueing replies; dates hand-offs
+        self._waiting = Waiting(self._sync, self._channel, self.clock)
         self._renewer: Renewer | None = None
         self._leaving: set[threading.Thread] = set()  # LEAVE threads of sync give-ups
-        self.clock = ServerClock()  # read from queueing replies; dates hand-offs
 
     @classmethod
     def from_url(
@@ -153,12 +125,9 @@ class RedisBackend(Backend):
         no redis-py client takes is a TypeError here, not at the first command."""
         client = from_url(url, cluster=cluster, options=client_options)
         backend = cls(client, ttl=ttl, auto_renew=auto_renew, prefix=prefix, poll=poll)
-        backend._url = url
-        backend._client_options = client_options
+        backend._connections.url = url  # async clients are made from the URL too
+        backend._connections.options = client_options
         return backend
-
-    _url: str | None = None
-    _client_options: dict[str, object] = {}  # noqa: RUF012 - read-only default
 
     def __repr__(self) -> str:
         return f"RedisBackend({self._where})"
@@ -166,19 +135,11 @@ class RedisBackend(Backend):
     # ------------------------------------------------------------------------ clients, wire
 
     def _sync(self) -> SyncClient:
-        if self._client is None:
-            self._client = _sync_from(self._async_client)  # type: ignore[arg-type]
-        return self._client
+        return self._connections.sync()
 
     def _async(self) -> AsyncClient:
-        if self._async_client is not None:
-            return self._async_client
-        loop = asyncio.get_running_loop()
-        client = self._async_clients.get(loop)
-        if client is None:  # redis.asyncio connections belong to one event loop
-            client = async_from(self._sync(), self._url, self._client_options)
-            self._async_clients[loop] = client
-        return client
+        """The async client for the running event loop."""
+        return self._connections.async_()
 
     def _run_sync(
         self,
@@ -188,11 +149,7 @@ class RedisBackend(Backend):
         args: Sequence[Arg],
         bound: float | None = None,
     ) -> object:
-        wire = self._wire
-        if wire is None:
-            wire = self._wire = SyncWire(self._sync())
-        with map_errors(key, self._where):
-            return wire.call(script, keys, args, bound)
+        return self._connections.run_sync(script, key, keys, args, bound)
 
     async def _run_async(
         self,
@@ -202,19 +159,7 @@ class RedisBackend(Backend):
         args: Sequence[Arg],
         bound: float | None = None,
     ) -> object:
-        loop = asyncio.get_running_loop()
-        wire = self._async_wires.get(loop)
-        if wire is None:  # redis.asyncio connections belong to one event loop
-            wire = self._async_wires[loop] = AsyncWire(self._async())
-        task = asyncio.current_task()
-        cancels = 0 if task is None else task.cancelling()
-        with map_errors(key, self._where):
-            reply = await wire.call(script, keys, args, bound)
-        if task is not None and task.cancelling() > cancels:
-            # Python 3.11's wait_for (inside redis-py's send) swallows a cancel that lands as
-            # the send completes: honour it, so a cancelled caller never walks off with a lease
-            raise asyncio.CancelledError
-        return reply
+        return await self._connections.run(script, key, keys, args, bound)
 
     # ------------------------------------------------------------------------ acquire, twice
 
@@ -252,7 +197,7 @@ class RedisBackend(Backend):
         waiter = LoopWaiter(owner, flow.ttl) if flow.waits else None
         try:
             if waiter is not None:
-                listener = self._watch(flow, waiter)
+                listener = self._waiting.watch(flow, waiter)
                 until = time.monotonic() + min(1.0, flow.bound(time.monotonic()) or 1.0)
                 # a new listener subscribes before we queue (a threading.Event: polled)
                 while not listener.subscribed.is_set() and time.monotonic() < until:  # noqa: ASYNC110
@@ -274,12 +219,12 @@ class RedisBackend(Backend):
         except BaseException:
             self._local._discard_sync(key, owner, local)
             if (args := flow.leave_args()) is not None:
-                leave = _in_background(self._run_async(LEAVE, key, flow.keys, args))
+                leave = in_background(self._run_async(LEAVE, key, flow.keys, args))
                 await asyncio.wait({leave}, timeout=_GIVE_UP_WAIT)  # it lands, or goes on alone
             raise
         finally:
             if waiter is not None:
-                self._unwatch(key, owner)
+                self._waiting.unwatch(key, owner)
 
     def acquire_sync(
         self, key: str, owner: bytes, *, timeout: float | None, ttl: float | None
@@ -292,7 +237,7 @@ class RedisBackend(Backend):
         waiter = ThreadWaiter(owner, flow.ttl) if flow.waits else None
         try:
             if waiter is not None:
-                listener = self._watch(flow, waiter)
+                listener = self._waiting.watch(flow, waiter)
                 listener.subscribed.wait(min(1.0, flow.bound(time.monotonic()) or 1.0))
             while True:
                 if waiter is not None:
@@ -315,11 +260,10 @@ class RedisBackend(Backend):
             raise
         finally:
             if waiter is not None:
-                self._unwatch(key, owner)
+                self._waiting.unwatch(key, owner)
 
     def _granted(self, flow: AcquireFlow, reply: object, sent: float) -> bool:
-        listener = self._listener
-        subscribed = listener is not None and listener.subscribed.is_set()
+        subscribed = self._waiting.subscribed()
         return flow.on_reply(reply, sent, time.time(), time.monotonic(), self.clock, subscribed)
 
     def _adopt(self, key: str, owner: bytes, local: Grant, flow: AcquireFlow) -> Grant:
@@ -340,7 +284,7 @@ class RedisBackend(Backend):
             return None
 
     def _withdraw(self, key: str, waiter: Waiter) -> Grant | None:
-        self._unwatch(key, waiter.owner)
+        self._waiting.unwatch(key, waiter.owner)
         return None
 
     def _leave_sync(self, key: str, keys: list[str], args: list[Arg], in_flight: bool) -> None:
@@ -369,44 +313,6 @@ class RedisBackend(Backend):
         # Without renewal the in-process turn lapses with the Redis lease, so the next caller
         # here can take over an expired lease as a caller elsewhere would.
         return None if self.auto_renew else ttl
-
-    # -------------------------------------------------------------------- hand-offs (pub/sub)
-
-    def _watch(self, flow: AcquireFlow, waiter: Waiter) -> Listener:
-        """Have *waiter* woken when its key is handed to it; returns the listener."""
-        with self._mutex:
-            self._waiters.setdefault(flow.key, {})[flow.owner] = (flow, waiter)
-            if self._listener is None:
-                ref = weakref.ref(self)
-
-                def deliver(hand_off: HandOff) -> None:
-                    backend = ref()
-                    if backend is not None:
-                        backend._hand_off(hand_off)
-
-                self._listener = Listener(self._sync(), self._channel, deliver)
-            return self._listener
-
-    def _unwatch(self, key: str, owner: bytes) -> None:
-        with self._mutex:
-            waiters = self._waiters.get(key)
-            if waiters is not None:
-                waiters.pop(owner, None)
-                if not waiters:
-                    del self._waiters[key]
-
-    def _hand_off(self, hand_off: HandOff) -> None:
-        """On the listener thread: a release handed a key to one of our waiters; its flow
-        gets the grant, dated by the server's clock, and the waiter is woken."""
-        with self._mutex:
-            found = self._waiters.get(hand_off.key, {}).get(hand_off.head)
-        if found is None:
-            return
-        flow, waiter = found
-        now = time.time()
-        expires_at = self.clock.handed_expiry(hand_off.granted_us, hand_off.claim, now)
-        flow.handed = Handed(hand_off.token, expires_at, time.monotonic() + expires_at - now)
-        waiter.wake()
 
     # ---------------------------------------------------------------------- release, extend
 
@@ -440,7 +346,7 @@ class RedisBackend(Backend):
             # A release, once started, completes even if its caller is cancelled: the cancel
             # cut redis-py off mid-call, so the script may or may not have run; running it again
             # is harmless (it compares the owner), and skipping it would strand the key.
-            _in_background(self._run_async(RELEASE, key, keys, [owner, key]))
+            in_background(self._run_async(RELEASE, key, keys, [owner, key]))
             raise
         finally:
             self._release_local(key, held)
@@ -454,8 +360,7 @@ class RedisBackend(Backend):
             held = self._held.get(key)
         if held is None or held.token != token or held.owner != owner:
             raise lost(key, token)
-        ms = ttl_ms(ttl, key)
-        return self.layout.lock(key)[:2], [owner, ms, ms + FENCE_SLACK_MS]
+        return extend_call(self.layout, key, owner, ttl)
 
     def _extended(self, key: str, owner: bytes, token: int, ttl: float, sent: float) -> None:
         """After an extend: the renewer follows the new TTL; without auto-renew, the
@@ -506,9 +411,7 @@ class RedisBackend(Backend):
             pipe.get(fence_key)
             owner, token = pipe.execute()
         local = self._local.statistics(key)
-        with self._mutex:
-            watching = len(self._waiters.get(key, ()))
-        waiting = local.waiting + watching
+        waiting = local.waiting + self._waiting.count(key)
         if owner is None:
             return KeyStatistics(key, False, None, None, waiting)
         if isinstance(owner, str):  # a client with decode_responses=True
@@ -539,15 +442,9 @@ class RedisBackend(Backend):
     def _renew(self, batch: list[tuple[str, bytes, float]]) -> list[object]:
         """Extend every lease of *batch* (key, owner, TTL) in one round trip: True if still
         ours (and extended), False if not, or the error of that one call."""
-        calls: list[tuple[list[str], list[Arg]]] = []
-        for key, owner, ttl in batch:
-            ms = ttl_ms(ttl, key)
-            calls.append((self.layout.lock(key)[:2], [owner, ms, ms + FENCE_SLACK_MS]))
-        wire = self._wire
-        if wire is None:
-            wire = self._wire = SyncWire(self._sync())
+        calls = [extend_call(self.layout, key, owner, ttl) for key, owner, ttl in batch]
         with map_errors(batch[0][0], self._where):
-            replies = wire.call_many(EXTEND, calls)
+            replies = self._connections.wire().call_many(EXTEND, calls)
         return [reply if isinstance(reply, Exception) else reply == 1 for reply in replies]
 
     # ----------------------------------------------------------------------------- closing
@@ -557,26 +454,20 @@ class RedisBackend(Backend):
             leave.join(1.0)
         if self._renewer is not None:
             self._renewer.stop()
-        if self._listener is not None:
-            self._listener.stop()
-        if self._wire is not None:
-            self._wire.close()
-        if self._client is not None:
-            self._client.close()
+        self._waiting.stop()
+        self._connections.close_sync()
 
     async def close(self) -> None:
         loop = asyncio.get_running_loop()
-        finishing = [task for task in _background if task.get_loop() is loop]
+        finishing = [task for task in background if task.get_loop() is loop]
         if finishing:  # releases finishing for cancelled callers: let them land first
             await asyncio.wait(finishing, timeout=5)
-        self.close_sync()
-        wire = self._async_wires.pop(loop, None)
-        if wire is not None:  # other loops' connections can only be dropped, not closed
-            await wire.close()
-        for client in list(self._async_clients.values()):
-            await client.aclose()
-        if self._async_client is not None:
-            await self._async_client.aclose()
+        for leave in list(self._leaving):
+            leave.join(1.0)
+        if self._renewer is not None:
+            self._renewer.stop()
+        self._waiting.stop()
+        await self._connections.close()
 
     def _single_flight(self, namespace: str, serializer: object = None) -> object:
         from .._redis_flight import JSON, RemoteFlights
@@ -594,19 +485,3 @@ def _after_fork_in_child() -> None:
 
 
 os.register_at_fork(after_in_child=_after_fork_in_child)
-
-_background: set[asyncio.Future[object]] = set()  # finishing calls, kept alive until done
-
-
-def _in_background(call: Coroutine[object, object, object]) -> asyncio.Future[object]:
-    """Run *call* to its end in a task nobody needs to await (its failure is logged)."""
-    task = asyncio.ensure_future(call)
-    _background.add(task)
-    task.add_done_callback(_forget)
-    return task
-
-
-def _forget(task: asyncio.Future[object]) -> None:
-    _background.discard(task)
-    if not task.cancelled() and task.exception() is not None:
-        logger.warning("keylock: finishing a cancelled call failed: %s", task.exception())

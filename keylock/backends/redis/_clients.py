@@ -10,6 +10,8 @@ from __future__ import annotations
 import asyncio
 import functools
 import inspect
+import logging
+import threading
 import weakref
 from typing import TYPE_CHECKING
 
@@ -29,6 +31,7 @@ if TYPE_CHECKING:
     from ._wire import Arg
 
 __all__ = [
+    "GIVE_UP_WAIT",
     "AsyncClient",
     "Connections",
     "SyncClient",
@@ -38,6 +41,8 @@ __all__ = [
     "from_url",
     "sync_from",
 ]
+
+logger = logging.getLogger("keylock")
 
 SyncClient = redis.Redis | redis.cluster.RedisCluster
 AsyncClient = redis.asyncio.Redis | redis.asyncio.cluster.RedisCluster
@@ -152,6 +157,12 @@ def address(client: object) -> str:
     return f"{kwargs.get('host', 'localhost')}:{kwargs.get('port', 6379)}"
 
 
+# A caller that gives up (timeout, cancel, error) waits this long for its LEAVE to land, then
+# goes on while the LEAVE finishes alone: on a link that drops everything, giving up must not
+# cost another socket timeout.
+GIVE_UP_WAIT = 0.25
+
+
 class Connections:
     """A backend's clients and wires: the sync ones (threads), and an async client and wire
     per event loop (redis.asyncio connections belong to the loop that made them). Every
@@ -179,6 +190,7 @@ class Connections:
         self._async_wires: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, AsyncWire]
         self._async_wires = weakref.WeakKeyDictionary()
         self._async_clients.clear()
+        self._leaving: set[threading.Thread] = set()  # LEAVEs of sync callers that gave up
 
     def sync(self) -> SyncClient:
         if self.client is None:
@@ -234,7 +246,35 @@ class Connections:
             raise asyncio.CancelledError
         return reply
 
+    def leave_sync(
+        self, leave: Script, key: str, keys: list[str], args: list[Arg], in_flight: bool
+    ) -> None:
+        """Run LEAVE for a sync caller that gave up. With a call in flight the link may be
+        what failed: it runs in a thread of its own, waited for GIVE_UP_WAIT at most."""
+        if not in_flight:
+            self._leave_quietly(leave, key, keys, args, GIVE_UP_WAIT)
+            return
+        thread = threading.Thread(
+            target=self._leave_quietly, args=(leave, key, keys, args), daemon=True
+        )
+        self._leaving.add(thread)
+        thread.start()
+        thread.join(GIVE_UP_WAIT)
+
+    def _leave_quietly(
+        self, leave: Script, key: str, keys: list[str], args: list[Arg], bound: float | None = None
+    ) -> None:
+        """A failed LEAVE only costs the place in line its stay."""
+        try:
+            self.run_sync(leave, key, keys, args, bound)
+        except Exception as exc:  # (also: the backend closed under a LEAVE left to finish)
+            logger.debug("keylock: leaving the line for %r failed: %s", key, exc)
+        finally:
+            self._leaving.discard(threading.current_thread())
+
     def close_sync(self) -> None:
+        for thread in list(self._leaving):  # LEAVEs finishing for callers that gave up
+            thread.join(1.0)
         if self._wire is not None:
             self._wire.close()
         if self.client is not None:

@@ -20,16 +20,35 @@ import weakref
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
+from ._flow import extend_call
+from ._scripts import EXTEND
+from ._wire import map_errors
+
 if TYPE_CHECKING:
     from ...lease import Lease
+    from ._clients import Connections
+    from ._keys import Layout
 
-__all__ = ["Renewal", "Renewer"]
+__all__ = ["Renewal", "Renewer", "extend_all"]
 
 logger = logging.getLogger("keylock")
 
 #: Renew a batch of leases: (key, owner, ttl) each -> True (extended), False (not ours any
 #: more), or an exception (this lease's renewal failed; an exception raised fails them all).
 Renewal = Callable[[list[tuple[str, bytes, float]]], list[object]]
+
+
+def extend_all(connections: Connections, layout: Layout) -> Renewal:
+    """A :data:`Renewal` through *connections*: every EXTEND of a batch in one pipelined
+    round trip; True if still ours (and extended), False if not, or that call's error."""
+
+    def renew(batch: list[tuple[str, bytes, float]]) -> list[object]:
+        calls = [extend_call(layout, key, owner, ttl) for key, owner, ttl in batch]
+        with map_errors(batch[0][0], connections.where):
+            replies = connections.wire().call_many(EXTEND, calls)
+        return [reply if isinstance(reply, Exception) else reply == 1 for reply in replies]
+
+    return renew
 
 
 class _Entry:

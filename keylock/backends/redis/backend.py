@@ -15,11 +15,11 @@ from typing import TYPE_CHECKING
 from ...errors import BackendUnavailable, LeaseLost, LockTimeout
 from ..base import Backend, Grant, KeyStatistics, LoopWaiter, ThreadWaiter, Waiter
 from ..memory import MemoryBackend
-from ._clients import AsyncClient, Connections, SyncClient, check_clients, from_url
+from ._clients import GIVE_UP_WAIT, AsyncClient, Connections, SyncClient, check_clients, from_url
 from ._flow import AcquireFlow, ServerClock, check_seconds, extend_call, lost
 from ._keys import Layout
 from ._listener import Waiting
-from ._renewer import Renewer
+from ._renewer import Renewer, extend_all
 from ._scripts import ACQUIRE, EXTEND, FENCE_SLACK_MS, LEAVE, RELEASE, Script
 from ._wire import Arg, background, in_background, map_errors
 
@@ -32,10 +32,6 @@ __all__ = ["RedisBackend"]
 
 logger = logging.getLogger("keylock")
 
-# A caller that gives up (timeout, cancel, error) waits this long for its LEAVE to land, then
-# goes on while the LEAVE finishes alone: on a link that drops everything, giving up must not
-# cost another socket timeout.
-_GIVE_UP_WAIT = 0.25
 _MAX_POLL = 86_400.0  # a waiter's place in line lasts 3 polls: keep it within a Redis TTL
 
 
@@ -106,7 +102,6 @@ class RedisBackend(Backend):
         self.clock = ServerClock()  # read from queueing replies; dates hand-offs
         self._waiting = Waiting(self._sync, self._channel, self.clock)
         self._renewer: Renewer | None = None
-        self._leaving: set[threading.Thread] = set()  # LEAVE threads of sync give-ups
 
     @classmethod
     def from_url(
@@ -220,7 +215,7 @@ class RedisBackend(Backend):
             self._local._discard_sync(key, owner, local)
             if (args := flow.leave_args()) is not None:
                 leave = in_background(self._run_async(LEAVE, key, flow.keys, args))
-                await asyncio.wait({leave}, timeout=_GIVE_UP_WAIT)  # it lands, or goes on alone
+                await asyncio.wait({leave}, timeout=GIVE_UP_WAIT)  # it lands, or goes on alone
             raise
         finally:
             if waiter is not None:
@@ -256,7 +251,7 @@ class RedisBackend(Backend):
         except BaseException:
             self._local._discard_sync(key, owner, local)
             if (args := flow.leave_args()) is not None:
-                self._leave_sync(key, flow.keys, args, flow.in_flight)
+                self._connections.leave_sync(LEAVE, key, flow.keys, args, flow.in_flight)
             raise
         finally:
             if waiter is not None:
@@ -286,28 +281,6 @@ class RedisBackend(Backend):
     def _withdraw(self, key: str, waiter: Waiter) -> Grant | None:
         self._waiting.unwatch(key, waiter.owner)
         return None
-
-    def _leave_sync(self, key: str, keys: list[str], args: list[Arg], in_flight: bool) -> None:
-        """LEAVE for a sync caller that gave up. With a call in flight the link may be what
-        failed: leave from a thread of its own, waited for _GIVE_UP_WAIT at most."""
-        if not in_flight:
-            self._leave_quietly(key, keys, args, _GIVE_UP_WAIT)
-            return
-        leave = threading.Thread(target=self._leave_quietly, args=(key, keys, args), daemon=True)
-        self._leaving.add(leave)
-        leave.start()
-        leave.join(_GIVE_UP_WAIT)
-
-    def _leave_quietly(
-        self, key: str, keys: list[str], args: list[Arg], bound: float | None = None
-    ) -> None:
-        """LEAVE for a caller that gave up; a failure only costs the place in line its stay."""
-        try:
-            self._run_sync(LEAVE, key, keys, args, bound)
-        except Exception as exc:  # (also: the backend closed under a LEAVE left to finish)
-            logger.debug("keylock: leaving the line for %r failed: %s", key, exc)
-        finally:
-            self._leaving.discard(threading.current_thread())
 
     def _local_ttl(self, ttl: float) -> float | None:
         # Without renewal the in-process turn lapses with the Redis lease, so the next caller
@@ -424,14 +397,7 @@ class RedisBackend(Backend):
         if self.auto_renew and lease.ttl:
             with self._mutex:
                 if self._renewer is None:
-                    ref = weakref.ref(self)
-
-                    def renew(batch: list[tuple[str, bytes, float]]) -> list[object]:
-                        backend = ref()
-                        if backend is None:
-                            return [BackendUnavailable("the backend is gone")] * len(batch)
-                        return backend._renew(batch)
-
+                    renew = extend_all(self._connections, self.layout)
                     self._renewer = Renewer(renew, self._ttl / 3)
             self._renewer.add(lease)
 
@@ -439,19 +405,9 @@ class RedisBackend(Backend):
         if self._renewer is not None:
             self._renewer.remove(lease)
 
-    def _renew(self, batch: list[tuple[str, bytes, float]]) -> list[object]:
-        """Extend every lease of *batch* (key, owner, TTL) in one round trip: True if still
-        ours (and extended), False if not, or the error of that one call."""
-        calls = [extend_call(self.layout, key, owner, ttl) for key, owner, ttl in batch]
-        with map_errors(batch[0][0], self._where):
-            replies = self._connections.wire().call_many(EXTEND, calls)
-        return [reply if isinstance(reply, Exception) else reply == 1 for reply in replies]
-
     # ----------------------------------------------------------------------------- closing
 
     def close_sync(self) -> None:
-        for leave in list(self._leaving):  # LEAVEs finishing for callers that gave up
-            leave.join(1.0)
         if self._renewer is not None:
             self._renewer.stop()
         self._waiting.stop()
@@ -462,8 +418,6 @@ class RedisBackend(Backend):
         finishing = [task for task in background if task.get_loop() is loop]
         if finishing:  # releases finishing for cancelled callers: let them land first
             await asyncio.wait(finishing, timeout=5)
-        for leave in list(self._leaving):
-            leave.join(1.0)
         if self._renewer is not None:
             self._renewer.stop()
         self._waiting.stop()

@@ -25,6 +25,7 @@ import redis
 
 from keylock import BackendUnavailable, KeyedLock, Lease, LeaseLost, LockTimeout
 from keylock.backends import RedisBackend
+from keylock.backends.redis._renewer import Renewal
 
 from .._redis_server import Server
 from ._history import Grant, History, RedisFencedStore, Wait, believed_expiry
@@ -91,10 +92,22 @@ class _TrustingRenewals(RedisBackend):
     """Planted bug: the renewer believes every renewal it sends (a lease extended on the wire
     is taken as extended), ignoring the server's verdict."""
 
-    def _renew(self, lease: Lease) -> bool:
-        super()._renew(lease)
-        lease._renewed(time.time() + (lease.ttl or self._ttl))
-        return True
+    leases: dict[str, Lease]
+
+    def _track(self, lease: Lease) -> None:
+        self.__dict__.setdefault("leases", {})[lease._full_key] = lease
+        super()._track(lease)
+
+    def _renewal(self) -> Renewal:
+        renew = super()._renewal()
+
+        def trusting(batch: list[tuple[str, bytes, float]]) -> list[object]:
+            renew(batch)
+            for key, _owner, ttl in batch:  # extended as of the reply, whatever it says
+                self.leases[key]._renewed(time.time() + ttl)
+            return [True] * len(batch)
+
+        return trusting
 
 
 async def _late_renewal_trial(

@@ -19,7 +19,7 @@ from ._clients import GIVE_UP_WAIT, AsyncClient, Connections, SyncClient, check_
 from ._flow import AcquireFlow, ServerClock, check_seconds, extend_call, lost
 from ._keys import Layout
 from ._listener import Waiting
-from ._renewer import Renewer, extend_all
+from ._renewer import Renewal, Renewer, extend_all
 from ._scripts import ACQUIRE, EXTEND, FENCE_SLACK_MS, LEAVE, RELEASE, Script
 from ._wire import Arg, background, in_background, map_errors
 
@@ -397,9 +397,12 @@ class RedisBackend(Backend):
         if self.auto_renew and lease.ttl:
             with self._mutex:
                 if self._renewer is None:
-                    renew = extend_all(self._connections, self.layout)
-                    self._renewer = Renewer(renew, self._ttl / 3)
+                    self._renewer = Renewer(self._renewal(), self._ttl / 3)
             self._renewer.add(lease)
+
+    def _renewal(self) -> Renewal:
+        """How the renewer extends a batch of leases: one pipelined round trip."""
+        return extend_all(self._connections, self.layout)
 
     def _untrack(self, lease: Lease) -> None:
         if self._renewer is not None:

@@ -193,48 +193,46 @@ class RedisCompletions:
         self._lock_key = lock_key
 
     def _name(self, key: str) -> str:
-        from .backends.redis import _tag
-
         full = self._lock_key(key)
-        return f"{self._backend.prefix}:{{{_tag(full)}}}:done:{_digest(self._scope, full)}"
+        return self._backend.layout.completions(full, _digest(self._scope, full))
 
     def arrive_sync(self, key: str) -> int:
-        from .backends.redis import _address, _map_errors
+        from .backends.redis._wire import map_errors
 
         client = self._backend._sync()
-        with _map_errors(key, _address(client)):
+        with map_errors(key, self._backend._where):
             return int(client.get(self._name(key)) or 0)
 
     def completed_since_sync(self, key: str, arrived: int) -> bool:
         return self.arrive_sync(key) > arrived
 
     def complete_sync(self, key: str) -> None:
-        from .backends.redis import _address, _map_errors
+        from .backends.redis._wire import map_errors
 
         client = self._backend._sync()
         name = self._name(key)
-        with _map_errors(key, _address(client)):
+        with map_errors(key, self._backend._where):
             pipe = client.pipeline(transaction=False)
             pipe.incr(name)
             pipe.expire(name, REDIS_IDLE_EXPIRY)
             pipe.execute()
 
     async def arrive(self, key: str) -> int:
-        from .backends.redis import _address, _map_errors
+        from .backends.redis._wire import map_errors
 
         client = self._backend._async()
-        with _map_errors(key, _address(client)):
+        with map_errors(key, self._backend._where):
             return int(await client.get(self._name(key)) or 0)
 
     async def completed_since(self, key: str, arrived: int) -> bool:
         return await self.arrive(key) > arrived
 
     async def complete(self, key: str) -> None:
-        from .backends.redis import _address, _map_errors
+        from .backends.redis._wire import map_errors
 
         client = self._backend._async()
         name = self._name(key)
-        with _map_errors(key, _address(client)):
+        with map_errors(key, self._backend._where):
             pipe = client.pipeline(transaction=False)
             pipe.incr(name)
             pipe.expire(name, REDIS_IDLE_EXPIRY)

@@ -136,9 +136,18 @@ class SyncHold(_Hold):
         if step is not None and (grant := step(full, owner, ttl, None)) is not None:
             self._state = 0
         else:
-            if timeout != 0 and asyncio._get_running_loop() is not None:
-                _refuse_blocking_the_loop(self.key)
-            grant = locks._backend.acquire_sync(full, owner, timeout=timeout, ttl=ttl)
+            # on a thread running an event loop, waiting would stop the loop: only a try
+            on_loop = timeout != 0 and asyncio._get_running_loop() is not None
+            if on_loop and step is not None:  # (the inline step just tried)
+                raise _blocking(self.key)
+            try:
+                grant = locks._backend.acquire_sync(
+                    full, owner, timeout=0 if on_loop else timeout, ttl=ttl
+                )
+            except LockTimeout:
+                if on_loop:
+                    raise _blocking(self.key) from None
+                raise
             self._state = 0 if step is None else _QUEUED
         self._granted(grant)
         if ttl is not None:
@@ -229,10 +238,10 @@ class _ObservedSync(_Observed, SyncHold):
         return self
 
 
-def _refuse_blocking_the_loop(key: str) -> None:
-    """A sync acquire that may wait, on a thread running an event loop, would stop that loop
-    while it waits, and deadlock it when a task of that loop holds the key."""
-    raise RuntimeError(
+def _blocking(key: str) -> RuntimeError:
+    """A sync acquire that would have to wait on a thread running an event loop: waiting
+    would stop that loop, and never end if a task of that loop holds the key."""
+    return RuntimeError(
         f"keylock: locks.sync({key!r}) would block this thread's running event loop while it "
         f"waits (and never return if a task on that loop holds {key!r}); in a coroutine use "
         f"'async with locks({key!r})', or run the sync code in a thread (asyncio.to_thread)"

@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import time
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, cast
+from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from collections.abc import Iterator
@@ -29,28 +29,35 @@ class HeldLock:
     waiting: int
     holder_pid: int | None = None
     holder_host: str | None = None
+    stored: str = ""  # the key exactly as stored ("namespace NUL key"): what release needs
 
 
 def inspect_redis(url: str, *, prefix: str = "keylock") -> Iterator[HeldLock]:
     """Every lock currently held on the server at *url* (walks the keyspace with SCAN)."""
     import redis
 
+    from .backends.redis._keys import Layout
+
+    layout = Layout(prefix)
     client = redis.Redis.from_url(url)
     try:
-        for raw in client.scan_iter(match=f"{prefix}:{{*}}", count=500):
+        for raw in client.scan_iter(match=layout.scan_pattern(), count=500):
             name = raw.decode("utf-8", "surrogatepass")
-            if not name.endswith("}"):  # :fence, :queue, :alive companions
+            key = layout.parse(name)
+            if key is None:  # :fence, :queue, :alive companions
                 continue
+            lock, fence, queue, _ = layout.lock(key)
             pipe = client.pipeline(transaction=False)
-            pipe.get(name)
-            pipe.pttl(name)
-            pipe.get(f"{name}:fence")
-            pipe.zcard(f"{name}:queue")
+            pipe.get(lock)
+            pipe.pttl(lock)
+            pipe.get(fence)
+            pipe.zcard(queue)
             owner, pttl, token, waiting = pipe.execute()
             if owner is None:
                 continue  # released between SCAN and GET
             yield HeldLock(
-                key=shown(name[len(prefix) + 2 : -1]),
+                key=shown(key),
+                stored=key,
                 token=int(token) if token is not None else None,
                 owner=bytes(owner).hex(),
                 ttl=None if pttl is None or pttl < 0 else pttl / 1000,
@@ -61,21 +68,17 @@ def inspect_redis(url: str, *, prefix: str = "keylock") -> Iterator[HeldLock]:
 
 
 def force_release_redis(
-    url: str, key: str, *, prefix: str = "keylock", owner: bytes | None = None
+    url: str, key: str, *, prefix: str = "keylock", owner: bytes | str | None = None
 ) -> bool:
-    """Delete *key*'s lock and wake its waiters; True if it was held. *owner* names the holder
-    the operator was shown (the CLI always passes it)."""
+    """Delete *key*'s lock if *owner* (bytes or hex; None: whoever holds it now) still holds
+    it, and hand it to the next waiter at once; True if it was deleted."""
     import redis
 
-    from .backends.redis import _tag
+    from .backends.redis import force_release
 
     client = redis.Redis.from_url(url)
     try:
-        name = f"{prefix}:{{{_tag(key)}}}"
-        head = cast("list[bytes]", client.zrange(f"{name}:queue", 0, 0))
-        released = bool(client.delete(name))
-        client.publish(f"{prefix}:released", key.encode() + b"\0" + (head[0] if head else b""))
-        return released
+        return force_release(client, key, owner=owner, prefix=prefix)
     finally:
         client.close()
 
@@ -102,6 +105,7 @@ def inspect_directory(directory: str) -> Iterator[HeldLock]:
                     record = read_record(fd)
                     yield HeldLock(
                         key=entry.name if record.key is None else shown(record.key),
+                        stored=record.key or "",
                         token=record.token,
                         owner=None if record.owner is None else record.owner.hex(),
                         ttl=None

@@ -13,14 +13,15 @@ import builtins
 import json
 from typing import TYPE_CHECKING, ParamSpec, TypeVar, cast
 
-from .backends.redis import _map_errors
+from .backends.redis._wire import map_errors
 from .errors import LockTimeout
 from .registry import KeyedLock
 
 if TYPE_CHECKING:
     from collections.abc import Awaitable, Callable
 
-    from .backends.redis import AsyncClient, RedisBackend, SyncClient
+    from .backends.redis import RedisBackend
+    from .backends.redis._clients import AsyncClient, SyncClient
     from .singleflight import Serializer
 
 __all__ = ["RedisFlight"]
@@ -62,7 +63,7 @@ class RedisFlight:
         self._loads: Callable[[str | bytes], object] = loads
 
     def _result_key(self, key: str, token: int) -> str:
-        return f"{self._backend.prefix}:{{flight:{key}}}:result:{token}"
+        return self._backend.layout.flight_result(key, token)
 
     def _decode(self, raw: str | bytes) -> object:
         # bytes, as Redis returns them, for every caller (a decode_responses client gives str)
@@ -177,17 +178,17 @@ class RedisFlight:
     # Outcomes in Redis; errors become BackendUnavailable here, once.
 
     async def _get(self, client: AsyncClient, key: str, token: int) -> bytes | None:
-        with _map_errors(key, self._backend._where):
+        with map_errors(key, self._backend._where):
             return cast("bytes | None", await client.get(self._result_key(key, token)))
 
     async def _put(self, client: AsyncClient, key: str, token: int, payload: str | bytes) -> None:
-        with _map_errors(key, self._backend._where):
+        with map_errors(key, self._backend._where):
             await client.set(self._result_key(key, token), payload, px=_TTL)
 
     def _get_sync(self, client: SyncClient, key: str, token: int) -> bytes | None:
-        with _map_errors(key, self._backend._where):
+        with map_errors(key, self._backend._where):
             return cast("bytes | None", client.get(self._result_key(key, token)))
 
     def _put_sync(self, client: SyncClient, key: str, token: int, payload: str | bytes) -> None:
-        with _map_errors(key, self._backend._where):
+        with map_errors(key, self._backend._where):
             client.set(self._result_key(key, token), payload, px=_TTL)

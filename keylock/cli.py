@@ -189,7 +189,10 @@ def _release(args: argparse.Namespace) -> int:
             return 1
     try:
         released = force_release_redis(
-            args.redis_url, args.key, prefix=args.prefix, owner=bytes.fromhex(holder.owner)
+            args.redis_url,
+            holder.stored or args.key,
+            prefix=args.prefix,
+            owner=bytes.fromhex(holder.owner),
         )
     except redis.RedisError as exc:
         raise redis_failure(exc, args.redis_url) from None

@@ -125,18 +125,18 @@ def _check_set(resource: object, token: object, value: object) -> str:
 
 
 def _keys(resource: str, prefix: str) -> list[str]:
-    from .backends.redis import _tag  # one hash tag: both keys in one Cluster slot
+    from .backends.redis._keys import Layout  # one hash tag: both keys in one Cluster slot
 
-    base = f"{prefix}:{{{_tag(resource)}}}"
-    return [base, f"{base}:fence"]
+    return Layout(prefix).fenced(resource)
 
 
 def _boundary(resource: str, client: object) -> contextlib.AbstractContextManager[None]:
     """Redis errors become BackendUnavailable naming the server (redis is imported only here:
     whoever calls these has a redis client already)."""
-    from .backends.redis import _address, _map_errors
+    from .backends.redis._clients import address
+    from .backends.redis._wire import map_errors
 
-    return _map_errors(resource, _address(client))
+    return map_errors(resource, address(client))
 
 
 def _verdict(resource: str, token: int, reply: object) -> None:

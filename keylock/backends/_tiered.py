@@ -15,15 +15,12 @@ import abc
 import contextlib
 import threading
 import time
-from typing import TYPE_CHECKING, NamedTuple
+from typing import NamedTuple
 
 from ..errors import LeaseLost
 from ._waiters import LoopWaiter, ThreadWaiter, Waiter
 from .base import Backend, Deadline, Grant, KeyStatistics
 from .memory import MemoryBackend
-
-if TYPE_CHECKING:
-    from collections.abc import Hashable
 
 __all__ = ["Flow", "Held", "Step", "Tier", "TieredBackend"]
 
@@ -52,7 +49,7 @@ class Step(NamedTuple):
     """What an acquire does next: send *trip* to the arbiter, or wait up to *wait* seconds
     (None: until woken)."""
 
-    trip: Hashable | None
+    trip: object | None
     wait: float | None
 
 
@@ -90,9 +87,12 @@ class Flow(abc.ABC):
         """The error to raise for a trip that failed (the deadline may make it LockTimeout)."""
         return error
 
-    def leaving(self) -> Hashable | None:
+    def leaving(self) -> object | None:
         """The trip that takes this caller out of the arbiter's line when it gives up."""
         return None
+
+    def close(self) -> None:
+        """The acquire ended (granted or not): drop what was set up for it."""
 
 
 class TieredBackend(Backend):
@@ -119,10 +119,10 @@ class TieredBackend(Backend):
         raise NotImplementedError
 
     @abc.abstractmethod
-    def _trip_sync(self, flow: Flow, trip: Hashable) -> object:
+    def _trip_sync(self, flow: Flow, trip: object) -> object:
         """Make *trip* (blocking); errors as keylock errors."""
 
-    async def _trip(self, flow: Flow, trip: Hashable) -> object:
+    async def _trip(self, flow: Flow, trip: object) -> object:
         """Make *trip* from an event loop; by default the blocking call (local I/O)."""
         return self._trip_sync(flow, trip)
 
@@ -158,6 +158,8 @@ class TieredBackend(Backend):
         self, key: str, owner: bytes, ttl: float | None, waiter: Waiter | None
     ) -> Grant | None:
         """The uncontended step of an inline arbiter: this process's turn, then one try."""
+        if not self.nonblocking_step:
+            raise TypeError(f"{self!r} has no non-blocking step: use acquire(timeout=0)")
         local_tier = self._tier.local
         local = local_tier._try_acquire(key, owner, ttl, None)
         if local is None:
@@ -186,8 +188,9 @@ class TieredBackend(Backend):
             await tier.local.acquire(key, owner, timeout=timeout, ttl=local_ttl)
         )
         waiter = LoopWaiter(owner, ttl)
-        flow = self._flow(key, owner, ttl, deadline, waiter, local)
+        flow: Flow | None = None
         try:
+            flow = self._flow(key, owner, ttl, deadline, waiter, local)  # (may refuse the key)
             while (step := flow.next(time.monotonic())) is not None:
                 if step.trip is None:
                     await waiter.wait(step.wait)
@@ -195,15 +198,19 @@ class TieredBackend(Backend):
                 try:
                     reply = await self._trip(flow, step.trip)
                 except Exception as exc:
-                    raise flow.on_error(exc, time.monotonic()) from exc
+                    _raise(flow.on_error(exc, time.monotonic()), exc)
                 flow.on_reply(reply, time.monotonic())
             return self._adopt(flow)
         except BaseException:
             try:
-                await self._left(flow)
+                if flow is not None:
+                    await self._left(flow)
             finally:
                 tier.local._discard_sync(key, owner, local)  # pass the in-process turn on
             raise
+        finally:
+            if flow is not None:
+                flow.close()
 
     def acquire_sync(
         self, key: str, owner: bytes, *, timeout: float | None, ttl: float | None
@@ -216,8 +223,9 @@ class TieredBackend(Backend):
             tier.local.acquire_sync(key, owner, timeout=timeout, ttl=local_ttl)
         )
         waiter = ThreadWaiter(owner, ttl)
-        flow = self._flow(key, owner, ttl, deadline, waiter, local)
+        flow: Flow | None = None
         try:
+            flow = self._flow(key, owner, ttl, deadline, waiter, local)  # (may refuse the key)
             while (step := flow.next(time.monotonic())) is not None:
                 if step.trip is None:
                     waiter.wait(step.wait)
@@ -225,15 +233,19 @@ class TieredBackend(Backend):
                 try:
                     reply = self._trip_sync(flow, step.trip)
                 except Exception as exc:
-                    raise flow.on_error(exc, time.monotonic()) from exc
+                    _raise(flow.on_error(exc, time.monotonic()), exc)
                 flow.on_reply(reply, time.monotonic())
             return self._adopt(flow)
         except BaseException:
             try:
-                self._left_sync(flow)
+                if flow is not None:
+                    self._left_sync(flow)
             finally:
                 tier.local._discard_sync(key, owner, local)
             raise
+        finally:
+            if flow is not None:
+                flow.close()
 
     def _local_ttl(self, ttl: float | None) -> float | None:
         """The TTL of the in-process turn: the lease's own (the tier hands an expired lease's
@@ -272,18 +284,20 @@ class TieredBackend(Backend):
         held = self._take_held(key, owner, token, pop=True)
         try:
             ours = self._end_sync(key, held)
-        finally:
-            ours = self._release_local(key, held) and ours
-        if not ours:
+        except BaseException:
+            self._release_local(key, held)  # the next caller here goes on, whatever happened
+            raise
+        if not (self._release_local(key, held) and ours):
             raise self._lost(key, token)
 
     async def release(self, key: str, owner: bytes, token: int) -> None:
         held = self._take_held(key, owner, token, pop=True)
         try:
             ours = await self._end(key, held)
-        finally:
-            ours = self._release_local(key, held) and ours
-        if not ours:
+        except BaseException:
+            self._release_local(key, held)
+            raise
+        if not (self._release_local(key, held) and ours):
             raise self._lost(key, token)
 
     def _discard_sync(self, key: str, owner: bytes, grant: Grant) -> None:
@@ -312,3 +326,10 @@ class TieredBackend(Backend):
     @abc.abstractmethod
     def _arbiter_statistics(self, key: str, local: KeyStatistics) -> KeyStatistics:
         """Statistics of a key this process does not hold at the arbiter."""
+
+
+def _raise(error: Exception, cause: Exception) -> None:
+    """Raise *error*: *cause* itself as it is, or another error chained to it."""
+    if error is cause:
+        raise cause
+    raise error from cause

@@ -29,6 +29,10 @@ class Waiter(abc.ABC):
         self.grant: Grant | None = None  # set once, by the backend that hands the key over
         self.retry_at = math.inf  # time.monotonic() at which to run the step again unwoken
 
+    def prepare(self) -> None:
+        """Arm for the next wake-up; call before re-reading the state, so a wake-up that comes
+        between the read and the wait is not lost."""
+
     @abc.abstractmethod
     def wake(self) -> bool:
         """Wake the waiting caller; callable from any thread, any number of times.
@@ -108,8 +112,6 @@ class LoopWaiter(Waiter):
         if timeout is None:
             await future
             return
-        try:
-            async with asyncio.timeout(max(timeout, 0.0)):
-                await future
-        except TimeoutError:
-            pass
+        # (asyncio.wait leaves the future alone at the timeout: a timeout that cancelled it
+        # would drop a wake-up landing just after, and fail the next wait on it at once)
+        await asyncio.wait((future,), timeout=max(timeout, 0.0))

@@ -36,8 +36,6 @@ from ._tiered import Flow, Held, Step, Tier, TieredBackend
 from .base import Deadline, Grant, KeyStatistics
 
 if TYPE_CHECKING:
-    from collections.abc import Hashable
-
     from ._waiters import Waiter
 
 __all__ = ["FileBackend", "file_name"]
@@ -385,7 +383,7 @@ class FileBackend(TieredBackend):
     def _local_ttl(self, ttl: float | None) -> float | None:
         return None  # waiting for another process must not eat the lease: see _adopt
 
-    def _trip_sync(self, flow: Flow, trip: Hashable) -> object:
+    def _trip_sync(self, flow: Flow, trip: object) -> object:
         if trip == _LEAVE:
             self._stop_waiting(flow.key)
             return None
@@ -501,5 +499,5 @@ class _FileFlow(Flow):
         self._pause = min(self._pause * 2, _MAX_POLL) if self._pause else _FIRST_POLL
         self._due = min(now + self._pause, self.deadline.at)
 
-    def leaving(self) -> Hashable | None:
+    def leaving(self) -> object | None:
         return _LEAVE

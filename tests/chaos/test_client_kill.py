@@ -23,6 +23,7 @@ import redis.asyncio
 
 from keylock import BackendUnavailable, KeyedLock, Lease, LeaseLost, LockTimeout
 from keylock.backends import RedisBackend
+from keylock.backends.redis._renewer import Renewal
 
 from .._redis_server import Server
 from ._history import Grant, History, RedisFencedStore, Wait, believed_expiry
@@ -85,12 +86,17 @@ class _Counting(RedisBackend):
 
     failed_renewals = 0
 
-    def _renew(self, lease: Lease) -> bool:
-        try:
-            return super()._renew(lease)
-        except BackendUnavailable:
-            self.failed_renewals += 1
-            raise
+    def _renewal(self) -> Renewal:
+        renew = super()._renewal()
+
+        def counting(batch: list[tuple[str, bytes, float]]) -> list[object]:
+            try:
+                return renew(batch)
+            except BackendUnavailable:
+                self.failed_renewals += 1
+                raise
+
+        return counting
 
 
 @dataclass

@@ -130,5 +130,5 @@ def test_wrong_redis_password_is_backend_unavailable() -> None:
         with pytest.raises(BackendUnavailable) as info:
             locks.acquire_sync("k", timeout=0)
         assert "'k'" in str(info.value)
-        assert len(locks.backend._local) == 0  # type: ignore[attr-defined]
+        assert len(locks.backend._tier.local) == 0  # type: ignore[attr-defined]
         locks.close_sync()

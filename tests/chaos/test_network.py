@@ -25,6 +25,7 @@ import redis
 
 from keylock import BackendUnavailable, KeyedLock, Lease, LeaseLost, LockTimeout
 from keylock.backends import RedisBackend
+from keylock.backends.redis._renewer import Renewal
 
 from .._redis_server import Server
 from ._history import Grant, History, RedisFencedStore, Wait, believed_expiry
@@ -91,10 +92,22 @@ class _TrustingRenewals(RedisBackend):
     """Planted bug: the renewer believes every renewal it sends (a lease extended on the wire
     is taken as extended), ignoring the server's verdict."""
 
-    def _renew(self, lease: Lease) -> bool:
-        super()._renew(lease)
-        lease._renewed(time.time() + (lease.ttl or self._ttl))
-        return True
+    leases: dict[str, Lease]
+
+    def _track(self, lease: Lease) -> None:
+        self.__dict__.setdefault("leases", {})[lease._full_key] = lease
+        super()._track(lease)
+
+    def _renewal(self) -> Renewal:
+        renew = super()._renewal()
+
+        def trusting(batch: list[tuple[str, bytes, float]]) -> list[object]:
+            renew(batch)
+            for key, _owner, ttl in batch:  # extended as of the reply, whatever it says
+                self.leases[key]._renewed(time.time() + ttl)
+            return [True] * len(batch)
+
+        return trusting
 
 
 async def _late_renewal_trial(
@@ -230,7 +243,7 @@ async def test_checker_catches_a_renewer_that_trusts_its_own_requests(
 
 async def _queued(server: Server, locks: KeyedLock, key: str, waiting: int) -> None:
     """Until *waiting* callers are in *key*'s queue on Redis (no event tells: poll the zset)."""
-    queue = locks.backend._keys(locks._prefix + key)[2]  # type: ignore[attr-defined]
+    queue = locks.backend.layout.lock(locks._prefix + key)[2]  # type: ignore[attr-defined]
     raw = redis.asyncio.Redis.from_url(server.url)
     while await raw.zcard(queue) < waiting:
         await asyncio.sleep(0.002)

@@ -19,7 +19,8 @@ import redis
 
 from keylock import BackendUnavailable, KeyedLock, Lease, LeaseLost, LockTimeout
 from keylock.backends import RedisBackend
-from keylock.backends import redis as redis_backend
+from keylock.backends.redis._scripts import Script
+from keylock.backends.redis._wire import map_errors
 
 from .._redis_server import Server, running_server
 from ._history import Grant, History, RedisFencedStore, Wait, believed_expiry
@@ -34,7 +35,7 @@ KEYS = ("k0", "k1")
 async def _queued(url: str, backend: RedisBackend, key: str, waiting: int) -> None:
     """Until *waiting* callers are in *key*'s queue on Redis (no event tells: poll the zset)."""
     raw = redis.asyncio.Redis.from_url(url)
-    while await raw.zcard(backend._keys(key)[2]) < waiting:
+    while await raw.zcard(backend.layout.lock(key)[2]) < waiting:
         await asyncio.sleep(0.005)
     await raw.aclose()
 
@@ -189,14 +190,14 @@ class _CounterTokens(RedisBackend):
 
     async def _run_async(
         self,
-        script: str,
+        script: Script,
         key: str,
         keys: Sequence[str],
         args: Sequence[object],
         bound: float | None = None,
     ) -> object:
-        text = redis_backend._TEXT[script].replace("math.max(last + 1, clock)", "last + 1")
-        with redis_backend._map_errors(key, self._where):
+        text = script.text.replace("math.max(last + 1, clock)", "last + 1")
+        with map_errors(key, self._where):
             return await self._async().eval(text, len(keys), *keys, *args)  # type: ignore[arg-type]
 
 

@@ -238,7 +238,8 @@ def test_release_force_shows_the_holder_and_releases_only_that_owner(
     shown = out.splitlines()[0]
     assert f"token {lease.token}" in shown
     assert f"owner {lease.owner.hex()}" in shown
-    assert calls == [{"key": "app:job:7", "prefix": "keylock", "owner": lease.owner}]
+    # the key as stored: namespace NUL key
+    assert calls == [{"key": "app\x00job:7", "prefix": "keylock", "owner": lease.owner}]
     assert out.splitlines()[-1] == "released"
     with pytest.raises(LeaseLost):
         lease.release_sync()

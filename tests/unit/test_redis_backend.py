@@ -14,7 +14,9 @@ import redis
 
 from keylock import BackendUnavailable, KeyedLock, LeaseLost, LockTimeout
 from keylock.backends import RedisBackend
-from keylock.backends.redis import _tag
+from keylock.backends.redis import _scripts
+from keylock.backends.redis._flow import ServerClock
+from keylock.backends.redis._keys import Layout, tag
 
 from .._redis_server import Cluster, Server
 
@@ -35,11 +37,11 @@ def _slot_tags(keys: list[str]) -> set[str]:
 
 @pytest.mark.parametrize("key", ["agent:42", "a}b", "{x}", "}", "{", "é/ü"])
 def test_every_key_of_a_lock_shares_one_hash_tag(key: str) -> None:
-    backend = RedisBackend(redis.Redis(), ttl=5)
-    keys = backend._keys(key, b"\x01" * 16)  # the departure mark too
+    keys = Layout("keylock").acquire(key, b"\x01" * 16)  # the departure mark too
     assert len(_slot_tags(keys)) == 1
     assert _slot_tags(keys) != {""}
-    assert "{" not in _tag(key) or key == _tag(key)
+    assert "{" not in tag(key)
+    assert "}" not in tag(key)
 
 
 async def test_a_forged_owner_cannot_release_or_extend_on_the_server(url: str) -> None:
@@ -49,15 +51,17 @@ async def test_a_forged_owner_cannot_release_or_extend_on_the_server(url: str) -
     forged = b"\x02" * 16
     assert (
         backend._run_sync(
-            "release",
+            _scripts.RELEASE,
             "own:mine",
-            backend._keys("own:mine"),
+            backend.layout.lock("own:mine"),
             [forged, "own:mine"],
         )
         == 0
     )
     assert (
-        backend._run_sync("extend", "own:mine", backend._keys("own:mine")[:2], [forged, 1000, 2000])
+        backend._run_sync(
+            _scripts.EXTEND, "own:mine", backend.layout.lock("own:mine")[:2], [forged, 1000, 2000]
+        )
         == 0
     )
     with pytest.raises(LockTimeout):
@@ -111,7 +115,7 @@ async def test_a_lost_lease_signals_and_cancels_the_section(url: str) -> None:
         nonlocal finished
         async with locks("doomed") as lease:
             leases.append(lease)
-            raw.delete(locks.backend._keys("doomed")[0])  # type: ignore[attr-defined]
+            raw.delete(locks.backend.layout.lock("doomed")[0])  # type: ignore[attr-defined]
             await asyncio.sleep(5)  # cancelled at the next renewal (ttl/3)
             finished = True
 
@@ -157,7 +161,7 @@ def test_unreachable_server_is_backend_unavailable(redis_server: Server) -> None
         locks.acquire_sync("k", timeout=0)
     assert isinstance(info.value.__cause__, redis.ConnectionError)
     assert locks.statistics  # nothing held locally either:
-    assert len(locks.backend._local) == 0  # type: ignore[attr-defined]
+    assert len(locks.backend._tier.local) == 0  # type: ignore[attr-defined]
     locks.close_sync()
 
 
@@ -175,10 +179,12 @@ def test_an_acquire_that_arrives_after_its_own_leave_grants_nothing(url: str) ->
     other = KeyedLock(RedisBackend.from_url(url))
     for key, marked in (("late", True), ("late-control", False)):
         owner = bytes([7]) * 16
-        keys, args = backend._leave_args(key, owner, 30.0, marked)
-        backend._run_sync("leave", key, keys, args)
-        keys, args = backend._acquire_args(key, owner, 30.0, True)
-        granted = backend._run_sync("acquire", key, keys, args)[0]  # type: ignore[index]
+        flow = backend._protocol(key, owner, None, 30.0)
+        flow.in_flight = marked  # gave up with its ACQUIRE still on the way, or not
+        backend._run_sync(_scripts.LEAVE, key, flow.keys, flow.leave_args() or [])
+        trip = backend._protocol(key, owner, None, 30.0).next_trip(time.monotonic())
+        assert trip is not None
+        granted = backend._run_sync(_scripts.ACQUIRE, key, trip.keys, trip.args)[0]  # type: ignore[index]
         if marked:
             assert granted == 0
             other.acquire_sync(key, timeout=0).release_sync()  # free for anyone else
@@ -243,13 +249,14 @@ def test_a_hand_off_wakes_only_the_client_it_goes_to(url: str) -> None:
     received = [0, 0, 0]
     for n, locks in enumerate(clients):
         backend = locks.backend
-        original = backend._released  # type: ignore[attr-defined]
+        waiting = backend._waiting  # type: ignore[attr-defined]
+        original = waiting.deliver
 
-        def counting(key: str, head: bytes, token: bytes, n: int = n, original=original) -> None:
+        def counting(hand_off: object, n: int = n, original=original) -> None:
             received[n] += 1
-            original(key, head, token)
+            original(hand_off)
 
-        backend._released = counting  # type: ignore[attr-defined]
+        waiting.deliver = counting
     gate = holder.acquire_sync("relay")
     order: list[int] = []
 
@@ -258,7 +265,7 @@ def test_a_hand_off_wakes_only_the_client_it_goes_to(url: str) -> None:
             order.append(n)
 
     raw = redis.Redis.from_url(url)
-    queue = holder.backend._keys("relay")[2]  # type: ignore[attr-defined]
+    queue = holder.backend.layout.lock("relay")[2]  # type: ignore[attr-defined]
     threads = []
     for n in range(3):
         threads.append(threading.Thread(target=wait, args=(n,)))
@@ -411,7 +418,7 @@ async def test_cluster_clients_of_either_kind(redis_cluster: Cluster) -> None:
                 async_only.acquire_sync(key, timeout=0)
         async with async_only(key) as later:
             assert later.token > lease.token
-        keys = sync_only.backend._keys(key, later.owner)  # type: ignore[attr-defined]
+        keys = sync_only.backend.layout.acquire(key, later.owner)  # type: ignore[attr-defined]
         slots = {sync_only.backend._sync().keyslot(name) for name in keys}  # type: ignore[attr-defined]
         assert len(slots) == 1
     assert "cluster" in repr(sync_only.backend)
@@ -450,17 +457,18 @@ def test_a_handed_over_lease_is_dated_by_the_server_not_by_the_message(url: str)
     lease = holder.acquire_sync("dated")
     with pytest.raises(LockTimeout):  # queues, and reads the server clock on the way
         KeyedLock(backend).acquire_sync("dated", timeout=0.05)
-    offset, error = backend._clock
+    clock: ServerClock = backend.server_clock
+    offset, error = clock.offset, clock.error
     assert error < 0.5
     assert abs(offset) < 1.0  # same host: the clocks agree
     server_now_us = (time.time() + offset) * 1e6
     late = 0.2
     granted_us = str(int(server_now_us - late * 1e6)).encode()
-    expiry = backend._handed_expiry(granted_us, 10.0)
+    expiry = clock.handed_expiry(granted_us, 10.0, time.time())
     assert expiry <= time.time() - late + 10.0 + 0.005  # never later than the true expiry
     assert expiry >= time.time() - late + 10.0 - 0.5  # and not needlessly early
-    backend._clock = (100.0, 0.001)  # a server whose clock runs 100 s ahead of ours
-    expiry = backend._handed_expiry(str(int((time.time() + 100.0) * 1e6)).encode(), 10.0)
+    clock.offset, clock.error = 100.0, 0.001  # a server whose clock runs 100 s ahead of ours
+    expiry = clock.handed_expiry(str(int((time.time() + 100.0) * 1e6)).encode(), 10.0, time.time())
     assert abs(expiry - (time.time() + 10.0)) < 0.1
     lease.release_sync()
     holder.close_sync()
@@ -477,8 +485,9 @@ def test_a_waiter_that_died_in_line_holds_a_handed_key_only_for_its_claim(url: s
     lease = holder.acquire_sync("ghost")
     ghost = RedisBackend.from_url(url, poll=0.2)  # stay in line: 1.6 s
     owner = b"\x09" * 16
-    keys, args = ghost._acquire_args("ghost", owner, 30.0, True)
-    assert ghost._run_sync("acquire", "ghost", keys, args)[0] == 0  # type: ignore[index]
+    trip = ghost._protocol("ghost", owner, None, 30.0).next_trip(time.monotonic())
+    assert trip is not None
+    assert ghost._run_sync(_scripts.ACQUIRE, "ghost", trip.keys, trip.args)[0] == 0  # type: ignore[index]
     lease.release_sync()  # hands the key to the ghost
     other = KeyedLock(RedisBackend.from_url(url, poll=0.2))
     started = time.monotonic()
@@ -490,7 +499,7 @@ def test_a_waiter_that_died_in_line_holds_a_handed_key_only_for_its_claim(url: s
     thread = threading.Thread(target=lambda: got.append(waiter.acquire_sync("ghost", timeout=10)))
     thread.start()
     raw = redis.Redis.from_url(url)
-    while not raw.zcard(other.backend._keys("ghost")[2]):  # type: ignore[attr-defined]
+    while not raw.zcard(other.backend.layout.lock("ghost")[2]):  # type: ignore[attr-defined]
         time.sleep(0.005)
     taken.release_sync()  # handed to the live waiter, for its 1.6 s claim window at first
     thread.join(10)

@@ -5,12 +5,16 @@ redis-py's client wraps every command in pool bookkeeping, retries and metrics h
 work. For a client on a plain connection pool the wire keeps its own idle connections (made by
 the pool's connection class with the pool's options: TLS, unix sockets, auth all apply) and
 talks to them directly; any other client (Cluster, Sentinel, a blocking or caching pool) is
-used through its public API. Errors are redis-py's; the backend translates them once.
+used through its public API. Errors are redis-py's until :func:`map_errors`, the one
+boundary where they become BackendUnavailable.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import logging
+import re
 import weakref
 from typing import TYPE_CHECKING, cast
 
@@ -19,15 +23,43 @@ import redis.asyncio
 import redis.asyncio.cluster
 import redis.cluster
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import NoScriptError
+from redis.exceptions import NoScriptError, RedisClusterException, RedisError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
+from ...errors import BackendUnavailable
+
 if TYPE_CHECKING:
-    from collections.abc import Sequence
+    from collections.abc import Coroutine, Iterator, Sequence
 
-__all__ = ["AsyncWire", "SyncWire"]
+    from ._scripts import Script
 
-_Arg = str | bytes | int | float  # what a script accepts as an argument
+__all__ = ["Arg", "AsyncWire", "SyncWire", "in_background", "map_errors", "redact"]
+
+logger = logging.getLogger("keylock")
+
+Arg = str | bytes | int | float  # what a script accepts as an argument
+
+# user:password@ in a URL, and password=... in an option list
+_SECRET = re.compile(r"(?<=://)[^@/\s]*@|(?i:(password|passwd|pwd)\s*[=:]\s*)\S+")
+
+
+def redact(text: str) -> str:
+    """*text* with any credentials it quotes (a URL's user:password@, password=...) masked."""
+    return _SECRET.sub(lambda m: f"{m.group(1)}***" if m.group(1) else "***@", text)
+
+
+@contextlib.contextmanager
+def map_errors(key: str, where: str) -> Iterator[None]:
+    """The one error boundary: redis-py's errors (RedisCluster's too) and socket errors become
+    BackendUnavailable naming *key* and the (redacted) address *where*."""
+    try:
+        yield
+    except (RedisError, RedisClusterException, OSError) as exc:
+        raise BackendUnavailable(
+            f"Redis at {where} failed for lock {key!r}: {redact(str(exc))}; nothing was granted "
+            "or changed by this call; check the server and the URL",
+            key=key,
+        ) from exc
 
 
 def _plain_pool(client: object) -> object:
@@ -85,15 +117,15 @@ class SyncWire:
 
     def call(
         self,
-        sha: str,
-        text: str,
+        script: Script,
         keys: Sequence[str],
-        args: Sequence[_Arg],
+        args: Sequence[Arg],
         timeout: float | None = None,
     ) -> object:
         """One script call; with *timeout*, its reply is awaited at most that long (and never
         longer than the client's socket timeout): redis-py's TimeoutError then, the script
         having run or not. Only plain pools honour *timeout*."""
+        sha, text = script.sha, script.text
         pool = self._pool
         if pool is None:
             try:
@@ -131,6 +163,76 @@ class SyncWire:
             return reply
         raise AssertionError("unreachable")  # pragma: no cover
 
+    def call_many(
+        self, script: Script, calls: Sequence[tuple[Sequence[str], Sequence[Arg]]]
+    ) -> list[object]:
+        """Many calls of *script* in one round trip (a pipeline); each call's reply, or the
+        ResponseError it got. A connection error fails the whole batch (retried once)."""
+        if not calls:
+            return []
+        pool = self._pool
+        if pool is None:
+            return self._pipelined(script, calls)
+        for attempt in (1, 2):
+            try:
+                conn = self._idle.pop()
+            except IndexError:
+                conn = pool.connection_class(**pool.connection_kwargs)
+                self._made.add(conn)
+            try:
+                replies = self._exchange(conn, "EVALSHA", script.sha, calls)
+                missing = [n for n, reply in enumerate(replies) if isinstance(reply, NoScriptError)]
+                if missing:  # a new or flushed server: send the text for those once
+                    again = self._exchange(conn, "EVAL", script.text, [calls[n] for n in missing])
+                    for n, reply in zip(missing, again, strict=True):
+                        replies[n] = reply
+            except RedisConnectionError:
+                conn.disconnect()  # type: ignore[no-untyped-call]
+                if attempt == 2:
+                    raise
+                continue
+            except BaseException:
+                conn.disconnect()  # type: ignore[no-untyped-call]
+                raise
+            self._idle.append(conn)
+            return replies
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    @staticmethod
+    def _exchange(
+        conn: redis.Connection,
+        command: str,
+        body: str,
+        calls: Sequence[tuple[Sequence[str], Sequence[Arg]]],
+    ) -> list[object]:
+        commands = [(command, body, len(keys), *keys, *args) for keys, args in calls]
+        conn.send_packed_command(conn.pack_commands(commands))  # type: ignore[no-untyped-call]
+        replies: list[object] = []
+        for _ in commands:
+            try:
+                replies.append(conn.read_response())
+            except ResponseError as exc:  # this call's error: the others' replies still follow
+                replies.append(exc)
+        return replies
+
+    def _pipelined(
+        self, script: Script, calls: Sequence[tuple[Sequence[str], Sequence[Arg]]]
+    ) -> list[object]:
+        """call_many through the client's own pipeline (Cluster: one per node, in parallel)."""
+        pipe = self._client.pipeline(transaction=False)
+        for keys, args in calls:
+            pipe.evalsha(script.sha, len(keys), *keys, *args)
+        replies = list(pipe.execute(raise_on_error=False))
+        missing = [n for n, reply in enumerate(replies) if isinstance(reply, NoScriptError)]
+        if missing:
+            pipe = self._client.pipeline(transaction=False)
+            for n in missing:
+                keys, args = calls[n]
+                pipe.eval(script.text, len(keys), *keys, *args)
+            for n, reply in zip(missing, pipe.execute(raise_on_error=False), strict=True):
+                replies[n] = reply
+        return replies
+
     def close(self) -> None:
         """Close every connection made, idle or not (a call still running then fails)."""
         self._idle = []
@@ -156,14 +258,14 @@ class AsyncWire:
 
     async def call(
         self,
-        sha: str,
-        text: str,
+        script: Script,
         keys: Sequence[str],
-        args: Sequence[_Arg],
+        args: Sequence[Arg],
         timeout: float | None = None,
     ) -> object:
         """One script call; *timeout* bounds the wait for its reply, as in :class:`SyncWire`
         (through the client's API, a cancel at the bound: TimeoutError)."""
+        sha, text = script.sha, script.text
         pool = self._pool
         if pool is None:
             async with asyncio.timeout(timeout):
@@ -211,3 +313,20 @@ class AsyncWire:
         self._idle = []
         for conn in list(self._made):
             await conn.disconnect()
+
+
+background: set[asyncio.Future[object]] = set()  # finishing calls, kept alive until done
+
+
+def in_background(call: Coroutine[object, object, object]) -> asyncio.Future[object]:
+    """Run *call* to its end in a task nobody needs to await (its failure is logged)."""
+    task = asyncio.ensure_future(call)
+    background.add(task)
+    task.add_done_callback(_forget)
+    return task
+
+
+def _forget(task: asyncio.Future[object]) -> None:
+    background.discard(task)
+    if not task.cancelled() and task.exception() is not None:
+        logger.warning("keylock: finishing a cancelled call failed: %s", task.exception())

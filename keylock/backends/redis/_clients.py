@@ -1,0 +1,293 @@
+"""Redis clients for a backend: made from a URL, derived sync <-> async, named for messages.
+
+The renewer and the listener are threads: they need a sync client. Async callers need an
+async one per event loop. Whichever the user did not give is made with the other's options
+(address, auth, TLS, timeouts); a Cluster client begets a Cluster client.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import inspect
+import logging
+import threading
+import weakref
+from typing import TYPE_CHECKING
+
+import redis
+import redis.asyncio
+import redis.asyncio.cluster
+import redis.cluster
+from redis.exceptions import RedisClusterException, RedisError
+
+from ...errors import BackendUnavailable
+from ._wire import AsyncWire, SyncWire, map_errors, redact
+
+if TYPE_CHECKING:
+    from collections.abc import Sequence
+
+    from ._scripts import Script
+    from ._wire import Arg
+
+__all__ = [
+    "GIVE_UP_WAIT",
+    "AsyncClient",
+    "Connections",
+    "SyncClient",
+    "address",
+    "async_from",
+    "check_clients",
+    "from_url",
+    "sync_from",
+]
+
+logger = logging.getLogger("keylock")
+
+SyncClient = redis.Redis | redis.cluster.RedisCluster
+AsyncClient = redis.asyncio.Redis | redis.asyncio.cluster.RedisCluster
+
+
+def check_clients(client: object, async_client: object) -> None:
+    """TypeError unless *client* is a sync redis-py client (or None) and *async_client* an
+    async one (or None), and at least one is given."""
+    if client is None and async_client is None:
+        raise TypeError("RedisBackend needs a client: use RedisBackend.from_url(url)")
+    if client is not None and not isinstance(client, SyncClient):
+        hint = (
+            "use RedisBackend.from_url(url) for a URL"
+            if isinstance(client, str)
+            else "pass redis.Redis or redis.cluster.RedisCluster (async ones as async_client=)"
+        )
+        raise TypeError(
+            f"RedisBackend client must be a sync redis-py client, not {client!r}: {hint}"
+        )
+    if async_client is not None and not isinstance(async_client, AsyncClient):
+        raise TypeError(
+            f"RedisBackend async_client must be a redis.asyncio client, not {async_client!r}: "
+            "pass redis.asyncio.Redis or redis.asyncio.cluster.RedisCluster"
+        )
+
+
+@functools.cache
+def _accepted(cluster: bool) -> frozenset[str]:
+    """Every option a client made by from_url passes on to something that takes it."""
+    owners: list[type] = [redis.Redis, redis.ConnectionPool]
+    for cls in (redis.Connection, redis.SSLConnection, redis.UnixDomainSocketConnection):
+        owners.extend(cls.__mro__)
+    if cluster:
+        owners.append(redis.cluster.RedisCluster)
+    names: set[str] = set()
+    for owner in owners:
+        init = owner.__dict__.get("__init__")
+        if init is not None:
+            names.update(inspect.signature(init).parameters)
+    return frozenset(names - {"self", "args", "kwargs"})
+
+
+def from_url(url: str, *, cluster: bool, options: dict[str, object]) -> SyncClient:
+    """A sync client for *url*; TypeError for an option no client takes (found now, not at
+    the first command); BackendUnavailable for a bad URL or an unreachable Cluster."""
+    if not isinstance(url, str):
+        raise TypeError(f"RedisBackend.from_url needs a URL string, not {url!r}")
+    unknown = sorted(set(options) - _accepted(cluster))
+    if unknown:
+        raise TypeError(
+            f"RedisBackend.from_url: unknown Redis client option(s) {', '.join(unknown)}: "
+            "pass options of redis.Redis (or of redis.cluster.RedisCluster with cluster=True)"
+        )
+    shown = redact(url)
+    try:
+        if cluster:
+            return redis.cluster.RedisCluster.from_url(url, **options)
+        return redis.Redis.from_url(url, **options)
+    except ValueError as exc:  # the URL's text may hold a password: not chained
+        raise BackendUnavailable(f"bad Redis URL {shown!r}: {redact(str(exc))}") from None
+    except (RedisError, RedisClusterException) as exc:  # a Cluster client looks for its nodes
+        raise BackendUnavailable(
+            f"Redis Cluster at {shown!r} is unreachable: {redact(str(exc))}"
+        ) from None
+
+
+def options_for(cls: type, kwargs: dict[str, object]) -> dict[str, object]:
+    """The connection options of another client that *cls* accepts (pools add private ones)."""
+    accepted = inspect.signature(cls).parameters
+    return {name: value for name, value in kwargs.items() if name in accepted}
+
+
+def sync_from(source: AsyncClient) -> SyncClient:
+    """A sync client with the options of the async client *source*."""
+    if isinstance(source, redis.asyncio.cluster.RedisCluster):
+        kwargs = source.get_nodes()[0].connection_kwargs  # the client finds the rest
+        options = options_for(redis.cluster.RedisCluster, kwargs)
+        return redis.cluster.RedisCluster(**options)  # type: ignore[arg-type]
+    kwargs = source.connection_pool.connection_kwargs
+    return redis.Redis(**options_for(redis.Redis, kwargs))  # type: ignore[arg-type]
+
+
+def async_from(
+    source: SyncClient, url: str | None, client_options: dict[str, object]
+) -> AsyncClient:
+    """An async client (for the running event loop) with the options of *source*, or made
+    from *url* as the sync one was."""
+    cluster = isinstance(source, redis.cluster.RedisCluster)
+    if url is not None:
+        kind = redis.asyncio.cluster.RedisCluster if cluster else redis.asyncio.Redis
+        return kind.from_url(url, **client_options)  # type: ignore[arg-type]
+    if isinstance(source, redis.cluster.RedisCluster):
+        node = source.get_default_node() or source.get_nodes()[0]  # type: ignore[no-untyped-call]
+        kwargs = node.redis_connection.connection_pool.connection_kwargs
+        options = options_for(redis.asyncio.cluster.RedisCluster, kwargs)
+        return redis.asyncio.cluster.RedisCluster(**options)  # type: ignore[arg-type]
+    options = options_for(redis.asyncio.Redis, source.connection_pool.connection_kwargs)
+    return redis.asyncio.Redis(**options)  # type: ignore[arg-type]
+
+
+def address(client: object) -> str:
+    """Where *client* connects, for messages: host:port or the socket path, never a secret."""
+    if isinstance(client, redis.cluster.RedisCluster | redis.asyncio.cluster.RedisCluster):
+        nodes = client.get_nodes()
+        return "cluster " + ",".join(f"{node.host}:{node.port}" for node in nodes[:3])
+    try:
+        kwargs = client.connection_pool.connection_kwargs  # type: ignore[attr-defined]
+    except AttributeError:
+        return "redis"
+    if "path" in kwargs:
+        return f"unix://{kwargs['path']}"
+    return f"{kwargs.get('host', 'localhost')}:{kwargs.get('port', 6379)}"
+
+
+# A caller that gives up (timeout, cancel, error) waits this long for its LEAVE to land, then
+# goes on while the LEAVE finishes alone: on a link that drops everything, giving up must not
+# cost another socket timeout.
+GIVE_UP_WAIT = 0.25
+
+
+class Connections:
+    """A backend's clients and wires: the sync ones (threads), and an async client and wire
+    per event loop (redis.asyncio connections belong to the loop that made them). Every
+    script call goes through :meth:`run_sync` / :meth:`run`, inside the one error boundary."""
+
+    def __init__(
+        self,
+        client: SyncClient | None,
+        async_client: AsyncClient | None,
+        url: str | None = None,
+        options: dict[str, object] | None = None,
+    ) -> None:
+        self.client = client
+        self.async_client = async_client
+        self.url = url
+        self.options = options or {}
+        self.where = address(client or async_client)  # for messages: never a secret
+        self._async_clients: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, AsyncClient]
+        self._async_clients = weakref.WeakKeyDictionary()
+        self.restart()
+
+    def restart(self) -> None:
+        """Forget every connection (in a forked child: their sockets are the parent's)."""
+        self._wire: SyncWire | None = None
+        self._async_wires: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, AsyncWire]
+        self._async_wires = weakref.WeakKeyDictionary()
+        self._async_clients.clear()
+        self._leaving: set[threading.Thread] = set()  # LEAVEs of sync callers that gave up
+
+    def sync(self) -> SyncClient:
+        if self.client is None:
+            self.client = sync_from(self.async_client)  # type: ignore[arg-type]
+        return self.client
+
+    def async_(self) -> AsyncClient:
+        """The async client for the running event loop."""
+        if self.async_client is not None:
+            return self.async_client
+        loop = asyncio.get_running_loop()
+        client = self._async_clients.get(loop)
+        if client is None:
+            client = self._async_clients[loop] = async_from(self.sync(), self.url, self.options)
+        return client
+
+    def wire(self) -> SyncWire:
+        wire = self._wire
+        if wire is None:
+            wire = self._wire = SyncWire(self.sync())
+        return wire
+
+    def run_sync(
+        self,
+        script: Script,
+        key: str,
+        keys: Sequence[str],
+        args: Sequence[Arg],
+        bound: float | None,
+    ) -> object:
+        with map_errors(key, self.where):
+            return self.wire().call(script, keys, args, bound)
+
+    async def run(
+        self,
+        script: Script,
+        key: str,
+        keys: Sequence[str],
+        args: Sequence[Arg],
+        bound: float | None,
+    ) -> object:
+        loop = asyncio.get_running_loop()
+        wire = self._async_wires.get(loop)
+        if wire is None:
+            wire = self._async_wires[loop] = AsyncWire(self.async_())
+        task = asyncio.current_task()
+        cancels = 0 if task is None else task.cancelling()
+        with map_errors(key, self.where):
+            reply = await wire.call(script, keys, args, bound)
+        if task is not None and task.cancelling() > cancels:
+            # Python 3.11's wait_for (inside redis-py's send) swallows a cancel that lands as
+            # the send completes: honour it, so a cancelled caller never walks off with a lease
+            raise asyncio.CancelledError
+        return reply
+
+    def leave_sync(
+        self, leave: Script, key: str, keys: list[str], args: list[Arg], in_flight: bool
+    ) -> None:
+        """Run LEAVE for a sync caller that gave up. With a call in flight the link may be
+        what failed: it runs in a thread of its own, waited for GIVE_UP_WAIT at most."""
+        if not in_flight:
+            self._leave_quietly(leave, key, keys, args, GIVE_UP_WAIT)
+            return
+        thread = threading.Thread(
+            target=self._leave_quietly, args=(leave, key, keys, args), daemon=True
+        )
+        self._leaving.add(thread)
+        thread.start()
+        thread.join(GIVE_UP_WAIT)
+
+    def _leave_quietly(
+        self, leave: Script, key: str, keys: list[str], args: list[Arg], bound: float | None = None
+    ) -> None:
+        """A failed LEAVE only costs the place in line its stay."""
+        try:
+            self.run_sync(leave, key, keys, args, bound)
+        except Exception as exc:  # (also: the backend closed under a LEAVE left to finish)
+            logger.debug("keylock: leaving the line for %r failed: %s", key, exc)
+        finally:
+            self._leaving.discard(threading.current_thread())
+
+    def close_sync(self) -> None:
+        for thread in list(self._leaving):  # LEAVEs finishing for callers that gave up
+            thread.join(1.0)
+        if self._wire is not None:
+            self._wire.close()
+        if self.client is not None:
+            self.client.close()
+
+    async def close(self) -> None:
+        """Close the sync connections and those of the running loop (other loops'
+        connections can only be dropped, not closed)."""
+        self.close_sync()
+        wire = self._async_wires.pop(asyncio.get_running_loop(), None)
+        if wire is not None:
+            await wire.close()
+        for client in list(self._async_clients.values()):
+            await client.aclose()
+        if self.async_client is not None:
+            await self.async_client.aclose()

@@ -1,0 +1,271 @@
+"""The decisions of one Redis acquire, without I/O: the clock is passed in.
+
+:class:`AcquireFlow` says what the next ACQUIRE sends and how long it may take, turns its
+reply into granted / queued-until-T / give-up, adopts a key handed over at a release only
+while its claim window is still open, says what to do on an error, and what LEAVE to send
+when the caller gives up. The async and sync drivers in ``backend.py`` only call and wait, so
+every protocol decision is testable without a server.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import TYPE_CHECKING, NamedTuple, cast
+
+import redis.exceptions
+
+from ...errors import BackendUnavailable, KeylockError, LeaseLost
+from ..base import Deadline, Grant
+from ._scripts import ACQUIRE, FENCE_SLACK_MS, Script
+
+if TYPE_CHECKING:
+    from ._keys import Layout
+    from ._wire import Arg
+
+__all__ = [
+    "AcquireFlow",
+    "Handed",
+    "ServerClock",
+    "Trip",
+    "check_seconds",
+    "extend_call",
+    "lost",
+    "ttl_ms",
+]
+
+# How long one round trip of an acquire may take at the least: a trip sent just before the
+# caller's deadline still gets a fair chance.
+MIN_TRIP = 0.05
+# A lease time Redis and Lua both count exactly: PX takes integers, and Lua numbers are doubles.
+MAX_TTL_MS = 2**52
+
+
+def ttl_ms(ttl: float, key: str) -> int:
+    """*ttl* seconds in whole ms (at least 1); ValueError past what Redis can store."""
+    ms = max(int(ttl * 1000), 1)
+    if ms > MAX_TTL_MS:
+        raise ValueError(
+            f"ttl for {key!r} is {ttl!r} s, more than Redis can count ({MAX_TTL_MS // 1000} s): "
+            "use a shorter TTL and let auto-renew keep the lease"
+        )
+    return ms
+
+
+def check_seconds(name: str, value: object, limit: float) -> float:
+    """*value* as a finite number of seconds in (0, limit], else TypeError/ValueError."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise TypeError(f"RedisBackend {name} must be a number of seconds, not {value!r}")
+    if not 0 < value <= limit:  # NaN and inf fail too
+        raise ValueError(
+            f"RedisBackend {name} is {value!r}: it must be a finite number of seconds above 0 "
+            f"and at most {limit:g}"
+        )
+    return float(value)
+
+
+def extend_call(layout: Layout, key: str, owner: bytes, ttl: float) -> tuple[list[str], list[Arg]]:
+    """EXTEND's keys and arguments: *owner*'s lease on *key* for *ttl* more seconds."""
+    ms = ttl_ms(ttl, key)
+    return layout.lock(key)[:2], [owner, ms, ms + FENCE_SLACK_MS]
+
+
+def lost(key: str, token: int) -> LeaseLost:
+    return LeaseLost(
+        f"lease {token} on {key!r} was lost (its TTL ran out, a renewal failed, or it was "
+        "taken over): the critical section was not protected; reconcile before acting",
+        key=key,
+    )
+
+
+class Trip(NamedTuple):
+    """One script call to send (ACQUIRE, or LEAVE when giving up): its keys, its arguments,
+    and how long to wait for the reply."""
+
+    script: Script
+    keys: list[str]
+    args: list[Arg]
+    bound: float | None
+
+
+class Handed(NamedTuple):
+    """A key handed to a waiter at a release: its token, wall-clock expiry, and the
+    time.monotonic() at which its claim window closes."""
+
+    token: int
+    expires_at: float
+    deadline: float
+
+
+class ServerClock:
+    """The server's clock read against ours, from queueing replies: hand-offs are dated by
+    the server's time of the grant, not by when the message arrived."""
+
+    __slots__ = ("error", "offset")
+
+    def __init__(self) -> None:
+        self.offset = 0.0  # server clock - ours, in s
+        self.error = math.inf  # its uncertainty: half a round trip
+
+    def read(self, server_us: int, sent_at: float, received: float) -> None:
+        self.offset = server_us / 1e6 - (sent_at + received) / 2
+        self.error = (received - sent_at) / 2
+
+    def handed_expiry(self, granted_us: bytes, length: float, now: float) -> float:
+        """When a lease granted at server time *granted_us* for *length* s lapses, on our
+        wall clock (*now*), never later than it really does (the message may be late)."""
+        if granted_us.isdigit() and self.error < 1.0:
+            return int(granted_us) / 1e6 - self.offset + length - self.error - 0.001
+        return now + length - max(0.05, length * 0.01)  # no reading: assume a short delay
+
+
+class AcquireFlow:
+    """One acquire's protocol state: arguments, deadline, and what each reply means.
+
+    The listener thread may set :attr:`handed` (a hand-off to this caller); everything else
+    runs on the caller's thread or loop.
+    """
+
+    __slots__ = (
+        "args",
+        "deadline",
+        "grant",
+        "handed",
+        "in_flight",
+        "key",
+        "keys",
+        "owner",
+        "poll",
+        "retry_at",
+        "stay_ms",
+        "timeout",
+        "tried",
+        "ttl",
+        "waits",
+    )
+
+    def __init__(
+        self,
+        layout: Layout,
+        key: str,
+        owner: bytes,
+        *,
+        ttl: float,
+        timeout: float | None,
+        now: float,
+        channel: str,
+        stay_ms: int,
+        poll: float,
+        renewed: bool,
+    ) -> None:
+        self.key = key
+        self.owner = owner
+        self.ttl = ttl
+        self.timeout = timeout
+        self.poll = poll
+        self.stay_ms = stay_ms
+        self.keys = layout.acquire(key, owner)  # InvalidKey before anything is taken
+        ms = ttl_ms(ttl, key)
+        # with auto-renew the renewer extends a handed-over lease within a third of its claim
+        # window; without it, nobody would, so the lease is handed over for its whole TTL
+        claim = min(ms, stay_ms) if renewed else ms
+        self.waits = timeout != 0
+        self.args: list[Arg] = [owner, ms, "1" if self.waits else "0", stay_ms, channel, claim]
+        self.deadline = None if timeout is None else now + timeout
+        self.grant: Grant | None = None
+        self.handed: Handed | None = None
+        self.retry_at = math.inf  # time.monotonic() of the next try if no wake-up comes
+        self.in_flight = False  # an ACQUIRE was sent and its reply has not come back
+        self.tried = False
+
+    def next_trip(self, now: float) -> Trip | None:
+        """The next ACQUIRE, or None when a hand-off was adopted (:attr:`grant`); LockTimeout
+        when the caller is past its deadline (no trip after it)."""
+        handed = self.handed
+        if handed is not None:
+            self.handed = None
+            left = handed.deadline - now
+            # a claim window with room to spare: the renewer extends it in time. A window
+            # overslept (a blocked loop) may have lapsed and gone to another client: ask the
+            # server, whose ACQUIRE grants it again only if it is still ours
+            if left > self._claim_margin():
+                self.grant = Grant(handed.token, handed.expires_at, handed.deadline)
+                return None
+        if self.tried and self.deadline is not None and now >= self.deadline:
+            raise _timeout(self.key, self.timeout, now)
+        self.tried = self.in_flight = True
+        return Trip(ACQUIRE, self.keys, self.args, self.bound(now))
+
+    def _claim_margin(self) -> float:
+        """The least claim window left at which a hand-off is adopted without asking: half of
+        the window it was handed for."""
+        return int(cast("int", self.args[5])) / 2000
+
+    def bound(self, now: float) -> float | None:
+        """How long this trip may take: until the deadline, at least MIN_TRIP; a try with
+        timeout=0 is bounded by the socket timeout alone."""
+        if self.deadline is None or self.timeout == 0:
+            return None
+        return max(self.deadline - now, MIN_TRIP)
+
+    def on_reply(
+        self,
+        reply: object,
+        sent_at: float,
+        received: float,
+        now: float,
+        clock: ServerClock,
+        subscribed: bool,
+    ) -> bool:
+        """Read an ACQUIRE reply (sent at wall time *sent_at*): True when granted
+        (:attr:`grant`); else the time of the next try is set (:attr:`retry_at`), or
+        LockTimeout for a caller that does not wait."""
+        self.in_flight = False
+        granted, value, *rest = cast("list[int | bytes]", reply)
+        if int(granted):
+            # expiry as seen from here: counted from before the request, so never late
+            left = int(rest[0]) / 1000
+            self.grant = Grant(int(value), sent_at + left, now - (received - sent_at) + left)
+            return True
+        if rest:  # queued: the reply carries the server's clock, to date hand-offs by
+            clock.read(int(rest[0]), sent_at, received)
+        if not self.waits:
+            raise _timeout(self.key, self.timeout, now)
+        pttl = int(value)
+        wake = self.poll if pttl < 0 else min(pttl / 1000 + 0.001, self.poll)
+        if not subscribed:
+            wake = min(wake, 0.01)  # a release message could be missed: look again soon
+        self.retry_at = now + wake
+        return False
+
+    def wait_time(self, now: float) -> float:
+        """Seconds to wait before the next try (a wake-up may come sooner); LockTimeout at the
+        deadline."""
+        deadline = self.deadline
+        if deadline is not None and now >= deadline:
+            raise _timeout(self.key, self.timeout, now)
+        until = self.retry_at if deadline is None else min(self.retry_at, deadline)
+        return max(until - now, 0.0)
+
+    def failed(self, exc: BackendUnavailable, now: float) -> KeylockError:
+        """What a failed trip raises: LockTimeout if it ran into the caller's deadline, else
+        the backend's error as it is."""
+        if (
+            self.deadline is not None
+            and isinstance(exc.__cause__, TimeoutError | redis.exceptions.TimeoutError)
+            and now >= self.deadline - 0.002
+        ):
+            return _timeout(self.key, self.timeout, now)
+        return exc
+
+    def leave_args(self) -> list[Arg] | None:
+        """LEAVE's arguments for a caller giving up, or None when it needs none (it never
+        queued and has no call in flight). With a call in flight, LEAVE marks the
+        acquisition gone for a while, so that ACQUIRE, landing late, grants nothing."""
+        if not (self.waits or self.in_flight):
+            return None
+        mark_ms = int(cast("int", self.args[1])) + self.stay_ms if self.in_flight else 0
+        return [self.owner, self.key, mark_ms]
+
+
+def _timeout(key: str, timeout: float | None, now: float) -> KeylockError:
+    return Deadline(key, timeout, now).expired()

@@ -1,0 +1,177 @@
+"""The Lua scripts of the Redis protocol, as constants with their KEYS/ARGV headers.
+
+Each script runs atomically on the server; every one of them is safe to run twice (a retry
+after a lost reply): they compare the owner before they act.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from typing import NamedTuple
+
+__all__ = ["ACQUIRE", "EXTEND", "FENCE_SLACK_MS", "FORCE_RELEASE", "LEAVE", "RELEASE", "Script"]
+
+
+class Script(NamedTuple):
+    """A script and its SHA-1 (EVALSHA first, the text only when the server lacks it)."""
+
+    name: str
+    sha: str
+    text: str
+
+
+def _script(name: str, text: str) -> Script:
+    return Script(name, hashlib.sha1(text.encode()).hexdigest(), text)
+
+
+FENCE_SLACK_MS = 120_000  # the fence key outlives the lock by this much (see ACQUIRE)
+
+# Every script gets the same four keys of one lock (one hash tag, so one Cluster slot):
+# KEYS[1] lock (value: owner id), KEYS[2] fence (last token), KEYS[3] queue (zset owner ->
+# arrival µs), KEYS[4] queue members (hash owner -> "<deadline ms> <lease TTL ms> <claim ms>
+# <channel>").
+# Tokens are max(last + 1, server clock in µs): they rise even when Redis lost the fence key
+# (restart without persistence, failover to a lagging replica), because the clock has moved on
+# past every token it ever minted (at most one grant per µs of a single-threaded server).
+# Waiters queue FIFO across all clients; a release hands the key straight to the live head of
+# the queue (no barging, no extra round trip) and publishes "<token> <granted at, server µs>
+# <claim ms> <head><key>" (head: 16 bytes) on the channel of the head's process only, so one
+# process wakes per hand-off, not every process that waits; a waiter that does not come back
+# in time leaves the line.
+_PRELUDE = """
+local clock, now_ms
+local function tick()  -- the server clock, read once per script and only when needed
+  if not clock then
+    local now = redis.call('TIME')
+    clock = tonumber(now[1]) * 1000000 + tonumber(now[2])
+    now_ms = math.floor(clock / 1000)
+  end
+end
+local function live_head()
+  local head = redis.call('ZRANGE', KEYS[3], 0, 0)[1]
+  while head do
+    tick()
+    local entry = redis.call('HGET', KEYS[4], head)
+    if entry and tonumber(string.match(entry, '^%d+')) > now_ms then return head, entry end
+    redis.call('ZREM', KEYS[3], head)
+    redis.call('HDEL', KEYS[4], head)
+    head = redis.call('ZRANGE', KEYS[3], 0, 0)[1]
+  end
+  return nil, nil
+end
+local function mint(ttl_ms)
+  tick()
+  local last = tonumber(redis.call('GET', KEYS[2]) or '0')
+  local token = string.format('%.0f', math.max(last + 1, clock))
+  redis.call('SET', KEYS[2], token, 'PX', tonumber(ttl_ms) + 120000)
+  return token
+end
+local function hand_off(key)
+  local head, entry = live_head()
+  if not head then return end  -- nobody in line: waiters queue in their first trip
+  -- the head gets the key for its claim window only (its renewer, or its acquire, extends
+  -- it to the full TTL): a waiter that died in line holds it that long, not a whole TTL
+  local ttl_ms, claim_ms, channel = string.match(entry, '^%d+ (%d+) (%d+) (.*)$')
+  redis.call('SET', KEYS[1], head, 'PX', claim_ms)
+  local token = mint(ttl_ms)
+  redis.call('ZREM', KEYS[3], head)
+  redis.call('HDEL', KEYS[4], head)
+  -- the key goes last: it may contain NUL (a namespace separator), and nothing parses past it
+  local dated = string.format('%.0f', clock)  -- dates the waiter's lease
+  redis.call('PUBLISH', channel, token .. ' ' .. dated .. ' ' .. claim_ms .. ' ' .. head .. key)
+end
+"""
+
+# KEYS[5] the acquisition's departure mark (see LEAVE); ARGV[1] owner, ARGV[2] lease TTL ms,
+# ARGV[3] '1' to queue up if not granted, ARGV[4] how long a queued waiter stays in line without
+# coming back (ms), ARGV[5] the waiter's wake-up channel, ARGV[6] how long a lease handed to it
+# at a release lasts before it is extended (ms, at most the TTL)
+# -> {1, token, TTL ms} granted (now, or earlier by a hand-off); {0, holder's PTTL ms, or
+# -2 when the key is free but promised to the head of the queue, server clock µs when queued};
+# {0, -3} the caller has left
+_ACQUIRE = (
+    _PRELUDE
+    + """
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+  -- granted already: a retried call, or a waiter re-checking a hand-off whose claim window
+  -- it may have overslept; either way it holds the key now, for the whole TTL
+  redis.call('PEXPIRE', KEYS[1], ARGV[2])
+  redis.call('PEXPIRE', KEYS[2], tonumber(ARGV[2]) + 120000)
+  return {1, redis.call('GET', KEYS[2]) or '0', tonumber(ARGV[2])}
+end
+if redis.call('EXISTS', KEYS[5]) == 1 then return {0, -3} end  -- arrived after its own LEAVE
+local head = live_head()
+if (not head or head == ARGV[1])
+    and redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then
+  if head then
+    redis.call('ZREM', KEYS[3], head)
+    redis.call('HDEL', KEYS[4], head)
+  end
+  return {1, mint(ARGV[2]), tonumber(ARGV[2])}
+end
+if ARGV[3] == '1' then
+  tick()
+  redis.call('ZADD', KEYS[3], 'NX', clock, ARGV[1])
+  local entry = (now_ms + tonumber(ARGV[4])) .. ' ' .. ARGV[2] .. ' ' .. ARGV[6] .. ' ' .. ARGV[5]
+  redis.call('HSET', KEYS[4], ARGV[1], entry)
+  redis.call('PEXPIRE', KEYS[3], tonumber(ARGV[4]) * 2)
+  redis.call('PEXPIRE', KEYS[4], tonumber(ARGV[4]) * 2)
+  return {0, redis.call('PTTL', KEYS[1]), string.format('%.0f', clock)}
+end
+return {0, redis.call('PTTL', KEYS[1])}
+"""
+)
+
+# ARGV[1] owner, ARGV[2] key (named in the hand-off message) -> 1 released (and handed on), 0 not
+# ours
+_RELEASE = (
+    _PRELUDE
+    + """
+if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
+redis.call('DEL', KEYS[1])
+hand_off(ARGV[2])
+return 1
+"""
+)
+
+# KEYS[5] the departure mark; ARGV[1] owner, ARGV[2] key, ARGV[3] ms to keep the mark, or 0.
+# Leave the line (timeout, cancel); a grant that raced the departure is passed on to the next in
+# line. When an ACQUIRE of this owner may still be on its way (the caller gave up mid-call, and
+# the reply never came), the mark makes that late ACQUIRE a no-op instead of a phantom grant.
+_LEAVE = (
+    _PRELUDE
+    + """
+redis.call('ZREM', KEYS[3], ARGV[1])
+redis.call('HDEL', KEYS[4], ARGV[1])
+if tonumber(ARGV[3]) > 0 then redis.call('SET', KEYS[5], '1', 'PX', ARGV[3]) end
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+  redis.call('DEL', KEYS[1])
+  hand_off(ARGV[2])
+end
+return 1
+"""
+)
+
+# KEYS[1] lock key, KEYS[2] fence key; ARGV[1] owner id, ARGV[2] TTL ms, ARGV[3] fence TTL ms
+# -> 1 extended, 0 not ours any more
+_EXTEND = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+  redis.call('PEXPIRE', KEYS[1], ARGV[2])
+  redis.call('PEXPIRE', KEYS[2], ARGV[3])
+  return 1
+end
+return 0
+"""
+
+
+# KEYS[1..4] the lock's keys; ARGV[1] the owner an operator was shown, ARGV[2] key
+# -> 1 deleted and handed to the next waiter (woken on its own process's channel), 0 the lock
+# is free or held by another owner now (nothing changed). ``keylock release --force``: the
+# operator deletes only the lease they looked at, never one taken since.
+_FORCE_RELEASE = _RELEASE
+
+ACQUIRE = _script("acquire", _ACQUIRE)
+RELEASE = _script("release", _RELEASE)
+LEAVE = _script("leave", _LEAVE)
+EXTEND = _script("extend", _EXTEND)
+FORCE_RELEASE = _script("force_release", _FORCE_RELEASE)

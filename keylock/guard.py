@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Final, Literal, ParamSpec, TypeVar, cast
 
 from ._callables import describe, is_async_callable, refuse_awaitable
 from ._completions import for_lock
+from ._host import report
 from ._validate import check_key
 from .errors import KeylockError, Superseded
 
@@ -107,7 +108,7 @@ def stale_guard(
         logger.info("keylock: dropped stale call for %r: %s", k, why)
         observer = locks.observer
         if observer is not None:
-            observer.superseded(observer.prefix_of(k))
+            report("Observer.superseded", lambda: observer.superseded(observer.prefix_of(k)))
         if on_stale == "raise":
             raise Superseded(f"call for {k!r} was superseded: {why}", key=k)
         return SUPERSEDED

@@ -10,6 +10,7 @@ import threading
 from collections.abc import Awaitable, Callable, Coroutine
 from typing import TYPE_CHECKING, ParamSpec, Protocol, TypeVar, cast
 
+from ._host import report
 from ._validate import check_key
 
 if TYPE_CHECKING:
@@ -139,6 +140,11 @@ class SingleFlight:
         self._mutex = threading.Lock()
         self._observer = observer  # told of every caller that joins a run in flight
 
+    def _coalesced(self, key: str) -> None:
+        observer = self._observer
+        if observer is not None:  # (an observer that raises is logged, never the caller's)
+            report("Observer.coalesced", lambda: observer.coalesced(observer.prefix_of(key)))
+
     def __len__(self) -> int:
         """How many executions are running now (a cancelled one until its cleanup ends)."""
         return len(self._flights) + len(self._sync_flights)
@@ -168,7 +174,7 @@ class SingleFlight:
             flight = self._flights.get(slot)
         else:
             if self._observer is not None:
-                self._observer.coalesced(self._observer.prefix_of(key))
+                self._coalesced(key)
         # each caller waits on a future of its own: cancelling it leaves the work alone
         waiter: asyncio.Future[object] = loop.create_future()
         flight.waiters.add(waiter)
@@ -227,7 +233,7 @@ class SingleFlight:
                 flight = self._sync_flights[key] = _SyncFlight()
         if not leader:
             if self._observer is not None:
-                self._observer.coalesced(self._observer.prefix_of(key))
+                self._coalesced(key)
             flight.done.wait()
             if flight.error is None:
                 return cast("R", flight.result)

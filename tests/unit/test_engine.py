@@ -194,3 +194,41 @@ async def test_a_sync_wait_on_a_running_loop_is_refused_at_once() -> None:
     with locks.sync("other"):
         pass
     assert not locks.statistics("k").held
+
+
+async def test_observers_that_raise_never_change_a_guard_or_a_flight_outcome() -> None:
+    """An Observer.superseded or Observer.coalesced that raised made a dropped stale_guard
+    call raise instead of returning SUPERSEDED, and a single-flight follower raise."""
+    from keylock import SUPERSEDED, SingleFlight, stale_guard
+
+    class Broken(Observer):
+        def superseded(self, prefix: str) -> None:
+            raise RuntimeError("metrics down")
+
+        def coalesced(self, prefix: str) -> None:
+            raise RuntimeError("metrics down")
+
+    locks = KeyedLock(observer=Broken())
+    state = {"v": 1}
+
+    @stale_guard(locks, key=lambda k: k, snapshot=lambda k: state["v"])
+    async def handle(k: str) -> str:
+        return "ran"
+
+    async with locks("a"):
+        call = asyncio.create_task(handle("a"))
+        await asyncio.sleep(0)
+        state["v"] = 2  # changes while the call waits for the lock: it must be dropped
+    assert await call is SUPERSEDED
+
+    flight = SingleFlight(observer=Broken())
+    gate = asyncio.Event()
+
+    async def work() -> int:
+        await gate.wait()
+        return 7
+
+    calls = [asyncio.create_task(flight.do("k", work)) for _ in range(3)]
+    await asyncio.sleep(0)
+    gate.set()
+    assert await asyncio.gather(*calls) == [7, 7, 7]

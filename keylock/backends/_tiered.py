@@ -195,6 +195,7 @@ class TieredBackend(Backend):
                 if step.trip is None:
                     await waiter.wait(step.wait)
                     continue
+                waiter.prepare()  # before the trip re-reads the state: no wake-up is lost
                 try:
                     reply = await self._trip(flow, step.trip)
                 except Exception as exc:
@@ -230,6 +231,7 @@ class TieredBackend(Backend):
                 if step.trip is None:
                     waiter.wait(step.wait)
                     continue
+                waiter.prepare()
                 try:
                     reply = self._trip_sync(flow, step.trip)
                 except Exception as exc:

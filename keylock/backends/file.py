@@ -11,13 +11,9 @@ key. Paths, modes and the record live in :mod:`keylock.backends._filepaths`.
 
 from __future__ import annotations
 
-import errno
-import fcntl
 import math
 import os
-import threading
 import time
-import weakref
 from typing import TYPE_CHECKING
 
 import portalocker
@@ -32,7 +28,17 @@ from ._filepaths import (
     read_token,
     write_record,
 )
-from ._tiered import Flow, Held, Step, Tier, TieredBackend
+from ._fileshared import (
+    SHARED,
+    SHARED_MUTEX,
+    STEP_ASIDE,
+    FileHeld,
+    Shared,
+    done_waiting,
+    others_wait,
+    say_waiting,
+)
+from ._tiered import Flow, Held, Step, TieredBackend
 from .base import Deadline, Grant, KeyStatistics
 
 if TYPE_CHECKING:
@@ -42,120 +48,7 @@ __all__ = ["FileBackend", "file_name"]
 
 _FIRST_POLL = 0.0005  # seconds before the first retry of a busy OS lock; doubles each time
 _MAX_POLL = 0.002  # the longest wait between retries (another process holds the key)
-# Fairness between processes. A process waiting for a key's OS lock holds a POSIX read lock on
-# byte 1 of the lock file (advisory: it guards nothing, it only says "waiting"; the OS drops it
-# when the process dies). A process releasing the key checks for such readers; if there are
-# any, its next acquire of the key steps aside until another process has taken a turn (the
-# file's token moved) or _STEP_ASIDE passes. Without it the releasing process takes the key
-# straight back while the others sleep between polls: one process kept it for whole seconds.
-_WAITING_BYTE = 1
-_STEP_ASIDE = 0.05
 _LOCK_NB = portalocker.LockFlags.EXCLUSIVE | portalocker.LockFlags.NON_BLOCKING
-
-
-class _Held(Held):
-    """The OS lock this process holds on one key, and the lease it belongs to."""
-
-    __slots__ = ("fd",)
-
-    def __init__(self, fd: int, token: int, owner: bytes, local_token: int) -> None:
-        super().__init__(token, owner, local_token)
-        self.fd = fd
-
-
-class _Shared(Tier):
-    """Per process and lock directory: the in-process tier shared by every FileBackend on it
-    (FIFO hand-off, TTL takeover and exclusion between tasks, threads and event loops of this
-    process), so the OS lock only arbitrates between processes."""
-
-    held: dict[str, _Held]  # type: ignore[assignment]
-
-    def __init__(self) -> None:
-        super().__init__()  # mutex also guards aside, waiting, fds
-        # key -> (token at our release, monotonic time until which we step aside)
-        self.aside: dict[str, tuple[int, float]] = {}
-        # key -> (open file, marked as waiting yet) of this process's caller waiting for the key
-        self.waiting: dict[str, tuple[int, bool]] = {}
-        # every lock-file descriptor open in this process, from its open to its close: a fork
-        # (which waits for mutex) can then close in the child each one the parent had open,
-        # even one between its flock and its entry in held
-        self.fds: set[int] = set()
-
-    def reset_after_fork(self) -> None:
-        """In a forked child: forget the parent's leases and locks."""
-        # A forked child inherits the parent's descriptors: closing them does not release the
-        # parent's flock (filelock #634 came from unlocking instead), and the child must not
-        # think it holds anything, or keep a parent's lock alive after the parent dies.
-        for fd in self.fds:
-            try:
-                os.close(fd)
-            except OSError:
-                pass
-        self.__init__()  # type: ignore[misc]  # (POSIX locks are not inherited either)
-
-
-_SHARED: weakref.WeakValueDictionary[tuple[int, int], _Shared] = weakref.WeakValueDictionary()
-_SHARED_MUTEX = threading.Lock()
-_FORKING: list[_Shared] = []  # the tiers whose mutex a fork in progress holds
-
-
-def _before_fork() -> None:
-    _SHARED_MUTEX.acquire()
-    _FORKING[:] = list(_SHARED.values())
-    for shared in _FORKING:
-        shared.mutex.acquire()
-
-
-def _after_fork_in_parent() -> None:
-    for shared in _FORKING:
-        shared.mutex.release()
-    _FORKING.clear()
-    _SHARED_MUTEX.release()
-
-
-def _after_fork_in_child() -> None:
-    global _SHARED_MUTEX
-    _SHARED_MUTEX = threading.Lock()
-    for shared in _FORKING:
-        shared.reset_after_fork()
-    _FORKING.clear()
-
-
-os.register_at_fork(
-    before=_before_fork,
-    after_in_parent=_after_fork_in_parent,
-    after_in_child=_after_fork_in_child,
-)
-
-
-def _lock_waiting_byte(fd: int, mode: int) -> bool:
-    """Take *mode* (LOCK_SH or LOCK_EX) on _WAITING_BYTE without waiting; False if another
-    process's lock stands in the way."""
-    try:
-        fcntl.lockf(fd, mode | fcntl.LOCK_NB, 1, _WAITING_BYTE)
-    except OSError as exc:
-        if exc.errno in (errno.EACCES, errno.EAGAIN):
-            return False
-        raise
-    return True
-
-
-def _say_waiting(fd: int) -> bool:
-    """Mark this process as waiting for the key of *fd* (a read lock on _WAITING_BYTE); False
-    if a releaser was probing at this very instant (the next poll tries again)."""
-    return _lock_waiting_byte(fd, fcntl.LOCK_SH)
-
-
-def _done_waiting(fd: int) -> None:
-    fcntl.lockf(fd, fcntl.LOCK_UN, 1, _WAITING_BYTE)
-
-
-def _others_wait(fd: int) -> bool:
-    """True if another process is marked as waiting for the key of *fd*."""
-    if not _lock_waiting_byte(fd, fcntl.LOCK_EX):
-        return True
-    _done_waiting(fd)
-    return False
 
 
 class FileBackend(TieredBackend):
@@ -212,19 +105,19 @@ class FileBackend(TieredBackend):
         self.default_ttl = check_backend_ttl(ttl, "FileBackend")
         self._files = LockDirectory(self.directory, mode=mode, trust_directory=trust_directory)
         info = os.fstat(self._files.fd)
-        with _SHARED_MUTEX:
-            shared = _SHARED.get((info.st_dev, info.st_ino))
+        with SHARED_MUTEX:
+            shared = SHARED.get((info.st_dev, info.st_ino))
             if shared is None:
-                shared = _SHARED[(info.st_dev, info.st_ino)] = _Shared()
+                shared = SHARED[(info.st_dev, info.st_ino)] = Shared()
         self._tier = shared
 
     @property
-    def _shared(self) -> _Shared:
+    def _shared(self) -> Shared:
         """This process's tier for the directory (one per directory, shared by backends)."""
         return self._tier  # type: ignore[return-value]
 
     @_shared.setter
-    def _shared(self, shared: _Shared) -> None:
+    def _shared(self, shared: Shared) -> None:
         self._tier = shared
 
     def __repr__(self) -> str:
@@ -265,7 +158,7 @@ class FileBackend(TieredBackend):
         self, key: str, owner: bytes, local: Grant, ttl: float | None, *, wait: bool = False
     ) -> Grant | None:
         """Take *key*'s OS lock for the in-process lease *local*, or None if another process
-        holds it (or is owed a turn: see _STEP_ASIDE). Never blocks. With *wait* the caller
+        holds it (or is owed a turn: see STEP_ASIDE). Never blocks. With *wait* the caller
         will try again: its file stays open, marked as waiting, until _stop_waiting."""
         shared = self._shared
         with shared.mutex:
@@ -293,7 +186,7 @@ class FileBackend(TieredBackend):
                     busy = True
             if busy:
                 if wait:
-                    marked = marked or _say_waiting(fd)
+                    marked = marked or say_waiting(fd)
                     with shared.mutex:
                         shared.waiting[key] = (fd, marked)
                 else:
@@ -304,7 +197,7 @@ class FileBackend(TieredBackend):
             raise
         try:
             if waiting:
-                _done_waiting(fd)
+                done_waiting(fd)
             # prune() may have unlinked the file between our open and our lock: then we hold a
             # lock nobody else will ever see (filelock #574's split brain); retry on the new one
             if not self._files.is_current(key, fd):
@@ -317,12 +210,12 @@ class FileBackend(TieredBackend):
             self._close(fd)
             raise
         with shared.mutex:
-            shared.held[key] = _Held(fd, token, owner, local[0])
+            shared.held[key] = FileHeld(fd, token, owner, local[0])
         # the lease lapses when its in-process turn does: report that expiry, never a later one
         return Grant(token, local[1], local[2])
 
     def _stepping_aside(self, key: str, fd: int, aside: tuple[int, float]) -> bool:
-        """True while this process owes another process a turn at *key* (see _STEP_ASIDE)."""
+        """True while this process owes another process a turn at *key* (see STEP_ASIDE)."""
         token_then, until = aside
         if time.monotonic() < until and read_token(fd) == token_then:  # nobody took a turn yet
             return True
@@ -331,14 +224,14 @@ class FileBackend(TieredBackend):
         return False
 
     def _step_aside(self, key: str, token: int) -> None:
-        """After our release of *key*, owe its waiting processes a turn (see _STEP_ASIDE)."""
+        """After our release of *key*, owe its waiting processes a turn (see STEP_ASIDE)."""
         now = time.monotonic()
         with self._shared.mutex:
             aside = self._shared.aside
             # entries nobody came back for would pile up, one per key ever released
             for stale in [k for k, (_, until) in aside.items() if until <= now]:
                 del aside[stale]
-            aside[key] = (token, now + _STEP_ASIDE)
+            aside[key] = (token, now + STEP_ASIDE)
 
     def _stop_waiting(self, key: str) -> None:
         """The caller gave up on *key*: close its waiting file (which drops the mark)."""
@@ -356,9 +249,9 @@ class FileBackend(TieredBackend):
         write_record(fd, token, os.getpid(), expires, owner, key)
         return token
 
-    def _drop_os_lock(self, key: str, held: _Held) -> None:
+    def _drop_os_lock(self, key: str, held: FileHeld) -> None:
         try:
-            if _others_wait(held.fd):  # our next turn waits until one of them had theirs
+            if others_wait(held.fd):  # our next turn waits until one of them had theirs
                 self._step_aside(key, held.token)
             portalocker.unlock(held.fd)
         finally:
@@ -399,7 +292,7 @@ class FileBackend(TieredBackend):
         return self._extend_local(flow.key, held, flow.ttl)
 
     def _end_sync(self, key: str, held: Held) -> bool:
-        assert isinstance(held, _Held)
+        assert isinstance(held, FileHeld)
         self._drop_os_lock(key, held)
         return True
 

@@ -18,14 +18,12 @@ suite loading the machine). Here the slow step is made certain: 50 ms.
 from __future__ import annotations
 
 import time
-import types
 from pathlib import Path
 
 import pytest
 
 from keylock import KeyedLock
 from keylock.backends import FileBackend, MemoryBackend
-from keylock.backends import memory as memory_module
 
 SLOW = 0.05
 
@@ -38,16 +36,17 @@ def test_an_extended_lease_is_never_believed_live_after_its_takeover(
     ``lease.lost``. With the monotonic clock read first, ``expires_at`` was 50 ms late."""
     slow = [True]
 
-    def preempted_time() -> float:  # the first read only: the waiter's reads are prompt
-        if slow and slow.pop():
-            time.sleep(SLOW)
-        return time.time()
+    class PreemptedClock:  # the first wall-clock read only: the waiter's reads are prompt
+        monotonic = staticmethod(time.monotonic)
 
-    locks = KeyedLock(MemoryBackend())
+        @staticmethod
+        def time() -> float:
+            if slow and slow.pop():
+                time.sleep(SLOW)
+            return time.time()
+
+    locks = KeyedLock(MemoryBackend(clock=PreemptedClock()))
     old = locks.acquire_sync("k")
-    monkeypatch.setattr(
-        memory_module, "time", types.SimpleNamespace(time=preempted_time, monotonic=time.monotonic)
-    )
     old.extend_sync(0.2)
     new = locks.acquire_sync("k", timeout=5, ttl=5)
     believed_live = not old.lost

@@ -380,7 +380,6 @@ class _RedisFlow(Flow):
             return Step(None, 0.001)
         if self._asleep or not protocol.tried or protocol.handed is not None:
             self._asleep = False
-            self.waiter.prepare()  # before the trip, so a wake-up during it is not lost
             trip = protocol.next_trip(now)
             if trip is None:  # a hand-off, adopted
                 self.grant = protocol.grant

@@ -1,0 +1,139 @@
+"""What one process keeps per lock directory: the in-process tier in front of the OS locks,
+the lock files it has open, its waiting marks, and what a fork does with them.
+
+Fairness between processes: a process waiting for a key's OS lock holds a POSIX read lock on
+byte 1 of the lock file (advisory: it guards nothing, it only says "waiting"; the OS drops it
+when the process dies). A process releasing the key checks for such readers; if there are
+any, its next acquire of the key steps aside until another process has taken a turn (the
+file's token moved) or STEP_ASIDE passes. Without it the releasing process takes the key
+straight back while the others sleep between polls: one process kept it for whole seconds.
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import os
+import threading
+import weakref
+
+from ._tiered import Held, Tier
+
+__all__ = [
+    "SHARED",
+    "SHARED_MUTEX",
+    "STEP_ASIDE",
+    "FileHeld",
+    "Shared",
+    "done_waiting",
+    "others_wait",
+    "say_waiting",
+]
+
+_WAITING_BYTE = 1
+STEP_ASIDE = 0.05
+
+
+class FileHeld(Held):
+    """The OS lock this process holds on one key, and the lease it belongs to."""
+
+    __slots__ = ("fd",)
+
+    def __init__(self, fd: int, token: int, owner: bytes, local_token: int) -> None:
+        super().__init__(token, owner, local_token)
+        self.fd = fd
+
+
+class Shared(Tier):
+    """Per process and lock directory: the in-process tier shared by every FileBackend on it
+    (FIFO hand-off, TTL takeover and exclusion between tasks, threads and event loops of this
+    process), so the OS lock only arbitrates between processes."""
+
+    held: dict[str, FileHeld]  # type: ignore[assignment]
+
+    def __init__(self) -> None:
+        super().__init__()  # mutex also guards aside, waiting, fds
+        # key -> (token at our release, monotonic time until which we step aside)
+        self.aside: dict[str, tuple[int, float]] = {}
+        # key -> (open file, marked as waiting yet) of this process's caller waiting for the key
+        self.waiting: dict[str, tuple[int, bool]] = {}
+        # every lock-file descriptor open in this process, from its open to its close: a fork
+        # (which waits for mutex) can then close in the child each one the parent had open,
+        # even one between its flock and its entry in held
+        self.fds: set[int] = set()
+
+    def reset_after_fork(self) -> None:
+        """In a forked child: forget the parent's leases and locks."""
+        # A forked child inherits the parent's descriptors: closing them does not release the
+        # parent's flock (filelock #634 came from unlocking instead), and the child must not
+        # think it holds anything, or keep a parent's lock alive after the parent dies.
+        for fd in self.fds:
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+        self.__init__()  # type: ignore[misc]  # (POSIX locks are not inherited either)
+
+
+SHARED: weakref.WeakValueDictionary[tuple[int, int], Shared] = weakref.WeakValueDictionary()
+SHARED_MUTEX = threading.Lock()
+_FORKING: list[Shared] = []  # the tiers whose mutex a fork in progress holds
+
+
+def _before_fork() -> None:
+    SHARED_MUTEX.acquire()
+    _FORKING[:] = list(SHARED.values())
+    for shared in _FORKING:
+        shared.mutex.acquire()
+
+
+def _after_fork_in_parent() -> None:
+    for shared in _FORKING:
+        shared.mutex.release()
+    _FORKING.clear()
+    SHARED_MUTEX.release()
+
+
+def _after_fork_in_child() -> None:
+    # in place: other modules hold this very lock object (imported by name)
+    SHARED_MUTEX._at_fork_reinit()  # type: ignore[attr-defined]  # (as threading does)
+    for shared in _FORKING:
+        shared.reset_after_fork()
+    _FORKING.clear()
+
+
+os.register_at_fork(
+    before=_before_fork,
+    after_in_parent=_after_fork_in_parent,
+    after_in_child=_after_fork_in_child,
+)
+
+
+def _lock_waiting_byte(fd: int, mode: int) -> bool:
+    """Take *mode* (LOCK_SH or LOCK_EX) on _WAITING_BYTE without waiting; False if another
+    process's lock stands in the way."""
+    try:
+        fcntl.lockf(fd, mode | fcntl.LOCK_NB, 1, _WAITING_BYTE)
+    except OSError as exc:
+        if exc.errno in (errno.EACCES, errno.EAGAIN):
+            return False
+        raise
+    return True
+
+
+def say_waiting(fd: int) -> bool:
+    """Mark this process as waiting for the key of *fd* (a read lock on _WAITING_BYTE); False
+    if a releaser was probing at this very instant (the next poll tries again)."""
+    return _lock_waiting_byte(fd, fcntl.LOCK_SH)
+
+
+def done_waiting(fd: int) -> None:
+    fcntl.lockf(fd, fcntl.LOCK_UN, 1, _WAITING_BYTE)
+
+
+def others_wait(fd: int) -> bool:
+    """True if another process is marked as waiting for the key of *fd*."""
+    if not _lock_waiting_byte(fd, fcntl.LOCK_EX):
+        return True
+    done_waiting(fd)
+    return False

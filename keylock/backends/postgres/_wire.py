@@ -80,6 +80,11 @@ def boundary(where: str, key: str, secret: str | None = None) -> Iterator[None]:
         ) from exc
 
 
+def _dead(exc: psycopg.OperationalError, broken: bool, again: bool) -> bool:
+    """True if the statement may be sent again on another connection (see SyncWire.run)."""
+    return isinstance(exc, psycopg.errors.AdminShutdown) or (again and broken)
+
+
 class _Base:
     def __init__(self, schema: Schema, conninfo: str, kwargs: dict[str, object]) -> None:
         self.schema = schema
@@ -107,15 +112,20 @@ class SyncWire(_Base):
         self.owned = owned  # made by the backend (from_url): opened lazily, closed by it
         self._opened = not owned
 
-    def run(self, key: str, sql: str, params: Sequence[object]) -> Rows:
-        """Run one statement; its rows. BackendUnavailable on any failure."""
+    def run(self, key: str, sql: str, params: Sequence[object], *, again: bool = True) -> Rows:
+        """Run one statement; its rows. BackendUnavailable on any failure. A connection found
+        dead in the pool (the server restarted, or terminated it) is replaced, and the
+        statement sent again: always when the server said it terminated the session (the
+        statement did not run), on any broken connection only with *again* (a statement safe
+        to repeat: all but release, whose repeat would find the key "not ours")."""
         with boundary(self.where, key, self._secret):
             if not self._opened:
                 with self._mutex:
                     if not self._opened:
                         self.pool.open(wait=False)
                         self._opened = True
-            for attempt in (0, 1):
+            dead = made = 0
+            while True:
                 with self.pool.connection() as conn:
                     restore = not conn.autocommit
                     if restore:
@@ -125,13 +135,17 @@ class SyncWire(_Base):
                             self._ensure(conn)
                         return conn.execute(sql, params).fetchall()
                     except _MISSING:
-                        if attempt:
+                        made += 1
+                        if made > 1:
                             raise
                         self._ready = False  # dropped under us: make it again, then retry
+                    except psycopg.OperationalError as exc:
+                        dead += 1
+                        if not _dead(exc, conn.broken, again) or dead > self.pool.max_size:
+                            raise
                     finally:
                         if restore and not conn.closed:
                             conn.autocommit = False
-        raise AssertionError("unreachable")
 
     def _ensure(self, conn: psycopg.Connection[tuple[object, ...]]) -> None:
         row = conn.execute(self._probe()).fetchone()
@@ -162,12 +176,15 @@ class AsyncWire(_Base):
         self.owned = owned
         self._opened = not owned
 
-    async def run(self, key: str, sql: str, params: Sequence[object]) -> Rows:
+    async def run(
+        self, key: str, sql: str, params: Sequence[object], *, again: bool = True
+    ) -> Rows:
         with boundary(self.where, key, self._secret):
             if not self._opened:
                 self._opened = True
                 await self.pool.open(wait=False)
-            for attempt in (0, 1):
+            dead = made = 0
+            while True:
                 async with self.pool.connection() as conn:
                     restore = not conn.autocommit
                     if restore:
@@ -178,13 +195,17 @@ class AsyncWire(_Base):
                         cursor = await conn.execute(sql, params)
                         return await cursor.fetchall()
                     except _MISSING:
-                        if attempt:
+                        made += 1
+                        if made > 1:
                             raise
                         self._ready = False
+                    except psycopg.OperationalError as exc:
+                        dead += 1
+                        if not _dead(exc, conn.broken, again) or dead > self.pool.max_size:
+                            raise
                     finally:
                         if restore and not conn.closed:
                             await conn.set_autocommit(False)
-        raise AssertionError("unreachable")
 
     async def _ensure(self, conn: psycopg.AsyncConnection[tuple[object, ...]]) -> None:
         row = await (await conn.execute(self._probe())).fetchone()

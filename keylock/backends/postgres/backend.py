@@ -216,13 +216,17 @@ class PostgresBackend(TieredBackend):
             wire = self._async_wires[loop] = _wire.AsyncWire(pool, self._schema, owned=True)
         return wire
 
-    def _run_sync(self, key: str, sql: str, params: Sequence[object]) -> Rows:
-        return self._sync().run(key, sql, params)
+    def _run_sync(
+        self, key: str, sql: str, params: Sequence[object], *, again: bool = True
+    ) -> Rows:
+        return self._sync().run(key, sql, params, again=again)
 
-    async def _run(self, key: str, sql: str, params: Sequence[object]) -> Rows:
+    async def _run(
+        self, key: str, sql: str, params: Sequence[object], *, again: bool = True
+    ) -> Rows:
         """One statement from an event loop; once sent it completes even if the caller is
         cancelled (the caller's give-up must land after it, never before)."""
-        call = asyncio.ensure_future(self._async().run(key, sql, params))
+        call = asyncio.ensure_future(self._async().run(key, sql, params, again=again))
         try:
             return await asyncio.shield(call)
         except asyncio.CancelledError:
@@ -330,11 +334,13 @@ class PostgresBackend(TieredBackend):
         return Grant(grant[0], time.time() + (deadline - now), deadline)
 
     def _end_sync(self, key: str, held: Held) -> bool:
-        rows = self._run_sync(key, self._schema.release, [_stored(key), held.owner])
+        # not repeated: a release that landed before its connection died would be found "not
+        # ours" the second time, a false LeaseLost
+        rows = self._run_sync(key, self._schema.release, [_stored(key), held.owner], again=False)
         return bool(rows[0][0])
 
     async def _end(self, key: str, held: Held) -> bool:
-        rows = await self._run(key, self._schema.release, [_stored(key), held.owner])
+        rows = await self._run(key, self._schema.release, [_stored(key), held.owner], again=False)
         return bool(rows[0][0])
 
     def _extend_params(self, key: str, owner: bytes, token: int, ttl: float) -> list[object]:

@@ -298,8 +298,9 @@ def fenced_update(
     ``with conn.transaction():`` the check and the write are one commit with the rest. The
     holder may write again with its own token; an older token raises StaleToken (a newer
     holder wrote), as does a missing row. *where* adds equality conditions
-    (``{"status": "RUNNING"}``): a compare-and-set. Returns True when the row was written, False when the fence passed but a
-    *where* condition did not match (nothing changed; without *where*, never False).
+    (``{"status": "RUNNING"}``): a compare-and-set. Returns True when the row was written,
+    False when the fence passed but a *where* condition did not match (nothing changed;
+    without *where*, never False).
 
     Checked before any SQL runs (TypeError/ValueError): the token (an int in ``[0, 2**63)``),
     non-empty *values*, plain identifiers for every name (no SQL through names), no

@@ -10,16 +10,17 @@ import logging
 import threading
 import time
 import weakref
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, cast
 
-from ...errors import BackendUnavailable
+from ...errors import BackendUnavailable, LeaseLost
+from ._sql import stored
 from ._wire import listen_connection
 
 if TYPE_CHECKING:
     from ...lease import Lease
     from .backend import PostgresBackend
 
-__all__ = ["Listener", "Renewer"]
+__all__ = ["Listener", "Renewer", "renew_all"]
 
 logger = logging.getLogger("keylock")
 
@@ -153,7 +154,7 @@ class Renewer:
             if backend is None:
                 return
             try:
-                lost = backend._renew_all(ready)
+                lost = renew_all(backend, ready)
             except BackendUnavailable as exc:
                 now = time.monotonic()
                 lost = []
@@ -174,3 +175,34 @@ class Renewer:
                     if self._due.pop(lease, None) is None:
                         continue  # released meanwhile: nothing to tell
                 lease._on_lost()
+
+
+def renew_all(backend: PostgresBackend, leases: list[Lease]) -> list[Lease]:
+    """Renew *leases* in one statement (from the renewer thread); return the lost ones."""
+    ttls = [lease.ttl or backend._ttl for lease in leases]
+    sent = (time.time(), time.monotonic())
+    rows = backend._run_sync(
+        leases[0]._full_key,
+        backend._schema.renew,
+        [
+            [stored(lease._full_key) for lease in leases],
+            [lease._owner for lease in leases],
+            [max(int(ttl * 1000), 1) for ttl in ttls],
+        ],
+    )
+    renewed = {bytes(cast("bytes", row[0])) for row in rows}
+    lost = []
+    tier = backend._tier
+    for lease, ttl in zip(leases, ttls, strict=True):
+        if lease._owner not in renewed:
+            lost.append(lease)
+            continue
+        with tier.mutex:
+            held = tier.held.get(lease._full_key)
+        if held is None or held.owner != lease._owner:
+            continue  # released meanwhile
+        try:
+            lease._on_renewed(backend._extended(lease._full_key, held, ttl, sent))
+        except LeaseLost:
+            lost.append(lease)
+    return lost

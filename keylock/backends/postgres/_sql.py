@@ -22,7 +22,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-__all__ = ["Schema", "schema_for"]
+__all__ = ["Schema", "schema_for", "stored"]
 
 _NAME = re.compile(r"(?:([a-z_][a-z0-9_]{0,62})\.)?([a-z_][a-z0-9_]{0,39})\Z")
 
@@ -32,6 +32,11 @@ _CLOCK_US = "(extract(epoch FROM clock_timestamp()) * 1000000)::bigint"
 
 def _mint(last: str) -> str:
     return f"greatest(coalesce({last}, 0) + 1, {_CLOCK_US})"
+
+
+def stored(key: str) -> bytes:
+    """The key as stored (bytea: a namespaced key's NUL separator is kept exactly)."""
+    return key.encode("utf-8", "surrogatepass")
 
 
 @dataclass(frozen=True)
@@ -123,7 +128,10 @@ DECLARE
   holder {t};
 BEGIN
   {lock};
-  head := {fn}_head(p_key, now_);
+  SELECT * INTO head FROM {q} WHERE key = p_key ORDER BY arrived, owner LIMIT 1;
+  IF FOUND AND head.stay_until <= now_ THEN  -- (an empty line, the usual case, costs no call)
+    head := {fn}_head(p_key, now_);
+  END IF;
   IF head.owner IS NULL OR head.owner = p_owner THEN
     INSERT INTO {t} AS l (key, owner, token, expires_at)
     VALUES (p_key, p_owner, {_CLOCK_US}, now_ + p_ttl_ms * interval '1 millisecond')

@@ -11,12 +11,11 @@ import time
 import weakref
 from typing import TYPE_CHECKING, cast
 
-from ...errors import LeaseLost
 from .._tiered import Held, Tier, TieredBackend
 from .._waiters import LoopWaiter, ThreadWaiter
 from ..base import Grant, KeyStatistics
 from ._flow import LEAVE, TRY, PostgresFlow
-from ._sql import schema_for
+from ._sql import schema_for, stored
 
 if TYPE_CHECKING:
     from collections.abc import Hashable, Sequence
@@ -33,11 +32,6 @@ if TYPE_CHECKING:
 __all__ = ["PostgresBackend"]
 
 _STARTUP_POLL = 0.05  # the safety-net poll while the listener is not LISTENing yet
-
-
-def _stored(key: str) -> bytes:
-    """The key as stored (bytea: a namespaced key's NUL separator is kept exactly)."""
-    return key.encode("utf-8", "surrogatepass")
 
 
 class PostgresBackend(TieredBackend):
@@ -67,6 +61,11 @@ class PostgresBackend(TieredBackend):
       that gives up leaves the line, and one whose process died drops out of it. LISTEN needs
       a session: behind a transaction-mode pooler, point ``listen_conninfo`` at the server (or
       a session-mode pool); without it waiters still get the key, at the poll's pace.
+    * **Cost**: acquire and release are one round trip each, but each commits a write: with
+      ``synchronous_commit=on`` it waits for a WAL flush (an fsync, often longer than the
+      round trip). ``from_url(..., durable=False)`` turns that off for this backend's own
+      sessions: a server crash may then forget the last grants (<1 s of them); tokens still
+      rise (clock floor) and holders learn the loss at their next renewal.
     * **Errors**: :class:`~keylock.BackendUnavailable` naming ``host:port/db``, never the
       password.
 
@@ -149,15 +148,20 @@ class PostgresBackend(TieredBackend):
         poll: float = 1.0,
         pool_size: int = 8,
         connect_timeout: float = 5.0,
+        durable: bool = True,
         **connect_options: object,
     ) -> PostgresBackend:
         """A backend on the database at *url* (``postgresql://user:pw@host:port/db``, or a
-        conninfo string); *connect_options* go to ``psycopg.connect``. Connects on first use."""
+        conninfo string); *connect_options* go to ``psycopg.connect``. Connects on first use.
+        ``durable=False`` commits without waiting for the WAL flush (see the class docstring)."""
         import psycopg
 
         from . import _wire
 
         options = {"connect_timeout": max(int(connect_timeout), 1), **connect_options}
+        if not durable:  # this backend's own sessions only: see the class docstring
+            extra = str(options.get("options") or "")
+            options["options"] = f"{extra} -c synchronous_commit=off".strip()
         try:
             psycopg.conninfo.conninfo_to_dict(url)
         except psycopg.ProgrammingError as exc:
@@ -281,7 +285,7 @@ class PostgresBackend(TieredBackend):
         ttl_ms = max(int((flow.ttl or self._ttl) * 1000), 1)
         claim_ms = min(ttl_ms, self._stay_ms)
         return [
-            _stored(flow.key),
+            stored(flow.key),
             flow.owner,
             ttl_ms,
             trip != TRY,
@@ -293,14 +297,14 @@ class PostgresBackend(TieredBackend):
     def _trip_sync(self, flow: Flow, trip: Hashable) -> object:
         schema = self._schema
         if trip == LEAVE:
-            return self._run_sync(flow.key, schema.leave, [_stored(flow.key), flow.owner])
+            return self._run_sync(flow.key, schema.leave, [stored(flow.key), flow.owner])
         self._arm(flow)
         return self._run_sync(flow.key, schema.acquire, self._acquire_params(flow, trip))[0]
 
     async def _trip(self, flow: Flow, trip: Hashable) -> object:
         schema = self._schema
         if trip == LEAVE:
-            return await self._run(flow.key, schema.leave, [_stored(flow.key), flow.owner])
+            return await self._run(flow.key, schema.leave, [stored(flow.key), flow.owner])
         self._arm(flow)
         return (await self._run(flow.key, schema.acquire, self._acquire_params(flow, trip)))[0]
 
@@ -336,15 +340,15 @@ class PostgresBackend(TieredBackend):
     def _end_sync(self, key: str, held: Held) -> bool:
         # not repeated: a release that landed before its connection died would be found "not
         # ours" the second time, a false LeaseLost
-        rows = self._run_sync(key, self._schema.release, [_stored(key), held.owner], again=False)
+        rows = self._run_sync(key, self._schema.release, [stored(key), held.owner], again=False)
         return bool(rows[0][0])
 
     async def _end(self, key: str, held: Held) -> bool:
-        rows = await self._run(key, self._schema.release, [_stored(key), held.owner], again=False)
+        rows = await self._run(key, self._schema.release, [stored(key), held.owner], again=False)
         return bool(rows[0][0])
 
     def _extend_params(self, key: str, owner: bytes, token: int, ttl: float) -> list[object]:
-        return [max(int(ttl * 1000), 1), _stored(key), owner, token]
+        return [max(int(ttl * 1000), 1), stored(key), owner, token]
 
     def _extended(self, key: str, held: Held, ttl: float, sent: tuple[float, float]) -> Grant:
         """The server extended the lease sent at *sent* (wall, monotonic): move the in-process
@@ -370,8 +374,8 @@ class PostgresBackend(TieredBackend):
         return self._extended(key, held, ttl, sent)
 
     def _arbiter_statistics(self, key: str, local: KeyStatistics) -> KeyStatistics:
-        stored = _stored(key)
-        row = self._run_sync(key, self._schema.statistics, [stored, stored])[0]
+        name = stored(key)
+        row = self._run_sync(key, self._schema.statistics, [name, name])[0]
         owner, token, live, waiting = cast("tuple[bytes | None, int | None, bool, int]", row)
         waiting = int(waiting) + local.waiting
         if not live:
@@ -414,36 +418,6 @@ class PostgresBackend(TieredBackend):
     def _untrack(self, lease: Lease) -> None:
         if self._renewer is not None:
             self._renewer.remove(lease)
-
-    def _renew_all(self, leases: list[Lease]) -> list[Lease]:
-        """Renew *leases* in one statement (from the renewer thread); return the lost ones."""
-        ttls = [lease.ttl or self._ttl for lease in leases]
-        sent = (time.time(), time.monotonic())
-        rows = self._run_sync(
-            leases[0]._full_key,
-            self._schema.renew,
-            [
-                [_stored(lease._full_key) for lease in leases],
-                [lease._owner for lease in leases],
-                [max(int(ttl * 1000), 1) for ttl in ttls],
-            ],
-        )
-        renewed = {bytes(cast("bytes", row[0])) for row in rows}
-        lost = []
-        tier = self._tier
-        for lease, ttl in zip(leases, ttls, strict=True):
-            if lease._owner not in renewed:
-                lost.append(lease)
-                continue
-            with tier.mutex:
-                held = tier.held.get(lease._full_key)
-            if held is None or held.owner != lease._owner:
-                continue  # released meanwhile
-            try:
-                lease._on_renewed(self._extended(lease._full_key, held, ttl, sent))
-            except LeaseLost:
-                lost.append(lease)
-        return lost
 
     # --------------------------------------------------------------------------- closing
 

@@ -268,6 +268,17 @@ def _identifier(name: object, what: str, pattern: re.Pattern[str] = _IDENTIFIER)
     return name
 
 
+_NAMED = re.compile(r":([A-Za-z_][A-Za-z0-9_]*)")
+
+
+def _execute(connection: _Connection, sql: str, parameters: dict[str, object]) -> _Cursor:
+    """Run *sql* (named ``:name`` placeholders) in the driver's own style: psycopg (3) takes
+    ``%(name)s``, so a Postgres fence check runs in the caller's psycopg transaction."""
+    if type(connection).__module__.startswith("psycopg"):
+        sql = _NAMED.sub(r"%(\1)s", sql)  # names are checked identifiers: no '%' to escape
+    return connection.execute(sql, parameters)
+
+
 def fenced_update(
     connection: _Connection,
     table: str,
@@ -281,12 +292,15 @@ def fenced_update(
 ) -> bool:
     """``UPDATE table SET ..., fence = :token WHERE id = :id AND fence <= :token [AND ...]``.
 
-    Works on any DB-API connection with the named paramstyle (sqlite3; use the same statement
-    with your driver's placeholders elsewhere); the caller commits. The holder may write again
-    with its own token; an older token raises StaleToken (a newer holder wrote), as does a
-    missing row. *where* adds equality conditions (``{"status": "RUNNING"}``): a
-    compare-and-set. Returns True when the row was written, False when the fence passed but a
-    *where* condition did not match (nothing changed; without *where*, never False).
+    Works on any DB-API connection with the named paramstyle (sqlite3) and on a psycopg 3
+    connection (Postgres: the same database as :class:`~keylock.backends.PostgresBackend`);
+    elsewhere use the same statement with your driver's placeholders. The caller commits: inside
+    ``with conn.transaction():`` the check and the write are one commit with the rest. The
+    holder may write again with its own token; an older token raises StaleToken (a newer
+    holder wrote), as does a missing row. *where* adds equality conditions
+    (``{"status": "RUNNING"}``): a compare-and-set. Returns True when the row was written,
+    False when the fence passed but a *where* condition did not match (nothing changed;
+    without *where*, never False).
 
     Checked before any SQL runs (TypeError/ValueError): the token (an int in ``[0, 2**63)``),
     non-empty *values*, plain identifiers for every name (no SQL through names), no
@@ -328,13 +342,12 @@ def fenced_update(
     parameters: dict[str, object] = {f"v_{k}": v for k, v in values.items()}
     parameters.update({f"w_{k}": v for k, v in conditions.items()})
     parameters.update(token=token, id=row_id)
-    if connection.execute(sql, parameters).rowcount > 0:
+    if _execute(connection, sql, parameters).rowcount > 0:
         return True
     # Why nothing matched. Fences only grow, so a fence above the token now was above it at
     # the UPDATE, and one at or below it now was too: only *where* can have failed then.
-    row = connection.execute(
-        f"SELECT {fence_column} FROM {table} WHERE {id_column} = :id", {"id": row_id}
-    ).fetchone()
+    check = f"SELECT {fence_column} FROM {table} WHERE {id_column} = :id"
+    row = _execute(connection, check, {"id": row_id}).fetchone()
     if row is None:
         raise StaleToken(
             f"update of {table} row {row_id!r} with token {token} found no such row; "

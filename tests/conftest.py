@@ -15,6 +15,7 @@ import pytest
 
 from keylock.backends import Backend, MemoryBackend
 
+from ._pg_server import PgServer, running_postgres
 from ._redis_server import Cluster, Server, running_cluster, running_server
 from .conformance._driver import Driver, flavours
 
@@ -101,6 +102,26 @@ def _redis_cluster(request: pytest.FixtureRequest) -> Iterator[MakeBackend]:
     yield make
 
 
+@pytest.fixture(scope="session")
+def postgres_server() -> Iterator[PgServer]:
+    """One real PostgreSQL for the session (see tests/_pg_server.py); tests flush it."""
+    with running_postgres() as server:
+        yield server
+
+
+def _postgres(request: pytest.FixtureRequest) -> Iterator[MakeBackend]:
+    server: PgServer = request.getfixturevalue("postgres_server")
+    server.flush()
+
+    def make(*, auto_renew: bool = True) -> Backend:
+        from keylock.backends import PostgresBackend
+
+        # a new client each call, as another host would be
+        return PostgresBackend.from_url(server.url, auto_renew=auto_renew)
+
+    yield make
+
+
 # name -> generator of a backend factory. File and Redis backends add themselves here.
 BACKENDS: dict[str, Callable[[pytest.FixtureRequest], Iterator[MakeBackend]]] = {
     "memory": _memory,
@@ -108,6 +129,7 @@ BACKENDS: dict[str, Callable[[pytest.FixtureRequest], Iterator[MakeBackend]]] = 
     "file": _file,
     "redis": _redis,
     "redis-cluster": _redis_cluster,
+    "postgres": _postgres,
 }
 
 

@@ -37,7 +37,15 @@ KEYLOCK_ALL = [
     "stats",
 ]
 
-BACKENDS_ALL = ["Backend", "FileBackend", "Grant", "KeyStatistics", "MemoryBackend", "RedisBackend"]
+BACKENDS_ALL = [
+    "Backend",
+    "FileBackend",
+    "Grant",
+    "KeyStatistics",
+    "MemoryBackend",
+    "PostgresBackend",
+    "RedisBackend",
+]
 
 
 def test_keylock_all_is_pinned() -> None:
@@ -55,7 +63,12 @@ def test_backends_all_is_pinned() -> None:
 def test_design_names_exist() -> None:
     """The names DESIGN.md promises."""
     from keylock import SUPERSEDED, KeyedLock, Lease, SingleFlight, stale_guard  # noqa: F401
-    from keylock.backends import FileBackend, MemoryBackend, RedisBackend  # noqa: F401
+    from keylock.backends import (  # noqa: F401
+        FileBackend,
+        MemoryBackend,
+        PostgresBackend,
+        RedisBackend,
+    )
 
     assert callable(stale_guard)
 

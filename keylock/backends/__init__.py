@@ -1,5 +1,6 @@
 """Backends: where lock state lives. ``MemoryBackend`` (one process), ``FileBackend`` (one host),
-``RedisBackend`` (many hosts). File and Redis load lazily, so ``import keylock`` stays light."""
+``RedisBackend`` and ``PostgresBackend`` (many hosts). All but memory load lazily, so ``import
+keylock`` stays light (and imports neither redis' nor psycopg's backend)."""
 
 from __future__ import annotations
 
@@ -12,9 +13,18 @@ from .memory import MemoryBackend as MemoryBackend
 
 if TYPE_CHECKING:
     from .file import FileBackend as FileBackend
+    from .postgres import PostgresBackend as PostgresBackend
     from .redis import RedisBackend as RedisBackend
 
-__all__ = ["Backend", "FileBackend", "Grant", "KeyStatistics", "MemoryBackend", "RedisBackend"]
+__all__ = [
+    "Backend",
+    "FileBackend",
+    "Grant",
+    "KeyStatistics",
+    "MemoryBackend",
+    "PostgresBackend",
+    "RedisBackend",
+]
 
 
 def __getattr__(name: str) -> object:
@@ -26,4 +36,8 @@ def __getattr__(name: str) -> object:
         from .redis import RedisBackend
 
         return RedisBackend
+    if name == "PostgresBackend":
+        from .postgres import PostgresBackend
+
+        return PostgresBackend
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

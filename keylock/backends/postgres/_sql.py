@@ -1,0 +1,227 @@
+"""The Postgres backend's schema and statements: every decision about a key is one statement.
+
+Three objects per ``table`` name (``keylock_leases`` by default, optionally ``schema.name``):
+
+* ``<table>``: one row per key ever locked: ``owner`` (NULL when free), ``token`` (the last one
+  minted: the row outlives its lease so tokens keep rising), ``expires_at``.
+* ``<table>_queue``: the waiters, one row per (key, waiting process), in arrival order, each
+  with the channel its process LISTENs on and ``stay_until`` (a waiter refreshes it at every
+  poll; a dead one drops out of the line when it passes).
+* functions ``<table>_acquire``, ``_release`` and ``_leave`` (PL/pgSQL), so acquire, release
+  and give-up are one round trip each, and ``<table>_hand_off``, shared by the last two.
+
+Every function first takes ``pg_advisory_xact_lock`` on the key's hash: all decisions about one
+key are serialized, in one order (no deadlock between a release and an acquire), and the lock
+is transaction-scoped, so nothing outlives the statement: it works behind a transaction-mode
+pooler. Tokens are ``max(last + 1, server clock in µs)``: strictly increasing per key even
+when the table is truncated (the clock has moved past every token it minted).
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+__all__ = ["Schema", "schema_for", "stored"]
+
+_NAME = re.compile(r"(?:([a-z_][a-z0-9_]{0,62})\.)?([a-z_][a-z0-9_]{0,39})\Z")
+
+# the server clock in µs since the epoch (numeric: exact)
+_CLOCK_US = "(extract(epoch FROM clock_timestamp()) * 1000000)::bigint"
+
+
+def _mint(last: str) -> str:
+    return f"greatest(coalesce({last}, 0) + 1, {_CLOCK_US})"
+
+
+def stored(key: str) -> bytes:
+    """The key as stored (bytea: a namespaced key's NUL separator is kept exactly)."""
+    return key.encode("utf-8", "surrogatepass")
+
+
+@dataclass(frozen=True)
+class Schema:
+    """The statements for one table name (see the module's docstring)."""
+
+    table: str
+    ddl: tuple[str, ...]
+    acquire: str
+    release: str
+    leave: str
+    extend: str
+    renew: str
+    statistics: str
+    truncate: str
+
+
+def schema_for(table: str) -> Schema:
+    """The schema and statements for *table* (``name`` or ``schema.name``, lower case)."""
+    if not isinstance(table, str):
+        raise TypeError(f"PostgresBackend table must be a str, not {type(table).__name__}")
+    found = _NAME.match(table)
+    if found is None:
+        raise ValueError(
+            f"PostgresBackend table {table!r} is not a plain name: use lower-case letters, "
+            "digits and underscores (at most 40), optionally prefixed by 'schema.'"
+        )
+    schema, name = found.groups()
+    t = table
+    q = f"{t}_queue"
+    fn = t  # functions share the table's name as a prefix
+    lock = "PERFORM pg_advisory_xact_lock(hashtextextended(encode(p_key, 'hex'), 7262))"
+    ddl = (
+        *([f"CREATE SCHEMA IF NOT EXISTS {schema}"] if schema else []),
+        f"""CREATE TABLE IF NOT EXISTS {t} (
+  key bytea PRIMARY KEY,
+  owner bytea,
+  token bigint NOT NULL,
+  expires_at timestamptz NOT NULL)""",
+        f"""CREATE TABLE IF NOT EXISTS {q} (
+  key bytea NOT NULL,
+  owner bytea NOT NULL,
+  arrived bigint NOT NULL,
+  stay_until timestamptz NOT NULL,
+  claim_ms bigint NOT NULL,
+  channel text NOT NULL,
+  PRIMARY KEY (key, owner))""",
+        f"CREATE INDEX IF NOT EXISTS {name}_queue_line ON {q} (key, arrived, owner)",
+        # the live head of a key's line; waiters whose stay ran out (dead) are dropped here
+        f"""CREATE OR REPLACE FUNCTION {fn}_head(p_key bytea, p_now timestamptz)
+RETURNS {q} LANGUAGE plpgsql AS $$
+DECLARE
+  head {q};
+BEGIN
+  LOOP
+    SELECT * INTO head FROM {q} WHERE key = p_key ORDER BY arrived, owner LIMIT 1;
+    IF NOT FOUND OR head.stay_until > p_now THEN
+      RETURN head;
+    END IF;
+    DELETE FROM {q} WHERE key = p_key AND owner = head.owner;
+  END LOOP;
+END $$""",
+        # the key is being given up: hand it to the live head of the line (for the head's claim
+        # window: its acquire, woken by the NOTIFY, extends it to its TTL), or free it
+        f"""CREATE OR REPLACE FUNCTION {fn}_hand_off(p_key bytea, p_now timestamptz)
+RETURNS void LANGUAGE plpgsql AS $$
+DECLARE
+  head {q} := {fn}_head(p_key, p_now);
+BEGIN
+  IF head.owner IS NULL THEN
+    UPDATE {t} SET owner = NULL, expires_at = p_now WHERE key = p_key;
+    RETURN;
+  END IF;
+  UPDATE {t} SET owner = head.owner, token = {_mint("token")},
+    expires_at = p_now + head.claim_ms * interval '1 millisecond'
+  WHERE key = p_key;
+  DELETE FROM {q} WHERE key = p_key AND owner = head.owner;
+  PERFORM pg_notify(head.channel, encode(head.owner, 'hex'));
+END $$""",
+        # -> (1, token, ms left) granted; (0, holder's ms left or -2 when the key is free but
+        # promised to the head of the line, 0) not granted (queued if p_queue)
+        f"""CREATE OR REPLACE FUNCTION {fn}_acquire(
+  p_key bytea, p_owner bytea, p_ttl_ms bigint, p_queue boolean, p_stay_ms bigint,
+  p_claim_ms bigint, p_channel text, OUT o_status int, OUT o_token bigint, OUT o_ms_left bigint)
+LANGUAGE plpgsql AS $$
+DECLARE
+  now_ timestamptz := clock_timestamp();
+  head {q};
+  holder {t};
+BEGIN
+  {lock};
+  SELECT * INTO head FROM {q} WHERE key = p_key ORDER BY arrived, owner LIMIT 1;
+  IF FOUND AND head.stay_until <= now_ THEN  -- (an empty line, the usual case, costs no call)
+    head := {fn}_head(p_key, now_);
+  END IF;
+  IF head.owner IS NULL OR head.owner = p_owner THEN
+    INSERT INTO {t} AS l (key, owner, token, expires_at)
+    VALUES (p_key, p_owner, {_CLOCK_US}, now_ + p_ttl_ms * interval '1 millisecond')
+    ON CONFLICT (key) DO UPDATE SET owner = excluded.owner,
+      token = CASE WHEN l.owner = excluded.owner THEN l.token ELSE {_mint("l.token")} END,
+      expires_at = excluded.expires_at
+    WHERE l.owner IS NULL OR l.expires_at <= now_ OR l.owner = excluded.owner
+    RETURNING l.token INTO o_token;
+  ELSE  -- another waiter is first in line: only a key already handed to us is ours
+    UPDATE {t} AS u SET expires_at = now_ + p_ttl_ms * interval '1 millisecond'
+    WHERE u.key = p_key AND u.owner = p_owner AND u.expires_at > now_
+    RETURNING u.token INTO o_token;
+  END IF;
+  IF o_token IS NOT NULL THEN
+    IF head.owner IS NOT NULL THEN
+      DELETE FROM {q} WHERE key = p_key AND owner = p_owner;
+    END IF;
+    o_status := 1;
+    o_ms_left := p_ttl_ms;
+    RETURN;
+  END IF;
+  o_status := 0;
+  SELECT * INTO holder FROM {t} WHERE key = p_key;
+  IF holder.owner IS NOT NULL AND holder.expires_at > now_ THEN
+    o_ms_left := ceil(extract(epoch FROM holder.expires_at - now_) * 1000)::bigint;
+  ELSE
+    o_ms_left := -2;
+  END IF;
+  IF p_queue THEN
+    INSERT INTO {q} (key, owner, arrived, stay_until, claim_ms, channel)
+    VALUES (p_key, p_owner, {_CLOCK_US}, now_ + p_stay_ms * interval '1 millisecond',
+            p_claim_ms, p_channel)
+    ON CONFLICT (key, owner) DO UPDATE SET stay_until = excluded.stay_until;
+  END IF;
+END $$""",
+        # -> true released (and handed on); false it was not ours, or it had expired
+        f"""CREATE OR REPLACE FUNCTION {fn}_release(p_key bytea, p_owner bytea)
+RETURNS boolean LANGUAGE plpgsql AS $$
+DECLARE
+  now_ timestamptz := clock_timestamp();
+  live boolean;
+BEGIN
+  {lock};
+  SELECT expires_at > now_ INTO live FROM {t} WHERE key = p_key AND owner = p_owner;
+  IF NOT FOUND THEN
+    RETURN false;
+  END IF;
+  PERFORM {fn}_hand_off(p_key, now_);
+  RETURN live;
+END $$""",
+        # the caller gave up: out of the line; a key handed to it meanwhile is passed on
+        f"""CREATE OR REPLACE FUNCTION {fn}_leave(p_key bytea, p_owner bytea)
+RETURNS void LANGUAGE plpgsql AS $$
+DECLARE
+  now_ timestamptz := clock_timestamp();
+BEGIN
+  {lock};
+  DELETE FROM {q} WHERE key = p_key AND owner = p_owner;
+  PERFORM 1 FROM {t} WHERE key = p_key AND owner = p_owner;
+  IF FOUND THEN
+    PERFORM {fn}_hand_off(p_key, now_);
+  END IF;
+END $$""",
+    )
+    return Schema(
+        table=t,
+        ddl=ddl,
+        acquire=(
+            f"SELECT o_status, o_token, o_ms_left FROM {fn}_acquire(%s, %s, %s, %s, %s, %s, %s)"
+        ),
+        release=f"SELECT {fn}_release(%s, %s)",
+        leave=f"SELECT {fn}_leave(%s, %s)",
+        # -> one row if the live lease was ours (and now runs ttl ms from now)
+        extend=(
+            f"UPDATE {t} SET expires_at = clock_timestamp() + %s * interval '1 millisecond' "
+            f"WHERE key = %s AND owner = %s AND token = %s AND expires_at > clock_timestamp() "
+            f"RETURNING 1"
+        ),
+        # every due lease of one process in one statement -> the owners still holding theirs
+        renew=(
+            f"UPDATE {t} AS l SET expires_at = clock_timestamp() + r.ttl_ms * interval "
+            f"'1 millisecond' FROM unnest(%s::bytea[], %s::bytea[], %s::bigint[]) "
+            f"AS r(key, owner, ttl_ms) WHERE l.key = r.key AND l.owner = r.owner "
+            f"AND l.expires_at > clock_timestamp() RETURNING l.owner"
+        ),
+        # -> (owner or NULL, last token, live, live waiters)
+        statistics=(
+            f"SELECT l.owner, l.token, coalesce(l.expires_at > clock_timestamp(), false), "
+            f"(SELECT count(*) FROM {q} WHERE key = %s AND stay_until > clock_timestamp()) "
+            f"FROM (SELECT 1) AS one LEFT JOIN {t} AS l ON l.key = %s"
+        ),
+        truncate=f"TRUNCATE {t}, {q}",
+    )

@@ -1,0 +1,260 @@
+"""The Postgres backend's wire: sync and async calls through psycopg pools, and the one place
+where a driver error becomes :class:`~keylock.BackendUnavailable` (naming host:port/db, never
+the password).
+
+Each call borrows a connection from a pool for one statement, in autocommit (one round trip:
+no BEGIN/COMMIT), and keeps no session state (no advisory session lock, no SET, no temp
+table): so the pool may be a transaction-mode PgBouncer. The schema is created on the first
+call through a wire (``CREATE ... IF NOT EXISTS`` under a transaction-scoped advisory lock, so
+concurrent first users do not race), and again if someone dropped it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+from typing import TYPE_CHECKING, cast
+
+import psycopg
+import psycopg.errors
+import psycopg_pool
+from psycopg.conninfo import conninfo_to_dict, make_conninfo
+
+from ...errors import BackendUnavailable
+
+if TYPE_CHECKING:
+    from collections.abc import Iterator, Sequence
+
+    from ._sql import Schema
+
+__all__ = ["AsyncWire", "Rows", "SyncWire", "address", "boundary", "connect_options"]
+
+Rows = list[tuple[object, ...]]
+_SCHEMA_LOCK = 72627262  # pg_advisory_xact_lock id serializing keylock's CREATE statements
+_MISSING = (psycopg.errors.UndefinedTable, psycopg.errors.UndefinedFunction)
+
+
+def connect_options(pool: object) -> tuple[str, dict[str, object]]:
+    """(conninfo, connection keyword arguments) of a psycopg pool, to open more connections
+    like its own (the listener; a sync pool beside an async one, or the reverse)."""
+    conninfo = cast("str", getattr(pool, "conninfo", ""))
+    kwargs = dict(cast("dict[str, object] | None", getattr(pool, "kwargs", None)) or {})
+    return conninfo, kwargs
+
+
+def address(conninfo: str, kwargs: dict[str, object]) -> str:
+    """``host:port/db`` for messages: never the password, the user, or other options."""
+    try:
+        params = conninfo_to_dict(conninfo, **kwargs)  # type: ignore[arg-type]
+    except psycopg.Error:
+        return "postgres"
+    host = str(params.get("host") or params.get("hostaddr") or "localhost")
+    port = str(params.get("port") or 5432)
+    database = str(params.get("dbname") or params.get("user") or "")
+    if host.startswith("/"):
+        host = f"unix:{host}"
+    return f"{host}:{port}/{database}"
+
+
+def _password(conninfo: str, kwargs: dict[str, object]) -> str | None:
+    try:
+        value = conninfo_to_dict(conninfo, **kwargs).get("password")  # type: ignore[arg-type]
+    except psycopg.Error:
+        return None
+    return str(value) if value else None
+
+
+@contextlib.contextmanager
+def boundary(where: str, key: str, secret: str | None = None) -> Iterator[None]:
+    """Translate psycopg's (and the pool's) errors once, at the boundary."""
+    try:
+        yield
+    except (psycopg.Error, psycopg_pool.PoolTimeout, psycopg_pool.PoolClosed, OSError) as exc:
+        detail = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        if secret:
+            detail = detail.replace(secret, "***")
+        raise BackendUnavailable(
+            f"Postgres at {where} failed for lock {key!r}: {detail}; nothing was granted or "
+            "changed by this call; check the server and the URL",
+            key=key,
+        ) from exc
+
+
+def _dead(exc: psycopg.OperationalError, broken: bool, again: bool) -> bool:
+    """True if the statement may be sent again on another connection (see SyncWire.run)."""
+    return isinstance(exc, psycopg.errors.AdminShutdown) or (again and broken)
+
+
+class _Base:
+    def __init__(self, schema: Schema, conninfo: str, kwargs: dict[str, object]) -> None:
+        self.schema = schema
+        self.where = address(conninfo, kwargs)
+        self._secret = _password(conninfo, kwargs)
+        self._ready = False  # the schema was seen or made through this wire
+        self._mutex = threading.Lock()
+
+    def _probe(self) -> str:
+        return f"SELECT to_regproc('{self.schema.table}_leave') IS NOT NULL"
+
+
+class SyncWire(_Base):
+    """Blocking calls through a psycopg ``ConnectionPool``."""
+
+    def __init__(
+        self,
+        pool: psycopg_pool.ConnectionPool,
+        schema: Schema,
+        *,
+        owned: bool,
+    ) -> None:
+        super().__init__(schema, *connect_options(pool))
+        self.pool = pool
+        self.owned = owned  # made by the backend (from_url): opened lazily, closed by it
+        self._opened = not owned
+
+    def run(self, key: str, sql: str, params: Sequence[object], *, again: bool = True) -> Rows:
+        """Run one statement; its rows. BackendUnavailable on any failure. A connection found
+        dead in the pool (the server restarted, or terminated it) is replaced, and the
+        statement sent again: always when the server said it terminated the session (the
+        statement did not run), on any broken connection only with *again* (a statement safe
+        to repeat: all but release, whose repeat would find the key "not ours")."""
+        with boundary(self.where, key, self._secret):
+            if not self._opened:
+                with self._mutex:
+                    if not self._opened:
+                        self.pool.open(wait=False)
+                        self._opened = True
+            dead = made = 0
+            while True:
+                with self.pool.connection() as conn:
+                    restore = not conn.autocommit
+                    if restore:
+                        conn.autocommit = True
+                    try:
+                        if not self._ready:
+                            self._ensure(conn)
+                        return conn.execute(sql, params).fetchall()
+                    except _MISSING:
+                        made += 1
+                        if made > 1:
+                            raise
+                        self._ready = False  # dropped under us: make it again, then retry
+                    except psycopg.OperationalError as exc:
+                        dead += 1
+                        if not _dead(exc, conn.broken, again) or dead > self.pool.max_size:
+                            raise
+                    finally:
+                        if restore and not conn.closed:
+                            conn.autocommit = False
+
+    def _ensure(self, conn: psycopg.Connection[tuple[object, ...]]) -> None:
+        row = conn.execute(self._probe()).fetchone()
+        if not (row and row[0]):
+            with conn.transaction():
+                conn.execute("SELECT pg_advisory_xact_lock(%s)", (_SCHEMA_LOCK,))
+                for statement in self.schema.ddl:
+                    conn.execute(statement)
+        self._ready = True
+
+    def close(self) -> None:
+        if self.owned and self._opened:
+            self.pool.close()
+
+
+class AsyncWire(_Base):
+    """Calls from one event loop through a psycopg ``AsyncConnectionPool``."""
+
+    def __init__(
+        self,
+        pool: psycopg_pool.AsyncConnectionPool,
+        schema: Schema,
+        *,
+        owned: bool,
+    ) -> None:
+        super().__init__(schema, *connect_options(pool))
+        self.pool = pool
+        self.owned = owned
+        self._opened = not owned
+
+    async def run(
+        self, key: str, sql: str, params: Sequence[object], *, again: bool = True
+    ) -> Rows:
+        with boundary(self.where, key, self._secret):
+            if not self._opened:
+                self._opened = True
+                await self.pool.open(wait=False)
+            dead = made = 0
+            while True:
+                async with self.pool.connection() as conn:
+                    restore = not conn.autocommit
+                    if restore:
+                        await conn.set_autocommit(True)
+                    try:
+                        if not self._ready:
+                            await self._ensure(conn)
+                        cursor = await conn.execute(sql, params)
+                        return await cursor.fetchall()
+                    except _MISSING:
+                        made += 1
+                        if made > 1:
+                            raise
+                        self._ready = False
+                    except psycopg.OperationalError as exc:
+                        dead += 1
+                        if not _dead(exc, conn.broken, again) or dead > self.pool.max_size:
+                            raise
+                    finally:
+                        if restore and not conn.closed:
+                            await conn.set_autocommit(False)
+
+    async def _ensure(self, conn: psycopg.AsyncConnection[tuple[object, ...]]) -> None:
+        row = await (await conn.execute(self._probe())).fetchone()
+        if not (row and row[0]):
+            async with conn.transaction():
+                await conn.execute("SELECT pg_advisory_xact_lock(%s)", (_SCHEMA_LOCK,))
+                for statement in self.schema.ddl:
+                    await conn.execute(statement)
+        self._ready = True
+
+    async def close(self) -> None:
+        if self.owned and self._opened:
+            await self.pool.close()
+
+
+def sync_pool(
+    conninfo: str, kwargs: dict[str, object], size: int, timeout: float
+) -> psycopg_pool.ConnectionPool:
+    """A pool this backend owns: autocommit connections, opened on first use."""
+    return psycopg_pool.ConnectionPool(
+        conninfo,
+        kwargs={**kwargs, "autocommit": True},
+        min_size=1,
+        max_size=size,
+        open=False,
+        timeout=timeout,
+        name="keylock",
+    )
+
+
+def async_pool(
+    conninfo: str, kwargs: dict[str, object], size: int, timeout: float
+) -> psycopg_pool.AsyncConnectionPool:
+    return psycopg_pool.AsyncConnectionPool(
+        conninfo,
+        kwargs={**kwargs, "autocommit": True},
+        min_size=1,
+        max_size=size,
+        open=False,
+        timeout=timeout,
+        name="keylock-async",
+    )
+
+
+def listen_connection(
+    conninfo: str, kwargs: dict[str, object], channel: str
+) -> psycopg.Connection[tuple[object, ...]]:
+    """A dedicated session connection LISTENing on *channel* (a pooler cannot carry it)."""
+    options = {name: value for name, value in kwargs.items() if name != "autocommit"}
+    conn = psycopg.connect(make_conninfo(conninfo), autocommit=True, **options)  # type: ignore[arg-type]
+    conn.execute(f'LISTEN "{channel}"')
+    return conn

@@ -1,0 +1,452 @@
+"""Leases across hosts on Postgres: a lease table, waiters woken by LISTEN/NOTIFY, fencing
+tokens floored at the server clock, and one renewer thread per backend."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import threading
+import time
+import weakref
+from typing import TYPE_CHECKING, cast
+
+from .._tiered import Held, Tier, TieredBackend
+from .._waiters import LoopWaiter, ThreadWaiter
+from ..base import Grant, KeyStatistics
+from ._flow import LEAVE, TRY, PostgresFlow
+from ._sql import schema_for, stored
+
+if TYPE_CHECKING:
+    from collections.abc import Hashable, Sequence
+
+    import psycopg_pool
+
+    from ...lease import Lease
+    from .._tiered import Flow
+    from .._waiters import Waiter
+    from ..base import Deadline
+    from ._background import Listener, Renewer
+    from ._wire import AsyncWire, Rows, SyncWire
+
+__all__ = ["PostgresBackend"]
+
+_STARTUP_POLL = 0.05  # the safety-net poll while the listener is not LISTENing yet
+
+
+class PostgresBackend(TieredBackend):
+    """Per-key leases shared by every process and host using one Postgres database.
+
+    **Design: a lease table, not advisory locks.** A key is one row (owner, token,
+    expires_at) in ``table`` (default ``keylock_leases``, created on first use). Acquire is
+    one statement, a PL/pgSQL function doing ``INSERT ... ON CONFLICT (key) DO UPDATE ...
+    WHERE expires_at <= now()``; release and give-up are one statement each. No session state
+    is kept (per-key serialization uses ``pg_advisory_xact_lock``, released at commit), so it
+    runs behind a transaction-mode PgBouncer and holds no connection while a key is held:
+    session advisory locks (``postgresql-lock``, ``django-pglocks``) pin a connection per held
+    key, break behind such a pooler, and give no token and no loss signal.
+
+    * **Leases**: always a TTL (``ttl``, default 30 s). With ``auto_renew`` one thread per
+      backend renews every due lease in one statement; a renewal that fails past the lease's
+      expiry, or finds it gone, marks it lost (``lease.lost``, ``on_lost``,
+      ``cancel_on_lost``). A holder whose process dies or whose connection drops loses the key
+      within its TTL. Release and extend check the owner id: a lost lease raises LeaseLost.
+    * **Tokens**: ``max(last + 1, server clock in µs)``, kept in the key's row after release:
+      strictly increasing per key and never reused, even after the table is truncated.
+    * **Waiting, FIFO**: within a process, callers queue in memory (one per key reaches the
+      server); between processes, waiters queue in ``<table>_queue`` in arrival order. A
+      release hands the key to the head of the line and NOTIFYs that waiter's process, whose
+      single LISTENing connection wakes it: no polling, one connection per process for
+      waiting. A bounded safety-net poll (``poll`` s) keeps a waiter's place alive; a waiter
+      that gives up leaves the line, and one whose process died drops out of it. LISTEN needs
+      a session: behind a transaction-mode pooler, point ``listen_conninfo`` at the server (or
+      a session-mode pool); without it waiters still get the key, at the poll's pace.
+    * **Cost**: acquire and release are one round trip each, but each commits a write: with
+      ``synchronous_commit=on`` it waits for a WAL flush (an fsync, often longer than the
+      round trip). ``from_url(..., durable=False)`` turns that off for this backend's own
+      sessions: a server crash may then forget the last grants (<1 s of them); tokens still
+      rise (clock floor) and holders learn the loss at their next renewal.
+    * **Errors**: :class:`~keylock.BackendUnavailable` naming ``host:port/db``, never the
+      password.
+
+    ``PostgresBackend(pool)`` takes your psycopg pool (``ConnectionPool`` or
+    ``AsyncConnectionPool``); the other flavour's calls and the background threads use a small
+    pool of the same connection options. A forked child holds none of its parent's leases and
+    opens its own connections (pools you passed are yours to recreate after a fork).
+    """
+
+    nonblocking_step = False
+    needs_owner = True
+
+    def __init__(
+        self,
+        pool: psycopg_pool.ConnectionPool | psycopg_pool.AsyncConnectionPool,
+        *,
+        ttl: float = 30.0,
+        auto_renew: bool = True,
+        table: str = "keylock_leases",
+        poll: float = 1.0,
+        listen_conninfo: str | None = None,
+        pool_size: int = 8,
+        connect_timeout: float = 5.0,
+    ) -> None:
+        import psycopg_pool
+
+        from . import _wire
+
+        if not ttl > 0:
+            raise ValueError(f"PostgresBackend ttl must be a positive number of seconds, not {ttl}")
+        if not poll > 0:
+            raise ValueError(f"PostgresBackend poll must be a positive number of seconds: {poll}")
+        self.default_ttl = self._ttl = float(ttl)
+        self.auto_renew = auto_renew
+        self.poll = float(poll)
+        self._schema = schema_for(table)
+        self._pool_size = pool_size
+        self._timeout = connect_timeout
+        self._conninfo, self._connect_kwargs = _wire.connect_options(pool)
+        if listen_conninfo is not None:
+            self._conninfo = listen_conninfo
+        self._user_sync = self._user_async = None
+        if isinstance(pool, psycopg_pool.AsyncConnectionPool):
+            self._user_async = pool
+        elif isinstance(pool, psycopg_pool.ConnectionPool):
+            self._user_sync = pool
+        else:
+            raise TypeError(
+                "PostgresBackend needs a psycopg_pool.ConnectionPool or AsyncConnectionPool, not "
+                f"{type(pool).__name__}: or use PostgresBackend.from_url(url)"
+            )
+        self._where = _wire.address(*_wire.connect_options(pool))
+        # how long a waiter stays in line without coming back (it does every poll)
+        self._stay_ms = int(self.poll * 3000) + 1000
+        self._start_process()
+        _BACKENDS.add(self)
+
+    def _start_process(self) -> None:
+        """The state that belongs to one process (made again in a forked child)."""
+        self._tier = Tier()
+        self._channel = f"keylock_{os.urandom(8).hex()}"
+        self._mutex = threading.Lock()  # guards the fields below
+        self._flows: dict[bytes, PostgresFlow] = {}  # owner -> its acquire waiting here
+        self._listener: Listener | None = None
+        self._renewer: Renewer | None = None
+        self._sync_wire: SyncWire | None = None
+        self._async_wires: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, AsyncWire] = (
+            weakref.WeakKeyDictionary()
+        )
+        self._user_async_wire: AsyncWire | None = None
+
+    @classmethod
+    def from_url(
+        cls,
+        url: str,
+        *,
+        ttl: float = 30.0,
+        auto_renew: bool = True,
+        table: str = "keylock_leases",
+        poll: float = 1.0,
+        pool_size: int = 8,
+        connect_timeout: float = 5.0,
+        durable: bool = True,
+        **connect_options: object,
+    ) -> PostgresBackend:
+        """A backend on the database at *url* (``postgresql://user:pw@host:port/db``, or a
+        conninfo string); *connect_options* go to ``psycopg.connect``. Connects on first use.
+        ``durable=False`` commits without waiting for the WAL flush (see the class docstring)."""
+        import psycopg
+
+        from . import _wire
+
+        options = {"connect_timeout": max(int(connect_timeout), 1), **connect_options}
+        if not durable:  # this backend's own sessions only: see the class docstring
+            extra = str(options.get("options") or "")
+            options["options"] = f"{extra} -c synchronous_commit=off".strip()
+        try:
+            psycopg.conninfo.conninfo_to_dict(url)
+        except psycopg.ProgrammingError as exc:
+            raise ValueError(f"bad Postgres URL: {str(exc).splitlines()[0]}") from None
+        pool = _wire.sync_pool(url, options, pool_size, connect_timeout)
+        backend = cls(
+            pool,
+            ttl=ttl,
+            auto_renew=auto_renew,
+            table=table,
+            poll=poll,
+            pool_size=pool_size,
+            connect_timeout=connect_timeout,
+        )
+        backend._owned_sync = True
+        return backend
+
+    _owned_sync = False  # the sync pool was made by from_url: this backend closes it
+
+    def __repr__(self) -> str:
+        return f"PostgresBackend({self._where}, table={self._schema.table!r})"
+
+    # ------------------------------------------------------------------------------- wires
+
+    def _sync(self) -> SyncWire:
+        wire = self._sync_wire
+        if wire is None:
+            from . import _wire
+
+            with self._mutex:
+                wire = self._sync_wire
+                if wire is None:
+                    pool = self._user_sync
+                    owned = pool is None or self._owned_sync
+                    if pool is None:
+                        pool = _wire.sync_pool(
+                            self._conninfo, self._connect_kwargs, self._pool_size, self._timeout
+                        )
+                    wire = self._sync_wire = _wire.SyncWire(pool, self._schema, owned=owned)
+        return wire
+
+    def _async(self) -> AsyncWire:
+        """The wire for the running event loop: the user's async pool, or one pool per loop."""
+        from . import _wire
+
+        if self._user_async is not None:
+            if self._user_async_wire is None:
+                self._user_async_wire = _wire.AsyncWire(self._user_async, self._schema, owned=False)
+            return self._user_async_wire
+        loop = asyncio.get_running_loop()
+        wire = self._async_wires.get(loop)
+        if wire is None:
+            pool = _wire.async_pool(
+                self._conninfo, self._connect_kwargs, self._pool_size, self._timeout
+            )
+            wire = self._async_wires[loop] = _wire.AsyncWire(pool, self._schema, owned=True)
+        return wire
+
+    def _run_sync(
+        self, key: str, sql: str, params: Sequence[object], *, again: bool = True
+    ) -> Rows:
+        return self._sync().run(key, sql, params, again=again)
+
+    async def _run(
+        self, key: str, sql: str, params: Sequence[object], *, again: bool = True
+    ) -> Rows:
+        """One statement from an event loop; once sent it completes even if the caller is
+        cancelled (the caller's give-up must land after it, never before)."""
+        call = asyncio.ensure_future(self._async().run(key, sql, params, again=again))
+        try:
+            return await asyncio.shield(call)
+        except asyncio.CancelledError:
+            # a grant or a place in line this call makes must exist before the caller's LEAVE
+            # is sent, or the LEAVE would land first and leave it behind: wait (one statement)
+            while not call.done():
+                try:
+                    await asyncio.shield(call)
+                except asyncio.CancelledError:
+                    continue
+                except Exception:
+                    break
+            if not call.cancelled():
+                call.exception()  # retrieved: its outcome is the LEAVE's business now
+            raise
+
+    # ------------------------------------------------------------------- the arbiter's part
+
+    def _flow(
+        self,
+        key: str,
+        owner: bytes,
+        ttl: float | None,
+        deadline: Deadline,
+        waiter: Waiter,
+        local: Grant,
+    ) -> Flow:
+        flow = PostgresFlow(key, owner, ttl or self._ttl, deadline, waiter, local, self.poll)
+        if deadline.timeout != 0:
+            with self._mutex:
+                self._flows[owner] = flow
+                if self._listener is None:
+                    from ._background import Listener
+
+                    self._listener = Listener(self)
+        return flow
+
+    def _local_ttl(self, ttl: float | None) -> float | None:
+        return None  # waiting for another process must not eat the lease: see _adopt
+
+    def _arm(self, flow: Flow) -> None:
+        """Before a trip: arm the waiter (a wake-up during the trip is not lost) and pick the
+        poll (short until the listener is LISTENing)."""
+        waiter = flow.waiter
+        if isinstance(waiter, LoopWaiter | ThreadWaiter):
+            waiter.prepare()
+        listener = self._listener
+        assert isinstance(flow, PostgresFlow)
+        flow.poll = self.poll if listener is not None and listener.ready.is_set() else _STARTUP_POLL
+
+    def _acquire_params(self, flow: Flow, trip: Hashable) -> list[object]:
+        ttl_ms = max(int((flow.ttl or self._ttl) * 1000), 1)
+        claim_ms = min(ttl_ms, self._stay_ms)
+        return [
+            stored(flow.key),
+            flow.owner,
+            ttl_ms,
+            trip != TRY,
+            self._stay_ms,
+            claim_ms,
+            self._channel,
+        ]
+
+    def _trip_sync(self, flow: Flow, trip: Hashable) -> object:
+        schema = self._schema
+        if trip == LEAVE:
+            return self._run_sync(flow.key, schema.leave, [stored(flow.key), flow.owner])
+        self._arm(flow)
+        return self._run_sync(flow.key, schema.acquire, self._acquire_params(flow, trip))[0]
+
+    async def _trip(self, flow: Flow, trip: Hashable) -> object:
+        schema = self._schema
+        if trip == LEAVE:
+            return await self._run(flow.key, schema.leave, [stored(flow.key), flow.owner])
+        self._arm(flow)
+        return (await self._run(flow.key, schema.acquire, self._acquire_params(flow, trip)))[0]
+
+    def _forget(self, flow: Flow) -> None:
+        with self._mutex:
+            if self._flows.get(flow.owner) is flow:
+                del self._flows[flow.owner]
+
+    def _left_sync(self, flow: Flow) -> None:
+        self._forget(flow)
+        super()._left_sync(flow)
+
+    async def _left(self, flow: Flow) -> None:
+        self._forget(flow)
+        trip = flow.leaving()
+        if trip is not None:
+            with contextlib.suppress(Exception):
+                await self._trip(flow, trip)
+
+    def _adopt(self, flow: Flow) -> Grant:
+        """The server granted the key: the in-process turn lasts as long as the lease."""
+        self._forget(flow)
+        grant = flow.grant
+        assert grant is not None
+        assert grant[2] is not None
+        deadline = grant[2]
+        now = time.monotonic()
+        self._tier.local.extend_sync(flow.key, flow.owner, flow.local[0], max(deadline - now, 1e-6))
+        with self._tier.mutex:
+            self._tier.held[flow.key] = Held(grant[0], flow.owner, flow.local[0])
+        return Grant(grant[0], time.time() + (deadline - now), deadline)
+
+    def _end_sync(self, key: str, held: Held) -> bool:
+        # not repeated: a release that landed before its connection died would be found "not
+        # ours" the second time, a false LeaseLost
+        rows = self._run_sync(key, self._schema.release, [stored(key), held.owner], again=False)
+        return bool(rows[0][0])
+
+    async def _end(self, key: str, held: Held) -> bool:
+        rows = await self._run(key, self._schema.release, [stored(key), held.owner], again=False)
+        return bool(rows[0][0])
+
+    def _extend_params(self, key: str, owner: bytes, token: int, ttl: float) -> list[object]:
+        return [max(int(ttl * 1000), 1), stored(key), owner, token]
+
+    def _extended(self, key: str, held: Held, ttl: float, sent: tuple[float, float]) -> Grant:
+        """The server extended the lease sent at *sent* (wall, monotonic): move the in-process
+        turn too; the lease's dates run from the send."""
+        self._tier.local.extend_sync(key, held.owner, held.local_token, ttl)
+        return Grant(held.token, sent[0] + ttl, sent[1] + ttl)
+
+    def extend_sync(self, key: str, owner: bytes, token: int, ttl: float) -> Grant:
+        held = self._take_held(key, owner, token, pop=False)
+        sent = (time.time(), time.monotonic())
+        if not self._run_sync(
+            key, self._schema.extend, self._extend_params(key, owner, token, ttl)
+        ):
+            raise self._lost(key, token)
+        return self._extended(key, held, ttl, sent)
+
+    async def extend(self, key: str, owner: bytes, token: int, ttl: float) -> Grant:
+        held = self._take_held(key, owner, token, pop=False)
+        sent = (time.time(), time.monotonic())
+        params = self._extend_params(key, owner, token, ttl)
+        if not await self._run(key, self._schema.extend, params):
+            raise self._lost(key, token)
+        return self._extended(key, held, ttl, sent)
+
+    def _arbiter_statistics(self, key: str, local: KeyStatistics) -> KeyStatistics:
+        name = stored(key)
+        row = self._run_sync(key, self._schema.statistics, [name, name])[0]
+        owner, token, live, waiting = cast("tuple[bytes | None, int | None, bool, int]", row)
+        waiting = int(waiting) + local.waiting
+        if not live:
+            return KeyStatistics(key, False, None, None, waiting)
+        return KeyStatistics(key, True, token, bytes(owner) if owner else None, waiting)
+
+    # --------------------------------------------------------------------- the listener
+
+    def _woken(self, payload: str) -> None:
+        """A release handed a key to the waiter *payload* (its owner id in hex): wake it."""
+        try:
+            owner = bytes.fromhex(payload)
+        except ValueError:
+            return
+        with self._mutex:
+            flow = self._flows.get(owner)
+        if flow is not None:
+            flow.woken = True
+            flow.waiter.wake()
+
+    def _wake_all(self) -> None:
+        """The listener (re)connected: a hand-off may have been missed; every waiter tries."""
+        with self._mutex:
+            flows = list(self._flows.values())
+        for flow in flows:
+            flow.woken = True
+            flow.waiter.wake()
+
+    # ------------------------------------------------------------------------ auto-renew
+
+    def _track(self, lease: Lease) -> None:
+        if self.auto_renew and lease.ttl:
+            with self._mutex:
+                if self._renewer is None:
+                    from ._background import Renewer
+
+                    self._renewer = Renewer(self)
+            self._renewer.add(lease)
+
+    def _untrack(self, lease: Lease) -> None:
+        if self._renewer is not None:
+            self._renewer.remove(lease)
+
+    # --------------------------------------------------------------------------- closing
+
+    def close_sync(self) -> None:
+        if self._renewer is not None:
+            self._renewer.stop()
+        if self._listener is not None:
+            self._listener.stop()
+        if self._sync_wire is not None:
+            self._sync_wire.close()
+
+    async def close(self) -> None:
+        self.close_sync()
+        wire = self._async_wires.pop(asyncio.get_running_loop(), None)
+        if wire is not None:  # other loops' pools can only be dropped, not closed
+            await wire.close()
+
+
+# Every backend of this process, so a forked child can start each afresh (see _start_process).
+_BACKENDS: weakref.WeakSet[PostgresBackend] = weakref.WeakSet()
+_ABANDONED: list[object] = []  # a parent's connections in a child: never closed nor collected
+
+
+def _after_fork_in_child() -> None:
+    for backend in list(_BACKENDS):
+        _ABANDONED.append((backend._sync_wire, dict(backend._async_wires)))
+        if backend._owned_sync:
+            backend._user_sync = None  # the parent's pool: the child makes its own
+        backend._start_process()
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)

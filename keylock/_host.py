@@ -35,7 +35,7 @@ LostCallback = Callable[["Lease"], object]
 class LeaseHost:
     """The settings a ``KeyedLock`` shares with every lease it grants (read-only)."""
 
-    __slots__ = ("backend", "cancel_on_lost", "clock", "inline", "observer", "on_lost")
+    __slots__ = ("backend", "cancel_on_lost", "clock", "inline", "observer", "on_lost", "release")
 
     def __init__(
         self,
@@ -51,6 +51,8 @@ class LeaseHost:
         self.cancel_on_lost = cancel_on_lost
         #: True when the backend's release may run straight on an event loop
         self.inline = backend.nonblocking_step
+        #: the backend's blocking release, bound once (the uncontended exit calls it)
+        self.release = backend.release_sync
         self.clock: Clock = getattr(backend, "clock", SYSTEM_CLOCK)
 
 

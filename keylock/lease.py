@@ -296,7 +296,7 @@ class Lease:
                 await self.release()
             else:  # the uncontended path: no extra coroutine
                 self._state = state | _RELEASED
-                host.backend.release_sync(self._full_key, self._owner, self.token)
+                host.release(self._full_key, self._owner, self.token)
         except LeaseLost as lost:
             self._lost_here()
             _reraise_loss(self, lost, exc)
@@ -315,7 +315,7 @@ class Lease:
                 self.release_sync()
             else:
                 self._state = state | _RELEASED
-                self._host.backend.release_sync(self._full_key, self._owner, self.token)
+                self._host.release(self._full_key, self._owner, self.token)
         except LeaseLost as lost:
             self._lost_here()
             _reraise_loss(self, lost, exc)

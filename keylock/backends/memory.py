@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import math
 import os
 import threading
@@ -37,8 +38,9 @@ class MemoryBackend(Backend):
 
     Hand-off is FIFO (a releasing holder gives the key straight to the oldest waiter, so
     nobody barges); a waiter whose event loop has closed is skipped. Per-key state is freed as
-    soon as a key is neither held nor awaited. Tokens are ``max(last + 1, wall clock in µs)``,
-    so they increase per key and never go back, not even across a restart of the process.
+    soon as a key is neither held nor awaited. Tokens count up by one per grant from the wall
+    clock in µs at construction, so they increase per key and do not go back across a restart
+    of the process (as long as it granted fewer than one lease per µs over its life).
     With a TTL, an expired lease is taken over by the next caller or waiter, and its holder's
     release raises :class:`~keylock.LeaseLost`. A forked child starts with nothing held.
     """
@@ -50,9 +52,12 @@ class MemoryBackend(Backend):
         self.clock = clock if clock is not None else SYSTEM_CLOCK
         # (a forked child resets the mutex and forgets the entries: the parent's threads,
         # which held its keys and may have held the mutex, do not exist there)
-        self._mutex = threading.Lock()  # guards _entries, every entry and _last
+        self._mutex = threading.Lock()  # guards _entries and every entry
         self._entries: dict[str, _Entry] = {}  # guarded by _mutex; exactly the held keys
-        self._last = [0]  # [last token minted], guarded by _mutex
+        # Tokens count up from the wall clock in µs at construction: a backend made after a
+        # restart starts past every token of the last process (unless that one granted more
+        # than a lease per µs on average over its whole life). next() on a count is atomic.
+        self._tokens = itertools.count(time.time_ns() // 1000)
         # The uncontended acquire and release, as closures over their state: loads of closure
         # cells beat attribute loads, and this pair is most of the cost of an uncontended lock.
         # (Not when a subclass overrides either: its override must stay in charge.)
@@ -84,8 +89,7 @@ class MemoryBackend(Backend):
         unlock = self._mutex.release
         entries = self._entries
         get = entries.get
-        last = self._last
-        wall_ns = time.time_ns
+        tokens = self._tokens
         slow_acquire = self._try_acquire_contended
         slow_release = self._release_contended
         hand_off = self._hand_off
@@ -98,11 +102,7 @@ class MemoryBackend(Backend):
             try:
                 entry = get(key)
                 if entry is None and ttl is None:
-                    token = wall_ns() // 1000
-                    if token <= last[0]:
-                        token = last[0] + 1
-                    last[0] = token
-                    entry = entries[key] = [token, None, None, owner, None]
+                    entry = entries[key] = [next(tokens), None, None, owner, None]
                     return entry  # type: ignore[return-value]  # laid out as a Grant
                 return slow_acquire(key, owner, ttl, waiter, entry)
             finally:
@@ -127,15 +127,6 @@ class MemoryBackend(Backend):
                 raise _lost(key, token)
 
         return try_acquire, release
-
-    def _mint(self) -> int:
-        """The next token: ``max(last + 1, wall clock in µs)``. Caller holds _mutex."""
-        last = self._last
-        token = time.time_ns() // 1000
-        if token <= last[0]:
-            token = last[0] + 1
-        last[0] = token
-        return token
 
     def _try_acquire(
         self, key: str, owner: bytes, ttl: float | None, waiter: Waiter | None
@@ -174,7 +165,7 @@ class MemoryBackend(Backend):
 
     def _record(self, owner: bytes, ttl: float | None, waiters: object) -> _Entry:
         """A new holder's record (its token minted now). Caller holds _mutex."""
-        token = self._mint()
+        token = next(self._tokens)
         if ttl is None:
             return [token, None, None, owner, waiters]
         clock = self.clock

@@ -15,6 +15,7 @@ from .errors import LockTimeout
 from .lease import _PENDING, _QUEUED, _SLOW_EXIT_OBSERVED, _TRACKED, Lease, new_owner
 
 if TYPE_CHECKING:
+    from .backends.base import Grant
     from .observe import Observer
     from .registry import KeyedLock
 
@@ -38,29 +39,9 @@ class _Hold(Lease):
             "write a new locks(key) for each block"
         )
 
-    def _resolve(self) -> tuple[str, bytes, float | None, float | None]:
-        """Check the arguments; return (full key, owner, ttl, timeout) for the backend."""
-        locks = self._locks
-        key = self.key = check_key(self.key)
-        timeout = self._timeout
-        if timeout is not None:
-            timeout = check_timeout(timeout, key)
-        ttl = self.ttl
-        if ttl is not None:
-            ttl = self.ttl = check_ttl(ttl, key)
-        elif locks._default_ttl is not None:
-            ttl = self.ttl = locks._default_ttl
-        full = self._full_key = locks._prefix + key
-        self._owner = new_owner() if locks._needs_owner else b""
-        return full, self._owner, ttl, timeout
-
-
-class AsyncHold(_Hold):
-    """``locks(key)``: for ``async with`` only."""
-
-    __slots__ = ()
-
-    async def __aenter__(self) -> Lease:
+    def _try(self) -> bool:
+        """Enter without waiting if the key is free: True once held; else False, with the
+        arguments resolved for the backend's blocking acquire (the caller's flavour)."""
         if self._state is not _PENDING:  # (a small int: identity is equality, and cheaper)
             self._enter_once()
         locks = self._locks
@@ -81,21 +62,50 @@ class AsyncHold(_Hold):
                 self.token = grant[0]
                 self.expires_at = self._deadline = None
                 self._state = 0
-                return self
-        full, owner, ttl, timeout = self._resolve()
+                return True
+        key = self.key = check_key(key)
+        if self._timeout is not None:
+            self._timeout = check_timeout(self._timeout, key)
+        if self.ttl is not None:
+            self.ttl = check_ttl(self.ttl, key)
+        elif locks._default_ttl is not None:
+            self.ttl = locks._default_ttl
+        full = self._full_key = locks._prefix + key
+        owner = self._owner = new_owner() if locks._needs_owner else b""
         step = locks._inline_step
-        # the uncontended path: one step, no extra coroutine
-        if step is not None and (grant := step(full, owner, ttl, None)) is not None:
+        if step is not None and (grant := step(full, owner, self.ttl, None)) is not None:
             self._state = 0
-        else:
-            grant = await locks._backend.acquire(full, owner, timeout=timeout, ttl=ttl)
-            self._state = 0 if step is None else _QUEUED
+            self._held(grant)
+            return True
+        return False
+
+    def _held(self, grant: Grant) -> None:
+        """Record the grant; a lease with a TTL is shown to the backend (auto-renew)."""
         self._granted(grant)
-        if ttl is not None:
-            self._task = asyncio.current_task()
+        if self.ttl is not None:
             self._state |= _TRACKED
-            locks._backend._track(self)
+            self._locks._backend._track(self)
+
+
+class AsyncHold(_Hold):
+    """``locks(key)``: for ``async with`` only."""
+
+    __slots__ = ()
+
+    async def __aenter__(self) -> Lease:
+        if not self._try():
+            locks = self._locks
+            grant = await locks._backend.acquire(
+                self._full_key, self._owner, timeout=self._timeout, ttl=self.ttl
+            )
+            self._state = 0 if locks._inline_step is None else _QUEUED
+            self._held(grant)
         return self
+
+    def _held(self, grant: Grant) -> None:
+        if self.ttl is not None:
+            self._task = asyncio.current_task()  # (cancel_on_lost cancels this task)
+        _Hold._held(self, grant)
 
     def __enter__(self) -> Lease:
         raise TypeError(
@@ -110,49 +120,23 @@ class SyncHold(_Hold):
     __slots__ = ()
 
     def __enter__(self) -> Lease:
-        if self._state is not _PENDING:  # (a small int: identity is equality, and cheaper)
-            self._enter_once()
-        locks = self._locks
-        plain = locks._plain_step
-        key = self.key
-        if (  # (inlined: this is the uncontended hot path)
-            plain is not None
-            and self.ttl is None
-            and self._timeout is None
-            and type(key) is str
-            and 0 < len(key) <= MAX_KEY_LENGTH
-            and "\x00" not in key
-        ):
-            grant = plain(key, b"", None, None)
-            if grant is not None:  # uncontended: nothing else to resolve
-                self._full_key = key
-                self._owner = b""
-                self.token = grant[0]
-                self.expires_at = self._deadline = None
-                self._state = 0
-                return self
-        full, owner, ttl, timeout = self._resolve()
-        step = locks._inline_step
-        if step is not None and (grant := step(full, owner, ttl, None)) is not None:
-            self._state = 0
-        else:
+        if not self._try():
+            locks = self._locks
+            timeout = self._timeout
             # on a thread running an event loop, waiting would stop the loop: only a try
             on_loop = timeout != 0 and asyncio._get_running_loop() is not None
-            if on_loop and step is not None:  # (the inline step just tried)
+            if on_loop and locks._inline_step is not None:  # (the inline step just tried)
                 raise _blocking(self.key)
             try:
                 grant = locks._backend.acquire_sync(
-                    full, owner, timeout=0 if on_loop else timeout, ttl=ttl
+                    self._full_key, self._owner, timeout=0 if on_loop else timeout, ttl=self.ttl
                 )
             except LockTimeout:
                 if on_loop:
                     raise _blocking(self.key) from None
                 raise
-            self._state = 0 if step is None else _QUEUED
-        self._granted(grant)
-        if ttl is not None:
-            self._state |= _TRACKED
-            locks._backend._track(self)
+            self._state = 0 if locks._inline_step is None else _QUEUED
+            self._held(grant)
         return self
 
     async def __aenter__(self) -> Lease:

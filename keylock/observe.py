@@ -18,9 +18,18 @@ if TYPE_CHECKING:
 __all__ = ["COUNTERS", "Counters", "Observer", "PrefixStats", "stats"]
 
 
+#: The group of keys without a ``:`` (ids, UUIDs): one bucket, so labels stay bounded.
+NO_PREFIX = "(none)"
+#: At most this many groups per Counters; later new ones are counted under OTHER_PREFIXES.
+MAX_PREFIXES = 1000
+OTHER_PREFIXES = "(other)"
+
+
 def default_prefix(key: str) -> str:
-    """The part of *key* before its first ``:`` (``"agent:42"`` -> ``"agent"``)."""
-    return key.partition(":")[0]
+    """The part of *key* before its first ``:`` (``"agent:42"`` -> ``"agent"``); keys without
+    one share the bucket ``"(none)"``, so a key per id never makes a group per id."""
+    head, colon, _ = key.partition(":")
+    return head if colon else NO_PREFIX
 
 
 class Observer:
@@ -83,7 +92,11 @@ class Counters(Observer):
     def _of(self, prefix: str) -> PrefixStats:
         stats = self._stats.get(prefix)
         if stats is None:
-            stats = self._stats[prefix] = PrefixStats()
+            if len(self._stats) >= MAX_PREFIXES:  # a custom prefix_of with unbounded output
+                prefix = OTHER_PREFIXES
+                stats = self._stats.get(prefix)
+            if stats is None:
+                stats = self._stats[prefix] = PrefixStats()
         return stats
 
     def acquired(self, prefix: str, waited: float, *, contended: bool | None) -> None:

@@ -122,3 +122,19 @@ async def test_context_manager_holds_for_the_block(make_backend: MakeBackend) ->
             assert held.token > lease.token
 
     await asyncio.to_thread(blocking)
+
+
+async def test_namespace_and_key_pairs_never_share_a_lock(
+    make_backend: MakeBackend, driver: Driver
+) -> None:
+    """Row 22 (adv_02): ("tenant:admin", "job"), ("tenant", "admin:job") and
+    ("", "tenant:admin:job") were one lock on every backend (the namespace was joined to the
+    key with ':'); each pair must be its own lock."""
+    pairs = [("tenant:admin", "job"), ("tenant", "admin:job"), ("", "tenant:admin:job")]
+    leases = []
+    for namespace, key in pairs:
+        locks = KeyedLock(make_backend(), namespace=namespace)
+        leases.append(await driver.acquire(locks, key, timeout=0))  # free: not the same lock
+    assert len({lease.token for lease in leases}) == len(pairs)
+    for lease in leases:
+        await driver.release(lease)

@@ -232,3 +232,58 @@ async def test_observers_that_raise_never_change_a_guard_or_a_flight_outcome() -
     await asyncio.sleep(0)
     gate.set()
     assert await asyncio.gather(*calls) == [7, 7, 7]
+
+
+async def test_observer_groups_stay_bounded_whatever_the_keys() -> None:
+    """Row 30 (adv_37): a key without ':' was its own prefix: 50,000 ids made 50,000 groups in
+    keylock.COUNTERS (18 MB, never freed) and as many OpenTelemetry label values."""
+    from keylock import Counters
+    from keylock.observe import MAX_PREFIXES, NO_PREFIX, OTHER_PREFIXES
+
+    counters = Counters()
+    locks = KeyedLock(observer=counters)
+    for i in range(2_000):
+        async with locks(f"order-{i}"):
+            pass
+    assert list(counters.snapshot()) == [NO_PREFIX]
+    assert counters.snapshot()[NO_PREFIX].acquired == 2_000
+
+    class PerKey(Counters):  # a prefix_of that returns the whole key: still bounded
+        prefix_of = staticmethod(lambda key: key)
+
+    capped = PerKey()
+    many = KeyedLock(observer=capped)
+    for i in range(MAX_PREFIXES + 50):
+        async with many(f"k{i}"):
+            pass
+    groups = capped.snapshot()
+    assert len(groups) == MAX_PREFIXES + 1
+    assert groups[OTHER_PREFIXES].acquired == 50
+
+
+def test_huge_finite_timeouts_and_ttls_wait_instead_of_overflowing(tmp_path: object) -> None:
+    """Row 36 (adv_07): timeout=1e10 or ttl=1e10 (above threading.TIMEOUT_MAX) made a
+    contended sync acquire raise a raw OverflowError."""
+    for backend in (MemoryBackend(), FileBackend(str(tmp_path))):
+        locks = KeyedLock(backend)
+        holder = locks.acquire_sync("k", ttl=1e10)
+        outcome: list[object] = []
+
+        def wait(locks: KeyedLock = locks) -> None:
+            try:
+                lease = locks.acquire_sync("k", timeout=1e10)
+            except BaseException as exc:  # reported, not swallowed: the assertion names it
+                outcome.append(exc)
+            else:
+                outcome.append(lease.token)
+                lease.release_sync()
+
+        thread = threading.Thread(target=wait)
+        thread.start()
+        deadline = time.monotonic() + 10
+        while not locks.statistics("k").waiting:  # bounded poll: the waiter queued
+            assert time.monotonic() < deadline
+            time.sleep(0.001)
+        holder.release_sync()
+        thread.join(10)
+        assert outcome and isinstance(outcome[0], int), outcome

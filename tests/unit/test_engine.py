@@ -269,7 +269,7 @@ def test_huge_finite_timeouts_and_ttls_wait_instead_of_overflowing(tmp_path: obj
         holder = locks.acquire_sync("k", ttl=1e10)
         outcome: list[object] = []
 
-        def wait(locks: KeyedLock = locks) -> None:
+        def wait(locks: KeyedLock = locks, outcome: list[object] = outcome) -> None:
             try:
                 lease = locks.acquire_sync("k", timeout=1e10)
             except BaseException as exc:  # reported, not swallowed: the assertion names it
@@ -286,4 +286,5 @@ def test_huge_finite_timeouts_and_ttls_wait_instead_of_overflowing(tmp_path: obj
             time.sleep(0.001)
         holder.release_sync()
         thread.join(10)
-        assert outcome and isinstance(outcome[0], int), outcome
+        assert outcome, "the waiter never returned"
+        assert isinstance(outcome[0], int), outcome

@@ -25,6 +25,7 @@ import redis
 
 from keylock import BackendUnavailable, KeyedLock, Lease, LeaseLost, LockTimeout
 from keylock.backends import RedisBackend
+from keylock.backends.base import Grant as LeaseGrant
 from keylock.backends.redis._renewer import Renewal
 
 from .._redis_server import Server
@@ -89,8 +90,8 @@ def test_the_proxy_delays_drops_and_cuts(proxy: Proxy) -> None:
 
 
 class _TrustingRenewals(RedisBackend):
-    """Planted bug: the renewer believes every renewal it sends (a lease extended on the wire
-    is taken as extended), ignoring the server's verdict."""
+    """Planted bug: the renewer believes every renewal it sends (a lease is taken as extended
+    when the request leaves), ignoring the server's verdict."""
 
     leases: dict[str, Lease]
 
@@ -102,9 +103,12 @@ class _TrustingRenewals(RedisBackend):
         renew = super()._renewal()
 
         def trusting(batch: list[tuple[str, bytes, float]]) -> list[object]:
+            for key, _owner, ttl in batch:  # extended as of the request, whatever comes back
+                lease = self.leases[key]
+                lease._on_renewed(
+                    LeaseGrant(lease.token, time.time() + ttl, time.monotonic() + ttl)
+                )
             renew(batch)
-            for key, _owner, ttl in batch:  # extended as of the reply, whatever it says
-                self.leases[key]._renewed(time.time() + ttl)
             return [True] * len(batch)
 
         return trusting

@@ -79,6 +79,7 @@ class AsyncHold(_Hold):
                 self._full_key = key
                 self._owner = b""
                 self.token = grant[0]
+                self.took_over = grant[3]  # an untimed lease may follow a timed one
                 self.expires_at = self._deadline = None
                 self._state = 0
                 return self
@@ -128,6 +129,7 @@ class SyncHold(_Hold):
                 self._full_key = key
                 self._owner = b""
                 self.token = grant[0]
+                self.took_over = grant[3]  # an untimed lease may follow a timed one
                 self.expires_at = self._deadline = None
                 self._state = 0
                 return self

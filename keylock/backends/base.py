@@ -37,13 +37,14 @@ __all__ = [
 class Grant(NamedTuple):
     """One granted lease as the backend sees it: its fencing token and when it lapses.
 
-    Read by index (``grant[0]``, ``grant[1]``, ``grant[2]``) on the hot path, so a backend may
+    Read by index (``grant[0]`` to ``grant[3]``) on the hot path, so a backend may
     return any sequence laid out the same way (the memory backend returns its entry record).
     """
 
     token: int  # strictly increasing per key, never reused
     expires_at: float | None  # time.time() after which the lease is void (for display)
     deadline: float | None = None  # time.monotonic() after which it is void: what counts
+    took_over: bool = False  # it followed a lease that expired (not one that was released)
 
 
 @dataclass(frozen=True, slots=True)

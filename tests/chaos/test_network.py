@@ -24,6 +24,7 @@ import pytest
 import redis
 
 from keylock import BackendUnavailable, KeyedLock, Lease, LeaseLost, LockTimeout
+from keylock.backends import Grant as BackendGrant
 from keylock.backends import RedisBackend
 from keylock.backends.redis._renewer import Renewal
 
@@ -102,9 +103,11 @@ class _TrustingRenewals(RedisBackend):
         renew = super()._renewal()
 
         def trusting(batch: list[tuple[str, bytes, float]]) -> list[object]:
+            for key, _owner, ttl in batch:  # extended as of sending, whatever Redis will say
+                lease = self.leases[key]
+                now = time.time(), time.monotonic()
+                lease._on_renewed(BackendGrant(lease.token, now[0] + ttl, now[1] + ttl))
             renew(batch)
-            for key, _owner, ttl in batch:  # extended as of the reply, whatever it says
-                self.leases[key]._renewed(time.time() + ttl)
             return [True] * len(batch)
 
         return trusting

@@ -60,6 +60,7 @@ class _Hold(Lease):
                 self._full_key = key
                 self._owner = b""
                 self.token = grant[0]
+                self.took_over = grant[3]  # an untimed lease may follow a timed one
                 self.expires_at = self._deadline = None
                 self._state = 0
                 return True

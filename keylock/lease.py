@@ -72,11 +72,16 @@ class Lease:
         "expires_at",
         "key",
         "token",
+        "took_over",
         "ttl",
     )
 
     key: str  #: the key as the caller named it (without namespace)
     token: int  #: fencing token: strictly increasing per key, never reused
+    #: True when this grant followed a lease that expired (its holder died or froze) rather
+    #: than one that was released: what that holder did may be half done, so reconcile or
+    #: compensate once. Recorded by MemoryBackend; False on backends that do not record it.
+    took_over: bool
     expires_at: float | None  #: time.time() when the lease lapses (for display); None = never
     ttl: float | None  #: lease length used by extend() and auto-renew; None = no expiry
     _full_key: str  # the key as the backend knows it (namespace encoded in)
@@ -95,6 +100,7 @@ class Lease:
         self.token = grant[0]
         self.expires_at = grant[1]
         self._deadline = grant[2]
+        self.took_over = grant[3]
 
     @property
     def owner(self) -> bytes:

@@ -37,13 +37,14 @@ __all__ = [
 class Grant(NamedTuple):
     """One granted lease as the backend sees it: its fencing token and when it lapses.
 
-    Read by index (``grant[0]``, ``grant[1]``, ``grant[2]``) on the hot path, so a backend may
+    Read by index (``grant[0]`` to ``grant[3]``) on the hot path, so a backend may
     return any sequence laid out the same way (the memory backend returns its entry record).
     """
 
     token: int  # strictly increasing per key, never reused
     expires_at: float | None  # time.time() after which the lease is void (for display)
     deadline: float | None = None  # time.monotonic() after which it is void: what counts
+    took_over: bool = False  # it followed a lease that expired (not one that was released)
 
 
 @dataclass(frozen=True, slots=True)
@@ -234,10 +235,12 @@ class Backend(abc.ABC):
     ) -> tuple[Grant | None, float | None]:
         """One look: (the grant, None), or (None, how long to wait; None until woken).
         LockTimeout once the deadline passed, unless a grant was handed over meanwhile."""
-        grant = waiter.grant
+        grant = self._live(key, owner, waiter, waiter.grant)
         if grant is None:
             waiter.prepare()  # before the step, so a wake-up after it is not lost
-            grant = waiter.grant or self._try_acquire(key, owner, ttl, waiter)
+            grant = self._live(key, owner, waiter, waiter.grant) or self._try_acquire(
+                key, owner, ttl, waiter
+            )
         if grant is not None:
             if grant is not waiter.grant:  # granted by the step: unregister the waiter
                 self._withdraw(key, waiter)
@@ -245,10 +248,24 @@ class Backend(abc.ABC):
         try:
             return None, deadline.until(waiter.retry_at, time.monotonic())
         except LockTimeout:
-            grant = self._withdraw(key, waiter)  # a grant handed over meanwhile still counts
+            # a grant handed over meanwhile still counts, if it has not lapsed yet
+            grant = self._live(key, owner, waiter, self._withdraw(key, waiter))
             if grant is None:
                 raise
             return grant, None
+
+    def _live(self, key: str, owner: bytes, waiter: Waiter, grant: Grant | None) -> Grant | None:
+        """*grant* if it is still live; None, having passed the key on, if it lapsed before
+        its waiter could take it (its thread or event loop was frozen past the lease's TTL):
+        a waiter never returns a lease that is already lost."""
+        if grant is None or grant[2] is None:
+            return grant
+        clock = getattr(self, "clock", None)  # the clock the backend dates deadlines with
+        if (clock.monotonic() if clock is not None else time.monotonic()) < grant[2]:
+            return grant
+        waiter.grant = None
+        self._discard_sync(key, owner, grant)
+        return None
 
     def _give_up(self, key: str, owner: bytes, waiter: Waiter) -> None:
         """The waiter leaves (timeout, cancel, error): a grant that raced it is passed on to the

@@ -21,16 +21,17 @@ if TYPE_CHECKING:
 
 __all__ = ["MemoryBackend"]
 
-# A held key's record, also returned as its holder's grant (index 0, 1 and 2 match Grant), so
+# A held key's record, also returned as its holder's grant (index 0 to 3 match Grant), so
 # the uncontended path allocates one small list and no object with a Python __init__. Each
 # grant gets a new record, so a returned grant's token never changes under its holder.
-# [token, expires_at, deadline, owner, waiters]: a loosely typed record, on purpose (hot path)
+# [token, expires_at, deadline, took_over, owner, waiters]: loosely typed, on purpose (hot path)
 _Entry: TypeAlias = list[Any]
 _TOKEN = 0  # the live lease's token: the proof of ownership in-process
 _EXPIRES_AT = 1  # clock.time() when it lapses, or None (display only)
 _DEADLINE = 2  # clock.monotonic() when it lapses, or None: what expiry is judged by
-_OWNER = 3  # owner id as passed by the caller (b"" when the caller needs none)
-_WAITERS = 4  # OrderedDict[Waiter, None] in FIFO order, or None; never holds a granted waiter
+_TOOK_OVER = 3  # True when this lease followed one that expired rather than was released
+_OWNER = 4  # owner id as passed by the caller (b"" when the caller needs none)
+_WAITERS = 5  # OrderedDict[Waiter, None] in FIFO order, or None; never holds a granted waiter
 
 
 class MemoryBackend(Backend):
@@ -102,7 +103,7 @@ class MemoryBackend(Backend):
             try:
                 entry = get(key)
                 if entry is None and ttl is None:
-                    entry = entries[key] = [next(tokens), None, None, owner, None]
+                    entry = entries[key] = [next(tokens), None, None, False, owner, None]
                     return entry  # type: ignore[return-value]  # laid out as a Grant
                 return slow_acquire(key, owner, ttl, waiter, entry)
             finally:
@@ -112,10 +113,10 @@ class MemoryBackend(Backend):
             lock()
             try:
                 entry = get(key)
-                if entry is None or entry[0] != token or entry[3] != owner:
+                if entry is None or entry[0] != token or entry[4] != owner:
                     raise _lost(key, token)
                 if entry[2] is None:  # no TTL: cannot have expired
-                    if entry[4]:
+                    if entry[5]:
                         hand_off(key, entry)
                     else:
                         del entries[key]
@@ -147,11 +148,11 @@ class MemoryBackend(Backend):
         deadline = entry[_DEADLINE]
         if deadline is not None and self.clock.monotonic() >= deadline:
             # the holder's lease ran out: the key goes to the oldest waiter, else to us
-            self._hand_off(key, entry)
+            self._hand_off(key, entry, took_over=True)
             if waiter is not None and waiter.grant is not None:
                 return waiter.grant
             if key not in self._entries:
-                return self._grant_new(key, owner, ttl)
+                return self._grant_new(key, owner, ttl, took_over=True)
             entry = self._entries[key]
         if waiter is None:
             return None
@@ -163,28 +164,35 @@ class MemoryBackend(Backend):
         waiter.retry_at = math.inf if deadline is None else deadline
         return None
 
-    def _record(self, owner: bytes, ttl: float | None, waiters: object) -> _Entry:
-        """A new holder's record (its token minted now). Caller holds _mutex."""
+    def _record(
+        self, owner: bytes, ttl: float | None, waiters: object, took_over: bool = False
+    ) -> _Entry:
+        """A new holder's record (its token minted now); *took_over* when the lease before it
+        expired rather than was released. Caller holds _mutex."""
         token = next(self._tokens)
         if ttl is None:
-            return [token, None, None, owner, waiters]
+            return [token, None, None, took_over, owner, waiters]
         clock = self.clock
         # the wall clock first: a thread switch between the two reads may then only make the
         # holder's expires_at early, never later than the takeover
         wall = clock.time()
-        return [token, wall + ttl, clock.monotonic() + ttl, owner, waiters]
+        return [token, wall + ttl, clock.monotonic() + ttl, took_over, owner, waiters]
 
-    def _grant_new(self, key: str, owner: bytes, ttl: float | None) -> Grant:
+    def _grant_new(
+        self, key: str, owner: bytes, ttl: float | None, *, took_over: bool = False
+    ) -> Grant:
         """Record a grant of a free key. Caller holds _mutex."""
-        entry = self._entries[key] = self._record(owner, ttl, None)
+        entry = self._entries[key] = self._record(owner, ttl, None, took_over)
         return entry  # type: ignore[return-value]
 
-    def _hand_off(self, key: str, entry: _Entry) -> None:
-        """Give *key* to its oldest live waiter, or free it. Caller holds _mutex."""
+    def _hand_off(self, key: str, entry: _Entry, *, took_over: bool = False) -> None:
+        """Give *key* to its oldest live waiter (*took_over*: because *entry* expired), or
+        free it. Caller holds _mutex."""
         waiters = entry[_WAITERS]
         while waiters:
             waiter, _ = waiters.popitem(last=False)
-            successor = self._entries[key] = self._record(waiter.owner, waiter.ttl, waiters)
+            successor = self._record(waiter.owner, waiter.ttl, waiters, took_over)
+            self._entries[key] = successor
             waiter.grant = successor  # laid out as a Grant
             if waiter.wake():
                 if waiter.ttl is not None:
@@ -236,7 +244,7 @@ class MemoryBackend(Backend):
         """
         deadline = entry[_DEADLINE]
         expired = deadline is not None and self.clock.monotonic() >= deadline
-        self._hand_off(key, entry)
+        self._hand_off(key, entry, took_over=expired)
         return expired
 
     def extend_sync(self, key: str, owner: bytes, token: int, ttl: float) -> Grant:
@@ -253,7 +261,7 @@ class MemoryBackend(Backend):
             entry[_DEADLINE] = deadline = now + ttl
             entry[_EXPIRES_AT] = expires_at = wall + ttl
             self._arm_head(entry)
-            return Grant(token, expires_at, deadline)
+            return Grant(token, expires_at, deadline, entry[_TOOK_OVER])
 
     def statistics(self, key: str) -> KeyStatistics:
         with self._mutex:

@@ -48,6 +48,11 @@ FAULTS = (  # the order of the tables
     "100,000 keys held at once",
     "Cancellation storm during hand-offs",
     "Single-flight callers cancelled at random",
+    "Random decorator stacks",
+    "Random backend-level parameters",
+    "Observers raising at random hooks",
+    "Event loops blocked at random points",
+    "TTLs shortened with extend()",
 )
 
 COLUMNS = (

@@ -18,6 +18,7 @@ import redis
 
 from keylock import KeyedLock, LockTimeout
 from keylock.backends import MemoryBackend, RedisBackend
+from keylock.backends.memory import _WAITERS
 
 from .._redis_server import Server
 from ._history import Grant, History, Verdict, Wait
@@ -181,11 +182,11 @@ async def test_five_hundred_waiters_on_one_key_on_redis(
 class _NewestFirst(MemoryBackend):
     """Planted bug: a release hands the key to the newest waiter, not the oldest."""
 
-    def _hand_off(self, key: str, entry: list[object]) -> None:
-        waiters = entry[4]
+    def _hand_off(self, key: str, entry: list[object], *, took_over: bool = False) -> None:
+        waiters = entry[_WAITERS]
         if waiters:
             waiters.move_to_end(next(reversed(waiters)), last=False)  # type: ignore[call-overload,attr-defined]
-        super()._hand_off(key, entry)  # type: ignore[arg-type]
+        super()._hand_off(key, entry, took_over=took_over)  # type: ignore[arg-type]
 
 
 async def test_crowd_order_catches_a_hand_off_to_the_newest_waiter() -> None:

@@ -288,3 +288,30 @@ def test_huge_finite_timeouts_and_ttls_wait_instead_of_overflowing(tmp_path: obj
         thread.join(10)
         assert outcome, "the waiter never returned"
         assert isinstance(outcome[0], int), outcome
+
+
+async def test_a_waiter_never_returns_a_grant_that_lapsed_before_it_woke() -> None:
+    """Row 1 on memory, found by the blocked-loop chaos generator: the key was handed to a
+    waiter whose loop then stayed frozen past the TTL, and acquire returned the lapsed grant
+    (``lease.lost`` true at once). Failed before ``Backend._live``: the grant came back."""
+    clock = ManualClock()
+    locks = KeyedLock(MemoryBackend(clock=clock))
+    holder = await locks.acquire("k", ttl=1)
+    waiter = asyncio.create_task(locks.acquire("k", ttl=1))
+    await asyncio.sleep(0)  # queued
+    await holder.release()  # handed to the waiter, dated now...
+    clock.mono += 2  # ...and its loop is frozen past the TTL before the task resumes
+    lease = await waiter
+    assert not lease.lost  # a fresh grant, not the lapsed one
+    assert lease.token > holder.token + 1  # the lapsed grant's token was never shown
+    await lease.release()
+    assert len(locks.backend) == 0  # type: ignore[arg-type]
+
+
+def test_redis_backend_ttl_is_held_to_the_per_call_rules() -> None:
+    """Found by the backend-parameter chaos generator: RedisBackend(ttl=1e-4) was accepted,
+    while a per-call ttl below 0.001 is a ValueError."""
+    from keylock.backends import RedisBackend
+
+    with pytest.raises(ValueError, match="ttl"):
+        RedisBackend.from_url("redis://localhost:1", ttl=1e-4)  # no connection is made

@@ -176,7 +176,7 @@ def test_the_flow_reads_replies_without_a_server() -> None:
     with pytest.raises(LockTimeout):
         flow.wait_time(110.0)
     assert flow.on_reply([1, b"42", 30000], 1.0, 1.001, 100.0, clock, True)
-    assert flow.grant == (42, 31.0, pytest.approx(129.999))  # deadline: sent (monotonic) + TTL
+    assert flow.grant == (42, 31.0, pytest.approx(129.999), False)  # deadline: sent + TTL
     once = _flow(timeout=0)
     once.next_trip(100.0)
     with pytest.raises(LockTimeout):

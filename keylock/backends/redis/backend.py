@@ -11,6 +11,7 @@ import time
 import weakref
 from typing import TYPE_CHECKING
 
+from ..._validate import check_backend_ttl
 from ...errors import BackendUnavailable, KeylockError, LeaseLost
 from .._tiered import Flow, Held, Step, Tier, TieredBackend
 from ..base import Deadline, Grant, KeyStatistics
@@ -67,6 +68,7 @@ class RedisBackend(TieredBackend):
         poll: float = 1.0,
     ) -> None:
         check_clients(client, async_client)
+        check_backend_ttl(ttl, "RedisBackend", required=True)  # the per-call rules, then:
         self.default_ttl = self._ttl = check_seconds("ttl", ttl, (2**52 - FENCE_SLACK_MS) / 1000)
         self.layout = Layout(prefix)  # checks the prefix
         self.prefix = prefix

@@ -1,0 +1,117 @@
+"""RedisBackend under faults of the link and odd clients: lost replies, decoded replies,
+event loops that come and go, silent links."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+import redis
+import redis.asyncio
+from redis.exceptions import ConnectionError as RedisConnectionError
+
+from keylock import KeyedLock, LeaseLost
+from keylock.backends import RedisBackend
+from keylock.backends.redis import _scripts
+from keylock.backends.redis._keys import Layout
+
+from .._redis_server import Server
+
+
+@pytest.fixture
+def url(redis_server: Server) -> str:
+    redis_server.flush()
+    return redis_server.url
+
+
+_cut_after = {"sha": ""}  # the script whose reply the next CutConnection loses
+
+
+class CutConnection(redis.Connection):
+    """A connection whose link drops after a chosen script reached the server (and ran)."""
+
+    def send_command(self, *args: object, **kwargs: object) -> None:
+        self.last_sent = args[1] if len(args) > 1 else None
+        super().send_command(*args, **kwargs)  # type: ignore[no-untyped-call]
+
+    def read_response(self, *args: object, **kwargs: object) -> object:
+        if _cut_after["sha"] and self.last_sent == _cut_after["sha"]:
+            super().read_response(*args, **kwargs)  # the script ran; its reply is lost
+            _cut_after["sha"] = ""
+            self.disconnect()  # type: ignore[no-untyped-call]
+            raise RedisConnectionError("link cut after the request")
+        return super().read_response(*args, **kwargs)
+
+
+class AsyncCutConnection(redis.asyncio.Connection):
+    """The same for redis.asyncio."""
+
+    async def send_command(self, *args: object, **kwargs: object) -> None:
+        self.last_sent = args[1] if len(args) > 1 else None
+        await super().send_command(*args, **kwargs)
+
+    async def read_response(self, *args: object, **kwargs: object) -> object:
+        if _cut_after["sha"] and self.last_sent == _cut_after["sha"]:
+            await super().read_response(*args, **kwargs)  # type: ignore[arg-type]
+            _cut_after["sha"] = ""
+            await self.disconnect()
+            raise RedisConnectionError("link cut after the request")
+        return await super().read_response(*args, **kwargs)  # type: ignore[arg-type]
+
+
+async def test_a_release_whose_reply_was_lost_is_not_a_lost_lease(url: str) -> None:
+    """Row 32 (adv_14): the link drops after RELEASE ran on the server; the retry finds the key
+    free and must report a clean release, not LeaseLost (it did: the retry got 0). A lease
+    genuinely lost before its release still raises LeaseLost. Fails on the old code."""
+    sync_pool = redis.ConnectionPool.from_url(url, connection_class=CutConnection)
+    async_pool = redis.asyncio.ConnectionPool.from_url(url, connection_class=AsyncCutConnection)
+    sync_locks = async_locks = KeyedLock(
+        RedisBackend(
+            redis.Redis(connection_pool=sync_pool),
+            async_client=redis.asyncio.Redis(connection_pool=async_pool),
+        )
+    )
+    other = KeyedLock(RedisBackend.from_url(url))
+    try:
+        sync_locks.acquire_sync("warm-up").release_sync()  # the scripts are on the server now
+        for n in range(3):
+            lease = sync_locks.acquire_sync(f"cut:{n}")
+            _cut_after["sha"] = _scripts.RELEASE.sha
+            lease.release_sync()
+            assert not _cut_after["sha"]  # the cut happened
+            assert not other.statistics(f"cut:{n}").held
+            lease = await async_locks.acquire(f"acut:{n}")
+            _cut_after["sha"] = _scripts.RELEASE.sha
+            await lease.release()
+            assert not _cut_after["sha"]
+            assert not other.statistics(f"acut:{n}").held
+        # handed on to a waiter by the release that lost its reply: still a clean release
+        lease = sync_locks.acquire_sync("handed")
+        got: list[int] = []
+        waiter = threading.Thread(
+            target=lambda: got.append(other.acquire_sync("handed", timeout=10).token)
+        )
+        waiter.start()
+        for _ in range(500):  # until the waiter is in line
+            if other.statistics("handed").waiting:
+                break
+            time.sleep(0.01)
+        _cut_after["sha"] = _scripts.RELEASE.sha
+        lease.release_sync()
+        waiter.join(10)
+        assert got
+        assert got[0] > lease.token
+        # a genuinely lost lease (taken over on the server) still raises LeaseLost
+        lease = sync_locks.acquire_sync("lost")
+        raw = redis.Redis.from_url(url)
+        raw.set(Layout("keylock").lock("lost")[0], b"another owner")
+        _cut_after["sha"] = _scripts.RELEASE.sha
+        with pytest.raises(LeaseLost):
+            lease.release_sync()
+        raw.close()
+    finally:
+        _cut_after["sha"] = ""
+        await async_locks.close()
+        sync_locks.close_sync()
+        await other.close()

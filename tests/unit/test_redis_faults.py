@@ -3,6 +3,7 @@ event loops that come and go, silent links."""
 
 from __future__ import annotations
 
+import asyncio
 import threading
 import time
 
@@ -115,3 +116,37 @@ async def test_a_release_whose_reply_was_lost_is_not_a_lost_lease(url: str) -> N
         await async_locks.close()
         sync_locks.close_sync()
         await other.close()
+
+
+async def test_without_auto_renew_extend_after_a_long_wait_succeeds(url: str) -> None:
+    """Row 33 (adv_23): auto_renew=False, a caller that waited on Redis for part of its TTL:
+    extend() after the TTL counted from the start of its wait (but before the Redis lease
+    runs out) extends the lease, and the server shows it extended. Fails on 255e40f (extend
+    raised LeaseLost from the in-process turn, dated from the start of the wait)."""
+    ttl = 1.0
+    locks = KeyedLock(RedisBackend.from_url(url, ttl=ttl, auto_renew=False))
+    other = KeyedLock(RedisBackend.from_url(url, ttl=ttl, auto_renew=False))
+    blocker = await other.acquire("job")
+    started = time.monotonic()
+
+    async def release_late() -> None:
+        while time.monotonic() < started + 0.6 * ttl:  # the waiter spends 60 % of its TTL
+            await asyncio.sleep(0.02)
+        await blocker.release()
+
+    releasing = asyncio.create_task(release_late())
+    lease = await locks.acquire("job", timeout=10)
+    granted = time.monotonic()
+    await releasing
+    while time.monotonic() < started + ttl + 0.1:  # past the TTL counted from the wait's start
+        await asyncio.sleep(0.02)
+    assert time.monotonic() < granted + ttl  # the Redis lease is still live
+    await lease.extend(5.0)
+    assert not lease.lost
+    raw = redis.Redis.from_url(url)
+    assert raw.get(Layout("keylock").lock("job")[0]) == lease.owner
+    assert raw.pttl(Layout("keylock").lock("job")[0]) > 4000
+    raw.close()
+    await lease.release()
+    await locks.close()
+    await other.close()

@@ -12,7 +12,7 @@ import redis
 import redis.asyncio
 from redis.exceptions import ConnectionError as RedisConnectionError
 
-from keylock import KeyedLock, LeaseLost
+from keylock import KeyedLock, LeaseLost, SingleFlight
 from keylock.backends import RedisBackend
 from keylock.backends.redis import _scripts
 from keylock.backends.redis._keys import Layout
@@ -148,5 +148,52 @@ async def test_without_auto_renew_extend_after_a_long_wait_succeeds(url: str) ->
     assert raw.pttl(Layout("keylock").lock("job")[0]) > 4000
     raw.close()
     await lease.release()
+    await locks.close()
+    await other.close()
+
+
+async def test_a_client_that_decodes_responses_works_everywhere(url: str) -> None:
+    """Row 34 (adv_30): a client made with decode_responses=True: statistics name the owner,
+    a hand-off wakes the waiter by its message (not the safety-net poll, 5 s here), and a
+    single flight across two backends gives both callers the outcome. Fails on the old code
+    (UnicodeDecodeError in statistics and in the follower; hand-offs waited for the poll)."""
+    backends = [
+        RedisBackend(redis.Redis.from_url(url, decode_responses=True), poll=5.0) for _ in range(2)
+    ]
+    locks, other = KeyedLock(backends[0]), KeyedLock(backends[1])
+    lease = locks.acquire_sync("job")
+    found = other.statistics("job")
+    assert found.held
+    assert found.owner == lease.owner
+    got: list[float] = []
+
+    def wait() -> None:
+        other.acquire_sync("job", timeout=10).release_sync()
+        got.append(time.monotonic())
+
+    waiter = threading.Thread(target=wait)
+    waiter.start()
+    for _ in range(500):  # until the waiter is in line
+        if other.statistics("job").waiting:
+            break
+        time.sleep(0.01)
+    released = time.monotonic()
+    lease.release_sync()
+    waiter.join(10)
+    assert got
+    assert got[0] - released < 2.0  # woken by the hand-off message, not the 5 s poll
+    started = asyncio.Event()
+
+    async def work() -> int:
+        started.set()
+        await asyncio.sleep(0.2)
+        return 42
+
+    async def follow() -> int:
+        await started.wait()  # the leader is running: this caller follows it from elsewhere
+        return await SingleFlight(backends[1]).do("f", work)
+
+    outcomes = await asyncio.gather(SingleFlight(backends[0]).do("f", work), follow())
+    assert list(outcomes) == [42, 42]
     await locks.close()
     await other.close()

@@ -13,7 +13,7 @@ import inspect
 import logging
 import threading
 import weakref
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, cast
 
 import redis
 import redis.asyncio
@@ -143,6 +143,46 @@ def async_from(
     return redis.asyncio.Redis(**options)  # type: ignore[arg-type]
 
 
+def _decodes(client: object) -> bool:
+    get_encoder = getattr(client, "get_encoder", None)
+    return bool(getattr(get_encoder(), "decode_responses", False)) if get_encoder else False
+
+
+def raw(client: SyncClient) -> SyncClient:
+    """*client*, or a twin of it that leaves replies as bytes when it decodes them: owner ids,
+    hand-off messages and stored outcomes are bytes that need not be UTF-8."""
+    return cast("SyncClient", _raw(client))
+
+
+def raw_async(client: AsyncClient) -> AsyncClient:
+    """The same for an async client."""
+    return cast("AsyncClient", _raw(client))
+
+
+def _raw(client: SyncClient | AsyncClient) -> object:
+    if not _decodes(client):
+        return client
+    if isinstance(client, redis.cluster.RedisCluster):
+        node = client.get_default_node() or client.get_nodes()[0]  # type: ignore[no-untyped-call]
+        kwargs = node.redis_connection.connection_pool.connection_kwargs
+        options = options_for(redis.cluster.RedisCluster, kwargs)
+        return redis.cluster.RedisCluster(**{**options, "decode_responses": False})  # type: ignore[arg-type]
+    if isinstance(client, redis.asyncio.cluster.RedisCluster):
+        kwargs = client.get_nodes()[0].connection_kwargs
+        options = options_for(redis.asyncio.cluster.RedisCluster, kwargs)
+        return redis.asyncio.cluster.RedisCluster(**{**options, "decode_responses": False})  # type: ignore[arg-type]
+    pool = client.connection_pool
+    twin: dict[str, object] = {"connection_class": pool.connection_class}
+    for option in ("max_connections", "timeout"):  # (timeout: a blocking pool's wait)
+        if option in pool.__dict__:
+            twin[option] = pool.__dict__[option]
+    twin.update(pool.connection_kwargs)
+    twin["decode_responses"] = False
+    if isinstance(client, redis.Redis):
+        return redis.Redis(connection_pool=type(client.connection_pool)(**twin))  # type: ignore[arg-type]
+    return redis.asyncio.Redis(connection_pool=type(client.connection_pool)(**twin))  # type: ignore[arg-type]
+
+
 def address(client: object) -> str:
     """Where *client* connects, for messages: host:port or the socket path, never a secret."""
     if isinstance(client, redis.cluster.RedisCluster | redis.asyncio.cluster.RedisCluster):
@@ -175,8 +215,9 @@ class Connections:
         url: str | None = None,
         options: dict[str, object] | None = None,
     ) -> None:
-        self.client = client
-        self.async_client = async_client
+        self._given = [given for given in (client, async_client) if given is not None]
+        self.client = None if client is None else raw(client)
+        self.async_client = None if async_client is None else raw_async(async_client)
         self.url = url
         self.options = options or {}
         self.where = address(client or async_client)  # for messages: never a secret
@@ -204,7 +245,8 @@ class Connections:
         loop = asyncio.get_running_loop()
         client = self._async_clients.get(loop)
         if client is None:
-            client = self._async_clients[loop] = async_from(self.sync(), self.url, self.options)
+            options = {**self.options, "decode_responses": False}  # (see raw)
+            client = self._async_clients[loop] = async_from(self.sync(), self.url, options)
         return client
 
     def wire(self) -> SyncWire:
@@ -279,6 +321,9 @@ class Connections:
             self._wire.close()
         if self.client is not None:
             self.client.close()
+        for given in self._given:  # a decoding client the user gave, beside its raw twin
+            if isinstance(given, SyncClient) and given is not self.client:
+                given.close()
 
     async def close(self) -> None:
         """Close the sync connections and those of the running loop (other loops'
@@ -291,3 +336,6 @@ class Connections:
             await client.aclose()
         if self.async_client is not None:
             await self.async_client.aclose()
+        for given in self._given:
+            if isinstance(given, AsyncClient) and given is not self.async_client:
+                await given.aclose()

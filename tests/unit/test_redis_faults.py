@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
+from collections.abc import Callable
 
 import pytest
 import redis
@@ -18,6 +19,15 @@ from keylock.backends.redis import _scripts
 from keylock.backends.redis._keys import Layout
 
 from .._redis_server import Server
+
+
+def _settled(condition: Callable[[], bool]) -> bool:
+    """*condition* holds within 2 s (the server notices a closed connection a moment later)."""
+    for _ in range(200):
+        if condition():
+            return True
+        time.sleep(0.01)
+    return condition()
 
 
 @pytest.fixture
@@ -197,3 +207,29 @@ async def test_a_client_that_decodes_responses_works_everywhere(url: str) -> Non
     assert list(outcomes) == [42, 42]
     await locks.close()
     await other.close()
+
+
+def test_an_event_loop_that_ends_leaves_no_connection_open(url: str) -> None:
+    """Row 28 (adv_15): each event loop gets its own connections; asyncio.run() ending closes
+    them, and close() closes the rest. Fails on the old code (+1 server connection per loop,
+    never closed)."""
+    admin = redis.Redis.from_url(url)
+    before = len(admin.client_list())
+    locks = KeyedLock(RedisBackend.from_url(url))
+
+    flight = SingleFlight(locks.backend)
+
+    async def answer() -> int:
+        return 42
+
+    async def one_call(n: int) -> None:
+        async with locks(f"job:{n}"):
+            pass
+        assert await flight.do(f"flight:{n}", answer) == 42  # (the loop's own client)
+
+    for n in range(20):
+        asyncio.run(one_call(n))
+    assert _settled(lambda: len(admin.client_list()) - before <= 2)  # the sync ones stay open
+    asyncio.run(locks.close())
+    assert _settled(lambda: len(admin.client_list()) == before)
+    admin.close()

@@ -8,6 +8,7 @@ async one per event loop. Whichever the user did not give is made with the other
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import inspect
 import logging
@@ -25,7 +26,7 @@ from ...errors import BackendUnavailable
 from ._wire import AsyncWire, SyncWire, map_errors, redact
 
 if TYPE_CHECKING:
-    from collections.abc import Sequence
+    from collections.abc import AsyncGenerator, Sequence
 
     from ._scripts import Script
     from ._wire import Arg
@@ -231,6 +232,7 @@ class Connections:
         self._async_wires: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, AsyncWire]
         self._async_wires = weakref.WeakKeyDictionary()
         self._async_clients.clear()
+        self._loop_ends: dict[asyncio.AbstractEventLoop, AsyncGenerator[None]] = {}
         self._leaving: set[threading.Thread] = set()  # LEAVEs of sync callers that gave up
 
     def sync(self) -> SyncClient:
@@ -247,7 +249,38 @@ class Connections:
         if client is None:
             options = {**self.options, "decode_responses": False}  # (see raw)
             client = self._async_clients[loop] = async_from(self.sync(), self.url, options)
+            self._watch(loop)
         return client
+
+    def _watch(self, loop: asyncio.AbstractEventLoop) -> None:
+        """Have *loop*'s connections closed when it shuts down (asyncio.run closes every
+        async generator then, while the loop still runs): a loop that ends must not leave
+        its sockets open for the life of the process."""
+        if loop in self._loop_ends:
+            return
+        ending = self._loop_ends[loop] = self._until_loop_ends(loop)
+        # asend() registers the generator with the loop's hooks; send() runs it to its yield
+        with contextlib.suppress(StopIteration):
+            ending.asend(None).send(None)
+
+    async def _until_loop_ends(self, loop: asyncio.AbstractEventLoop) -> AsyncGenerator[None]:
+        try:
+            yield
+        finally:
+            await self._close_loop(loop)
+
+    async def _close_loop(self, loop: asyncio.AbstractEventLoop) -> None:
+        """Close the connections of *loop* (the running one)."""
+        self._loop_ends.pop(loop, None)
+        wire = self._async_wires.pop(loop, None)
+        client = self._async_clients.pop(loop, None)
+        try:
+            if wire is not None:
+                await wire.close()
+            if client is not None:
+                await client.aclose()
+        except (RedisError, OSError) as exc:
+            logger.debug("keylock: closing an event loop's Redis connections failed: %s", exc)
 
     def wire(self) -> SyncWire:
         wire = self._wire
@@ -278,6 +311,7 @@ class Connections:
         wire = self._async_wires.get(loop)
         if wire is None:
             wire = self._async_wires[loop] = AsyncWire(self.async_())
+            self._watch(loop)
         task = asyncio.current_task()
         cancels = 0 if task is None else task.cancelling()
         with map_errors(key, self.where):
@@ -329,9 +363,7 @@ class Connections:
         """Close the sync connections and those of the running loop (other loops'
         connections can only be dropped, not closed)."""
         self.close_sync()
-        wire = self._async_wires.pop(asyncio.get_running_loop(), None)
-        if wire is not None:
-            await wire.close()
+        await self._close_loop(asyncio.get_running_loop())
         for client in list(self._async_clients.values()):
             await client.aclose()
         if self.async_client is not None:

@@ -4,21 +4,24 @@ event loops that come and go, silent links."""
 from __future__ import annotations
 
 import asyncio
+import os
 import threading
 import time
 from collections.abc import Callable
+from typing import Any
 
 import pytest
 import redis
 import redis.asyncio
 from redis.exceptions import ConnectionError as RedisConnectionError
 
-from keylock import KeyedLock, LeaseLost, SingleFlight
+from keylock import KeyedLock, KeylockError, LeaseLost, LockTimeout, SingleFlight
 from keylock.backends import RedisBackend
-from keylock.backends.redis import _scripts
+from keylock.backends.redis import _scripts, _wire
 from keylock.backends.redis._keys import Layout
 
 from .._redis_server import Server
+from ..chaos._proxy import Proxy
 
 
 def _settled(condition: Callable[[], bool]) -> bool:
@@ -236,3 +239,76 @@ def test_an_event_loop_that_ends_leaves_no_connection_open(url: str) -> None:
     asyncio.run(locks.close())
     assert _settled(lambda: ours() == 0)
     admin.close()
+
+
+class QuickConnection(redis.asyncio.Connection):
+    """A connection class whose *default* socket timeout is 0.5 s, as redis-py's is 5 s: the
+    pool's options then name no socket timeout, as with from_url's defaults."""
+
+    def __init__(self, **options: Any) -> None:  # type: ignore[explicit-any]
+        options.setdefault("socket_timeout", 0.5)
+        super().__init__(**options)
+
+
+def _quick_backend(url: str) -> RedisBackend:
+    host, port = url.removeprefix("redis://").split("/")[0].split(":")
+    pool = redis.asyncio.ConnectionPool(connection_class=QuickConnection, host=host, port=port)
+    assert "socket_timeout" not in pool.connection_kwargs
+    return RedisBackend(
+        redis.Redis.from_url(url, socket_timeout=0.5),
+        async_client=redis.asyncio.Redis(connection_pool=pool),
+    )
+
+
+async def test_async_calls_on_a_silent_link_are_bounded_by_the_default_timeout(
+    redis_server: Server,
+) -> None:
+    """Row 15 (adv_19): with the client's default socket timeout (none named in its options),
+    async release, extend and acquire(timeout=0) on a link that drops every reply give up
+    after that timeout, as their sync twins do. Fails on the old code (they waited forever:
+    the async wire read no timeout from the options)."""
+    redis_server.flush()
+    with Proxy(redis_server.port) as proxy:
+        locks = KeyedLock(_quick_backend(proxy.url))
+        a = await locks.acquire("job:a")
+        b = await locks.acquire("job:b")
+        proxy.set(down_drop=True)
+        for call in (a.release(), b.extend(10), locks.acquire("job:c", timeout=0)):
+            started = time.monotonic()
+            with pytest.raises(KeylockError):
+                await asyncio.wait_for(call, 10)  # (not TimeoutError: that is the old hang)
+            assert time.monotonic() - started < 3.0
+        proxy.heal()
+        await locks.close()
+
+
+async def test_waiters_that_give_up_on_a_silent_link_leave_nothing_behind(
+    redis_server: Server,
+) -> None:
+    """Row 29 (adv_35): async acquires that time out on a link that drops every reply leave
+    no background task and no socket once the socket timeout has passed. Fails on the old
+    code (each left a LEAVE task waiting forever on a connection of its own)."""
+    redis_server.flush()
+    other = KeyedLock(RedisBackend.from_url(redis_server.url))
+    held = await other.acquire("job")
+    with Proxy(redis_server.port) as proxy:
+        locks = KeyedLock(_quick_backend(proxy.url))
+        async with locks("warm"):
+            pass
+        fds = len(os.listdir("/proc/self/fd"))
+        proxy.set(down_drop=True)
+        for _ in range(10):
+            with pytest.raises(LockTimeout):
+                await locks.acquire("job", timeout=0.1)
+        loop = asyncio.get_running_loop()
+        for _ in range(300):  # bounded: the socket timeout is 0.5 s
+            pending = [task for task in _wire.background if task.get_loop() is loop]
+            if not pending and len(os.listdir("/proc/self/fd")) <= fds:
+                break
+            await asyncio.sleep(0.01)
+        assert pending == []
+        assert len(os.listdir("/proc/self/fd")) <= fds
+        proxy.heal()
+        await locks.close()
+    await held.release()
+    await other.close()

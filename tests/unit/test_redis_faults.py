@@ -312,3 +312,27 @@ async def test_waiters_that_give_up_on_a_silent_link_leave_nothing_behind(
         await locks.close()
     await held.release()
     await other.close()
+
+
+def test_a_release_cancelled_at_shutdown_still_frees_the_key(redis_server: Server) -> None:
+    """Row 17 (adv_27): asyncio.run's main task is cancelled (Ctrl-C) while a release is on
+    its way; asyncio.run then cancels the background task that re-sends it, and the loop's
+    end must send it once more: the key is free after asyncio.run returns, not held for its
+    TTL. Fails on the old code (the key stayed held, PTTL ~30 s)."""
+    redis_server.flush()
+    raw = redis.Redis.from_url(redis_server.url)
+    with Proxy(redis_server.port) as proxy:
+
+        async def service() -> None:
+            locks = KeyedLock(RedisBackend.from_url(proxy.url, ttl=30))
+            lease = await locks.acquire("job:7")
+            proxy.set(up_delay=0.2)  # the release request is slow to reach the server
+            main = asyncio.current_task()
+            assert main is not None
+            asyncio.get_running_loop().call_later(0.05, main.cancel)  # Ctrl-C mid-release
+            await lease.release()
+
+        with pytest.raises(asyncio.CancelledError):
+            asyncio.run(service())
+        assert not raw.exists(Layout("keylock").lock("job:7")[0])
+    raw.close()

@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import functools
 import inspect
+import itertools
 import logging
 import threading
 import weakref
@@ -23,13 +24,15 @@ import redis.cluster
 from redis.exceptions import RedisClusterException, RedisError
 
 from ...errors import BackendUnavailable
-from ._wire import AsyncWire, SyncWire, map_errors, redact
+from ._wire import AsyncWire, SyncWire, in_background, map_errors, redact
 
 if TYPE_CHECKING:
-    from collections.abc import AsyncGenerator, Sequence
+    from collections.abc import AsyncGenerator, Callable, Coroutine, Sequence
 
     from ._scripts import Script
     from ._wire import Arg
+
+    Finish = Callable[[], Coroutine[object, object, object]]  # a call that must run to its end
 
 __all__ = [
     "GIVE_UP_WAIT",
@@ -224,6 +227,7 @@ class Connections:
         self.where = address(client or async_client)  # for messages: never a secret
         self._async_clients: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, AsyncClient]
         self._async_clients = weakref.WeakKeyDictionary()
+        self._numbers = itertools.count()
         self.restart()
 
     def restart(self) -> None:
@@ -233,6 +237,7 @@ class Connections:
         self._async_wires = weakref.WeakKeyDictionary()
         self._async_clients.clear()
         self._loop_ends: dict[asyncio.AbstractEventLoop, AsyncGenerator[None]] = {}
+        self._unfinished: dict[asyncio.AbstractEventLoop, dict[int, Finish]] = {}
         self._leaving: set[threading.Thread] = set()  # LEAVEs of sync callers that gave up
 
     def sync(self) -> SyncClient:
@@ -269,8 +274,30 @@ class Connections:
         finally:
             await self._close_loop(loop)
 
+    def finish(self, call: Finish) -> None:
+        """Run *call()* to its end in the background, even through a cancel: asyncio.run
+        cancels every task at shutdown, and then the loop's end runs a cancelled one again
+        (so must close(): the call must be safe to run twice)."""
+        loop = asyncio.get_running_loop()
+        self._watch(loop)
+        unfinished = self._unfinished.setdefault(loop, {})
+        number = next(self._numbers)
+        unfinished[number] = call
+
+        def done(task: asyncio.Future[object]) -> None:
+            if not task.cancelled():
+                unfinished.pop(number, None)
+
+        in_background(call()).add_done_callback(done)
+
     async def _close_loop(self, loop: asyncio.AbstractEventLoop) -> None:
-        """Close the connections of *loop* (the running one)."""
+        """Finish the calls cancelled on *loop* (the running one), then close its
+        connections."""
+        for call in self._unfinished.pop(loop, {}).values():
+            try:
+                await call()
+            except Exception as exc:  # (BackendUnavailable: the server is out of reach)
+                logger.warning("keylock: finishing a cancelled call failed: %s", exc)
         self._loop_ends.pop(loop, None)
         wire = self._async_wires.pop(loop, None)
         client = self._async_clients.pop(loop, None)

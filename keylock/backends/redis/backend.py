@@ -238,7 +238,7 @@ class RedisBackend(TieredBackend):
             # A release, once started, completes even if its caller is cancelled: the cancel
             # cut redis-py off mid-call, so the script may or may not have run; running it again
             # is harmless (it compares the owner), and skipping it would strand the key.
-            in_background(self._run_async(RELEASE, key, keys, args))
+            self._connections.finish(lambda: self._run_async(RELEASE, key, keys, args))
             raise
 
     def _extended(self, key: str, held: Held, ttl: float, sent: float, sent_at: float) -> Grant:

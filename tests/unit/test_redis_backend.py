@@ -53,8 +53,8 @@ async def test_a_forged_owner_cannot_release_or_extend_on_the_server(url: str) -
         backend._run_sync(
             _scripts.RELEASE,
             "own:mine",
-            backend.layout.lock("own:mine"),
-            [forged, "own:mine"],
+            backend.layout.acquire("own:mine", forged),
+            [forged, "own:mine", _scripts.RELEASE_MARK_MS],
         )
         == 0
     )

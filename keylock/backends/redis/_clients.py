@@ -8,12 +8,14 @@ async one per event loop. Whichever the user did not give is made with the other
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import inspect
+import itertools
 import logging
 import threading
 import weakref
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, cast
 
 import redis
 import redis.asyncio
@@ -22,13 +24,15 @@ import redis.cluster
 from redis.exceptions import RedisClusterException, RedisError
 
 from ...errors import BackendUnavailable
-from ._wire import AsyncWire, SyncWire, map_errors, redact
+from ._wire import AsyncWire, SyncWire, in_background, map_errors, redact
 
 if TYPE_CHECKING:
-    from collections.abc import Sequence
+    from collections.abc import AsyncGenerator, Callable, Coroutine, Sequence
 
     from ._scripts import Script
     from ._wire import Arg
+
+    Finish = Callable[[], Coroutine[object, object, object]]  # a call that must run to its end
 
 __all__ = [
     "GIVE_UP_WAIT",
@@ -143,6 +147,46 @@ def async_from(
     return redis.asyncio.Redis(**options)  # type: ignore[arg-type]
 
 
+def _decodes(client: object) -> bool:
+    get_encoder = getattr(client, "get_encoder", None)
+    return bool(getattr(get_encoder(), "decode_responses", False)) if get_encoder else False
+
+
+def raw(client: SyncClient) -> SyncClient:
+    """*client*, or a twin of it that leaves replies as bytes when it decodes them: owner ids,
+    hand-off messages and stored outcomes are bytes that need not be UTF-8."""
+    return cast("SyncClient", _raw(client))
+
+
+def raw_async(client: AsyncClient) -> AsyncClient:
+    """The same for an async client."""
+    return cast("AsyncClient", _raw(client))
+
+
+def _raw(client: SyncClient | AsyncClient) -> object:
+    if not _decodes(client):
+        return client
+    if isinstance(client, redis.cluster.RedisCluster):
+        node = client.get_default_node() or client.get_nodes()[0]  # type: ignore[no-untyped-call]
+        kwargs = node.redis_connection.connection_pool.connection_kwargs
+        options = options_for(redis.cluster.RedisCluster, kwargs)
+        return redis.cluster.RedisCluster(**{**options, "decode_responses": False})  # type: ignore[arg-type]
+    if isinstance(client, redis.asyncio.cluster.RedisCluster):
+        kwargs = client.get_nodes()[0].connection_kwargs
+        options = options_for(redis.asyncio.cluster.RedisCluster, kwargs)
+        return redis.asyncio.cluster.RedisCluster(**{**options, "decode_responses": False})  # type: ignore[arg-type]
+    pool = client.connection_pool
+    twin: dict[str, object] = {"connection_class": pool.connection_class}
+    for option in ("max_connections", "timeout"):  # (timeout: a blocking pool's wait)
+        if option in pool.__dict__:
+            twin[option] = pool.__dict__[option]
+    twin.update(pool.connection_kwargs)
+    twin["decode_responses"] = False
+    if isinstance(client, redis.Redis):
+        return redis.Redis(connection_pool=type(client.connection_pool)(**twin))  # type: ignore[arg-type]
+    return redis.asyncio.Redis(connection_pool=type(client.connection_pool)(**twin))  # type: ignore[arg-type]
+
+
 def address(client: object) -> str:
     """Where *client* connects, for messages: host:port or the socket path, never a secret."""
     if isinstance(client, redis.cluster.RedisCluster | redis.asyncio.cluster.RedisCluster):
@@ -175,13 +219,15 @@ class Connections:
         url: str | None = None,
         options: dict[str, object] | None = None,
     ) -> None:
-        self.client = client
-        self.async_client = async_client
+        self._given = [given for given in (client, async_client) if given is not None]
+        self.client = None if client is None else raw(client)
+        self.async_client = None if async_client is None else raw_async(async_client)
         self.url = url
         self.options = options or {}
         self.where = address(client or async_client)  # for messages: never a secret
         self._async_clients: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, AsyncClient]
         self._async_clients = weakref.WeakKeyDictionary()
+        self._numbers = itertools.count()
         self.restart()
 
     def restart(self) -> None:
@@ -190,6 +236,8 @@ class Connections:
         self._async_wires: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, AsyncWire]
         self._async_wires = weakref.WeakKeyDictionary()
         self._async_clients.clear()
+        self._loop_ends: dict[asyncio.AbstractEventLoop, AsyncGenerator[None]] = {}
+        self._unfinished: dict[asyncio.AbstractEventLoop, dict[int, Finish]] = {}
         self._leaving: set[threading.Thread] = set()  # LEAVEs of sync callers that gave up
 
     def sync(self) -> SyncClient:
@@ -204,8 +252,62 @@ class Connections:
         loop = asyncio.get_running_loop()
         client = self._async_clients.get(loop)
         if client is None:
-            client = self._async_clients[loop] = async_from(self.sync(), self.url, self.options)
+            options = {**self.options, "decode_responses": False}  # (see raw)
+            client = self._async_clients[loop] = async_from(self.sync(), self.url, options)
+            self._watch(loop)
         return client
+
+    def _watch(self, loop: asyncio.AbstractEventLoop) -> None:
+        """Have *loop*'s connections closed when it shuts down (asyncio.run closes every
+        async generator then, while the loop still runs): a loop that ends must not leave
+        its sockets open for the life of the process."""
+        if loop in self._loop_ends:
+            return
+        ending = self._loop_ends[loop] = self._until_loop_ends(loop)
+        # asend() registers the generator with the loop's hooks; send() runs it to its yield
+        with contextlib.suppress(StopIteration):
+            ending.asend(None).send(None)
+
+    async def _until_loop_ends(self, loop: asyncio.AbstractEventLoop) -> AsyncGenerator[None]:
+        try:
+            yield
+        finally:
+            await self._close_loop(loop)
+
+    def finish(self, call: Finish) -> None:
+        """Run *call()* to its end in the background, even through a cancel: asyncio.run
+        cancels every task at shutdown, and then the loop's end runs a cancelled one again
+        (so must close(): the call must be safe to run twice)."""
+        loop = asyncio.get_running_loop()
+        self._watch(loop)
+        unfinished = self._unfinished.setdefault(loop, {})
+        number = next(self._numbers)
+        unfinished[number] = call
+
+        def done(task: asyncio.Future[object]) -> None:
+            if not task.cancelled():
+                unfinished.pop(number, None)
+
+        in_background(call()).add_done_callback(done)
+
+    async def _close_loop(self, loop: asyncio.AbstractEventLoop) -> None:
+        """Finish the calls cancelled on *loop* (the running one), then close its
+        connections."""
+        for call in self._unfinished.pop(loop, {}).values():
+            try:
+                await call()
+            except Exception as exc:  # (BackendUnavailable: the server is out of reach)
+                logger.warning("keylock: finishing a cancelled call failed: %s", exc)
+        self._loop_ends.pop(loop, None)
+        wire = self._async_wires.pop(loop, None)
+        client = self._async_clients.pop(loop, None)
+        try:
+            if wire is not None:
+                await wire.close()
+            if client is not None:
+                await client.aclose()
+        except (RedisError, OSError) as exc:
+            logger.debug("keylock: closing an event loop's Redis connections failed: %s", exc)
 
     def wire(self) -> SyncWire:
         wire = self._wire
@@ -236,6 +338,7 @@ class Connections:
         wire = self._async_wires.get(loop)
         if wire is None:
             wire = self._async_wires[loop] = AsyncWire(self.async_())
+            self._watch(loop)
         task = asyncio.current_task()
         cancels = 0 if task is None else task.cancelling()
         with map_errors(key, self.where):
@@ -279,15 +382,19 @@ class Connections:
             self._wire.close()
         if self.client is not None:
             self.client.close()
+        for given in self._given:  # a decoding client the user gave, beside its raw twin
+            if isinstance(given, SyncClient) and given is not self.client:
+                given.close()
 
     async def close(self) -> None:
         """Close the sync connections and those of the running loop (other loops'
         connections can only be dropped, not closed)."""
         self.close_sync()
-        wire = self._async_wires.pop(asyncio.get_running_loop(), None)
-        if wire is not None:
-            await wire.close()
+        await self._close_loop(asyncio.get_running_loop())
         for client in list(self._async_clients.values()):
             await client.aclose()
         if self.async_client is not None:
             await self.async_client.aclose()
+        for given in self._given:
+            if isinstance(given, AsyncClient) and given is not self.async_client:
+                await given.aclose()

@@ -11,7 +11,7 @@ splits on it.
     prefix:{tag}:fence           the last token minted
     prefix:{tag}:queue           waiters (zset owner -> arrival, server µs)
     prefix:{tag}:alive           waiters' entries (hash owner -> deadline, TTL, claim, channel)
-    prefix:{tag}:left:<owner>    a departure mark (see LEAVE in _scripts)
+    prefix:{tag}:left:<owner>    a departure mark (see LEAVE and RELEASE in _scripts)
     prefix:wake:<process id>     the wake-up channel of one process's backend
     prefix:{flight:tag}:result:<token>   a single-flight leader's stored outcome
     prefix:{tag} / prefix:{tag}:fence    fenced_set's value and fence (prefix keylock:fenced)
@@ -74,7 +74,8 @@ class Layout:
         return f"{self.prefix}:{{{tag(key)}}}:left:{owner.hex()}"
 
     def acquire(self, key: str, owner: bytes) -> list[str]:
-        """The five keys of ACQUIRE and LEAVE: the lock's four and *owner*'s departure mark."""
+        """The five keys of ACQUIRE, LEAVE and RELEASE: the lock's four and *owner*'s departure
+        mark."""
         base = f"{self.prefix}:{{{tag(key)}}}"
         return [
             base,

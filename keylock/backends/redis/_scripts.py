@@ -9,7 +9,16 @@ from __future__ import annotations
 import hashlib
 from typing import NamedTuple
 
-__all__ = ["ACQUIRE", "EXTEND", "FENCE_SLACK_MS", "FORCE_RELEASE", "LEAVE", "RELEASE", "Script"]
+__all__ = [
+    "ACQUIRE",
+    "EXTEND",
+    "FENCE_SLACK_MS",
+    "FORCE_RELEASE",
+    "LEAVE",
+    "RELEASE",
+    "RELEASE_MARK_MS",
+    "Script",
+]
 
 
 class Script(NamedTuple):
@@ -25,6 +34,9 @@ def _script(name: str, text: str) -> Script:
 
 
 FENCE_SLACK_MS = 120_000  # the fence key outlives the lock by this much (see ACQUIRE)
+# How long a release's mark outlives it (see RELEASE): the wire retries at once after a
+# connection error, so the retry lands well within this.
+RELEASE_MARK_MS = 10_000
 
 # Every script gets the same four keys of one lock (one hash tag, so one Cluster slot):
 # KEYS[1] lock (value: owner id), KEYS[2] fence (last token), KEYS[3] queue (zset owner ->
@@ -122,9 +134,27 @@ return {0, redis.call('PTTL', KEYS[1])}
 """
 )
 
-# ARGV[1] owner, ARGV[2] key (named in the hand-off message) -> 1 released (and handed on), 0 not
-# ours
+# KEYS[5] the owner's departure mark; ARGV[1] owner, ARGV[2] key (named in the hand-off
+# message), ARGV[3] ms to keep the mark -> 1 released (and handed on), 2 released already by
+# this owner (a retry after the reply was lost), 0 not ours. The mark is what tells a retry from
+# a lost lease: the key may be free or handed on either way, but only a release leaves the mark.
 _RELEASE = (
+    _PRELUDE
+    + """
+if redis.call('GET', KEYS[1]) ~= ARGV[1] then
+  if redis.call('EXISTS', KEYS[5]) == 1 then return 2 end
+  return 0
+end
+redis.call('DEL', KEYS[1])
+redis.call('SET', KEYS[5], '1', 'PX', ARGV[3])
+hand_off(ARGV[2])
+return 1
+"""
+)
+
+# KEYS[1..4] the lock's keys; ARGV[1] owner, ARGV[2] key -> 1 released (and handed on), 0 not
+# ours (see FORCE_RELEASE)
+_RELEASE_UNMARKED = (
     _PRELUDE
     + """
 if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
@@ -168,7 +198,7 @@ return 0
 # -> 1 deleted and handed to the next waiter (woken on its own process's channel), 0 the lock
 # is free or held by another owner now (nothing changed). ``keylock release --force``: the
 # operator deletes only the lease they looked at, never one taken since.
-_FORCE_RELEASE = _RELEASE
+_FORCE_RELEASE = _RELEASE_UNMARKED
 
 ACQUIRE = _script("acquire", _ACQUIRE)
 RELEASE = _script("release", _RELEASE)

@@ -254,7 +254,9 @@ class AsyncWire:
         # timeout still bounds every read and every handshake, here.
         options = {} if pool is None else pool.connection_kwargs
         self._options = {**options, "socket_timeout": None}
-        self._socket_timeout = cast("float | None", options.get("socket_timeout"))
+        self._socket_timeout: float | None = None
+        if pool is not None:  # the timeout the pool's connections get (redis-py's default: 5 s)
+            self._socket_timeout = pool.connection_class(**options).socket_timeout
 
     async def call(
         self,

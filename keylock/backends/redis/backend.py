@@ -20,7 +20,7 @@ from ._flow import AcquireFlow, ServerClock, Trip, check_seconds, extend_call, l
 from ._keys import Layout
 from ._listener import Listener, Waiting
 from ._renewer import Renewal, Renewer, extend_all
-from ._scripts import EXTEND, FENCE_SLACK_MS, LEAVE, RELEASE, Script
+from ._scripts import EXTEND, FENCE_SLACK_MS, LEAVE, RELEASE, RELEASE_MARK_MS, Script
 from ._wire import Arg, background, in_background, map_errors
 
 if TYPE_CHECKING:
@@ -228,18 +228,19 @@ class RedisBackend(TieredBackend):
         return True
 
     def _end_sync(self, key: str, held: Held) -> bool:
-        return bool(self._run_sync(RELEASE, key, self.layout.lock(key), [held.owner, key]))
+        keys = self.layout.acquire(key, held.owner)
+        return bool(self._run_sync(RELEASE, key, keys, [held.owner, key, RELEASE_MARK_MS]))
 
     async def _end(self, key: str, held: Held) -> bool:
-        keys = self.layout.lock(key)
-        args: list[Arg] = [held.owner, key]
+        keys = self.layout.acquire(key, held.owner)
+        args: list[Arg] = [held.owner, key, RELEASE_MARK_MS]
         try:
             return bool(await self._run_async(RELEASE, key, keys, args))
         except asyncio.CancelledError:
             # A release, once started, completes even if its caller is cancelled: the cancel
             # cut redis-py off mid-call, so the script may or may not have run; running it again
             # is harmless (it compares the owner), and skipping it would strand the key.
-            in_background(self._run_async(RELEASE, key, keys, args))
+            self._connections.finish(lambda: self._run_async(RELEASE, key, keys, args))
             raise
 
     def _extended(self, key: str, held: Held, ttl: float, sent: float, sent_at: float) -> Grant:

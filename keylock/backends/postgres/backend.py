@@ -12,7 +12,6 @@ import weakref
 from typing import TYPE_CHECKING, cast
 
 from .._tiered import Held, Tier, TieredBackend
-from .._waiters import LoopWaiter, ThreadWaiter
 from ..base import Grant, KeyStatistics
 from ._flow import LEAVE, TRY, PostgresFlow
 from ._sql import schema_for, stored
@@ -272,11 +271,7 @@ class PostgresBackend(TieredBackend):
         return None  # waiting for another process must not eat the lease: see _adopt
 
     def _arm(self, flow: Flow) -> None:
-        """Before a trip: arm the waiter (a wake-up during the trip is not lost) and pick the
-        poll (short until the listener is LISTENing)."""
-        waiter = flow.waiter
-        if isinstance(waiter, LoopWaiter | ThreadWaiter):
-            waiter.prepare()
+        """Before a trip: pick the poll (short until the listener is LISTENing)."""
         listener = self._listener
         assert isinstance(flow, PostgresFlow)
         flow.poll = self.poll if listener is not None and listener.ready.is_set() else _STARTUP_POLL

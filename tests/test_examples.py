@@ -10,6 +10,8 @@ to run it:
   of the server the suite starts (flushed first);
 - ``<!-- example: needs redis-cluster -->``: ``redis://localhost:7000/0`` becomes a node of the
   suite's three-master cluster (flushed first);
+- ``<!-- example: needs postgres -->``: ``postgresql://localhost/app`` becomes the URL of the
+  PostgreSQL the suite starts (its lock tables emptied first);
 - ``<!-- example: fragment -->``: not run, only compiled (top-level ``await`` allowed). For the
   few blocks that cannot stand alone; ``test_fragments_are_few`` lists them and caps their
   number.
@@ -37,12 +39,13 @@ SOURCES = [ROOT / "README.md", *sorted((ROOT / "docs").rglob("*.md"))]
 REDIS_PLACEHOLDER = "redis://localhost:6379/0"
 CLUSTER_PLACEHOLDER = "redis://localhost:7000/0"
 LOCK_DIR_PLACEHOLDER = "/run/lock/myapp"
+POSTGRES_PLACEHOLDER = "postgresql://localhost/app"
 MAX_FRAGMENTS = 6
 TIMEOUT = 90.0  # per example; the slowest (a few processes on Redis) takes a few seconds
 
 _FENCE = re.compile(r"^(?P<indent>[ \t]*)(?P<ticks>`{3,}|~{3,})(?P<info>[^`]*)$")
 _MARKER = re.compile(r"^\s*<!--\s*example:\s*(?P<kind>[a-z-]+(?: [a-z-]+)*)\s*-->\s*$")
-_KINDS = {"run", "needs redis", "needs redis-cluster", "fragment"}
+_KINDS = {"run", "needs redis", "needs redis-cluster", "needs postgres", "fragment"}
 # the one line an example may write to stderr: keylock's warning when a lease is lost (examples
 # of lease loss show it; any other output, a warning or a traceback, fails the example)
 _EXPECTED_LOG = re.compile(r"keylock: lease \d+ on '[^']*' was lost\Z")
@@ -165,7 +168,15 @@ def test_example_runs(block: Block, tmp_path: Path, request: pytest.FixtureReque
         cluster = request.getfixturevalue("redis_cluster")
         cluster.flush()
         code = code.replace(CLUSTER_PLACEHOLDER, f"redis://{cluster.host}:{cluster.port}/0")
+    elif block.kind == "needs postgres":
+        assert POSTGRES_PLACEHOLDER in code, f"{block.name}: no {POSTGRES_PLACEHOLDER} to replace"
+        postgres = request.getfixturevalue("postgres_server")
+        postgres.flush()
+        code = code.replace(POSTGRES_PLACEHOLDER, postgres.url)
     else:
+        assert "postgresql://" not in code, (
+            f"{block.name} connects to Postgres: mark it <!-- example: needs postgres -->"
+        )
         assert "redis://" not in code or "from_url" not in code, (
             f"{block.name} connects to Redis: mark it <!-- example: needs redis -->"
         )

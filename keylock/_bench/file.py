@@ -13,7 +13,7 @@ from ..backends.file import FileBackend
 from .contend import FileWitness, Run, SyncLockFor, Witness, run_processes
 from .harness import Row, Suite
 from .progress import Step
-from .workload import HEADLINE_WORKERS, Subjects, estimate, hot_key_steps, zipf
+from .workload import HEADLINE_WORKERS, WORKERS, Subjects, estimate, hot_key_steps, zipf
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Sequence
@@ -86,21 +86,8 @@ def steps(suite: Suite, stack: ExitStack) -> list[Step]:
         (name, _processes(name, directory) if make(directory) is not None else None)
         for name, make in SUBJECTS
     ]
-    if suite.headline:
-        return [
-            *found,
-            *hot_key_steps(
-                suite,
-                FAMILY,
-                "process",
-                subjects,
-                seconds=seconds,
-                repeats=repeats,
-                workers=(HEADLINE_WORKERS,),
-                overhead=_OVERHEAD,
-            ),
-        ]
-    return [
+    # the headline run: one hot-key row at one worker count, no Zipf keys
+    steps = [
         *found,
         *hot_key_steps(
             suite,
@@ -109,14 +96,19 @@ def steps(suite: Suite, stack: ExitStack) -> list[Step]:
             subjects,
             seconds=seconds,
             repeats=repeats,
+            workers=(HEADLINE_WORKERS,) if suite.headline else WORKERS,
             overhead=_OVERHEAD,
         ),
-        Step(
-            f"{FAMILY}: 1,000 Zipf keys",
-            estimate(subjects, seconds, repeats, overhead=_OVERHEAD),
-            lambda: zipf(suite, FAMILY, "process", subjects, seconds=seconds, repeats=repeats),
-        ),
     ]
+    if not suite.headline:
+        steps.append(
+            Step(
+                f"{FAMILY}: 1,000 Zipf keys",
+                estimate(subjects, seconds, repeats, overhead=_OVERHEAD),
+                lambda: zipf(suite, FAMILY, "process", subjects, seconds=seconds, repeats=repeats),
+            )
+        )
+    return steps
 
 
 #: Seconds a run over processes spends outside its clock (fork, warm-up, join).

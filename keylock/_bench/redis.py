@@ -26,7 +26,7 @@ from ..backends.redis import RedisBackend
 from .contend import Run, SyncLockFor, Witness, run_processes
 from .harness import Row, Suite
 from .progress import Step
-from .workload import HEADLINE_WORKERS, Subjects, estimate, hot_key_steps, zipf
+from .workload import HEADLINE_WORKERS, WORKERS, Subjects, estimate, hot_key_steps, zipf
 
 __all__ = ["steps"]
 
@@ -187,21 +187,8 @@ def steps(suite: Suite, stack: ExitStack, *, redis_url: str | None = None) -> li
             lambda: _uncontended(suite, url, run_id, 3 if suite.quick else 5),
         )
     ]
-    if suite.headline:
-        return [
-            *found,
-            *hot_key_steps(
-                suite,
-                FAMILY,
-                "process",
-                subjects,
-                seconds=seconds,
-                repeats=repeats,
-                workers=(HEADLINE_WORKERS,),
-                overhead=_OVERHEAD,
-            ),
-        ]
-    return [
+    # the headline run: one hot-key row at one worker count, no Zipf keys
+    steps = [
         *found,
         *hot_key_steps(
             suite,
@@ -210,14 +197,19 @@ def steps(suite: Suite, stack: ExitStack, *, redis_url: str | None = None) -> li
             subjects,
             seconds=seconds,
             repeats=repeats,
+            workers=(HEADLINE_WORKERS,) if suite.headline else WORKERS,
             overhead=_OVERHEAD,
         ),
-        Step(
-            f"{FAMILY}: 1,000 Zipf keys",
-            estimate(subjects, seconds, repeats, overhead=_OVERHEAD),
-            lambda: zipf(suite, FAMILY, "process", subjects, seconds=seconds, repeats=repeats),
-        ),
     ]
+    if not suite.headline:
+        steps.append(
+            Step(
+                f"{FAMILY}: 1,000 Zipf keys",
+                estimate(subjects, seconds, repeats, overhead=_OVERHEAD),
+                lambda: zipf(suite, FAMILY, "process", subjects, seconds=seconds, repeats=repeats),
+            )
+        )
+    return steps
 
 
 #: Seconds a run over processes spends outside its clock (fork, connect, warm-up, join).

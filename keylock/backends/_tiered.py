@@ -302,14 +302,6 @@ class TieredBackend(Backend):
         if not (self._release_local(key, held) and ours):
             raise self._lost(key, token)
 
-    def _discard_sync(self, key: str, owner: bytes, grant: Grant) -> None:
-        with contextlib.suppress(LeaseLost):
-            self.release_sync(key, owner, grant[0])
-
-    async def _discard(self, key: str, owner: bytes, grant: Grant) -> None:
-        with contextlib.suppress(LeaseLost):
-            await self.release(key, owner, grant[0])
-
     def _extend_local(self, key: str, held: Held, ttl: float) -> Grant:
         """Move the in-process turn's deadline (raises LeaseLost if it had lapsed); the
         lease's dates are the turn's, its token the arbiter's."""

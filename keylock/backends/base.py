@@ -156,10 +156,6 @@ class Backend(abc.ABC):
         with contextlib.suppress(LeaseLost):
             self.release_sync(key, owner, grant[0])
 
-    async def _discard(self, key: str, owner: bytes, grant: Grant) -> None:
-        """Async twin of :meth:`_discard_sync`."""
-        self._discard_sync(key, owner, grant)
-
     # Leases with a TTL are shown to the backend so it can renew them (Redis auto-renew).
     def _track(self, lease: Lease) -> None:
         """Start looking after *lease* (auto-renew); the default backend does nothing."""

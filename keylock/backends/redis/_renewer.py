@@ -71,7 +71,6 @@ class Renewer:
         self._renew = renew
         self._cond = threading.Condition()
         self._entries: dict[Lease, _Entry] = {}  # guarded by _cond
-        self._by_token: dict[tuple[str, int], Lease] = {}  # guarded by _cond
         self._heap: list[tuple[float, int, Lease]] = []  # guarded by _cond; stale items skipped
         self._seq = itertools.count()
         self._wake_at = 0.0  # when the thread will look next (guarded by _cond)
@@ -94,25 +93,11 @@ class Renewer:
         entry = _Entry(lease, ttl, now + left)
         with self._cond:
             self._entries[lease] = entry
-            self._by_token[lease._full_key, lease.token] = lease
             self._schedule(entry, now + left / 3)
 
     def remove(self, lease: Lease) -> None:
         with self._cond:
-            if self._entries.pop(lease, None) is not None:
-                self._by_token.pop((lease._full_key, lease.token), None)
-
-    def extended(self, key: str, token: int, ttl: float, sent: float) -> None:
-        """The lease *token* on *key* was extended to *ttl* s (request sent at monotonic
-        *sent*): renew it next at a third of that, and with that TTL."""
-        with self._cond:
-            lease = self._by_token.get((key, token))
-            entry = None if lease is None else self._entries.get(lease)
-            if entry is None:
-                return
-            entry.ttl = ttl
-            entry.valid_until = sent + ttl
-            self._schedule(entry, sent + ttl / 3)
+            self._entries.pop(lease, None)
 
     def stop(self) -> None:
         with self._cond:
@@ -194,7 +179,6 @@ class Renewer:
                             result,
                         )
                     del self._entries[entry.lease]
-                    self._by_token.pop((entry.lease._full_key, entry.lease.token), None)
                     gone.append(entry.lease)
         for lease in gone:
             self._lost(lease)

@@ -290,8 +290,6 @@ class RedisBackend(TieredBackend):
         waiting = local.waiting + self._waiting.count(key)
         if owner is None:
             return KeyStatistics(key, False, None, None, waiting)
-        if isinstance(owner, str):  # a client with decode_responses=True
-            owner = owner.encode("utf-8", "surrogateescape")
         return KeyStatistics(key, True, int(token) if token else None, bytes(owner), waiting)
 
     # ------------------------------------------------------------------------- auto-renew

@@ -14,6 +14,7 @@ from ._validate import check_ttl
 from .errors import BackendUnavailable, LeaseLost
 
 if TYPE_CHECKING:
+    from collections.abc import Awaitable
     from types import TracebackType
 
     from ._host import LeaseHost
@@ -49,6 +50,18 @@ _TOLD = 128  # the holder's hooks (on_lost, observer, cancel) ran or are on thei
 _SLOW_EXIT = _RELEASED | _TRACKED | _PENDING | _SLOW_EXIT_OBSERVED
 _STATE = threading.Lock()
 os.register_at_fork(after_in_child=_STATE._at_fork_reinit)  # type: ignore[attr-defined]
+
+
+class _NoLoop:
+    """The loop of ``_DONE``: a future that is already done never uses its loop when awaited."""
+
+    def get_debug(self) -> bool:
+        return False
+
+
+# What an uncontended ``__aexit__`` returns: awaiting a done future costs no frame.
+_DONE: asyncio.Future[None] = asyncio.Future(loop=_NoLoop())  # type: ignore[arg-type]
+_DONE.set_result(None)
 
 
 class Lease:
@@ -289,20 +302,43 @@ class Lease:
 
     # ------------------------------------------------------------------ context management
 
-    async def __aexit__(
+    def _exit_async(
         self,
         exc_type: type[BaseException] | None,
         exc: BaseException | None,
         tb: TracebackType | None,
-    ) -> None:
+    ) -> Awaitable[None]:
+        # ``__aexit__`` at run time: a plain function, so the uncontended exit (a release that
+        # never waits) makes no coroutine: it releases here and returns a done awaitable.
         state = self._state
         host = self._host
+        if state & _SLOW_EXIT or not host.inline:
+            return self._aexit(exc)
         try:
-            if state & _SLOW_EXIT or not host.inline:
-                await self.release()
-            else:  # the uncontended path: no extra coroutine
-                self._state = state | _RELEASED
-                host.release(self._full_key, self._owner, self.token)
+            self._state = state | _RELEASED
+            host.release(self._full_key, self._owner, self.token)
+        except LeaseLost as lost:
+            self._lost_here()
+            _reraise_loss(self, lost, exc)
+        except BackendUnavailable as unavailable:
+            _reraise_unavailable(self, unavailable, exc)
+        return _DONE
+
+    if TYPE_CHECKING:  # what ``async with`` protocols expect to see
+
+        async def __aexit__(
+            self,
+            exc_type: type[BaseException] | None,
+            exc: BaseException | None,
+            tb: TracebackType | None,
+        ) -> None: ...
+
+    else:
+        __aexit__ = _exit_async
+
+    async def _aexit(self, exc: BaseException | None) -> None:
+        try:
+            await self.release()
         except LeaseLost as lost:
             self._lost_here()
             _reraise_loss(self, lost, exc)

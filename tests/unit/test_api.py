@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import inspect
 import math
 import pickle
@@ -109,6 +110,31 @@ async def test_a_block_is_entered_once() -> None:
     with pytest.raises(RuntimeError, match="already entered"):
         async with block:
             pass
+
+
+def test_an_async_block_exits_the_same_way_on_any_loop_and_through_exit_stacks() -> None:
+    """The uncontended ``__aexit__`` returns an awaitable that is already done (no coroutine):
+    it must behave as a coroutine would, on every loop, under ``AsyncExitStack``, with the
+    body's exception propagated and a second exit refused."""
+    locks = KeyedLock()
+
+    async def use() -> None:
+        async with contextlib.AsyncExitStack() as stack:
+            lease = await stack.enter_async_context(locks("k"))
+            assert locks.statistics("k").held
+        assert lease.released
+        assert not locks.statistics("k").held
+        with pytest.raises(KeyError, match="body"):
+            async with locks("k"):
+                raise KeyError("body")
+        assert not locks.statistics("k").held
+        lease = await locks("k").__aenter__()
+        assert await lease.__aexit__(None, None, None) is None
+        with pytest.raises(RuntimeError, match="already released"):
+            await lease.__aexit__(None, None, None)
+
+    for _ in range(3):  # a new loop each time: the done awaitable belongs to none of them
+        asyncio.run(use())
 
 
 async def test_body_error_with_lost_lease_keeps_the_body_error() -> None:

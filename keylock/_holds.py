@@ -6,6 +6,7 @@ trio and anyio locks have no ``__enter__``): the wrong one fails at once, naming
 from __future__ import annotations
 
 import asyncio
+import sys
 import time
 from typing import TYPE_CHECKING
 
@@ -15,11 +16,15 @@ from .errors import LockTimeout
 from .lease import _PENDING, _QUEUED, _SLOW_EXIT_OBSERVED, _TRACKED, Lease, new_owner
 
 if TYPE_CHECKING:
+    from types import FrameType
+
     from .backends.base import Grant
     from .observe import Observer
     from .registry import KeyedLock
 
 __all__ = ["AsyncHold", "SyncHold"]
+
+_frame = sys._getframe  # the frame entering a block: what a re-entry is recognised by
 
 
 class _Hold(Lease):
@@ -39,9 +44,11 @@ class _Hold(Lease):
             "write a new locks(key) for each block"
         )
 
-    def _try(self) -> bool:
+    def _try(self, holder: FrameType) -> bool:
         """Enter without waiting if the key is free: True once held; else False, with the
-        arguments resolved for the backend's blocking acquire (the caller's flavour)."""
+        arguments resolved for the backend's blocking acquire (the caller's flavour).
+        *holder* is the frame entering the block: a wait from inside that same block (the
+        same task or thread asking again) raises RuntimeError instead of never ending."""
         if self._state is not _PENDING:  # (a small int: identity is equality, and cheaper)
             self._enter_once()
         locks = self._locks
@@ -55,7 +62,7 @@ class _Hold(Lease):
             and 0 < len(key) <= MAX_KEY_LENGTH
             and "\x00" not in key
         ):
-            grant = plain(key, b"", None, None)
+            grant = plain(key, b"", None, None, holder)
             if grant is not None:  # uncontended: nothing else to resolve
                 self._full_key = key
                 self._owner = b""
@@ -74,7 +81,7 @@ class _Hold(Lease):
         full = self._full_key = locks._prefix + key
         owner = self._owner = new_owner() if locks._needs_owner else b""
         step = locks._inline_step
-        if step is not None and (grant := step(full, owner, self.ttl, None)) is not None:
+        if step is not None and (grant := step(full, owner, self.ttl, None, holder)) is not None:
             self._state = 0
             self._held(grant)
             return True
@@ -94,14 +101,18 @@ class AsyncHold(_Hold):
     __slots__ = ()
 
     async def __aenter__(self) -> Lease:
-        if not self._try():
-            locks = self._locks
-            grant = await locks._backend.acquire(
-                self._full_key, self._owner, timeout=self._timeout, ttl=self.ttl
-            )
-            self._state = 0 if locks._inline_step is None else _QUEUED
-            self._held(grant)
+        holder = _frame(1)
+        if not self._try(holder):
+            await self._wait(holder)
         return self
+
+    async def _wait(self, holder: FrameType) -> None:
+        locks = self._locks
+        grant = await locks._backend.acquire(
+            self._full_key, self._owner, timeout=self._timeout, ttl=self.ttl, holder=holder
+        )
+        self._state = 0 if locks._inline_step is None else _QUEUED
+        self._held(grant)
 
     def _held(self, grant: Grant) -> None:
         if self.ttl is not None:
@@ -121,24 +132,32 @@ class SyncHold(_Hold):
     __slots__ = ()
 
     def __enter__(self) -> Lease:
-        if not self._try():
-            locks = self._locks
-            timeout = self._timeout
-            # on a thread running an event loop, waiting would stop the loop: only a try
-            on_loop = timeout != 0 and asyncio._get_running_loop() is not None
-            if on_loop and locks._inline_step is not None:  # (the inline step just tried)
-                raise _blocking(self.key)
-            try:
-                grant = locks._backend.acquire_sync(
-                    self._full_key, self._owner, timeout=0 if on_loop else timeout, ttl=self.ttl
-                )
-            except LockTimeout:
-                if on_loop:
-                    raise _blocking(self.key) from None
-                raise
-            self._state = 0 if locks._inline_step is None else _QUEUED
-            self._held(grant)
+        holder = _frame(1)
+        if not self._try(holder):
+            self._wait(holder)
         return self
+
+    def _wait(self, holder: FrameType) -> None:
+        locks = self._locks
+        timeout = self._timeout
+        # on a thread running an event loop, waiting would stop the loop: only a try
+        on_loop = timeout != 0 and asyncio._get_running_loop() is not None
+        if on_loop and locks._inline_step is not None:  # (the inline step just tried)
+            raise _blocking(self.key)
+        try:
+            grant = locks._backend.acquire_sync(
+                self._full_key,
+                self._owner,
+                timeout=0 if on_loop else timeout,
+                ttl=self.ttl,
+                holder=holder,
+            )
+        except LockTimeout:
+            if on_loop:
+                raise _blocking(self.key) from None
+            raise
+        self._state = 0 if locks._inline_step is None else _QUEUED
+        self._held(grant)
 
     async def __aenter__(self) -> Lease:
         raise TypeError(
@@ -200,8 +219,10 @@ class _ObservedAsync(_Observed, AsyncHold):
 
     async def __aenter__(self) -> Lease:
         start = time.perf_counter()
+        holder = _frame(1)
         try:
-            await AsyncHold.__aenter__(self)
+            if not self._try(holder):
+                await self._wait(holder)
         except LockTimeout:
             self._timed_out(start)
             raise
@@ -214,8 +235,10 @@ class _ObservedSync(_Observed, SyncHold):
 
     def __enter__(self) -> Lease:
         start = time.perf_counter()
+        holder = _frame(1)
         try:
-            SyncHold.__enter__(self)
+            if not self._try(holder):
+                self._wait(holder)
         except LockTimeout:
             self._timed_out(start)
             raise

@@ -15,12 +15,15 @@ import abc
 import contextlib
 import threading
 import time
-from typing import NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
 
 from ..errors import LeaseLost
 from ._waiters import LoopWaiter, ThreadWaiter, Waiter
 from .base import Backend, Deadline, Grant, KeyStatistics
 from .memory import MemoryBackend
+
+if TYPE_CHECKING:
+    from types import FrameType
 
 __all__ = ["Flow", "Held", "Step", "Tier", "TieredBackend"]
 
@@ -155,13 +158,18 @@ class TieredBackend(Backend):
     # ---------------------------------------------------------------- the drivers, written once
 
     def _try_acquire(
-        self, key: str, owner: bytes, ttl: float | None, waiter: Waiter | None
+        self,
+        key: str,
+        owner: bytes,
+        ttl: float | None,
+        waiter: Waiter | None,
+        holder: FrameType | None = None,
     ) -> Grant | None:
         """The uncontended step of an inline arbiter: this process's turn, then one try."""
         if not self.nonblocking_step:
             raise TypeError(f"{self!r} has no non-blocking step: use acquire(timeout=0)")
         local_tier = self._tier.local
-        local = local_tier._try_acquire(key, owner, ttl, None)
+        local = local_tier._try_acquire(key, owner, ttl, None, holder)
         if local is None:
             return None
         try:
@@ -177,15 +185,21 @@ class TieredBackend(Backend):
         return None  # waiters queue in the in-process tier, which withdraws them itself
 
     async def acquire(
-        self, key: str, owner: bytes, *, timeout: float | None, ttl: float | None
+        self,
+        key: str,
+        owner: bytes,
+        *,
+        timeout: float | None,
+        ttl: float | None,
+        holder: FrameType | None = None,
     ) -> Grant:
         """Wait for *key*: first this process's turn (FIFO), then the arbiter. A caller that
         gives up (timeout, cancel, error) leaves both lines and holds nothing."""
         local_ttl = self._local_ttl(ttl)
         deadline = Deadline(key, timeout, time.monotonic())
         tier = self._tier
-        local = tier.local._try_acquire(key, owner, local_ttl, None) or (
-            await tier.local.acquire(key, owner, timeout=timeout, ttl=local_ttl)
+        local = tier.local._try_acquire(key, owner, local_ttl, None, holder) or (
+            await tier.local.acquire(key, owner, timeout=timeout, ttl=local_ttl, holder=holder)
         )
         waiter = LoopWaiter(owner, ttl)
         flow: Flow | None = None
@@ -214,14 +228,20 @@ class TieredBackend(Backend):
                 flow.close()
 
     def acquire_sync(
-        self, key: str, owner: bytes, *, timeout: float | None, ttl: float | None
+        self,
+        key: str,
+        owner: bytes,
+        *,
+        timeout: float | None,
+        ttl: float | None,
+        holder: FrameType | None = None,
     ) -> Grant:
         """Blocking twin of :meth:`acquire`."""
         local_ttl = self._local_ttl(ttl)
         deadline = Deadline(key, timeout, time.monotonic())
         tier = self._tier
-        local = tier.local._try_acquire(key, owner, local_ttl, None) or (
-            tier.local.acquire_sync(key, owner, timeout=timeout, ttl=local_ttl)
+        local = tier.local._try_acquire(key, owner, local_ttl, None, holder) or (
+            tier.local.acquire_sync(key, owner, timeout=timeout, ttl=local_ttl, holder=holder)
         )
         waiter = ThreadWaiter(owner, ttl)
         flow: Flow | None = None

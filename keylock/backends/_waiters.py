@@ -8,24 +8,29 @@ from __future__ import annotations
 
 import abc
 import asyncio
+import inspect
 import math
+import sys
 import threading
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
+    from types import FrameType
+
     from .base import Grant
 
-__all__ = ["LoopWaiter", "ThreadWaiter", "Waiter"]
+__all__ = ["LoopWaiter", "ThreadWaiter", "Waiter", "on_this_stack", "reentry_error"]
 
 
 class Waiter(abc.ABC):
     """A caller waiting for a key; the backend hands it a grant or wakes it to try again."""
 
-    __slots__ = ("grant", "owner", "retry_at", "ttl")
+    __slots__ = ("grant", "holder", "owner", "retry_at", "ttl")
 
-    def __init__(self, owner: bytes, ttl: float | None) -> None:
+    def __init__(self, owner: bytes, ttl: float | None, holder: FrameType | None = None) -> None:
         self.owner = owner
         self.ttl = ttl
+        self.holder = holder  # the frame whose block will hold the key (see Backend._try_acquire)
         self.grant: Grant | None = None  # set once, by the backend that hands the key over
         self.retry_at = math.inf  # time.monotonic() at which to run the step again unwoken
 
@@ -47,8 +52,8 @@ class ThreadWaiter(Waiter):
 
     __slots__ = ("_signal",)
 
-    def __init__(self, owner: bytes, ttl: float | None) -> None:
-        super().__init__(owner, ttl)
+    def __init__(self, owner: bytes, ttl: float | None, holder: FrameType | None = None) -> None:
+        super().__init__(owner, ttl, holder)
         self._signal = threading.Lock()
         self._signal.acquire()  # held = armed; wake() releases it
 
@@ -77,9 +82,10 @@ class LoopWaiter(Waiter):
 
     __slots__ = ("_future", "_loop", "_thread")
 
-    def __init__(self, owner: bytes, ttl: float | None) -> None:
+    def __init__(self, owner: bytes, ttl: float | None, holder: FrameType | None = None) -> None:
         self.owner = owner
         self.ttl = ttl
+        self.holder = holder
         self.grant = None
         self.retry_at = math.inf
         self._loop = asyncio.get_running_loop()
@@ -115,3 +121,31 @@ class LoopWaiter(Waiter):
         # (asyncio.wait leaves the future alone at the timeout: a timeout that cancelled it
         # would drop a wake-up landing just after, and fail the next wait on it at once)
         await asyncio.wait((future,), timeout=max(timeout, 0.0))
+
+
+# Code flags of functions whose frames can be suspended (coroutines, generators): such a
+# frame with no caller is parked, so it cannot be on the current stack.
+_SUSPENDABLE = inspect.CO_COROUTINE | inspect.CO_GENERATOR | inspect.CO_ASYNC_GENERATOR
+
+
+def on_this_stack(frame: FrameType) -> bool:
+    """True when *frame* is running below the caller on this thread's stack: the caller is
+    inside the block that frame entered (the same task, or the same thread)."""
+    if frame.f_back is None and frame.f_code.co_flags & _SUSPENDABLE:
+        return False  # a parked coroutine: another task's block (the cheap, common case)
+    current: FrameType | None = sys._getframe(1)
+    while current is not None:
+        if current is frame:
+            return True
+        current = current.f_back
+    return False
+
+
+def reentry_error(key: str) -> RuntimeError:
+    """The error for a block that asks again for a key its own task or thread holds."""
+    shown = key.replace("\x00", ":")  # (a namespace is stored NUL-separated)
+    return RuntimeError(
+        f"keylock: {shown!r} is already held by an enclosing block of this same task or "
+        "thread; keylock locks are not reentrant, so this wait would never end. Do the "
+        "inner work inside the block you hold (pass the lease down), or lock a different key"
+    )

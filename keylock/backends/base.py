@@ -21,6 +21,8 @@ from ..errors import LeaseLost, LockTimeout
 from ._waiters import LoopWaiter, ThreadWaiter, Waiter
 
 if TYPE_CHECKING:
+    from types import FrameType
+
     from ..lease import Lease
 
 __all__ = [
@@ -117,13 +119,21 @@ class Backend(abc.ABC):
 
     @abc.abstractmethod
     def _try_acquire(
-        self, key: str, owner: bytes, ttl: float | None, waiter: Waiter | None
+        self,
+        key: str,
+        owner: bytes,
+        ttl: float | None,
+        waiter: Waiter | None,
+        holder: FrameType | None = None,
     ) -> Grant | None:
         """Grant *key* now, or register *waiter* (idempotently) and return None. Never blocks.
 
         When it registers the waiter, the backend either hands it a grant later (``waiter.grant``
         then ``wake()``), or wakes it to run the step again; ``waiter.retry_at`` says when to run
         the step again if no wake-up comes (a holder's TTL running out, a safety-net poll).
+        *holder* (or ``waiter.holder``) is the frame of the block that will hold the key: a
+        waiter whose own stack runs the block holding the key gets RuntimeError, not a wait
+        (a try without a waiter just returns None).
         """
 
     @abc.abstractmethod
@@ -173,18 +183,25 @@ class Backend(abc.ABC):
     # ------------------------------------------------------- the blocking acquire, written once
 
     async def acquire(
-        self, key: str, owner: bytes, *, timeout: float | None, ttl: float | None
+        self,
+        key: str,
+        owner: bytes,
+        *,
+        timeout: float | None,
+        ttl: float | None,
+        holder: FrameType | None = None,
     ) -> Grant:
         """Wait for *key* (``timeout=None`` forever, ``0`` one try); raise LockTimeout.
 
         A caller cancelled while waiting leaves nothing behind: a grant that raced the cancel is
         passed on to the next waiter before the cancellation propagates. The caller has just
-        tried the step (the uncontended path), so this starts by queueing.
+        tried the step (the uncontended path), so this starts by queueing. *holder*: the frame
+        of the block that will hold the key (re-entry is refused, see ``_try_acquire``).
         """
         deadline = Deadline(key, timeout, time.monotonic())
         if timeout == 0:
-            return self._once(key, owner, ttl, deadline)
-        waiter = LoopWaiter(owner, ttl)
+            return self._once(key, owner, ttl, deadline, holder)
+        waiter = LoopWaiter(owner, ttl, holder)
         try:
             while True:
                 grant, delay = self._round(key, owner, ttl, waiter, deadline)
@@ -196,13 +213,19 @@ class Backend(abc.ABC):
             raise
 
     def acquire_sync(
-        self, key: str, owner: bytes, *, timeout: float | None, ttl: float | None
+        self,
+        key: str,
+        owner: bytes,
+        *,
+        timeout: float | None,
+        ttl: float | None,
+        holder: FrameType | None = None,
     ) -> Grant:
         """Blocking twin of :meth:`acquire`; an interrupt while waiting leaves nothing behind."""
         deadline = Deadline(key, timeout, time.monotonic())
         if timeout == 0:
-            return self._once(key, owner, ttl, deadline)
-        waiter = ThreadWaiter(owner, ttl)
+            return self._once(key, owner, ttl, deadline, holder)
+        waiter = ThreadWaiter(owner, ttl, holder)
         try:
             while True:
                 grant, delay = self._round(key, owner, ttl, waiter, deadline)
@@ -215,8 +238,15 @@ class Backend(abc.ABC):
 
     # The twins above differ only in how they wait; the decisions are these three.
 
-    def _once(self, key: str, owner: bytes, ttl: float | None, deadline: Deadline) -> Grant:
-        grant = self._try_acquire(key, owner, ttl, None)
+    def _once(
+        self,
+        key: str,
+        owner: bytes,
+        ttl: float | None,
+        deadline: Deadline,
+        holder: FrameType | None,
+    ) -> Grant:
+        grant = self._try_acquire(key, owner, ttl, None, holder)
         if grant is None:
             raise deadline.expired()
         return grant

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+from types import FrameType
 
 from keylock import KeyedLock
 from keylock.backends.base import Backend, Grant, KeyStatistics, Waiter
@@ -26,7 +27,13 @@ class _NaiveBackend(Backend):
         self.tokens = itertools.count(1)
 
     async def acquire(
-        self, key: str, owner: bytes, *, timeout: float | None, ttl: float | None
+        self,
+        key: str,
+        owner: bytes,
+        *,
+        timeout: float | None,
+        ttl: float | None,
+        holder: FrameType | None = None,
     ) -> Grant:
         while key in self.held:  # read + decide ...
             await asyncio.sleep(0)

@@ -184,11 +184,24 @@ async def test_a_sync_wait_on_a_running_loop_is_refused_at_once() -> None:
     """Issue 16 finding 3: ``locks.sync(key)`` on a running loop whose task holds the key hung
     until killed (timeout=None) or raised LockTimeout advising a longer timeout."""
     locks = KeyedLock()
-    async with locks("k"):
+    async with locks("k"):  # this very task holds it
         with pytest.raises(RuntimeError, match="would block this thread's running event loop"):
             locks.acquire_sync("k")
-        with pytest.raises(RuntimeError, match=r"async with locks\('k'\)"):
-            locks.acquire_sync("k", timeout=2)
+    held, release = asyncio.Event(), asyncio.Event()
+
+    async def holder() -> None:
+        async with locks("k"):
+            held.set()
+            await release.wait()
+
+    task = asyncio.create_task(holder())
+    await held.wait()  # another task of this loop holds it: waiting would stop the loop
+    with pytest.raises(RuntimeError, match="would block this thread's running event loop"):
+        locks.acquire_sync("k")
+    with pytest.raises(RuntimeError, match=r"async with locks\('k'\)"):
+        locks.acquire_sync("k", timeout=2)
+    release.set()
+    await task
     # a try, or an uncontended key, never blocks: both still work on the loop
     locks.acquire_sync("k", timeout=0).release_sync()
     with locks.sync("other"):

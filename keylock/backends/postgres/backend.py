@@ -60,11 +60,13 @@ class PostgresBackend(TieredBackend):
       that gives up leaves the line, and one whose process died drops out of it. LISTEN needs
       a session: behind a transaction-mode pooler, point ``listen_conninfo`` at the server (or
       a session-mode pool); without it waiters still get the key, at the poll's pace.
-    * **Cost**: acquire and release are one round trip each, but each commits a write: with
-      ``synchronous_commit=on`` it waits for a WAL flush (an fsync, often longer than the
-      round trip). ``from_url(..., durable=False)`` turns that off for this backend's own
-      sessions: a server crash may then forget the last grants (<1 s of them); tokens still
-      rise (clock floor) and holders learn the loss at their next renewal.
+    * **Cost and durability**: acquire and release are one round trip each, each committing
+      one write. By default (``durable=False``) those commits do not wait for the WAL flush
+      (``synchronous_commit`` off for that transaction only): a crash of the server may
+      forget its last ~0.6 s of grants, whose holders then learn the loss at their next
+      renewal; tokens still never go back (they are the server clock). ``durable=True``
+      waits for the flush (an fsync per acquire and per release) so a grant survives a
+      crash.
     * **Errors**: :class:`~keylock.BackendUnavailable` naming ``host:port/db``, never the
       password.
 
@@ -88,6 +90,7 @@ class PostgresBackend(TieredBackend):
         listen_conninfo: str | None = None,
         pool_size: int = 8,
         connect_timeout: float = 5.0,
+        durable: bool = False,
     ) -> None:
         import psycopg_pool
 
@@ -100,7 +103,7 @@ class PostgresBackend(TieredBackend):
         self.default_ttl = self._ttl = float(ttl)
         self.auto_renew = auto_renew
         self.poll = float(poll)
-        self._schema = schema_for(table)
+        self._schema = schema_for(table, durable=durable)
         self._pool_size = pool_size
         self._timeout = connect_timeout
         self._conninfo, self._connect_kwargs = _wire.connect_options(pool)
@@ -147,20 +150,17 @@ class PostgresBackend(TieredBackend):
         poll: float = 1.0,
         pool_size: int = 8,
         connect_timeout: float = 5.0,
-        durable: bool = True,
+        durable: bool = False,
         **connect_options: object,
     ) -> PostgresBackend:
         """A backend on the database at *url* (``postgresql://user:pw@host:port/db``, or a
         conninfo string); *connect_options* go to ``psycopg.connect``. Connects on first use.
-        ``durable=False`` commits without waiting for the WAL flush (see the class docstring)."""
+        ``durable=True`` waits for the WAL flush at every grant (see the class docstring)."""
         import psycopg
 
         from . import _wire
 
         options = {"connect_timeout": max(int(connect_timeout), 1), **connect_options}
-        if not durable:  # this backend's own sessions only: see the class docstring
-            extra = str(options.get("options") or "")
-            options["options"] = f"{extra} -c synchronous_commit=off".strip()
         try:
             psycopg.conninfo.conninfo_to_dict(url)
         except psycopg.ProgrammingError as exc:
@@ -174,6 +174,7 @@ class PostgresBackend(TieredBackend):
             poll=poll,
             pool_size=pool_size,
             connect_timeout=connect_timeout,
+            durable=durable,
         )
         backend._owned_sync = True
         return backend

@@ -17,15 +17,16 @@ pooler. Tokens are ``max(last + 1, server clock in µs)``: strictly increasing p
 when the table is truncated (the clock has moved past every token it minted).
 
 Durability: by default acquire, release and give-up commit with ``synchronous_commit`` off
-(their own transaction only). A crash of the server (not a clean restart) may then forget the
-commits of its last moments (at most ``3 * wal_writer_delay``, 0.6 s by default), so a holder
-may hold a grant the restarted server does not know. Tokens still never go back: a forgotten
-token was the server clock at its commit (a grant is serialized per key and takes far longer
-than 1 µs, so ``last + 1`` only wins if the clock was stepped back), and the next one is the
-clock after the restart, later still. Exclusion is what such a crash can break: the forgotten
-holder's renewal (within a third of its TTL) or release finds the row not its own and reports
-the lease lost, and fenced writes stay safe, the newer token wins. Any durable commit after a
-grant (a fenced write in the same database, say) flushes the WAL through that grant too.
+(their own transaction only). A crash of the server (not a clean restart) or a failover may
+then forget the commits of its last moments (at most ``3 * wal_writer_delay``, 0.6 s by
+default), so a holder may hold a grant the restarted server does not know. Tokens still never
+go back: a forgotten token was the server clock at its commit (a grant is serialized per key
+and takes far longer than 1 µs, so ``last + 1`` only wins if the clock was stepped back), and
+the next one is the clock after the restart, later still. Exclusion is what such a crash can
+break: the forgotten holder's renewal (within a third of its TTL) or release finds the row not
+its own and reports the lease lost, and fenced writes stay safe, the newer token wins. Any
+durable commit after a grant (a fenced write in the same database, say) flushes the WAL through
+that grant too.
 """
 
 from __future__ import annotations

@@ -6,7 +6,16 @@ from __future__ import annotations
 import unicodedata
 import urllib.parse
 
-__all__ = ["SUITES", "CliError", "check_redis_url", "printable", "redact", "redis_failure"]
+__all__ = [
+    "SUITES",
+    "CliError",
+    "check_postgres_url",
+    "check_redis_url",
+    "postgres_failure",
+    "printable",
+    "redact",
+    "redis_failure",
+]
 
 #: Benchmark suites, run in this order; each is a module ``keylock._bench.<name>``.
 SUITES = ("memory", "file", "redis")
@@ -55,12 +64,13 @@ def redact(url: str) -> str:
     return urllib.parse.urlunsplit(parts._replace(netloc=f"{user}:***@{host}"))
 
 
-def _scrub(text: str, url: str) -> str:
+def _scrub(text: str, url: str, password: str | None = None) -> str:
     """*text* (an error message) with the password of *url* removed wherever it appears."""
-    try:
-        password = urllib.parse.urlsplit(url).password
-    except ValueError:
-        password = None
+    if password is None:
+        try:
+            password = urllib.parse.urlsplit(url).password
+        except ValueError:
+            password = None
     for secret in {password, urllib.parse.unquote(password or "")} - {None, ""}:
         text = text.replace(str(secret), "***")
     return text
@@ -100,5 +110,61 @@ def redis_failure(exc: BaseException, url: str) -> CliError:
             )
         return CliError(f"{where} refused the user name or password given ({detail})")
     if isinstance(exc, redis.ConnectionError | redis.TimeoutError):
+        return CliError(f"cannot reach {where}: {detail}")
+    return CliError(f"{where} answered with an error: {detail}")
+
+
+# ----------------------------------------------------------------------------- Postgres
+
+
+def _conninfo(url: str) -> dict[str, object]:
+    import psycopg
+
+    try:
+        return dict(psycopg.conninfo.conninfo_to_dict(url))
+    except psycopg.ProgrammingError as exc:
+        detail = str(exc).strip().splitlines()[0] if str(exc).strip() else "unparsable"
+        raise CliError(
+            f"--postgres-url {_postgres_where(url)!r}: {_scrub(detail, url)}", code=2
+        ) from None
+
+
+def _postgres_where(url: str) -> str:
+    """*url* for messages: a URL with its password redacted; a conninfo string as host:port/db."""
+    if "://" in url:
+        return redact(url)
+    from .backends.postgres._wire import address
+
+    return address(url, {})
+
+
+def check_postgres_url(url: str) -> None:
+    """Raise :class:`CliError` (usage) unless *url* is a Postgres URL or conninfo psycopg reads."""
+    scheme = url.partition("://")[0] if "://" in url else ""
+    if scheme not in ("postgresql", "postgres") and ("://" in url or "=" not in url):
+        raise CliError(
+            f"--postgres-url {redact(url)!r} needs a scheme: postgresql://USER@HOST:PORT/DB "
+            "(or a conninfo string: 'host=... dbname=...')",
+            code=2,
+        )
+    _conninfo(url)
+
+
+def postgres_failure(exc: BaseException, url: str) -> CliError:
+    """The one-line report of a psycopg error met while talking to *url*."""
+    import psycopg
+
+    where = f"the Postgres server at {_postgres_where(url)}"
+    password = _conninfo(url).get("password")
+    text = str(exc).strip()
+    detail = _scrub(text.splitlines()[0] if text else type(exc).__name__, url, str(password or ""))
+    detail = detail.rstrip(".")
+    if "password authentication failed" in detail:
+        return CliError(f"{where} refused the user name or password given ({detail})")
+    if "no password supplied" in detail:
+        return CliError(
+            f"{where} needs a password: put it in the URL, postgresql://USER:PASSWORD@HOST/DB"
+        )
+    if isinstance(exc, psycopg.OperationalError):
         return CliError(f"cannot reach {where}: {detail}")
     return CliError(f"{where} answered with an error: {detail}")

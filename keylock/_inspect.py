@@ -10,7 +10,16 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     from collections.abc import Iterator
 
-__all__ = ["HeldLock", "force_release_redis", "inspect_directory", "inspect_redis"]
+    import psycopg
+
+__all__ = [
+    "HeldLock",
+    "force_release_postgres",
+    "force_release_redis",
+    "inspect_directory",
+    "inspect_postgres",
+    "inspect_redis",
+]
 
 
 def shown(stored: str) -> str:
@@ -81,6 +90,41 @@ def force_release_redis(
         return force_release(client, key, owner=owner, prefix=prefix)
     finally:
         client.close()
+
+
+def _postgres(url: str) -> psycopg.Connection[tuple[object, ...]]:
+    import psycopg
+
+    return psycopg.connect(url, autocommit=True, connect_timeout=5)
+
+
+def inspect_postgres(url: str, *, table: str = "keylock_leases") -> Iterator[HeldLock]:
+    """Every lock currently held in the Postgres table *table* of the database at *url*."""
+    from .backends.postgres._admin import held
+
+    with _postgres(url) as conn:
+        rows = held(conn, table=table)
+    for key, owner, token, left, waiting in rows:
+        name = key.decode("utf-8", "surrogatepass")
+        yield HeldLock(
+            key=shown(name),
+            stored=name,
+            token=token,
+            owner=owner.hex(),
+            ttl=max(left, 0.0),
+            waiting=waiting,
+        )
+
+
+def force_release_postgres(
+    url: str, key: str, *, table: str = "keylock_leases", owner: bytes | str | None = None
+) -> bool:
+    """Free *key* if *owner* (None: whoever holds it now) still holds it, and hand it to the
+    next waiter at once; True if a live lease was broken."""
+    from .backends.postgres import force_release
+
+    with _postgres(url) as conn:
+        return force_release(conn, key, owner=owner, table=table)
 
 
 def inspect_directory(directory: str) -> Iterator[HeldLock]:

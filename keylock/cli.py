@@ -19,15 +19,24 @@ if TYPE_CHECKING:
 
     from ._inspect import HeldLock
 
-from ._console import SUITES, CliError, check_redis_url, printable, redact, redis_failure
+from ._console import (
+    SUITES,
+    CliError,
+    check_postgres_url,
+    check_redis_url,
+    postgres_failure,
+    printable,
+    redact,
+    redis_failure,
+)
 
 __all__ = ["CliError", "main", "printable", "redact"]
 
 _DESCRIPTION = """\
 keylock command line.
   bench    keylock against the libraries users would pick instead (progress on stderr)
-  inspect  list held locks on a Redis server or in a FileBackend's lock directory
-  release  force-release one lock on Redis, after showing its holder
+  inspect  list held locks on a Redis server, in a Postgres table, or in a lock directory
+  release  force-release one lock on Redis or Postgres, after showing its holder
 """
 
 _RELEASE_FORCE_HELP = (
@@ -93,18 +102,26 @@ def _parser() -> argparse.ArgumentParser:
 
     inspect = commands.add_parser("inspect", help="list held locks: holder, token, TTL, waiters")
     where = inspect.add_mutually_exclusive_group(required=True)
+    where.add_argument(
+        "--postgres-url", help="a PostgresBackend's database, e.g. postgresql://user@host/db"
+    )
     where.add_argument("--redis-url", help="a RedisBackend's server, e.g. redis://host:6379/0")
     where.add_argument("--dir", help="a FileBackend's lock directory")
     inspect.add_argument("--prefix", default="keylock", help="RedisBackend prefix")
+    inspect.add_argument("--table", default="keylock_leases", help="PostgresBackend table")
 
     release = commands.add_parser(
         "release",
-        help="force-release one lock on Redis (shows its holder, asks, releases only it)",
+        help="force-release one lock on Redis or Postgres (shows its holder, asks, releases "
+        "only it)",
     )
     release.add_argument("key", help="the key as stored, namespace included (ns:key)")
     release.add_argument("--force", action="store_true", required=True, help=_RELEASE_FORCE_HELP)
-    release.add_argument("--redis-url", required=True, help="the RedisBackend's server")
+    store = release.add_mutually_exclusive_group(required=True)
+    store.add_argument("--redis-url", help="the RedisBackend's server")
+    store.add_argument("--postgres-url", help="the PostgresBackend's database")
     release.add_argument("--prefix", default="keylock", help="RedisBackend prefix")
+    release.add_argument("--table", default="keylock_leases", help="PostgresBackend table")
     release.add_argument(
         "--yes", action="store_true", help="do not ask for confirmation (needed without a terminal)"
     )
@@ -123,17 +140,20 @@ def _describe(lock: HeldLock) -> str:
 
 
 def _inspect(args: argparse.Namespace) -> int:
-    from ._inspect import inspect_directory, inspect_redis
+    from ._inspect import inspect_directory, inspect_postgres, inspect_redis
 
     if args.redis_url:
         check_redis_url(args.redis_url)
         found: Iterator[HeldLock] = inspect_redis(args.redis_url, prefix=args.prefix)
+    elif args.postgres_url:
+        check_postgres_url(args.postgres_url)
+        found = inspect_postgres(args.postgres_url, table=_table(args.table))
     else:
         if not os.path.isdir(args.dir):
             why = "does not exist" if not os.path.exists(args.dir) else "is not a directory"
             raise CliError(f"--dir {printable(args.dir)!r} {why}", code=2)
         found = inspect_directory(args.dir)
-    held = _collect(found, args.redis_url)
+    held = _collect(found, args)
     print(f"{'key':40} {'token':>18} {'ttl s':>8} {'waiting':>7}  holder")
     for lock in held:
         ttl = "-" if lock.ttl is None else f"{lock.ttl:.1f}"
@@ -143,32 +163,44 @@ def _inspect(args: argparse.Namespace) -> int:
     return 0
 
 
-def _collect(found: Iterator[HeldLock], url: str | None) -> list[HeldLock]:
-    import redis
+def _table(table: str) -> str:
+    from .backends.postgres._sql import schema_for
 
     try:
-        return list(found)
-    except redis.RedisError as exc:
-        raise redis_failure(exc, url or "") from None
+        return schema_for(table).table
+    except ValueError as exc:
+        raise CliError(f"--table: {exc}", code=2) from None
+
+
+def _collect(found: Iterator[HeldLock], args: argparse.Namespace) -> list[HeldLock]:
+    """The locks *found*, a store's error reported as one line."""
+    if getattr(args, "postgres_url", None):
+        import psycopg
+
+        try:
+            return list(found)
+        except psycopg.Error as exc:
+            raise postgres_failure(exc, args.postgres_url) from None
+    if getattr(args, "redis_url", None):
+        import redis
+
+        try:
+            return list(found)
+        except redis.RedisError as exc:
+            raise redis_failure(exc, args.redis_url) from None
+    return list(found)
 
 
 def _release(args: argparse.Namespace) -> int:
-    import redis
+    from ._inspect import inspect_postgres, inspect_redis
 
-    from ._inspect import force_release_redis, inspect_redis
-
-    check_redis_url(args.redis_url)
-    try:
-        holder = next(
-            (
-                lock
-                for lock in inspect_redis(args.redis_url, prefix=args.prefix)
-                if lock.key == args.key
-            ),
-            None,
-        )
-    except redis.RedisError as exc:
-        raise redis_failure(exc, args.redis_url) from None
+    if args.postgres_url:
+        check_postgres_url(args.postgres_url)
+        found = inspect_postgres(args.postgres_url, table=_table(args.table))
+    else:
+        check_redis_url(args.redis_url)
+        found = inspect_redis(args.redis_url, prefix=args.prefix)
+    holder = next((lock for lock in _collect(found, args) if lock.key == args.key), None)
     if holder is None or holder.owner is None:
         print(f"{printable(args.key)!r} is not held")
         return 1
@@ -187,20 +219,30 @@ def _release(args: argparse.Namespace) -> int:
         if answer.strip().lower() not in ("y", "yes"):
             print("not released")
             return 1
-    try:
-        released = force_release_redis(
-            args.redis_url,
-            holder.stored or args.key,
-            prefix=args.prefix,
-            owner=bytes.fromhex(holder.owner),
-        )
-    except redis.RedisError as exc:
-        raise redis_failure(exc, args.redis_url) from None
-    if released:
+    if _force(args, holder.stored or args.key, bytes.fromhex(holder.owner)):
         print("released")
         return 0
     print(f"not released: {printable(args.key)!r} is no longer held by owner {holder.owner}")
     return 1
+
+
+def _force(args: argparse.Namespace, key: str, owner: bytes) -> bool:
+    """Break *key*'s lease if *owner* still holds it (the next waiter is woken at once)."""
+    from ._inspect import force_release_postgres, force_release_redis
+
+    if args.postgres_url:
+        import psycopg
+
+        try:
+            return force_release_postgres(args.postgres_url, key, table=args.table, owner=owner)
+        except psycopg.Error as exc:
+            raise postgres_failure(exc, args.postgres_url) from None
+    import redis
+
+    try:
+        return force_release_redis(args.redis_url, key, prefix=args.prefix, owner=owner)
+    except redis.RedisError as exc:
+        raise redis_failure(exc, args.redis_url) from None
 
 
 # --------------------------------------------------------------------------------- main

@@ -1,10 +1,13 @@
-"""The command line: inspect held locks on Redis and in a lock directory; force-release."""
+"""The command line: inspect held locks on Redis, on Postgres and in a lock directory;
+force-release."""
 
 from __future__ import annotations
 
 import os
 import subprocess
 import sys
+import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -14,10 +17,16 @@ import redis
 import keylock
 import keylock._inspect
 from keylock import KeyedLock, LeaseLost, LockTimeout
-from keylock._inspect import inspect_directory, inspect_redis
-from keylock.backends import FileBackend, RedisBackend
+from keylock._inspect import (
+    force_release_postgres,
+    inspect_directory,
+    inspect_postgres,
+    inspect_redis,
+)
+from keylock.backends import FileBackend, PostgresBackend, RedisBackend
 from keylock.cli import main, printable
 
+from .._pg_server import PgServer
 from .._redis_server import Server, running_server
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -264,3 +273,125 @@ def test_inspect_shows_owner_hex_and_pid(
     assert main(["inspect", "--dir", str(tmp_path)]) == 0
     assert f"owner {held.owner.hex()} (pid {os.getpid()})" in capsys.readouterr().out
     held.release_sync()
+
+
+# ----------------------------------------------------------------------------- Postgres
+
+
+def test_inspect_lists_three_held_postgres_locks_with_tokens_and_ttls(
+    postgres_server: PgServer, capsys: pytest.CaptureFixture[str]
+) -> None:
+    postgres_server.flush()
+    url = postgres_server.url
+    locks = KeyedLock(PostgresBackend.from_url(url, ttl=30), namespace="app")
+    leases = [locks.acquire_sync(f"job:{i}") for i in range(3)]
+    with locks.sync("free"):
+        pass
+    held = {lock.key: lock for lock in inspect_postgres(url)}
+    assert set(held) == {"app:job:0", "app:job:1", "app:job:2"}  # not the released one
+    for lease in leases:
+        found = held[f"app:{lease.key}"]
+        assert found.stored == f"app\x00{lease.key}"
+        assert found.token == lease.token
+        assert found.owner == lease.owner.hex()
+        assert found.ttl is not None
+        assert 20 < found.ttl <= 30
+    assert main(["inspect", "--postgres-url", url]) == 0
+    out = capsys.readouterr().out
+    assert "3 held" in out
+    assert str(leases[0].token) in out
+    assert f"owner {leases[0].owner.hex()}" in out
+    for lease in leases:
+        lease.release_sync()
+    assert list(inspect_postgres(url)) == []
+    assert list(inspect_postgres(url, table="nothing_here")) == []  # no table yet: none held
+    locks.close_sync()
+
+
+def test_force_release_frees_a_postgres_lock_and_wakes_the_next_waiter_at_once(
+    postgres_server: PgServer, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The holder shown is the one broken, and the waiter in line (poll=30 s, so only the
+    NOTIFY can wake it in time) gets the key at once with a higher token; the broken holder
+    learns it on release."""
+    postgres_server.flush()
+    url = postgres_server.url
+    holder = KeyedLock(PostgresBackend.from_url(url), namespace="app")
+    waiter = KeyedLock(PostgresBackend.from_url(url, poll=30.0), namespace="app")
+    lease = holder.acquire_sync("stuck")
+    granted: list[int] = []
+
+    def wait() -> None:
+        got = waiter.acquire_sync("stuck", timeout=30)
+        granted.append(got.token)
+        got.release_sync()
+
+    thread = threading.Thread(target=wait)
+    thread.start()
+    assert _polled(lambda: [h.waiting for h in inspect_postgres(url)] == [1])
+    monkeypatch.setattr("builtins.input", lambda prompt: "n")
+    assert main(["release", "app:stuck", "--force", "--postgres-url", url]) == 1
+    shown = capsys.readouterr().out.splitlines()[0]
+    assert f"token {lease.token}" in shown
+    assert f"owner {lease.owner.hex()}" in shown
+    assert [h.token for h in inspect_postgres(url)] == [lease.token]  # "n": still held
+    # another owner's force-release compares and changes nothing
+    assert not force_release_postgres(url, "app\x00stuck", owner=b"someone else")
+    started = time.monotonic()
+    assert main(["release", "app:stuck", "--force", "--yes", "--postgres-url", url]) == 0
+    assert capsys.readouterr().out.splitlines()[-1] == "released"
+    thread.join(30)
+    assert granted
+    assert granted[0] > lease.token
+    assert time.monotonic() - started < 5.0  # woken by the NOTIFY, not its 30 s poll
+    with pytest.raises(LeaseLost):
+        lease.release_sync()
+    assert main(["release", "app:stuck", "--force", "--postgres-url", url]) == 1
+    assert "'app:stuck' is not held" in capsys.readouterr().out
+    holder.close_sync()
+    waiter.close_sync()
+
+
+@pytest.mark.parametrize(
+    ("argv", "code", "says"),
+    [
+        (["inspect", "--postgres-url", "postgresql://kl:s3cret-pw@127.0.0.1:1/app"], 1, "reach"),
+        (["inspect", "--postgres-url", "localhost:5432"], 2, "needs a scheme: postgresql://"),
+        (["inspect", "--postgres-url", "postgresql://u:s3cret-pw@h/db?bogus=1"], 2, "bogus"),
+        (["inspect", "--postgres-url", "postgresql://h/db", "--table", "x;drop"], 2, "--table"),
+        (
+            ["release", "--force", "--yes", "job:7", "--postgres-url", "host=127.0.0.1 port=1"],
+            1,
+            "cannot reach the Postgres server at 127.0.0.1:1/",
+        ),
+    ],
+)
+def test_a_postgres_mistake_is_one_line_without_the_password(
+    argv: list[str], code: int, says: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(argv) == code
+    err = capsys.readouterr().err
+    line = _one_line(err)
+    assert says in line
+    assert "s3cret" not in err
+
+
+def test_postgres_errors_in_a_subprocess_have_no_traceback(postgres_server: PgServer) -> None:
+    done = _keylock("inspect", "--postgres-url", "postgresql://kl:s3cret-pw@127.0.0.1:1/app")
+    assert done.returncode == 1
+    line = _one_line(done.stderr)
+    assert "cannot reach the Postgres server at postgresql://kl:***@127.0.0.1:1/app" in line
+    assert "s3cret" not in done.stdout + done.stderr
+    done = _keylock("release", "--force", "job:7", "--postgres-url", postgres_server.url)
+    assert done.returncode == 1  # nothing held: nothing asked
+    assert "'job:7' is not held" in done.stdout
+
+
+def _polled(condition: Any, timeout: float = 10.0) -> bool:
+    """Poll *condition* until true or *timeout* passes (bounded, no fixed sleep)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if condition():
+            return True
+        time.sleep(0.01)
+    return False

@@ -18,6 +18,7 @@ from ._wire import listen_connection
 
 if TYPE_CHECKING:
     from ...lease import Lease
+    from ._waiting import Waiting
     from .backend import PostgresBackend
 
 __all__ = ["Listener", "Renewer", "renew_all"]
@@ -34,10 +35,10 @@ class Listener:
     While the connection is down, waiters fall back to their safety-net poll; on reconnect
     every waiter tries once (a hand-off may have been missed)."""
 
-    def __init__(self, backend: PostgresBackend) -> None:
-        self._backend = weakref.ref(backend)
-        self._conninfo, self._kwargs = backend._conninfo, backend._connect_kwargs
-        self.channel = backend._channel
+    def __init__(self, waiting: Waiting) -> None:
+        self._waiting = weakref.ref(waiting)
+        self._conninfo, self._kwargs = waiting.conninfo, waiting.connect_kwargs
+        self.channel = waiting.channel
         self.ready = threading.Event()  # LISTEN is in place
         self._stop = threading.Event()
         self._thread = threading.Thread(
@@ -55,18 +56,18 @@ class Listener:
                 continue
             try:
                 self.ready.set()
-                backend = self._backend()
-                if backend is None:
+                waiting = self._waiting()
+                if waiting is None:
                     return
-                backend._wake_all()
-                del backend
+                waiting.wake_all()
+                del waiting
                 while not self._stop.is_set():
                     for notify in conn.notifies(timeout=_NOTIFY_WAIT):
-                        backend = self._backend()
-                        if backend is None:
+                        waiting = self._waiting()
+                        if waiting is None:
                             return
-                        backend._woken(notify.payload)
-                        del backend
+                        waiting.woken(notify.payload)
+                        del waiting
             except Exception as exc:
                 if not self._stop.is_set():
                     logger.warning("keylock: Postgres listener lost its connection (%s)", exc)

@@ -15,6 +15,18 @@ key are serialized, in one order (no deadlock between a release and an acquire),
 is transaction-scoped, so nothing outlives the statement: it works behind a transaction-mode
 pooler. Tokens are ``max(last + 1, server clock in µs)``: strictly increasing per key even
 when the table is truncated (the clock has moved past every token it minted).
+
+Durability: by default acquire, release and give-up commit with ``synchronous_commit`` off
+(their own transaction only). A crash of the server (not a clean restart) or a failover may
+then forget the commits of its last moments (at most ``3 * wal_writer_delay``, 0.6 s by
+default), so a holder may hold a grant the restarted server does not know. Tokens still never
+go back: a forgotten token was the server clock at its commit (a grant is serialized per key
+and takes far longer than 1 µs, so ``last + 1`` only wins if the clock was stepped back), and
+the next one is the clock after the restart, later still. Exclusion is what such a crash can
+break: the forgotten holder's renewal (within a third of its TTL) or release finds the row not
+its own and reports the lease lost, and fenced writes stay safe, the newer token wins. Any
+durable commit after a grant (a fenced write in the same database, say) flushes the WAL through
+that grant too.
 """
 
 from __future__ import annotations
@@ -54,8 +66,14 @@ class Schema:
     truncate: str
 
 
-def schema_for(table: str) -> Schema:
-    """The schema and statements for *table* (``name`` or ``schema.name``, lower case)."""
+def schema_for(table: str, *, durable: bool = False) -> Schema:
+    """The schema and statements for *table* (``name`` or ``schema.name``, lower case).
+
+    Unless *durable*, acquire, release and give-up commit with ``synchronous_commit`` off for
+    their own transaction (``set_config(..., true)`` in the statement: no session state, so a
+    transaction-mode pooler and the caller's own pool are fine): the commit does not wait for
+    the WAL flush. What a server crash can then forget, and why tokens still rise: the
+    module's docstring."""
     if not isinstance(table, str):
         raise TypeError(f"PostgresBackend table must be a str, not {type(table).__name__}")
     found = _NAME.match(table)
@@ -69,6 +87,14 @@ def schema_for(table: str) -> Schema:
     q = f"{t}_queue"
     fn = t  # functions share the table's name as a prefix
     lock = "PERFORM pg_advisory_xact_lock(hashtextextended(encode(p_key, 'hex'), 7262))"
+    # the grant (or a claim of a key handed to p_owner): free, expired, or already ours
+    upsert = f"""INSERT INTO {t} AS l (key, owner, token, expires_at)
+      VALUES (p_key, p_owner, {_CLOCK_US}, now_ + p_ttl_ms * interval '1 millisecond')
+      ON CONFLICT (key) DO UPDATE SET owner = excluded.owner,
+        token = CASE WHEN l.owner = excluded.owner THEN l.token ELSE {_mint("l.token")} END,
+        expires_at = excluded.expires_at
+      WHERE l.owner IS NULL OR l.expires_at <= now_ OR l.owner = excluded.owner
+      RETURNING l.token INTO o_token"""
     ddl = (
         *([f"CREATE SCHEMA IF NOT EXISTS {schema}"] if schema else []),
         f"""CREATE TABLE IF NOT EXISTS {t} (
@@ -128,30 +154,32 @@ DECLARE
   holder {t};
 BEGIN
   {lock};
-  SELECT * INTO head FROM {q} WHERE key = p_key ORDER BY arrived, owner LIMIT 1;
-  IF FOUND AND head.stay_until <= now_ THEN  -- (an empty line, the usual case, costs no call)
-    head := {fn}_head(p_key, now_);
-  END IF;
-  IF head.owner IS NULL OR head.owner = p_owner THEN
-    INSERT INTO {t} AS l (key, owner, token, expires_at)
-    VALUES (p_key, p_owner, {_CLOCK_US}, now_ + p_ttl_ms * interval '1 millisecond')
-    ON CONFLICT (key) DO UPDATE SET owner = excluded.owner,
-      token = CASE WHEN l.owner = excluded.owner THEN l.token ELSE {_mint("l.token")} END,
-      expires_at = excluded.expires_at
-    WHERE l.owner IS NULL OR l.expires_at <= now_ OR l.owner = excluded.owner
-    RETURNING l.token INTO o_token;
-  ELSE  -- another waiter is first in line: only a key already handed to us is ours
-    UPDATE {t} AS u SET expires_at = now_ + p_ttl_ms * interval '1 millisecond'
-    WHERE u.key = p_key AND u.owner = p_owner AND u.expires_at > now_
-    RETURNING u.token INTO o_token;
-  END IF;
-  IF o_token IS NOT NULL THEN
-    IF head.owner IS NOT NULL THEN
-      DELETE FROM {q} WHERE key = p_key AND owner = p_owner;
+  PERFORM FROM {q} WHERE key = p_key LIMIT 1;
+  IF NOT FOUND THEN  -- the usual case, nobody in line: one upsert decides
+    {upsert};
+    IF o_token IS NOT NULL THEN
+      o_status := 1;
+      o_ms_left := p_ttl_ms;
+      RETURN;
     END IF;
-    o_status := 1;
-    o_ms_left := p_ttl_ms;
-    RETURN;
+  ELSE
+    SELECT * INTO head FROM {q} WHERE key = p_key ORDER BY arrived, owner LIMIT 1;
+    IF head.stay_until <= now_ THEN
+      head := {fn}_head(p_key, now_);
+    END IF;
+    IF head.owner IS NULL OR head.owner = p_owner THEN
+      {upsert};
+    ELSE  -- another waiter is first in line: only a key already handed to us is ours
+      UPDATE {t} AS u SET expires_at = now_ + p_ttl_ms * interval '1 millisecond'
+      WHERE u.key = p_key AND u.owner = p_owner AND u.expires_at > now_
+      RETURNING u.token INTO o_token;
+    END IF;
+    IF o_token IS NOT NULL THEN
+      DELETE FROM {q} WHERE key = p_key AND owner = p_owner;
+      o_status := 1;
+      o_ms_left := p_ttl_ms;
+      RETURN;
+    END IF;
   END IF;
   o_status := 0;
   SELECT * INTO holder FROM {t} WHERE key = p_key;
@@ -175,6 +203,14 @@ DECLARE
   live boolean;
 BEGIN
   {lock};
+  PERFORM FROM {q} WHERE key = p_key LIMIT 1;
+  IF NOT FOUND THEN  -- the usual case, nobody in line: free the key in one update
+    UPDATE {t} SET owner = NULL, expires_at = now_
+    WHERE key = p_key AND owner = p_owner AND expires_at > now_;
+    IF FOUND THEN
+      RETURN true;
+    END IF;
+  END IF;
   SELECT expires_at > now_ INTO live FROM {t} WHERE key = p_key AND owner = p_owner;
   IF NOT FOUND THEN
     RETURN false;
@@ -196,14 +232,17 @@ BEGIN
   END IF;
 END $$""",
     )
+    # a FROM item, so the rows keep their shape; it only has to run before the commit
+    fast = "" if durable else "set_config('synchronous_commit', 'off', true) AS fast"
     return Schema(
         table=t,
         ddl=ddl,
         acquire=(
-            f"SELECT o_status, o_token, o_ms_left FROM {fn}_acquire(%s, %s, %s, %s, %s, %s, %s)"
+            f"SELECT o_status, o_token, o_ms_left "
+            f"FROM {fn}_acquire(%s, %s, %s, %s, %s, %s, %s){fast and ', ' + fast}"
         ),
-        release=f"SELECT {fn}_release(%s, %s)",
-        leave=f"SELECT {fn}_leave(%s, %s)",
+        release=f"SELECT {fn}_release(%s, %s){fast and ' FROM ' + fast}",
+        leave=f"SELECT {fn}_leave(%s, %s){fast and ' FROM ' + fast}",
         # -> one row if the live lease was ours (and now runs ttl ms from now)
         extend=(
             f"UPDATE {t} SET expires_at = clock_timestamp() + %s * interval '1 millisecond' "

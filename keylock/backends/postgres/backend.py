@@ -3,12 +3,10 @@ tokens floored at the server clock, and one renewer thread per backend."""
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import os
 import threading
 import time
-import weakref
 from typing import TYPE_CHECKING, cast
 
 from .._tiered import Held, Tier, TieredBackend
@@ -25,12 +23,10 @@ if TYPE_CHECKING:
     from .._tiered import Flow
     from .._waiters import Waiter
     from ..base import Deadline
-    from ._background import Listener, Renewer
-    from ._wire import AsyncWire, Rows, SyncWire
+    from ._background import Renewer
+    from ._wire import Rows
 
 __all__ = ["PostgresBackend"]
-
-_STARTUP_POLL = 0.05  # the safety-net poll while the listener is not LISTENing yet
 
 
 class PostgresBackend(TieredBackend):
@@ -60,11 +56,10 @@ class PostgresBackend(TieredBackend):
       that gives up leaves the line, and one whose process died drops out of it. LISTEN needs
       a session: behind a transaction-mode pooler, point ``listen_conninfo`` at the server (or
       a session-mode pool); without it waiters still get the key, at the poll's pace.
-    * **Cost**: acquire and release are one round trip each, but each commits a write: with
-      ``synchronous_commit=on`` it waits for a WAL flush (an fsync, often longer than the
-      round trip). ``from_url(..., durable=False)`` turns that off for this backend's own
-      sessions: a server crash may then forget the last grants (<1 s of them); tokens still
-      rise (clock floor) and holders learn the loss at their next renewal.
+    * **Cost and durability**: acquire and release are one round trip each. By default
+      their commits skip the WAL flush (``synchronous_commit`` off, that transaction only): a
+      server crash may forget its last ~0.6 s of grants (their holders learn it at their next
+      renewal; tokens never go back). ``durable=True`` flushes: a grant survives a crash.
     * **Errors**: :class:`~keylock.BackendUnavailable` naming ``host:port/db``, never the
       password.
 
@@ -88,6 +83,7 @@ class PostgresBackend(TieredBackend):
         listen_conninfo: str | None = None,
         pool_size: int = 8,
         connect_timeout: float = 5.0,
+        durable: bool = False,
     ) -> None:
         import psycopg_pool
 
@@ -100,13 +96,14 @@ class PostgresBackend(TieredBackend):
         self.default_ttl = self._ttl = float(ttl)
         self.auto_renew = auto_renew
         self.poll = float(poll)
-        self._schema = schema_for(table)
+        self._schema = schema_for(table, durable=durable)
         self._pool_size = pool_size
         self._timeout = connect_timeout
         self._conninfo, self._connect_kwargs = _wire.connect_options(pool)
         if listen_conninfo is not None:
             self._conninfo = listen_conninfo
-        self._user_sync = self._user_async = None
+        self._user_sync: psycopg_pool.ConnectionPool | None = None
+        self._user_async: psycopg_pool.AsyncConnectionPool | None = None
         if isinstance(pool, psycopg_pool.AsyncConnectionPool):
             self._user_async = pool
         elif isinstance(pool, psycopg_pool.ConnectionPool):
@@ -120,21 +117,39 @@ class PostgresBackend(TieredBackend):
         # how long a waiter stays in line without coming back (it does every poll)
         self._stay_ms = int(self.poll * 3000) + 1000
         self._start_process()
-        _BACKENDS.add(self)
+        from ._connections import started
+
+        started(self)
+
+    def _after_fork(self) -> None:
+        """In a forked child: none of the parent's leases, listener or connections."""
+        from ._connections import abandon
+
+        abandon(self._connections)
+        if self._owned_sync:
+            self._user_sync = None  # the parent's pool: the child makes its own
+        self._start_process()
 
     def _start_process(self) -> None:
         """The state that belongs to one process (made again in a forked child)."""
+        from ._connections import Connections
+        from ._waiting import Waiting
+
         self._tier = Tier()
         self._channel = f"keylock_{os.urandom(8).hex()}"
-        self._mutex = threading.Lock()  # guards the fields below
-        self._flows: dict[bytes, PostgresFlow] = {}  # owner -> its acquire waiting here
-        self._listener: Listener | None = None
+        self._waiting = Waiting(self._conninfo, self._connect_kwargs, self._channel)
+        self._mutex = threading.Lock()  # guards _renewer
         self._renewer: Renewer | None = None
-        self._sync_wire: SyncWire | None = None
-        self._async_wires: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, AsyncWire] = (
-            weakref.WeakKeyDictionary()
+        self._connections = Connections(
+            self._schema,
+            self._conninfo,
+            self._connect_kwargs,
+            user_sync=self._user_sync,
+            user_async=self._user_async,
+            owned_sync=self._owned_sync,
+            pool_size=self._pool_size,
+            timeout=self._timeout,
         )
-        self._user_async_wire: AsyncWire | None = None
 
     @classmethod
     def from_url(
@@ -147,20 +162,17 @@ class PostgresBackend(TieredBackend):
         poll: float = 1.0,
         pool_size: int = 8,
         connect_timeout: float = 5.0,
-        durable: bool = True,
+        durable: bool = False,
         **connect_options: object,
     ) -> PostgresBackend:
         """A backend on the database at *url* (``postgresql://user:pw@host:port/db``, or a
         conninfo string); *connect_options* go to ``psycopg.connect``. Connects on first use.
-        ``durable=False`` commits without waiting for the WAL flush (see the class docstring)."""
+        ``durable=True`` waits for the WAL flush at every grant (see the class docstring)."""
         import psycopg
 
         from . import _wire
 
         options = {"connect_timeout": max(int(connect_timeout), 1), **connect_options}
-        if not durable:  # this backend's own sessions only: see the class docstring
-            extra = str(options.get("options") or "")
-            options["options"] = f"{extra} -c synchronous_commit=off".strip()
         try:
             psycopg.conninfo.conninfo_to_dict(url)
         except psycopg.ProgrammingError as exc:
@@ -174,8 +186,9 @@ class PostgresBackend(TieredBackend):
             poll=poll,
             pool_size=pool_size,
             connect_timeout=connect_timeout,
+            durable=durable,
         )
-        backend._owned_sync = True
+        backend._owned_sync = backend._connections.owned_sync = True
         return backend
 
     _owned_sync = False  # the sync pool was made by from_url: this backend closes it
@@ -183,68 +196,17 @@ class PostgresBackend(TieredBackend):
     def __repr__(self) -> str:
         return f"PostgresBackend({self._where}, table={self._schema.table!r})"
 
-    # ------------------------------------------------------------------------------- wires
-
-    def _sync(self) -> SyncWire:
-        wire = self._sync_wire
-        if wire is None:
-            from . import _wire
-
-            with self._mutex:
-                wire = self._sync_wire
-                if wire is None:
-                    pool = self._user_sync
-                    owned = pool is None or self._owned_sync
-                    if pool is None:
-                        pool = _wire.sync_pool(
-                            self._conninfo, self._connect_kwargs, self._pool_size, self._timeout
-                        )
-                    wire = self._sync_wire = _wire.SyncWire(pool, self._schema, owned=owned)
-        return wire
-
-    def _async(self) -> AsyncWire:
-        """The wire for the running event loop: the user's async pool, or one pool per loop."""
-        from . import _wire
-
-        if self._user_async is not None:
-            if self._user_async_wire is None:
-                self._user_async_wire = _wire.AsyncWire(self._user_async, self._schema, owned=False)
-            return self._user_async_wire
-        loop = asyncio.get_running_loop()
-        wire = self._async_wires.get(loop)
-        if wire is None:
-            pool = _wire.async_pool(
-                self._conninfo, self._connect_kwargs, self._pool_size, self._timeout
-            )
-            wire = self._async_wires[loop] = _wire.AsyncWire(pool, self._schema, owned=True)
-        return wire
+    # ------------------------------------------------------------------- the statements
 
     def _run_sync(
         self, key: str, sql: str, params: Sequence[object], *, again: bool = True
     ) -> Rows:
-        return self._sync().run(key, sql, params, again=again)
+        return self._connections.run_sync(key, sql, params, again=again)
 
     async def _run(
         self, key: str, sql: str, params: Sequence[object], *, again: bool = True
     ) -> Rows:
-        """One statement from an event loop; once sent it completes even if the caller is
-        cancelled (the caller's give-up must land after it, never before)."""
-        call = asyncio.ensure_future(self._async().run(key, sql, params, again=again))
-        try:
-            return await asyncio.shield(call)
-        except asyncio.CancelledError:
-            # a grant or a place in line this call makes must exist before the caller's LEAVE
-            # is sent, or the LEAVE would land first and leave it behind: wait (one statement)
-            while not call.done():
-                try:
-                    await asyncio.shield(call)
-                except asyncio.CancelledError:
-                    continue
-                except Exception:
-                    break
-            if not call.cancelled():
-                call.exception()  # retrieved: its outcome is the LEAVE's business now
-            raise
+        return await self._connections.run(key, sql, params, again=again)
 
     # ------------------------------------------------------------------- the arbiter's part
 
@@ -259,12 +221,7 @@ class PostgresBackend(TieredBackend):
     ) -> Flow:
         flow = PostgresFlow(key, owner, ttl or self._ttl, deadline, waiter, local, self.poll)
         if deadline.timeout != 0:
-            with self._mutex:
-                self._flows[owner] = flow
-                if self._listener is None:
-                    from ._background import Listener
-
-                    self._listener = Listener(self)
+            self._waiting.add(flow)
         return flow
 
     def _local_ttl(self, ttl: float | None) -> float | None:
@@ -272,9 +229,8 @@ class PostgresBackend(TieredBackend):
 
     def _arm(self, flow: Flow) -> None:
         """Before a trip: pick the poll (short until the listener is LISTENing)."""
-        listener = self._listener
         assert isinstance(flow, PostgresFlow)
-        flow.poll = self.poll if listener is not None and listener.ready.is_set() else _STARTUP_POLL
+        flow.poll = self._waiting.poll(self.poll)
 
     def _acquire_params(self, flow: Flow, trip: Hashable) -> list[object]:
         ttl_ms = max(int((flow.ttl or self._ttl) * 1000), 1)
@@ -304,9 +260,8 @@ class PostgresBackend(TieredBackend):
         return (await self._run(flow.key, schema.acquire, self._acquire_params(flow, trip)))[0]
 
     def _forget(self, flow: Flow) -> None:
-        with self._mutex:
-            if self._flows.get(flow.owner) is flow:
-                del self._flows[flow.owner]
+        assert isinstance(flow, PostgresFlow)
+        self._waiting.forget(flow)
 
     def _left_sync(self, flow: Flow) -> None:
         self._forget(flow)
@@ -377,28 +332,6 @@ class PostgresBackend(TieredBackend):
             return KeyStatistics(key, False, None, None, waiting)
         return KeyStatistics(key, True, token, bytes(owner) if owner else None, waiting)
 
-    # --------------------------------------------------------------------- the listener
-
-    def _woken(self, payload: str) -> None:
-        """A release handed a key to the waiter *payload* (its owner id in hex): wake it."""
-        try:
-            owner = bytes.fromhex(payload)
-        except ValueError:
-            return
-        with self._mutex:
-            flow = self._flows.get(owner)
-        if flow is not None:
-            flow.woken = True
-            flow.waiter.wake()
-
-    def _wake_all(self) -> None:
-        """The listener (re)connected: a hand-off may have been missed; every waiter tries."""
-        with self._mutex:
-            flows = list(self._flows.values())
-        for flow in flows:
-            flow.woken = True
-            flow.waiter.wake()
-
     # ------------------------------------------------------------------------ auto-renew
 
     def _track(self, lease: Lease) -> None:
@@ -419,29 +352,9 @@ class PostgresBackend(TieredBackend):
     def close_sync(self) -> None:
         if self._renewer is not None:
             self._renewer.stop()
-        if self._listener is not None:
-            self._listener.stop()
-        if self._sync_wire is not None:
-            self._sync_wire.close()
+        self._waiting.stop()
+        self._connections.close_sync()
 
     async def close(self) -> None:
         self.close_sync()
-        wire = self._async_wires.pop(asyncio.get_running_loop(), None)
-        if wire is not None:  # other loops' pools can only be dropped, not closed
-            await wire.close()
-
-
-# Every backend of this process, so a forked child can start each afresh (see _start_process).
-_BACKENDS: weakref.WeakSet[PostgresBackend] = weakref.WeakSet()
-_ABANDONED: list[object] = []  # a parent's connections in a child: never closed nor collected
-
-
-def _after_fork_in_child() -> None:
-    for backend in list(_BACKENDS):
-        _ABANDONED.append((backend._sync_wire, dict(backend._async_wires)))
-        if backend._owned_sync:
-            backend._user_sync = None  # the parent's pool: the child makes its own
-        backend._start_process()
-
-
-os.register_at_fork(after_in_child=_after_fork_in_child)
+        await self._connections.close()

@@ -46,7 +46,7 @@ def inspect_redis(url: str, *, prefix: str = "keylock") -> Iterator[HeldLock]:
             key = layout.parse(name)
             if key is None:  # :fence, :queue, :alive companions
                 continue
-            lock, fence, queue, _ = layout.lock(key)
+            lock, fence, queue = layout.lock(key)[:3]
             pipe = client.pipeline(transaction=False)
             pipe.get(lock)
             pipe.pttl(lock)

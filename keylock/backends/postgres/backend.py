@@ -330,7 +330,7 @@ class PostgresBackend(TieredBackend):
         self._tier.local.extend_sync(flow.key, flow.owner, flow.local[0], max(deadline - now, 1e-6))
         with self._tier.mutex:
             self._tier.held[flow.key] = Held(grant[0], flow.owner, flow.local[0])
-        return Grant(grant[0], time.time() + (deadline - now), deadline)
+        return Grant(grant[0], time.time() + (deadline - now), deadline, grant[3])
 
     def _end_sync(self, key: str, held: Held) -> bool:
         # not repeated: a release that landed before its connection died would be found "not

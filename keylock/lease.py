@@ -83,8 +83,7 @@ class Lease:
     #: (``keylock release --force``); what that holder did may be half done, so reconcile or
     #: compensate once. False for a key never locked and after a clean release. Every backend
     #: records it (File in the lock file, until :meth:`FileBackend.prune` removes the file;
-    #: Redis for a day after the lease's end; Postgres in the key's row). A grant handed on
-    #: unused (its waiter gave up) passes it on, except on MemoryBackend.
+    #: Redis for a day after the lease's end; Postgres in the key's row).
     took_over: bool
     expires_at: float | None  #: time.time() when the lease lapses (for display); None = never
     ttl: float | None  #: lease length used by extend() and auto-renew; None = no expiry

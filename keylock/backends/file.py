@@ -128,9 +128,11 @@ class FileBackend(TieredBackend):
         self._files.close()
 
     def __del__(self) -> None:
+        # Collected unclosed: no ResourceWarning (unlike Redis and Postgres backends), since
+        # this frees all it owns, one directory descriptor, without loss or threads left behind
         try:
             self.close_sync()
-        except Exception:  # interpreter shutdown: nothing left to free
+        except Exception:  # half-built, or interpreter shutdown: nothing left to free
             pass
 
     # ---------------------------------------------------------------------------- the OS lock

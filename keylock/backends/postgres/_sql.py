@@ -82,10 +82,15 @@ def schema_for(table: str) -> Schema:
   expires_at timestamptz NOT NULL,
   took_over boolean NOT NULL DEFAULT false)""",
         f"ALTER TABLE {t} ADD COLUMN IF NOT EXISTS took_over boolean NOT NULL DEFAULT false",
-        # (signatures of older versions: a new return type or argument needs a new function)
-        f"DROP FUNCTION IF EXISTS {fn}_acquire(bytea, bytea, bigint, boolean, bigint, bigint, "
-        "text)",
-        f"DROP FUNCTION IF EXISTS {fn}_hand_off(bytea, timestamptz)",
+        # an older version's functions: acquire's result and hand_off's arguments changed, which
+        # CREATE OR REPLACE cannot do (dropped only then: a drop under running sessions fails
+        # their cached plans)
+        f"""DO $$ BEGIN
+  IF to_regprocedure('{fn}_hand_off(bytea, timestamptz)') IS NOT NULL THEN
+    DROP FUNCTION {fn}_hand_off(bytea, timestamptz);
+    DROP FUNCTION IF EXISTS {fn}_acquire(bytea, bytea, bigint, boolean, bigint, bigint, text);
+  END IF;
+END $$""",
         f"""CREATE TABLE IF NOT EXISTS {q} (
   key bytea NOT NULL,
   owner bytea NOT NULL,

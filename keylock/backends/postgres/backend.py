@@ -12,6 +12,7 @@ import weakref
 from typing import TYPE_CHECKING, cast
 
 from .._tiered import Held, Tier, TieredBackend
+from .._unclosed import Unclosed
 from ..base import Grant, KeyStatistics
 from ._flow import LEAVE, TRY, PostgresFlow
 from ._sql import schema_for, stored
@@ -33,7 +34,7 @@ __all__ = ["PostgresBackend"]
 _STARTUP_POLL = 0.05  # the safety-net poll while the listener is not LISTENing yet
 
 
-class PostgresBackend(TieredBackend):
+class PostgresBackend(Unclosed, TieredBackend):
     """Per-key leases shared by every process and host using one Postgres database.
 
     **Design: a lease table, not advisory locks.** A key is one row (owner, token,
@@ -121,6 +122,7 @@ class PostgresBackend(TieredBackend):
         self._stay_ms = int(self.poll * 3000) + 1000
         self._start_process()
         _BACKENDS.add(self)
+        self._opened()  # from here on, it must be closed (else a ResourceWarning when collected)
 
     def _start_process(self) -> None:
         """The state that belongs to one process (made again in a forked child)."""
@@ -417,6 +419,7 @@ class PostgresBackend(TieredBackend):
     # --------------------------------------------------------------------------- closing
 
     def close_sync(self) -> None:
+        self._closing()
         if self._renewer is not None:
             self._renewer.stop()
         if self._listener is not None:

@@ -55,7 +55,7 @@ def inspect_redis(url: str, *, prefix: str = "keylock") -> Iterator[HeldLock]:
             key = layout.parse(name)
             if key is None:  # :fence, :queue, :alive companions
                 continue
-            lock, fence, queue, _ = layout.lock(key)
+            lock, fence, queue = layout.lock(key)[:3]
             pipe = client.pipeline(transaction=False)
             pipe.get(lock)
             pipe.pttl(lock)
@@ -131,7 +131,8 @@ def inspect_directory(directory: str) -> Iterator[HeldLock]:
     """Every lock file in *directory* whose OS lock some process holds now, with its key."""
     import portalocker
 
-    from .backends._filepaths import open_plain, read_record
+    from .backends._filepaths import open_plain
+    from .backends._filerecord import read_record
 
     flags = portalocker.LockFlags.SHARED | portalocker.LockFlags.NON_BLOCKING
     dir_fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)

@@ -91,9 +91,12 @@ class Lease:
 
     key: str  #: the key as the caller named it (without namespace)
     token: int  #: fencing token: strictly increasing per key, never reused
-    #: True when this grant followed a lease that expired (its holder died or froze) rather
-    #: than one that was released: what that holder did may be half done, so reconcile or
-    #: compensate once. Recorded by MemoryBackend; False on backends that do not record it.
+    #: True when this grant followed a lease that ended without its holder's release while
+    #: live: it expired (its holder died, froze, or lost it), or an operator force-released it
+    #: (``keylock release --force``); what that holder did may be half done, so reconcile or
+    #: compensate once. False for a key never locked and after a clean release. Every backend
+    #: records it (File in the lock file, until :meth:`FileBackend.prune` removes the file;
+    #: Redis for a day after the lease's end; Postgres in the key's row).
     took_over: bool
     expires_at: float | None  #: time.time() when the lease lapses (for display); None = never
     ttl: float | None  #: lease length used by extend() and auto-renew; None = no expiry

@@ -1,5 +1,5 @@
 """FileBackend's lock directory and lock files: from a directory and a key to an opened,
-verified lock file, and the record inside it.
+verified lock file (the record inside it: :mod:`keylock.backends._filerecord`).
 
 Guarantees:
 
@@ -24,33 +24,23 @@ from __future__ import annotations
 import errno
 import functools
 import hashlib
-import json
 import os
 import re
 import stat
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Literal, TypeVar
+from typing import TYPE_CHECKING, Literal
 
 from ..errors import BackendUnavailable
 
 if TYPE_CHECKING:
-    from collections.abc import Callable, Iterator
-
-_S = TypeVar("_S")
-_T = TypeVar("_T")
+    from collections.abc import Iterator
 
 __all__ = [
     "MODES",
-    "RECORD_SIZE",
     "LockDirectory",
     "Mode",
-    "Record",
     "check_directory",
     "file_name",
     "open_plain",
-    "read_record",
-    "read_token",
-    "write_record",
 ]
 
 Mode = Literal["private", "group"]
@@ -58,8 +48,6 @@ Mode = Literal["private", "group"]
 # (setgid, so files created by any member get that group); nobody else may read them.
 MODES: dict[str, tuple[int, int]] = {"private": (0o700, 0o600), "group": (0o2770, 0o660)}
 
-RECORD_SIZE = 128  # bytes of the record at the start of each lock file; the key follows it
-_KEY_AREA_MAX = 256 * 1024  # a full key (namespace, NUL, 1,024 characters) JSON-escaped fits
 _HASH_HEX = 32  # 128 bits of SHA-256
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 # O_NONBLOCK: opening a planted FIFO must not wait for a writer; O_NOCTTY: a planted terminal
@@ -347,60 +335,3 @@ def open_plain(dir_fd: int, name: str, *, writable: bool = False) -> int | None:
         os.close(fd)
         return None
     return fd
-
-
-# ------------------------------------------------------------------------------ the record
-
-
-@dataclass(frozen=True)
-class Record:
-    """What a lock file says about its last holder (fields None where missing or unreadable)."""
-
-    token: int | None
-    pid: int | None
-    expires_at: float | None  # wall clock (time.time())
-    owner: bytes | None
-    key: str | None  # the full key, if the file was written by a keylock that stores it
-
-
-def write_record(
-    fd: int, token: int, pid: int, expires_at: float | None, owner: bytes, key: str
-) -> None:
-    """Rewrite the record of the lock file *fd* (its holder calls this, under the OS lock).
-
-    The first RECORD_SIZE bytes hold ``token pid expires_at owner`` (space-padded text, the
-    token first, so older readers keep working); the key follows as one JSON string and a
-    newline (ASCII-escaped: any character, NUL and lone surrogates included, fits one line).
-    """
-    expires = "-" if expires_at is None else f"{expires_at:.6f}"
-    line = f"{token} {pid} {expires} {owner.hex()}\n".encode()
-    os.pwrite(fd, line.ljust(RECORD_SIZE) + json.dumps(key).encode() + b"\n", 0)
-
-
-def read_token(fd: int) -> int | None:
-    """The last token written to the lock file *fd* (None for a new or unreadable file)."""
-    first = os.pread(fd, RECORD_SIZE, 0).split(b" ", 1)[0]
-    return int(first) if first.isdigit() else None
-
-
-def read_record(fd: int, *, with_key: bool = True) -> Record:
-    """The record of the lock file *fd*; never raises on a malformed one (fields become None)."""
-    data = os.pread(fd, RECORD_SIZE + (_KEY_AREA_MAX if with_key else 0), 0)
-    token, pid, expires, owner = (data[:RECORD_SIZE].split() + [b""] * 4)[:4]
-    line, newline, _ = data[RECORD_SIZE:].partition(b"\n")
-    key = _parse(json.loads, line) if newline else None
-    return Record(
-        token=int(token) if token.isdigit() else None,
-        pid=int(pid) if pid.isdigit() else None,
-        expires_at=_parse(float, expires),
-        owner=_parse(bytes.fromhex, owner.decode("ascii", "replace")) if owner else None,
-        key=key if isinstance(key, str) else None,
-    )
-
-
-def _parse(parse: Callable[[_S], _T], text: _S) -> _T | None:
-    """parse(text), or None if it raises ValueError (a malformed record field)."""
-    try:
-        return parse(text)
-    except ValueError:
-        return None

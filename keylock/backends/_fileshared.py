@@ -37,11 +37,14 @@ STEP_ASIDE = 0.05
 class FileHeld(Held):
     """The OS lock this process holds on one key, and the lease it belongs to."""
 
-    __slots__ = ("fd",)
+    __slots__ = ("fd", "timed")
 
-    def __init__(self, fd: int, token: int, owner: bytes, local_token: int) -> None:
+    def __init__(
+        self, fd: int, token: int, owner: bytes, local_token: int, *, timed: bool = False
+    ) -> None:
         super().__init__(token, owner, local_token)
         self.fd = fd
+        self.timed = timed  # its in-process turn has a deadline (it may lapse before release)
 
 
 class Shared(Tier):

@@ -5,8 +5,9 @@ file per key, named ``<readable>.<hash>.lock``, where *readable* keeps the key's
 ``[A-Za-z0-9._-]`` characters (at most 64, others become ``_``, leading dots dropped) and *hash*
 is 32 hex digits (128 bits) of the key's SHA-256, so two keys never share a file and no key can
 name a path outside the directory (no ``/``, no ``..``, no NUL, bounded length). Each file holds
-one record, rewritten by each holder under the lock: ``token pid expires_at owner``, then the
-key. Paths, modes and the record live in :mod:`keylock.backends._filepaths`.
+one record, rewritten by each holder under the lock: ``token pid expires_at owner``, a mark
+saying whether that lease was released, then the key. Paths and modes live in
+:mod:`keylock.backends._filepaths`, the record in :mod:`keylock.backends._filerecord`.
 """
 
 from __future__ import annotations
@@ -19,15 +20,9 @@ from typing import TYPE_CHECKING
 import portalocker
 
 from .._validate import check_backend_ttl
-from ._filepaths import (
-    LockDirectory,
-    Mode,
-    check_directory,
-    file_name,
-    read_record,
-    read_token,
-    write_record,
-)
+from ..errors import LeaseLost
+from ._filepaths import LockDirectory, Mode, check_directory, file_name
+from ._filerecord import mark_released, read_last, read_record, read_token, write_record
 from ._fileshared import (
     SHARED,
     SHARED_MUTEX,
@@ -49,6 +44,7 @@ __all__ = ["FileBackend", "file_name"]
 _FIRST_POLL = 0.0005  # seconds before the first retry of a busy OS lock; doubles each time
 _MAX_POLL = 0.002  # the longest wait between retries (another process holds the key)
 _LOCK_NB = portalocker.LockFlags.EXCLUSIVE | portalocker.LockFlags.NON_BLOCKING
+_RELEASING = 60.0  # seconds a releasing turn is kept live for its release to finish
 
 
 class FileBackend(TieredBackend):
@@ -89,6 +85,11 @@ class FileBackend(TieredBackend):
     process takes the key when the holder releases it or dies (the OS lock cannot be broken from
     outside). A forked child does not inherit the parent's leases: it holds nothing, cannot
     release the parent's locks (LeaseLost), and its own acquires wait for the parent's.
+
+    ``lease.took_over`` is read from the lock file's record: a clean release of a live lease
+    marks it released before the OS lock is dropped, so a new holder that finds it unmarked
+    follows a holder that died (SIGKILL included) or whose TTL ran out. :meth:`prune` forgets
+    that: the next holder of a pruned key is told nothing was taken over.
     """
 
     nonblocking_step = True  # open/flock(LOCK_NB)/pread/pwrite on a local file: microseconds
@@ -127,9 +128,11 @@ class FileBackend(TieredBackend):
         self._files.close()
 
     def __del__(self) -> None:
+        # Collected unclosed: no ResourceWarning (unlike Redis and Postgres backends), since
+        # this frees all it owns, one directory descriptor, without loss or threads left behind
         try:
             self.close_sync()
-        except Exception:  # interpreter shutdown: nothing left to free
+        except Exception:  # half-built, or interpreter shutdown: nothing left to free
             pass
 
     # ---------------------------------------------------------------------------- the OS lock
@@ -168,8 +171,10 @@ class FileBackend(TieredBackend):
                 # holder still has the OS lock: it is ours now (its release will find LeaseLost)
                 held.local_token = local[0]
                 held.owner = owner
-                held.token = token = self._next_token(held.fd, key, owner, ttl)
-                return Grant(token, local[1], local[2])
+                held.timed = local[2] is not None
+                held.token, _ = self._next_token(held.fd, key, owner, ttl)
+                # took over: the turn before ours lapsed (its holder still had the OS lock)
+                return Grant(held.token, local[1], local[2], True)
             fd, marked = shared.waiting.pop(key, (-1, False))
             aside = shared.aside.get(key)
         waiting = fd >= 0
@@ -204,15 +209,16 @@ class FileBackend(TieredBackend):
                 portalocker.unlock(fd)
                 self._close(fd)
                 return None
-            token = self._next_token(fd, key, owner, ttl)
+            token, took_over = self._next_token(fd, key, owner, ttl)
         except BaseException:
             portalocker.unlock(fd)
             self._close(fd)
             raise
         with shared.mutex:
-            shared.held[key] = FileHeld(fd, token, owner, local[0])
-        # the lease lapses when its in-process turn does: report that expiry, never a later one
-        return Grant(token, local[1], local[2])
+            shared.held[key] = FileHeld(fd, token, owner, local[0], timed=local[2] is not None)
+        # the lease lapses when its in-process turn does: report that expiry, never a later one;
+        # it took the key over if the last holder (here or in another process) never released
+        return Grant(token, local[1], local[2], took_over or local[3])
 
     def _stepping_aside(self, key: str, fd: int, aside: tuple[int, float]) -> bool:
         """True while this process owes another process a turn at *key* (see STEP_ASIDE)."""
@@ -241,21 +247,40 @@ class FileBackend(TieredBackend):
             self._close(fd)
 
     @staticmethod
-    def _next_token(fd: int, key: str, owner: bytes, ttl: float | None) -> int:
-        """Mint the next token from the lock file's record and write it back. Caller holds the
-        OS lock. ``max(last + 1, now in µs)`` keeps tokens rising even over a recreated file."""
-        token = max((read_token(fd) or 0) + 1, time.time_ns() // 1000)
+    def _next_token(fd: int, key: str, owner: bytes, ttl: float | None) -> tuple[int, bool]:
+        """Mint the next token from the lock file's record and write the new holder's record;
+        return it and whether the last lease there ended without a release (took over). Caller
+        holds the OS lock. ``max(last + 1, now in µs)`` keeps tokens rising even over a
+        recreated file."""
+        last, took_over = read_last(fd)
+        token = max((last or 0) + 1, time.time_ns() // 1000)
         expires = None if ttl is None else time.time() + ttl
         write_record(fd, token, os.getpid(), expires, owner, key)
-        return token
+        return token, took_over
 
-    def _drop_os_lock(self, key: str, held: FileHeld) -> None:
+    def _drop_os_lock(self, key: str, held: FileHeld, *, released: bool) -> None:
+        """Give the OS lock up; *released*: the lease ended by its holder's release while
+        live, which the record says before any other process can read it."""
         try:
+            if released:
+                mark_released(held.fd)
             if others_wait(held.fd):  # our next turn waits until one of them had theirs
                 self._step_aside(key, held.token)
             portalocker.unlock(held.fd)
         finally:
             self._close(held.fd)
+
+    def _live_until_released(self, key: str, held: FileHeld) -> bool:
+        """True if *held*'s in-process turn is still live, and then kept live until the
+        release that follows (a lapse in between would let the record say released while its
+        holder hears LeaseLost); False if its TTL ran out."""
+        if not held.timed:
+            return True
+        try:
+            self._shared.local.extend_sync(key, held.owner, held.local_token, _RELEASING)
+        except LeaseLost:
+            return False
+        return True
 
     # --------------------------------------------------------------- the arbiter's part
 
@@ -289,16 +314,21 @@ class FileBackend(TieredBackend):
         if flow.ttl is None:
             return grant
         held = self._shared.held[flow.key]
-        return self._extend_local(flow.key, held, flow.ttl)
+        held.timed = True
+        dated = self._extend_local(flow.key, held, flow.ttl)
+        return Grant(dated[0], dated[1], dated[2], grant[3])
 
     def _end_sync(self, key: str, held: Held) -> bool:
         assert isinstance(held, FileHeld)
-        self._drop_os_lock(key, held)
+        self._drop_os_lock(key, held, released=self._live_until_released(key, held))
         return True
 
     def extend_sync(self, key: str, owner: bytes, token: int, ttl: float) -> Grant:
         held = self._take_held(key, owner, token, pop=False)
-        return self._extend_local(key, held, ttl)
+        assert isinstance(held, FileHeld)
+        grant = self._extend_local(key, held, ttl)
+        held.timed = True
+        return grant
 
     def _arbiter_statistics(self, key: str, local: KeyStatistics) -> KeyStatistics:
         if local.held:  # granted in-process, still waiting for another process

@@ -63,7 +63,7 @@ def test_a_file_lease_is_never_believed_live_after_its_takeover(
     read after the I/O, it was 50 ms late."""
     mint = FileBackend._next_token
 
-    def slow_mint(fd: int, key: str, owner: bytes, ttl: float | None) -> int:
+    def slow_mint(fd: int, key: str, owner: bytes, ttl: float | None) -> tuple[int, bool]:
         time.sleep(SLOW)
         return mint(fd, key, owner, ttl)
 

@@ -159,8 +159,8 @@ async def test_five_hundred_waiters_on_one_key_on_redis(
             assert order == [i for i in range(n, 500, 5) if i % 10 != 5]  # FIFO per client
         assert sorted(timed_out) == [i for i in range(500) if i % 10 == 5]
         backend: RedisBackend = clients[0].backend  # type: ignore[assignment]
-        lock, _fence, queue, alive = backend.layout.lock("crowd")
-        assert raw.exists(lock, queue, alive) == 0
+        lock, _fence, queue, alive, unreleased = backend.layout.lock("crowd")
+        assert raw.exists(lock, queue, alive, unreleased) == 0
         for locks in (*clients, hold):
             b: RedisBackend = locks.backend  # type: ignore[assignment]
             assert (len(b._tier.local), b._tier.held, b._waiting.waiters) == (0, {}, {})

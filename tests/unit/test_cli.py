@@ -64,8 +64,10 @@ def test_force_release_frees_a_redis_lock(
     lease = locks.acquire_sync("stuck")
     monkeypatch.setattr("builtins.input", lambda prompt: "n")
     assert main(["release", "stuck", "--force", "--redis-url", redis_server.url]) == 1
+    probe = KeyedLock(RedisBackend.from_url(redis_server.url))
     with pytest.raises(LockTimeout):
-        KeyedLock(RedisBackend.from_url(redis_server.url)).acquire_sync("stuck", timeout=0)
+        probe.acquire_sync("stuck", timeout=0)
+    probe.close_sync()
     assert main(["release", "stuck", "--force", "--yes", "--redis-url", redis_server.url]) == 0
     other = KeyedLock(RedisBackend.from_url(redis_server.url))
     other.acquire_sync("stuck", timeout=0).release_sync()

@@ -19,7 +19,8 @@ import pytest
 from keylock import BackendUnavailable, KeyedLock, LockTimeout
 from keylock._inspect import inspect_directory
 from keylock.backends import FileBackend
-from keylock.backends._filepaths import file_name, read_record, read_token, write_record
+from keylock.backends._filepaths import file_name
+from keylock.backends._filerecord import read_record, read_token, write_record
 from keylock.cli import main
 
 OTHER_UID = 65534  # nobody

@@ -60,7 +60,7 @@ async def test_a_forged_owner_cannot_release_or_extend_on_the_server(url: str) -
     )
     assert (
         backend._run_sync(
-            _scripts.EXTEND, "own:mine", backend.layout.lock("own:mine")[:2], [forged, 1000, 2000]
+            _scripts.EXTEND, "own:mine", backend.layout.extend("own:mine"), [forged, 1, 2, 3]
         )
         == 0
     )

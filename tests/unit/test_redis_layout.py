@@ -45,7 +45,7 @@ def test_distinct_keys_never_share_redis_keys() -> None:
     layout = Layout("keylock")
     keys = [BRACED, DIGEST, "a%7Bb", "a{b", "ns\0admin:job", "ns:admin\0job", "ns:admin:job"]
     names = {name for key in keys for name in layout.lock(key)}
-    assert len(names) == 4 * len(keys)
+    assert len(names) == 5 * len(keys)
     fenced = {name for key in keys for name in Layout("keylock:fenced").fenced(key)}
     assert len(fenced) == 2 * len(keys)
 

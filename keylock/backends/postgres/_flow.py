@@ -63,10 +63,10 @@ class PostgresFlow(Flow):
         return Step(None, self._due - now)
 
     def on_reply(self, reply: object, now: float) -> None:
-        status, token, ms_left = cast("tuple[int, int, int]", reply)
+        status, token, ms_left, took_over = cast("tuple[int, int, int, bool | None]", reply)
         if status == 1:
             # the lease runs from when the try was sent: never later than the server's
-            self.grant = Grant(int(token), None, self.sent_at + ms_left / 1000)
+            self.grant = Grant(int(token), None, self.sent_at + ms_left / 1000, bool(took_over))
             return
         if self.deadline.passed(now):
             raise self.deadline.expired()

@@ -2,8 +2,11 @@
 
 Three objects per ``table`` name (``keylock_leases`` by default, optionally ``schema.name``):
 
-* ``<table>``: one row per key ever locked: ``owner`` (NULL when free), ``token`` (the last one
-  minted: the row outlives its lease so tokens keep rising), ``expires_at``.
+* ``<table>``: one row per key ever locked: ``owner`` (NULL when released), ``token`` (the last
+  one minted: the row outlives its lease so tokens keep rising), ``expires_at``, ``took_over``
+  (that lease followed one that ended without its holder's release). A lease that expires, or
+  that its holder releases late, keeps its owner: the next grant finds an owner whose lease
+  ran out, and took the key over.
 * ``<table>_queue``: the waiters, one row per (key, waiting process), in arrival order, each
   with the channel its process LISTENs on and ``stay_until`` (a waiter refreshes it at every
   poll; a dead one drops out of the line when it passes).
@@ -60,6 +63,7 @@ class Schema:
     acquire: str
     release: str
     leave: str
+    probe: str
     extend: str
     renew: str
     statistics: str
@@ -92,16 +96,29 @@ def schema_for(table: str, *, durable: bool = False) -> Schema:
       VALUES (p_key, p_owner, {_CLOCK_US}, now_ + p_ttl_ms * interval '1 millisecond')
       ON CONFLICT (key) DO UPDATE SET owner = excluded.owner,
         token = CASE WHEN l.owner = excluded.owner THEN l.token ELSE {_mint("l.token")} END,
-        expires_at = excluded.expires_at
+        expires_at = excluded.expires_at,
+        took_over = CASE WHEN l.owner = excluded.owner THEN l.took_over
+          ELSE l.owner IS NOT NULL END
       WHERE l.owner IS NULL OR l.expires_at <= now_ OR l.owner = excluded.owner
-      RETURNING l.token INTO o_token"""
+      RETURNING l.token, l.took_over INTO o_token, o_took_over"""
     ddl = (
         *([f"CREATE SCHEMA IF NOT EXISTS {schema}"] if schema else []),
         f"""CREATE TABLE IF NOT EXISTS {t} (
   key bytea PRIMARY KEY,
   owner bytea,
   token bigint NOT NULL,
-  expires_at timestamptz NOT NULL)""",
+  expires_at timestamptz NOT NULL,
+  took_over boolean NOT NULL DEFAULT false)""",
+        f"ALTER TABLE {t} ADD COLUMN IF NOT EXISTS took_over boolean NOT NULL DEFAULT false",
+        # an older version's functions: acquire's result and hand_off's arguments changed, which
+        # CREATE OR REPLACE cannot do (dropped only then: a drop under running sessions fails
+        # their cached plans)
+        f"""DO $$ BEGIN
+  IF to_regprocedure('{fn}_hand_off(bytea, timestamptz)') IS NOT NULL THEN
+    DROP FUNCTION {fn}_hand_off(bytea, timestamptz);
+    DROP FUNCTION IF EXISTS {fn}_acquire(bytea, bytea, bigint, boolean, bigint, bigint, text);
+  END IF;
+END $$""",
         f"""CREATE TABLE IF NOT EXISTS {q} (
   key bytea NOT NULL,
   owner bytea NOT NULL,
@@ -126,27 +143,33 @@ BEGIN
   END LOOP;
 END $$""",
         # the key is being given up: hand it to the live head of the line (for the head's claim
-        # window: its acquire, woken by the NOTIFY, extends it to its TTL), or free it
-        f"""CREATE OR REPLACE FUNCTION {fn}_hand_off(p_key bytea, p_now timestamptz)
-RETURNS void LANGUAGE plpgsql AS $$
+        # window: its acquire, woken by the NOTIFY, extends it to its TTL), or free it. p_took:
+        # the lease given up was not released live (it lapsed first, or was an unused grant
+        # that took over), so whoever gets the key next took it over: with nobody in line the
+        # lease just ends, its owner kept, for the next grant to see
+        f"""CREATE OR REPLACE FUNCTION {fn}_hand_off(p_key bytea, p_now timestamptz,
+  p_took boolean) RETURNS void LANGUAGE plpgsql AS $$
 DECLARE
   head {q} := {fn}_head(p_key, p_now);
 BEGIN
   IF head.owner IS NULL THEN
-    UPDATE {t} SET owner = NULL, expires_at = p_now WHERE key = p_key;
+    UPDATE {t} SET owner = CASE WHEN p_took THEN owner END, expires_at = p_now
+    WHERE key = p_key;
     RETURN;
   END IF;
   UPDATE {t} SET owner = head.owner, token = {_mint("token")},
-    expires_at = p_now + head.claim_ms * interval '1 millisecond'
+    expires_at = p_now + head.claim_ms * interval '1 millisecond', took_over = p_took
   WHERE key = p_key;
   DELETE FROM {q} WHERE key = p_key AND owner = head.owner;
   PERFORM pg_notify(head.channel, encode(head.owner, 'hex'));
 END $$""",
-        # -> (1, token, ms left) granted; (0, holder's ms left or -2 when the key is free but
-        # promised to the head of the line, 0) not granted (queued if p_queue)
+        # -> (1, token, ms left, took over) granted; (0, holder's ms left or -2 when the key is
+        # free but promised to the head of the line, NULL) not granted (queued if p_queue).
+        # A grant took the key over when the row's owner is another whose lease ran out
         f"""CREATE OR REPLACE FUNCTION {fn}_acquire(
   p_key bytea, p_owner bytea, p_ttl_ms bigint, p_queue boolean, p_stay_ms bigint,
-  p_claim_ms bigint, p_channel text, OUT o_status int, OUT o_token bigint, OUT o_ms_left bigint)
+  p_claim_ms bigint, p_channel text, OUT o_status int, OUT o_token bigint, OUT o_ms_left bigint,
+  OUT o_took_over boolean)
 LANGUAGE plpgsql AS $$
 DECLARE
   now_ timestamptz := clock_timestamp();
@@ -172,7 +195,7 @@ BEGIN
     ELSE  -- another waiter is first in line: only a key already handed to us is ours
       UPDATE {t} AS u SET expires_at = now_ + p_ttl_ms * interval '1 millisecond'
       WHERE u.key = p_key AND u.owner = p_owner AND u.expires_at > now_
-      RETURNING u.token INTO o_token;
+      RETURNING u.token, u.took_over INTO o_token, o_took_over;
     END IF;
     IF o_token IS NOT NULL THEN
       DELETE FROM {q} WHERE key = p_key AND owner = p_owner;
@@ -195,7 +218,8 @@ BEGIN
     ON CONFLICT (key, owner) DO UPDATE SET stay_until = excluded.stay_until;
   END IF;
 END $$""",
-        # -> true released (and handed on); false it was not ours, or it had expired
+        # -> true released (and handed on); false it was not ours, or it had expired (then the
+        # next holder took it over)
         f"""CREATE OR REPLACE FUNCTION {fn}_release(p_key bytea, p_owner bytea)
 RETURNS boolean LANGUAGE plpgsql AS $$
 DECLARE
@@ -215,7 +239,7 @@ BEGIN
   IF NOT FOUND THEN
     RETURN false;
   END IF;
-  PERFORM {fn}_hand_off(p_key, now_);
+  PERFORM {fn}_hand_off(p_key, now_, NOT live);
   RETURN live;
 END $$""",
         # the caller gave up: out of the line; a key handed to it meanwhile is passed on
@@ -223,12 +247,14 @@ END $$""",
 RETURNS void LANGUAGE plpgsql AS $$
 DECLARE
   now_ timestamptz := clock_timestamp();
+  took boolean;
 BEGIN
   {lock};
   DELETE FROM {q} WHERE key = p_key AND owner = p_owner;
-  PERFORM 1 FROM {t} WHERE key = p_key AND owner = p_owner;
+  -- a grant given back unused passes on whether it took the key over (or had lapsed)
+  SELECT took_over OR expires_at <= now_ INTO took FROM {t} WHERE key = p_key AND owner = p_owner;
   IF FOUND THEN
-    PERFORM {fn}_hand_off(p_key, now_);
+    PERFORM {fn}_hand_off(p_key, now_, took);
   END IF;
 END $$""",
     )
@@ -238,11 +264,16 @@ END $$""",
         table=t,
         ddl=ddl,
         acquire=(
-            f"SELECT o_status, o_token, o_ms_left "
+            f"SELECT o_status, o_token, o_ms_left, o_took_over "
             f"FROM {fn}_acquire(%s, %s, %s, %s, %s, %s, %s){fast and ', ' + fast}"
         ),
         release=f"SELECT {fn}_release(%s, %s){fast and ' FROM ' + fast}",
         leave=f"SELECT {fn}_leave(%s, %s){fast and ' FROM ' + fast}",
+        # true once the statements above are in place (this version's last change included)
+        probe=(
+            f"SELECT to_regproc('{fn}_leave') IS NOT NULL AND "
+            f"to_regprocedure('{fn}_hand_off(bytea, timestamptz, boolean)') IS NOT NULL"
+        ),
         # -> one row if the live lease was ours (and now runs ttl ms from now)
         extend=(
             f"UPDATE {t} SET expires_at = clock_timestamp() + %s * interval '1 millisecond' "

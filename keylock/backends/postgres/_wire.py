@@ -94,7 +94,7 @@ class _Base:
         self._mutex = threading.Lock()
 
     def _probe(self) -> str:
-        return f"SELECT to_regproc('{self.schema.table}_leave') IS NOT NULL"
+        return self.schema.probe
 
 
 class SyncWire(_Base):

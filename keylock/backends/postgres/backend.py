@@ -10,6 +10,7 @@ import time
 from typing import TYPE_CHECKING, cast
 
 from .._tiered import Held, Tier, TieredBackend
+from .._unclosed import Unclosed
 from ..base import Grant, KeyStatistics
 from ._flow import LEAVE, TRY, PostgresFlow
 from ._sql import schema_for, stored
@@ -29,7 +30,7 @@ if TYPE_CHECKING:
 __all__ = ["PostgresBackend"]
 
 
-class PostgresBackend(TieredBackend):
+class PostgresBackend(Unclosed, TieredBackend):
     """Per-key leases shared by every process and host using one Postgres database.
 
     **Design: a lease table, not advisory locks.** A key is one row (owner, token,
@@ -120,6 +121,7 @@ class PostgresBackend(TieredBackend):
         from ._connections import started
 
         started(self)
+        self._opened()  # from here on, it must be closed (else a ResourceWarning when collected)
 
     def _after_fork(self) -> None:
         """In a forked child: none of the parent's leases, listener or connections."""
@@ -285,7 +287,7 @@ class PostgresBackend(TieredBackend):
         self._tier.local.extend_sync(flow.key, flow.owner, flow.local[0], max(deadline - now, 1e-6))
         with self._tier.mutex:
             self._tier.held[flow.key] = Held(grant[0], flow.owner, flow.local[0])
-        return Grant(grant[0], time.time() + (deadline - now), deadline)
+        return Grant(grant[0], time.time() + (deadline - now), deadline, grant[3])
 
     def _end_sync(self, key: str, held: Held) -> bool:
         # not repeated: a release that landed before its connection died would be found "not
@@ -350,6 +352,7 @@ class PostgresBackend(TieredBackend):
     # --------------------------------------------------------------------------- closing
 
     def close_sync(self) -> None:
+        self._closing()
         if self._renewer is not None:
             self._renewer.stop()
         self._waiting.stop()

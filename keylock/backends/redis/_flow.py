@@ -16,7 +16,7 @@ import redis.exceptions
 
 from ...errors import BackendUnavailable, KeylockError, LeaseLost
 from ..base import Deadline, Grant
-from ._scripts import ACQUIRE, FENCE_SLACK_MS, Script
+from ._scripts import ACQUIRE, FENCE_SLACK_MS, TAKEOVER_MARK_MS, Script
 
 if TYPE_CHECKING:
     from ._keys import Layout
@@ -66,7 +66,7 @@ def check_seconds(name: str, value: object, limit: float) -> float:
 def extend_call(layout: Layout, key: str, owner: bytes, ttl: float) -> tuple[list[str], list[Arg]]:
     """EXTEND's keys and arguments: *owner*'s lease on *key* for *ttl* more seconds."""
     ms = ttl_ms(ttl, key)
-    return layout.lock(key)[:2], [owner, ms, ms + FENCE_SLACK_MS]
+    return layout.extend(key), [owner, ms, ms + FENCE_SLACK_MS, ms + TAKEOVER_MARK_MS]
 
 
 def lost(key: str, token: int) -> LeaseLost:
@@ -224,7 +224,10 @@ class AcquireFlow:
         if int(granted):
             # expiry as seen from here: counted from before the request, so never late
             left = int(rest[0]) / 1000
-            self.grant = Grant(int(value), sent_at + left, now - (received - sent_at) + left)
+            took_over = len(rest) > 1 and int(rest[1]) == 1
+            self.grant = Grant(
+                int(value), sent_at + left, now - (received - sent_at) + left, took_over
+            )
             return True
         if rest:  # queued: the reply carries the server's clock, to date hand-offs by
             clock.read(int(rest[0]), sent_at, received)

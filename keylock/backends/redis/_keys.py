@@ -11,6 +11,9 @@ splits on it.
     prefix:{tag}:fence           the last token minted
     prefix:{tag}:queue           waiters (zset owner -> arrival, server µs)
     prefix:{tag}:alive           waiters' entries (hash owner -> deadline, TTL, claim, channel)
+    prefix:{tag}:unreleased      the last lease granted, until its holder releases it (value:
+                                 1 if that lease itself took over); outlives it by a day, so
+                                 the next holder learns it took over an expired lease
     prefix:{tag}:left:<owner>    a departure mark (see LEAVE and RELEASE in _scripts)
     prefix:wake:<process id>     the wake-up channel of one process's backend
     prefix:{flight:tag}:result:<token>   a single-flight leader's stored outcome
@@ -65,16 +68,22 @@ class Layout:
             )
 
     def lock(self, key: str) -> list[str]:
-        """lock, fence, queue, queue entries: one hash tag, so one Cluster slot."""
+        """lock, fence, queue, queue entries, unreleased mark: one hash tag, so one Cluster
+        slot."""
         base = f"{self.prefix}:{{{tag(key)}}}"
-        return [base, f"{base}:fence", f"{base}:queue", f"{base}:alive"]
+        return [base, f"{base}:fence", f"{base}:queue", f"{base}:alive", f"{base}:unreleased"]
+
+    def extend(self, key: str) -> list[str]:
+        """The three keys of EXTEND: lock, fence, unreleased mark."""
+        base = f"{self.prefix}:{{{tag(key)}}}"
+        return [base, f"{base}:fence", f"{base}:unreleased"]
 
     def departure(self, key: str, owner: bytes) -> str:
         """The mark an acquisition leaves when it gives up with a call in flight."""
         return f"{self.prefix}:{{{tag(key)}}}:left:{owner.hex()}"
 
     def acquire(self, key: str, owner: bytes) -> list[str]:
-        """The five keys of ACQUIRE, LEAVE and RELEASE: the lock's four and *owner*'s departure
+        """The six keys of ACQUIRE, LEAVE and RELEASE: the lock's five and *owner*'s departure
         mark."""
         base = f"{self.prefix}:{{{tag(key)}}}"
         return [
@@ -82,6 +91,7 @@ class Layout:
             f"{base}:fence",
             f"{base}:queue",
             f"{base}:alive",
+            f"{base}:unreleased",
             f"{base}:left:{owner.hex()}",
         ]
 

@@ -17,6 +17,7 @@ __all__ = [
     "LEAVE",
     "RELEASE",
     "RELEASE_MARK_MS",
+    "TAKEOVER_MARK_MS",
     "Script",
 ]
 
@@ -37,11 +38,19 @@ FENCE_SLACK_MS = 120_000  # the fence key outlives the lock by this much (see AC
 # How long a release's mark outlives it (see RELEASE): the wire retries at once after a
 # connection error, so the retry lands well within this.
 RELEASE_MARK_MS = 10_000
+# How long the unreleased mark outlives its lease (see hand_off): a holder that takes the key
+# within a day of a lease's expiry learns it took over; later than that, it is not told.
+TAKEOVER_MARK_MS = 86_400_000
 
-# Every script gets the same four keys of one lock (one hash tag, so one Cluster slot):
+# Every script gets the same five keys of one lock (one hash tag, so one Cluster slot):
 # KEYS[1] lock (value: owner id), KEYS[2] fence (last token), KEYS[3] queue (zset owner ->
 # arrival µs), KEYS[4] queue members (hash owner -> "<deadline ms> <lease TTL ms> <claim ms>
-# <channel>").
+# <channel>"), KEYS[5] unreleased mark.
+# took_over: every grant sets the unreleased mark (value '1' if that lease took over, else
+# '0', for a retried ACQUIRE to report again) for the lease's TTL plus TAKEOVER_MARK_MS;
+# only its holder's RELEASE (or a LEAVE giving a grant back) deletes it. A grant of a free
+# key that finds the mark follows a lease that ended without a release (it expired, its
+# holder died, or an operator forced it): it took the key over.
 # Tokens are max(last + 1, server clock in µs): they rise even when Redis lost the fence key
 # (restart without persistence, failover to a lagging replica), because the clock has moved on
 # past every token it ever minted (at most one grant per µs of a single-threaded server).
@@ -78,7 +87,11 @@ local function mint(ttl_ms)
   redis.call('SET', KEYS[2], token, 'PX', tonumber(ttl_ms) + 120000)
   return token
 end
-local function hand_off(key)
+local function mark(took, ttl_ms)  -- a new lease: unreleased until its holder releases it
+  local ms = string.format('%.0f', tonumber(ttl_ms) + TAKEOVER_MS)
+  redis.call('SET', KEYS[5], took, 'PX', ms)
+end
+local function hand_off(key, took)
   local head, entry = live_head()
   if not head then return end  -- nobody in line: waiters queue in their first trip
   -- the head gets the key for its claim window only (its renewer, or its acquire, extends
@@ -86,21 +99,27 @@ local function hand_off(key)
   local ttl_ms, claim_ms, channel = string.match(entry, '^%d+ (%d+) (%d+) (.*)$')
   redis.call('SET', KEYS[1], head, 'PX', claim_ms)
   local token = mint(ttl_ms)
+  mark(took, ttl_ms)
   redis.call('ZREM', KEYS[3], head)
   redis.call('HDEL', KEYS[4], head)
   -- the key goes last: it may contain NUL (a namespace separator), and nothing parses past it
   local dated = string.format('%.0f', clock)  -- dates the waiter's lease
-  redis.call('PUBLISH', channel, token .. ' ' .. dated .. ' ' .. claim_ms .. ' ' .. head .. key)
+  -- a key taken over (forced) is announced with a claim of 0 ms: the head then asks with its
+  -- ACQUIRE, whose reply says took_over (the message has no field for it)
+  local shown = took == '1' and '0' or claim_ms
+  redis.call('PUBLISH', channel, token .. ' ' .. dated .. ' ' .. shown .. ' ' .. head .. key)
 end
 """
 
-# KEYS[5] the acquisition's departure mark (see LEAVE); ARGV[1] owner, ARGV[2] lease TTL ms,
+_PRELUDE = _PRELUDE.replace("TAKEOVER_MS", str(TAKEOVER_MARK_MS))
+
+# KEYS[6] the acquisition's departure mark (see LEAVE); ARGV[1] owner, ARGV[2] lease TTL ms,
 # ARGV[3] '1' to queue up if not granted, ARGV[4] how long a queued waiter stays in line without
 # coming back (ms), ARGV[5] the waiter's wake-up channel, ARGV[6] how long a lease handed to it
 # at a release lasts before it is extended (ms, at most the TTL)
-# -> {1, token, TTL ms} granted (now, or earlier by a hand-off); {0, holder's PTTL ms, or
-# -2 when the key is free but promised to the head of the queue, server clock µs when queued};
-# {0, -3} the caller has left
+# -> {1, token, TTL ms, took over 0|1} granted (now, or earlier by a hand-off); {0, holder's
+# PTTL ms, or -2 when the key is free but promised to the head of the queue, server clock µs
+# when queued}; {0, -3} the caller has left
 _ACQUIRE = (
     _PRELUDE
     + """
@@ -109,9 +128,11 @@ if redis.call('GET', KEYS[1]) == ARGV[1] then
   -- it may have overslept; either way it holds the key now, for the whole TTL
   redis.call('PEXPIRE', KEYS[1], ARGV[2])
   redis.call('PEXPIRE', KEYS[2], tonumber(ARGV[2]) + 120000)
-  return {1, redis.call('GET', KEYS[2]) or '0', tonumber(ARGV[2])}
+  local took = redis.call('GET', KEYS[5]) or '0'
+  mark(took, ARGV[2])
+  return {1, redis.call('GET', KEYS[2]) or '0', tonumber(ARGV[2]), tonumber(took)}
 end
-if redis.call('EXISTS', KEYS[5]) == 1 then return {0, -3} end  -- arrived after its own LEAVE
+if redis.call('EXISTS', KEYS[6]) == 1 then return {0, -3} end  -- arrived after its own LEAVE
 local head = live_head()
 if (not head or head == ARGV[1])
     and redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then
@@ -119,7 +140,9 @@ if (not head or head == ARGV[1])
     redis.call('ZREM', KEYS[3], head)
     redis.call('HDEL', KEYS[4], head)
   end
-  return {1, mint(ARGV[2]), tonumber(ARGV[2])}
+  local took = redis.call('EXISTS', KEYS[5])  -- the last lease was never released
+  mark(tostring(took), ARGV[2])
+  return {1, mint(ARGV[2]), tonumber(ARGV[2]), took}
 end
 if ARGV[3] == '1' then
   tick()
@@ -134,37 +157,26 @@ return {0, redis.call('PTTL', KEYS[1])}
 """
 )
 
-# KEYS[5] the owner's departure mark; ARGV[1] owner, ARGV[2] key (named in the hand-off
+# KEYS[6] the owner's departure mark; ARGV[1] owner, ARGV[2] key (named in the hand-off
 # message), ARGV[3] ms to keep the mark -> 1 released (and handed on), 2 released already by
 # this owner (a retry after the reply was lost), 0 not ours. The mark is what tells a retry from
 # a lost lease: the key may be free or handed on either way, but only a release leaves the mark.
+# A lease that was not ours any more keeps its unreleased mark: the next holder took over.
 _RELEASE = (
     _PRELUDE
     + """
 if redis.call('GET', KEYS[1]) ~= ARGV[1] then
-  if redis.call('EXISTS', KEYS[5]) == 1 then return 2 end
+  if redis.call('EXISTS', KEYS[6]) == 1 then return 2 end
   return 0
 end
-redis.call('DEL', KEYS[1])
-redis.call('SET', KEYS[5], '1', 'PX', ARGV[3])
-hand_off(ARGV[2])
+redis.call('DEL', KEYS[1], KEYS[5])
+redis.call('SET', KEYS[6], '1', 'PX', ARGV[3])
+hand_off(ARGV[2], '0')
 return 1
 """
 )
 
-# KEYS[1..4] the lock's keys; ARGV[1] owner, ARGV[2] key -> 1 released (and handed on), 0 not
-# ours (see FORCE_RELEASE)
-_RELEASE_UNMARKED = (
-    _PRELUDE
-    + """
-if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
-redis.call('DEL', KEYS[1])
-hand_off(ARGV[2])
-return 1
-"""
-)
-
-# KEYS[5] the departure mark; ARGV[1] owner, ARGV[2] key, ARGV[3] ms to keep the mark, or 0.
+# KEYS[6] the departure mark; ARGV[1] owner, ARGV[2] key, ARGV[3] ms to keep the mark, or 0.
 # Leave the line (timeout, cancel); a grant that raced the departure is passed on to the next in
 # line. When an ACQUIRE of this owner may still be on its way (the caller gave up mid-call, and
 # the reply never came), the mark makes that late ACQUIRE a no-op instead of a phantom grant.
@@ -173,32 +185,46 @@ _LEAVE = (
     + """
 redis.call('ZREM', KEYS[3], ARGV[1])
 redis.call('HDEL', KEYS[4], ARGV[1])
-if tonumber(ARGV[3]) > 0 then redis.call('SET', KEYS[5], '1', 'PX', ARGV[3]) end
+if tonumber(ARGV[3]) > 0 then redis.call('SET', KEYS[6], '1', 'PX', ARGV[3]) end
 if redis.call('GET', KEYS[1]) == ARGV[1] then
+  -- a grant given back unused passes on whether it took the key over
+  local took = redis.call('GET', KEYS[5]) or '0'
   redis.call('DEL', KEYS[1])
-  hand_off(ARGV[2])
+  if took ~= '1' then redis.call('DEL', KEYS[5]) end
+  hand_off(ARGV[2], took)
 end
 return 1
 """
 )
 
-# KEYS[1] lock key, KEYS[2] fence key; ARGV[1] owner id, ARGV[2] TTL ms, ARGV[3] fence TTL ms
-# -> 1 extended, 0 not ours any more
+# KEYS[1] lock key, KEYS[2] fence key, KEYS[3] unreleased mark; ARGV[1] owner id, ARGV[2] TTL
+# ms, ARGV[3] fence TTL ms, ARGV[4] mark TTL ms -> 1 extended, 0 not ours any more
 _EXTEND = """
 if redis.call('GET', KEYS[1]) == ARGV[1] then
   redis.call('PEXPIRE', KEYS[1], ARGV[2])
   redis.call('PEXPIRE', KEYS[2], ARGV[3])
+  redis.call('PEXPIRE', KEYS[3], ARGV[4])
   return 1
 end
 return 0
 """
 
 
-# KEYS[1..4] the lock's keys; ARGV[1] the owner an operator was shown, ARGV[2] key
+# KEYS[1..5] the lock's keys; ARGV[1] the owner an operator was shown, ARGV[2] key
 # -> 1 deleted and handed to the next waiter (woken on its own process's channel), 0 the lock
 # is free or held by another owner now (nothing changed). ``keylock release --force``: the
-# operator deletes only the lease they looked at, never one taken since.
-_FORCE_RELEASE = _RELEASE_UNMARKED
+# operator deletes only the lease they looked at, never one taken since. Its holder did not
+# release it, so its unreleased mark stays: the next holder took the key over
+# (``lease.took_over``), as after an expiry.
+_FORCE_RELEASE = (
+    _PRELUDE
+    + """
+if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
+redis.call('DEL', KEYS[1])
+hand_off(ARGV[2], '1')
+return 1
+"""
+)
 
 ACQUIRE = _script("acquire", _ACQUIRE)
 RELEASE = _script("release", _RELEASE)

@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING
 from ..._validate import check_backend_ttl
 from ...errors import BackendUnavailable, KeylockError, LeaseLost
 from .._tiered import Flow, Held, Step, Tier, TieredBackend
+from .._unclosed import Unclosed
 from ..base import Deadline, Grant, KeyStatistics
 from ._clients import GIVE_UP_WAIT, AsyncClient, Connections, SyncClient, check_clients, from_url
 from ._flow import AcquireFlow, ServerClock, Trip, check_seconds, extend_call, lost
@@ -36,7 +37,7 @@ logger = logging.getLogger("keylock")
 _MAX_POLL = 86_400.0  # a waiter's place in line lasts 3 polls: keep it within a Redis TTL
 
 
-class RedisBackend(TieredBackend):
+class RedisBackend(Unclosed, TieredBackend):
     """Per-key leases shared by every process and host using one Redis (or Cluster).
 
     Acquire is one round trip (a script: ``SET NX PX`` plus the fencing token); release and
@@ -80,6 +81,7 @@ class RedisBackend(TieredBackend):
         self._where = self._connections.where
         self._start_process()
         _BACKENDS.add(self)
+        self._opened()  # from here on, it must be closed (else a ResourceWarning when collected)
 
     def _start_process(self) -> None:
         """The state that belongs to one process (set again in a forked child, which holds
@@ -312,12 +314,14 @@ class RedisBackend(TieredBackend):
     # ----------------------------------------------------------------------------- closing
 
     def close_sync(self) -> None:
+        self._closing()
         if self._renewer is not None:
             self._renewer.stop()
         self._waiting.stop()
         self._connections.close_sync()
 
     async def close(self) -> None:
+        self._closing()
         loop = asyncio.get_running_loop()
         finishing = [task for task in background if task.get_loop() is loop]
         if finishing:  # releases finishing for cancelled callers: let them land first

@@ -36,6 +36,9 @@ _TOOK_OVER = 3  # True when this lease followed one that expired rather than was
 _OWNER = 4  # owner id as passed by the caller (b"" when the caller needs none)
 _WAITERS = 5  # OrderedDict[Waiter, None] in FIFO order, or None; never holds a granted waiter
 _HOLDER = 6  # the frame of the block holding the key, or None (to refuse re-entry)
+# The owner of a lapsed record: a lease that ended without a live release, kept until the key
+# is next used so its next holder learns it took the key over.
+_LAPSED = object()
 
 
 class MemoryBackend(Backend):
@@ -43,7 +46,8 @@ class MemoryBackend(Backend):
 
     Hand-off is FIFO (a releasing holder gives the key straight to the oldest waiter, so
     nobody barges); a waiter whose event loop has closed is skipped. Per-key state is freed as
-    soon as a key is neither held nor awaited. Tokens count up by one per grant from the wall
+    soon as a key is neither held nor awaited (a lease that lapsed leaves a small record until
+    its key is next used, which tells the next holder it took the key over). Tokens count up by one per grant from the wall
     clock in µs at construction, so they increase per key and do not go back across a restart
     of the process (as long as it granted fewer than one lease per µs over its life).
     With a TTL, an expired lease is taken over by the next caller or waiter, and its holder's
@@ -280,8 +284,30 @@ class MemoryBackend(Backend):
         """
         deadline = entry[_DEADLINE]
         expired = deadline is not None and self.clock.monotonic() >= deadline
-        self._hand_off(key, entry, took_over=expired)
+        self._end(key, entry, took_over=expired)
         return expired
+
+    def _end(self, key: str, entry: _Entry, *, took_over: bool) -> None:
+        """End *entry*'s lease: hand the key on. One that did not end by a live release
+        (*took_over*) with nobody waiting leaves a lapsed record, so the next holder still
+        learns it took the key over. Caller holds _mutex."""
+        if took_over and not entry[_WAITERS]:
+            entry[_OWNER] = _LAPSED  # nobody's: no release or extend matches it any more
+            entry[_DEADLINE] = -math.inf  # lapsed: the next caller takes it over
+            entry[_HOLDER] = None
+            return
+        self._hand_off(key, entry, took_over=took_over)
+
+    def _discard_sync(self, key: str, owner: bytes, grant: Grant) -> None:
+        """Give back a grant its waiter never used: the next holder inherits whether it took
+        the key over (the compensation it owed is still owed)."""
+        with self._mutex:
+            entry = self._entries.get(key)
+            if entry is None or entry[_TOKEN] != grant[0] or entry[_OWNER] != owner:
+                return
+            deadline = entry[_DEADLINE]
+            expired = deadline is not None and self.clock.monotonic() >= deadline
+            self._end(key, entry, took_over=expired or entry[_TOOK_OVER])
 
     def extend_sync(self, key: str, owner: bytes, token: int, ttl: float) -> Grant:
         with self._mutex:
@@ -302,7 +328,7 @@ class MemoryBackend(Backend):
     def statistics(self, key: str) -> KeyStatistics:
         with self._mutex:
             entry = self._entries.get(key)
-            if entry is None:
+            if entry is None or entry[_OWNER] is _LAPSED:
                 return KeyStatistics(key, held=False, token=None, owner=None, waiting=0)
             waiters = entry[_WAITERS]
             return KeyStatistics(

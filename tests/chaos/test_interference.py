@@ -367,8 +367,9 @@ def test_blocked_loop_generator_catches_an_unfenced_store(chaos_report: Report) 
 async def test_ttls_shortened_with_extend(
     make_backend: MakeBackend, request: pytest.FixtureRequest, chaos_report: Report
 ) -> None:
-    """Holders take a 5 s lease, shorten it at once with ``extend(short)`` (50-300 ms) and
-    hold up to three times that. With auto-renew (Redis) the renewer follows the new length
+    """Holders take a 5 s lease, shorten it at once with ``extend(short)`` (250-600 ms: long
+    enough that a loaded 2-core machine's stalls cannot starve a renewal due every third of
+    it) and hold up to three times that. With auto-renew (Redis) the renewer follows the new length
     and no lease lapses (row 6); without it (memory, file) the short lease lapses, the next
     waiter takes over and the old holder's writes are fenced off. No planted variant here: a
     renewer that keeps its old schedule needs Redis internals; row 6's own test plants it."""
@@ -390,7 +391,7 @@ async def test_ttls_shortened_with_extend(
                     rng,
                     ttl=5.0,
                     timeout=30.0,
-                    shorten_to=rng.uniform(0.05, 0.3),
+                    shorten_to=rng.uniform(0.25, 0.6),
                 )
                 for n in range(8)
             )

@@ -79,6 +79,31 @@ async def test_a_caller_after_an_expired_lease_took_it_over(
     await driver.release(after)
 
 
+async def test_a_release_that_comes_after_the_expiry_still_leaves_a_takeover(
+    make_backend: MakeBackend, driver: Driver
+) -> None:
+    """The holder froze past its TTL, then released (LeaseLost) with nobody waiting: its work
+    was unprotected, so the next holder took the key over. MemoryBackend forgot the lapse at
+    that late release (the next holder was told False) while the other backends kept it."""
+    late_locks = KeyedLock(make_backend(auto_renew=False))
+    locks = KeyedLock(make_backend(auto_renew=False))
+    late = await driver.acquire(late_locks, "late", ttl=TTL)
+    await until(lambda: late.lost, "the lease's expiry")
+    # a holder judges its lease lost a little early (by up to a round trip): the release
+    # must come after the server's expiry too, a whole TTL later leaves no doubt
+    expired_at = late.expires_at
+    assert expired_at is not None
+    await until(lambda: time.time() > expired_at + TTL, "the server's expiry")
+    with pytest.raises(LeaseLost):
+        await driver.release(late)
+    lease = await driver.acquire(locks, "late", timeout=10)
+    assert lease.took_over is True
+    await driver.release(lease)
+    after = await driver.acquire(locks, "late", timeout=10)
+    assert after.took_over is False
+    await driver.release(after)
+
+
 async def test_a_waiter_that_gets_the_key_at_expiry_took_it_over(
     make_backend: MakeBackend, driver: Driver
 ) -> None:

@@ -47,9 +47,10 @@ class MemoryBackend(Backend):
     Hand-off is FIFO (a releasing holder gives the key straight to the oldest waiter, so
     nobody barges); a waiter whose event loop has closed is skipped. Per-key state is freed as
     soon as a key is neither held nor awaited (a lease that lapsed leaves a small record until
-    its key is next used, which tells the next holder it took the key over). Tokens count up by one per grant from the wall
-    clock in µs at construction, so they increase per key and do not go back across a restart
-    of the process (as long as it granted fewer than one lease per µs over its life).
+    its key is next used, which tells the next holder it took the key over). Tokens count up
+    by one per grant from the wall clock in µs at construction, so they increase per key and
+    do not go back across a restart of the process (as long as it granted fewer than one
+    lease per µs over its life).
     With a TTL, an expired lease is taken over by the next caller or waiter, and its holder's
     release raises :class:`~keylock.LeaseLost`. A forked child starts with nothing held.
     """

@@ -15,7 +15,8 @@ from ..._validate import check_backend_ttl
 from ...errors import BackendUnavailable, KeylockError, LeaseLost
 from .._tiered import Flow, Held, Step, Tier, TieredBackend
 from ..base import Deadline, Grant, KeyStatistics
-from ._clients import GIVE_UP_WAIT, AsyncClient, Connections, SyncClient, check_clients, from_url
+from ._clients import AsyncClient, SyncClient, check_clients, from_url
+from ._connections import GIVE_UP_WAIT, Connections
 from ._flow import AcquireFlow, ServerClock, Trip, check_seconds, extend_call, lost
 from ._keys import Layout
 from ._listener import Listener, Waiting

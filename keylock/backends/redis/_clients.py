@@ -105,6 +105,8 @@ def options_for(cls: type, kwargs: dict[str, object]) -> dict[str, object]:
 
 def sync_from(source: AsyncClient) -> SyncClient:
     """A sync client with the options of the async client *source*."""
+    if _is_fake(source):
+        return cast("SyncClient", _fake_twin(source, asynchronous=False))
     if isinstance(source, redis.asyncio.cluster.RedisCluster):
         kwargs = source.get_nodes()[0].connection_kwargs  # the client finds the rest
         options = options_for(redis.cluster.RedisCluster, kwargs)
@@ -118,6 +120,8 @@ def async_from(
 ) -> AsyncClient:
     """An async client (for the running event loop) with the options of *source*, or made
     from *url* as the sync one was."""
+    if _is_fake(source):
+        return cast("AsyncClient", _fake_twin(source, asynchronous=True))
     cluster = isinstance(source, redis.cluster.RedisCluster)
     if url is not None:
         kind = redis.asyncio.cluster.RedisCluster if cluster else redis.asyncio.Redis
@@ -129,6 +133,27 @@ def async_from(
         return redis.asyncio.cluster.RedisCluster(**options)  # type: ignore[arg-type]
     options = options_for(redis.asyncio.Redis, source.connection_pool.connection_kwargs)
     return redis.asyncio.Redis(**options)  # type: ignore[arg-type]
+
+
+# What makes a fakeredis client's server: two clients with the same values share one
+_FAKE_OPTIONS = ("server", "version", "server_type", "lua_modules", "host", "port", "db")
+
+
+def _is_fake(client: object) -> bool:
+    """Whether *client* is a fakeredis client (its connections reach an in-process server)."""
+    connection_class = getattr(getattr(client, "connection_pool", None), "connection_class", None)
+    return str(getattr(connection_class, "__module__", "")).partition(".")[0] == "fakeredis"
+
+
+def _fake_twin(source: SyncClient | AsyncClient, *, asynchronous: bool) -> object:
+    """A fakeredis client of the other kind on the fake server of *source* (a redis-py
+    client made from its options would look for a real server)."""
+    import fakeredis
+
+    kwargs = source.connection_pool.connection_kwargs  # type: ignore[union-attr]
+    options = {name: kwargs[name] for name in _FAKE_OPTIONS if name in kwargs}
+    kind = fakeredis.FakeAsyncRedis if asynchronous else fakeredis.FakeRedis
+    return kind(**options)
 
 
 def _decodes(client: object) -> bool:
@@ -176,6 +201,8 @@ def address(client: object) -> str:
     if isinstance(client, redis.cluster.RedisCluster | redis.asyncio.cluster.RedisCluster):
         nodes = client.get_nodes()
         return "cluster " + ",".join(f"{node.host}:{node.port}" for node in nodes[:3])
+    if _is_fake(client):
+        return "fakeredis"
     try:
         kwargs = client.connection_pool.connection_kwargs  # type: ignore[attr-defined]
     except AttributeError:

@@ -62,14 +62,31 @@ def map_errors(key: str, where: str) -> Iterator[None]:
         ) from exc
 
 
+# How redis-py's own connections open a socket. The wire sets socket timeouts and reads
+# replies itself only on these: a connection class that opens something else (fakeredis's
+# in-process FakeSocket, a tunnel) is used through the client's public API.
+_SOCKET_CONNECTS: set[object] = {
+    cls._connect
+    for cls in (
+        redis.Connection,
+        redis.SSLConnection,
+        redis.UnixDomainSocketConnection,
+        redis.asyncio.Connection,
+        redis.asyncio.SSLConnection,
+        redis.asyncio.UnixDomainSocketConnection,
+    )
+}
+
+
 def _plain_pool(client: object) -> object:
-    """*client*'s pool if it talks to one server through an ordinary pool (direct calls are
-    then safe), else None."""
+    """*client*'s pool if it talks to one server through an ordinary pool of real sockets
+    (direct calls are then safe), else None."""
     pool = getattr(client, "connection_pool", None)
     plain = (
         type(pool) in (redis.ConnectionPool, redis.asyncio.ConnectionPool)
         and getattr(pool, "cache", None) is None
         and getattr(client, "connection", None) is None  # not a single-connection client
+        and getattr(pool.connection_class, "_connect", None) in _SOCKET_CONNECTS  # type: ignore[union-attr]
     )
     return pool if plain else None
 

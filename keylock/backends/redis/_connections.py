@@ -8,6 +8,7 @@ import contextlib
 import itertools
 import logging
 import threading
+import time
 import weakref
 from typing import TYPE_CHECKING
 
@@ -67,6 +68,8 @@ class Connections:
         self._loop_ends: dict[asyncio.AbstractEventLoop, AsyncGenerator[None]] = {}
         self._unfinished: dict[asyncio.AbstractEventLoop, dict[int, Finish]] = {}
         self._leaving: set[threading.Thread] = set()  # LEAVEs of sync callers that gave up
+        self._left: set[asyncio.Future[object]] = set()  # ... of async ones, until done
+        self._finishing: set[asyncio.Future[object]] = set()  # releases of cancelled callers
 
     def sync(self) -> SyncClient:
         if self.client is None:
@@ -113,10 +116,13 @@ class Connections:
         unfinished[number] = call
 
         def done(task: asyncio.Future[object]) -> None:
+            self._finishing.discard(task)
             if not task.cancelled():
                 unfinished.pop(number, None)
 
-        in_background(call()).add_done_callback(done)
+        task = in_background(call(), "finishing a cancelled call failed")
+        self._finishing.add(task)
+        task.add_done_callback(done)
 
     async def _close_loop(self, loop: asyncio.AbstractEventLoop) -> None:
         """Finish the calls cancelled on *loop* (the running one), then close its
@@ -192,6 +198,15 @@ class Connections:
         thread.start()
         thread.join(GIVE_UP_WAIT)
 
+    async def leave(self, leave: Script, key: str, keys: list[str], args: list[Arg]) -> None:
+        """Run LEAVE for an async caller that gave up, waited for GIVE_UP_WAIT at most (the
+        link may be what failed); then it goes on alone until it lands or close() ends it."""
+        call = self.run(leave, key, keys, args, None)
+        task = in_background(call, f"leaving the line for {key!r} failed", logging.DEBUG)
+        self._left.add(task)
+        task.add_done_callback(self._left.discard)
+        await asyncio.wait({task}, timeout=GIVE_UP_WAIT)
+
     def _leave_quietly(
         self, leave: Script, key: str, keys: list[str], args: list[Arg], bound: float | None = None
     ) -> None:
@@ -203,11 +218,30 @@ class Connections:
         finally:
             self._leaving.discard(threading.current_thread())
 
+    async def settle(self) -> None:
+        """Let this loop's background calls land before closing: releases of cancelled
+        callers (up to 5 s: skipping one would strand its key), and LEAVEs of callers that
+        gave up (GIVE_UP_WAIT, then ended: a LEAVE lost only costs a place in line its stay,
+        and on a server that never answers it would hold close() for the socket timeout)."""
+        loop = asyncio.get_running_loop()
+        releases = [task for task in self._finishing if task.get_loop() is loop]
+        if releases:
+            await asyncio.wait(releases, timeout=5)
+        leaves = [task for task in self._left if task.get_loop() is loop]
+        if leaves:
+            await asyncio.wait(leaves, timeout=GIVE_UP_WAIT)
+            for task in leaves:
+                task.cancel()
+
     def close_sync(self) -> None:
-        for thread in list(self._leaving):  # LEAVEs finishing for callers that gave up
-            thread.join(1.0)
-        if self._wire is not None:
-            self._wire.close()
+        """Close the sync connections, after the LEAVEs of callers that gave up had
+        GIVE_UP_WAIT to land (closing ends those that had not)."""
+        ends = time.monotonic() + GIVE_UP_WAIT
+        for thread in list(self._leaving):
+            thread.join(max(ends - time.monotonic(), 0.0))
+        wire, self._wire = self._wire, None  # (a call after close gets a new wire)
+        if wire is not None:
+            wire.close()
         if self.client is not None:
             self.client.close()
         for given in self._given:  # a decoding client the user gave, beside its raw twin

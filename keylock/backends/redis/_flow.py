@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, NamedTuple, cast
 
 import redis.exceptions
 
-from ...errors import BackendUnavailable, KeylockError, LeaseLost
+from ...errors import BackendUnavailable, KeylockError, LeaseLost, LockTimeout
 from .._tiered import Flow, Step
 from ..base import Deadline, Grant
 from ._scripts import ACQUIRE, FENCE_SLACK_MS, LEAVE, Script
@@ -44,10 +44,10 @@ __all__ = [
 # How long one round trip of an acquire may take at the least: a trip sent just before the
 # caller's deadline still gets a fair chance.
 MIN_TRIP = 0.05
-# How long after an acquire began Redis may take to answer it at all: until it has, a deadline
-# cannot tell a taken key from a server that is down, and a cold connection (TLS, Cluster
-# discovery, the script's first load) may take a while. Silent that long: BackendUnavailable.
-FIRST_ANSWER = 1.0
+# How long Redis may leave an acquire without any answer before its silence means an outage:
+# less may be a cold connection (TLS, Cluster discovery, the script's first load) on a busy
+# host, and a deadline that short cannot tell a taken key from a server that is down.
+SILENT = 1.0
 # A lease time Redis and Lua both count exactly: PX takes integers, and Lua numbers are doubles.
 MAX_TTL_MS = 2**52
 
@@ -217,15 +217,11 @@ class AcquireFlow:
         return int(cast("int", self.args[5])) / 2000
 
     def bound(self, now: float) -> float | None:
-        """How long this trip may take: until the deadline, at least MIN_TRIP, and until
-        FIRST_ANSWER after the acquire began while Redis has not answered it; a try with
+        """How long this trip may take: until the deadline, at least MIN_TRIP; a try with
         timeout=0 is bounded by the socket timeout alone."""
-        deadline = self.deadline
-        if deadline is None or self.timeout == 0:
+        if self.deadline is None or self.timeout == 0:
             return None
-        if self.answered:
-            return max(deadline - now, MIN_TRIP)
-        return max(deadline - now, MIN_TRIP, self.started + FIRST_ANSWER - now)
+        return max(self.deadline - now, MIN_TRIP)
 
     def on_reply(
         self,
@@ -268,11 +264,11 @@ class AcquireFlow:
         return max(until - now, 0.0)
 
     def failed(self, exc: BackendUnavailable, now: float, where: str) -> KeylockError:
-        """What a failed trip raises. One that ran into the caller's deadline is LockTimeout
-        if Redis answered an earlier trip of this acquire (the key is taken), but
-        BackendUnavailable naming *where* if it answered none (for FIRST_ANSWER at least): a
-        server that accepts connections and never replies is an outage, not contention. Else
-        the error as it is."""
+        """What a failed trip raises. One that ran into the caller's deadline is LockTimeout if
+        Redis answered an earlier trip of this acquire (the key is taken); if it answered none
+        for SILENT seconds, BackendUnavailable naming *where* (a server that accepts
+        connections and never replies is an outage, not contention); sooner, a LockTimeout
+        that says Redis had not answered yet. Any other error as it is."""
         if (
             self.deadline is None
             or not isinstance(exc.__cause__, TimeoutError | redis.exceptions.TimeoutError)
@@ -281,6 +277,13 @@ class AcquireFlow:
             return exc
         if self.answered:
             return _timeout(self.key, self.timeout, now)
+        if now - self.started < SILENT:
+            return LockTimeout(
+                f"lock {self.key!r} was not granted within {self.timeout}s: Redis at {where} had "
+                "not answered yet (too soon to tell a held key from a slow server); raise the "
+                "timeout",
+                key=self.key,
+            )
         return BackendUnavailable(
             f"Redis at {where} did not answer within {now - self.started:.1f}s for lock "
             f"{self.key!r} (overloaded, paused, not a Redis server, or a network dropping "
@@ -324,8 +327,7 @@ class RedisFlow(Flow):
         if protocol.waits:
             self._listener = self._waiting.watch(protocol, waiter)
             # a new listener subscribes before we queue (up to 1 s, never past the deadline)
-            left = 1.0 if protocol.deadline is None else protocol.deadline - now
-            self._subscribe_until = now + min(1.0, max(left, MIN_TRIP))
+            self._subscribe_until = now + min(1.0, protocol.bound(now) or 1.0)
         self._sent = 0.0  # time.time() of the last trip
         self._asleep = False  # the last step was a wait: the next one is a trip
 

@@ -82,6 +82,22 @@ def _redis(request: pytest.FixtureRequest) -> Iterator[MakeBackend]:
     yield make
 
 
+def _redis_fake(request: pytest.FixtureRequest) -> Iterator[MakeBackend]:
+    """Redis in this process (fakeredis, its Lua run by lupa): fast, and it keeps the
+    backend working with the fake clients users test their code with."""
+    import fakeredis
+
+    server = fakeredis.FakeServer()  # a new one per test: nothing to flush
+
+    def make(*, auto_renew: bool = True) -> Backend:
+        from keylock.backends import RedisBackend
+
+        # a sync client only: the async flavour runs on the async twin the backend derives
+        return RedisBackend(fakeredis.FakeRedis(server=server), auto_renew=auto_renew)
+
+    yield make
+
+
 @pytest.fixture(scope="session")
 def redis_cluster() -> Iterator[Cluster]:
     """A real three-master Redis Cluster for the session (see tests/_redis_server.py)."""
@@ -128,6 +144,7 @@ BACKENDS: dict[str, Callable[[pytest.FixtureRequest], Iterator[MakeBackend]]] = 
     "memory-reference": _memory_reference,
     "file": _file,
     "redis": _redis,
+    "redis-fake": _redis_fake,
     "redis-cluster": _redis_cluster,
     "postgres": _postgres,
 }

@@ -7,15 +7,9 @@ async one per event loop. Whichever the user did not give is made with the other
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import functools
 import inspect
-import itertools
-import logging
-import threading
-import weakref
-from typing import TYPE_CHECKING, cast
+from typing import cast
 
 import redis
 import redis.asyncio
@@ -24,29 +18,19 @@ import redis.cluster
 from redis.exceptions import RedisClusterException, RedisError
 
 from ...errors import BackendUnavailable
-from ._wire import AsyncWire, SyncWire, in_background, map_errors, redact
-
-if TYPE_CHECKING:
-    from collections.abc import AsyncGenerator, Callable, Coroutine, Sequence
-
-    from ._scripts import Script
-    from ._wire import Arg
-
-    Finish = Callable[[], Coroutine[object, object, object]]  # a call that must run to its end
+from ._wire import redact
 
 __all__ = [
-    "GIVE_UP_WAIT",
     "AsyncClient",
-    "Connections",
     "SyncClient",
     "address",
     "async_from",
     "check_clients",
     "from_url",
+    "raw",
+    "raw_async",
     "sync_from",
 ]
-
-logger = logging.getLogger("keylock")
 
 SyncClient = redis.Redis | redis.cluster.RedisCluster
 AsyncClient = redis.asyncio.Redis | redis.asyncio.cluster.RedisCluster
@@ -121,6 +105,8 @@ def options_for(cls: type, kwargs: dict[str, object]) -> dict[str, object]:
 
 def sync_from(source: AsyncClient) -> SyncClient:
     """A sync client with the options of the async client *source*."""
+    if _is_fake(source):
+        return cast("SyncClient", _fake_twin(source, asynchronous=False))
     if isinstance(source, redis.asyncio.cluster.RedisCluster):
         kwargs = source.get_nodes()[0].connection_kwargs  # the client finds the rest
         options = options_for(redis.cluster.RedisCluster, kwargs)
@@ -134,6 +120,8 @@ def async_from(
 ) -> AsyncClient:
     """An async client (for the running event loop) with the options of *source*, or made
     from *url* as the sync one was."""
+    if _is_fake(source):
+        return cast("AsyncClient", _fake_twin(source, asynchronous=True))
     cluster = isinstance(source, redis.cluster.RedisCluster)
     if url is not None:
         kind = redis.asyncio.cluster.RedisCluster if cluster else redis.asyncio.Redis
@@ -145,6 +133,27 @@ def async_from(
         return redis.asyncio.cluster.RedisCluster(**options)  # type: ignore[arg-type]
     options = options_for(redis.asyncio.Redis, source.connection_pool.connection_kwargs)
     return redis.asyncio.Redis(**options)  # type: ignore[arg-type]
+
+
+# What makes a fakeredis client's server: two clients with the same values share one
+_FAKE_OPTIONS = ("server", "version", "server_type", "lua_modules", "host", "port", "db")
+
+
+def _is_fake(client: object) -> bool:
+    """Whether *client* is a fakeredis client (its connections reach an in-process server)."""
+    connection_class = getattr(getattr(client, "connection_pool", None), "connection_class", None)
+    return str(getattr(connection_class, "__module__", "")).partition(".")[0] == "fakeredis"
+
+
+def _fake_twin(source: SyncClient | AsyncClient, *, asynchronous: bool) -> object:
+    """A fakeredis client of the other kind on the fake server of *source* (a redis-py
+    client made from its options would look for a real server)."""
+    import fakeredis
+
+    kwargs = source.connection_pool.connection_kwargs  # type: ignore[union-attr]
+    options = {name: kwargs[name] for name in _FAKE_OPTIONS if name in kwargs}
+    kind = fakeredis.FakeAsyncRedis if asynchronous else fakeredis.FakeRedis
+    return kind(**options)
 
 
 def _decodes(client: object) -> bool:
@@ -192,6 +201,8 @@ def address(client: object) -> str:
     if isinstance(client, redis.cluster.RedisCluster | redis.asyncio.cluster.RedisCluster):
         nodes = client.get_nodes()
         return "cluster " + ",".join(f"{node.host}:{node.port}" for node in nodes[:3])
+    if _is_fake(client):
+        return "fakeredis"
     try:
         kwargs = client.connection_pool.connection_kwargs  # type: ignore[attr-defined]
     except AttributeError:
@@ -199,202 +210,3 @@ def address(client: object) -> str:
     if "path" in kwargs:
         return f"unix://{kwargs['path']}"
     return f"{kwargs.get('host', 'localhost')}:{kwargs.get('port', 6379)}"
-
-
-# A caller that gives up (timeout, cancel, error) waits this long for its LEAVE to land, then
-# goes on while the LEAVE finishes alone: on a link that drops everything, giving up must not
-# cost another socket timeout.
-GIVE_UP_WAIT = 0.25
-
-
-class Connections:
-    """A backend's clients and wires: the sync ones (threads), and an async client and wire
-    per event loop (redis.asyncio connections belong to the loop that made them). Every
-    script call goes through :meth:`run_sync` / :meth:`run`, inside the one error boundary."""
-
-    def __init__(
-        self,
-        client: SyncClient | None,
-        async_client: AsyncClient | None,
-        url: str | None = None,
-        options: dict[str, object] | None = None,
-    ) -> None:
-        self._given = [given for given in (client, async_client) if given is not None]
-        self.client = None if client is None else raw(client)
-        self.async_client = None if async_client is None else raw_async(async_client)
-        self.url = url
-        self.options = options or {}
-        self.where = address(client or async_client)  # for messages: never a secret
-        self._async_clients: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, AsyncClient]
-        self._async_clients = weakref.WeakKeyDictionary()
-        self._numbers = itertools.count()
-        self.restart()
-
-    def restart(self) -> None:
-        """Forget every connection (in a forked child: their sockets are the parent's)."""
-        self._wire: SyncWire | None = None
-        self._async_wires: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, AsyncWire]
-        self._async_wires = weakref.WeakKeyDictionary()
-        self._async_clients.clear()
-        self._loop_ends: dict[asyncio.AbstractEventLoop, AsyncGenerator[None]] = {}
-        self._unfinished: dict[asyncio.AbstractEventLoop, dict[int, Finish]] = {}
-        self._leaving: set[threading.Thread] = set()  # LEAVEs of sync callers that gave up
-
-    def sync(self) -> SyncClient:
-        if self.client is None:
-            self.client = sync_from(self.async_client)  # type: ignore[arg-type]
-        return self.client
-
-    def async_(self) -> AsyncClient:
-        """The async client for the running event loop."""
-        if self.async_client is not None:
-            return self.async_client
-        loop = asyncio.get_running_loop()
-        client = self._async_clients.get(loop)
-        if client is None:
-            options = {**self.options, "decode_responses": False}  # (see raw)
-            client = self._async_clients[loop] = async_from(self.sync(), self.url, options)
-            self._watch(loop)
-        return client
-
-    def _watch(self, loop: asyncio.AbstractEventLoop) -> None:
-        """Have *loop*'s connections closed when it shuts down (asyncio.run closes every
-        async generator then, while the loop still runs): a loop that ends must not leave
-        its sockets open for the life of the process."""
-        if loop in self._loop_ends:
-            return
-        ending = self._loop_ends[loop] = self._until_loop_ends(loop)
-        # asend() registers the generator with the loop's hooks; send() runs it to its yield
-        with contextlib.suppress(StopIteration):
-            ending.asend(None).send(None)
-
-    async def _until_loop_ends(self, loop: asyncio.AbstractEventLoop) -> AsyncGenerator[None]:
-        try:
-            yield
-        finally:
-            await self._close_loop(loop)
-
-    def finish(self, call: Finish) -> None:
-        """Run *call()* to its end in the background, even through a cancel: asyncio.run
-        cancels every task at shutdown, and then the loop's end runs a cancelled one again
-        (so must close(): the call must be safe to run twice)."""
-        loop = asyncio.get_running_loop()
-        self._watch(loop)
-        unfinished = self._unfinished.setdefault(loop, {})
-        number = next(self._numbers)
-        unfinished[number] = call
-
-        def done(task: asyncio.Future[object]) -> None:
-            if not task.cancelled():
-                unfinished.pop(number, None)
-
-        in_background(call()).add_done_callback(done)
-
-    async def _close_loop(self, loop: asyncio.AbstractEventLoop) -> None:
-        """Finish the calls cancelled on *loop* (the running one), then close its
-        connections."""
-        for call in self._unfinished.pop(loop, {}).values():
-            try:
-                await call()
-            except Exception as exc:  # (BackendUnavailable: the server is out of reach)
-                logger.warning("keylock: finishing a cancelled call failed: %s", exc)
-        self._loop_ends.pop(loop, None)
-        wire = self._async_wires.pop(loop, None)
-        client = self._async_clients.pop(loop, None)
-        try:
-            if wire is not None:
-                await wire.close()
-            if client is not None:
-                await client.aclose()
-        except (RedisError, OSError) as exc:
-            logger.debug("keylock: closing an event loop's Redis connections failed: %s", exc)
-
-    def wire(self) -> SyncWire:
-        wire = self._wire
-        if wire is None:
-            wire = self._wire = SyncWire(self.sync())
-        return wire
-
-    def run_sync(
-        self,
-        script: Script,
-        key: str,
-        keys: Sequence[str],
-        args: Sequence[Arg],
-        bound: float | None,
-    ) -> object:
-        with map_errors(key, self.where):
-            return self.wire().call(script, keys, args, bound)
-
-    async def run(
-        self,
-        script: Script,
-        key: str,
-        keys: Sequence[str],
-        args: Sequence[Arg],
-        bound: float | None,
-    ) -> object:
-        loop = asyncio.get_running_loop()
-        wire = self._async_wires.get(loop)
-        if wire is None:
-            wire = self._async_wires[loop] = AsyncWire(self.async_())
-            self._watch(loop)
-        task = asyncio.current_task()
-        cancels = 0 if task is None else task.cancelling()
-        with map_errors(key, self.where):
-            reply = await wire.call(script, keys, args, bound)
-        if task is not None and task.cancelling() > cancels:
-            # Python 3.11's wait_for (inside redis-py's send) swallows a cancel that lands as
-            # the send completes: honour it, so a cancelled caller never walks off with a lease
-            raise asyncio.CancelledError
-        return reply
-
-    def leave_sync(
-        self, leave: Script, key: str, keys: list[str], args: list[Arg], in_flight: bool
-    ) -> None:
-        """Run LEAVE for a sync caller that gave up. With a call in flight the link may be
-        what failed: it runs in a thread of its own, waited for GIVE_UP_WAIT at most."""
-        if not in_flight:
-            self._leave_quietly(leave, key, keys, args, GIVE_UP_WAIT)
-            return
-        thread = threading.Thread(
-            target=self._leave_quietly, args=(leave, key, keys, args), daemon=True
-        )
-        self._leaving.add(thread)
-        thread.start()
-        thread.join(GIVE_UP_WAIT)
-
-    def _leave_quietly(
-        self, leave: Script, key: str, keys: list[str], args: list[Arg], bound: float | None = None
-    ) -> None:
-        """A failed LEAVE only costs the place in line its stay."""
-        try:
-            self.run_sync(leave, key, keys, args, bound)
-        except Exception as exc:  # (also: the backend closed under a LEAVE left to finish)
-            logger.debug("keylock: leaving the line for %r failed: %s", key, exc)
-        finally:
-            self._leaving.discard(threading.current_thread())
-
-    def close_sync(self) -> None:
-        for thread in list(self._leaving):  # LEAVEs finishing for callers that gave up
-            thread.join(1.0)
-        if self._wire is not None:
-            self._wire.close()
-        if self.client is not None:
-            self.client.close()
-        for given in self._given:  # a decoding client the user gave, beside its raw twin
-            if isinstance(given, SyncClient) and given is not self.client:
-                given.close()
-
-    async def close(self) -> None:
-        """Close the sync connections and those of the running loop (other loops'
-        connections can only be dropped, not closed)."""
-        self.close_sync()
-        await self._close_loop(asyncio.get_running_loop())
-        for client in list(self._async_clients.values()):
-            await client.aclose()
-        if self.async_client is not None:
-            await self.async_client.aclose()
-        for given in self._given:
-            if isinstance(given, AsyncClient) and given is not self.async_client:
-                await given.aclose()

@@ -3,28 +3,36 @@
 :class:`AcquireFlow` says what the next ACQUIRE sends and how long it may take, turns its
 reply into granted / queued-until-T / give-up, adopts a key handed over at a release only
 while its claim window is still open, says what to do on an error, and what LEAVE to send
-when the caller gives up. The async and sync drivers in ``backend.py`` only call and wait, so
-every protocol decision is testable without a server.
+when the caller gives up. :class:`RedisFlow` is the tiered core's view of it (see
+``.._tiered``): the protocol plus the wake-up wiring and the wall-clock dates of trips. The
+async and sync drivers only call and wait, so every protocol decision is testable without a
+server.
 """
 
 from __future__ import annotations
 
 import math
+import time
 from typing import TYPE_CHECKING, NamedTuple, cast
 
 import redis.exceptions
 
-from ...errors import BackendUnavailable, KeylockError, LeaseLost
+from ...errors import BackendUnavailable, KeylockError, LeaseLost, LockTimeout
+from .._tiered import Flow, Step
 from ..base import Deadline, Grant
-from ._scripts import ACQUIRE, FENCE_SLACK_MS, TAKEOVER_MARK_MS, Script
+from ._scripts import ACQUIRE, FENCE_SLACK_MS, LEAVE, TAKEOVER_MARK_MS, Script
 
 if TYPE_CHECKING:
+    from .._waiters import Waiter
     from ._keys import Layout
+    from ._listener import Listener
     from ._wire import Arg
+    from .backend import RedisBackend
 
 __all__ = [
     "AcquireFlow",
     "Handed",
+    "RedisFlow",
     "ServerClock",
     "Trip",
     "check_seconds",
@@ -36,6 +44,10 @@ __all__ = [
 # How long one round trip of an acquire may take at the least: a trip sent just before the
 # caller's deadline still gets a fair chance.
 MIN_TRIP = 0.05
+# How long Redis may leave an acquire without any answer before its silence means an outage:
+# less may be a cold connection (TLS, Cluster discovery, the script's first load) on a busy
+# host, and a deadline that short cannot tell a taken key from a server that is down.
+SILENT = 1.0
 # A lease time Redis and Lua both count exactly: PX takes integers, and Lua numbers are doubles.
 MAX_TTL_MS = 2**52
 
@@ -126,6 +138,7 @@ class AcquireFlow:
     """
 
     __slots__ = (
+        "answered",
         "args",
         "deadline",
         "grant",
@@ -136,6 +149,7 @@ class AcquireFlow:
         "owner",
         "poll",
         "retry_at",
+        "started",
         "stay_ms",
         "timeout",
         "tried",
@@ -170,12 +184,14 @@ class AcquireFlow:
         claim = min(ms, stay_ms) if renewed else ms
         self.waits = timeout != 0
         self.args: list[Arg] = [owner, ms, "1" if self.waits else "0", stay_ms, channel, claim]
+        self.started = now
         self.deadline = None if timeout is None else now + timeout
         self.grant: Grant | None = None
         self.handed: Handed | None = None
         self.retry_at = math.inf  # time.monotonic() of the next try if no wake-up comes
         self.in_flight = False  # an ACQUIRE was sent and its reply has not come back
         self.tried = False
+        self.answered = False  # Redis replied to a trip of this acquire
 
     def next_trip(self, now: float) -> Trip | None:
         """The next ACQUIRE, or None when a hand-off was adopted (:attr:`grant`); LockTimeout
@@ -220,6 +236,7 @@ class AcquireFlow:
         (:attr:`grant`); else the time of the next try is set (:attr:`retry_at`), or
         LockTimeout for a caller that does not wait."""
         self.in_flight = False
+        self.answered = True
         granted, value, *rest = cast("list[int | bytes]", reply)
         if int(granted):
             # expiry as seen from here: counted from before the request, so never late
@@ -249,16 +266,34 @@ class AcquireFlow:
         until = self.retry_at if deadline is None else min(self.retry_at, deadline)
         return max(until - now, 0.0)
 
-    def failed(self, exc: BackendUnavailable, now: float) -> KeylockError:
-        """What a failed trip raises: LockTimeout if it ran into the caller's deadline, else
-        the backend's error as it is."""
+    def failed(self, exc: BackendUnavailable, now: float, where: str) -> KeylockError:
+        """What a failed trip raises. One that ran into the caller's deadline is LockTimeout if
+        Redis answered an earlier trip of this acquire (the key is taken); if it answered none
+        for SILENT seconds, BackendUnavailable naming *where* (a server that accepts
+        connections and never replies is an outage, not contention); sooner, a LockTimeout
+        that says Redis had not answered yet. Any other error as it is."""
         if (
-            self.deadline is not None
-            and isinstance(exc.__cause__, TimeoutError | redis.exceptions.TimeoutError)
-            and now >= self.deadline - 0.002
+            self.deadline is None
+            or not isinstance(exc.__cause__, TimeoutError | redis.exceptions.TimeoutError)
+            or now < self.deadline - 0.002
         ):
+            return exc
+        if self.answered:
             return _timeout(self.key, self.timeout, now)
-        return exc
+        if now - self.started < SILENT:
+            return LockTimeout(
+                f"lock {self.key!r} was not granted within {self.timeout}s: Redis at {where} had "
+                "not answered yet (too soon to tell a held key from a slow server); raise the "
+                "timeout",
+                key=self.key,
+            )
+        return BackendUnavailable(
+            f"Redis at {where} did not answer within {now - self.started:.1f}s for lock "
+            f"{self.key!r} (overloaded, paused, not a Redis server, or a network dropping "
+            "packets): no lease was granted, and whether the key is held is unknown; check the "
+            "server and the network",
+            key=self.key,
+        )
 
     def leave_args(self) -> list[Arg] | None:
         """LEAVE's arguments for a caller giving up, or None when it needs none (it never
@@ -268,6 +303,82 @@ class AcquireFlow:
             return None
         mark_ms = int(cast("int", self.args[1])) + self.stay_ms if self.in_flight else 0
         return [self.owner, self.key, mark_ms]
+
+
+class RedisFlow(Flow):
+    """The tiered core's view of an :class:`AcquireFlow`: the protocol's decisions, plus the
+    wake-up wiring (the listener must be subscribed before the first queueing trip)."""
+
+    def __init__(
+        self,
+        backend: RedisBackend,
+        key: str,
+        owner: bytes,
+        ttl: float | None,
+        deadline: Deadline,
+        waiter: Waiter,
+        local: Grant,
+    ) -> None:
+        ttl = backend._ttl if ttl is None else ttl
+        super().__init__(key, owner, ttl, deadline, waiter, local)
+        now = time.monotonic()
+        self.protocol = protocol = backend._protocol(key, owner, deadline.timeout, ttl, now)
+        self._waiting = backend._waiting
+        self._clock = backend.server_clock
+        self._where = backend._where  # for messages
+        self._listener: Listener | None = None
+        if protocol.waits:
+            self._listener = self._waiting.watch(protocol, waiter)
+            # a new listener subscribes before we queue (up to 1 s, never past the deadline)
+            self._subscribe_until = now + min(1.0, protocol.bound(now) or 1.0)
+        self._sent = 0.0  # time.time() of the last trip
+        self._asleep = False  # the last step was a wait: the next one is a trip
+
+    def next(self, now: float) -> Step | None:
+        protocol = self.protocol
+        if self.grant is not None:
+            return None
+        listener = self._listener
+        if (
+            listener is not None
+            and not listener.subscribed.is_set()
+            and now < self._subscribe_until
+        ):
+            return Step(None, 0.001)
+        if self._asleep or not protocol.tried or protocol.handed is not None:
+            self._asleep = False
+            trip = protocol.next_trip(now)
+            if trip is None:  # a hand-off, adopted
+                self.grant = protocol.grant
+                return None
+            self._sent = time.time()
+            return Step(trip, None)
+        self._asleep = True
+        return Step(None, protocol.wait_time(now))
+
+    def on_reply(self, reply: object, now: float) -> None:
+        protocol = self.protocol
+        subscribed = self._waiting.subscribed()
+        if not subscribed:
+            self._waiting.hurry()  # this waiter polls fast until hand-offs reach it again
+        if protocol.on_reply(reply, self._sent, time.time(), now, self._clock, subscribed):
+            self.grant = protocol.grant
+
+    def on_error(self, error: Exception, now: float) -> Exception:
+        if isinstance(error, BackendUnavailable):
+            failed: KeylockError = self.protocol.failed(error, now, self._where)
+            return failed
+        return error
+
+    def leaving(self) -> object | None:
+        args = self.protocol.leave_args()
+        if args is None:
+            return None
+        return Trip(LEAVE, self.protocol.keys, args, None)
+
+    def close(self) -> None:
+        if self._listener is not None:
+            self._waiting.unwatch(self.key, self.owner)
 
 
 def _timeout(key: str, timeout: float | None, now: float) -> KeylockError:

@@ -10,12 +10,13 @@ import time
 import weakref
 from typing import TYPE_CHECKING, NamedTuple
 
+import redis
+import redis.client
+
 from ._flow import Handed
 
 if TYPE_CHECKING:
     from collections.abc import Callable
-
-    import redis.client
 
     from ..base import Waiter
     from ._clients import SyncClient
@@ -55,19 +56,41 @@ def parse_hand_off(data: object) -> HandOff | None:
     return HandOff(key, rest[:OWNER_BYTES], int(token), granted_us, int(claim_ms) / 1000)
 
 
+# After a lost connection the listener tries again after _FIRST_RETRY s, doubling the wait
+# after each failed try up to _MAX_RETRY: an idle backend in a long outage costs one try every
+# few seconds, not two a second (a waiter that needs the listener cuts the wait short).
+_FIRST_RETRY = 0.25
+_MAX_RETRY = 8.0
+
+
+def _own_client(client: SyncClient) -> tuple[SyncClient, redis.ConnectionPool | None]:
+    """A client for the listener's one connection, on a pool of its own when *client* has an
+    ordinary pool: stop() closes that pool, and so reaches the connection even while it is
+    being set up (a pool hands out a connection only once its handshake is done). Any other
+    client (Cluster, Sentinel) is used as it is."""
+    pool = getattr(client, "connection_pool", None)
+    if type(pool) is not redis.ConnectionPool:
+        return client, None
+    own = redis.ConnectionPool(connection_class=pool.connection_class, **pool.connection_kwargs)
+    return redis.Redis(connection_pool=own), own
+
+
 class Listener:
     """Subscribes *client* to *channel* and passes each hand-off to *deliver* (on this thread:
-    *deliver* must return at once); reconnects after an error, waiters meanwhile fall back to
-    their safety-net poll."""
+    *deliver* must return at once); reconnects after an error, backing off, and logs an outage
+    once (WARNING) and its end once (INFO). Waiters meanwhile fall back to their safety-net
+    poll."""
 
     def __init__(
-        self, client: SyncClient, channel: str, deliver: Callable[[HandOff], None]
+        self, client: SyncClient, channel: str, deliver: Callable[[HandOff], None], where: str
     ) -> None:
-        self._client = client
+        self._client, self._pool = _own_client(client)
         self._channel = channel
         self._deliver = deliver
+        self._where = where  # for messages: never a secret
         self.subscribed = threading.Event()
         self._stop = threading.Event()
+        self._wake = threading.Event()  # ends a wait between tries: stop() or hurry()
         self._pubsub: redis.client.PubSub | None = None
         self._thread = threading.Thread(
             target=self._run, name="keylock-redis-listener", daemon=True
@@ -75,6 +98,8 @@ class Listener:
         self._thread.start()
 
     def _run(self) -> None:
+        delay = _FIRST_RETRY
+        lost_at: float | None = None  # time.monotonic() the outage began (None: no outage)
         while not self._stop.is_set():
             pubsub = self._client.pubsub(ignore_subscribe_messages=True)  # type: ignore[no-untyped-call]
             self._pubsub = pubsub
@@ -82,33 +107,59 @@ class Listener:
                 pubsub.subscribe(self._channel)
                 while not self._stop.is_set():
                     message = pubsub.get_message(timeout=0.5)
-                    if message is None:
-                        if not self.subscribed.is_set() and pubsub.subscribed:
-                            self.subscribed.set()
-                        continue
-                    self.subscribed.set()
-                    hand_off = parse_hand_off(message.get("data"))
+                    if not self.subscribed.is_set() and (message is not None or pubsub.subscribed):
+                        self.subscribed.set()
+                        if lost_at is not None:
+                            logger.info(
+                                "keylock: Redis listener reconnected to %s after %.1fs",
+                                self._where,
+                                time.monotonic() - lost_at,
+                            )
+                        lost_at, delay = None, _FIRST_RETRY
+                    hand_off = None if message is None else parse_hand_off(message.get("data"))
                     if hand_off is not None:
                         self._deliver(hand_off)
             except Exception as exc:
                 self.subscribed.clear()
                 if self._stop.is_set():
                     return
-                logger.warning("keylock: Redis listener lost its connection (%s); retrying", exc)
-                self._stop.wait(0.5)
+                if lost_at is None:
+                    lost_at = time.monotonic()
+                    logger.warning(
+                        "keylock: Redis listener lost its connection to %s (%s); waiters fall "
+                        "back to polling until it is back",
+                        self._where,
+                        exc,
+                    )
+                else:
+                    logger.debug("keylock: Redis listener still cannot connect: %s", exc)
+                self._wake.clear()
+                self._wake.wait(delay)
+                delay = min(delay * 2, _MAX_RETRY)
             finally:
                 with contextlib.suppress(Exception):
                     pubsub.close()
 
+    def hurry(self) -> None:
+        """Try to reconnect now, if waiting to: a waiter needs hand-offs."""
+        if not self.subscribed.is_set():
+            self._wake.set()
+
     def stop(self) -> None:
+        """Stop the thread, within a second even if the server never answers."""
         self._stop.set()
-        # disconnecting wakes the thread from its blocking read (redis-py types it as None)
+        self._wake.set()
+        # closing the connection wakes the thread from its blocking read or handshake
+        if self._pool is not None:
+            with contextlib.suppress(Exception):
+                self._pool.disconnect()
+        # (redis-py types PubSub.connection as None)
         disconnect = getattr(getattr(self._pubsub, "connection", None), "disconnect", None)
         if disconnect is not None:
             with contextlib.suppress(Exception):
                 disconnect()
         if self._thread is not threading.current_thread():
-            self._thread.join(2)
+            self._thread.join(1.0)
 
 
 class Waiting:
@@ -116,8 +167,11 @@ class Waiting:
     them keys: a hand-off sets the waiter's flow's grant (dated by the server's clock) and
     wakes it. One listener (one pub/sub connection) per backend, started by the first wait."""
 
-    def __init__(self, client: Callable[[], SyncClient], channel: str, clock: ServerClock) -> None:
+    def __init__(
+        self, client: Callable[[], SyncClient], channel: str, clock: ServerClock, where: str
+    ) -> None:
         self._client = client
+        self._where = where
         self.channel = channel
         self._clock = clock
         self._mutex = threading.Lock()
@@ -137,7 +191,9 @@ class Waiting:
                     if waiting is not None:
                         waiting.deliver(hand_off)
 
-                self.listener = Listener(self._client(), self.channel, deliver)
+                self.listener = Listener(self._client(), self.channel, deliver, self._where)
+            else:
+                self.listener.hurry()
             return self.listener
 
     def unwatch(self, key: str, owner: bytes) -> None:
@@ -155,6 +211,12 @@ class Waiting:
     def subscribed(self) -> bool:
         listener = self.listener
         return listener is not None and listener.subscribed.is_set()
+
+    def hurry(self) -> None:
+        """Have a listener that lost its connection try again now (a waiter needs it)."""
+        listener = self.listener
+        if listener is not None:
+            listener.hurry()
 
     def deliver(self, hand_off: HandOff) -> None:
         """On the listener thread: give the key to the waiter it was handed to."""

@@ -26,7 +26,7 @@ from ._wire import map_errors
 
 if TYPE_CHECKING:
     from ...lease import Lease
-    from ._clients import Connections
+    from ._connections import Connections
     from ._keys import Layout
 
 __all__ = ["Renewal", "Renewer", "extend_all"]

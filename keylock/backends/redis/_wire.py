@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import re
 import weakref
@@ -56,20 +57,37 @@ def map_errors(key: str, where: str) -> Iterator[None]:
         yield
     except (RedisError, RedisClusterException, OSError) as exc:
         raise BackendUnavailable(
-            f"Redis at {where} failed for lock {key!r}: {redact(str(exc))}; nothing was granted "
-            "or changed by this call; check the server and the URL",
+            f"Redis at {where} failed for lock {key!r}: {redact(str(exc)) or type(exc).__name__}; "
+            "nothing was granted or changed by this call; check the server and the URL",
             key=key,
         ) from exc
 
 
+# How redis-py's own connections open a socket. The wire sets socket timeouts and reads
+# replies itself only on these: a connection class that opens something else (fakeredis's
+# in-process FakeSocket, a tunnel) is used through the client's public API.
+_SOCKET_CONNECTS: set[object] = {
+    cls._connect
+    for cls in (
+        redis.Connection,
+        redis.SSLConnection,
+        redis.UnixDomainSocketConnection,
+        redis.asyncio.Connection,
+        redis.asyncio.SSLConnection,
+        redis.asyncio.UnixDomainSocketConnection,
+    )
+}
+
+
 def _plain_pool(client: object) -> object:
-    """*client*'s pool if it talks to one server through an ordinary pool (direct calls are
-    then safe), else None."""
+    """*client*'s pool if it talks to one server through an ordinary pool of real sockets
+    (direct calls are then safe), else None."""
     pool = getattr(client, "connection_pool", None)
     plain = (
         type(pool) in (redis.ConnectionPool, redis.asyncio.ConnectionPool)
         and getattr(pool, "cache", None) is None
         and getattr(client, "connection", None) is None  # not a single-connection client
+        and getattr(pool.connection_class, "_connect", None) in _SOCKET_CONNECTS  # type: ignore[union-attr]
     )
     return pool if plain else None
 
@@ -113,6 +131,7 @@ class SyncWire:
         self._pool = cast("redis.ConnectionPool | None", _plain_pool(client))
         self._idle: list[redis.Connection] = []  # list.pop/append are atomic: no lock needed
         self._made: weakref.WeakSet[redis.Connection] = weakref.WeakSet()  # closed by close()
+        self._closed = False  # set by close(): a call still running fails, and is not retried
         # (a forked child gets a new wire: RedisBackend starts afresh after a fork)
 
     def call(
@@ -133,11 +152,7 @@ class SyncWire:
             except NoScriptError:
                 return self._client.eval(text, len(keys), *keys, *args)
         for attempt in (1, 2):
-            try:
-                conn = self._idle.pop()
-            except IndexError:
-                conn = pool.connection_class(**pool.connection_kwargs)
-                self._made.add(conn)
+            conn = self._connection(pool)
             # (redis-py's sync Connection is untyped: hence the ignores)
             # (no timeout: redis-py's default read, which costs no extra system calls)
             bound = {} if timeout is None else {"timeout": _limit(timeout, conn.socket_timeout)}
@@ -174,11 +189,7 @@ class SyncWire:
         if pool is None:
             return self._pipelined(script, calls)
         for attempt in (1, 2):
-            try:
-                conn = self._idle.pop()
-            except IndexError:
-                conn = pool.connection_class(**pool.connection_kwargs)
-                self._made.add(conn)
+            conn = self._connection(pool)
             try:
                 replies = self._exchange(conn, "EVALSHA", script.sha, calls)
                 missing = [n for n, reply in enumerate(replies) if isinstance(reply, NoScriptError)]
@@ -197,6 +208,17 @@ class SyncWire:
             self._idle.append(conn)
             return replies
         raise AssertionError("unreachable")  # pragma: no cover
+
+    def _connection(self, pool: redis.ConnectionPool) -> redis.Connection:
+        """An idle connection, or a new one (not yet connected)."""
+        if self._closed:  # (a call retried after close() would wait out a new handshake)
+            raise RedisConnectionError("the backend was closed")
+        try:
+            return self._idle.pop()
+        except IndexError:
+            conn: redis.Connection = pool.connection_class(**pool.connection_kwargs)
+            self._made.add(conn)
+            return conn
 
     @staticmethod
     def _exchange(
@@ -235,6 +257,7 @@ class SyncWire:
 
     def close(self) -> None:
         """Close every connection made, idle or not (a call still running then fails)."""
+        self._closed = True
         self._idle = []
         for conn in list(self._made):
             conn.disconnect()  # type: ignore[no-untyped-call]
@@ -254,6 +277,7 @@ class AsyncWire:
         # timeout still bounds every read and every handshake, here.
         options = {} if pool is None else pool.connection_kwargs
         self._options = {**options, "socket_timeout": None}
+        self._closed = False  # as in SyncWire
         self._socket_timeout: float | None = None
         if pool is not None:  # the timeout the pool's connections get (redis-py's default: 5 s)
             self._socket_timeout = pool.connection_class(**options).socket_timeout
@@ -276,6 +300,8 @@ class AsyncWire:
                 except NoScriptError:
                     return await self._client.eval(text, len(keys), *keys, *args)
         for attempt in (1, 2):
+            if self._closed:
+                raise RedisConnectionError("the backend was closed")
             try:
                 conn = self._idle.pop()
             except IndexError:
@@ -312,23 +338,27 @@ class AsyncWire:
 
     async def close(self) -> None:
         """Close every connection made, idle or not (a call still running then fails)."""
+        self._closed = True
         self._idle = []
         for conn in list(self._made):
             await conn.disconnect()
 
 
-background: set[asyncio.Future[object]] = set()  # finishing calls, kept alive until done
+background: set[asyncio.Future[object]] = set()  # calls going on alone, kept alive until done
 
 
-def in_background(call: Coroutine[object, object, object]) -> asyncio.Future[object]:
-    """Run *call* to its end in a task nobody needs to await (its failure is logged)."""
+def in_background(
+    call: Coroutine[object, object, object], failed: str, level: int = logging.WARNING
+) -> asyncio.Future[object]:
+    """Run *call* to its end in a task nobody needs to await; if it fails, log *failed* and
+    the error at *level*."""
     task = asyncio.ensure_future(call)
     background.add(task)
-    task.add_done_callback(_forget)
+    task.add_done_callback(functools.partial(_forget, failed, level))
     return task
 
 
-def _forget(task: asyncio.Future[object]) -> None:
+def _forget(failed: str, level: int, task: asyncio.Future[object]) -> None:
     background.discard(task)
     if not task.cancelled() and task.exception() is not None:
-        logger.warning("keylock: finishing a cancelled call failed: %s", task.exception())
+        logger.log(level, "keylock: %s: %s", failed, task.exception())

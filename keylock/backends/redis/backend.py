@@ -12,17 +12,18 @@ import weakref
 from typing import TYPE_CHECKING
 
 from ..._validate import check_backend_ttl
-from ...errors import BackendUnavailable, KeylockError, LeaseLost
-from .._tiered import Flow, Held, Step, Tier, TieredBackend
+from ...errors import LeaseLost
+from .._tiered import Flow, Held, Tier, TieredBackend
 from .._unclosed import Unclosed
 from ..base import Deadline, Grant, KeyStatistics
-from ._clients import GIVE_UP_WAIT, AsyncClient, Connections, SyncClient, check_clients, from_url
-from ._flow import AcquireFlow, ServerClock, Trip, check_seconds, extend_call, lost
+from ._clients import AsyncClient, SyncClient, check_clients, from_url
+from ._connections import Connections
+from ._flow import AcquireFlow, RedisFlow, ServerClock, Trip, check_seconds, extend_call, lost
 from ._keys import Layout
-from ._listener import Listener, Waiting
+from ._listener import Waiting
 from ._renewer import Renewal, Renewer, extend_all
-from ._scripts import EXTEND, FENCE_SLACK_MS, LEAVE, RELEASE, RELEASE_MARK_MS, Script
-from ._wire import Arg, background, in_background, map_errors
+from ._scripts import EXTEND, FENCE_SLACK_MS, RELEASE, RELEASE_MARK_MS, Script
+from ._wire import Arg, map_errors
 
 if TYPE_CHECKING:
     from collections.abc import Sequence
@@ -91,7 +92,7 @@ class RedisBackend(Unclosed, TieredBackend):
         self._tier = Tier()  # FIFO among this backend's own callers, and the keys held
         self._connections.restart()  # their sockets are the parent's
         self.server_clock = ServerClock()  # read from queueing replies; dates hand-offs
-        self._waiting = Waiting(self._sync, self._channel, self.server_clock)
+        self._waiting = Waiting(self._sync, self._channel, self.server_clock, self._where)
         self._renewer: Renewer | None = None
 
     @classmethod
@@ -150,7 +151,7 @@ class RedisBackend(Unclosed, TieredBackend):
     # ------------------------------------------------------------------- the arbiter's part
 
     # The shared core (keylock.backends._tiered) queues this backend's own callers FIFO, then
-    # drives a _RedisFlow: a caller that may wait joins the Redis queue in its first trip and
+    # drives a RedisFlow: a caller that may wait joins the Redis queue in its first trip and
     # is watched for a hand-off before that trip, so no hand-off can slip past it; it sleeps
     # until the key is handed to it, the holder's expiry, or the safety-net poll. A caller
     # that gives up leaves the Redis queue (LEAVE, finishing alone after GIVE_UP_WAIT).
@@ -164,7 +165,7 @@ class RedisBackend(Unclosed, TieredBackend):
         waiter: Waiter,
         local: Grant,
     ) -> Flow:
-        return _RedisFlow(self, key, owner, ttl, deadline, waiter, local)
+        return RedisFlow(self, key, owner, ttl, deadline, waiter, local)
 
     def _protocol(
         self,
@@ -199,16 +200,13 @@ class RedisBackend(Unclosed, TieredBackend):
     def _left_sync(self, flow: Flow) -> None:
         trip = flow.leaving()
         if isinstance(trip, Trip):
-            in_flight = isinstance(flow, _RedisFlow) and flow.protocol.in_flight
+            in_flight = isinstance(flow, RedisFlow) and flow.protocol.in_flight
             self._connections.leave_sync(trip.script, flow.key, trip.keys, trip.args, in_flight)
 
     async def _left(self, flow: Flow) -> None:
         trip = flow.leaving()
         if isinstance(trip, Trip):
-            leave = in_background(
-                self._run_async(trip.script, flow.key, trip.keys, trip.args, trip.bound)
-            )
-            await asyncio.wait({leave}, timeout=GIVE_UP_WAIT)  # it lands, or goes on alone
+            await self._connections.leave(trip.script, flow.key, trip.keys, trip.args)
 
     def _local_ttl(self, ttl: float | None) -> float | None:
         return None  # the turn is dated once Redis granted the lease: see _adopt
@@ -322,10 +320,7 @@ class RedisBackend(Unclosed, TieredBackend):
 
     async def close(self) -> None:
         self._closing()
-        loop = asyncio.get_running_loop()
-        finishing = [task for task in background if task.get_loop() is loop]
-        if finishing:  # releases finishing for cancelled callers: let them land first
-            await asyncio.wait(finishing, timeout=5)
+        await self._connections.settle()  # calls finishing in the background land first
         if self._renewer is not None:
             self._renewer.stop()
         self._waiting.stop()
@@ -342,76 +337,3 @@ def _after_fork_in_child() -> None:
 
 
 os.register_at_fork(after_in_child=_after_fork_in_child)
-
-
-class _RedisFlow(Flow):
-    """The tiered core's view of an :class:`AcquireFlow`: the protocol's decisions, plus the
-    wake-up wiring (the listener must be subscribed before the first queueing trip)."""
-
-    def __init__(
-        self,
-        backend: RedisBackend,
-        key: str,
-        owner: bytes,
-        ttl: float | None,
-        deadline: Deadline,
-        waiter: Waiter,
-        local: Grant,
-    ) -> None:
-        ttl = backend._ttl if ttl is None else ttl
-        super().__init__(key, owner, ttl, deadline, waiter, local)
-        now = time.monotonic()
-        self.protocol = protocol = backend._protocol(key, owner, deadline.timeout, ttl, now)
-        self._waiting = backend._waiting
-        self._clock = backend.server_clock
-        self._listener: Listener | None = None
-        if protocol.waits:
-            self._listener = self._waiting.watch(protocol, waiter)
-            # a new listener subscribes before we queue (up to 1 s, never past the deadline)
-            self._subscribe_until = now + min(1.0, protocol.bound(now) or 1.0)
-        self._sent = 0.0  # time.time() of the last trip
-        self._asleep = False  # the last step was a wait: the next one is a trip
-
-    def next(self, now: float) -> Step | None:
-        protocol = self.protocol
-        if self.grant is not None:
-            return None
-        listener = self._listener
-        if (
-            listener is not None
-            and not listener.subscribed.is_set()
-            and now < self._subscribe_until
-        ):
-            return Step(None, 0.001)
-        if self._asleep or not protocol.tried or protocol.handed is not None:
-            self._asleep = False
-            trip = protocol.next_trip(now)
-            if trip is None:  # a hand-off, adopted
-                self.grant = protocol.grant
-                return None
-            self._sent = time.time()
-            return Step(trip, None)
-        self._asleep = True
-        return Step(None, protocol.wait_time(now))
-
-    def on_reply(self, reply: object, now: float) -> None:
-        protocol = self.protocol
-        subscribed = self._waiting.subscribed()
-        if protocol.on_reply(reply, self._sent, time.time(), now, self._clock, subscribed):
-            self.grant = protocol.grant
-
-    def on_error(self, error: Exception, now: float) -> Exception:
-        if isinstance(error, BackendUnavailable):
-            failed: KeylockError = self.protocol.failed(error, now)
-            return failed
-        return error
-
-    def leaving(self) -> object | None:
-        args = self.protocol.leave_args()
-        if args is None:
-            return None
-        return Trip(LEAVE, self.protocol.keys, args, None)
-
-    def close(self) -> None:
-        if self._listener is not None:
-            self._waiting.unwatch(self.key, self.owner)

@@ -9,7 +9,7 @@ import urllib.parse
 __all__ = ["SUITES", "CliError", "check_redis_url", "printable", "redact", "redis_failure"]
 
 #: Benchmark suites, run in this order; each is a module ``keylock._bench.<name>``.
-SUITES = ("memory", "file", "redis")
+SUITES = ("memory", "file", "redis", "postgres")
 
 
 class CliError(Exception):

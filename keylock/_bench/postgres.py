@@ -34,6 +34,7 @@ __all__ = ["SUBJECTS", "steps"]
 
 FAMILY = "postgres, processes"
 KEYLOCK = "keylock PostgresBackend (sync)"
+KEYLOCK_FAST = "keylock PostgresBackend (sync, durable=False)"
 PEER = "postgresql-lock (advisory)"
 _ROUND_TRIP = "SELECT 1 round trip"
 
@@ -42,18 +43,29 @@ _OVERHEAD = 0.5
 
 
 def _keylock(
-    url: str, table: str, app: str | None, closers: list[Callable[[], object]] | None = None
+    url: str,
+    table: str,
+    app: str | None,
+    closers: list[Callable[[], object]] | None = None,
+    *,
+    durable: bool = True,
 ) -> LockFor | None:
     from ..backends import PostgresBackend
 
-    if app is None:
-        backend = PostgresBackend.from_url(url, table=table)
-    else:
-        backend = PostgresBackend.from_url(url, table=table, application_name=app)
+    backend = PostgresBackend.from_url(
+        url, table=table, durable=durable, application_name=app or ""
+    )
     locks = KeyedLock(backend)
     if closers is not None:
         closers.append(locks.close_sync)
     return lambda key: locks.sync(key)
+
+
+def _keylock_fast(
+    url: str, table: str, app: str | None, closers: list[Callable[[], object]] | None = None
+) -> LockFor | None:
+    """keylock committing without waiting for the WAL flush (``durable=False``)."""
+    return _keylock(url, table, app, closers, durable=False)
 
 
 def _peer(
@@ -76,6 +88,7 @@ def _peer(
 #: is not installed). keylock's is made once per process; the peer's once per connection.
 SUBJECTS: dict[str, MakeLock] = {
     KEYLOCK: _keylock,
+    KEYLOCK_FAST: _keylock_fast,
     PEER: _peer,
 }
 
@@ -134,7 +147,8 @@ def steps(
                 lambda: zipf(suite, FAMILY, "process", subjects, seconds=seconds, repeats=repeats),
             )
         )
-    return [*found, *waiting_steps(suite, url, table, run_id, SUBJECTS)]
+    waiting = {name: SUBJECTS[name] for name in (KEYLOCK, PEER)}  # durable or not: alike
+    return [*found, *waiting_steps(suite, url, table, run_id, waiting)]
 
 
 def _installed(name: str) -> bool:
@@ -175,16 +189,11 @@ def _uncontended(suite: Suite, url: str, table: str, run_id: str, repeats: int) 
     if not _installed(PEER):
         suite.say(f"{PEER}: not installed, skipped (pip install 'python-keylock[bench]')")
     closers: list[Callable[[], object]] = []
-    from ..backends import PostgresBackend
-
-    fast = KeyedLock(PostgresBackend.from_url(url, table=table, durable=False))
-    closers.append(fast.close_sync)
     subjects = [
         (name, lock_for)
         for name, make in SUBJECTS.items()
         if (lock_for := make(url, table, None, closers)) is not None
     ]
-    subjects.insert(1, ("keylock PostgresBackend (sync, durable=False)", fast.sync))
     figures: dict[str, list[Pair]] = {}
     with psycopg.connect(url, autocommit=True) as pinger:
 

@@ -18,7 +18,7 @@ __all__ = [
 ]
 
 #: Benchmark suites, run in this order; each is a module ``keylock._bench.<name>``.
-SUITES = ("memory", "file", "redis")
+SUITES = ("memory", "file", "redis", "postgres")
 
 
 class CliError(Exception):

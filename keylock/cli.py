@@ -70,7 +70,7 @@ def _parser() -> argparse.ArgumentParser:
         help="contention benchmarks: every keylock backend against the peers",
         description="By default a headline run of about two minutes: uncontended and one hot "
         "key for each backend (in-process, file, Redis) against its peers. --full runs every "
-        "workload (about ten minutes).",
+        "workload, Postgres's too (about twelve minutes).",
     )
     size = bench.add_mutually_exclusive_group()
     size.add_argument("--full", action="store_true", help="every workload, full-length runs")
@@ -98,6 +98,11 @@ def _parser() -> argparse.ArgumentParser:
         "--redis-url",
         help="benchmark on this server instead of starting one; every key the run makes "
         "carries a unique prefix, expires, and is deleted at the end (even on Ctrl-C)",
+    )
+    bench.add_argument(
+        "--postgres-url",
+        help="benchmark Postgres on this server (also in a default run) instead of starting "
+        "one; keylock's rows go to a table of the run's own, dropped at the end (even on Ctrl-C)",
     )
 
     inspect = commands.add_parser("inspect", help="list held locks: holder, token, TTL, waiters")

@@ -32,6 +32,19 @@ class PgServer:
             cursor = conn.execute(sql, params)  # type: ignore[arg-type]
             return cursor.fetchall() if cursor.description else []
 
+    def restart(self, mode: str = "fast") -> None:
+        """Restart the server on the same socket and data: ``fast`` ends every session
+        cleanly; ``immediate`` is a crash (no shutdown checkpoint: recovery replays the WAL).
+        Committed rows survive either way (``synchronous_commit`` is on by default)."""
+        from pgserver._commands import pg_ctl
+        from pgserver.utils import PostmasterInfo
+
+        server = self._server
+        pgdata = server.pgdata  # type: ignore[attr-defined]
+        pg_ctl(["-w", "-m", mode, "restart"], pgdata=pgdata, user=server.system_user, timeout=60)  # type: ignore[attr-defined]
+        # the handle must know the new postmaster, or cleanup() would leave it running
+        server._postmaster_info = PostmasterInfo.read_from_pgdata(pgdata)  # type: ignore[attr-defined]
+
     def flush(self, table: str = TABLE) -> None:
         """Empty keylock's tables (tokens still rise: they are floored at the server clock)."""
         if self.execute("SELECT to_regclass(%s) IS NOT NULL", (table,))[0][0]:

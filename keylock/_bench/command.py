@@ -10,7 +10,7 @@ import sys
 import time
 from typing import TYPE_CHECKING
 
-from .._console import SUITES, CliError, check_redis_url, printable, redis_failure
+from .._console import SUITES, CliError, _scrub, check_redis_url, printable, redact, redis_failure
 from ..errors import KeylockError
 from . import plot
 from .harness import Mode, Suite, from_json, machine, render, render_verdicts, to_json
@@ -86,6 +86,9 @@ def _run(args: argparse.Namespace) -> tuple[list[Row], dict[str, str]]:
                 module = importlib.import_module(f"keylock._bench.{name}")
                 if name == "redis":
                     steps += module.steps(suite, stack, redis_url=args.redis_url)
+                elif name == "postgres":
+                    url, asked = args.postgres_url, "postgres" in (args.only or ())
+                    steps += module.steps(suite, stack, postgres_url=url, asked=asked)
                 elif name == "file":
                     steps += module.steps(suite, stack)
                 else:
@@ -94,11 +97,22 @@ def _run(args: argparse.Namespace) -> tuple[list[Row], dict[str, str]]:
             run_steps(steps, suite.reporter)
     except redis.RedisError as exc:
         raise redis_failure(exc, args.redis_url or "") from None
+    except Exception as exc:
+        if type(exc).__module__.partition(".")[0] not in ("psycopg", "psycopg_pool"):
+            raise
+        raise _postgres_failure(exc, args.postgres_url) from None
     except KeylockError as exc:
         raise CliError(f"the benchmark failed: {exc}") from None
     suite.info["seconds"] = f"{time.monotonic() - started:.0f}"
     print(f"[done] {suite.info['seconds']} s", file=sys.stderr, flush=True)
     return suite.rows, suite.info
+
+
+def _postgres_failure(exc: Exception, url: str | None) -> CliError:
+    """The one-line report of a psycopg error met while benchmarking Postgres at *url*."""
+    where = redact(url) if url else "started by the benchmark"
+    detail = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    return CliError(f"the Postgres server {where} failed: {_scrub(detail, url or '')}")
 
 
 def _check_server(url: str) -> None:

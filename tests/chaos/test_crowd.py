@@ -1,4 +1,5 @@
-"""Crowds on one key: 10,000 asyncio waiters in memory, 500 on Redis across five clients.
+"""Crowds on one key: 10,000 asyncio waiters in memory, 500 on Redis and on Postgres across
+five clients.
 
 Every waiter is served in arrival order or times out on time; the history checker sees no
 overlap; afterwards nothing is left: no key, no queue entry, and (in memory) no byte kept by
@@ -17,9 +18,10 @@ from collections.abc import Callable
 import redis
 
 from keylock import KeyedLock, LockTimeout
-from keylock.backends import MemoryBackend, RedisBackend
+from keylock.backends import MemoryBackend, PostgresBackend, RedisBackend
 from keylock.backends.memory import _WAITERS
 
+from .._pg_server import PgServer
 from .._redis_server import Server
 from ._history import Grant, History, Verdict, Wait
 from ._report import Report, scaled
@@ -173,6 +175,43 @@ async def test_five_hundred_waiters_on_one_key_on_redis(
         verdict,
         trials=rounds,
         notes="FIFO per client; key, queue and liveness hash gone after",
+    )
+    assert verdict.ok, verdict
+    assert verdict.timed_out == 50 * rounds
+    assert verdict.waits["granted"] == 450 * rounds
+
+
+async def test_five_hundred_waiters_on_one_key_on_postgres(
+    postgres_server: PgServer, chaos_report: Report
+) -> None:
+    """The Redis crowd on Postgres: 500 asyncio waiters over five backends queue on one key
+    held by a sixth; every tenth gives up after 0.2 s, on time; the rest are all served, each
+    backend's in its own arrival order (their turns interleave through the queue table);
+    afterwards the line holds nobody (the key's row stays, free, with its last token) and no
+    backend holds state for the key."""
+    postgres_server.flush()
+    history = History()
+    rounds = scaled(1)
+    for _ in range(rounds):
+        clients = [KeyedLock(PostgresBackend.from_url(postgres_server.url)) for _ in range(5)]
+        hold = KeyedLock(PostgresBackend.from_url(postgres_server.url))
+        served, timed_out = await _crowd(clients, "crowd", 500, history, hold)
+        for n, order in served.items():
+            assert order == [i for i in range(n, 500, 5) if i % 10 != 5]  # FIFO per client
+        assert sorted(timed_out) == [i for i in range(500) if i % 10 == 5]
+        assert postgres_server.execute("SELECT count(*) FROM keylock_leases_queue") == [(0,)]
+        assert postgres_server.execute("SELECT owner FROM keylock_leases") == [(None,)]
+        for locks in (*clients, hold):
+            b: PostgresBackend = locks.backend  # type: ignore[assignment]
+            assert (len(b._tier.local), b._tier.held, b._flows) == (0, {}, {})
+            await locks.close()
+    verdict = history.check(slack=SLACK)
+    chaos_report.record(
+        "Crowds on one key",
+        "postgres, 500 asyncio waiters on 5 backends",
+        verdict,
+        trials=rounds,
+        notes="FIFO per backend; the line empty and the key free after",
     )
     assert verdict.ok, verdict
     assert verdict.timed_out == 50 * rounds

@@ -1,12 +1,12 @@
 """Holders killed (SIGKILL) or frozen past their TTL (SIGSTOP) mid-section, in separate
-processes on the file and Redis backends; in memory, holder tasks killed by cancellation.
+processes on the file, Redis and Postgres backends; in memory, holder tasks killed by cancellation.
 
 Worker processes cycle on one key: acquire, fenced write (the claim), work, fenced write,
 release; each event goes to the parent, which builds the history and, at random instants in
 random sections, kills or freezes the holder. The history checker judges the whole run: the
 next holder never overlaps a live one; a dead holder's lease ends with it (the OS frees a file
-lock; a Redis lease runs out at its TTL); a frozen holder that wakes after a takeover has its
-write rejected by the fence; every waiter is served or times out on time.
+lock; a Redis or Postgres lease runs out at its TTL); a frozen holder that wakes after a
+takeover has its write rejected by the fence; every waiter is served or times out on time.
 """
 
 from __future__ import annotations
@@ -23,9 +23,10 @@ import pytest
 import redis
 
 from keylock import BackendUnavailable, KeyedLock, LeaseLost, LockTimeout, StaleToken
-from keylock.backends import Backend, FileBackend, RedisBackend
+from keylock.backends import Backend, FileBackend, PostgresBackend, RedisBackend
 from keylock.fencing import fenced_set_sync
 
+from .._pg_server import PgServer
 from .._redis_server import Server
 from ._history import Grant, History, Wait, Write, believed_expiry
 from ._report import Report, scaled
@@ -39,7 +40,11 @@ TIMEOUT = 5.0
 
 
 def _backend(kind: str, where: str) -> Backend:
-    return FileBackend(where) if kind == "file" else RedisBackend.from_url(where, ttl=TTL)
+    if kind == "file":
+        return FileBackend(where)
+    if kind == "postgres":
+        return PostgresBackend.from_url(where, ttl=TTL)
+    return RedisBackend.from_url(where, ttl=TTL)
 
 
 def _worker(
@@ -149,23 +154,42 @@ class _Run:
             proc.join(10)
 
 
-def _where(kind: str, tmp_path: Path, server: Server) -> str:
-    return str(tmp_path / "locks") if kind == "file" else server.url
+def _where(kind: str, tmp_path: Path, server: Server, request: pytest.FixtureRequest) -> str:
+    """Where the workers' locks live (the fenced store is the Redis server, for every kind)."""
+    if kind == "file":
+        return str(tmp_path / "locks")
+    if kind == "postgres":
+        postgres: PgServer = request.getfixturevalue("postgres_server")
+        postgres.flush()
+        return postgres.url
+    return server.url
 
 
-@pytest.mark.parametrize("kind", ["file", "redis"])
+KINDS = ["file", "redis", "postgres"]
+_LEASE_ENDS = {
+    "file": "the OS frees the lock at death",
+    "redis": "the lease runs out",
+    "postgres": "the lease row runs out",
+}
+
+
+@pytest.mark.parametrize("kind", KINDS)
 def test_holders_sigkilled_mid_section(
-    kind: str, tmp_path: Path, redis_server: Server, chaos_report: Report
+    kind: str,
+    tmp_path: Path,
+    redis_server: Server,
+    chaos_report: Report,
+    request: pytest.FixtureRequest,
 ) -> None:
     """Three processes contend; now and then the holder is SIGKILLed in the middle of its
     section (and replaced). Its lease ends with it: at once on files (the OS frees the lock),
-    at its TTL on Redis (no release ever comes); the next waiter gets the key, with a higher
-    token, well within its timeout; no overlap with any live lease. A lock whose lease
+    at its TTL on Redis and Postgres (no release ever comes); the next waiter gets the key,
+    with a higher token, well within its timeout; no overlap with any live lease. A lock whose lease
     outlived its dead holder (no TTL, no OS release) would leave every waiter to time out:
     hangs in the report."""
     redis_server.flush()
     rng = random.Random(3)
-    run = _Run(kind, _where(kind, tmp_path, redis_server), redis_server.url, None)
+    run = _Run(kind, _where(kind, tmp_path, redis_server, request), redis_server.url, None)
     kills = scaled(4)
     for _ in range(3):
         run.spawn()
@@ -191,7 +215,7 @@ def test_holders_sigkilled_mid_section(
         f"{kind}, 3 processes, SIGKILL",
         verdict,
         trials=kills,
-        notes="the OS frees the lock at death" if kind == "file" else "the lease runs out",
+        notes=_LEASE_ENDS[kind],
     )
     assert verdict.ok, verdict
     assert verdict.timed_out == 0
@@ -199,23 +223,27 @@ def test_holders_sigkilled_mid_section(
     assert verdict.max_handoff < (0.5 if kind == "file" else TTL + 1.0)
 
 
-@pytest.mark.parametrize("kind", ["file", "redis"])
+@pytest.mark.parametrize("kind", KINDS)
 def test_holders_sigstopped_past_their_ttl(
-    kind: str, tmp_path: Path, redis_server: Server, chaos_report: Report
+    kind: str,
+    tmp_path: Path,
+    redis_server: Server,
+    chaos_report: Report,
+    request: pytest.FixtureRequest,
 ) -> None:
     """Three processes contend with TTL leases; now and then the holder is frozen (SIGSTOP)
-    for twice its TTL mid-section, then resumed. On Redis another process takes over once the
-    TTL runs out, with a higher token, and the frozen holder's write on waking is rejected by
-    the fence and its release raises LeaseLost. On files the OS lock stays with the frozen
-    process (another process cannot break it, by design): the others wait, and the woken
-    holder finds its lease expired (LeaseLost) but no one else's grant. No overlap either way;
+    for twice its TTL mid-section, then resumed. On Redis and Postgres another process takes
+    over once the TTL runs out, with a higher token, and the frozen holder's write on waking is
+    rejected by the fence and its release raises LeaseLost. On files the OS lock stays with the
+    frozen process (another process cannot break it, by design): the others wait, and the
+    woken holder finds its lease expired (LeaseLost) but no one else's grant. No overlap either way;
     every waiter served or timed out on time. Without the fence the woken holder's write
     would land after the new holder's (a stale write accepted); a holder that trusted its
     old lease on waking instead of checking would show as an overlap."""
     redis_server.flush()
     rng = random.Random(4)
-    ttl = TTL if kind == "file" else None  # Redis: the backend's TTL, auto-renewed
-    run = _Run(kind, _where(kind, tmp_path, redis_server), redis_server.url, ttl)
+    ttl = TTL if kind == "file" else None  # Redis, Postgres: the backend's TTL, auto-renewed
+    run = _Run(kind, _where(kind, tmp_path, redis_server, request), redis_server.url, ttl)
     pauses = scaled(3)
     for _ in range(3):
         run.spawn()
@@ -247,9 +275,9 @@ def test_holders_sigstopped_past_their_ttl(
         + ", ".join(f"{n} {k}" for k, n in sorted(run.outcomes.items())),
     )
     assert verdict.ok, verdict
-    # every frozen holder wakes to a lost lease; on Redis someone took over and wrote first
+    # every frozen holder wakes to a lost lease; on a server someone took over and wrote first
     assert run.outcomes.get("LeaseLost", 0) >= pauses
-    if kind == "redis":
+    if kind != "file":
         assert rejected >= pauses
 
 

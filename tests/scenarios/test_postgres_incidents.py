@@ -5,14 +5,12 @@ from __future__ import annotations
 
 import asyncio
 import multiprocessing
-import os
-import signal
 import time
 
 import psycopg
 import pytest
 
-from keylock import KeyedLock, LeaseLost, LockTimeout, StaleToken
+from keylock import KeyedLock, LeaseLost, StaleToken
 from keylock.backends import PostgresBackend
 from keylock.fencing import fenced_update
 
@@ -26,16 +24,6 @@ def server(postgres_server: PgServer) -> PgServer:
     postgres_server.flush()
     postgres_server.execute("DROP TABLE IF EXISTS claims, counter, invoices")
     return postgres_server
-
-
-def _wait_for(condition: object, timeout: float = 10.0) -> bool:
-    """Poll *condition* (a callable) until true or *timeout* passes (bounded, no fixed sleep)."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if condition():  # type: ignore[operator]
-            return True
-        time.sleep(0.01)
-    return False
 
 
 async def test_twenty_claimers_on_separate_backends_one_winner(server: PgServer) -> None:
@@ -104,105 +92,6 @@ def test_four_processes_increment_without_lost_updates(server: PgServer, locked:
         assert total == 100
     else:
         assert total < 100  # lost updates: the workload does race
-
-
-def _hold_and_die(url: str, ttl: float, ready: object, tokens: object) -> None:
-    locks = KeyedLock(PostgresBackend.from_url(url, ttl=ttl))
-    lease = locks.acquire_sync("crash")
-    tokens.put(lease.token)  # type: ignore[attr-defined]
-    ready.set()  # type: ignore[attr-defined]
-    time.sleep(600)
-
-
-def test_a_sigkilled_holder_loses_the_key_within_its_ttl(server: PgServer) -> None:
-    """The holder process is SIGKILLed while a waiter is already in line (no release, no
-    NOTIFY ever comes): the waiter gets the key when the TTL runs out, as its acquire was told,
-    not at its own 60 s timeout, with a higher token."""
-    ttl = 1.0
-    ready, tokens = ctx.Event(), ctx.Queue()
-    holder = ctx.Process(target=_hold_and_die, args=(server.url, ttl, ready, tokens))
-    holder.start()
-    assert ready.wait(60)
-    first = tokens.get(timeout=10)
-    locks = KeyedLock(PostgresBackend.from_url(server.url))
-    with pytest.raises(LockTimeout):
-        locks.acquire_sync("crash", timeout=0)  # held by the live process
-    os.kill(holder.pid, signal.SIGKILL)  # type: ignore[arg-type]
-    killed = time.monotonic()
-    lease = locks.acquire_sync("crash", timeout=60)
-    assert time.monotonic() - killed < ttl + 1.0  # within its TTL (plus slack for CI)
-    assert lease.token > first
-    lease.release_sync()
-    locks.close_sync()
-    holder.join(10)
-
-
-def _connections(server: PgServer, name: str) -> list[int]:
-    rows = server.execute("SELECT pid FROM pg_stat_activity WHERE application_name = %s", (name,))
-    return [int(pid) for (pid,) in rows]  # type: ignore[call-overload]
-
-
-def test_terminating_the_holders_connections_keeps_its_lease(server: PgServer) -> None:
-    """``pg_terminate_backend`` of every connection of the holder's backend. Defined behaviour:
-    a lease lives in a row, not in a session, so it survives; the holder's next renewal fails
-    on the dead connection, retries within ttl/10 on a new one, and the lease never lapses
-    (nobody else gets the key); its release then works. Had the renewal not reconnected, the
-    lease would have been reported lost at its TTL (the renewer's rule)."""
-    ttl = 1.5
-    backend = PostgresBackend.from_url(server.url, ttl=ttl, application_name="holder")
-    locks = KeyedLock(backend)
-    other = KeyedLock(PostgresBackend.from_url(server.url))
-    lease = locks.acquire_sync("terminated")
-    assert _wait_for(lambda: _connections(server, "holder"))
-    for pid in _connections(server, "holder"):
-        server.execute("SELECT pg_terminate_backend(%s)", (pid,))
-    first_expiry = lease.expires_at
-    assert first_expiry is not None
-    assert _wait_for(lambda: lease.expires_at > first_expiry + ttl, timeout=3 * ttl)  # type: ignore[operator]
-    assert not lease.lost
-    with pytest.raises(LockTimeout):
-        other.acquire_sync("terminated", timeout=0)
-    lease.release_sync()
-    again = other.acquire_sync("terminated", timeout=0)
-    again.release_sync()
-    locks.close_sync()
-    other.close_sync()
-
-
-def test_terminating_a_waiters_listening_connection_still_hands_over(server: PgServer) -> None:
-    """The waiter's process loses its LISTEN connection (``pg_terminate_backend``): the
-    listener reconnects and wakes its waiters to try again; the waiter is granted the key at
-    the release, well before its safety-net poll would matter (poll=30 s here)."""
-    holder = KeyedLock(PostgresBackend.from_url(server.url))
-    waiting = KeyedLock(PostgresBackend.from_url(server.url, poll=30.0, application_name="w"))
-    lease = holder.acquire_sync("listen")
-    granted: list[int] = []
-
-    def wait() -> None:
-        got = waiting.acquire_sync("listen", timeout=30)
-        granted.append(got.token)
-        got.release_sync()
-
-    import threading
-
-    thread = threading.Thread(target=wait)
-    thread.start()
-    assert _wait_for(lambda: holder.statistics("listen").waiting == 0 and _listening(server))
-    for pid in _connections(server, "w"):
-        server.execute("SELECT pg_terminate_backend(%s)", (pid,))
-    started = time.monotonic()
-    lease.release_sync()
-    thread.join(30)
-    assert granted
-    assert granted[0] > lease.token
-    assert time.monotonic() - started < 5.0
-    holder.close_sync()
-    waiting.close_sync()
-
-
-def _listening(server: PgServer) -> bool:
-    rows = server.execute("SELECT count(*) FROM pg_stat_activity WHERE query LIKE 'LISTEN %%'")
-    return bool(rows[0][0])
 
 
 def test_fenced_update_in_the_same_database_rejects_the_stale_holder(server: PgServer) -> None:

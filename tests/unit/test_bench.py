@@ -18,6 +18,7 @@ import redis
 
 from keylock import KeyedLock
 from keylock._bench import file, inproc, memory, plot, workload
+from keylock._bench import postgres as postgres_suite
 from keylock._bench import redis as redis_suite
 from keylock._bench.contend import FileWitness, ThreadWitness, run_processes, run_tasks
 from keylock._bench.harness import Row, Suite, from_json, render, to_json, verdicts
@@ -28,6 +29,7 @@ from keylock._bench.zipf import zipf_indices
 from keylock.backends import FileBackend
 from keylock.cli import main
 
+from .._pg_server import PgServer
 from .._redis_server import Server
 
 
@@ -334,3 +336,48 @@ def test_bench_on_a_users_server_deletes_every_key_it_made_even_on_ctrl_c(
     assert list(client.scan_iter(count=1_000)) == [b"users:1"]
     assert client.get("users:1") == b"the user's own data"
     client.close()
+
+
+def _bench_tables(server: PgServer) -> list[str]:
+    rows = server.execute("SELECT tablename FROM pg_tables WHERE tablename LIKE 'keylock_bench_%%'")
+    found = server.execute("SELECT proname FROM pg_proc WHERE proname LIKE 'keylock_bench_%%'")
+    return [str(name) for (name,) in rows + found]
+
+
+def test_the_postgres_suite_runs_only_when_asked_and_cleans_up_the_users_server(
+    postgres_server: PgServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Issue 13: Postgres against postgresql-lock, in --full or with --postgres-url only (the
+    default run stays short); on the user's server the run's own table and functions are
+    dropped at the end; each subject's hot-key rows carry waits and no violation."""
+    with contextlib.ExitStack() as stack:
+        assert postgres_suite.steps(Suite(mode="headline", progress=False), stack) == []
+    real_hot_key = workload.hot_key
+
+    def short(*args: Any, **options: Any) -> None:
+        real_hot_key(*args, **{**options, "workers": (2,), "repeats": 1, "seconds": 0.05})
+
+    monkeypatch.setattr(workload, "hot_key", short)
+    suite = Suite(mode="headline", progress=False)
+    with contextlib.ExitStack() as stack:
+        plan = postgres_suite.steps(suite, stack, postgres_url=postgres_server.url)
+        assert [step.label for step in plan] == [
+            "postgres: uncontended acquire+release",
+            "postgres, processes: hot key, 4 processes",
+            "postgres: connections held by 16 waiters",
+        ]
+        plan[1].run()
+        assert [(r.subject, r.unit, r.workers, r.extra["violations"]) for r in suite.rows] == [
+            (postgres_suite.KEYLOCK, "hand-offs/s", 2, 0.0),
+            (postgres_suite.KEYLOCK_FAST, "hand-offs/s", 2, 0.0),
+            (postgres_suite.PEER, "hand-offs/s", 2, 0.0),
+        ]
+        assert all("wait_p99_ms" in row.extra for row in suite.rows)
+        assert _bench_tables(postgres_server)  # made in the user's database ...
+    assert _bench_tables(postgres_server) == []  # ... and dropped at the end
+    full = Suite(mode="full", progress=False)
+    with contextlib.ExitStack() as stack:
+        plan = postgres_suite.steps(full, stack, postgres_url=postgres_server.url)
+        labels = [step.label for step in plan]
+    assert len([label for label in labels if "hot key" in label]) == 5
+    assert "postgres, processes: 1,000 Zipf keys" in labels

@@ -39,6 +39,7 @@ _HOLDER = 6  # the frame of the block holding the key, or None (to refuse re-ent
 # The owner of a lapsed record: a lease that ended without a live release, kept until the key
 # is next used so its next holder learns it took the key over.
 _LAPSED = object()
+MAX_LAPSED = 10_000  # lapsed records kept at most (beyond, all are forgotten at once)
 
 
 class MemoryBackend(Backend):
@@ -47,7 +48,8 @@ class MemoryBackend(Backend):
     Hand-off is FIFO (a releasing holder gives the key straight to the oldest waiter, so
     nobody barges); a waiter whose event loop has closed is skipped. Per-key state is freed as
     soon as a key is neither held nor awaited (a lease that lapsed leaves a small record until
-    its key is next used, which tells the next holder it took the key over). Tokens count up
+    its key is next used, which tells the next holder it took the key over; at most
+    ``MAX_LAPSED`` of them). Tokens count up
     by one per grant from the wall clock in µs at construction, so they increase per key and
     do not go back across a restart of the process (as long as it granted fewer than one
     lease per µs over its life).
@@ -63,7 +65,8 @@ class MemoryBackend(Backend):
         # (a forked child resets the mutex and forgets the entries: the parent's threads,
         # which held its keys and may have held the mutex, do not exist there)
         self._mutex = threading.Lock()  # guards _entries and every entry
-        self._entries: dict[str, _Entry] = {}  # guarded by _mutex; exactly the held keys
+        self._entries: dict[str, _Entry] = {}  # guarded by _mutex: held keys, lapsed records
+        self._lapsed = 0  # guarded by _mutex: how many entries are lapsed records
         # Tokens count up from the wall clock in µs at construction: a backend made after a
         # restart starts past every token of the last process (unless that one granted more
         # than a lease per µs on average over its whole life). next() on a count is atomic.
@@ -80,11 +83,11 @@ class MemoryBackend(Backend):
         _BACKENDS.add(self)
 
     def __repr__(self) -> str:
-        return f"MemoryBackend(held={len(self._entries)})"
+        return f"MemoryBackend(held={len(self)})"
 
     def __len__(self) -> int:
         """How many keys are held now (for leak checks)."""
-        return len(self._entries)
+        return len(self._entries) - self._lapsed
 
     # ------------------------------------------------------------------------------- step
 
@@ -241,6 +244,8 @@ class MemoryBackend(Backend):
                 return
             # its event loop is closed: nobody will ever release this grant, so pass it on
             waiter.grant = None
+        if entry[_OWNER] is _LAPSED:
+            self._lapsed -= 1
         del self._entries[key]
 
     @staticmethod
@@ -293,9 +298,15 @@ class MemoryBackend(Backend):
         (*took_over*) with nobody waiting leaves a lapsed record, so the next holder still
         learns it took the key over. Caller holds _mutex."""
         if took_over and not entry[_WAITERS]:
+            if self._lapsed >= MAX_LAPSED:  # keys nobody came back for: forget them
+                lapsed = [k for k, e in self._entries.items() if e[_OWNER] is _LAPSED]
+                for forgotten in lapsed:
+                    del self._entries[forgotten]
+                self._lapsed = 0
             entry[_OWNER] = _LAPSED  # nobody's: no release or extend matches it any more
             entry[_DEADLINE] = -math.inf  # lapsed: the next caller takes it over
             entry[_HOLDER] = None
+            self._lapsed += 1
             return
         self._hand_off(key, entry, took_over=took_over)
 
@@ -358,6 +369,7 @@ def _after_fork_in_child() -> None:
     for backend in list(_BACKENDS):
         backend._mutex._at_fork_reinit()  # type: ignore[attr-defined]  # (as threading does)
         backend._entries.clear()
+        backend._lapsed = 0
 
 
 os.register_at_fork(after_in_child=_after_fork_in_child)

@@ -10,6 +10,7 @@ TypeError/ValueError at construction.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
 import functools
 import inspect
@@ -275,13 +276,17 @@ def _poll_ok(poll: object) -> bool:
 
 
 def _exercise(locks: KeyedLock, other: KeyedLock, history: History, key: str) -> None:
-    """Hold the key, have a second client try it (must time out or wait), release, and let
-    the second client take it: two grants, no overlap."""
+    """Hold the key, have a second client try it from another thread (must time out: from
+    this thread it would be a re-entry), release, and let the second client take it: two
+    grants, no overlap."""
     for n, client in enumerate((locks, other)):
         with client.sync(key, timeout=5) as lease:
             grant = history.granted(Grant(key, lease.token, f"c{n}", time.monotonic(), None))
-            with pytest.raises(LockTimeout):
-                (other if n == 0 else locks).acquire_sync(key, timeout=0.05)
+            second = other if n == 0 else locks
+            with concurrent.futures.ThreadPoolExecutor(1) as pool:
+                attempt = pool.submit(second.acquire_sync, key, timeout=0.05)
+                with pytest.raises(LockTimeout):
+                    attempt.result()
             grant.released_at = time.monotonic()
 
 

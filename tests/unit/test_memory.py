@@ -125,3 +125,42 @@ async def test_statistics_report_holder_and_queue() -> None:
     assert stats.key == "ns:s"
     await lease.release()
     await (await task).release()
+
+
+class _Clock:
+    """A clock this test moves: leases lapse exactly when it says."""
+
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def monotonic(self) -> float:
+        return self.now
+
+    def time(self) -> float:
+        return self.now
+
+
+def test_lapsed_records_tell_the_next_holder_and_stay_bounded(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A lease released after it lapsed leaves a record (so the key's next holder learns it
+    took over), which is not a held key and is never kept beyond MAX_LAPSED of them."""
+    from keylock.backends import memory
+
+    monkeypatch.setattr(memory, "MAX_LAPSED", 3)
+    clock = _Clock()
+    backend = MemoryBackend(clock=clock)
+    locks = KeyedLock(backend)
+    for n in range(5):
+        lease = locks.acquire_sync(f"k{n}", ttl=1.0)
+        clock.now += 2.0
+        with pytest.raises(LeaseLost):
+            lease.release_sync()
+        assert len(backend) == 0  # nothing held
+        assert not locks.statistics(f"k{n}").held
+    assert len(backend._entries) <= 3  # the oldest were forgotten
+    again = locks.acquire_sync("k4")
+    assert again.took_over  # the latest lapse is still known
+    again.release_sync()
+    assert len(backend._entries) <= 3
+    assert len(backend) == 0

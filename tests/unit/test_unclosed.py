@@ -78,8 +78,12 @@ def test_an_unclosed_postgres_backend_warns_and_a_closed_one_does_not(
     postgres_server.flush()
     box: list[Backend] = [PostgresBackend.from_url(postgres_server.url, auto_renew=False)]
     _used(box[0])
+    # the pool outlives its backend here and is closed by the test: collected, psycopg_pool's
+    # own __del__ joins its workers and fails when a worker thread ran that collection
+    pool = box[0]._connections.sync_wire().pool  # type: ignore[attr-defined]
     with pytest.warns(ResourceWarning, match=f"unclosed PostgresBackend\\(.*{_FIX}"):
         _forget(box)
+    pool.close()
 
     def closed() -> Backend:
         backend = PostgresBackend.from_url(postgres_server.url)

@@ -23,7 +23,7 @@ import redis.asyncio
 
 from keylock import BackendUnavailable, KeyedLock, Lease, LeaseLost, LockTimeout
 from keylock.backends import RedisBackend
-from keylock.backends.redis._renewer import Renewal
+from keylock.backends._renewer import Renewal
 
 from .._redis_server import Server
 from ._history import Grant, History, RedisFencedStore, Wait, believed_expiry

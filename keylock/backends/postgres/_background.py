@@ -1,27 +1,24 @@
-"""The Postgres backend's two threads per process: one LISTENing connection that wakes the
-waiter a release handed the key to, and one renewer that extends every due lease in one
-statement per wake-up."""
+"""The Postgres backend's background work: one LISTENing connection per process that wakes
+the waiter a release handed the key to, and how the shared renewer
+(:mod:`keylock.backends._renewer`) extends every due lease: one statement per wake-up."""
 
 from __future__ import annotations
 
-import heapq
-import itertools
 import logging
 import threading
-import time
 import weakref
 from typing import TYPE_CHECKING, cast
 
-from ...errors import BackendUnavailable, LeaseLost
+from ...errors import BackendUnavailable
 from ._sql import stored
 from ._wire import listen_connection
 
 if TYPE_CHECKING:
-    from ...lease import Lease
+    from .._renewer import Renewal
     from ._waiting import Waiting
     from .backend import PostgresBackend
 
-__all__ = ["Listener", "Renewer", "renew_all"]
+__all__ = ["Listener", "renew_all"]
 
 logger = logging.getLogger("keylock")
 
@@ -84,126 +81,25 @@ class Listener:
         self._stop.set()
 
 
-class Renewer:
-    """One daemon thread per backend renewing tracked leases, each at a third of its TTL; the
-    leases due at one wake-up are renewed in one statement (a heap orders them by due time)."""
+def renew_all(backend: PostgresBackend) -> Renewal:
+    """A :data:`~keylock.backends._renewer.Renewal` for *backend*: every due lease of this
+    process in one statement; True for each one still ours (and extended), False if not."""
+    ref = weakref.ref(backend)
 
-    def __init__(self, backend: PostgresBackend) -> None:
-        self._backend = weakref.ref(backend)
-        self._cond = threading.Condition()
-        self._due: dict[Lease, float] = {}  # lease -> its next renewal (time.monotonic())
-        self._heap: list[tuple[float, int, Lease]] = []  # stale entries are skipped on pop
-        self._order = itertools.count()
-        self._wake_at = 0.0  # when the thread will look next (guarded by _cond)
-        self._stopped = False
-        self._thread = threading.Thread(
-            target=self._run, name="keylock-postgres-renewer", daemon=True
+    def renew(batch: list[tuple[str, bytes, float]]) -> list[object]:
+        found = ref()
+        if found is None:
+            return [BackendUnavailable("the backend was closed")] * len(batch)
+        rows = found._run_sync(
+            batch[0][0],
+            found._schema.renew,
+            [
+                [stored(key) for key, _, _ in batch],
+                [owner for _, owner, _ in batch],
+                [max(int(ttl * 1000), 1) for _, _, ttl in batch],
+            ],
         )
-        self._thread.start()
+        renewed = {bytes(cast("bytes", row[0])) for row in rows}
+        return [owner in renewed for _, owner, _ in batch]
 
-    def add(self, lease: Lease, left: float | None = None) -> None:
-        """Renew *lease* a third of the way to its expiry (or *left* seconds from now)."""
-        if left is None:
-            deadline = lease._deadline
-            remaining = lease.ttl or 1.0
-            if deadline is not None:
-                remaining = min(remaining, max(deadline - time.monotonic(), 0.0))
-            left = remaining / 3
-        self._schedule(lease, time.monotonic() + left)
-
-    def _schedule(self, lease: Lease, due: float) -> None:
-        with self._cond:
-            self._due[lease] = due
-            heapq.heappush(self._heap, (due, next(self._order), lease))
-            if due < self._wake_at:
-                self._cond.notify()
-
-    def remove(self, lease: Lease) -> None:
-        with self._cond:
-            self._due.pop(lease, None)
-
-    def tracking(self, lease: Lease) -> bool:
-        with self._cond:
-            return lease in self._due
-
-    def stop(self) -> None:
-        with self._cond:
-            self._stopped = True
-            self._cond.notify()
-
-    def _ready(self) -> list[Lease] | None:
-        """The leases due now (waiting until some are); None once stopped."""
-        with self._cond:
-            while not self._stopped:
-                now = time.monotonic()
-                ready: list[Lease] = []
-                heap = self._heap
-                while heap and heap[0][0] <= now:
-                    due, _, lease = heapq.heappop(heap)
-                    if self._due.get(lease) == due:  # else: removed or rescheduled
-                        ready.append(lease)
-                if ready:
-                    self._wake_at = 0.0  # busy: new leases are picked up next round
-                    return ready
-                self._wake_at = heap[0][0] if heap else now + 3600.0
-                self._cond.wait(max(self._wake_at - now, 0.001))
-            return None
-
-    def _run(self) -> None:
-        while (ready := self._ready()) is not None:
-            backend = self._backend()
-            if backend is None:
-                return
-            try:
-                lost = renew_all(backend, ready)
-            except BackendUnavailable as exc:
-                now = time.monotonic()
-                lost = []
-                for lease in ready:
-                    deadline = lease._deadline
-                    if deadline is not None and now < deadline:  # still valid: retry soon
-                        self.add(lease, min((lease.ttl or 1.0) / 10, 1.0))
-                    else:
-                        logger.warning("keylock: renewal of %r failed: %s", lease.key, exc)
-                        lost.append(lease)
-            else:
-                for lease in ready:
-                    if lease not in lost and self.tracking(lease):
-                        self.add(lease, (lease.ttl or 1.0) / 3)
-            del backend
-            for lease in lost:
-                with self._cond:
-                    if self._due.pop(lease, None) is None:
-                        continue  # released meanwhile: nothing to tell
-                lease._on_lost()
-
-
-def renew_all(backend: PostgresBackend, leases: list[Lease]) -> list[Lease]:
-    """Renew *leases* in one statement (from the renewer thread); return the lost ones."""
-    ttls = [lease.ttl or backend._ttl for lease in leases]
-    sent = (time.time(), time.monotonic())
-    rows = backend._run_sync(
-        leases[0]._full_key,
-        backend._schema.renew,
-        [
-            [stored(lease._full_key) for lease in leases],
-            [lease._owner for lease in leases],
-            [max(int(ttl * 1000), 1) for ttl in ttls],
-        ],
-    )
-    renewed = {bytes(cast("bytes", row[0])) for row in rows}
-    lost = []
-    tier = backend._tier
-    for lease, ttl in zip(leases, ttls, strict=True):
-        if lease._owner not in renewed:
-            lost.append(lease)
-            continue
-        with tier.mutex:
-            held = tier.held.get(lease._full_key)
-        if held is None or held.owner != lease._owner:
-            continue  # released meanwhile
-        try:
-            lease._on_renewed(backend._extended(lease._full_key, held, ttl, sent))
-        except LeaseLost:
-            lost.append(lease)
-    return lost
+    return renew

@@ -9,6 +9,7 @@ import threading
 import time
 from typing import TYPE_CHECKING, cast
 
+from .._renewer import Renewer
 from .._tiered import Held, Tier, TieredBackend
 from .._unclosed import Unclosed
 from ..base import Grant, KeyStatistics
@@ -24,7 +25,6 @@ if TYPE_CHECKING:
     from .._tiered import Flow
     from .._waiters import Waiter
     from ..base import Deadline
-    from ._background import Renewer
     from ._wire import Rows
 
 __all__ = ["PostgresBackend"]
@@ -340,10 +340,24 @@ class PostgresBackend(Unclosed, TieredBackend):
         if self.auto_renew and lease.ttl:
             with self._mutex:
                 if self._renewer is None:
-                    from ._background import Renewer
+                    from ._background import renew_all
 
-                    self._renewer = Renewer(self)
+                    self._renewer = Renewer(
+                        renew_all(self),
+                        self._ttl / 3,
+                        name="keylock-postgres-renewer",
+                        dated=self._renewed,
+                    )
             self._renewer.add(lease)
+
+    def _renewed(self, lease: Lease, ttl: float, sent_wall: float, sent: float) -> Grant:
+        """A renewal sent at (*sent_wall*, *sent*) landed: move the in-process turn too
+        (LeaseLost if it lapsed meanwhile)."""
+        with self._tier.mutex:
+            held = self._tier.held.get(lease._full_key)
+        if held is None or held.owner != lease._owner:
+            raise self._lost(lease.key, lease.token)  # released meanwhile
+        return self._extended(lease._full_key, held, ttl, (sent_wall, sent))
 
     def _untrack(self, lease: Lease) -> None:
         if self._renewer is not None:

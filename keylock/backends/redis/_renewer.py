@@ -1,41 +1,20 @@
-"""One daemon thread per backend keeping every auto-renewed lease alive.
-
-Leases wait in a heap by due time (a third of their TTL after their last renewal); each
-wake-up renews every due lease in one pipelined round trip, so the cost of a round does not
-grow with the number of leases. ``extend()`` reschedules a lease at a third of its new TTL.
-The thread runs no user code: it calls only the lease's own hooks (``_on_renewed``,
-``_on_lost``), which return at once and deliver any callback (an observer, ``on_lost``) on the
-holder's event loop or keylock's callback thread, so a slow callback never delays a renewal.
-Every failure is logged; none stops the thread.
-"""
+"""How the shared renewer (:mod:`keylock.backends._renewer`) renews Redis leases: every
+EXTEND of a batch in one pipelined round trip."""
 
 from __future__ import annotations
 
-import heapq
-import itertools
-import logging
-import threading
-import time
-from collections.abc import Callable
 from typing import TYPE_CHECKING
 
-from ..base import Grant
 from ._flow import extend_call
 from ._scripts import EXTEND
 from ._wire import map_errors
 
 if TYPE_CHECKING:
-    from ...lease import Lease
+    from .._renewer import Renewal
     from ._connections import Connections
     from ._keys import Layout
 
-__all__ = ["Renewal", "Renewer", "extend_all"]
-
-logger = logging.getLogger("keylock")
-
-#: Renew a batch of leases: (key, owner, ttl) each -> True (extended), False (not ours any
-#: more), or an exception (this lease's renewal failed; an exception raised fails them all).
-Renewal = Callable[[list[tuple[str, bytes, float]]], list[object]]
+__all__ = ["extend_all"]
 
 
 def extend_all(connections: Connections, layout: Layout) -> Renewal:
@@ -49,154 +28,3 @@ def extend_all(connections: Connections, layout: Layout) -> Renewal:
         return [reply if isinstance(reply, Exception) else reply == 1 for reply in replies]
 
     return renew
-
-
-class _Entry:
-    """A tracked lease: its TTL, its next renewal and until when it is surely ours."""
-
-    __slots__ = ("due", "lease", "seq", "ttl", "valid_until")
-
-    def __init__(self, lease: Lease, ttl: float, valid_until: float) -> None:
-        self.lease = lease
-        self.ttl = ttl
-        self.valid_until = valid_until  # time.monotonic()
-        self.due = 0.0
-        self.seq = 0  # the heap item that is current (older ones are skipped)
-
-
-class Renewer:
-    """Renews tracked leases through *renew* (see :data:`Renewal`) on one thread."""
-
-    def __init__(self, renew: Renewal, idle: float, *, batch: int = 1000) -> None:
-        self._renew = renew
-        self._cond = threading.Condition()
-        self._entries: dict[Lease, _Entry] = {}  # guarded by _cond
-        self._heap: list[tuple[float, int, Lease]] = []  # guarded by _cond; stale items skipped
-        self._seq = itertools.count()
-        self._wake_at = 0.0  # when the thread will look next (guarded by _cond)
-        self._idle = idle  # the soonest a lease at the default TTL is due
-        self._batch = batch
-        self._stopped = False
-        self._thread = threading.Thread(target=self._run, name="keylock-redis-renewer", daemon=True)
-        self._thread.start()
-
-    # ----------------------------------------------------------------- called by the backend
-
-    def add(self, lease: Lease) -> None:
-        """Look after *lease*: first renewal at a third of the time it has left (a lease
-        handed over at a release starts with its short claim window)."""
-        ttl = lease.ttl or 1.0
-        left = ttl
-        now = time.monotonic()
-        if lease._deadline is not None:
-            left = min(left, max(lease._deadline - now, 0.0))
-        entry = _Entry(lease, ttl, now + left)
-        with self._cond:
-            self._entries[lease] = entry
-            self._schedule(entry, now + left / 3)
-
-    def remove(self, lease: Lease) -> None:
-        with self._cond:
-            self._entries.pop(lease, None)
-
-    def stop(self) -> None:
-        with self._cond:
-            self._stopped = True
-            self._cond.notify()
-        if self._thread is not threading.current_thread():
-            self._thread.join(5)
-
-    # ------------------------------------------------------------------------ the thread
-
-    def _schedule(self, entry: _Entry, due: float) -> None:  # holding _cond
-        entry.due = due
-        entry.seq = next(self._seq)
-        heapq.heappush(self._heap, (due, entry.seq, entry.lease))
-        if due < self._wake_at:  # wake the thread only if it would sleep past this one
-            self._cond.notify()
-
-    def _take_due(self) -> list[_Entry] | None:
-        """The entries due now (waiting until some are); None once stopped."""
-        with self._cond:
-            while not self._stopped:
-                now = time.monotonic()
-                due: list[_Entry] = []
-                heap = self._heap
-                while heap and len(due) < self._batch:
-                    when, seq, lease = heap[0]
-                    entry = self._entries.get(lease)
-                    if entry is None or entry.seq != seq:
-                        heapq.heappop(heap)  # released, or rescheduled since
-                    elif when <= now:
-                        heapq.heappop(heap)
-                        due.append(entry)
-                    else:
-                        break
-                if due:
-                    self._wake_at = 0.0  # busy renewing: new leases are picked up next round
-                    return due
-                # idle: look again when a lease taken now at the default TTL would be due,
-                # so taking one never has to wake this thread (a thread switch per acquire)
-                self._wake_at = heap[0][0] if heap else now + self._idle
-                self._cond.wait(max(self._wake_at - now, 0.001))
-            return None
-
-    def _run(self) -> None:
-        while (due := self._take_due()) is not None:
-            try:
-                self._renew_due(due)
-            except Exception:  # never fatal: the leases are looked at again soon
-                logger.exception("keylock: renewing %d leases failed", len(due))
-                with self._cond:
-                    for entry in due:
-                        if self._entries.get(entry.lease) is entry:
-                            self._schedule(entry, time.monotonic() + min(entry.ttl / 10, 1.0))
-
-    def _renew_due(self, due: list[_Entry]) -> None:
-        sent, sent_wall = time.monotonic(), time.time()
-        batch = [(entry.lease._full_key, entry.lease._owner, entry.ttl) for entry in due]
-        try:
-            results: list[object] = self._renew(batch)
-        except Exception as exc:
-            results = [exc] * len(due)
-        now = time.monotonic()
-        gone: list[Lease] = []
-        with self._cond:
-            for entry, result in zip(due, results, strict=True):
-                if self._entries.get(entry.lease) is not entry:
-                    continue  # released meanwhile
-                if result is True:
-                    entry.valid_until = sent + entry.ttl
-                    self._schedule(entry, sent + entry.ttl / 3)
-                    self._renewed(entry.lease, sent_wall + entry.ttl, sent + entry.ttl)
-                elif isinstance(result, Exception) and now < entry.valid_until:
-                    self._schedule(entry, now + min(entry.ttl / 10, 1.0))  # try again soon
-                else:
-                    if isinstance(result, Exception):
-                        logger.warning(
-                            "keylock: renewal of %r failed past its expiry: %s",
-                            entry.lease.key,
-                            result,
-                        )
-                    del self._entries[entry.lease]
-                    gone.append(entry.lease)
-        for lease in gone:
-            self._lost(lease)
-
-    # ------------------------------------------------------------- the lease's hooks, safely
-
-    @staticmethod
-    def _renewed(lease: Lease, expires_at: float, deadline: float) -> None:
-        # the lease's own hook returns at once and hands any user code elsewhere
-        _guarded(lambda: lease._on_renewed(Grant(lease.token, expires_at, deadline)))
-
-    @staticmethod
-    def _lost(lease: Lease) -> None:
-        _guarded(lease._on_lost)
-
-
-def _guarded(call: Callable[[], object]) -> None:
-    try:
-        call()
-    except Exception:
-        logger.exception("keylock: a lease callback raised (ignored)")

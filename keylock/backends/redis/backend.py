@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING
 
 from ..._validate import check_backend_ttl
 from ...errors import LeaseLost
+from .._renewer import Renewal, Renewer
 from .._tiered import Flow, Held, Tier, TieredBackend
 from .._unclosed import Unclosed
 from ..base import Deadline, Grant, KeyStatistics
@@ -21,7 +22,7 @@ from ._connections import Connections
 from ._flow import AcquireFlow, RedisFlow, ServerClock, Trip, check_seconds, extend_call, lost
 from ._keys import Layout
 from ._listener import Waiting
-from ._renewer import Renewal, Renewer, extend_all
+from ._renewer import extend_all
 from ._scripts import EXTEND, FENCE_SLACK_MS, RELEASE, RELEASE_MARK_MS, Script
 from ._wire import Arg, map_errors
 
@@ -298,7 +299,9 @@ class RedisBackend(Unclosed, TieredBackend):
         if self.auto_renew and lease.ttl:
             with self._tier.mutex:
                 if self._renewer is None:
-                    self._renewer = Renewer(self._renewal(), self._ttl / 3)
+                    self._renewer = Renewer(
+                        self._renewal(), self._ttl / 3, name="keylock-redis-renewer"
+                    )
             self._renewer.add(lease)
 
     def _renewal(self) -> Renewal:

@@ -25,8 +25,8 @@ import redis
 
 from keylock import BackendUnavailable, KeyedLock, Lease, LeaseLost, LockTimeout
 from keylock.backends import RedisBackend
-from keylock.backends.base import Grant as LeaseGrant
 from keylock.backends._renewer import Renewal
+from keylock.backends.base import Grant as LeaseGrant
 
 from .._redis_server import Server
 from ._history import Grant, History, RedisFencedStore, Wait, believed_expiry

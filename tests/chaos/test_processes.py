@@ -220,7 +220,9 @@ def test_holders_sigkilled_mid_section(
     assert verdict.ok, verdict
     assert verdict.timed_out == 0
     assert verdict.max_handoff is not None
-    assert verdict.max_handoff < (0.5 if kind == "file" else TTL + 1.0)
+    # file leases have no TTL here: any hand-off at all proves the OS freed the dead holder's
+    # lock (how fast is a benchmark figure); the bound only catches a hang
+    assert verdict.max_handoff < (TIMEOUT if kind == "file" else TTL + 1.0)
 
 
 @pytest.mark.parametrize("kind", KINDS)

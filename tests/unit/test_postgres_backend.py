@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import psycopg_pool
+import pytest
 from psycopg import pq
 
 from keylock import KeyedLock
@@ -173,3 +174,29 @@ def test_the_fast_commit_is_this_transaction_only(postgres_server: PgServer) -> 
         assert row == ("on",)
     locks.close_sync()
     pool.close()
+
+
+def test_a_grant_whose_reply_came_after_its_expiry_is_never_returned() -> None:
+    """A statement that stalled longer than the TTL brought back a grant that had already
+    run out, and the flow returned it (a lease already lost). Now it tries again at once."""
+    from keylock.backends.base import Deadline, Grant
+    from keylock.backends.postgres._flow import PostgresFlow
+
+    flow = PostgresFlow(
+        "job",
+        b"\1" * 16,
+        0.05,
+        Deadline("job", 10.0, 100.0),
+        None,
+        Grant(1, None),
+        1.0,  # type: ignore[arg-type]
+    )
+    assert flow.next(100.0) is not None
+    flow.on_reply((1, 7, 50, False), 100.2)  # granted for 50 ms, answered 200 ms later
+    assert flow.grant is None
+    step = flow.next(100.2)
+    assert step is not None
+    assert step.trip is not None  # asks again at once
+    flow.on_reply((1, 7, 50, False), 100.21)
+    assert flow.grant is not None
+    assert flow.grant[2] == pytest.approx(100.25)

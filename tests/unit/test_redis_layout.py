@@ -223,3 +223,20 @@ async def test_a_waiter_blocked_past_its_claim_window_keeps_waiting(url: str) ->
     await lease.release()
     for locks in (holder, waiter, intruder):
         await locks.close()
+
+
+def test_a_grant_whose_reply_came_after_its_expiry_is_never_returned() -> None:
+    """A trip that stalled longer than the TTL (a loaded machine, a slow link) brought back a
+    grant that had already run out, and the flow returned it: a caller got a lease that was
+    already lost (seen under load by the chaos suite with 50 ms TTLs). Now it asks again."""
+    clock = ServerClock()
+    flow = _flow()
+    assert flow.next_trip(100.0) is not None
+    # granted for 30 s, but the reply took 31 s to come back
+    assert not flow.on_reply([1, 7, 30_000, 0], 1.0, 32.0, 131.0, clock, True)
+    assert flow.grant is None
+    assert flow.retry_at == 131.0
+    # a timely reply is a grant, dated from before the request
+    assert flow.on_reply([1, 7, 30_000, 0], 1.0, 1.5, 131.5, clock, True)
+    assert flow.grant is not None
+    assert flow.grant[2] == pytest.approx(161.0)

@@ -66,7 +66,15 @@ class PostgresFlow(Flow):
         status, token, ms_left, took_over = cast("tuple[int, int, int, bool | None]", reply)
         if status == 1:
             # the lease runs from when the try was sent: never later than the server's
-            self.grant = Grant(int(token), None, self.sent_at + ms_left / 1000, bool(took_over))
+            lapses = self.sent_at + ms_left / 1000
+            if lapses > now:
+                self.grant = Grant(int(token), None, lapses, bool(took_over))
+                return
+            # the reply came after the lease it grants ran out (a statement stalled longer
+            # than the TTL): never return it; ask again, which renews it if still ours
+            if self.deadline.passed(now):
+                raise self.deadline.expired()
+            self._due = now
             return
         if self.deadline.passed(now):
             raise self.deadline.expired()

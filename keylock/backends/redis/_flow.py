@@ -242,10 +242,16 @@ class AcquireFlow:
             # expiry as seen from here: counted from before the request, so never late
             left = int(rest[0]) / 1000
             took_over = len(rest) > 1 and int(rest[1]) == 1
-            self.grant = Grant(
-                int(value), sent_at + left, now - (received - sent_at) + left, took_over
-            )
-            return True
+            deadline = now - (received - sent_at) + left
+            if deadline > now:
+                self.grant = Grant(int(value), sent_at + left, deadline, took_over)
+                return True
+            # the reply came after the lease it grants ran out (a trip stalled longer than
+            # the TTL): never return it; ask again, which renews it if it is still ours
+            if not self.waits:
+                raise _timeout(self.key, self.timeout, now)
+            self.retry_at = now
+            return False
         if rest:  # queued: the reply carries the server's clock, to date hand-offs by
             clock.read(int(rest[0]), sent_at, received)
         if not self.waits:

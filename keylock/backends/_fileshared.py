@@ -68,7 +68,7 @@ class Waiting:
         self.marked = False  # the waiting mark (a read lock on _WAITING_BYTE) is set
         self.blocked = False  # a thread blocks in flock(LOCK_EX) on fd: only it may use fd
         self.done = False  # that flock returned: fd holds the OS lock unless error
-        self.error: OSError | None = None
+        self.error: Exception | None = None
         # the caller to wake when the flock returns; None once the caller gave up (the
         # thread then lets the lock go, unless another caller of this process took over)
         self.waiter: Waiter | None = None

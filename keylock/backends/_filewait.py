@@ -1,14 +1,15 @@
 """How a caller waits for another process's OS lock on a key: in a blocking flock, so the
 kernel wakes it at the holder's unlock, instead of polling.
 
-A blocking flock cannot be interrupted without a signal, so the caller does not make it: a
-thread of a small per-process pool does, on the caller's own open file of the key (see
-:class:`~._fileshared.Waiting`), then wakes the caller. The caller waits on its own waiter,
-bounded by its deadline, and is free to give up: its flock then stays with the thread until the
-holder lets go, and a lock granted to nobody is released at once, or taken over by the next
-caller of this process for the key (the in-process tier lets one through at a time, so one
-thread per key and process at most ever waits in the kernel). Only while the process owes
-another one a turn (step-aside) or when the pool is full does the caller poll instead.
+A blocking flock cannot be interrupted without a signal, so a caller with a deadline (or on
+an event loop) does not make it: a thread of a small per-process pool does, on the caller's
+own open file of the key (see :class:`~._fileshared.Waiting`), then wakes the caller. The
+caller waits on its own waiter, bounded by its deadline, and is free to give up: its flock
+then stays with the thread until the holder lets go, and a lock granted to nobody is released
+at once, or taken over by the next caller of this process for the key (the in-process tier
+lets one through at a time, so one flock per key and process at most waits in the kernel). A
+sync caller without a deadline, which could only give up on a signal, waits in flock itself.
+Only when the pool is full does a caller poll instead.
 """
 
 from __future__ import annotations
@@ -49,8 +50,9 @@ _MAX_THREADS = 256  # threads blocked in flock per process at most; callers beyo
 
 class FileFlow(Flow):
     """One acquire at the OS lock: TRY; if a thread now waits in flock for it (BLOCKED), wait
-    until woken and look again; if busy otherwise (stepping aside, pool full), poll with a
-    pause doubling from 50 µs to 2 ms. The last look falls on the deadline."""
+    until woken and look again; if busy otherwise (pool full, or not yet marked as waiting),
+    look again after a pause doubling from 50 µs to 2 ms. The last look falls on the
+    deadline."""
 
     _pause = 0.0  # the last pause between two polls
     _wait: float | None = 0.0  # how long to wait before the next trip (None: until woken)
@@ -133,10 +135,10 @@ def block(shared: Shared, key: str, wait: Waiting, aside: Callable[[], bool] | N
 def _wait_in_flock(
     shared: Shared, key: str, wait: Waiting, aside: Callable[[], bool] | None
 ) -> None:
-    error: OSError | None = None
+    error: Exception | None = None
     try:
         take_turn(wait.fd, aside, lambda: wait.waiter is not None)
-    except OSError as exc:
+    except Exception as exc:  # the caller raises it
         error = exc
     with shared.mutex:
         wait.done, wait.error = True, error
@@ -200,7 +202,12 @@ class _Pool:
                         self.threads -= 1
                         return
                 job = self.jobs.popleft()
-            job()
+            try:
+                job()
+            except BaseException:  # (a bug: threading's excepthook reports it)
+                with self.ready:
+                    self.threads -= 1
+                raise
 
 
 _POOL = _Pool()

@@ -197,7 +197,7 @@ class FileBackend(TieredBackend):
             if wait.error is not None:
                 self._close(wait.fd)
                 raise BackendUnavailable(
-                    f"waiting for the lock file of {key!r} failed: {wait.error.strerror}; "
+                    f"waiting for the lock file of {key!r} failed ({wait.error}); "
                     "retry, or check the lock directory's file system",
                     key=key,
                 ) from wait.error
@@ -215,9 +215,10 @@ class FileBackend(TieredBackend):
         if not wait.marked:
             wait.marked = say_waiting(fd)
         turn = (lambda: self._shared.stepping_aside(key, fd)) if aside else None
-        if block and inline and flow.deadline.at == math.inf:
+        if block and inline and wait.marked and flow.deadline.at == math.inf:
             # a sync caller without a timeout can only give up on a signal in the main thread,
             # which interrupts flock as it would interrupt any wait: it blocks in flock itself
+            # (once marked: unmarked, it goes through the pool, which looks again soon)
             take_turn(fd, turn, lambda: True)
             with shared.mutex:
                 del shared.waiting[key]

@@ -8,6 +8,7 @@ import asyncio
 import contextlib
 import errno
 import os
+import signal
 import subprocess
 import sys
 import textwrap
@@ -345,3 +346,35 @@ def test_a_failed_flock_is_a_clear_error_and_leaves_nothing(
         assert backend._shared.waiting == {}
         assert backend._shared.fds == set()
         assert locks.statistics("hot").waiting == 0
+
+
+def test_a_signal_interrupts_a_caller_waiting_in_flock_itself(tmp_path: Path) -> None:
+    """A sync caller without a timeout waits in flock on its own thread; a signal handler that
+    raises (Ctrl-C's KeyboardInterrupt, here an alarm) ends the wait, and nothing stays: no
+    file, no mark, no queue entry, and the key goes to the next process."""
+
+    class Interrupted(Exception):
+        pass
+
+    def interrupt(signum: int, frame: object) -> None:
+        raise Interrupted
+
+    backend = FileBackend(tmp_path)
+    locks = KeyedLock(backend)
+    trips = _count_trips(backend)
+    previous = signal.signal(signal.SIGALRM, interrupt)
+    try:
+        with _held_elsewhere(tmp_path, "hot") as release:
+            signal.setitimer(signal.ITIMER_REAL, 0.3)
+            with pytest.raises(Interrupted):
+                locks.acquire_sync("hot")
+            assert trips[0] <= 2  # (one blocking trip, then the leaving)
+            assert backend._shared.waiting == {}
+            assert backend._shared.fds == set()
+            assert not _marked(tmp_path, "hot")
+            assert locks.statistics("hot").waiting == 0
+            release()
+        assert _elsewhere_gets(tmp_path, "hot")
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)

@@ -137,9 +137,13 @@ def _count_trips(backend: FileBackend) -> list[int]:
     return trips
 
 
-@pytest.mark.parametrize("timeout", [30.0, None], ids=["pool-thread", "caller-thread"])
+@pytest.mark.parametrize(
+    ("timeout", "flavour"),
+    [(30.0, "sync"), (None, "sync"), (None, "async")],
+    ids=["pool-thread", "caller-thread", "event-loop"],
+)
 def test_a_waiter_sleeps_in_flock_until_the_holder_unlocks(
-    tmp_path: Path, timeout: float | None
+    tmp_path: Path, timeout: float | None, flavour: str
 ) -> None:
     """Issue 15: a waiting process polled the OS lock every 0.5-2 ms (hundreds of trips per
     second of waiting). Now one trip starts a flock the kernel ends at the holder's unlock:
@@ -151,6 +155,14 @@ def test_a_waiter_sleeps_in_flock_until_the_holder_unlocks(
     got = threading.Event()
 
     def wait() -> None:
+        if flavour == "async":
+
+            async def take() -> None:
+                async with locks("hot", timeout=timeout):
+                    got.set()
+
+            asyncio.run(take())
+            return
         with locks.sync("hot", timeout=timeout):
             got.set()
 

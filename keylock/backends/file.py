@@ -11,11 +11,12 @@ key. Paths, modes and the record live in :mod:`keylock.backends._filepaths`.
 
 from __future__ import annotations
 
-import fcntl
 import math
 import os
 import time
 from typing import TYPE_CHECKING
+
+import portalocker
 
 from .._validate import check_backend_ttl
 from ..errors import BackendUnavailable
@@ -52,15 +53,19 @@ if TYPE_CHECKING:
 
 __all__ = ["FileBackend", "file_name"]
 
+# Statistics and prune lock through portalocker; the acquire and release path calls flock
+# directly (try_flock, unlock, _filewait): portalocker's flag enums cost ~10 µs a call there.
+_LOCK_NB = portalocker.LockFlags.EXCLUSIVE | portalocker.LockFlags.NON_BLOCKING
+_SHARED_NB = portalocker.LockFlags.SHARED | portalocker.LockFlags.NON_BLOCKING
+
 
 class FileBackend(TieredBackend):
     """Per-key leases between processes on one host, one lock file per key.
 
     Exclusion between processes comes from an OS lock on the key's file (flock): the OS frees
-    it when its holder dies, so a crash never leaves a key locked. A caller waiting for another
-    process is woken by the kernel at that process's unlock (a thread of this process blocks in
-    flock for it: :mod:`keylock.backends._filewait`), and a releaser steps aside for the
-    processes waiting (:mod:`keylock.backends._fileshared`), so the key goes round.
+    it when its holder dies, so a crash never leaves a key locked. A waiter sleeps in flock, so
+    the kernel wakes it at the holder's unlock (:mod:`~keylock.backends._filewait`); a releaser
+    steps aside for waiting processes (:mod:`~keylock.backends._fileshared`).
     Between tasks, threads and event loops of one process, a shared in-process layer (a
     :class:`MemoryBackend`) queues callers FIFO in front of the OS lock. Tokens are stored in the
     lock file and rewritten only under the lock, as ``max(last + 1, now in µs)``: strictly
@@ -140,7 +145,7 @@ class FileBackend(TieredBackend):
     # ---------------------------------------------------------------------------- the OS lock
 
     def _open_tracked(self, key: str) -> int:
-        """Open *key*'s lock file, registered in ``fds`` until :meth:`_close` (see fork)."""
+        """Open *key*'s lock file, registered in ``fds`` until close_tracked (see fork)."""
         shared = self._shared
         with shared.mutex:
             fd = self._files.open_file(key)
@@ -153,25 +158,21 @@ class FileBackend(TieredBackend):
         with shared.mutex:
             return {os.fstat(fd).st_ino for fd in shared.fds}
 
-    def _close(self, fd: int) -> None:
-        close_tracked(self._shared, fd)
-
     def _try_os_lock(self, key: str, owner: bytes, local: Grant, ttl: float | None) -> Grant | None:
         """Take *key*'s OS lock for the in-process lease *local*, or None if another process
         holds it (or is owed a turn: see STEP_ASIDE). Never blocks."""
         taken = self._take_over(key, owner, local, ttl)
         if taken is not None:
             return taken
-        # (a wait of this process whose caller gave up may still block in flock on the key:
-        # its file is the thread's; this try uses a file of its own)
+        # (never a waiting file: one whose caller gave up may still be in a thread's flock)
         fd = self._open_tracked(key)
         try:
             free = not self._shared.stepping_aside(key, fd) and try_flock(fd)
         except BaseException:
-            self._close(fd)
+            close_tracked(self._shared, fd)
             raise
         if not free:
-            self._close(fd)
+            close_tracked(self._shared, fd)
             return None
         return self._locked(key, fd, owner, local, ttl, waited=False)
 
@@ -195,7 +196,7 @@ class FileBackend(TieredBackend):
                 del shared.waiting[key]  # the flock returned, for this caller
         if wait is not None and wait.done:
             if wait.error is not None:
-                self._close(wait.fd)
+                close_tracked(self._shared, wait.fd)
                 raise BackendUnavailable(
                     f"waiting for the lock file of {key!r} failed ({wait.error}); "
                     "retry, or check the lock directory's file system",
@@ -233,9 +234,8 @@ class FileBackend(TieredBackend):
         return None
 
     def _take_over(self, key: str, owner: bytes, local: Grant, ttl: float | None) -> Grant | None:
-        """The in-process layer gave *local* the key after its holder's TTL ran out, but that
-        holder still has the OS lock: it is *local*'s now (its release will find LeaseLost).
-        None if this process does not hold the key."""
+        """*local*'s grant if this process still holds the key's OS lock for a lease whose TTL
+        ran out here (its release will find LeaseLost); None if it does not hold the key."""
         shared = self._shared
         with shared.mutex:
             held = shared.held.get(key)
@@ -257,12 +257,12 @@ class FileBackend(TieredBackend):
             # lock nobody else will ever see (filelock #574's split brain); retry on the new one
             if not self._files.is_current(key, fd):
                 unlock(fd)
-                self._close(fd)
+                close_tracked(self._shared, fd)
                 return None
             token = self._next_token(fd, key, owner, ttl)
         except BaseException:
             unlock(fd)
-            self._close(fd)
+            close_tracked(self._shared, fd)
             raise
         shared = self._shared
         with shared.mutex:
@@ -295,7 +295,7 @@ class FileBackend(TieredBackend):
                 self._step_aside(key, held.token)
             unlock(held.fd)
         finally:
-            self._close(held.fd)
+            close_tracked(self._shared, held.fd)
 
     # --------------------------------------------------------------- the arbiter's part
 
@@ -360,9 +360,13 @@ class FileBackend(TieredBackend):
         try:
             record = read_record(fd, with_key=False)
             token, owner = record.token, record.owner
-            if not try_flock(fd, fcntl.LOCK_SH):
+            try:
+                portalocker.lock(
+                    fd, portalocker.LockFlags.SHARED | portalocker.LockFlags.NON_BLOCKING
+                )
+            except portalocker.AlreadyLocked:
                 return token, owner, True
-            unlock(fd)
+            portalocker.unlock(fd)
             return token, owner, False
         finally:
             os.close(fd)
@@ -392,13 +396,15 @@ class FileBackend(TieredBackend):
             try:
                 if now - os.fstat(fd).st_mtime < idle_for:
                     continue
-                if not try_flock(fd):
+                try:
+                    portalocker.lock(fd, _LOCK_NB)
+                except portalocker.AlreadyLocked:
                     continue
                 try:
                     self._files.unlink(name)
                     removed += 1
                 finally:
-                    unlock(fd)
+                    portalocker.unlock(fd)
             finally:
                 os.close(fd)
         return removed

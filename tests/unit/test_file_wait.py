@@ -127,13 +127,13 @@ def _flock_threads() -> int:
 def _count_trips(backend: FileBackend) -> list[int]:
     """Count the waiting trips *backend* makes (its poll loop, if it had one, shows here)."""
     trips = [0]
-    make = backend._trip_sync
+    make = backend._make_trip
 
-    def counted(flow: object, trip: object) -> object:
+    def counted(flow: object, trip: object, *, inline: bool) -> object:
         trips[0] += 1
-        return make(flow, trip)  # type: ignore[arg-type]
+        return make(flow, trip, inline=inline)  # type: ignore[arg-type]
 
-    backend._trip_sync = counted  # type: ignore[method-assign]
+    backend._make_trip = counted  # type: ignore[method-assign]
     return trips
 
 

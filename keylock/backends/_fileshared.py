@@ -1,12 +1,14 @@
 """What one process keeps per lock directory: the in-process tier in front of the OS locks,
-the lock files it has open, its waiting marks, and what a fork does with them.
+the lock files it has open, its waiting callers, its waiting marks, and what a fork does with
+them.
 
 Fairness between processes: a process waiting for a key's OS lock holds a POSIX read lock on
 byte 1 of the lock file (advisory: it guards nothing, it only says "waiting"; the OS drops it
 when the process dies). A process releasing the key checks for such readers; if there are
 any, its next acquire of the key steps aside until another process has taken a turn (the
 file's token moved) or STEP_ASIDE passes. Without it the releasing process takes the key
-straight back while the others sleep between polls: one process kept it for whole seconds.
+straight back before the waiters the kernel woke at its unlock get to run: one process kept
+it for whole seconds.
 """
 
 from __future__ import annotations
@@ -15,9 +17,15 @@ import errno
 import fcntl
 import os
 import threading
+import time
 import weakref
+from typing import TYPE_CHECKING
 
+from ._filerecord import read_token
 from ._tiered import Held, Tier
+
+if TYPE_CHECKING:
+    from ._waiters import Waiter
 
 __all__ = [
     "SHARED",
@@ -25,9 +33,13 @@ __all__ = [
     "STEP_ASIDE",
     "FileHeld",
     "Shared",
+    "Waiting",
+    "close_tracked",
     "done_waiting",
     "others_wait",
     "say_waiting",
+    "try_flock",
+    "unlock",
 ]
 
 _WAITING_BYTE = 1
@@ -47,6 +59,24 @@ class FileHeld(Held):
         self.timed = timed  # its in-process turn has a deadline (it may lapse before release)
 
 
+class Waiting:
+    """This process's caller waiting for one key's OS lock: its own open file of the key (its
+    own open file description, so its flock conflicts with every other one, ours included),
+    and, once a thread blocks in flock on that file for it, how that flock ended."""
+
+    __slots__ = ("blocked", "done", "error", "fd", "marked", "waiter")
+
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+        self.marked = False  # the waiting mark (a read lock on _WAITING_BYTE) is set
+        self.blocked = False  # a thread blocks in flock(LOCK_EX) on fd: only it may use fd
+        self.done = False  # that flock returned: fd holds the OS lock unless error
+        self.error: Exception | None = None
+        # the caller to wake when the flock returns; None once the caller gave up (the
+        # thread then lets the lock go, unless another caller of this process took over)
+        self.waiter: Waiter | None = None
+
+
 class Shared(Tier):
     """Per process and lock directory: the in-process tier shared by every FileBackend on it
     (FIFO hand-off, TTL takeover and exclusion between tasks, threads and event loops of this
@@ -55,15 +85,30 @@ class Shared(Tier):
     held: dict[str, FileHeld]  # type: ignore[assignment]
 
     def __init__(self) -> None:
-        super().__init__()  # mutex also guards aside, waiting, fds
+        super().__init__()  # mutex also guards aside, waiting (and every Waiting), fds
         # key -> (token at our release, monotonic time until which we step aside)
         self.aside: dict[str, tuple[int, float]] = {}
-        # key -> (open file, marked as waiting yet) of this process's caller waiting for the key
-        self.waiting: dict[str, tuple[int, bool]] = {}
+        # key -> this process's wait for the key's OS lock (one at most: the in-process tier
+        # lets one caller per key through; a wait whose caller gave up may linger in flock)
+        self.waiting: dict[str, Waiting] = {}
         # every lock-file descriptor open in this process, from its open to its close: a fork
         # (which waits for mutex) can then close in the child each one the parent had open,
         # even one between its flock and its entry in held
         self.fds: set[int] = set()
+
+    def stepping_aside(self, key: str, fd: int) -> bool:
+        """True while this process owes another process a turn at *key* (see STEP_ASIDE);
+        *fd* is an open file of the key."""
+        with self.mutex:
+            aside = self.aside.get(key)
+        if aside is None:
+            return False
+        token_then, until = aside
+        if time.monotonic() < until and read_token(fd) == token_then:  # nobody took a turn yet
+            return True
+        with self.mutex:
+            self.aside.pop(key, None)
+        return False
 
     def reset_after_fork(self) -> None:
         """In a forked child: forget the parent's leases and locks."""
@@ -110,6 +155,28 @@ os.register_at_fork(
     after_in_parent=_after_fork_in_parent,
     after_in_child=_after_fork_in_child,
 )
+
+
+def close_tracked(shared: Shared, fd: int) -> None:
+    """Close the lock file *fd*, which ``shared.fds`` tracks (see fork)."""
+    with shared.mutex:
+        shared.fds.discard(fd)
+        os.close(fd)
+
+
+def try_flock(fd: int, how: int = fcntl.LOCK_EX) -> bool:
+    """Take the flock *how* on *fd* without waiting; False if another open file holds it."""
+    try:
+        fcntl.flock(fd, how | fcntl.LOCK_NB)
+    except OSError as exc:
+        if exc.errno in (errno.EAGAIN, errno.EWOULDBLOCK, errno.EACCES):
+            return False
+        raise
+    return True
+
+
+def unlock(fd: int) -> None:
+    fcntl.flock(fd, fcntl.LOCK_UN)
 
 
 def _lock_waiting_byte(fd: int, mode: int) -> bool:

@@ -1,4 +1,4 @@
-"""Leases between processes on one host: one lock file per key, locked with portalocker (flock).
+"""Leases between processes on one host: one lock file per key, locked with flock.
 
 Layout of ``directory`` (created with mode 0o700 if missing, 0o2770 with ``mode="group"``): one
 file per key, named ``<readable>.<hash>.lock``, where *readable* keeps the key's
@@ -20,20 +20,26 @@ from typing import TYPE_CHECKING
 import portalocker
 
 from .._validate import check_backend_ttl
-from ..errors import LeaseLost
+from ..errors import BackendUnavailable, LeaseLost
 from ._filepaths import LockDirectory, Mode, check_directory, file_name
-from ._filerecord import mark_released, read_last, read_record, read_token, write_record
+from ._filerecord import mark_released, read_last, read_record, write_record
 from ._fileshared import (
     SHARED,
     SHARED_MUTEX,
     STEP_ASIDE,
     FileHeld,
     Shared,
+    Waiting,
+    close_tracked,
     done_waiting,
     others_wait,
     say_waiting,
+    try_flock,
+    unlock,
 )
-from ._tiered import Flow, Held, Step, TieredBackend
+from ._filewait import BLOCKED, LEAVE, TRY, UNMARKED, FileFlow, leave, take_turn
+from ._filewait import block as block_in_flock
+from ._tiered import Flow, Held, TieredBackend
 from .base import Deadline, Grant, KeyStatistics
 
 if TYPE_CHECKING:
@@ -41,17 +47,20 @@ if TYPE_CHECKING:
 
 __all__ = ["FileBackend", "file_name"]
 
-_FIRST_POLL = 0.0005  # seconds before the first retry of a busy OS lock; doubles each time
-_MAX_POLL = 0.002  # the longest wait between retries (another process holds the key)
+# Statistics and prune lock through portalocker; the acquire and release path calls flock
+# directly (try_flock, unlock, _filewait): portalocker's flag enums cost ~10 µs a call there.
 _LOCK_NB = portalocker.LockFlags.EXCLUSIVE | portalocker.LockFlags.NON_BLOCKING
+_SHARED_NB = portalocker.LockFlags.SHARED | portalocker.LockFlags.NON_BLOCKING
 _RELEASING = 60.0  # seconds a releasing turn is kept live for its release to finish
 
 
 class FileBackend(TieredBackend):
     """Per-key leases between processes on one host, one lock file per key.
 
-    Exclusion between processes comes from an OS lock on the key's file (flock, through
-    portalocker): the OS frees it when its holder dies, so a crash never leaves a key locked.
+    Exclusion between processes comes from an OS lock on the key's file (flock): the OS frees
+    it when its holder dies, so a crash never leaves a key locked. A waiter sleeps in flock, so
+    the kernel wakes it at the holder's unlock (:mod:`~keylock.backends._filewait`); a releaser
+    steps aside for waiting processes (:mod:`~keylock.backends._fileshared`).
     Between tasks, threads and event loops of one process, a shared in-process layer (a
     :class:`MemoryBackend`) queues callers FIFO in front of the OS lock. Tokens are stored in the
     lock file and rewritten only under the lock, as ``max(last + 1, now in µs)``: strictly
@@ -138,7 +147,7 @@ class FileBackend(TieredBackend):
     # ---------------------------------------------------------------------------- the OS lock
 
     def _open_tracked(self, key: str) -> int:
-        """Open *key*'s lock file, registered in ``fds`` until :meth:`_close` (see fork)."""
+        """Open *key*'s lock file, registered in ``fds`` until close_tracked (see fork)."""
         shared = self._shared
         with shared.mutex:
             fd = self._files.open_file(key)
@@ -151,83 +160,120 @@ class FileBackend(TieredBackend):
         with shared.mutex:
             return {os.fstat(fd).st_ino for fd in shared.fds}
 
-    def _close(self, fd: int) -> None:
-        shared = self._shared
-        with shared.mutex:
-            shared.fds.discard(fd)
-            os.close(fd)
-
-    def _try_os_lock(
-        self, key: str, owner: bytes, local: Grant, ttl: float | None, *, wait: bool = False
-    ) -> Grant | None:
+    def _try_os_lock(self, key: str, owner: bytes, local: Grant, ttl: float | None) -> Grant | None:
         """Take *key*'s OS lock for the in-process lease *local*, or None if another process
-        holds it (or is owed a turn: see STEP_ASIDE). Never blocks. With *wait* the caller
-        will try again: its file stays open, marked as waiting, until _stop_waiting."""
+        holds it (or is owed a turn: see STEP_ASIDE). Never blocks."""
+        taken = self._take_over(key, owner, local, ttl)
+        if taken is not None:
+            return taken
+        # (never a waiting file: one whose caller gave up may still be in a thread's flock)
+        fd = self._open_tracked(key)
+        try:
+            free = not self._shared.stepping_aside(key, fd) and try_flock(fd)
+        except BaseException:
+            close_tracked(self._shared, fd)
+            raise
+        if not free:
+            close_tracked(self._shared, fd)
+            return None
+        return self._locked(key, fd, owner, local, ttl, waited=False)
+
+    def _wait_os_lock(self, flow: Flow, *, block: bool, inline: bool) -> object:
+        """The trip of *flow*'s caller, waiting for its key's OS lock: its Grant, None (busy:
+        poll), or BLOCKED/UNMARKED once a pool thread waits in flock for it (with *block*,
+        unless the pool is full). With *inline* too, a caller without a deadline waits in flock
+        itself. Its file stays open, marked as waiting, until the grant or its leaving."""
+        key, owner, local, shared = flow.key, flow.owner, flow.local, self._shared
+        taken = self._take_over(key, owner, local, None)
+        if taken is not None:
+            return taken
+        with shared.mutex:
+            wait = shared.waiting.get(key)
+            if wait is not None and wait.blocked:
+                if not wait.done:  # still in flock: wake this caller (maybe a new one)
+                    wait.waiter = flow.waiter
+                    if not wait.marked:
+                        wait.marked = say_waiting(wait.fd)
+                    return BLOCKED if wait.marked else UNMARKED
+                del shared.waiting[key]  # the flock returned, for this caller
+        if wait is not None and wait.done:
+            if wait.error is not None:
+                close_tracked(self._shared, wait.fd)
+                raise BackendUnavailable(
+                    f"waiting for the lock file of {key!r} failed ({wait.error}); "
+                    "retry, or check the lock directory's file system",
+                    key=key,
+                ) from wait.error
+            return self._locked(key, wait.fd, owner, local, None, waited=True)
+        if wait is None:
+            wait = Waiting(self._open_tracked(key))
+            with shared.mutex:  # from here on its leaving closes it
+                shared.waiting[key] = wait
+        fd = wait.fd
+        aside = self._shared.stepping_aside(key, fd)
+        if not aside and try_flock(fd):
+            with shared.mutex:
+                del shared.waiting[key]
+            return self._locked(key, fd, owner, local, None, waited=True)
+        if not wait.marked:
+            wait.marked = say_waiting(fd)
+        turn = (lambda: self._shared.stepping_aside(key, fd)) if aside else None
+        if block and inline and wait.marked and flow.deadline.at == math.inf:
+            # a sync caller without a timeout can only give up on a signal in the main thread,
+            # which interrupts flock as it would interrupt any wait: it blocks in flock itself
+            # (once marked: unmarked, it goes through the pool, which looks again soon)
+            take_turn(fd, turn, lambda: True)
+            with shared.mutex:
+                del shared.waiting[key]
+            return self._locked(key, fd, owner, local, None, waited=True)
+        if block:
+            with shared.mutex:
+                wait.blocked, wait.waiter = True, flow.waiter
+            if block_in_flock(shared, key, wait, turn):
+                return BLOCKED if wait.marked else UNMARKED
+            with shared.mutex:  # (the pool never saw it)
+                wait.blocked, wait.waiter = False, None
+        return None
+
+    def _take_over(self, key: str, owner: bytes, local: Grant, ttl: float | None) -> Grant | None:
+        """*local*'s grant if this process still holds the key's OS lock for a lease whose TTL
+        ran out here (its release will find LeaseLost); None if it does not hold the key."""
         shared = self._shared
         with shared.mutex:
             held = shared.held.get(key)
-            if held is not None:
-                # the in-process layer gave us the key after its holder's TTL ran out, but that
-                # holder still has the OS lock: it is ours now (its release will find LeaseLost)
-                held.local_token = local[0]
-                held.owner = owner
-                held.timed = local[2] is not None
-                held.token, _ = self._next_token(held.fd, key, owner, ttl)
-                # took over: the turn before ours lapsed (its holder still had the OS lock)
-                return Grant(held.token, local[1], local[2], True)
-            fd, marked = shared.waiting.pop(key, (-1, False))
-            aside = shared.aside.get(key)
-        waiting = fd >= 0
-        if not waiting:
-            fd = self._open_tracked(key)
-        try:
-            if aside is not None and self._stepping_aside(key, fd, aside):
-                busy = True
-            else:
-                try:
-                    portalocker.lock(fd, _LOCK_NB)
-                    busy = False
-                except portalocker.AlreadyLocked:
-                    busy = True
-            if busy:
-                if wait:
-                    marked = marked or say_waiting(fd)
-                    with shared.mutex:
-                        shared.waiting[key] = (fd, marked)
-                else:
-                    self._close(fd)  # (drops the waiting mark with it)
+            if held is None:
                 return None
-        except BaseException:
-            self._close(fd)
-            raise
+            held.local_token = local[0]
+            held.owner = owner
+            held.timed = local[2] is not None
+            held.token, _ = self._next_token(held.fd, key, owner, ttl)
+            # took over: the turn before ours lapsed (its holder still had the OS lock)
+            return Grant(held.token, local[1], local[2], True)
+
+    def _locked(
+        self, key: str, fd: int, owner: bytes, local: Grant, ttl: float | None, *, waited: bool
+    ) -> Grant | None:
+        """*fd* just took *key*'s OS lock: record the lease (None if the file was pruned)."""
         try:
-            if waiting:
+            if waited:
                 done_waiting(fd)
             # prune() may have unlinked the file between our open and our lock: then we hold a
             # lock nobody else will ever see (filelock #574's split brain); retry on the new one
             if not self._files.is_current(key, fd):
-                portalocker.unlock(fd)
-                self._close(fd)
+                unlock(fd)
+                close_tracked(self._shared, fd)
                 return None
             token, took_over = self._next_token(fd, key, owner, ttl)
         except BaseException:
-            portalocker.unlock(fd)
-            self._close(fd)
+            unlock(fd)
+            close_tracked(self._shared, fd)
             raise
+        shared = self._shared
         with shared.mutex:
             shared.held[key] = FileHeld(fd, token, owner, local[0], timed=local[2] is not None)
         # the lease lapses when its in-process turn does: report that expiry, never a later one;
         # it took the key over if the last holder (here or in another process) never released
         return Grant(token, local[1], local[2], took_over or local[3])
-
-    def _stepping_aside(self, key: str, fd: int, aside: tuple[int, float]) -> bool:
-        """True while this process owes another process a turn at *key* (see STEP_ASIDE)."""
-        token_then, until = aside
-        if time.monotonic() < until and read_token(fd) == token_then:  # nobody took a turn yet
-            return True
-        with self._shared.mutex:
-            self._shared.aside.pop(key, None)
-        return False
 
     def _step_aside(self, key: str, token: int) -> None:
         """After our release of *key*, owe its waiting processes a turn (see STEP_ASIDE)."""
@@ -238,13 +284,6 @@ class FileBackend(TieredBackend):
             for stale in [k for k, (_, until) in aside.items() if until <= now]:
                 del aside[stale]
             aside[key] = (token, now + STEP_ASIDE)
-
-    def _stop_waiting(self, key: str) -> None:
-        """The caller gave up on *key*: close its waiting file (which drops the mark)."""
-        with self._shared.mutex:
-            fd, _ = self._shared.waiting.pop(key, (-1, False))
-        if fd >= 0:
-            self._close(fd)
 
     @staticmethod
     def _next_token(fd: int, key: str, owner: bytes, ttl: float | None) -> tuple[int, bool]:
@@ -266,9 +305,9 @@ class FileBackend(TieredBackend):
                 mark_released(held.fd)
             if others_wait(held.fd):  # our next turn waits until one of them had theirs
                 self._step_aside(key, held.token)
-            portalocker.unlock(held.fd)
+            unlock(held.fd)
         finally:
-            self._close(held.fd)
+            close_tracked(self._shared, held.fd)
 
     def _live_until_released(self, key: str, held: FileHeld) -> bool:
         """True if *held*'s in-process turn is still live, and then kept live until the
@@ -296,16 +335,22 @@ class FileBackend(TieredBackend):
         waiter: Waiter,
         local: Grant,
     ) -> Flow:
-        return _FileFlow(key, owner, ttl, deadline, waiter, local)
+        return FileFlow(key, owner, ttl, deadline, waiter, local)
 
     def _local_ttl(self, ttl: float | None) -> float | None:
         return None  # waiting for another process must not eat the lease: see _adopt
 
     def _trip_sync(self, flow: Flow, trip: object) -> object:
-        if trip == _LEAVE:
-            self._stop_waiting(flow.key)
+        return self._make_trip(flow, trip, inline=True)
+
+    async def _trip(self, flow: Flow, trip: object) -> object:
+        return self._make_trip(flow, trip, inline=False)  # (an event loop never blocks)
+
+    def _make_trip(self, flow: Flow, trip: object, *, inline: bool) -> object:
+        if trip == LEAVE:
+            leave(self._shared, flow.key)
             return None
-        return self._try_os_lock(flow.key, flow.owner, flow.local, None, wait=True)
+        return self._wait_os_lock(flow, block=trip == TRY, inline=inline)
 
     def _adopt(self, flow: Flow) -> Grant:
         """The OS lock is ours (recorded by _try_os_lock): start the TTL only now."""
@@ -392,35 +437,3 @@ class FileBackend(TieredBackend):
             finally:
                 os.close(fd)
         return removed
-
-
-_LEAVE = "leave"
-_TRY = "try"
-
-
-class _FileFlow(Flow):
-    """Polls the OS lock (another process cannot wake us) with a growing pause, 0.5 to 2 ms;
-    meanwhile the file stays open, marked as waiting, so the holder steps aside for us."""
-
-    _pause = 0.0  # the last pause between two tries
-    _due = -math.inf  # time.monotonic() of the next try; the last one falls on the deadline
-
-    def next(self, now: float) -> Step | None:
-        if self.grant is not None:
-            return None
-        if now >= self._due:
-            return Step(_TRY, None)
-        return Step(None, self._due - now)
-
-    def on_reply(self, reply: object, now: float) -> None:
-        if reply is not None:
-            assert isinstance(reply, Grant)
-            self.grant = reply
-            return
-        if self.deadline.passed(now):
-            raise self.deadline.expired()
-        self._pause = min(self._pause * 2, _MAX_POLL) if self._pause else _FIRST_POLL
-        self._due = min(now + self._pause, self.deadline.at)
-
-    def leaving(self) -> object | None:
-        return _LEAVE

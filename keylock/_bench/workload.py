@@ -4,7 +4,7 @@ median of the runs with its spread, waits and violations."""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 from .contend import Run
 from .harness import Row, Suite, wait_figures
@@ -50,11 +50,15 @@ def hot_key(
     seconds: float,
     repeats: int,
     workers: Sequence[int] = WORKERS,
+    yardsticks: Mapping[str, str] | None = None,
 ) -> None:
-    """One key, *workers* contenders each: hand-offs/s (ops/s for one worker)."""
+    """One key, *workers* contenders each: hand-offs/s (ops/s for one worker). A subject named
+    in *yardsticks* is shown as a reference (not ranked as a peer), with that note."""
     for count in workers:
         workload = f"{family}: hot key, {_plural(count, label)}"
-        _interleaved(suite, workload, family, count, subjects, [[0]] * count, seconds, repeats)
+        _interleaved(
+            suite, workload, family, count, subjects, [[0]] * count, seconds, repeats, yardsticks
+        )
 
 
 def hot_key_steps(
@@ -67,6 +71,7 @@ def hot_key_steps(
     repeats: int,
     workers: Sequence[int] = WORKERS,
     overhead: float = 0.05,
+    yardsticks: Mapping[str, str] | None = None,
 ) -> list[Step]:
     """:func:`hot_key` as one step per worker count (each its own workload and progress line)."""
     return [
@@ -74,7 +79,14 @@ def hot_key_steps(
             f"{family}: hot key, {_plural(count, label)}",
             estimate(subjects, seconds, repeats, overhead=overhead),
             lambda count=count: hot_key(  # type: ignore[misc]
-                suite, family, label, subjects, seconds=seconds, repeats=repeats, workers=(count,)
+                suite,
+                family,
+                label,
+                subjects,
+                seconds=seconds,
+                repeats=repeats,
+                workers=(count,),
+                yardsticks=yardsticks,
             ),
         )
         for count in workers
@@ -112,7 +124,9 @@ def _interleaved(
     keys: Sequence[Sequence[int]],
     seconds: float,
     repeats: int,
+    yardsticks: Mapping[str, str] | None = None,
 ) -> None:
+    yardsticks = yardsticks or {}
     present = [(name, run) for name, run in subjects if run is not None]
     for name, run in subjects:
         if run is None:
@@ -135,6 +149,8 @@ def _interleaved(
         if handoffs:
             extra["handoffs_per_s"] = sorted(r.handoff_rate for r in done)[len(done) // 2]
             notes = f"{extra['ops_per_s']:,.0f} acquisitions/s"
+        if name in yardsticks:
+            notes = f"{notes}; {yardsticks[name]}" if notes else yardsticks[name]
         suite.add(
             Row.of(
                 workload,
@@ -146,5 +162,6 @@ def _interleaved(
                 extra=extra,
                 family=family,
                 workers=workers,
+                reference=name in yardsticks,
             )
         )

@@ -20,7 +20,16 @@ from keylock import KeyedLock
 from keylock._bench import file, inproc, memory, plot, workload
 from keylock._bench import redis as redis_suite
 from keylock._bench.contend import FileWitness, ThreadWitness, run_processes, run_tasks
-from keylock._bench.harness import Row, Suite, from_json, render, to_json, verdicts
+from keylock._bench.harness import (
+    Row,
+    Suite,
+    from_json,
+    interleave,
+    render,
+    render_verdicts,
+    to_json,
+    verdicts,
+)
 from keylock._bench.progress import Progress, Step, run_steps
 from keylock._bench.readme import END, START, rewrite
 from keylock._bench.workload import hot_key
@@ -64,13 +73,47 @@ def test_table_gives_each_figure_against_the_fastest_peer_with_spread_and_waits(
     assert table[0].startswith("| workload | subject | median | spread (min-max) | vs fastest")
     assert len(table) == 2 + len(_rows())
     keylock = next(line for line in table if line.startswith("| uncontended | **keylock X**"))
-    assert "| 2.00 us | 1.80-2.20 | 2.00x peer A |" in keylock  # peer A is the fastest peer
+    assert "| 2.00 us | 1.80-2.20 (±10%, 3 runs) | 2.00x peer A |" in keylock  # the fastest peer
     peer_b = next(line for line in table if "| peer B |" in line)
     assert "| 4.00x |" in peer_b
     ping = next(line for line in table if "| PING |" in line)
     assert "x" not in ping.split("|")[5]  # a reference is not ranked
     hot = next(line for line in table if line.startswith("| hot key, 2 workers | **keylock"))
     assert "| 0.500 / 2.00 / 3.00 ms | 0 |" in hot
+
+
+def test_a_row_whose_runs_stray_over_20_percent_is_flagged_noisy_in_table_and_verdict() -> None:
+    """Issue 15 item 4: each row states its spread over its runs and says when it is noisy."""
+    steady = Row.of("w", "keylock X", "us", [1.0, 1.1, 0.9, 1.0, 1.05])
+    noisy = Row.of("w", "peer A", "us", [1.0, 1.3, 0.9, 1.0, 1.0])
+    one = Row.of("w", "PING", "us", [0.5], reference=True)
+    assert not steady.noisy
+    assert steady.deviation == pytest.approx(0.1)
+    assert noisy.noisy
+    assert noisy.deviation == pytest.approx(0.3)
+    assert not one.noisy
+    table = render([steady, noisy, one]).splitlines()
+    assert "| 0.900-1.10 (±10%, 5 runs) |" in table[2]
+    assert "**noisy**" not in table[2]
+    assert "| 0.900-1.30 (±30%, 5 runs) |" in table[3]
+    assert table[3].endswith("| **noisy** |")
+    assert "| 0.500 (1 run) |" in table[4]
+    assert render_verdicts([steady, noisy]) == (
+        "- w: keylock X **behind** peer A (1.00x its figure)"
+        " (noisy: a spread over ±20%, the ratio may not reproduce)"
+    )
+
+
+def test_interleave_runs_every_subject_once_per_round() -> None:
+    order: list[str] = []
+
+    def run(name: str) -> float:
+        order.append(name)
+        return float(len(order))
+
+    figures = interleave([("a", lambda: run("a")), ("b", lambda: run("b"))], repeats=3)
+    assert order == ["a", "b"] * 3
+    assert figures == {"a": [1.0, 3.0, 5.0], "b": [2.0, 4.0, 6.0]}
 
 
 def test_verdicts_say_where_keylock_is_behind_and_where_ahead() -> None:

@@ -8,8 +8,9 @@ import urllib.parse
 
 __all__ = ["SUITES", "CliError", "check_redis_url", "printable", "redact", "redis_failure"]
 
-#: Benchmark suites, run in this order; each is a module ``keylock._bench.<name>``.
-SUITES = ("memory", "file", "redis")
+#: Benchmark suites, run in this order; each is a module ``keylock._bench.<name>``. ``scale``
+#: (Redis at the scale of one process) runs in a full or quick run only.
+SUITES = ("memory", "file", "redis", "scale")
 
 
 class CliError(Exception):

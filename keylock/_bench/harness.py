@@ -219,6 +219,8 @@ class Suite:
 
 
 def _fmt(value: float) -> str:
+    if value == 0:
+        return "0"
     if value >= 100_000:
         return f"{value:,.0f}"
     if value >= 100:

@@ -3,6 +3,7 @@ figure beside the fastest peer's in the same workload; JSON out and back in."""
 
 from __future__ import annotations
 
+import gc
 import json
 import math
 import os
@@ -12,10 +13,10 @@ import sys
 import time
 from dataclasses import asdict, dataclass, field, fields
 from importlib import metadata
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING, Literal, TypeVar
 
 if TYPE_CHECKING:
-    from collections.abc import Callable, Sequence
+    from collections.abc import Callable, Iterator, Sequence
 
     from .progress import Progress
 
@@ -33,10 +34,13 @@ __all__ = [
     "measure",
     "percentile",
     "render",
+    "rotated",
     "to_json",
     "verdicts",
     "wait_figures",
 ]
+
+T = TypeVar("T")
 
 #: Packages whose versions every result states (those not installed are left out).
 PACKAGES = (
@@ -144,12 +148,25 @@ def interleave(
 ) -> dict[str, list[float]]:
     """Each subject's figures over *repeats* rounds, one run of every subject per round, so a
     change in machine speed (another process, a CPU frequency step) hits every subject alike
-    instead of the ones measured last."""
+    instead of the ones measured last. Each round starts one subject further on, and each run
+    starts from a collected heap: the slot after a given subject is not the same as the slot
+    after another (single-flight measured ~1 us/caller less in the second slot than in the
+    third, whoever ran there)."""
     figures: dict[str, list[float]] = {name: [] for name, _ in subjects}
-    for _ in range(repeats):
-        for name, run in subjects:
-            figures[name].append(run())
+    for _, name, run in rotated(subjects, repeats):
+        gc.collect()
+        figures[name].append(run())
     return figures
+
+
+def rotated(subjects: Sequence[tuple[str, T]], repeats: int) -> Iterator[tuple[int, str, T]]:
+    """(round, name, subject) for *repeats* rounds of *subjects*, round r starting at its
+    r-th subject, so every subject runs in every slot equally often over len(subjects) rounds."""
+    count = len(subjects)
+    for round_ in range(repeats):
+        start = round_ % count if count else 0
+        for name, subject in [*subjects[start:], *subjects[:start]]:
+            yield round_, name, subject
 
 
 def measure(run: Callable[[], float], *, repeats: int) -> tuple[float, float, float]:

@@ -94,12 +94,9 @@ def _uncontended_async(suite: Suite, repeats: int) -> None:
         ("keylock KeyedLock()", lambda: KeyedLock()),
         ("asyncio-keyed-lock", _peer_keyed_lock()),
     ]
-    # interleave the subjects run by run, so drift in machine speed hits all of them alike
-    figures: dict[str, list[float]] = {name: [] for name, make in subjects if make}
-    for _ in range(repeats):
-        for name, make in subjects:
-            if make is not None:
-                figures[name].append(timed(make)())
+    figures = interleave(
+        [(name, timed(make)) for name, make in subjects if make is not None], repeats=repeats
+    )
     for name, make in subjects:
         if make is None:
             suite.say(f"{name}: not installed, skipped (pip install 'python-keylock[bench]')")
@@ -136,10 +133,10 @@ def _uncontended_sync(suite: Suite, repeats: int) -> None:
                 pass
         return (cpu_clock() - start) / n * 1e6
 
-    figures: dict[str, list[float]] = {"threading.Lock (bare, one key)": [], "keylock": []}
-    for _ in range(repeats):
-        figures["threading.Lock (bare, one key)"].append(bare_once())
-        figures["keylock"].append(keylock_once())
+    figures = interleave(
+        [("threading.Lock (bare, one key)", bare_once), ("keylock", keylock_once)],
+        repeats=repeats,
+    )
     for name, values in figures.items():
         suite.add(
             Row.of(

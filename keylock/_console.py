@@ -17,8 +17,9 @@ __all__ = [
     "redis_failure",
 ]
 
-#: Benchmark suites, run in this order; each is a module ``keylock._bench.<name>``.
-SUITES = ("memory", "file", "redis", "postgres")
+#: Benchmark suites, run in this order; each is a module ``keylock._bench.<name>``. ``scale``
+#: (Redis at the scale of one process) runs in a full or quick run only.
+SUITES = ("memory", "file", "redis", "postgres", "scale")
 
 
 class CliError(Exception):

@@ -69,7 +69,7 @@ def _run(args: argparse.Namespace) -> tuple[list[Row], dict[str, str]]:
     import redis
 
     suites = args.only or SUITES
-    if args.redis_url and "redis" in suites:
+    if args.redis_url and {"redis", "scale"} & set(suites):
         _check_server(args.redis_url)  # before minutes of other suites, not after
     mode: Mode = "quick" if args.quick else "full" if args.full else "headline"
     suite = Suite(mode=mode)
@@ -84,7 +84,7 @@ def _run(args: argparse.Namespace) -> tuple[list[Row], dict[str, str]]:
             steps: list[Step] = []
             for name in suites:
                 module = importlib.import_module(f"keylock._bench.{name}")
-                if name == "redis":
+                if name in ("redis", "scale"):
                     steps += module.steps(suite, stack, redis_url=args.redis_url)
                 elif name == "postgres":
                     url, asked = args.postgres_url, "postgres" in (args.only or ())

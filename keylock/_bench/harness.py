@@ -3,6 +3,7 @@ figure beside the fastest peer's in the same workload; JSON out and back in."""
 
 from __future__ import annotations
 
+import gc
 import json
 import math
 import os
@@ -12,27 +13,34 @@ import sys
 import time
 from dataclasses import asdict, dataclass, field, fields
 from importlib import metadata
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING, Literal, TypeVar
 
 if TYPE_CHECKING:
-    from collections.abc import Callable, Sequence
+    from collections.abc import Callable, Iterator, Sequence
 
     from .progress import Progress
 
 __all__ = [
+    "MIN_RUNS",
+    "NOISY",
     "Mode",
     "Row",
     "Suite",
     "Verdict",
+    "cpu_clock",
     "from_json",
+    "interleave",
     "machine",
     "measure",
     "percentile",
     "render",
+    "rotated",
     "to_json",
     "verdicts",
     "wait_figures",
 ]
+
+T = TypeVar("T")
 
 #: Packages whose versions every result states (those not installed are left out).
 PACKAGES = (
@@ -50,6 +58,19 @@ PACKAGES = (
     "postgresql-lock",
     "pgserver",
 )
+
+
+#: A row is flagged noisy when a run strays further than this from its median (a fraction).
+NOISY = 0.20
+
+#: The fewest runs a row's spread is stated over in a headline or full run.
+MIN_RUNS = 5
+
+#: The clock of a workload run by one thread alone (uncontended, single-flight): the CPU time
+#: of the calling thread. Wall time also counts the time another process had the core; on a
+#: shared 2-core VM that swung seven runs of the async acquire+release by +-20% to +-83% while
+#: their CPU time stayed within +-4% to +-10%.
+cpu_clock = time.thread_time
 
 
 @dataclass
@@ -107,9 +128,48 @@ class Row:
         )
 
     @property
+    def deviation(self) -> float:
+        """How far the farthest run strays from the median, as a fraction of it (0.0 for one
+        run or a zero median)."""
+        if not self.median or self.runs < 2:
+            return 0.0
+        return max(self.high - self.median, self.median - self.low) / abs(self.median)
+
+    @property
+    def noisy(self) -> bool:
+        """The spread exceeds +-20% of the median: the figure does not reproduce run to run."""
+        return self.deviation > NOISY
+
+    @property
     def is_keylock(self) -> bool:
         """A keylock subject (every other non-reference subject is a peer)."""
         return self.subject.startswith("keylock")
+
+
+def interleave(
+    subjects: Sequence[tuple[str, Callable[[], float]]], *, repeats: int
+) -> dict[str, list[float]]:
+    """Each subject's figures over *repeats* rounds, one run of every subject per round, so a
+    change in machine speed (another process, a CPU frequency step) hits every subject alike
+    instead of the ones measured last. Each round starts one subject further on, and each run
+    starts from a collected heap: the slot after a given subject is not the same as the slot
+    after another (single-flight measured ~1 us/caller less in the second slot than in the
+    third, whoever ran there)."""
+    figures: dict[str, list[float]] = {name: [] for name, _ in subjects}
+    for _, name, run in rotated(subjects, repeats):
+        gc.collect()
+        figures[name].append(run())
+    return figures
+
+
+def rotated(subjects: Sequence[tuple[str, T]], repeats: int) -> Iterator[tuple[int, str, T]]:
+    """(round, name, subject) for *repeats* rounds of *subjects*, round r starting at its
+    r-th subject, so every subject runs in every slot equally often over len(subjects) rounds."""
+    count = len(subjects)
+    for round_ in range(repeats):
+        start = round_ % count if count else 0
+        for name, subject in [*subjects[start:], *subjects[:start]]:
+            yield round_, name, subject
 
 
 def measure(run: Callable[[], float], *, repeats: int) -> tuple[float, float, float]:
@@ -186,6 +246,8 @@ class Suite:
 
 
 def _fmt(value: float) -> str:
+    if value == 0:
+        return "0"
     if value >= 100_000:
         return f"{value:,.0f}"
     if value >= 100:
@@ -260,19 +322,34 @@ def render(rows: Sequence[Row]) -> str:
         waits = _waits(row.extra)
         violations = f"{row.extra['violations']:.0f}" if "violations" in row.extra else ""
         subject = f"**{row.subject}**" if row.is_keylock else row.subject
+        notes = "; ".join(n for n in ("**noisy**" if row.noisy else "", row.notes) if n)
         lines.append(
-            f"| {row.workload} | {subject} | {_fmt(row.median)} {row.unit} | "
-            f"{_fmt(row.low)}-{_fmt(row.high)} | {ratio} | {waits} | {violations} | {row.notes} |"
+            f"| {row.workload} | {subject} | {_fmt(row.median)} {row.unit} | {spread(row)} "
+            f"| {ratio} | {waits} | {violations} | {notes} |"
         )
     return "\n".join(lines)
+
+
+def spread(row: Row) -> str:
+    """``min-max (+-N%, R runs)``: the range of the runs, how far the farthest strays from the
+    median, and over how many runs (one run has no spread)."""
+    if row.runs < 2:
+        return f"{_fmt(row.median)} (1 run)"
+    return f"{_fmt(row.low)}-{_fmt(row.high)} (±{row.deviation * 100:.0f}%, {row.runs} runs)"
 
 
 def render_verdicts(rows: Sequence[Row]) -> str:
     """One line per keylock row with peers: ahead of the fastest peer or not, by how much."""
     lines = []
+    noisy = {(r.workload, r.subject) for r in rows if r.noisy}
     for v in verdicts(rows):
         word = "ahead of" if v.ahead else "**behind**"
-        lines.append(f"- {v.workload}: {v.subject} {word} {v.peer} ({v.ratio:.2f}x its figure)")
+        flag = ""
+        if {(v.workload, v.subject), (v.workload, v.peer)} & noisy:
+            flag = " (noisy: a spread over ±20%, the ratio may not reproduce)"
+        lines.append(
+            f"- {v.workload}: {v.subject} {word} {v.peer} ({v.ratio:.2f}x its figure){flag}"
+        )
     return "\n".join(lines)
 
 

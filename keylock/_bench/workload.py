@@ -7,7 +7,7 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping, Sequence
 
 from .contend import Run
-from .harness import Row, Suite, wait_figures
+from .harness import Row, Suite, rotated, wait_figures
 from .progress import Step
 from .zipf import SEED, zipf_indices
 
@@ -134,9 +134,10 @@ def _interleaved(
                 f"{workload} / {name}: not installed, skipped (pip install 'python-keylock[bench]')"
             )
     runs: dict[str, list[Run]] = {name: [] for name, _ in present}
-    for _ in range(repeats):  # interleaved, so drift in machine speed hits every subject alike
-        for name, run in present:
-            runs[name].append(run(keys, seconds))
+    # interleaved, so drift in machine speed hits every subject alike; rotated, so no subject
+    # always runs right after the same one
+    for _, name, run in rotated(present, repeats):
+        runs[name].append(run(keys, seconds))
     # one worker on one key has nobody to hand off to: its figure is ops/s
     handoffs = workers > 1 and all(len(seq) == 1 for seq in keys)
     for name, _ in present:

@@ -17,11 +17,20 @@ import pytest
 import redis
 
 from keylock import KeyedLock
-from keylock._bench import file, inproc, memory, plot, workload
+from keylock._bench import file, hops, inproc, memory, plot, scale, workload
 from keylock._bench import postgres as postgres_suite
 from keylock._bench import redis as redis_suite
 from keylock._bench.contend import FileWitness, ThreadWitness, run_processes, run_tasks
-from keylock._bench.harness import Row, Suite, from_json, render, to_json, verdicts
+from keylock._bench.harness import (
+    Row,
+    Suite,
+    from_json,
+    interleave,
+    render,
+    render_verdicts,
+    to_json,
+    verdicts,
+)
 from keylock._bench.progress import Progress, Step, run_steps
 from keylock._bench.readme import END, START, rewrite
 from keylock._bench.workload import hot_key
@@ -66,13 +75,50 @@ def test_table_gives_each_figure_against_the_fastest_peer_with_spread_and_waits(
     assert table[0].startswith("| workload | subject | median | spread (min-max) | vs fastest")
     assert len(table) == 2 + len(_rows())
     keylock = next(line for line in table if line.startswith("| uncontended | **keylock X**"))
-    assert "| 2.00 us | 1.80-2.20 | 2.00x peer A |" in keylock  # peer A is the fastest peer
+    assert "| 2.00 us | 1.80-2.20 (±10%, 3 runs) | 2.00x peer A |" in keylock  # the fastest peer
     peer_b = next(line for line in table if "| peer B |" in line)
     assert "| 4.00x |" in peer_b
     ping = next(line for line in table if "| PING |" in line)
     assert "x" not in ping.split("|")[5]  # a reference is not ranked
     hot = next(line for line in table if line.startswith("| hot key, 2 workers | **keylock"))
     assert "| 0.500 / 2.00 / 3.00 ms | 0 |" in hot
+
+
+def test_a_row_whose_runs_stray_over_20_percent_is_flagged_noisy_in_table_and_verdict() -> None:
+    """Issue 15 item 4: each row states its spread over its runs and says when it is noisy."""
+    steady = Row.of("w", "keylock X", "us", [1.0, 1.1, 0.9, 1.0, 1.05])
+    noisy = Row.of("w", "peer A", "us", [1.0, 1.3, 0.9, 1.0, 1.0])
+    one = Row.of("w", "PING", "us", [0.5], reference=True)
+    assert not steady.noisy
+    assert steady.deviation == pytest.approx(0.1)
+    assert noisy.noisy
+    assert noisy.deviation == pytest.approx(0.3)
+    assert not one.noisy
+    table = render([steady, noisy, one]).splitlines()
+    assert "| 0.900-1.10 (±10%, 5 runs) |" in table[2]
+    assert "**noisy**" not in table[2]
+    assert "| 0.900-1.30 (±30%, 5 runs) |" in table[3]
+    assert table[3].endswith("| **noisy** |")
+    assert "| 0.500 (1 run) |" in table[4]
+    assert render_verdicts([steady, noisy]) == (
+        "- w: keylock X **behind** peer A (1.00x its figure)"
+        " (noisy: a spread over ±20%, the ratio may not reproduce)"
+    )
+
+
+def test_interleave_runs_every_subject_once_per_round_each_round_starting_further_on() -> None:
+    """The slot a run lands in changes its figure (single-flight: ~1 us/caller between the
+    second and third slot): every subject takes every slot equally often."""
+    order: list[str] = []
+
+    def run(name: str) -> float:
+        order.append(name)
+        return float(len(order))
+
+    subjects = [(name, lambda name=name: run(name)) for name in "abc"]
+    figures = interleave(subjects, repeats=3)
+    assert order == ["a", "b", "c", "b", "c", "a", "c", "a", "b"]
+    assert figures == {"a": [1.0, 6.0, 8.0], "b": [2.0, 4.0, 9.0], "c": [3.0, 5.0, 7.0]}
 
 
 def test_verdicts_say_where_keylock_is_behind_and_where_ahead() -> None:
@@ -381,3 +427,42 @@ def test_the_postgres_suite_runs_only_when_asked_and_cleans_up_the_users_server(
         labels = [step.label for step in plan]
     assert len([label for label in labels if "hot key" in label]) == 5
     assert "postgres, processes: 1,000 Zipf keys" in labels
+
+
+def test_redis_at_scale_keeps_every_lease_serves_fifo_and_splits_a_hand_off(
+    redis_server: Server, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Issue 15 items 5 and 6, in miniature (``keylock bench --full`` runs 10,000 of each for
+    a minute): 500 auto-renewed leases with a 2 s TTL behind a 40 ms round trip for 3 s, none
+    lost; 400 waiters over 8 processes served in arrival order per process, one hand-off each,
+    with the memory per waiter; and each hand-off split at its wake-up. Not in the default run.
+    """
+    monkeypatch.setenv("KEYLOCK_BENCH_HOLD_S", "3")
+    with contextlib.ExitStack() as stack:
+        assert scale.steps(Suite(mode="headline", progress=False), stack) == []
+    suite = Suite(mode="quick", progress=False)
+    with contextlib.ExitStack() as stack:
+        for step in scale.steps(suite, stack, redis_url=redis_server.url):
+            step.run()
+    rows = {(r.workload, r.subject, r.unit): r for r in suite.rows}
+    leases = "redis at scale: 500 leases, TTL 2 s, 40 ms round trip, 3 s"
+    me = "keylock RedisBackend (auto-renew)"
+    assert rows[(leases, me, "leases lost")].median == 0
+    trips = rows[(leases, me, "round trips/lease/TTL")]
+    assert trips.extra["renewals"] >= 500 * 3  # 1.5 TTLs: every lease renewed at least 3 times
+    assert 0 < trips.median < 0.1  # pipelined: a round trip renews many leases
+    crowd = rows[
+        (
+            "redis at scale: 400 waiters on one key, 8 processes",
+            "keylock RedisBackend",
+            "hand-offs/s",
+        )
+    ]
+    assert crowd.extra["served"] == 400
+    assert crowd.extra["out_of_order_clients"] == 0
+    assert crowd.extra["violations"] == 0
+    assert 0 < crowd.extra["bytes_per_waiter"] < 10_000
+    for segment in hops.SEGMENTS:
+        row = rows[(f"{hops.FAMILY}: {segment}", "keylock RedisBackend (sync)", "us (p50)")]
+        assert row.median > 0
+        assert row.runs == 2

@@ -17,12 +17,11 @@ import os
 import time
 from typing import TYPE_CHECKING
 
-import portalocker
-
 from .._validate import check_backend_ttl
 from ..errors import BackendUnavailable, LeaseLost
 from ._filepaths import LockDirectory, Mode, check_directory, file_name
-from ._filerecord import mark_released, read_last, read_record, write_record
+from ._filerecord import mark_released, read_last, write_record
+from ._filescan import probe, prune
 from ._fileshared import (
     SHARED,
     SHARED_MUTEX,
@@ -47,10 +46,6 @@ if TYPE_CHECKING:
 
 __all__ = ["FileBackend", "file_name"]
 
-# Statistics and prune lock through portalocker; the acquire and release path calls flock
-# directly (try_flock, unlock, _filewait): portalocker's flag enums cost ~10 µs a call there.
-_LOCK_NB = portalocker.LockFlags.EXCLUSIVE | portalocker.LockFlags.NON_BLOCKING
-_SHARED_NB = portalocker.LockFlags.SHARED | portalocker.LockFlags.NON_BLOCKING
 _RELEASING = 60.0  # seconds a releasing turn is kept live for its release to finish
 
 
@@ -383,22 +378,7 @@ class FileBackend(TieredBackend):
 
     def _probe(self, key: str) -> tuple[int | None, bytes | None, bool]:
         """(token, owner, held by another process) from the lock file, without waiting."""
-        fd = self._files.open_name(file_name(key))
-        if fd is None:  # never locked, or pruned
-            return None, None, False
-        try:
-            record = read_record(fd, with_key=False)
-            token, owner = record.token, record.owner
-            try:
-                portalocker.lock(
-                    fd, portalocker.LockFlags.SHARED | portalocker.LockFlags.NON_BLOCKING
-                )
-            except portalocker.AlreadyLocked:
-                return token, owner, True
-            portalocker.unlock(fd)
-            return token, owner, False
-        finally:
-            os.close(fd)
+        return probe(self._files, key)
 
     # ---------------------------------------------------------------------------- cleanup
 
@@ -408,32 +388,6 @@ class FileBackend(TieredBackend):
         Safe against racing acquirers: a file is unlinked only while locked, and an acquirer
         that locked an unlinked file notices (inode re-check) and retries on the new one.
         """
-        removed = 0
-        now = time.time()
         # Files this process has open are skipped unopened: closing any descriptor of a file
         # drops every POSIX lock this process has on it, a waiting caller's mark included.
-        ours = self._open_inodes()
-        for name in self._files.lock_names():
-            try:
-                if os.stat(name, dir_fd=self._files.fd, follow_symlinks=False).st_ino in ours:
-                    continue
-            except OSError:
-                continue
-            fd = self._files.open_name(name, writable=True)
-            if fd is None:  # gone, or not a plain lock file: not ours to remove
-                continue
-            try:
-                if now - os.fstat(fd).st_mtime < idle_for:
-                    continue
-                try:
-                    portalocker.lock(fd, _LOCK_NB)
-                except portalocker.AlreadyLocked:
-                    continue
-                try:
-                    self._files.unlink(name)
-                    removed += 1
-                finally:
-                    portalocker.unlock(fd)
-            finally:
-                os.close(fd)
-        return removed
+        return prune(self._files, self._open_inodes(), idle_for)

@@ -6,17 +6,18 @@ trio and anyio locks have no ``__enter__``): the wrong one fails at once, naming
 from __future__ import annotations
 
 import asyncio
+import logging
 import sys
 import time
 from typing import TYPE_CHECKING
 
-from ._host import report
 from ._validate import MAX_KEY_LENGTH, check_key, check_timeout, check_ttl
 from .errors import LockTimeout
-from .lease import _PENDING, _QUEUED, _SLOW_EXIT_OBSERVED, _TRACKED, Lease, new_owner
+from .lease import _PENDING, _QUEUED, _SLOW_EXIT, _TRACKED, Lease, new_owner
 
 if TYPE_CHECKING:
-    from types import FrameType
+    from collections.abc import Awaitable
+    from types import FrameType, TracebackType
 
     from .backends.base import Grant
     from .observe import Observer
@@ -24,6 +25,7 @@ if TYPE_CHECKING:
 
 __all__ = ["AsyncHold", "SyncHold"]
 
+logger = logging.getLogger("keylock")
 _frame = sys._getframe  # the frame entering a block: what a re-entry is recognised by
 
 
@@ -168,9 +170,10 @@ class SyncHold(_Hold):
 
 class _Observed(_Hold):
     """Reports to the lock's observer: wait, hold time, timeouts. An observer that raises is
-    logged and ignored: it never costs a grant or a release."""
+    logged and ignored: it never costs a grant or a release. The release is reported on the
+    same fast exit an unobserved block takes (no coroutine, when the release never waits)."""
 
-    __slots__ = ("_since",)
+    __slots__ = ("_group", "_since")
 
     def _observer(self) -> Observer:
         observer = self._host.observer
@@ -180,26 +183,29 @@ class _Observed(_Hold):
     def _timed_out(self, start: float) -> None:
         observer = self._observer()
         waited = time.perf_counter() - start
-        report(
-            "Observer.timed_out", lambda: observer.timed_out(observer.prefix_of(self.key), waited)
-        )
+        try:
+            observer.timed_out(observer.prefix_of(self.key), waited)
+        except Exception:
+            logger.exception("keylock: Observer.timed_out raised")
 
     def _acquired(self, start: float) -> None:
         self._since = now = time.perf_counter()
-        self._state |= _SLOW_EXIT_OBSERVED  # route every release through release()
         contended = None if self._locks._inline_step is None else bool(self._state & _QUEUED)
         observer = self._observer()
-        report(
-            "Observer.acquired",
-            lambda: observer.acquired(
-                observer.prefix_of(self.key), now - start, contended=contended
-            ),
-        )
+        try:
+            group = self._group = observer.prefix_of(self.key)
+            observer.acquired(group, now - start, contended=contended)
+        except Exception:
+            logger.exception("keylock: Observer.acquired raised")
 
     def _released(self) -> None:
         observer = self._observer()
         held = time.perf_counter() - self._since
-        report("Observer.released", lambda: observer.released(observer.prefix_of(self.key), held))
+        try:
+            group = getattr(self, "_group", None)
+            observer.released(observer.prefix_of(self.key) if group is None else group, held)
+        except Exception:
+            logger.exception("keylock: Observer.released raised")
 
     async def release(self) -> None:
         try:
@@ -212,6 +218,35 @@ class _Observed(_Hold):
             _Hold.release_sync(self)
         finally:
             self._released()
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        if self._state & _SLOW_EXIT:  # through release_sync(), which reports it
+            return Lease.__exit__(self, exc_type, exc, tb)
+        try:
+            return Lease.__exit__(self, exc_type, exc, tb)
+        finally:
+            self._released()
+
+    def _exit_async(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> Awaitable[None]:
+        if self._state & _SLOW_EXIT or not self._host.inline:  # through release()
+            return Lease._exit_async(self, exc_type, exc, tb)
+        try:
+            return Lease._exit_async(self, exc_type, exc, tb)  # released by now
+        finally:
+            self._released()
+
+    if not TYPE_CHECKING:
+        __aexit__ = _exit_async
 
 
 class _ObservedAsync(_Observed, AsyncHold):

@@ -44,10 +44,9 @@ _TRACKED = 4  # the backend looks after it (auto-renew) until release
 _CANCELLED_FOR_LOSS = 8  # its task was cancelled because the lease was lost
 _PENDING = 16  # not granted yet (a ``locks(key)`` block not entered yet)
 _QUEUED = 32  # granted after waiting in the queue (an observer counts it as a hand-off)
-_SLOW_EXIT_OBSERVED = 64  # an observer wants to see the release
 _TOLD = 128  # the holder's hooks (on_lost, observer, cancel) ran or are on their way
 # release needs more than the backend call
-_SLOW_EXIT = _RELEASED | _TRACKED | _PENDING | _SLOW_EXIT_OBSERVED
+_SLOW_EXIT = _RELEASED | _TRACKED | _PENDING
 _STATE = threading.Lock()
 os.register_at_fork(after_in_child=_STATE._at_fork_reinit)  # type: ignore[attr-defined]
 

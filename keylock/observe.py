@@ -65,6 +65,20 @@ class Observer:
         """A ``SingleFlight`` caller joined a run already in flight instead of starting one."""
 
 
+_BLOCK_HOOKS = ("acquired", "released", "timed_out")
+
+
+def watches_blocks(observer: Observer) -> bool:
+    """True if *observer* does something on acquire, release or timeout (overrides a hook):
+    a lock whose observer does not runs no observer code on those paths at all."""
+    for name in _BLOCK_HOOKS:
+        if name in getattr(observer, "__dict__", {}):  # set on the instance
+            return True
+        if getattr(type(observer), name) is not getattr(Observer, name):
+            return True
+    return False
+
+
 @dataclass
 class PrefixStats:
     """Counters for one key prefix (a snapshot when returned by ``Counters.snapshot``)."""

@@ -86,9 +86,15 @@ class KeyedLock:
         self._default_ttl = backend.default_ttl
         # NUL never occurs in a key or a namespace, so "namespace NUL key" is unambiguous
         self._prefix = f"{namespace}\x00" if namespace else ""
-        # Observed locks use subclasses of the holds; unobserved ones run no observer code.
-        self._async_hold: type[AsyncHold] = AsyncHold if observer is None else _ObservedAsync
-        self._sync_hold: type[SyncHold] = SyncHold if observer is None else _ObservedSync
+        # Observed locks use subclasses of the holds; unobserved ones, and those whose
+        # observer overrides no acquire/release/timeout hook, run no observer code there.
+        observed = False
+        if observer is not None:
+            from .observe import watches_blocks
+
+            observed = watches_blocks(observer)
+        self._async_hold: type[AsyncHold] = _ObservedAsync if observed else AsyncHold
+        self._sync_hold: type[SyncHold] = _ObservedSync if observed else SyncHold
 
     def __repr__(self) -> str:
         return f"KeyedLock({self._backend!r}, namespace={self.namespace!r})"

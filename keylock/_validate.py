@@ -31,7 +31,7 @@ def check_key(key: object) -> str:
         return key
     if not isinstance(key, str):
         raise InvalidKey(
-            f"lock key {key!r} is a {type(key).__name__}, not a str: "
+            f"lock key {key!r} has type {type(key).__name__}, not str: "
             f"build a string key, e.g. f'agent:{{id}}'",
             key=key,
         )

@@ -95,3 +95,14 @@ async def test_raised_errors_carry_the_key_and_say_what_to_do() -> None:
     for error in errors:  # errors raised in earnest pickle too (e.g. across a process pool)
         clone = pickle.loads(pickle.dumps(error))
         assert (type(clone), str(clone), clone.key) == (type(error), str(error), error.key)
+
+
+def test_a_key_of_the_wrong_type_is_named_in_plain_english() -> None:
+    """Issue 16, finding 9: the message read "lock key 42 is a int"."""
+    from keylock import InvalidKey, KeyedLock
+
+    for key, kind in ((42, "int"), (None, "NoneType"), (b"x", "bytes")):
+        with pytest.raises(InvalidKey) as info:
+            KeyedLock().statistics(key)  # type: ignore[arg-type]
+        assert f"has type {kind}, not str" in str(info.value)
+        assert " is a " not in str(info.value)

@@ -128,6 +128,11 @@ def _parser() -> argparse.ArgumentParser:
     release.add_argument("--prefix", default="keylock", help="RedisBackend prefix")
     release.add_argument("--table", default="keylock_leases", help="PostgresBackend table")
     release.add_argument(
+        "--owner",
+        help="release only if this owner (as `inspect` showed it, or its first 8+ hex digits) "
+        "still holds the key",
+    )
+    release.add_argument(
         "--yes", action="store_true", help="do not ask for confirmation (needed without a terminal)"
     )
     return parser
@@ -199,6 +204,8 @@ def _collect(found: Iterator[HeldLock], args: argparse.Namespace) -> list[HeldLo
 def _release(args: argparse.Namespace) -> int:
     from ._inspect import inspect_postgres, inspect_redis
 
+    named = _owner_prefix(args.owner)
+
     if args.postgres_url:
         check_postgres_url(args.postgres_url)
         found = inspect_postgres(args.postgres_url, table=_table(args.table))
@@ -211,24 +218,43 @@ def _release(args: argparse.Namespace) -> int:
         return 1
     ttl = "no expiry" if holder.ttl is None else f"expires in {holder.ttl:.1f} s"
     print(f"{printable(args.key)!r} is held: token {holder.token}, {_describe(holder)}, {ttl}")
+    if named is not None and not holder.owner.startswith(named):
+        shown = printable(args.key)
+        print(f"not released: {shown!r} is held by owner {holder.owner} now, not {named}")
+        return 1
     if not args.yes:
+        # typing the owner proves the holder shown is the one meant: a lock that changed
+        # hands since `inspect` (a stuck lease expired, a healthy worker took it) is spared
         try:
             answer = input(
-                "Force-release it from this holder? It keeps running unprotected "
-                "(its writes must be fenced). [y/N] "
+                "Force-release it from this holder? It keeps running unprotected (its writes "
+                "must be fenced). Type its owner's first 8 hex digits to confirm: "
             )
         except EOFError:
             raise CliError(
-                "no terminal to confirm on: pass --yes to force-release without asking", code=2
+                "no terminal to confirm on: pass --yes (and --owner) to force-release without "
+                "asking",
+                code=2,
             ) from None
-        if answer.strip().lower() not in ("y", "yes"):
-            print("not released")
+        typed = answer.strip().lower()
+        if len(typed) < 8 or not holder.owner.startswith(typed):
+            print("not released (the owner typed does not match)")
             return 1
     if _force(args, holder.stored or args.key, bytes.fromhex(holder.owner)):
         print("released")
         return 0
     print(f"not released: {printable(args.key)!r} is no longer held by owner {holder.owner}")
     return 1
+
+
+def _owner_prefix(owner: str | None) -> str | None:
+    """The owner named with --owner, as lower-case hex (at least 8 digits), or None."""
+    if owner is None:
+        return None
+    named = owner.strip().lower()
+    if len(named) < 8 or any(c not in "0123456789abcdef" for c in named):
+        raise CliError(f"--owner takes the owner's hex digits (8 or more), not {owner!r}", code=2)
+    return named
 
 
 def _force(args: argparse.Namespace, key: str, owner: bytes) -> bool:

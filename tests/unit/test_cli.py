@@ -243,7 +243,10 @@ def test_release_force_shows_the_holder_and_releases_only_that_owner(
         return real(url, key, **options)
 
     monkeypatch.setattr(keylock._inspect, "force_release_redis", spy)
-    monkeypatch.setattr("builtins.input", lambda prompt: "y")
+    monkeypatch.setattr("builtins.input", lambda prompt: "y")  # not the owner: refused
+    assert main(["release", "app:job:7", "--force", "--redis-url", redis_server.url]) == 1
+    assert "does not match" in capsys.readouterr().out
+    monkeypatch.setattr("builtins.input", lambda prompt: lease.owner.hex()[:8])
     assert main(["release", "app:job:7", "--force", "--redis-url", redis_server.url]) == 0
     out = capsys.readouterr().out
     shown = out.splitlines()[0]
@@ -397,3 +400,32 @@ def _polled(condition: Any, timeout: float = 10.0) -> bool:
             return True
         time.sleep(0.01)
     return False
+
+
+def test_force_release_spares_a_lock_that_changed_hands_since_it_was_inspected(
+    redis_server: Server, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Row 24 (adv_26): the operator inspects a stuck holder; its lease expires and a healthy
+    worker takes the key; the operator confirms the release with "y" and broke the healthy
+    worker's lease. Confirming now takes the shown owner's hex digits, and --owner pins the
+    owner seen in inspect: either way a lock that changed hands is left alone."""
+    redis_server.flush()
+    stuck_locks = KeyedLock(RedisBackend.from_url(redis_server.url, ttl=0.3, auto_renew=False))
+    stuck = stuck_locks.acquire_sync("job:7")
+    healthy_locks = KeyedLock(RedisBackend.from_url(redis_server.url))
+    healthy = healthy_locks.acquire_sync("job:7", timeout=10)  # after the stuck one expired
+    monkeypatch.setattr("builtins.input", lambda prompt: "y")
+    assert main(["release", "job:7", "--force", "--redis-url", redis_server.url]) == 1
+    named = ["--owner", stuck.owner.hex()]
+    assert (
+        main(["release", "job:7", "--force", "--yes", *named, "--redis-url", redis_server.url]) == 1
+    )
+    assert f"held by owner {healthy.owner.hex()} now" in capsys.readouterr().out
+    assert not healthy.lost
+    healthy.release_sync()  # still its own: no LeaseLost
+    assert (
+        main(["release", "job:7", "--force", "--owner", "xyz", "--redis-url", redis_server.url])
+        == 2
+    )
+    stuck_locks.close_sync()
+    healthy_locks.close_sync()

@@ -135,6 +135,11 @@ class SingleFlight:
         self._remote: RemoteFlight | None = None
         if backend is not None and not isinstance(backend, MemoryBackend):
             self._remote = _remote_for(backend, namespace, serializer)
+        elif serializer is not None:
+            raise ValueError(
+                "SingleFlight(serializer=...) only applies to flights shared through a backend "
+                "(results pass between processes); pass backend=, or drop serializer="
+            )
         self._flights: dict[_Slot, _Flight] = {}  # read anywhere; changed under _mutex
         self._sync_flights: dict[str, _SyncFlight] = {}  # guarded by _mutex
         self._mutex = threading.Lock()

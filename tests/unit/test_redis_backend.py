@@ -165,9 +165,14 @@ def test_unreachable_server_is_backend_unavailable(redis_server: Server) -> None
     locks.close_sync()
 
 
-def test_bad_url_is_backend_unavailable() -> None:
-    with pytest.raises(BackendUnavailable, match="bad Redis URL"):
-        RedisBackend.from_url("nonsense://where")
+def test_a_bad_url_is_a_value_error() -> None:
+    """Row 38 (adv_31): a URL redis-py cannot read is bad input, not an outage: ValueError
+    (it was BackendUnavailable, as if the server were down), without the password."""
+    for url in ("nonsense://where", "http://x", "http://user:hunter2@x"):
+        with pytest.raises(ValueError, match="bad Redis URL") as info:
+            RedisBackend.from_url(url)
+        assert not isinstance(info.value, BackendUnavailable)
+        assert "hunter2" not in str(info.value)
 
 
 def test_an_acquire_that_arrives_after_its_own_leave_grants_nothing(url: str) -> None:

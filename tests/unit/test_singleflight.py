@@ -431,3 +431,12 @@ async def test_invalid_key(key: object) -> None:
         flight.forget(key)  # type: ignore[arg-type]
     assert work.started == 0
     assert len(flight) == 0
+
+
+def test_a_serializer_without_a_backend_is_refused() -> None:
+    """Row 38 (adv_31): SingleFlight(serializer=json) with no backend was silently accepted,
+    though nothing is ever serialized in one process."""
+    import json
+
+    with pytest.raises(ValueError, match="serializer"):
+        SingleFlight(serializer=json)  # type: ignore[arg-type]

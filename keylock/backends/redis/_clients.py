@@ -75,7 +75,8 @@ def _accepted(cluster: bool) -> frozenset[str]:
 
 def from_url(url: str, *, cluster: bool, options: dict[str, object]) -> SyncClient:
     """A sync client for *url*; TypeError for an option no client takes (found now, not at
-    the first command); BackendUnavailable for a bad URL or an unreachable Cluster."""
+    the first command); ValueError for a bad URL, BackendUnavailable for an unreachable
+    Cluster."""
     if not isinstance(url, str):
         raise TypeError(f"RedisBackend.from_url needs a URL string, not {url!r}")
     unknown = sorted(set(options) - _accepted(cluster))
@@ -90,7 +91,7 @@ def from_url(url: str, *, cluster: bool, options: dict[str, object]) -> SyncClie
             return redis.cluster.RedisCluster.from_url(url, **options)
         return redis.Redis.from_url(url, **options)
     except ValueError as exc:  # the URL's text may hold a password: not chained
-        raise BackendUnavailable(f"bad Redis URL {shown!r}: {redact(str(exc))}") from None
+        raise ValueError(f"bad Redis URL {shown!r}: {redact(str(exc))}") from None
     except (RedisError, RedisClusterException) as exc:  # a Cluster client looks for its nodes
         raise BackendUnavailable(
             f"Redis Cluster at {shown!r} is unreachable: {redact(str(exc))}"

@@ -6,7 +6,9 @@ Three objects per ``table`` name (``keylock_leases`` by default, optionally ``sc
   one minted: the row outlives its lease so tokens keep rising), ``expires_at``, ``took_over``
   (that lease followed one that ended without its holder's release). A lease that expires, or
   that its holder releases late, keeps its owner: the next grant finds an owner whose lease
-  ran out, and took the key over.
+  ran out, and took the key over. ``released``: the owner ids of the key's last few
+  releases, so that a release sent again after its reply was lost (a connection cut between
+  the commit and the reply) answers "released", not a false "lost".
 * ``<table>_queue``: the waiters, one row per (key, waiting process), in arrival order, each
   with the channel its process LISTENs on and ``stay_until`` (a waiter refreshes it at every
   poll; a dead one drops out of the line when it passes).
@@ -40,6 +42,10 @@ from dataclasses import dataclass
 __all__ = ["Schema", "schema_for", "stored"]
 
 _NAME = re.compile(r"(?:([a-z_][a-z0-9_]{0,62})\.)?([a-z_][a-z0-9_]{0,39})\Z")
+
+# how many of a key's last releasers it remembers: a retried release comes right after its
+# first attempt, so only releases of later holders in between could push its mark out
+_MARKS = 4
 
 # the server clock in µs since the epoch (numeric: exact)
 _CLOCK_US = "(extract(epoch FROM clock_timestamp()) * 1000000)::bigint"
@@ -90,6 +96,8 @@ def schema_for(table: str, *, durable: bool = False) -> Schema:
     t = table
     q = f"{t}_queue"
     fn = t  # functions share the table's name as a prefix
+    # the release mark: this owner id first, then the key's last few releasers
+    mark = f"(ARRAY[p_owner] || released)[1:{_MARKS}]"
     lock = "PERFORM pg_advisory_xact_lock(hashtextextended(encode(p_key, 'hex'), 7262))"
     # the grant (or a claim of a key handed to p_owner): free, expired, or already ours
     upsert = f"""INSERT INTO {t} AS l (key, owner, token, expires_at)
@@ -108,8 +116,10 @@ def schema_for(table: str, *, durable: bool = False) -> Schema:
   owner bytea,
   token bigint NOT NULL,
   expires_at timestamptz NOT NULL,
-  took_over boolean NOT NULL DEFAULT false)""",
+  took_over boolean NOT NULL DEFAULT false,
+  released bytea[])""",
         f"ALTER TABLE {t} ADD COLUMN IF NOT EXISTS took_over boolean NOT NULL DEFAULT false",
+        f"ALTER TABLE {t} ADD COLUMN IF NOT EXISTS released bytea[]",
         # an older version's functions: acquire's result and hand_off's arguments changed, which
         # CREATE OR REPLACE cannot do (dropped only then: a drop under running sessions fails
         # their cached plans)
@@ -218,8 +228,10 @@ BEGIN
     ON CONFLICT (key, owner) DO UPDATE SET stay_until = excluded.stay_until;
   END IF;
 END $$""",
-        # -> true released (and handed on); false it was not ours, or it had expired (then the
-        # next holder took it over)
+        # -> true released (and handed on), or released already by this very call (a retry on a
+        # new connection after the first attempt's reply was lost: the owner ids of the key's
+        # last releases are kept in ``released``; owner ids are never reused); false it was
+        # not ours, or it had expired (then the next holder took it over)
         f"""CREATE OR REPLACE FUNCTION {fn}_release(p_key bytea, p_owner bytea)
 RETURNS boolean LANGUAGE plpgsql AS $$
 DECLARE
@@ -229,15 +241,18 @@ BEGIN
   {lock};
   PERFORM FROM {q} WHERE key = p_key LIMIT 1;
   IF NOT FOUND THEN  -- the usual case, nobody in line: free the key in one update
-    UPDATE {t} SET owner = NULL, expires_at = now_
+    UPDATE {t} SET owner = NULL, expires_at = now_, released = {mark}
     WHERE key = p_key AND owner = p_owner AND expires_at > now_;
     IF FOUND THEN
       RETURN true;
     END IF;
   END IF;
   SELECT expires_at > now_ INTO live FROM {t} WHERE key = p_key AND owner = p_owner;
-  IF NOT FOUND THEN
-    RETURN false;
+  IF NOT FOUND THEN  -- not ours: a retry of our own release whose reply was lost finds its mark
+    RETURN coalesce((SELECT p_owner = ANY(released) FROM {t} WHERE key = p_key), false);
+  END IF;
+  IF live THEN
+    UPDATE {t} SET released = {mark} WHERE key = p_key;
   END IF;
   PERFORM {fn}_hand_off(p_key, now_, NOT live);
   RETURN live;
@@ -272,7 +287,9 @@ END $$""",
         # true once the statements above are in place (this version's last change included)
         probe=(
             f"SELECT to_regproc('{fn}_leave') IS NOT NULL AND "
-            f"to_regprocedure('{fn}_hand_off(bytea, timestamptz, boolean)') IS NOT NULL"
+            f"to_regprocedure('{fn}_hand_off(bytea, timestamptz, boolean)') IS NOT NULL AND "
+            f"EXISTS (SELECT FROM pg_attribute WHERE attrelid = to_regclass('{t}') "
+            f"AND attname = 'released')"
         ),
         # -> one row if the live lease was ours (and now runs ttl ms from now)
         extend=(

@@ -200,15 +200,11 @@ class PostgresBackend(Unclosed, TieredBackend):
 
     # ------------------------------------------------------------------- the statements
 
-    def _run_sync(
-        self, key: str, sql: str, params: Sequence[object], *, again: bool = True
-    ) -> Rows:
-        return self._connections.run_sync(key, sql, params, again=again)
+    def _run_sync(self, key: str, sql: str, params: Sequence[object]) -> Rows:
+        return self._connections.run_sync(key, sql, params)
 
-    async def _run(
-        self, key: str, sql: str, params: Sequence[object], *, again: bool = True
-    ) -> Rows:
-        return await self._connections.run(key, sql, params, again=again)
+    async def _run(self, key: str, sql: str, params: Sequence[object]) -> Rows:
+        return await self._connections.run(key, sql, params)
 
     # ------------------------------------------------------------------- the arbiter's part
 
@@ -290,13 +286,14 @@ class PostgresBackend(Unclosed, TieredBackend):
         return Grant(grant[0], time.time() + (deadline - now), deadline, grant[3])
 
     def _end_sync(self, key: str, held: Held) -> bool:
-        # not repeated: a release that landed before its connection died would be found "not
-        # ours" the second time, a false LeaseLost
-        rows = self._run_sync(key, self._schema.release, [stored(key), held.owner], again=False)
+        # sent again on a new connection if its pooled one was dead (a server restart): a
+        # first attempt that ran before the reply was lost left its release mark, so the
+        # repeat answers "released", never a false LeaseLost
+        rows = self._run_sync(key, self._schema.release, [stored(key), held.owner])
         return bool(rows[0][0])
 
     async def _end(self, key: str, held: Held) -> bool:
-        rows = await self._run(key, self._schema.release, [stored(key), held.owner], again=False)
+        rows = await self._run(key, self._schema.release, [stored(key), held.owner])
         return bool(rows[0][0])
 
     def _extend_params(self, key: str, owner: bytes, token: int, ttl: float) -> list[object]:

@@ -17,7 +17,9 @@ _STARTUP_POLL = 0.05  # the safety-net poll while the listener is not LISTENing 
 
 
 class Waiting:
-    """Owner id -> its waiting acquire; the listener starts with the first one."""
+    """Owner id -> its waiting acquire; the listener starts when the first of them is put in
+    line (an acquire granted at once never needs it: a process that never waits holds no
+    LISTEN session)."""
 
     def __init__(self, conninfo: str, connect_kwargs: dict[str, object], channel: str) -> None:
         self.conninfo, self.connect_kwargs, self.channel = conninfo, connect_kwargs, channel
@@ -28,10 +30,16 @@ class Waiting:
     def add(self, flow: PostgresFlow) -> None:
         with self._mutex:
             self._flows[flow.owner] = flow
-            if self._listener is None:
-                from ._background import Listener
 
-                self._listener = Listener(self)
+    def listen(self) -> None:
+        """An acquire was put in line: make sure the listener runs (once LISTENing, it wakes
+        every waiter to try again, so a hand-off made before that is not missed)."""
+        if self._listener is None:
+            with self._mutex:
+                if self._listener is None:
+                    from ._background import Listener
+
+                    self._listener = Listener(self)
 
     def forget(self, flow: PostgresFlow) -> None:
         with self._mutex:

@@ -223,11 +223,13 @@ class AsyncWire(_Base):
 def sync_pool(
     conninfo: str, kwargs: dict[str, object], size: int, timeout: float
 ) -> psycopg_pool.ConnectionPool:
-    """A pool this backend owns: autocommit connections, opened on first use."""
+    """A pool this backend owns: autocommit connections, opened on first use and grown only
+    as calls need them (``min_size=0``: a pre-filled connection would race the first call's
+    own, and the pool would start at two)."""
     return psycopg_pool.ConnectionPool(
         conninfo,
         kwargs={**kwargs, "autocommit": True},
-        min_size=1,
+        min_size=0,
         max_size=size,
         open=False,
         timeout=timeout,
@@ -241,7 +243,7 @@ def async_pool(
     return psycopg_pool.AsyncConnectionPool(
         conninfo,
         kwargs={**kwargs, "autocommit": True},
-        min_size=1,
+        min_size=0,
         max_size=size,
         open=False,
         timeout=timeout,

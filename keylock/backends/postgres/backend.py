@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, cast
 from .._tiered import Held, Tier, TieredBackend
 from .._unclosed import Unclosed
 from ..base import Grant, KeyStatistics
-from ._flow import LEAVE, TRY, PostgresFlow
+from ._flow import LEAVE, QUEUE, TRY, PostgresFlow
 from ._sql import schema_for, stored
 
 if TYPE_CHECKING:
@@ -248,14 +248,22 @@ class PostgresBackend(Unclosed, TieredBackend):
         if trip == LEAVE:
             return self._run_sync(flow.key, schema.leave, [stored(flow.key), flow.owner])
         self._arm(flow)
-        return self._run_sync(flow.key, schema.acquire, self._acquire_params(flow, trip))[0]
+        rows = self._run_sync(flow.key, schema.acquire, self._acquire_params(flow, trip))
+        return self._queued(trip, rows[0])
 
     async def _trip(self, flow: Flow, trip: Hashable) -> object:
         schema = self._schema
         if trip == LEAVE:
             return await self._run(flow.key, schema.leave, [stored(flow.key), flow.owner])
         self._arm(flow)
-        return (await self._run(flow.key, schema.acquire, self._acquire_params(flow, trip)))[0]
+        rows = await self._run(flow.key, schema.acquire, self._acquire_params(flow, trip))
+        return self._queued(trip, rows[0])
+
+    def _queued(self, trip: Hashable, reply: tuple[object, ...]) -> tuple[object, ...]:
+        """*reply* to an acquire; one that put the caller in line starts the listener."""
+        if trip == QUEUE and reply[0] != 1:
+            self._waiting.listen()
+        return reply
 
     def _forget(self, flow: Flow) -> None:
         assert isinstance(flow, PostgresFlow)

@@ -43,6 +43,9 @@ __all__ = ["Schema", "schema_for", "stored"]
 
 _NAME = re.compile(r"(?:([a-z_][a-z0-9_]{0,62})\.)?([a-z_][a-z0-9_]{0,39})\Z")
 
+# the version of the statements below: a database holding another is brought up to this one
+_VERSION = "keylock schema 3"
+
 # how many of a key's last releasers it remembers: a retried release comes right after its
 # first attempt, so only releases of later holders in between could push its mark out
 _MARKS = 4
@@ -152,8 +155,10 @@ BEGIN
     DELETE FROM {q} WHERE key = p_key AND owner = head.owner;
   END LOOP;
 END $$""",
-        # the key is being given up: hand it to the live head of the line (for the head's claim
-        # window: its acquire, woken by the NOTIFY, extends it to its TTL), or free it. p_took:
+        # the key is being given up: hand it to the live head of the line for the head's claim
+        # window, and NOTIFY its process "<owner hex> <token> <server µs> <claim ms> <took>":
+        # the head adopts the grant from the message (its renewer extends it to its TTL)
+        # without a round trip of its own; or free it. p_took:
         # the lease given up was not released live (it lapsed first, or was an unused grant
         # that took over), so whoever gets the key next took it over: with nobody in line the
         # lease just ends, its owner kept, for the next grant to see
@@ -161,6 +166,7 @@ END $$""",
   p_took boolean) RETURNS void LANGUAGE plpgsql AS $$
 DECLARE
   head {q} := {fn}_head(p_key, p_now);
+  minted bigint;
 BEGIN
   IF head.owner IS NULL THEN
     UPDATE {t} SET owner = CASE WHEN p_took THEN owner END, expires_at = p_now
@@ -169,12 +175,14 @@ BEGIN
   END IF;
   UPDATE {t} SET owner = head.owner, token = {_mint("token")},
     expires_at = p_now + head.claim_ms * interval '1 millisecond', took_over = p_took
-  WHERE key = p_key;
+  WHERE key = p_key RETURNING token INTO minted;
   DELETE FROM {q} WHERE key = p_key AND owner = head.owner;
-  PERFORM pg_notify(head.channel, encode(head.owner, 'hex'));
+  PERFORM pg_notify(head.channel, concat_ws(' ', encode(head.owner, 'hex'), minted,
+    (extract(epoch FROM p_now) * 1000000)::bigint, head.claim_ms, p_took::int));
 END $$""",
-        # -> (1, token, ms left, took over) granted; (0, holder's ms left or -2 when the key is
-        # free but promised to the head of the line, NULL) not granted (queued if p_queue).
+        # -> (1, token, ms left, took over) granted; (0, the server clock in µs, holder's ms
+        # left or -2 when the key is free but promised to the head of the line, NULL) not
+        # granted (queued if p_queue): the clock dates the hand-offs NOTIFYed to the caller.
         # A grant took the key over when the row's owner is another whose lease ran out
         f"""CREATE OR REPLACE FUNCTION {fn}_acquire(
   p_key bytea, p_owner bytea, p_ttl_ms bigint, p_queue boolean, p_stay_ms bigint,
@@ -215,6 +223,7 @@ BEGIN
     END IF;
   END IF;
   o_status := 0;
+  o_token := {_CLOCK_US};
   SELECT * INTO holder FROM {t} WHERE key = p_key;
   IF holder.owner IS NOT NULL AND holder.expires_at > now_ THEN
     o_ms_left := ceil(extract(epoch FROM holder.expires_at - now_) * 1000)::bigint;
@@ -272,6 +281,8 @@ BEGIN
     PERFORM {fn}_hand_off(p_key, now_, took);
   END IF;
 END $$""",
+        # last: marks this version's statements as in place (the probe reads it)
+        f"COMMENT ON FUNCTION {fn}_hand_off(bytea, timestamptz, boolean) IS '{_VERSION}'",
     )
     # a FROM item, so the rows keep their shape; it only has to run before the commit
     fast = "" if durable else "set_config('synchronous_commit', 'off', true) AS fast"
@@ -284,12 +295,10 @@ END $$""",
         ),
         release=f"SELECT {fn}_release(%s, %s){fast and ' FROM ' + fast}",
         leave=f"SELECT {fn}_leave(%s, %s){fast and ' FROM ' + fast}",
-        # true once the statements above are in place (this version's last change included)
+        # true once the statements above are in place (this version's, by its marker)
         probe=(
-            f"SELECT to_regproc('{fn}_leave') IS NOT NULL AND "
-            f"to_regprocedure('{fn}_hand_off(bytea, timestamptz, boolean)') IS NOT NULL AND "
-            f"EXISTS (SELECT FROM pg_attribute WHERE attrelid = to_regclass('{t}') "
-            f"AND attname = 'released')"
+            f"SELECT coalesce(obj_description(to_regprocedure("
+            f"'{fn}_hand_off(bytea, timestamptz, boolean)'), 'pg_proc') = '{_VERSION}', false)"
         ),
         # -> one row if the live lease was ours (and now runs ttl ms from now)
         extend=(

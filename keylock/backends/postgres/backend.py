@@ -217,7 +217,9 @@ class PostgresBackend(Unclosed, TieredBackend):
         waiter: Waiter,
         local: Grant,
     ) -> Flow:
-        flow = PostgresFlow(key, owner, ttl or self._ttl, deadline, waiter, local, self.poll)
+        flow = PostgresFlow(
+            key, owner, ttl or self._ttl, deadline, waiter, local, self.poll, self._waiting.clock
+        )
         if deadline.timeout != 0:
             self._waiting.add(flow)
         return flow
@@ -232,7 +234,9 @@ class PostgresBackend(Unclosed, TieredBackend):
 
     def _acquire_params(self, flow: Flow, trip: Hashable) -> list[object]:
         ttl_ms = max(int((flow.ttl or self._ttl) * 1000), 1)
-        claim_ms = min(ttl_ms, self._stay_ms)
+        # a key handed to this waiter is its for the claim window, and its renewer extends it
+        # within a third of that; without auto-renew nobody would: the whole TTL, then
+        claim_ms = min(ttl_ms, self._stay_ms) if self.auto_renew else ttl_ms
         return [
             stored(flow.key),
             flow.owner,

@@ -203,7 +203,7 @@ async def test_five_hundred_waiters_on_one_key_on_postgres(
         assert postgres_server.execute("SELECT owner FROM keylock_leases") == [(None,)]
         for locks in (*clients, hold):
             b: PostgresBackend = locks.backend  # type: ignore[assignment]
-            assert (len(b._tier.local), b._tier.held, b._flows) == (0, {}, {})
+            assert (len(b._tier.local), b._tier.held, b._waiting._flows) == (0, {}, {})
             await locks.close()
     verdict = history.check(slack=SLACK)
     chaos_report.record(

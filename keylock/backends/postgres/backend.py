@@ -51,11 +51,14 @@ class PostgresBackend(Unclosed, TieredBackend):
       strictly increasing per key and never reused, even after the table is truncated.
     * **Waiting, FIFO**: within a process, callers queue in memory (one per key reaches the
       server); between processes, waiters queue in ``<table>_queue`` in arrival order. A
-      release hands the key to the head of the line and NOTIFYs that waiter's process, whose
-      single LISTENing connection wakes it: no polling, one connection per process for
-      waiting. A bounded safety-net poll (``poll`` s) keeps a waiter's place alive; a waiter
-      that gives up leaves the line, and one whose process died drops out of it. LISTEN needs
-      a session: behind a transaction-mode pooler, point ``listen_conninfo`` at the server (or
+      release hands the key to the head of the line and NOTIFYs that waiter's process with
+      the grant, which its single LISTENing connection gives to the waiter (no round trip of
+      the waiter's own; its renewer extends the short claim window): no polling, one
+      LISTEN session per waiting process, none in a process that never waits. A bounded
+      safety-net poll (``poll`` s) keeps a waiter's place alive; a waiter that gives up
+      leaves the line (a key handed to it meanwhile is passed on), and one whose process died
+      drops out of it (a key handed to it lapses after the claim window). LISTEN needs a
+      session: behind a transaction-mode pooler, point ``listen_conninfo`` at the server (or
       a session-mode pool); without it waiters still get the key, at the poll's pace.
     * **Cost and durability**: acquire and release are one round trip each. By default
       their commits skip the WAL flush (``synchronous_commit`` off, that transaction only): a

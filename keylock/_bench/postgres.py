@@ -34,7 +34,7 @@ __all__ = ["SUBJECTS", "steps"]
 
 FAMILY = "postgres, processes"
 KEYLOCK = "keylock PostgresBackend (sync)"
-KEYLOCK_FAST = "keylock PostgresBackend (sync, durable=False)"
+KEYLOCK_DURABLE = "keylock PostgresBackend (sync, durable=True)"
 PEER = "postgresql-lock (advisory)"
 _ROUND_TRIP = "SELECT 1 round trip"
 
@@ -48,7 +48,7 @@ def _keylock(
     app: str | None,
     closers: list[Callable[[], object]] | None = None,
     *,
-    durable: bool = True,
+    durable: bool = False,
 ) -> LockFor | None:
     from ..backends import PostgresBackend
 
@@ -61,11 +61,11 @@ def _keylock(
     return lambda key: locks.sync(key)
 
 
-def _keylock_fast(
+def _keylock_durable(
     url: str, table: str, app: str | None, closers: list[Callable[[], object]] | None = None
 ) -> LockFor | None:
-    """keylock committing without waiting for the WAL flush (``durable=False``)."""
-    return _keylock(url, table, app, closers, durable=False)
+    """keylock waiting for the WAL flush at every grant (``durable=True``, the option)."""
+    return _keylock(url, table, app, closers, durable=True)
 
 
 def _peer(
@@ -88,7 +88,7 @@ def _peer(
 #: is not installed). keylock's is made once per process; the peer's once per connection.
 SUBJECTS: dict[str, MakeLock] = {
     KEYLOCK: _keylock,
-    KEYLOCK_FAST: _keylock_fast,
+    KEYLOCK_DURABLE: _keylock_durable,
     PEER: _peer,
 }
 

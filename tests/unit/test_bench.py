@@ -415,7 +415,7 @@ def test_the_postgres_suite_runs_only_when_asked_and_cleans_up_the_users_server(
         plan[1].run()
         assert [(r.subject, r.unit, r.workers, r.extra["violations"]) for r in suite.rows] == [
             (postgres_suite.KEYLOCK, "hand-offs/s", 2, 0.0),
-            (postgres_suite.KEYLOCK_FAST, "hand-offs/s", 2, 0.0),
+            (postgres_suite.KEYLOCK_DURABLE, "hand-offs/s", 2, 0.0),
             (postgres_suite.PEER, "hand-offs/s", 2, 0.0),
         ]
         assert all("wait_p99_ms" in row.extra for row in suite.rows)

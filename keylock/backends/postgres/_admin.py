@@ -70,5 +70,12 @@ def force_release(
         owner = bytes(cast("bytes", row[0]))
     elif isinstance(owner, str):
         owner = bytes.fromhex(owner)
-    row = conn.execute(schema.release, (name, owner)).fetchone()
+    with conn.transaction():
+        row = conn.execute(schema.release, (name, owner)).fetchone()
+        # the release mark answers a holder's repeated release "released": this release was
+        # not the holder's, whose own release must report the lease lost
+        conn.execute(
+            f"UPDATE {schema.table} SET released = array_remove(released, %s) WHERE key = %s",
+            (owner, name),
+        )
     return bool(row and row[0])

@@ -107,15 +107,13 @@ class Connections:
             wire = self._async_wires[loop] = _wire.AsyncWire(pool, self._schema, owned=True)
         return wire
 
-    def run_sync(self, key: str, sql: str, params: Sequence[object], *, again: bool = True) -> Rows:
-        return self.sync_wire().run(key, sql, params, again=again)
+    def run_sync(self, key: str, sql: str, params: Sequence[object]) -> Rows:
+        return self.sync_wire().run(key, sql, params)
 
-    async def run(
-        self, key: str, sql: str, params: Sequence[object], *, again: bool = True
-    ) -> Rows:
+    async def run(self, key: str, sql: str, params: Sequence[object]) -> Rows:
         """One statement from an event loop; once sent it completes even if the caller is
         cancelled (the caller's give-up must land after it, never before)."""
-        call = asyncio.ensure_future(self.async_wire().run(key, sql, params, again=again))
+        call = asyncio.ensure_future(self.async_wire().run(key, sql, params))
         try:
             return await asyncio.shield(call)
         except asyncio.CancelledError:

@@ -1,14 +1,17 @@
 """The decisions of one acquire at Postgres, with no I/O (see :class:`~.._tiered.Flow`).
 
 A trip is one call of ``<table>_acquire``: granted, or queued (and how long the holder has
-left). Between trips the caller waits until its process's listener is notified that a release
-handed it the key, the holder's lease runs out, or the safety-net poll comes round (which also
-keeps its place in line alive: a waiter that stops coming back leaves the line).
+left, and the server's clock). Between trips the caller waits until its process's listener is
+notified that a release handed it the key (the grant is in the message: adopted while its
+claim window has room to spare, else asked for), the holder's lease runs out, or the
+safety-net poll comes round (which also keeps its place in line alive: a waiter that stops
+coming back leaves the line).
 """
 
 from __future__ import annotations
 
 import math
+import time
 from typing import TYPE_CHECKING, cast
 
 from .._tiered import Flow, Step
@@ -19,6 +22,7 @@ if TYPE_CHECKING:
 
     from .._waiters import Waiter
     from ..base import Deadline
+    from ._waiting import Handed, ServerClock
 
 __all__ = ["LEAVE", "QUEUE", "TRY", "PostgresFlow"]
 
@@ -32,6 +36,8 @@ class PostgresFlow(Flow):
     """Tries at once; then after each wake-up, at the holder's expiry, or every ``poll`` s."""
 
     woken = False  # set by the listener thread before it wakes the waiter: try again now
+    handed: Handed | None = None  # set by the listener with woken: the grant handed to us
+    sent_wall = 0.0  # time.time() when the last try was sent (to read the server's clock)
     sent_at = 0.0  # time.monotonic() when the last try was sent (a grant's TTL runs from it)
     _due = -math.inf  # time.monotonic() of the next try
     _queued = False  # a try that takes a place in line was sent
@@ -45,17 +51,27 @@ class PostgresFlow(Flow):
         waiter: Waiter,
         local: Grant,
         poll: float,
+        clock: ServerClock,
     ) -> None:
         super().__init__(key, owner, ttl, deadline, waiter, local)
         self.poll = poll  # seconds between safety-net tries (the backend may shorten it)
         self._queue = deadline.timeout != 0
+        self._clock = clock
 
     def next(self, now: float) -> Step | None:
         if self.grant is not None:
             return None
+        handed, self.handed = self.handed, None
+        # a claim window with room to spare: the renewer extends it in time. One overslept
+        # (a busy process) may have lapsed and gone to another: ask the server, which grants
+        # it again only if it is still ours
+        if handed is not None and handed.deadline - now > handed.claim / 2:
+            self.grant = Grant(handed.token, None, handed.deadline, handed.took_over)
+            return None
         if self.woken or now >= self._due:
             self.woken = False
             self.sent_at = now
+            self.sent_wall = time.time()
             if self._queue:
                 self._queued = True
                 return Step(QUEUE, None)
@@ -76,6 +92,7 @@ class PostgresFlow(Flow):
                 raise self.deadline.expired()
             self._due = now
             return
+        self._clock.read(int(token), self.sent_wall, time.time())
         if self.deadline.passed(now):
             raise self.deadline.expired()
         wait = self.poll

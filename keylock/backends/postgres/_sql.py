@@ -6,7 +6,9 @@ Three objects per ``table`` name (``keylock_leases`` by default, optionally ``sc
   one minted: the row outlives its lease so tokens keep rising), ``expires_at``, ``took_over``
   (that lease followed one that ended without its holder's release). A lease that expires, or
   that its holder releases late, keeps its owner: the next grant finds an owner whose lease
-  ran out, and took the key over.
+  ran out, and took the key over. ``released``: the owner ids of the key's last few
+  releases, so that a release sent again after its reply was lost (a connection cut between
+  the commit and the reply) answers "released", not a false "lost".
 * ``<table>_queue``: the waiters, one row per (key, waiting process), in arrival order, each
   with the channel its process LISTENs on and ``stay_until`` (a waiter refreshes it at every
   poll; a dead one drops out of the line when it passes).
@@ -40,6 +42,13 @@ from dataclasses import dataclass
 __all__ = ["Schema", "schema_for", "stored"]
 
 _NAME = re.compile(r"(?:([a-z_][a-z0-9_]{0,62})\.)?([a-z_][a-z0-9_]{0,39})\Z")
+
+# the version of the statements below: a database holding another is brought up to this one
+_VERSION = "keylock schema 3"
+
+# how many of a key's last releasers it remembers: a retried release comes right after its
+# first attempt, so only releases of later holders in between could push its mark out
+_MARKS = 4
 
 # the server clock in µs since the epoch (numeric: exact)
 _CLOCK_US = "(extract(epoch FROM clock_timestamp()) * 1000000)::bigint"
@@ -90,6 +99,8 @@ def schema_for(table: str, *, durable: bool = False) -> Schema:
     t = table
     q = f"{t}_queue"
     fn = t  # functions share the table's name as a prefix
+    # the release mark: this owner id first, then the key's last few releasers
+    mark = f"(ARRAY[p_owner] || released)[1:{_MARKS}]"
     lock = "PERFORM pg_advisory_xact_lock(hashtextextended(encode(p_key, 'hex'), 7262))"
     # the grant (or a claim of a key handed to p_owner): free, expired, or already ours
     upsert = f"""INSERT INTO {t} AS l (key, owner, token, expires_at)
@@ -108,8 +119,10 @@ def schema_for(table: str, *, durable: bool = False) -> Schema:
   owner bytea,
   token bigint NOT NULL,
   expires_at timestamptz NOT NULL,
-  took_over boolean NOT NULL DEFAULT false)""",
+  took_over boolean NOT NULL DEFAULT false,
+  released bytea[])""",
         f"ALTER TABLE {t} ADD COLUMN IF NOT EXISTS took_over boolean NOT NULL DEFAULT false",
+        f"ALTER TABLE {t} ADD COLUMN IF NOT EXISTS released bytea[]",
         # an older version's functions: acquire's result and hand_off's arguments changed, which
         # CREATE OR REPLACE cannot do (dropped only then: a drop under running sessions fails
         # their cached plans)
@@ -142,8 +155,10 @@ BEGIN
     DELETE FROM {q} WHERE key = p_key AND owner = head.owner;
   END LOOP;
 END $$""",
-        # the key is being given up: hand it to the live head of the line (for the head's claim
-        # window: its acquire, woken by the NOTIFY, extends it to its TTL), or free it. p_took:
+        # the key is being given up: hand it to the live head of the line for the head's claim
+        # window, and NOTIFY its process "<owner hex> <token> <server µs> <claim ms> <took>":
+        # the head adopts the grant from the message (its renewer extends it to its TTL)
+        # without a round trip of its own; or free it. p_took:
         # the lease given up was not released live (it lapsed first, or was an unused grant
         # that took over), so whoever gets the key next took it over: with nobody in line the
         # lease just ends, its owner kept, for the next grant to see
@@ -151,6 +166,7 @@ END $$""",
   p_took boolean) RETURNS void LANGUAGE plpgsql AS $$
 DECLARE
   head {q} := {fn}_head(p_key, p_now);
+  minted bigint;
 BEGIN
   IF head.owner IS NULL THEN
     UPDATE {t} SET owner = CASE WHEN p_took THEN owner END, expires_at = p_now
@@ -159,12 +175,14 @@ BEGIN
   END IF;
   UPDATE {t} SET owner = head.owner, token = {_mint("token")},
     expires_at = p_now + head.claim_ms * interval '1 millisecond', took_over = p_took
-  WHERE key = p_key;
+  WHERE key = p_key RETURNING token INTO minted;
   DELETE FROM {q} WHERE key = p_key AND owner = head.owner;
-  PERFORM pg_notify(head.channel, encode(head.owner, 'hex'));
+  PERFORM pg_notify(head.channel, concat_ws(' ', encode(head.owner, 'hex'), minted,
+    (extract(epoch FROM p_now) * 1000000)::bigint, head.claim_ms, p_took::int));
 END $$""",
-        # -> (1, token, ms left, took over) granted; (0, holder's ms left or -2 when the key is
-        # free but promised to the head of the line, NULL) not granted (queued if p_queue).
+        # -> (1, token, ms left, took over) granted; (0, the server clock in µs, holder's ms
+        # left or -2 when the key is free but promised to the head of the line, NULL) not
+        # granted (queued if p_queue): the clock dates the hand-offs NOTIFYed to the caller.
         # A grant took the key over when the row's owner is another whose lease ran out
         f"""CREATE OR REPLACE FUNCTION {fn}_acquire(
   p_key bytea, p_owner bytea, p_ttl_ms bigint, p_queue boolean, p_stay_ms bigint,
@@ -205,6 +223,7 @@ BEGIN
     END IF;
   END IF;
   o_status := 0;
+  o_token := {_CLOCK_US};
   SELECT * INTO holder FROM {t} WHERE key = p_key;
   IF holder.owner IS NOT NULL AND holder.expires_at > now_ THEN
     o_ms_left := ceil(extract(epoch FROM holder.expires_at - now_) * 1000)::bigint;
@@ -218,8 +237,10 @@ BEGIN
     ON CONFLICT (key, owner) DO UPDATE SET stay_until = excluded.stay_until;
   END IF;
 END $$""",
-        # -> true released (and handed on); false it was not ours, or it had expired (then the
-        # next holder took it over)
+        # -> true released (and handed on), or released already by this very call (a retry on a
+        # new connection after the first attempt's reply was lost: the owner ids of the key's
+        # last releases are kept in ``released``; owner ids are never reused); false it was
+        # not ours, or it had expired (then the next holder took it over)
         f"""CREATE OR REPLACE FUNCTION {fn}_release(p_key bytea, p_owner bytea)
 RETURNS boolean LANGUAGE plpgsql AS $$
 DECLARE
@@ -229,15 +250,18 @@ BEGIN
   {lock};
   PERFORM FROM {q} WHERE key = p_key LIMIT 1;
   IF NOT FOUND THEN  -- the usual case, nobody in line: free the key in one update
-    UPDATE {t} SET owner = NULL, expires_at = now_
+    UPDATE {t} SET owner = NULL, expires_at = now_, released = {mark}
     WHERE key = p_key AND owner = p_owner AND expires_at > now_;
     IF FOUND THEN
       RETURN true;
     END IF;
   END IF;
   SELECT expires_at > now_ INTO live FROM {t} WHERE key = p_key AND owner = p_owner;
-  IF NOT FOUND THEN
-    RETURN false;
+  IF NOT FOUND THEN  -- not ours: a retry of our own release whose reply was lost finds its mark
+    RETURN coalesce((SELECT p_owner = ANY(released) FROM {t} WHERE key = p_key), false);
+  END IF;
+  IF live THEN
+    UPDATE {t} SET released = {mark} WHERE key = p_key;
   END IF;
   PERFORM {fn}_hand_off(p_key, now_, NOT live);
   RETURN live;
@@ -257,6 +281,8 @@ BEGIN
     PERFORM {fn}_hand_off(p_key, now_, took);
   END IF;
 END $$""",
+        # last: marks this version's statements as in place (the probe reads it)
+        f"COMMENT ON FUNCTION {fn}_hand_off(bytea, timestamptz, boolean) IS '{_VERSION}'",
     )
     # a FROM item, so the rows keep their shape; it only has to run before the commit
     fast = "" if durable else "set_config('synchronous_commit', 'off', true) AS fast"
@@ -269,10 +295,10 @@ END $$""",
         ),
         release=f"SELECT {fn}_release(%s, %s){fast and ' FROM ' + fast}",
         leave=f"SELECT {fn}_leave(%s, %s){fast and ' FROM ' + fast}",
-        # true once the statements above are in place (this version's last change included)
+        # true once the statements above are in place (this version's, by its marker)
         probe=(
-            f"SELECT to_regproc('{fn}_leave') IS NOT NULL AND "
-            f"to_regprocedure('{fn}_hand_off(bytea, timestamptz, boolean)') IS NOT NULL"
+            f"SELECT coalesce(obj_description(to_regprocedure("
+            f"'{fn}_hand_off(bytea, timestamptz, boolean)'), 'pg_proc') = '{_VERSION}', false)"
         ),
         # -> one row if the live lease was ours (and now runs ttl ms from now)
         extend=(

@@ -80,9 +80,9 @@ def boundary(where: str, key: str, secret: str | None = None) -> Iterator[None]:
         ) from exc
 
 
-def _dead(exc: psycopg.OperationalError, broken: bool, again: bool) -> bool:
+def _dead(exc: psycopg.OperationalError, broken: bool) -> bool:
     """True if the statement may be sent again on another connection (see SyncWire.run)."""
-    return isinstance(exc, psycopg.errors.AdminShutdown) or (again and broken)
+    return broken or isinstance(exc, psycopg.errors.AdminShutdown)
 
 
 class _Base:
@@ -112,12 +112,13 @@ class SyncWire(_Base):
         self.owned = owned  # made by the backend (from_url): opened lazily, closed by it
         self._opened = not owned
 
-    def run(self, key: str, sql: str, params: Sequence[object], *, again: bool = True) -> Rows:
+    def run(self, key: str, sql: str, params: Sequence[object]) -> Rows:
         """Run one statement; its rows. BackendUnavailable on any failure. A connection found
         dead in the pool (the server restarted, or terminated it) is replaced, and the
-        statement sent again: always when the server said it terminated the session (the
-        statement did not run), on any broken connection only with *again* (a statement safe
-        to repeat: all but release, whose repeat would find the key "not ours")."""
+        statement sent again on another connection (the pool discards the broken one). Every
+        statement is safe to repeat: acquire and leave are idempotent per owner id, extend
+        and renew per token, and a release that ran before its reply was lost finds its own
+        release mark (see ``_sql``)."""
         with boundary(self.where, key, self._secret):
             if not self._opened:
                 with self._mutex:
@@ -141,7 +142,7 @@ class SyncWire(_Base):
                         self._ready = False  # dropped under us: make it again, then retry
                     except psycopg.OperationalError as exc:
                         dead += 1
-                        if not _dead(exc, conn.broken, again) or dead > self.pool.max_size:
+                        if not _dead(exc, conn.broken) or dead > self.pool.max_size:
                             raise
                     finally:
                         if restore and not conn.closed:
@@ -176,9 +177,7 @@ class AsyncWire(_Base):
         self.owned = owned
         self._opened = not owned
 
-    async def run(
-        self, key: str, sql: str, params: Sequence[object], *, again: bool = True
-    ) -> Rows:
+    async def run(self, key: str, sql: str, params: Sequence[object]) -> Rows:
         with boundary(self.where, key, self._secret):
             if not self._opened:
                 self._opened = True
@@ -201,7 +200,7 @@ class AsyncWire(_Base):
                         self._ready = False
                     except psycopg.OperationalError as exc:
                         dead += 1
-                        if not _dead(exc, conn.broken, again) or dead > self.pool.max_size:
+                        if not _dead(exc, conn.broken) or dead > self.pool.max_size:
                             raise
                     finally:
                         if restore and not conn.closed:
@@ -224,11 +223,13 @@ class AsyncWire(_Base):
 def sync_pool(
     conninfo: str, kwargs: dict[str, object], size: int, timeout: float
 ) -> psycopg_pool.ConnectionPool:
-    """A pool this backend owns: autocommit connections, opened on first use."""
+    """A pool this backend owns: autocommit connections, opened on first use and grown only
+    as calls need them (``min_size=0``: a pre-filled connection would race the first call's
+    own, and the pool would start at two)."""
     return psycopg_pool.ConnectionPool(
         conninfo,
         kwargs={**kwargs, "autocommit": True},
-        min_size=1,
+        min_size=0,
         max_size=size,
         open=False,
         timeout=timeout,
@@ -242,7 +243,7 @@ def async_pool(
     return psycopg_pool.AsyncConnectionPool(
         conninfo,
         kwargs={**kwargs, "autocommit": True},
-        min_size=1,
+        min_size=0,
         max_size=size,
         open=False,
         timeout=timeout,

@@ -13,7 +13,7 @@ from .._renewer import Renewer
 from .._tiered import Held, Tier, TieredBackend
 from .._unclosed import Unclosed
 from ..base import Grant, KeyStatistics
-from ._flow import LEAVE, TRY, PostgresFlow
+from ._flow import LEAVE, QUEUE, TRY, PostgresFlow
 from ._sql import schema_for, stored
 
 if TYPE_CHECKING:
@@ -51,11 +51,14 @@ class PostgresBackend(Unclosed, TieredBackend):
       strictly increasing per key and never reused, even after the table is truncated.
     * **Waiting, FIFO**: within a process, callers queue in memory (one per key reaches the
       server); between processes, waiters queue in ``<table>_queue`` in arrival order. A
-      release hands the key to the head of the line and NOTIFYs that waiter's process, whose
-      single LISTENing connection wakes it: no polling, one connection per process for
-      waiting. A bounded safety-net poll (``poll`` s) keeps a waiter's place alive; a waiter
-      that gives up leaves the line, and one whose process died drops out of it. LISTEN needs
-      a session: behind a transaction-mode pooler, point ``listen_conninfo`` at the server (or
+      release hands the key to the head of the line and NOTIFYs that waiter's process with
+      the grant, which its single LISTENing connection gives to the waiter (no round trip of
+      the waiter's own; its renewer extends the short claim window): no polling, one
+      LISTEN session per waiting process, none in a process that never waits. A bounded
+      safety-net poll (``poll`` s) keeps a waiter's place alive; a waiter that gives up
+      leaves the line (a key handed to it meanwhile is passed on), and one whose process died
+      drops out of it (a key handed to it lapses after the claim window). LISTEN needs a
+      session: behind a transaction-mode pooler, point ``listen_conninfo`` at the server (or
       a session-mode pool); without it waiters still get the key, at the poll's pace.
     * **Cost and durability**: acquire and release are one round trip each. By default
       their commits skip the WAL flush (``synchronous_commit`` off, that transaction only): a
@@ -200,15 +203,11 @@ class PostgresBackend(Unclosed, TieredBackend):
 
     # ------------------------------------------------------------------- the statements
 
-    def _run_sync(
-        self, key: str, sql: str, params: Sequence[object], *, again: bool = True
-    ) -> Rows:
-        return self._connections.run_sync(key, sql, params, again=again)
+    def _run_sync(self, key: str, sql: str, params: Sequence[object]) -> Rows:
+        return self._connections.run_sync(key, sql, params)
 
-    async def _run(
-        self, key: str, sql: str, params: Sequence[object], *, again: bool = True
-    ) -> Rows:
-        return await self._connections.run(key, sql, params, again=again)
+    async def _run(self, key: str, sql: str, params: Sequence[object]) -> Rows:
+        return await self._connections.run(key, sql, params)
 
     # ------------------------------------------------------------------- the arbiter's part
 
@@ -221,7 +220,9 @@ class PostgresBackend(Unclosed, TieredBackend):
         waiter: Waiter,
         local: Grant,
     ) -> Flow:
-        flow = PostgresFlow(key, owner, ttl or self._ttl, deadline, waiter, local, self.poll)
+        flow = PostgresFlow(
+            key, owner, ttl or self._ttl, deadline, waiter, local, self.poll, self._waiting.clock
+        )
         if deadline.timeout != 0:
             self._waiting.add(flow)
         return flow
@@ -236,7 +237,9 @@ class PostgresBackend(Unclosed, TieredBackend):
 
     def _acquire_params(self, flow: Flow, trip: Hashable) -> list[object]:
         ttl_ms = max(int((flow.ttl or self._ttl) * 1000), 1)
-        claim_ms = min(ttl_ms, self._stay_ms)
+        # a key handed to this waiter is its for the claim window, and its renewer extends it
+        # within a third of that; without auto-renew nobody would: the whole TTL, then
+        claim_ms = min(ttl_ms, self._stay_ms) if self.auto_renew else ttl_ms
         return [
             stored(flow.key),
             flow.owner,
@@ -252,14 +255,22 @@ class PostgresBackend(Unclosed, TieredBackend):
         if trip == LEAVE:
             return self._run_sync(flow.key, schema.leave, [stored(flow.key), flow.owner])
         self._arm(flow)
-        return self._run_sync(flow.key, schema.acquire, self._acquire_params(flow, trip))[0]
+        rows = self._run_sync(flow.key, schema.acquire, self._acquire_params(flow, trip))
+        return self._queued(trip, rows[0])
 
     async def _trip(self, flow: Flow, trip: Hashable) -> object:
         schema = self._schema
         if trip == LEAVE:
             return await self._run(flow.key, schema.leave, [stored(flow.key), flow.owner])
         self._arm(flow)
-        return (await self._run(flow.key, schema.acquire, self._acquire_params(flow, trip)))[0]
+        rows = await self._run(flow.key, schema.acquire, self._acquire_params(flow, trip))
+        return self._queued(trip, rows[0])
+
+    def _queued(self, trip: Hashable, reply: tuple[object, ...]) -> tuple[object, ...]:
+        """*reply* to an acquire; one that put the caller in line starts the listener."""
+        if trip == QUEUE and reply[0] != 1:
+            self._waiting.listen()
+        return reply
 
     def _forget(self, flow: Flow) -> None:
         assert isinstance(flow, PostgresFlow)
@@ -290,13 +301,14 @@ class PostgresBackend(Unclosed, TieredBackend):
         return Grant(grant[0], time.time() + (deadline - now), deadline, grant[3])
 
     def _end_sync(self, key: str, held: Held) -> bool:
-        # not repeated: a release that landed before its connection died would be found "not
-        # ours" the second time, a false LeaseLost
-        rows = self._run_sync(key, self._schema.release, [stored(key), held.owner], again=False)
+        # sent again on a new connection if its pooled one was dead (a server restart): a
+        # first attempt that ran before the reply was lost left its release mark, so the
+        # repeat answers "released", never a false LeaseLost
+        rows = self._run_sync(key, self._schema.release, [stored(key), held.owner])
         return bool(rows[0][0])
 
     async def _end(self, key: str, held: Held) -> bool:
-        rows = await self._run(key, self._schema.release, [stored(key), held.owner], again=False)
+        rows = await self._run(key, self._schema.release, [stored(key), held.owner])
         return bool(rows[0][0])
 
     def _extend_params(self, key: str, owner: bytes, token: int, ttl: float) -> list[object]:

@@ -181,15 +181,17 @@ def test_a_grant_whose_reply_came_after_its_expiry_is_never_returned() -> None:
     run out, and the flow returned it (a lease already lost). Now it tries again at once."""
     from keylock.backends.base import Deadline, Grant
     from keylock.backends.postgres._flow import PostgresFlow
+    from keylock.backends.postgres._waiting import ServerClock
 
     flow = PostgresFlow(
         "job",
         b"\1" * 16,
         0.05,
         Deadline("job", 10.0, 100.0),
-        None,
+        None,  # type: ignore[arg-type]
         Grant(1, None),
-        1.0,  # type: ignore[arg-type]
+        1.0,
+        ServerClock(),
     )
     assert flow.next(100.0) is not None
     flow.on_reply((1, 7, 50, False), 100.2)  # granted for 50 ms, answered 200 ms later

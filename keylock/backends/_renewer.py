@@ -14,6 +14,7 @@ from __future__ import annotations
 import heapq
 import itertools
 import logging
+import os
 import threading
 import time
 from collections.abc import Callable
@@ -25,7 +26,7 @@ from .base import Grant
 if TYPE_CHECKING:
     from ..lease import Lease
 
-__all__ = ["Dated", "Renewal", "Renewer"]
+__all__ = ["AutoRenewed", "Dated", "Renewal", "Renewer"]
 
 logger = logging.getLogger("keylock")
 
@@ -206,3 +207,41 @@ def _guarded(call: Callable[[], object]) -> None:
         call()
     except Exception:
         logger.exception("keylock: a lease callback raised (ignored)")
+
+
+class AutoRenewed:
+    """Mixin for a backend whose leases with a TTL one :class:`Renewer` keeps alive while
+    ``auto_renew`` is on: started at the first such lease, stopped by :meth:`_stop_renewing`.
+    A backend sets ``_renewer = None`` for each process (a forked child starts its own)."""
+
+    auto_renew: bool
+    _renewer: Renewer | None = None
+    _renewer_mutex = threading.Lock()  # (making a renewer is rare: one lock for every backend)
+
+    def _new_renewer(self) -> Renewer:
+        """This backend's renewer (see :data:`Renewal`, :data:`Dated`)."""
+        raise NotImplementedError
+
+    def _track(self, lease: Lease) -> None:
+        if self.auto_renew and lease.ttl:
+            renewer = self._renewer
+            if renewer is None:
+                with AutoRenewed._renewer_mutex:
+                    renewer = self._renewer
+                    if renewer is None:
+                        renewer = self._renewer = self._new_renewer()
+            renewer.add(lease)
+
+    def _untrack(self, lease: Lease) -> None:
+        renewer = self._renewer
+        if renewer is not None:
+            renewer.remove(lease)
+
+    def _stop_renewing(self) -> None:
+        renewer = self._renewer
+        if renewer is not None:
+            renewer.stop()
+
+
+# a child forked while another thread made a renewer must not inherit the lock held
+os.register_at_fork(after_in_child=AutoRenewed._renewer_mutex._at_fork_reinit)  # type: ignore[attr-defined]

@@ -5,11 +5,10 @@ from __future__ import annotations
 
 import contextlib
 import os
-import threading
 import time
 from typing import TYPE_CHECKING, cast
 
-from .._renewer import Renewer
+from .._renewer import AutoRenewed, Renewer
 from .._tiered import Held, Tier, TieredBackend
 from .._unclosed import Unclosed
 from ..base import Grant, KeyStatistics
@@ -30,7 +29,7 @@ if TYPE_CHECKING:
 __all__ = ["PostgresBackend"]
 
 
-class PostgresBackend(Unclosed, TieredBackend):
+class PostgresBackend(Unclosed, AutoRenewed, TieredBackend):
     """Per-key leases shared by every process and host using one Postgres database.
 
     **Design: a lease table, not advisory locks.** A key is one row (owner, token,
@@ -143,8 +142,7 @@ class PostgresBackend(Unclosed, TieredBackend):
         self._tier = Tier()
         self._channel = f"keylock_{os.urandom(8).hex()}"
         self._waiting = Waiting(self._conninfo, self._connect_kwargs, self._channel)
-        self._mutex = threading.Lock()  # guards _renewer
-        self._renewer: Renewer | None = None
+        self._renewer = None
         self._connections = Connections(
             self._schema,
             self._conninfo,
@@ -348,19 +346,12 @@ class PostgresBackend(Unclosed, TieredBackend):
 
     # ------------------------------------------------------------------------ auto-renew
 
-    def _track(self, lease: Lease) -> None:
-        if self.auto_renew and lease.ttl:
-            with self._mutex:
-                if self._renewer is None:
-                    from ._background import renew_all
+    def _new_renewer(self) -> Renewer:
+        from ._background import renew_all
 
-                    self._renewer = Renewer(
-                        renew_all(self),
-                        self._ttl / 3,
-                        name="keylock-postgres-renewer",
-                        dated=self._renewed,
-                    )
-            self._renewer.add(lease)
+        return Renewer(
+            renew_all(self), self._ttl / 3, name="keylock-postgres-renewer", dated=self._renewed
+        )
 
     def _renewed(self, lease: Lease, ttl: float, sent_wall: float, sent: float) -> Grant:
         """A renewal sent at (*sent_wall*, *sent*) landed: move the in-process turn too
@@ -371,16 +362,11 @@ class PostgresBackend(Unclosed, TieredBackend):
             raise self._lost(lease.key, lease.token)  # released meanwhile
         return self._extended(lease._full_key, held, ttl, (sent_wall, sent))
 
-    def _untrack(self, lease: Lease) -> None:
-        if self._renewer is not None:
-            self._renewer.remove(lease)
-
     # --------------------------------------------------------------------------- closing
 
     def close_sync(self) -> None:
         self._closing()
-        if self._renewer is not None:
-            self._renewer.stop()
+        self._stop_renewing()
         self._waiting.stop()
         self._connections.close_sync()
 

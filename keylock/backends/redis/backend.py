@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING
 
 from ..._validate import check_backend_ttl
 from ...errors import LeaseLost
-from .._renewer import Renewal, Renewer
+from .._renewer import AutoRenewed, Renewal, Renewer
 from .._tiered import Flow, Held, Tier, TieredBackend
 from .._unclosed import Unclosed
 from ..base import Deadline, Grant, KeyStatistics
@@ -29,7 +29,6 @@ from ._wire import Arg, map_errors
 if TYPE_CHECKING:
     from collections.abc import Sequence
 
-    from ...lease import Lease
     from .._waiters import Waiter
 
 __all__ = ["RedisBackend"]
@@ -39,7 +38,7 @@ logger = logging.getLogger("keylock")
 _MAX_POLL = 86_400.0  # a waiter's place in line lasts 3 polls: keep it within a Redis TTL
 
 
-class RedisBackend(Unclosed, TieredBackend):
+class RedisBackend(Unclosed, AutoRenewed, TieredBackend):
     """Per-key leases shared by every process and host using one Redis (or Cluster).
 
     Acquire is one round trip (a script: ``SET NX PX`` plus the fencing token); release and
@@ -94,7 +93,7 @@ class RedisBackend(Unclosed, TieredBackend):
         self._connections.restart()  # their sockets are the parent's
         self.server_clock = ServerClock()  # read from queueing replies; dates hand-offs
         self._waiting = Waiting(self._sync, self._channel, self.server_clock, self._where)
-        self._renewer: Renewer | None = None
+        self._renewer = None
 
     @classmethod
     def from_url(
@@ -295,37 +294,25 @@ class RedisBackend(Unclosed, TieredBackend):
 
     # ------------------------------------------------------------------------- auto-renew
 
-    def _track(self, lease: Lease) -> None:
-        if self.auto_renew and lease.ttl:
-            with self._tier.mutex:
-                if self._renewer is None:
-                    self._renewer = Renewer(
-                        self._renewal(), self._ttl / 3, name="keylock-redis-renewer"
-                    )
-            self._renewer.add(lease)
+    def _new_renewer(self) -> Renewer:
+        return Renewer(self._renewal(), self._ttl / 3, name="keylock-redis-renewer")
 
     def _renewal(self) -> Renewal:
         """How the renewer extends a batch of leases: one pipelined round trip."""
         return extend_all(self._connections, self.layout)
 
-    def _untrack(self, lease: Lease) -> None:
-        if self._renewer is not None:
-            self._renewer.remove(lease)
-
     # ----------------------------------------------------------------------------- closing
 
     def close_sync(self) -> None:
         self._closing()
-        if self._renewer is not None:
-            self._renewer.stop()
+        self._stop_renewing()
         self._waiting.stop()
         self._connections.close_sync()
 
     async def close(self) -> None:
         self._closing()
         await self._connections.settle()  # calls finishing in the background land first
-        if self._renewer is not None:
-            self._renewer.stop()
+        self._stop_renewing()
         self._waiting.stop()
         await self._connections.close()
 

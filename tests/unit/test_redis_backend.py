@@ -475,6 +475,11 @@ def test_a_handed_over_lease_is_dated_by_the_server_not_by_the_message(url: str)
     clock.offset, clock.error = 100.0, 0.001  # a server whose clock runs 100 s ahead of ours
     expiry = clock.handed_expiry(str(int((time.time() + 100.0) * 1e6)).encode(), 10.0, time.time())
     assert abs(expiry - (time.time() + 10.0)) < 0.1
+    # no reading good to 1 s (taken over a slow link): never a guess that may run late (it
+    # assumed the message came at once), but "ask the server": the flow sends an ACQUIRE
+    clock.error = 1.5
+    now = time.time()
+    assert clock.handed_expiry(granted_us, 10.0, now) == now
     lease.release_sync()
     holder.close_sync()
     backend.close_sync()

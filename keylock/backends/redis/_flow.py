@@ -124,10 +124,12 @@ class ServerClock:
 
     def handed_expiry(self, granted_us: bytes, length: float, now: float) -> float:
         """When a lease granted at server time *granted_us* for *length* s lapses, on our
-        wall clock (*now*), never later than it really does (the message may be late)."""
+        wall clock (*now*), never later than it really does (the message may be late).
+        Without a reading of the server's clock to within 1 s, *now*: the waiter then asks
+        the server (an ACQUIRE, which answers the time really left) rather than guess."""
         if granted_us.isdigit() and self.error < 1.0:
             return int(granted_us) / 1e6 - self.offset + length - self.error - 0.001
-        return now + length - max(0.05, length * 0.01)  # no reading: assume a short delay
+        return now
 
 
 class AcquireFlow:

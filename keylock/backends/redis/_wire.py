@@ -17,7 +17,7 @@ import functools
 import logging
 import re
 import weakref
-from typing import TYPE_CHECKING, cast
+from typing import TYPE_CHECKING, TypeVar, cast
 
 import redis
 import redis.asyncio
@@ -30,13 +30,14 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 from ...errors import BackendUnavailable
 
 if TYPE_CHECKING:
-    from collections.abc import Coroutine, Iterator, Sequence
+    from collections.abc import Callable, Coroutine, Iterator, Sequence
 
     from ._scripts import Script
 
 __all__ = ["Arg", "AsyncWire", "SyncWire", "in_background", "map_errors", "redact"]
 
 logger = logging.getLogger("keylock")
+T = TypeVar("T")
 
 Arg = str | bytes | int | float  # what a script accepts as an argument
 
@@ -151,32 +152,21 @@ class SyncWire:
                 return self._client.evalsha(sha, len(keys), *keys, *args)
             except NoScriptError:
                 return self._client.eval(text, len(keys), *keys, *args)
-        for attempt in (1, 2):
-            conn = self._connection(pool)
+
+        def exchange(conn: redis.Connection) -> object:
             # (redis-py's sync Connection is untyped: hence the ignores)
             # (no timeout: redis-py's default read, which costs no extra system calls)
             bound = {} if timeout is None else {"timeout": _limit(timeout, conn.socket_timeout)}
+            if timeout is not None and not _is_open(conn):
+                _connect_within(conn, timeout)
+            conn.send_command("EVALSHA", sha, len(keys), *keys, *args)  # type: ignore[no-untyped-call]
             try:
-                if timeout is not None and not _is_open(conn):
-                    _connect_within(conn, timeout)
-                conn.send_command("EVALSHA", sha, len(keys), *keys, *args)  # type: ignore[no-untyped-call]
-                try:
-                    reply = conn.read_response(**bound)
-                except NoScriptError:  # a new or flushed server: send the text once
-                    conn.send_command("EVAL", text, len(keys), *keys, *args)  # type: ignore[no-untyped-call]
-                    reply = conn.read_response(**bound)
-            except RedisConnectionError:
-                conn.disconnect()  # type: ignore[no-untyped-call]
-                if attempt == 2:
-                    raise
-                continue
-            except BaseException:
-                # a reply may still be on its way: never reuse the socket
-                conn.disconnect()  # type: ignore[no-untyped-call]
-                raise
-            self._idle.append(conn)
-            return reply
-        raise AssertionError("unreachable")  # pragma: no cover
+                return conn.read_response(**bound)
+            except NoScriptError:  # a new or flushed server: send the text once
+                conn.send_command("EVAL", text, len(keys), *keys, *args)  # type: ignore[no-untyped-call]
+                return conn.read_response(**bound)
+
+        return self._on_a_connection(pool, exchange)
 
     def call_many(
         self, script: Script, calls: Sequence[tuple[Sequence[str], Sequence[Arg]]]
@@ -188,15 +178,28 @@ class SyncWire:
         pool = self._pool
         if pool is None:
             return self._pipelined(script, calls)
+
+        def exchange(conn: redis.Connection) -> list[object]:
+            replies = self._exchange(conn, "EVALSHA", script.sha, calls)
+            missing = [n for n, reply in enumerate(replies) if isinstance(reply, NoScriptError)]
+            if missing:  # a new or flushed server: send the text for those once
+                again = self._exchange(conn, "EVAL", script.text, [calls[n] for n in missing])
+                for n, reply in zip(missing, again, strict=True):
+                    replies[n] = reply
+            return replies
+
+        return self._on_a_connection(pool, exchange)
+
+    def _on_a_connection(
+        self, pool: redis.ConnectionPool, exchange: Callable[[redis.Connection], T]
+    ) -> T:
+        """Run *exchange* on an idle connection (or a new one), retried once on a fresh one
+        after a connection error (every script is safe to run twice); a connection that
+        failed any other way is dropped, since a reply may still be on its way."""
         for attempt in (1, 2):
             conn = self._connection(pool)
             try:
-                replies = self._exchange(conn, "EVALSHA", script.sha, calls)
-                missing = [n for n, reply in enumerate(replies) if isinstance(reply, NoScriptError)]
-                if missing:  # a new or flushed server: send the text for those once
-                    again = self._exchange(conn, "EVAL", script.text, [calls[n] for n in missing])
-                    for n, reply in zip(missing, again, strict=True):
-                        replies[n] = reply
+                result = exchange(conn)
             except RedisConnectionError:
                 conn.disconnect()  # type: ignore[no-untyped-call]
                 if attempt == 2:
@@ -206,7 +209,7 @@ class SyncWire:
                 conn.disconnect()  # type: ignore[no-untyped-call]
                 raise
             self._idle.append(conn)
-            return replies
+            return result
         raise AssertionError("unreachable")  # pragma: no cover
 
     def _connection(self, pool: redis.ConnectionPool) -> redis.Connection:

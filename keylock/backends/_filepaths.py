@@ -241,17 +241,18 @@ class LockDirectory:
 
     # ------------------------------------------------------------------------ the lock files
 
-    def open_file(self, key: str) -> int:
-        """*key*'s lock file, opened read-write (created if missing), checked to be a plain
-        regular file with one link; BackendUnavailable naming the key and the file if not."""
-        name, flags = file_name(key), os.O_RDWR | _FILE_FLAGS
+    def open_file(self, key: str, name: str | None = None) -> int:
+        """*key*'s lock file (or its file *name*: a permit's), opened read-write (created if
+        missing), checked to be a plain regular file with one link; BackendUnavailable naming
+        the key and the file if not."""
+        name, flags = name or file_name(key), os.O_RDWR | _FILE_FLAGS
         try:
             try:
                 fd = os.open(name, flags, dir_fd=self.fd)
             except FileNotFoundError:  # one atomic create-or-open: a racing prune() is harmless
                 fd = os.open(name, flags | os.O_CREAT, self.file_mode, dir_fd=self.fd)
         except OSError as exc:
-            raise self._file_error(key, exc) from exc
+            raise self._file_error(key, exc, name) from exc
         info = self._verify(fd, key, name)
         fresh = info.st_size == 0 and info.st_uid == os.geteuid()  # new: no record yet, ours
         if fresh and info.st_mode & 0o7777 != self.file_mode:  # exactly it, whatever the umask
@@ -298,8 +299,7 @@ class LockDirectory:
             key=key,
         )
 
-    def _file_error(self, key: str, exc: OSError) -> BackendUnavailable:
-        name = file_name(key)
+    def _file_error(self, key: str, exc: OSError, name: str) -> BackendUnavailable:
         if exc.errno == errno.ELOOP:
             return BackendUnavailable(
                 f"the lock file for {key!r} ({name} in {self.path}) is a symlink: someone "

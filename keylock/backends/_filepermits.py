@@ -31,7 +31,7 @@ from __future__ import annotations
 import fcntl
 import os
 import time
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, TypeAlias
 
 from ..errors import BackendUnavailable
 from ._filepaths import file_name
@@ -47,8 +47,8 @@ from ._filepermitwait import (
     unmark,
 )
 from ._fileshared import close_tracked, try_flock, unlock
-
-RW_LIMIT = 1 << 30  # (base.RW_LIMIT once permits-core is merged)
+from ._filewait import BLOCKED
+from .base import RW_LIMIT
 
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -56,32 +56,38 @@ if TYPE_CHECKING:
     from ._filepaths import LockDirectory
     from ._fileshared import Shared
 
-__all__ = ["BLOCKED", "MAX_SLOTS", "Claim", "Permit", "check_shape", "probe_permits"]
+__all__ = [
+    "BLOCKED",
+    "MAX_SLOTS",
+    "Claim",
+    "Granted",
+    "Permit",
+    "check_file_shape",
+    "probe_permits",
+]
 
 MAX_SLOTS = 64  # a waiting claim blocks a pool thread per slot it lacks
-BLOCKED = "blocked"  # a claim's reply: a pool thread waits in flock for it
 _MARK = b"H"  # a slot's record: granted; _FREED: its holder released it
 _FREED = b"R"
 _JOIN_TRIES = 64  # yields for a joining claim before a step says busy
 
 
-def check_shape(limit: object, weight: object) -> None:
-    """TypeError/ValueError for a permit shape the FileBackend cannot keep."""
-    for name, value in (("limit", limit), ("weight", weight)):
-        if not isinstance(value, int) or isinstance(value, bool):
-            raise TypeError(f"FileBackend permits: {name} must be an int, not {value!r}")
-    assert isinstance(limit, int)
-    assert isinstance(weight, int)
-    if not 1 <= weight <= limit:
-        raise ValueError(f"FileBackend permits: weight {weight} must be between 1 and {limit}")
+def check_file_shape(limit: int, weight: int) -> None:
+    """ValueError for a permit shape (already checked to be one) the FileBackend cannot keep."""
     if limit == RW_LIMIT:
         if weight not in (1, RW_LIMIT):
-            raise ValueError("FileBackend RW permits: weight must be 1 (read) or RW_LIMIT (write)")
+            raise ValueError(
+                f"FileBackend.permits(): an RW lock's weight is 1 (read) or RW_LIMIT (write), "
+                f"not {weight}"
+            )
     elif limit > MAX_SLOTS:
         raise ValueError(
-            f"FileBackend semaphores keep one slot file per permit: limit {limit} is over "
-            f"{MAX_SLOTS}; use a limit up to {MAX_SLOTS}, or RedisBackend/PostgresBackend"
+            f"FileBackend.permits(): limit {limit} is over {MAX_SLOTS} (a semaphore keeps one "
+            f"slot file per permit): use a limit up to {MAX_SLOTS}, or RedisBackend"
         )
+
+
+Granted: TypeAlias = "tuple[int, bool, Permit]"  # a claim's grant: token, took_over, permit
 
 
 def _base(key: str) -> str:
@@ -117,7 +123,7 @@ class Claim:
         wake: Callable[[], bool],
         mismatch: Callable[[str, int, int], Exception],
     ) -> None:
-        check_shape(limit, weight)
+        check_file_shape(limit, weight)
         self.files, self.shared, self.key, self.owner = files, shared, key, owner
         self.limit, self.wake, self.mismatch = limit, wake, mismatch
         base = _base(key)
@@ -136,6 +142,7 @@ class Claim:
         self.held: dict[int, int] = {}  # slot index -> our locked fd
         self.waits: dict[int, Blocked] = {}  # slot index -> a thread's flock for it
         self.marked = False
+        self.granted: Permit | None = None  # granted, not yet taken by its caller
 
     def _open(self, suffix_name: str) -> int:
         with self.shared.mutex:  # tracked, so a fork's child closes it (see Shared.fds)
@@ -268,7 +275,7 @@ class Claim:
             self.waits[index] = blocked
         return BLOCKED
 
-    def _grant(self) -> tuple[int, bool, Permit]:
+    def _grant(self) -> Granted:
         """We hold the gate and our capacity: mint the token, record it, let the gate go."""
         assert self.gate is not None
         assert self.presence is not None
@@ -285,7 +292,7 @@ class Claim:
             took_over = took_over or os.pread(fd, 1, RECORD - 1) == _MARK
             if writes:
                 os.pwrite(fd, f"{token} {os.getpid()}".encode().ljust(RECORD - 1) + _MARK, 0)
-        permit = Permit(token, list(self.held.values()), self.presence, writes)
+        permit = self.granted = Permit(token, list(self.held.values()), self.presence, writes)
         self.held.clear()
         self.presence = None
         self._let_gate_go()
@@ -296,6 +303,9 @@ class Claim:
     def leave(self) -> None:
         """The caller gave up (or a try failed): hold nothing, wait for nothing, mark nothing."""
         shared = self.shared
+        if self.granted is not None:  # granted as its caller gave up: pass it on
+            permit, self.granted = self.granted, None
+            self.release(permit, released=True)
         for wait in self.waits.values():
             drop(shared, wait)
         self.waits.clear()

@@ -169,7 +169,7 @@ BACKENDS: dict[str, Callable[[pytest.FixtureRequest], Iterator[MakeBackend]]] = 
 # Only the memory backends have them today; the file, Redis and Postgres helpers add their
 # names here when their permit arbiters land (listed, not skipped: a backend that is not
 # here simply has no permit rows yet, and tests/unit/test_permits*.py say which do).
-PERMIT_BACKENDS: list[str] = ["memory", "memory-reference"]
+PERMIT_BACKENDS: list[str] = ["memory", "memory-reference", "file"]
 
 
 # Backends whose clients can be made in another process, for the holder counts under
@@ -188,7 +188,7 @@ PROCESS_CLIENTS: dict[str, Callable[[pytest.FixtureRequest], Callable[[], Backen
         _file_client, str(request.getfixturevalue("tmp_path") / "locks")
     ),
 }
-PERMIT_PROCESS_BACKENDS: list[str] = []
+PERMIT_PROCESS_BACKENDS: list[str] = ["file"]
 
 # A permit shape under test: name -> (limit, weight). "sem1" and "write" are exclusive: every
 # lock conformance test runs on them unchanged (tests/conformance/conftest.py).

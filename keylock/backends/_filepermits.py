@@ -28,10 +28,11 @@ then on every slot the claim lacks (the first to come is taken, the others let g
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import os
 import time
-from typing import TYPE_CHECKING, TypeAlias
+from typing import TYPE_CHECKING, NamedTuple, TypeAlias
 
 from ..errors import BackendUnavailable
 from ._filepaths import file_name
@@ -62,6 +63,7 @@ __all__ = [
     "Claim",
     "Granted",
     "Permit",
+    "Probe",
     "check_file_shape",
     "probe_permits",
 ]
@@ -359,36 +361,43 @@ class Claim:
             close_tracked(shared, permit.presence)
 
 
-def probe_permits(
-    files: LockDirectory, key: str, limit: int
-) -> tuple[int | None, bytes | None, bool]:
-    """(newest token, its owner, any permit held by a process) without waiting."""
+class Probe(NamedTuple):
+    """What the permit files of a key say, read without waiting for anything."""
+
+    held: bool  # some process holds a permit
+    holders: int  # how many exclusive slots are held (an RW key: 1 if any permit is)
+    token: int | None  # the newest grant's
+    owner: bytes | None
+    at_gate: int  # 1 if a claim holds the gate (waits for room, or is being granted)
+
+
+def probe_permits(files: LockDirectory, key: str, limit: int) -> Probe:
+    """The permit files of *key* (LOCK_SH probes: a holder's LOCK_EX makes them fail)."""
     base = _base(key)
     names = [base + ".rw"] if limit == RW_LIMIT else [f"{base}.slot{i}" for i in range(limit)]
-    busy = False
-    for name in names:
-        fd = files.open_name(name)
-        if fd is None:
-            continue
+    how = fcntl.LOCK_EX if limit == RW_LIMIT else fcntl.LOCK_SH  # (readers hold LOCK_SH)
+    holders = sum(_busy(files, name, how) for name in names)
+    token = owner = None
+    at_gate = 0
+    fd = files.open_name(base + ".gate")
+    if fd is not None:
         try:
-            if not try_flock(fd):
-                busy = True
-                break
-            unlock(fd)
+            fields = os.pread(fd, RECORD, 0).split()
+            at_gate = 0 if try_flock(fd, fcntl.LOCK_SH) else 1
         finally:
             os.close(fd)
-    fd = files.open_name(base + ".gate")
+        token = int(fields[0]) if fields and fields[0].isdigit() else None
+        if len(fields) >= 4:
+            with contextlib.suppress(ValueError):
+                owner = bytes.fromhex(fields[3].decode("ascii", "replace"))
+    return Probe(holders > 0, holders, token, owner, at_gate)
+
+
+def _busy(files: LockDirectory, name: str, how: int) -> bool:
+    fd = files.open_name(name)
     if fd is None:
-        return None, None, busy
+        return False
     try:
-        fields = os.pread(fd, RECORD, 0).split()
+        return not try_flock(fd, how)  # (closing fd drops the probe's lock)
     finally:
         os.close(fd)
-    token = int(fields[0]) if fields and fields[0].isdigit() else None
-    owner = None
-    if len(fields) >= 4:
-        try:
-            owner = bytes.fromhex(fields[3].decode("ascii", "replace"))
-        except ValueError:
-            owner = None
-    return token, owner, busy

@@ -31,7 +31,7 @@ __all__ = ["FilePermits", "file_permits"]
 class _PermitHeld(Held):
     """A permit this process holds at the permit files, and its in-process turn."""
 
-    __slots__ = ("claim", "permit", "timed")
+    __slots__ = ("claim", "deadline", "permit", "timed")
 
     def __init__(
         self, token: int, owner: bytes, local_token: int, claim: Claim, permit: Permit
@@ -40,6 +40,10 @@ class _PermitHeld(Held):
         self.claim = claim  # (its key's files; releases the permit)
         self.permit = permit
         self.timed = False  # its in-process turn has a deadline (it may lapse before release)
+        self.deadline: float | None = None  # when that turn lapses (the table's monotonic)
+
+    def lapsed(self, now: float) -> bool:
+        return self.deadline is not None and now >= self.deadline
 
 
 class _PermitFlow(FileFlow):
@@ -77,7 +81,7 @@ class FilePermits(TieredPermits, FileBackend):
         token, took_over, permit = reply
         claim.granted = None
         held = _PermitHeld(token, owner, local[0], claim, permit)
-        held.timed = local[2] is not None
+        held.timed, held.deadline = local[2] is not None, local[2]
         tier = self._tier
         with tier.mutex:
             tier.held[(key, token)] = held
@@ -87,19 +91,15 @@ class FilePermits(TieredPermits, FileBackend):
         """Let go, unreleased, the file permits of *key* whose turn here lapsed: their room
         is the next caller's, here or in another process (their release raises LeaseLost)."""
         tier = self._tier
-        table = self._local().table
-        with tier.mutex, table.mutex:
-            entry = table.keys.get(key)
-            now = table.clock.monotonic()
-            lapsed = []
-            for slot, held in list(tier.held.items()):
-                if slot[0] != key:
-                    continue
-                live = None if entry is None else entry.holders.get(held.local_token)
-                if live is None or (live[2] is not None and now >= live[2]):
-                    lapsed.append(held)
-                    del tier.held[slot]
-        for held in lapsed:
+        now = self._local().clock.monotonic()
+        with tier.mutex:
+            lapsed = [
+                slot
+                for slot, held in tier.held.items()
+                if slot[0] == key and isinstance(held, _PermitHeld) and held.lapsed(now)
+            ]
+            dropped = [tier.held.pop(slot) for slot in lapsed]
+        for held in dropped:
             assert isinstance(held, _PermitHeld)
             held.claim.release(held.permit, released=False)
 
@@ -159,7 +159,15 @@ class FilePermits(TieredPermits, FileBackend):
         assert isinstance(held, _PermitHeld)
         held.timed = True
         dated = self._extend_local(flow.key, held, flow.ttl)
+        held.deadline = dated[2]
         return Grant(dated[0], dated[1], dated[2], grant[3])
+
+    def extend_sync(self, key: str, owner: bytes, token: int, ttl: float) -> Grant:
+        held = self._take_held(key, owner, token, pop=False)
+        assert isinstance(held, _PermitHeld)
+        grant = self._extend_local(key, held, ttl)
+        held.timed, held.deadline = True, grant[2]
+        return grant
 
     def _end_sync(self, key: str, held: Held) -> bool:
         assert isinstance(held, _PermitHeld)
@@ -173,10 +181,13 @@ class FilePermits(TieredPermits, FileBackend):
         return True
 
     def _arbiter_statistics(self, key: str, local: KeyStatistics) -> KeyStatistics:
-        if local.held:  # granted here, still waiting at the permit files
-            return KeyStatistics(key, False, None, None, local.waiting + 1)
-        token, owner, busy = probe_permits(self._parent._files, key, self.shape.limit)
-        return KeyStatistics(key, busy, token if busy else None, owner, local.waiting)
+        """From the permit files: any permit held (by any process), the newest grant's token
+        and owner, how many exclusive slots are held; a claim at the gate waits."""
+        found = probe_permits(self._parent._files, key, self.shape.limit)
+        waiting = local.waiting + found.at_gate
+        if not found.held:
+            return KeyStatistics(key, False, None, found.owner, waiting)
+        return KeyStatistics(key, True, found.token, found.owner, waiting, found.holders)
 
     def prune(self, *, idle_for: float = 0.0) -> int:
         return self._parent.prune(idle_for=idle_for)

@@ -1,0 +1,161 @@
+"""FileBackend permits at the file level: the shapes it keeps, the path rules of lock files
+(symlinks and planted files refused, nothing written through them), waiting woken by the
+kernel (no polling), a forked child holding nothing, and nothing left open after a wait."""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from keylock import BackendUnavailable, KeyedLock, LeaseLost, LockTimeout
+from keylock.backends import FileBackend
+from keylock.backends._filepermits import MAX_SLOTS, Claim
+from keylock.backends.base import RW_LIMIT
+from keylock.backends.file import file_name
+
+ctx = multiprocessing.get_context("fork")
+
+
+def _until(condition: Callable[[], bool], what: str, within: float = 30.0) -> None:
+    deadline = time.monotonic() + within
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"never: {what}")
+        time.sleep(0.002)
+
+
+def _base(key: str) -> str:
+    return file_name(key)[: -len(".lock")]
+
+
+def test_shapes_the_file_backend_cannot_keep_are_refused(tmp_path: Path) -> None:
+    backend = FileBackend(tmp_path)
+    assert backend.permits(MAX_SLOTS) is backend.permits(MAX_SLOTS)
+    with pytest.raises(ValueError, match=f"limit {MAX_SLOTS + 1} is over {MAX_SLOTS}"):
+        backend.permits(MAX_SLOTS + 1)
+    with pytest.raises(ValueError, match="1 \\(read\\) or RW_LIMIT"):
+        backend.permits(RW_LIMIT, 2)
+    with pytest.raises(ValueError, match="positive int"):
+        backend.permits(0)
+
+
+@pytest.mark.parametrize("suffix", [".slot0", ".gate", ".join", ".limit"])
+def test_a_planted_symlink_is_refused_and_its_target_untouched(tmp_path: Path, suffix: str) -> None:
+    """A symlink at any permit file's path: acquire raises BackendUnavailable naming the key,
+    and the file it points at is neither written nor truncated (filelock CVE-2025-68146)."""
+    directory = tmp_path / "locks"
+    backend = FileBackend(directory)
+    target = tmp_path / "precious"
+    target.write_text("keep me")
+    os.symlink(target, directory / (_base("k") + suffix))
+    locks = KeyedLock(backend.permits(2))
+    with pytest.raises(BackendUnavailable, match="symlink") as raised:
+        locks.acquire_sync("k", timeout=0)
+    assert raised.value.key == "k"
+    assert target.read_text() == "keep me"
+    assert not backend._shared.fds  # nothing left open
+
+
+def test_a_planted_hard_link_is_refused(tmp_path: Path) -> None:
+    directory = tmp_path / "locks"
+    backend = FileBackend(directory)
+    target = tmp_path / "precious"
+    target.write_text("keep me")
+    os.link(target, directory / (_base("k") + ".rw"))
+    with pytest.raises(BackendUnavailable, match="hard links"):
+        KeyedLock(backend.permits(RW_LIMIT)).acquire_sync("k", timeout=0)
+    assert target.read_text() == "keep me"
+
+
+def _hold(directory: str, key: str, ready: object, go: object) -> None:
+    lease = KeyedLock(FileBackend(directory).permits(1)).acquire_sync(key)
+    ready.set()  # type: ignore[attr-defined]
+    go.wait(60)  # type: ignore[attr-defined]
+    lease.release_sync()
+
+
+def test_a_waiter_sleeps_in_flock_and_is_woken_by_the_kernel(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A waiter whose permit another process holds makes a couple of steps (gate, then one
+    blocking step on the slot), not one per poll, however long it waits; the holder's
+    release wakes it at once."""
+    directory = str(tmp_path)
+    ready, go = ctx.Event(), ctx.Event()
+    holder = ctx.Process(target=_hold, args=(directory, "k", ready, go))
+    holder.start()
+    assert ready.wait(30)
+    steps = [0]
+    step = Claim.step
+
+    def counted(self: Claim, **kwargs: bool) -> object:
+        steps[0] += 1
+        return step(self, **kwargs)
+
+    monkeypatch.setattr(Claim, "step", counted)
+    backend = FileBackend(directory)
+    got: list[object] = []
+    waiter = threading.Thread(
+        target=lambda: got.append(KeyedLock(backend.permits(1)).acquire_sync("k", timeout=60))
+    )
+    waiter.start()
+    _until(lambda: steps[0] >= 1 and not got, "the waiter's first step")
+    threading.Event().wait(0.3)  # an observation window: a polling waiter steps ~100 times
+    assert steps[0] <= 2, f"{steps[0]} steps while another process held the permit: polling"
+    go.set()
+    waiter.join(30)
+    assert got
+    assert steps[0] <= 3
+    got[0].release_sync()  # type: ignore[attr-defined]
+    holder.join(10)
+    assert not backend._shared.fds
+
+
+def _in_child(directory: str, lease: object, results: object) -> None:
+    outcome = []
+    try:
+        lease.release_sync()  # type: ignore[attr-defined]
+        outcome.append("released")
+    except LeaseLost:
+        outcome.append("LeaseLost")
+    try:
+        KeyedLock(FileBackend(directory).permits(1)).acquire_sync("forked", timeout=0)
+        outcome.append("acquired")
+    except LockTimeout:
+        outcome.append("LockTimeout")
+    results.put(outcome)  # type: ignore[attr-defined]
+
+
+def test_a_forked_child_neither_releases_nor_inherits_the_parents_permit(tmp_path: Path) -> None:
+    directory = str(tmp_path)
+    lease = KeyedLock(FileBackend(directory).permits(1)).acquire_sync("forked")
+    results = ctx.Queue()
+    child = ctx.Process(target=_in_child, args=(directory, lease, results))
+    child.start()
+    assert results.get(timeout=30) == ["LeaseLost", "LockTimeout"]
+    child.join(10)
+    lease.release_sync()
+
+
+def test_a_lapsed_permit_is_let_go_unreleased_for_the_next_holder(tmp_path: Path) -> None:
+    """A permit whose TTL ran out here: the next caller here takes it over, the old one's
+    release raises LeaseLost, and its slot is not kept by this process (after the new one's
+    release the key is free for anyone: an exclusive writer gets all of it at once)."""
+    backend = FileBackend(tmp_path)
+    locks = KeyedLock(backend.permits(2), on_lost=lambda lease: None)
+    old = [locks.acquire_sync("k", ttl=0.05) for _ in range(2)]
+    _until(lambda: all(lease.lost for lease in old), "the permits lapse")
+    new = locks.acquire_sync("k", timeout=5)
+    assert new.took_over
+    for lease in old:
+        with pytest.raises(LeaseLost):
+            lease.release_sync()
+    new.release_sync()
+    KeyedLock(backend.permits(2, 2)).acquire_sync("k", timeout=0).release_sync()
+    assert not backend._shared.fds

@@ -48,7 +48,7 @@ from ._filepermitwait import (
     unmark,
 )
 from ._fileshared import close_tracked, try_flock, unlock
-from ._filewait import BLOCKED
+from ._filewait import BLOCKED, take_turn
 from .base import RW_LIMIT
 
 if TYPE_CHECKING:
@@ -190,16 +190,18 @@ class Claim:
 
     # ------------------------------------------------------------------------------ steps
 
-    def step(self, *, block_: bool, try_only: bool = False) -> object:
+    def step(self, *, block_: bool, try_only: bool = False, inline: bool = False) -> object:
+        """*inline*: a caller that can only give up on a signal (sync, no deadline) waits for
+        the gate in flock itself, as on the lock path (no thread hop per turn)."""
         if self.presence is None and not self._join():
             return None
         if not self.gate_held:
-            got = self._take_gate(block_, try_only)
+            got = self._take_gate(block_, try_only, inline)
             if got is not True:
                 return got
         return self._take_capacity(block_, try_only)
 
-    def _take_gate(self, block_: bool, try_only: bool) -> object:
+    def _take_gate(self, block_: bool, try_only: bool, inline: bool) -> object:
         shared = self.shared
         wait = self.gate_wait
         if wait is not None:
@@ -217,19 +219,29 @@ class Claim:
         if self.gate is None:
             self.gate = self._open(self.base + ".gate")
         gate = self.gate
-        aside = stepping_aside(self.shared, self.key, gate)
+        aside = stepping_aside(self.shared, self.files, self.key, self.base, gate)
         if not aside and try_flock(gate):
             self.gate_held = True
             self.marked = self.marked and unmark(self.shared, self.key)
             return True
         if try_only:
             return None
-        self.marked = self.marked or mark(self.shared, self.files, self.key, self.base)
+        if not aside:  # (see stepping_aside)
+            self.marked = self.marked or mark(self.shared, self.files, self.key, self.base)
         if not block_:
             return None
+        turn = (
+            (lambda: stepping_aside(self.shared, self.files, self.key, self.base, gate))
+            if aside
+            else None
+        )
+        if inline:
+            take_turn(gate, turn, lambda: True)
+            self.gate_held = True
+            self.marked = self.marked and unmark(self.shared, self.key)
+            return True
         blocked = Blocked(self.gate, fcntl.LOCK_EX)
         self.gate_wait, self.gate = blocked, None  # only the thread touches that fd now
-        turn = (lambda: stepping_aside(self.shared, self.key, gate)) if aside else None
         if block(shared, blocked, self.wake, turn):
             return BLOCKED
         self.gate_wait, self.gate = None, blocked.fd  # (the pool is full: poll)

@@ -10,6 +10,7 @@ holder in any process is told it took over), and its holder's release raises Lea
 
 from __future__ import annotations
 
+from math import inf
 from typing import TYPE_CHECKING, cast
 
 from ._filepermits import Claim, Granted, Permit, check_file_shape, probe_permits
@@ -139,7 +140,8 @@ class FilePermits(TieredPermits, FileBackend):
         if trip == LEAVE:
             flow.claim.leave()
             return None
-        reply = flow.claim.step(block_=trip == TRY)
+        wait = trip == TRY
+        reply = flow.claim.step(block_=wait, inline=inline and wait and flow.deadline.at == inf)
         if not isinstance(reply, tuple):
             return reply  # None (busy: look again) or BLOCKED
         flow.permit = reply[2]

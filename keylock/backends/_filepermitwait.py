@@ -174,35 +174,44 @@ def unmark(shared: Shared, key: str) -> bool:
     return False
 
 
-def stepping_aside(shared: Shared, key: str, gate: int) -> bool:
+def stepping_aside(shared: Shared, files: LockDirectory, key: str, base: str, gate: int) -> bool:
     """True while this process owes the processes waiting at *key*'s gate (our open *gate*
-    file) their turn."""
+    file) their turn: until two grants went by, or nobody is marked waiting any more (a
+    process stepping aside is not marked itself: two of them would wait for each other)."""
     marks = _marks(shared)
     aside = marks.aside.get(key)
     if aside is None:
         return False
     seq_then, until = aside
-    if time.monotonic() < until and read_gate(gate)[1] < seq_then + 2:
+    if (
+        time.monotonic() < until
+        and read_gate(gate)[1] < seq_then + 2
+        and _others_marked(shared, files, key, base)
+    ):
         return True
     marks.aside.pop(key, None)
     return False
 
 
-def note_release(shared: Shared, files: LockDirectory, key: str, base: str) -> None:
-    """After a release of a permit of *key*: if another process waits at its gate, step
-    aside there (see :func:`stepping_aside`)."""
-    marks = _marks(shared)
-    with shared.mutex:
-        entry = marks.wait.get(key)
+def _others_marked(shared: Shared, files: LockDirectory, key: str, base: str) -> bool:
+    """True if another process is marked waiting at *key*'s gate."""
+    with shared.mutex:  # (our marks' descriptor: closing another would drop them)
+        entry = _marks(shared).wait.get(key)
         fd = entry[0] if entry else files.open_file(key, base + ".wait")
         try:
-            waiting = others_wait(fd)
-            seq = read_gate_named(files, key, base) if waiting else 0
+            return others_wait(fd)
         finally:
             if entry is None:
                 os.close(fd)
-    if not waiting:
+
+
+def note_release(shared: Shared, files: LockDirectory, key: str, base: str) -> None:
+    """After a release of a permit of *key*: if another process waits at its gate, step
+    aside there (see :func:`stepping_aside`)."""
+    if not _others_marked(shared, files, key, base):
         return
+    seq = read_gate_named(files, key, base)
+    marks = _marks(shared)
     now = time.monotonic()
     aside = marks.aside
     for stale in [k for k, (_, until) in aside.items() if until <= now]:

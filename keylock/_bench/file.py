@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING
 
 from .. import KeyedLock
 from ..backends.file import FileBackend
+from . import filepermits
 from .contend import FileWitness, Run, SyncLockFor, Witness, run_processes
 from .harness import Row, Suite
 from .progress import Step
@@ -151,6 +152,7 @@ def steps(suite: Suite, stack: ExitStack) -> list[Step]:
         ),
     ]
     if not suite.headline:
+        steps += filepermits.steps(suite, directory)  # (a semaphore across processes)
         libraries = [(name, run) for name, run in subjects if name != KERNEL]  # (hot key only)
         steps.append(
             Step(

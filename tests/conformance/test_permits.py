@@ -200,11 +200,9 @@ async def test_an_expired_permit_is_taken_over(permits: PermitClients, driver: D
     with pytest.raises(LeaseLost):
         await driver.extend(held[0], 5.0)
     for old in held[1:]:
-        # each filling permit lapses TTL after its own grant: on a file or a server the fill
-        # takes a round trip per permit (ms under load), so the last ones lapse a bit later
         deadline = time.monotonic() + 10
-        while not old.lost:
-            assert time.monotonic() < deadline, "a filling permit never lapsed"
+        while not old.lost:  # bounded poll: the first to lapse let us in, the others follow
+            assert time.monotonic() < deadline
             await asyncio.sleep(0.005)
         with pytest.raises(LeaseLost):
             await driver.release(old)

@@ -32,7 +32,7 @@ import contextlib
 import fcntl
 import os
 import time
-from typing import TYPE_CHECKING, NamedTuple, TypeAlias
+from typing import TYPE_CHECKING, TypeAlias
 
 from ..errors import BackendUnavailable
 from ._filepaths import file_name
@@ -63,9 +63,7 @@ __all__ = [
     "Claim",
     "Granted",
     "Permit",
-    "Probe",
     "check_file_shape",
-    "probe_permits",
 ]
 
 MAX_SLOTS = 64  # a waiting claim blocks a pool thread per slot it lacks
@@ -361,55 +359,17 @@ class Claim:
         """Let *permit* go; *released*: its holder released it while live (its records say
         so before anyone else can read them). Steps aside if others wait at the gate."""
         shared = self.shared
+        fds, permit.fds = permit.fds, []
         try:
-            for fd in permit.fds:
-                if released and permit.writes:
+            if released and permit.writes:
+                for fd in fds:
                     os.pwrite(fd, _FREED, RECORD - 1)
-            note_release(self.shared, self.files, self.key, self.base)
+            # (a fairness hint: a closed backend's directory, or a full disk, only skips it)
+            with contextlib.suppress(OSError, BackendUnavailable):
+                note_release(self.shared, self.files, self.key, self.base)
         finally:
-            for fd in permit.fds:
-                self._let_go(fd)
-            permit.fds = []
+            for fd in fds:  # (closing our only descriptor of a file drops its flock anyway)
+                with contextlib.suppress(OSError):
+                    unlock(fd)
+                close_tracked(shared, fd)
             close_tracked(shared, permit.presence)
-
-
-class Probe(NamedTuple):
-    """What the permit files of a key say, read without waiting for anything."""
-
-    held: bool  # some process holds a permit
-    holders: int  # how many exclusive slots are held (an RW key: 1 if any permit is)
-    token: int | None  # the newest grant's
-    owner: bytes | None
-    at_gate: int  # 1 if a claim holds the gate (waits for room, or is being granted)
-
-
-def probe_permits(files: LockDirectory, key: str, limit: int) -> Probe:
-    """The permit files of *key* (LOCK_SH probes: a holder's LOCK_EX makes them fail)."""
-    base = _base(key)
-    names = [base + ".rw"] if limit == RW_LIMIT else [f"{base}.slot{i}" for i in range(limit)]
-    how = fcntl.LOCK_EX if limit == RW_LIMIT else fcntl.LOCK_SH  # (readers hold LOCK_SH)
-    holders = sum(_busy(files, name, how) for name in names)
-    token = owner = None
-    at_gate = 0
-    fd = files.open_name(base + ".gate")
-    if fd is not None:
-        try:
-            fields = os.pread(fd, RECORD, 0).split()
-            at_gate = 0 if try_flock(fd, fcntl.LOCK_SH) else 1
-        finally:
-            os.close(fd)
-        token = int(fields[0]) if fields and fields[0].isdigit() else None
-        if len(fields) >= 4:
-            with contextlib.suppress(ValueError):
-                owner = bytes.fromhex(fields[3].decode("ascii", "replace"))
-    return Probe(holders > 0, holders, token, owner, at_gate)
-
-
-def _busy(files: LockDirectory, name: str, how: int) -> bool:
-    fd = files.open_name(name)
-    if fd is None:
-        return False
-    try:
-        return not try_flock(fd, how)  # (closing fd drops the probe's lock)
-    finally:
-        os.close(fd)

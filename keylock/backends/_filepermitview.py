@@ -13,7 +13,8 @@ from __future__ import annotations
 from math import inf
 from typing import TYPE_CHECKING, cast
 
-from ._filepermits import Claim, Granted, Permit, check_file_shape, probe_permits
+from ._filepermits import Claim, Granted, Permit, check_file_shape
+from ._filescan import probe_permits
 from ._filewait import LEAVE, TRY, FileFlow
 from ._permits import MemoryPermits, check_shape, limit_mismatch
 from ._tiered import Held

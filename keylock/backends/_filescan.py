@@ -1,5 +1,6 @@
-"""Looking at a lock directory without taking part: who holds a key (statistics), and
-removing the files nobody holds (``FileBackend.prune``).
+"""Looking at a lock directory without taking part: who holds a key or its permits
+(statistics), and removing the lock files nobody holds (``FileBackend.prune``; permit files
+are never removed: a claim does not re-check that its file is still the one at the path).
 
 These lock through portalocker; the acquire and release path calls flock directly
 (:mod:`keylock.backends._fileshared`), where portalocker's flag enums cost ~10 µs a call.
@@ -7,19 +8,24 @@ These lock through portalocker; the acquire and release path calls flock directl
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import os
 import time
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NamedTuple
 
 import portalocker
 
 from ._filepaths import file_name
+from ._filepermitwait import RECORD
 from ._filerecord import read_record
+from ._fileshared import try_flock
+from .base import RW_LIMIT
 
 if TYPE_CHECKING:
     from ._filepaths import LockDirectory
 
-__all__ = ["probe", "prune"]
+__all__ = ["Probe", "probe", "probe_permits", "prune"]
 
 _LOCK_NB = portalocker.LockFlags.EXCLUSIVE | portalocker.LockFlags.NON_BLOCKING
 _SHARED_NB = portalocker.LockFlags.SHARED | portalocker.LockFlags.NON_BLOCKING
@@ -73,3 +79,45 @@ def prune(files: LockDirectory, skip: set[int], idle_for: float) -> int:
         finally:
             os.close(fd)
     return removed
+
+
+class Probe(NamedTuple):
+    """What the permit files of a key say, read without waiting for anything."""
+
+    held: bool  # some process holds a permit
+    holders: int  # how many exclusive slots are held (an RW key: 1 if any permit is)
+    token: int | None  # the newest grant's
+    owner: bytes | None
+    at_gate: int  # 1 if a claim holds the gate (waits for room, or is being granted)
+
+
+def probe_permits(files: LockDirectory, key: str, limit: int) -> Probe:
+    """The permit files of *key* (LOCK_SH probes: a holder's LOCK_EX makes them fail)."""
+    base = file_name(key)[: -len(".lock")]
+    names = [base + ".rw"] if limit == RW_LIMIT else [f"{base}.slot{i}" for i in range(limit)]
+    how = fcntl.LOCK_EX if limit == RW_LIMIT else fcntl.LOCK_SH  # (readers hold LOCK_SH)
+    holders = sum(_busy(files, name, how) for name in names)
+    token = owner = None
+    at_gate = 0
+    fd = files.open_name(base + ".gate")
+    if fd is not None:
+        try:
+            fields = os.pread(fd, RECORD, 0).split()
+            at_gate = 0 if try_flock(fd, fcntl.LOCK_SH) else 1
+        finally:
+            os.close(fd)
+        token = int(fields[0]) if fields and fields[0].isdigit() else None
+        if len(fields) >= 4:
+            with contextlib.suppress(ValueError):
+                owner = bytes.fromhex(fields[3].decode("ascii", "replace"))
+    return Probe(holders > 0, holders, token, owner, at_gate)
+
+
+def _busy(files: LockDirectory, name: str, how: int) -> bool:
+    fd = files.open_name(name)
+    if fd is None:
+        return False
+    try:
+        return not try_flock(fd, how)  # (closing fd drops the probe's lock)
+    finally:
+        os.close(fd)

@@ -159,3 +159,15 @@ def test_a_lapsed_permit_is_let_go_unreleased_for_the_next_holder(tmp_path: Path
     new.release_sync()
     KeyedLock(backend.permits(2, 2)).acquire_sync("k", timeout=0).release_sync()
     assert not backend._shared.fds
+
+
+def test_a_permit_is_released_after_its_backend_closed(tmp_path: Path) -> None:
+    """As a lock is: closing the backend (its directory's descriptor) does not keep a held
+    permit from being released; the fairness hint that needs the directory is skipped.
+    (Before, the release raised BackendUnavailable from that hint.)"""
+    backend = FileBackend(tmp_path)
+    lease = KeyedLock(backend.permits(1)).acquire_sync("k")
+    backend.close_sync()
+    lease.release_sync()
+    KeyedLock(FileBackend(tmp_path).permits(1)).acquire_sync("k", timeout=0).release_sync()
+    assert not backend._shared.fds

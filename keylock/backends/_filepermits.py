@@ -19,11 +19,18 @@ same path rules and refusals apply; other suffixes: the permit keyspace is not t
   (LimitMismatch otherwise, nothing granted). The record goes with the last holder or waiter.
 * ``.wait``: processes waiting at the gate hold a POSIX read lock on its byte 1 (the lock
   path's waiting mark); a process releasing a permit while others are marked steps aside at
-  the gate until two grants went by (the one at the gate, then one of the woken waiters) or
-  STEP_ASIDE passes, so a releaser cannot take the gate straight back every time.
+  the gate until two grants went by (the one at the gate, then one of the woken waiters),
+  nobody is marked any more, or STEP_ASIDE passes, so a releaser cannot take the gate
+  straight back every time. Between processes the line is as fair as the lock path's: the
+  kernel picks which waiter of the gate it wakes first, not arrival order.
+
+``took_over``: an exclusive slot (and ``.rw`` under a writer) records ``H`` while held and
+``R`` once released; a grant that finds ``H`` followed a holder that died or lapsed. (Readers
+share ``.rw`` and record nothing: a grant after a dead reader is not told.)
 
 Waiting: in a pool thread's flock (:mod:`~keylock.backends._filepermitwait`), on the gate,
-then on every slot the claim lacks (the first to come is taken, the others let go).
+then on every slot the claim lacks (the first to come is taken, the others let go); a sync
+caller without a deadline waits for the gate in flock itself.
 """
 
 from __future__ import annotations

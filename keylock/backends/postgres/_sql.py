@@ -302,17 +302,18 @@ END $$""",
         # last: marks this version's statements as in place (the probe reads it)
         f"COMMENT ON FUNCTION {fn}_hand_off(bytea, timestamptz, boolean) IS '{_VERSION}'",
     )
-    # a FROM item, so the rows keep their shape; it only has to run before the commit
-    fast = "" if durable else "set_config('synchronous_commit', 'off', true) AS fast"
+    # a filter (never false), so the rows keep their shape; it only has to run before the
+    # commit. A filter rather than a second FROM item: no join, ~7 us less server time per pair
+    fast = "" if durable else " WHERE set_config('synchronous_commit', 'off', true) IS NOT NULL"
     return Schema(
         table=t,
         ddl=ddl,
         acquire=(
             f"SELECT o_status, o_token, o_ms_left, o_took_over "
-            f"FROM {fn}_acquire(%s, %s, %s, %s, %s, %s, %s){fast and ', ' + fast}"
+            f"FROM {fn}_acquire(%s, %s, %s, %s, %s, %s, %s){fast}"
         ),
-        release=f"SELECT {fn}_release(%s, %s){fast and ' FROM ' + fast}",
-        leave=f"SELECT {fn}_leave(%s, %s){fast and ' FROM ' + fast}",
+        release=f"SELECT {fn}_release(%s, %s){fast}",
+        leave=f"SELECT {fn}_leave(%s, %s){fast}",
         # true once the statements above are in place (this version's, by its marker)
         probe=(
             f"SELECT coalesce(obj_description(to_regprocedure("

@@ -112,8 +112,9 @@ def schema_for(table: str, *, durable: bool = False) -> Schema:
     mark = f"(ARRAY[p_owner] || released)[1:{_MARKS}]"
     lock = "PERFORM pg_advisory_xact_lock(hashtextextended(encode(p_key, 'hex'), 7262))"
     # the grant (or a claim of a key handed to p_owner): free, expired, or already ours. A
-    # plain UPDATE of the key's row (an upsert would also lock the row it updates: one more
-    # write); a key never locked gets its first row. Both run under the key's lock, so
+    # plain UPDATE of the key's row (an upsert would also lock the row it updates, or the
+    # holder's when it refuses: one more write); else the holder is read (its expiry is
+    # the reply), or a key never locked gets its first row. All under the key's lock, so
     # nothing changes hands between them (renewals only move the owner's own expiry)
     grant = f"""UPDATE {t} AS l SET owner = p_owner,
       token = CASE WHEN l.owner = p_owner THEN l.token ELSE {_mint("l.token")} END,
@@ -122,9 +123,12 @@ def schema_for(table: str, *, durable: bool = False) -> Schema:
     WHERE l.key = p_key AND (l.owner IS NULL OR l.expires_at <= now_ OR l.owner = p_owner)
     RETURNING l.token, l.took_over INTO o_token, o_took_over;
     IF NOT FOUND THEN
-      INSERT INTO {t} (key, owner, token, expires_at)
-      VALUES (p_key, p_owner, {_CLOCK_US}, now_ + p_ttl_ms * interval '1 millisecond')
-      ON CONFLICT (key) DO NOTHING RETURNING token, took_over INTO o_token, o_took_over;
+      SELECT * INTO holder FROM {t} WHERE key = p_key;
+      IF NOT FOUND THEN
+        INSERT INTO {t} (key, owner, token, expires_at)
+        VALUES (p_key, p_owner, {_CLOCK_US}, now_ + p_ttl_ms * interval '1 millisecond')
+        ON CONFLICT (key) DO NOTHING RETURNING token, took_over INTO o_token, o_took_over;
+      END IF;
     END IF"""
     ddl = (
         *([f"CREATE SCHEMA IF NOT EXISTS {schema}"] if schema else []),
@@ -229,7 +233,9 @@ BEGIN
   END IF;
   o_status := 0;
   o_token := {_CLOCK_US};
-  SELECT * INTO holder FROM {t} WHERE key = p_key;
+  IF holder.key IS NULL THEN  -- not read above
+    SELECT * INTO holder FROM {t} WHERE key = p_key;
+  END IF;
   IF holder.owner IS NOT NULL AND holder.expires_at > now_ THEN
     o_ms_left := ceil(extract(epoch FROM holder.expires_at - now_) * 1000)::bigint;
   ELSE

@@ -44,7 +44,7 @@ __all__ = ["Schema", "schema_for", "stored"]
 _NAME = re.compile(r"(?:([a-z_][a-z0-9_]{0,62})\.)?([a-z_][a-z0-9_]{0,39})\Z")
 
 # the version of the statements below: a database holding another is brought up to this one
-_VERSION = "keylock schema 3"
+_VERSION = "keylock schema 4"
 
 # how many of a key's last releasers it remembers: a retried release comes right after its
 # first attempt, so only releases of later holders in between could push its mark out
@@ -56,6 +56,15 @@ _CLOCK_US = "(extract(epoch FROM clock_timestamp()) * 1000000)::bigint"
 
 def _mint(last: str) -> str:
     return f"greatest(coalesce({last}, 0) + 1, {_CLOCK_US})"
+
+
+def _handed(now: str, took: str) -> str:
+    """The hand-off message to the waiter ``head``: "<owner hex> <token> <server µs> <claim ms>
+    <took over>" (``minted`` is its token; parsed by ``_waiting``)."""
+    return (
+        f"pg_notify(head.channel, concat_ws(' ', encode(head.owner, 'hex'), minted, "
+        f"(extract(epoch FROM {now}) * 1000000)::bigint, head.claim_ms, {took}::int))"
+    )
 
 
 def stored(key: str) -> bytes:
@@ -102,16 +111,25 @@ def schema_for(table: str, *, durable: bool = False) -> Schema:
     # the release mark: this owner id first, then the key's last few releasers
     mark = f"(ARRAY[p_owner] || released)[1:{_MARKS}]"
     lock = "PERFORM pg_advisory_xact_lock(hashtextextended(encode(p_key, 'hex'), 7262))"
-    # the grant (or a claim of a key handed to p_owner): free, expired, or already ours
-    upsert = f"""INSERT INTO {t} AS l (key, owner, token, expires_at)
-      VALUES (p_key, p_owner, {_CLOCK_US}, now_ + p_ttl_ms * interval '1 millisecond')
-      ON CONFLICT (key) DO UPDATE SET owner = excluded.owner,
-        token = CASE WHEN l.owner = excluded.owner THEN l.token ELSE {_mint("l.token")} END,
-        expires_at = excluded.expires_at,
-        took_over = CASE WHEN l.owner = excluded.owner THEN l.took_over
-          ELSE l.owner IS NOT NULL END
-      WHERE l.owner IS NULL OR l.expires_at <= now_ OR l.owner = excluded.owner
-      RETURNING l.token, l.took_over INTO o_token, o_took_over"""
+    # the grant (or a claim of a key handed to p_owner): free, expired, or already ours. A
+    # plain UPDATE of the key's row (an upsert would also lock the row it updates, or the
+    # holder's when it refuses: one more write); else the holder is read (its expiry is
+    # the reply), or a key never locked gets its first row. All under the key's lock, so
+    # nothing changes hands between them (renewals only move the owner's own expiry)
+    grant = f"""UPDATE {t} AS l SET owner = p_owner,
+      token = CASE WHEN l.owner = p_owner THEN l.token ELSE {_mint("l.token")} END,
+      expires_at = now_ + p_ttl_ms * interval '1 millisecond',
+      took_over = CASE WHEN l.owner = p_owner THEN l.took_over ELSE l.owner IS NOT NULL END
+    WHERE l.key = p_key AND (l.owner IS NULL OR l.expires_at <= now_ OR l.owner = p_owner)
+    RETURNING l.token, l.took_over INTO o_token, o_took_over;
+    IF NOT FOUND THEN
+      SELECT * INTO holder FROM {t} WHERE key = p_key;
+      IF NOT FOUND THEN
+        INSERT INTO {t} (key, owner, token, expires_at)
+        VALUES (p_key, p_owner, {_CLOCK_US}, now_ + p_ttl_ms * interval '1 millisecond')
+        ON CONFLICT (key) DO NOTHING RETURNING token, took_over INTO o_token, o_took_over;
+      END IF;
+    END IF"""
     ddl = (
         *([f"CREATE SCHEMA IF NOT EXISTS {schema}"] if schema else []),
         f"""CREATE TABLE IF NOT EXISTS {t} (
@@ -177,8 +195,7 @@ BEGIN
     expires_at = p_now + head.claim_ms * interval '1 millisecond', took_over = p_took
   WHERE key = p_key RETURNING token INTO minted;
   DELETE FROM {q} WHERE key = p_key AND owner = head.owner;
-  PERFORM pg_notify(head.channel, concat_ws(' ', encode(head.owner, 'hex'), minted,
-    (extract(epoch FROM p_now) * 1000000)::bigint, head.claim_ms, p_took::int));
+  PERFORM {_handed("p_now", "p_took")};
 END $$""",
         # -> (1, token, ms left, took over) granted; (0, the server clock in µs, holder's ms
         # left or -2 when the key is free but promised to the head of the line, NULL) not
@@ -195,36 +212,30 @@ DECLARE
   holder {t};
 BEGIN
   {lock};
-  PERFORM FROM {q} WHERE key = p_key LIMIT 1;
-  IF NOT FOUND THEN  -- the usual case, nobody in line: one upsert decides
-    {upsert};
-    IF o_token IS NOT NULL THEN
-      o_status := 1;
-      o_ms_left := p_ttl_ms;
-      RETURN;
-    END IF;
-  ELSE
-    SELECT * INTO head FROM {q} WHERE key = p_key ORDER BY arrived, owner LIMIT 1;
-    IF head.stay_until <= now_ THEN
-      head := {fn}_head(p_key, now_);
-    END IF;
-    IF head.owner IS NULL OR head.owner = p_owner THEN
-      {upsert};
-    ELSE  -- another waiter is first in line: only a key already handed to us is ours
-      UPDATE {t} AS u SET expires_at = now_ + p_ttl_ms * interval '1 millisecond'
-      WHERE u.key = p_key AND u.owner = p_owner AND u.expires_at > now_
-      RETURNING u.token, u.took_over INTO o_token, o_took_over;
-    END IF;
-    IF o_token IS NOT NULL THEN
+  SELECT * INTO head FROM {q} WHERE key = p_key ORDER BY arrived, owner LIMIT 1;
+  IF FOUND AND head.stay_until <= now_ THEN
+    head := {fn}_head(p_key, now_);
+  END IF;
+  IF head.owner IS NULL OR head.owner = p_owner THEN  -- nobody (alive) ahead of us
+    {grant};
+  ELSE  -- another waiter is first in line: only a key already handed to us is ours
+    UPDATE {t} AS u SET expires_at = now_ + p_ttl_ms * interval '1 millisecond'
+    WHERE u.key = p_key AND u.owner = p_owner AND u.expires_at > now_
+    RETURNING u.token, u.took_over INTO o_token, o_took_over;
+  END IF;
+  IF o_token IS NOT NULL THEN
+    IF head.owner IS NOT NULL THEN
       DELETE FROM {q} WHERE key = p_key AND owner = p_owner;
-      o_status := 1;
-      o_ms_left := p_ttl_ms;
-      RETURN;
     END IF;
+    o_status := 1;
+    o_ms_left := p_ttl_ms;
+    RETURN;
   END IF;
   o_status := 0;
   o_token := {_CLOCK_US};
-  SELECT * INTO holder FROM {t} WHERE key = p_key;
+  IF holder.key IS NULL THEN  -- not read above
+    SELECT * INTO holder FROM {t} WHERE key = p_key;
+  END IF;
   IF holder.owner IS NOT NULL AND holder.expires_at > now_ THEN
     o_ms_left := ceil(extract(epoch FROM holder.expires_at - now_) * 1000)::bigint;
   ELSE
@@ -245,14 +256,27 @@ END $$""",
 RETURNS boolean LANGUAGE plpgsql AS $$
 DECLARE
   now_ timestamptz := clock_timestamp();
+  head {q};
+  minted bigint;
   live boolean;
 BEGIN
   {lock};
-  PERFORM FROM {q} WHERE key = p_key LIMIT 1;
+  SELECT * INTO head FROM {q} WHERE key = p_key ORDER BY arrived, owner LIMIT 1;
   IF NOT FOUND THEN  -- the usual case, nobody in line: free the key in one update
     UPDATE {t} SET owner = NULL, expires_at = now_, released = {mark}
     WHERE key = p_key AND owner = p_owner AND expires_at > now_;
     IF FOUND THEN
+      RETURN true;
+    END IF;
+  ELSIF head.stay_until > now_ THEN  -- a live waiter first in line: released and handed
+    -- to it in one write (the release mark with the hand-off)
+    UPDATE {t} SET owner = head.owner, token = {_mint("token")},
+      expires_at = now_ + head.claim_ms * interval '1 millisecond', took_over = false,
+      released = {mark}
+    WHERE key = p_key AND owner = p_owner AND expires_at > now_ RETURNING token INTO minted;
+    IF FOUND THEN
+      DELETE FROM {q} WHERE key = p_key AND owner = head.owner;
+      PERFORM {_handed("now_", "false")};
       RETURN true;
     END IF;
   END IF;
@@ -284,17 +308,18 @@ END $$""",
         # last: marks this version's statements as in place (the probe reads it)
         f"COMMENT ON FUNCTION {fn}_hand_off(bytea, timestamptz, boolean) IS '{_VERSION}'",
     )
-    # a FROM item, so the rows keep their shape; it only has to run before the commit
-    fast = "" if durable else "set_config('synchronous_commit', 'off', true) AS fast"
+    # a filter (never false), so the rows keep their shape; it only has to run before the
+    # commit. A filter rather than a second FROM item: no join, ~7 us less server time per pair
+    fast = "" if durable else " WHERE set_config('synchronous_commit', 'off', true) IS NOT NULL"
     return Schema(
         table=t,
         ddl=ddl,
         acquire=(
             f"SELECT o_status, o_token, o_ms_left, o_took_over "
-            f"FROM {fn}_acquire(%s, %s, %s, %s, %s, %s, %s){fast and ', ' + fast}"
+            f"FROM {fn}_acquire(%s, %s, %s, %s, %s, %s, %s){fast}"
         ),
-        release=f"SELECT {fn}_release(%s, %s){fast and ' FROM ' + fast}",
-        leave=f"SELECT {fn}_leave(%s, %s){fast and ' FROM ' + fast}",
+        release=f"SELECT {fn}_release(%s, %s){fast}",
+        leave=f"SELECT {fn}_leave(%s, %s){fast}",
         # true once the statements above are in place (this version's, by its marker)
         probe=(
             f"SELECT coalesce(obj_description(to_regprocedure("

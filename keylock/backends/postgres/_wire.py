@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import threading
+import weakref
 from typing import TYPE_CHECKING, cast
 
 import psycopg
@@ -27,9 +28,13 @@ if TYPE_CHECKING:
 
     from ._sql import Schema
 
-__all__ = ["AsyncWire", "Rows", "SyncWire", "address", "boundary", "connect_options"]
+__all__ = ["AsyncWire", "Rows", "SyncWire", "address", "boundary", "connect_options", "unavailable"]
 
 Rows = list[tuple[object, ...]]
+Connection = psycopg.Connection[tuple[object, ...]]
+Cursor = psycopg.Cursor[tuple[object, ...]]
+AsyncConnection = psycopg.AsyncConnection[tuple[object, ...]]
+AsyncCursor = psycopg.AsyncCursor[tuple[object, ...]]
 _SCHEMA_LOCK = 72627262  # pg_advisory_xact_lock id serializing keylock's CREATE statements
 _MISSING = (psycopg.errors.UndefinedTable, psycopg.errors.UndefinedFunction)
 
@@ -64,20 +69,28 @@ def _password(conninfo: str, kwargs: dict[str, object]) -> str | None:
     return str(value) if value else None
 
 
+_FAILURES = (psycopg.Error, psycopg_pool.PoolTimeout, psycopg_pool.PoolClosed, OSError)
+
+
+def unavailable(where: str, key: str, exc: BaseException, secret: str | None) -> BackendUnavailable:
+    """A driver's (or the pool's) error as BackendUnavailable: the server, never the secret."""
+    detail = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    if secret:
+        detail = detail.replace(secret, "***")
+    return BackendUnavailable(
+        f"Postgres at {where} failed for lock {key!r}: {detail}; nothing was granted or "
+        "changed by this call; check the server and the URL",
+        key=key,
+    )
+
+
 @contextlib.contextmanager
 def boundary(where: str, key: str, secret: str | None = None) -> Iterator[None]:
     """Translate psycopg's (and the pool's) errors once, at the boundary."""
     try:
         yield
-    except (psycopg.Error, psycopg_pool.PoolTimeout, psycopg_pool.PoolClosed, OSError) as exc:
-        detail = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        if secret:
-            detail = detail.replace(secret, "***")
-        raise BackendUnavailable(
-            f"Postgres at {where} failed for lock {key!r}: {detail}; nothing was granted or "
-            "changed by this call; check the server and the URL",
-            key=key,
-        ) from exc
+    except _FAILURES as exc:
+        raise unavailable(where, key, exc, secret) from exc
 
 
 def _dead(exc: psycopg.OperationalError, broken: bool) -> bool:
@@ -111,6 +124,9 @@ class SyncWire(_Base):
         self.pool = pool
         self.owned = owned  # made by the backend (from_url): opened lazily, closed by it
         self._opened = not owned
+        # one cursor per pooled connection, made once: a cursor per statement costs more
+        # client time than the rest of a call's bookkeeping
+        self._cursors: weakref.WeakKeyDictionary[Connection, Cursor] = weakref.WeakKeyDictionary()
 
     def run(self, key: str, sql: str, params: Sequence[object]) -> Rows:
         """Run one statement; its rows. BackendUnavailable on any failure. A connection found
@@ -119,7 +135,7 @@ class SyncWire(_Base):
         statement is safe to repeat: acquire and leave are idempotent per owner id, extend
         and renew per token, and a release that ran before its reply was lost finds its own
         release mark (see ``_sql``)."""
-        with boundary(self.where, key, self._secret):
+        try:
             if not self._opened:
                 with self._mutex:
                     if not self._opened:
@@ -127,26 +143,35 @@ class SyncWire(_Base):
                         self._opened = True
             dead = made = 0
             while True:
-                with self.pool.connection() as conn:
+                # getconn/putconn rather than pool.connection(): the same checks on return,
+                # without a context manager and a commit of an autocommit connection per call
+                conn = self.pool.getconn()
+                restore = False
+                try:
                     restore = not conn.autocommit
                     if restore:
                         conn.autocommit = True
-                    try:
-                        if not self._ready:
-                            self._ensure(conn)
-                        return conn.execute(sql, params).fetchall()
-                    except _MISSING:
-                        made += 1
-                        if made > 1:
-                            raise
-                        self._ready = False  # dropped under us: make it again, then retry
-                    except psycopg.OperationalError as exc:
-                        dead += 1
-                        if not _dead(exc, conn.broken) or dead > self.pool.max_size:
-                            raise
-                    finally:
-                        if restore and not conn.closed:
-                            conn.autocommit = False
+                    if not self._ready:
+                        self._ensure(conn)
+                    cursor = self._cursors.get(conn)
+                    if cursor is None:
+                        cursor = self._cursors[conn] = conn.cursor()
+                    return cursor.execute(sql, params).fetchall()
+                except _MISSING:
+                    made += 1
+                    if made > 1:
+                        raise
+                    self._ready = False  # dropped under us: make it again, then retry
+                except psycopg.OperationalError as exc:
+                    dead += 1
+                    if not _dead(exc, conn.broken) or dead > self.pool.max_size:
+                        raise
+                finally:
+                    if restore and not conn.closed:
+                        conn.autocommit = False
+                    self.pool.putconn(conn)
+        except _FAILURES as exc:
+            raise unavailable(self.where, key, exc, self._secret) from exc
 
     def _ensure(self, conn: psycopg.Connection[tuple[object, ...]]) -> None:
         row = conn.execute(self._probe()).fetchone()
@@ -176,35 +201,45 @@ class AsyncWire(_Base):
         self.pool = pool
         self.owned = owned
         self._opened = not owned
+        self._cursors: weakref.WeakKeyDictionary[AsyncConnection, AsyncCursor] = (
+            weakref.WeakKeyDictionary()
+        )
 
     async def run(self, key: str, sql: str, params: Sequence[object]) -> Rows:
-        with boundary(self.where, key, self._secret):
+        try:
             if not self._opened:
                 self._opened = True
                 await self.pool.open(wait=False)
             dead = made = 0
             while True:
-                async with self.pool.connection() as conn:
+                conn = await self.pool.getconn()
+                restore = False
+                try:
                     restore = not conn.autocommit
                     if restore:
                         await conn.set_autocommit(True)
-                    try:
-                        if not self._ready:
-                            await self._ensure(conn)
-                        cursor = await conn.execute(sql, params)
-                        return await cursor.fetchall()
-                    except _MISSING:
-                        made += 1
-                        if made > 1:
-                            raise
-                        self._ready = False
-                    except psycopg.OperationalError as exc:
-                        dead += 1
-                        if not _dead(exc, conn.broken) or dead > self.pool.max_size:
-                            raise
-                    finally:
-                        if restore and not conn.closed:
-                            await conn.set_autocommit(False)
+                    if not self._ready:
+                        await self._ensure(conn)
+                    cursor = self._cursors.get(conn)
+                    if cursor is None:
+                        cursor = self._cursors[conn] = conn.cursor()
+                    await cursor.execute(sql, params)
+                    return await cursor.fetchall()
+                except _MISSING:
+                    made += 1
+                    if made > 1:
+                        raise
+                    self._ready = False
+                except psycopg.OperationalError as exc:
+                    dead += 1
+                    if not _dead(exc, conn.broken) or dead > self.pool.max_size:
+                        raise
+                finally:
+                    if restore and not conn.closed:
+                        await conn.set_autocommit(False)
+                    await self.pool.putconn(conn)
+        except _FAILURES as exc:
+            raise unavailable(self.where, key, exc, self._secret) from exc
 
     async def _ensure(self, conn: psycopg.AsyncConnection[tuple[object, ...]]) -> None:
         row = await (await conn.execute(self._probe())).fetchone()

@@ -349,9 +349,11 @@ class PostgresBackend(Unclosed, AutoRenewed, TieredBackend):
     def _new_renewer(self) -> Renewer:
         from ._background import renew_all
 
-        return Renewer(
-            renew_all(self), self._ttl / 3, name="keylock-postgres-renewer", dated=self._renewed
-        )
+        # idle, the thread looks again when a lease taken now would be due, so taking one never
+        # wakes it: a key handed over at a release starts with its claim window, not the TTL
+        # (an idle look at the TTL's third would make each hand-off a thread switch)
+        idle = min(self._ttl, self._stay_ms / 1000) / 3
+        return Renewer(renew_all(self), idle, name="keylock-postgres-renewer", dated=self._renewed)
 
     def _renewed(self, lease: Lease, ttl: float, sent_wall: float, sent: float) -> Grant:
         """A renewal sent at (*sent_wall*, *sent*) landed: move the in-process turn too

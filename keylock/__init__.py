@@ -14,6 +14,7 @@ from .errors import BackendUnavailable as BackendUnavailable
 from .errors import InvalidKey as InvalidKey
 from .errors import KeylockError as KeylockError
 from .errors import LeaseLost as LeaseLost
+from .errors import LimitMismatch as LimitMismatch
 from .errors import LockTimeout as LockTimeout
 from .errors import StaleToken as StaleToken
 from .errors import Superseded as Superseded
@@ -42,6 +43,7 @@ __all__ = [
     "KeylockError",
     "Lease",
     "LeaseLost",
+    "LimitMismatch",
     "LockTimeout",
     "Observer",
     "PrefixStats",

@@ -27,6 +27,7 @@ KEYLOCK_ALL = [
     "KeylockError",
     "Lease",
     "LeaseLost",
+    "LimitMismatch",
     "LockTimeout",
     "Observer",
     "PrefixStats",

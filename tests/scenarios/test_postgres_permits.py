@@ -43,13 +43,9 @@ def _wait_for(condition: object, timeout: float = 10.0) -> bool:
     return False
 
 
-def _count(server: PgServer, table: str, key: str | None = None) -> int:
-    if key is None:
-        rows = server.execute(f"SELECT count(*) FROM keylock_leases_{table}")
-    else:
-        rows = server.execute(
-            f"SELECT count(*) FROM keylock_leases_{table} WHERE key = %s", (key.encode(),)
-        )
+def _count(server: PgServer, table: str) -> int:
+    """Permits held (``permits``: a free slot has no owner) or waiters in line."""
+    rows = server.execute(f"SELECT count(owner) FROM keylock_leases_{table}")
     return int(rows[0][0])  # type: ignore[call-overload]
 
 

@@ -36,10 +36,11 @@ from dataclasses import dataclass
 
 __all__ = ["PermitSchema", "permit_ddl", "permit_probe", "permit_schema_for"]
 
-_VERSION = "keylock permits 1"
+_VERSION = "keylock permits 2"
 _MARKS = 4  # a key's last releasers remembered (see _sql)
 _CLOCK_US = "(extract(epoch FROM clock_timestamp()) * 1000000)::bigint"
 _MS = "* interval '1 millisecond'"
+_SPARE = 8  # free permit slots a key keeps beyond twice its holders (reused, not re-inserted)
 # the signature the version marker is written on (the probe reads it)
 _MARKED = "_permit_heads(bytea, timestamptz, bytea, bigint)"
 
@@ -70,12 +71,27 @@ def permit_ddl(table: str, name: str) -> tuple[str, ...]:
   released bytea[])""",
         f"""CREATE TABLE IF NOT EXISTS {p} (
   key bytea NOT NULL,
-  owner bytea NOT NULL,
+  slot int NOT NULL,
+  owner bytea,
   token bigint NOT NULL,
   weight bigint NOT NULL,
   expires_at timestamptz NOT NULL,
   took_over boolean NOT NULL,
-  PRIMARY KEY (key, owner))""",
+  PRIMARY KEY (key, slot))""",
+        # a permit goes in the first free slot of its key (a new one if none is free)
+        f"""CREATE OR REPLACE FUNCTION {t}_permit_put(p_key bytea, p_owner bytea,
+  p_token bigint, p_weight bigint, p_expires timestamptz, p_took boolean)
+RETURNS void LANGUAGE plpgsql AS $$
+BEGIN
+  UPDATE {p} SET owner = p_owner, token = p_token, weight = p_weight,
+    expires_at = p_expires, took_over = p_took
+  WHERE key = p_key AND slot = (SELECT min(slot) FROM {p} WHERE key = p_key AND owner IS NULL);
+  IF NOT FOUND THEN
+    INSERT INTO {p} (key, slot, owner, token, weight, expires_at, took_over)
+    SELECT p_key, coalesce(max(slot), -1) + 1, p_owner, p_token, p_weight, p_expires, p_took
+    FROM {p} WHERE key = p_key;
+  END IF;
+END $$""",
         f"""CREATE TABLE IF NOT EXISTS {q} (
   key bytea NOT NULL,
   owner bytea NOT NULL,
@@ -99,7 +115,7 @@ DECLARE
   granted boolean := false;
 BEGIN
   SELECT * INTO rec FROM {k} WHERE key = p_key;
-  SELECT coalesce(sum(weight), 0) INTO used FROM {p} WHERE key = p_key;
+  SELECT coalesce(sum(weight), 0) INTO used FROM {p} WHERE key = p_key AND owner IS NOT NULL;
   LOOP
     SELECT * INTO head FROM {q} WHERE key = p_key ORDER BY arrived, owner LIMIT 1;
     EXIT WHEN NOT FOUND;
@@ -112,8 +128,7 @@ BEGIN
     took := rec.lapsed > 0;
     rec.lapsed := rec.lapsed - least(rec.lapsed, head.weight);
     ms := CASE WHEN head.owner = p_self THEN p_ttl_ms ELSE head.claim_ms END;
-    INSERT INTO {p} (key, owner, token, weight, expires_at, took_over)
-    VALUES (p_key, head.owner, rec.token, head.weight, p_now + ms {_MS}, took);
+    PERFORM {t}_permit_put(p_key, head.owner, rec.token, head.weight, p_now + ms {_MS}, took);
     DELETE FROM {q} WHERE key = p_key AND owner = head.owner;
     used := used + head.weight;
     granted := true;
@@ -133,27 +148,42 @@ END $$""",
         f"""CREATE OR REPLACE FUNCTION {t}_permit_settle(p_key bytea, p_now timestamptz,
   p_lapsed bigint, p_mark bytea) RETURNS void LANGUAGE plpgsql AS $$
 DECLARE
-  n bigint;
+  n_lapsed bigint;
+  held bigint;
+  slots bigint;
+  dead bigint;
+  waiting bigint;
 BEGIN
-  WITH gone AS (DELETE FROM {p} WHERE key = p_key AND expires_at <= p_now RETURNING 1)
-  SELECT count(*) INTO n FROM gone;
-  DELETE FROM {q} WHERE key = p_key AND stay_until <= p_now;
-  UPDATE {k} SET lapsed = lapsed + n + p_lapsed, released = CASE WHEN p_mark IS NULL
-    THEN released ELSE (ARRAY[p_mark] || released)[1:{_MARKS}] END
+  SELECT s.n_lapsed, s.held, s.slots, w.dead, w.waiting
+  INTO n_lapsed, held, slots, dead, waiting
+  FROM (SELECT count(*) FILTER (WHERE owner IS NOT NULL AND expires_at <= p_now) AS n_lapsed,
+      count(owner) AS held, count(*) AS slots FROM {p} WHERE key = p_key) AS s,
+    (SELECT count(*) FILTER (WHERE stay_until <= p_now) AS dead, count(*) AS waiting
+      FROM {q} WHERE key = p_key) AS w;
+  IF n_lapsed > 0 THEN
+    UPDATE {p} SET owner = NULL
+    WHERE key = p_key AND owner IS NOT NULL AND expires_at <= p_now;
+  END IF;
+  IF slots > {_SPARE} + 2 * (held - n_lapsed) THEN  -- many more slots than holders: trim
+    DELETE FROM {p} WHERE key = p_key AND owner IS NULL
+      AND slot >= {_SPARE} + 2 * (held - n_lapsed);
+  END IF;
+  IF dead > 0 THEN
+    DELETE FROM {q} WHERE key = p_key AND stay_until <= p_now;
+  END IF;
+  UPDATE {k} SET lapsed = lapsed + n_lapsed + p_lapsed,
+    released = CASE WHEN p_mark IS NULL THEN released
+      ELSE (ARRAY[p_mark] || released)[1:{_MARKS}] END,
+    lim = CASE WHEN held = n_lapsed AND waiting = dead THEN NULL ELSE lim END
   WHERE key = p_key;
-  PERFORM FROM {q} WHERE key = p_key LIMIT 1;
-  IF FOUND THEN
+  IF waiting > dead THEN
     PERFORM {t}_permit_heads(p_key, p_now, NULL, 0);
-  ELSE
-    PERFORM FROM {p} WHERE key = p_key LIMIT 1;
-    IF NOT FOUND THEN
-      UPDATE {k} SET lim = NULL WHERE key = p_key;
-    END IF;
   END IF;
 END $$""",
         # -> (1, token, ms left, took over) granted; (0, the server clock in µs, ms until the
         # first permit held lapses or -2 when none is held, NULL) not granted (queued if
-        # p_queue); (-1, the key's recorded limit, NULL, NULL): another limit is in use
+        # p_queue); (-1, the key's recorded limit, NULL, NULL): another limit is in use.
+        # The usual case (nobody in line, it fits) is one read and one write
         f"""CREATE OR REPLACE FUNCTION {t}_permit_acquire(p_key bytea, p_owner bytea,
   p_limit bigint, p_weight bigint, p_ttl_ms bigint, p_queue boolean, p_stay_ms bigint,
   p_claim_ms bigint, p_channel text, OUT o_status int, OUT o_token bigint,
@@ -161,47 +191,62 @@ END $$""",
 LANGUAGE plpgsql AS $$
 DECLARE
   now_ timestamptz := clock_timestamp();
-  rec {k};
+  v_lim bigint;
+  last bigint;
+  v_lapsed bigint;
   used bigint;
   held bigint;
   n_lapsed bigint;
-  queued boolean;
+  mine boolean;
+  free int;
+  top int;
+  dead bigint;
+  waiting bigint;
 BEGIN
   {lock};
-  -- ours already: handed to us while we came back, or a try whose reply was lost
-  UPDATE {p} SET expires_at = now_ + p_ttl_ms {_MS}
-  WHERE key = p_key AND owner = p_owner AND expires_at > now_
-  RETURNING token, took_over INTO o_token, o_took_over;
-  IF FOUND THEN
+  SELECT r.lim, coalesce(r.token, 0), coalesce(r.lapsed, 0), s.n_lapsed, s.used, s.held,
+    s.mine, s.free, s.top, w.dead, w.waiting
+  INTO v_lim, last, v_lapsed, n_lapsed, used, held, mine, free, top, dead, waiting
+  FROM (SELECT count(*) FILTER (WHERE owner IS NOT NULL AND expires_at <= now_) AS n_lapsed,
+      coalesce(sum(weight) FILTER (WHERE owner IS NOT NULL AND expires_at > now_), 0) AS used,
+      count(*) FILTER (WHERE owner IS NOT NULL AND expires_at > now_) AS held,
+      coalesce(bool_or(owner = p_owner AND expires_at > now_), false) AS mine,
+      min(slot) FILTER (WHERE owner IS NULL OR expires_at <= now_) AS free,
+      coalesce(max(slot), -1) AS top
+      FROM {p} WHERE key = p_key) AS s
+    CROSS JOIN (SELECT count(*) FILTER (WHERE stay_until <= now_) AS dead, count(*) AS waiting
+      FROM {q} WHERE key = p_key) AS w
+    LEFT JOIN {k} AS r ON r.key = p_key;
+  IF mine THEN  -- handed to us while we came back, or a try whose reply was lost
+    UPDATE {p} SET expires_at = now_ + p_ttl_ms {_MS} WHERE key = p_key AND owner = p_owner
+    RETURNING token, took_over INTO o_token, o_took_over;
     DELETE FROM {q} WHERE key = p_key AND owner = p_owner;
     o_status := 1;
     o_ms_left := p_ttl_ms;
     RETURN;
   END IF;
-  SELECT * INTO rec FROM {k} WHERE key = p_key;
-  IF NOT FOUND THEN
-    INSERT INTO {k} (key, token) VALUES (p_key, 0) RETURNING * INTO rec;
+  IF n_lapsed > 0 THEN  -- their holders died or froze: the next grants took them over
+    UPDATE {p} SET owner = NULL
+    WHERE key = p_key AND owner IS NOT NULL AND expires_at <= now_;
+    v_lapsed := v_lapsed + n_lapsed;
   END IF;
-  WITH gone AS (DELETE FROM {p} WHERE key = p_key AND expires_at <= now_ RETURNING 1)
-  SELECT count(*) INTO n_lapsed FROM gone;
-  rec.lapsed := rec.lapsed + n_lapsed;
-  DELETE FROM {q} WHERE key = p_key AND stay_until <= now_;
-  SELECT coalesce(sum(weight), 0), count(*) INTO used, held FROM {p} WHERE key = p_key;
-  PERFORM FROM {q} WHERE key = p_key LIMIT 1;
-  queued := FOUND;
-  IF held = 0 AND NOT queued THEN
-    rec.lim := p_limit;  -- nobody holds or waits: this request records the limit
-  ELSIF rec.lim <> p_limit THEN
-    UPDATE {k} SET lapsed = rec.lapsed WHERE key = p_key;
-    IF queued THEN
+  IF dead > 0 THEN  -- waiters that stopped coming back: out of the line
+    DELETE FROM {q} WHERE key = p_key AND stay_until <= now_;
+    waiting := waiting - dead;
+  END IF;
+  IF held = 0 AND waiting = 0 THEN
+    v_lim := p_limit;  -- nobody holds or waits: this request records the limit
+  ELSIF v_lim <> p_limit THEN
+    UPDATE {k} SET lapsed = v_lapsed WHERE key = p_key;
+    IF waiting > 0 THEN
       PERFORM {t}_permit_heads(p_key, now_, NULL, 0);
     END IF;
     o_status := -1;
-    o_token := rec.lim;
+    o_token := v_lim;
     RETURN;
   END IF;
-  UPDATE {k} SET lim = rec.lim, lapsed = rec.lapsed WHERE key = p_key;
-  IF queued THEN  -- the heads that fit go first (this caller among them if it is in line)
+  IF waiting > 0 THEN  -- the heads that fit go first (this caller among them if in line)
+    UPDATE {k} SET lapsed = v_lapsed WHERE key = p_key;
     PERFORM {t}_permit_heads(p_key, now_, p_owner, p_ttl_ms);
     SELECT token, took_over INTO o_token, o_took_over FROM {p}
     WHERE key = p_key AND owner = p_owner;
@@ -210,20 +255,28 @@ BEGIN
       o_ms_left := p_ttl_ms;
       RETURN;
     END IF;
-    PERFORM FROM {q} WHERE key = p_key LIMIT 1;
-    queued := FOUND;
-    IF NOT queued THEN
-      SELECT * INTO rec FROM {k} WHERE key = p_key;
-      SELECT coalesce(sum(weight), 0) INTO used FROM {p} WHERE key = p_key;
-    END IF;
+    -- the heads took tokens, lapses and slots
+    SELECT r.token, r.lapsed INTO last, v_lapsed FROM {k} AS r WHERE r.key = p_key;
+    SELECT count(*) INTO waiting FROM {q} WHERE key = p_key;
+    SELECT coalesce(sum(weight) FILTER (WHERE owner IS NOT NULL), 0),
+      min(slot) FILTER (WHERE owner IS NULL), coalesce(max(slot), -1)
+    INTO used, free, top FROM {p} WHERE key = p_key;
   END IF;
-  IF NOT queued AND used + p_weight <= rec.lim THEN
-    o_token := {_mint("rec.token")};
-    o_took_over := rec.lapsed > 0;
-    INSERT INTO {p} (key, owner, token, weight, expires_at, took_over)
-    VALUES (p_key, p_owner, o_token, p_weight, now_ + p_ttl_ms {_MS}, o_took_over);
-    UPDATE {k} SET token = o_token, lapsed = rec.lapsed - least(rec.lapsed, p_weight)
-    WHERE key = p_key;
+  IF waiting = 0 AND used + p_weight <= v_lim THEN
+    o_token := {_mint("last")};
+    o_took_over := v_lapsed > 0;
+    IF free IS NULL THEN
+      INSERT INTO {p} (key, slot, owner, token, weight, expires_at, took_over)
+      VALUES (p_key, top + 1, p_owner, o_token, p_weight, now_ + p_ttl_ms {_MS}, o_took_over);
+    ELSE
+      UPDATE {p} SET owner = p_owner, token = o_token, weight = p_weight,
+        expires_at = now_ + p_ttl_ms {_MS}, took_over = o_took_over
+      WHERE key = p_key AND slot = free;
+    END IF;
+    INSERT INTO {k} AS r (key, lim, token, lapsed)
+    VALUES (p_key, v_lim, o_token, v_lapsed - least(v_lapsed, p_weight))
+    ON CONFLICT (key) DO UPDATE SET lim = excluded.lim, token = excluded.token,
+      lapsed = excluded.lapsed;
     o_status := 1;
     o_ms_left := p_ttl_ms;
     RETURN;
@@ -231,13 +284,17 @@ BEGIN
   o_status := 0;
   o_token := {_CLOCK_US};
   SELECT ceil(extract(epoch FROM min(expires_at) - now_) * 1000)::bigint INTO o_ms_left
-  FROM {p} WHERE key = p_key;
+  FROM {p} WHERE key = p_key AND owner IS NOT NULL;
   o_ms_left := coalesce(o_ms_left, -2);
   IF p_queue THEN
+    INSERT INTO {k} AS r (key, lim, token, lapsed) VALUES (p_key, v_lim, last, v_lapsed)
+    ON CONFLICT (key) DO UPDATE SET lim = excluded.lim, lapsed = excluded.lapsed;
     INSERT INTO {q} (key, owner, weight, arrived, stay_until, claim_ms, channel)
     VALUES (p_key, p_owner, p_weight, {_CLOCK_US}, now_ + p_stay_ms {_MS}, p_claim_ms,
             p_channel)
     ON CONFLICT (key, owner) DO UPDATE SET stay_until = excluded.stay_until;
+  ELSIF n_lapsed > 0 THEN
+    UPDATE {k} SET lapsed = v_lapsed WHERE key = p_key;
   END IF;
 END $$""",
         # -> true released (and the heads that now fit granted), or released already by this
@@ -250,7 +307,7 @@ DECLARE
   live boolean;
 BEGIN
   {lock};
-  DELETE FROM {p} WHERE key = p_key AND owner = p_owner AND token = p_token
+  UPDATE {p} SET owner = NULL WHERE key = p_key AND owner = p_owner AND token = p_token
   RETURNING expires_at > now_ INTO live;
   IF NOT FOUND THEN
     RETURN coalesce((SELECT p_owner = ANY(released) FROM {k} WHERE key = p_key), false);
@@ -269,7 +326,7 @@ DECLARE
 BEGIN
   {lock};
   DELETE FROM {q} WHERE key = p_key AND owner = p_owner;
-  DELETE FROM {p} WHERE key = p_key AND owner = p_owner
+  UPDATE {p} SET owner = NULL WHERE key = p_key AND owner = p_owner
   RETURNING took_over OR expires_at <= now_ INTO took;
   PERFORM {t}_permit_settle(p_key, now_, CASE WHEN took THEN 1 ELSE 0 END, NULL);
 END $$""",
@@ -279,12 +336,12 @@ END $$""",
   OUT o_owner bytea, OUT o_token bigint, OUT o_holders bigint, OUT o_used bigint,
   OUT o_waiting bigint) LANGUAGE sql STABLE AS $$
 SELECT (SELECT lim FROM {k} WHERE key = p_key), h.owner, h.token,
-  (SELECT count(*) FROM {p} WHERE key = p_key AND expires_at > clock_timestamp()),
-  (SELECT coalesce(sum(weight), 0) FROM {p}
+  (SELECT count(owner) FROM {p} WHERE key = p_key AND expires_at > clock_timestamp()),
+  (SELECT coalesce(sum(weight) FILTER (WHERE owner IS NOT NULL), 0) FROM {p}
    WHERE key = p_key AND expires_at > clock_timestamp()),
   (SELECT count(*) FROM {q} WHERE key = p_key AND stay_until > clock_timestamp())
-FROM (SELECT 1) AS one LEFT JOIN LATERAL (SELECT owner, token FROM {p}
-  WHERE key = p_key AND expires_at > clock_timestamp() ORDER BY token DESC LIMIT 1) AS h
+FROM (SELECT 1) AS one LEFT JOIN LATERAL (SELECT owner, token FROM {p} WHERE key = p_key
+  AND owner IS NOT NULL AND expires_at > clock_timestamp() ORDER BY token DESC LIMIT 1) AS h
   ON true
 $$""",
         # last: marks this version's statements as in place (the probe reads it)

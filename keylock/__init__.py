@@ -1,7 +1,8 @@
 """keylock: per-key locks, leases with fencing tokens, and request coalescing.
 
 In one process (the default), across processes on one host (``FileBackend``), and across hosts
-(``RedisBackend``). See ``KeyedLock``, ``SingleFlight`` and ``stale_guard``.
+(``RedisBackend``). See ``KeyedLock``, ``KeyedSemaphore``, ``KeyedRWLock``, ``SingleFlight``
+and ``stale_guard``.
 """
 
 from __future__ import annotations
@@ -26,6 +27,8 @@ from .observe import Counters as Counters
 from .observe import Observer as Observer
 from .observe import PrefixStats as PrefixStats
 from .observe import stats as stats
+from .permits import KeyedRWLock as KeyedRWLock
+from .permits import KeyedSemaphore as KeyedSemaphore
 from .registry import KeyedLock as KeyedLock
 from .singleflight import SingleFlight as SingleFlight
 
@@ -40,6 +43,8 @@ __all__ = [
     "InvalidKey",
     "KeyStatistics",
     "KeyedLock",
+    "KeyedRWLock",
+    "KeyedSemaphore",
     "KeylockError",
     "Lease",
     "LeaseLost",

@@ -65,6 +65,10 @@ class PostgresBackend(Unclosed, AutoRenewed, TieredBackend):
       renewal; tokens never go back). ``durable=True`` flushes: a grant survives a crash.
     * **Errors**: :class:`~keylock.BackendUnavailable` naming ``host:port/db``, never the
       password.
+    * **Semaphores and RW locks**: ``permits(limit, weight)`` views (``KeyedSemaphore``,
+      ``KeyedRWLock``) keep permits in ``<table>_permits`` beside the lock table, with the same
+      costs and guarantees (one statement per acquire or release, FIFO across weights, one
+      token counter per key, each permit's own TTL): see ``_permits``.
 
     ``PostgresBackend(pool)`` takes your psycopg pool (``ConnectionPool`` or
     ``AsyncConnectionPool``); the other flavour's calls and the background threads use a small

@@ -387,8 +387,8 @@ def test_views_are_cached_and_closing_one_leaves_the_parent_open(server: PgServe
 def test_statistics_count_the_holders_of_every_client(server: PgServer) -> None:
     a, b = _sem(server.url, 3), _sem(server.url, 3)
     la, lb = a.acquire_sync("k"), b.acquire_sync("k")
-    mine = a.backend.statistics("k")
-    assert (mine.held, mine.token, mine.holders) == (True, la.token, 1)  # this process's own
+    mine = a.backend.statistics("k")  # a holder sees the server's count, not only its own
+    assert (mine.held, mine.token, mine.holders) == (True, lb.token, 2)
     seen = PostgresBackend.from_url(server.url)
     stats = seen.permits(3).statistics("k")
     assert (stats.held, stats.token, stats.owner, stats.holders) == (True, lb.token, lb.owner, 2)

@@ -155,12 +155,9 @@ class PostgresPermits(TieredPermits, PostgresBackend):
             raise self._lost(key, token)
         return self._extended(key, held, ttl, sent)
 
-    def statistics(self, key: str) -> KeyStatistics:
+    def _arbiter_statistics(self, key: str, local: KeyStatistics) -> KeyStatistics:
         """The server's view of *key* (every client's permits and waiters in line), plus the
         callers of this process still waiting in its own line: one round trip."""
-        return self._arbiter_statistics(key, self._tier.local.statistics(key))
-
-    def _arbiter_statistics(self, key: str, local: KeyStatistics) -> KeyStatistics:
         row = self._run_sync(key, self._permit_sql.statistics, [stored(key)])[0]
         _, owner, token, holders, _, waiting = cast(
             "tuple[int | None, bytes | None, int | None, int, int, int]", row

@@ -49,6 +49,8 @@ class PgServer:
         """Empty keylock's tables (tokens still rise: they are floored at the server clock)."""
         if self.execute("SELECT to_regclass(%s) IS NOT NULL", (table,))[0][0]:
             self.execute(f"TRUNCATE {table}, {table}_queue")
+        if self.execute("SELECT to_regclass(%s) IS NOT NULL", (f"{table}_permits",))[0][0]:
+            self.execute(f"TRUNCATE {table}_permit_keys, {table}_permits, {table}_permit_queue")
 
 
 @contextlib.contextmanager

@@ -169,7 +169,7 @@ BACKENDS: dict[str, Callable[[pytest.FixtureRequest], Iterator[MakeBackend]]] = 
 # Only the memory backends have them today; the file, Redis and Postgres helpers add their
 # names here when their permit arbiters land (listed, not skipped: a backend that is not
 # here simply has no permit rows yet, and tests/unit/test_permits*.py say which do).
-PERMIT_BACKENDS: list[str] = ["memory", "memory-reference", "file"]
+PERMIT_BACKENDS: list[str] = ["memory", "memory-reference", "file", "postgres"]
 
 
 # Backends whose clients can be made in another process, for the holder counts under
@@ -183,12 +183,25 @@ def _file_client(directory: str) -> Backend:
     return FileBackend(directory)
 
 
+def _postgres_client(url: str) -> Backend:
+    from keylock.backends import PostgresBackend
+
+    return PostgresBackend.from_url(url)
+
+
+def _postgres_process_client(request: pytest.FixtureRequest) -> Callable[[], Backend]:
+    server: PgServer = request.getfixturevalue("postgres_server")
+    server.flush()
+    return functools.partial(_postgres_client, server.url)
+
+
 PROCESS_CLIENTS: dict[str, Callable[[pytest.FixtureRequest], Callable[[], Backend]]] = {
     "file": lambda request: functools.partial(
         _file_client, str(request.getfixturevalue("tmp_path") / "locks")
     ),
+    "postgres": _postgres_process_client,
 }
-PERMIT_PROCESS_BACKENDS: list[str] = ["file"]
+PERMIT_PROCESS_BACKENDS: list[str] = ["file", "postgres"]
 
 # A permit shape under test: name -> (limit, weight). "sem1" and "write" are exclusive: every
 # lock conformance test runs on them unchanged (tests/conformance/conftest.py).

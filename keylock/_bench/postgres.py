@@ -173,7 +173,10 @@ def _drop_run_table(url: str, table: str, suite: Suite) -> None:
         ).fetchall()
         for (function,) in functions:
             conn.execute(f"DROP FUNCTION IF EXISTS {function}")
-        conn.execute(f"DROP TABLE IF EXISTS {table}, {table}_queue")
+        conn.execute(
+            f"DROP TABLE IF EXISTS {table}, {table}_queue, {table}_permit_keys, "
+            f"{table}_permits, {table}_permit_queue"
+        )
     suite.say(f"postgres: dropped this run's table {table} and its {len(functions)} functions")
 
 

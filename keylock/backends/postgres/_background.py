@@ -92,7 +92,7 @@ def renew_all(backend: PostgresBackend) -> Renewal:
             return [BackendUnavailable("the backend was closed")] * len(batch)
         rows = found._run_sync(
             batch[0][0],
-            found._schema.renew,
+            found._permit_renew or found._schema.renew,
             [
                 [stored(key) for key, _, _ in batch],
                 [owner for _, owner, _ in batch],

@@ -39,6 +39,8 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
+from ._permit_sql import permit_ddl, permit_probe
+
 __all__ = ["Schema", "schema_for", "stored"]
 
 _NAME = re.compile(r"(?:([a-z_][a-z0-9_]{0,62})\.)?([a-z_][a-z0-9_]{0,39})\Z")
@@ -307,6 +309,7 @@ BEGIN
 END $$""",
         # last: marks this version's statements as in place (the probe reads it)
         f"COMMENT ON FUNCTION {fn}_hand_off(bytea, timestamptz, boolean) IS '{_VERSION}'",
+        *permit_ddl(t, name),  # the permit keyspace (semaphores, RW locks): _permit_sql
     )
     # a filter (never false), so the rows keep their shape; it only has to run before the
     # commit. A filter rather than a second FROM item: no join, ~7 us less server time per pair
@@ -323,7 +326,8 @@ END $$""",
         # true once the statements above are in place (this version's, by its marker)
         probe=(
             f"SELECT coalesce(obj_description(to_regprocedure("
-            f"'{fn}_hand_off(bytea, timestamptz, boolean)'), 'pg_proc') = '{_VERSION}', false)"
+            f"'{fn}_hand_off(bytea, timestamptz, boolean)'), 'pg_proc') = '{_VERSION}', false) "
+            f"AND {permit_probe(t)}"
         ),
         # -> one row if the live lease was ours (and now runs ttl ms from now)
         extend=(

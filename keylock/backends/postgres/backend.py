@@ -23,7 +23,7 @@ if TYPE_CHECKING:
     from ...lease import Lease
     from .._tiered import Flow
     from .._waiters import Waiter
-    from ..base import Deadline
+    from ..base import Backend, Deadline
     from ._wire import Rows
 
 __all__ = ["PostgresBackend"]
@@ -65,6 +65,10 @@ class PostgresBackend(Unclosed, AutoRenewed, TieredBackend):
       renewal; tokens never go back). ``durable=True`` flushes: a grant survives a crash.
     * **Errors**: :class:`~keylock.BackendUnavailable` naming ``host:port/db``, never the
       password.
+    * **Semaphores and RW locks**: ``permits(limit, weight)`` views (``KeyedSemaphore``,
+      ``KeyedRWLock``) keep permits in ``<table>_permits`` beside the lock table, with the same
+      costs and guarantees (one statement per acquire or release, FIFO across weights, one
+      token counter per key, each permit's own TTL): see ``_permits``.
 
     ``PostgresBackend(pool)`` takes your psycopg pool (``ConnectionPool`` or
     ``AsyncConnectionPool``); the other flavour's calls and the background threads use a small
@@ -100,6 +104,7 @@ class PostgresBackend(Unclosed, AutoRenewed, TieredBackend):
         self.auto_renew = auto_renew
         self.poll = float(poll)
         self._schema = schema_for(table, durable=durable)
+        self._durable = durable
         self._pool_size = pool_size
         self._timeout = connect_timeout
         self._conninfo, self._connect_kwargs = _wire.connect_options(pool)
@@ -195,9 +200,16 @@ class PostgresBackend(Unclosed, AutoRenewed, TieredBackend):
         return backend
 
     _owned_sync = False  # the sync pool was made by from_url: this backend closes it
+    _permit_renew: str | None = None  # renews locks and permits: set once permits are used
 
     def __repr__(self) -> str:
         return f"PostgresBackend({self._where}, table={self._schema.table!r})"
+
+    def permits(self, limit: int, weight: int = 1) -> Backend:
+        """Semaphores and RW locks on this backend's server (see ``_permits``)."""
+        from ._permits import permit_view
+
+        return permit_view(self, limit, weight)
 
     # ------------------------------------------------------------------- the statements
 
@@ -358,6 +370,9 @@ class PostgresBackend(Unclosed, AutoRenewed, TieredBackend):
     def _renewed(self, lease: Lease, ttl: float, sent_wall: float, sent: float) -> Grant:
         """A renewal sent at (*sent_wall*, *sent*) landed: move the in-process turn too
         (LeaseLost if it lapsed meanwhile)."""
+        view = lease._host.backend
+        if view is not self:  # a permit of one of this backend's views
+            return cast("PostgresBackend", view)._renewed(lease, ttl, sent_wall, sent)
         with self._tier.mutex:
             held = self._tier.held.get(lease._full_key)
         if held is None or held.owner != lease._owner:

@@ -228,10 +228,7 @@ class PermitTable:
         while waiters:
             waiter, weight = next(iter(waiters.items()))
             if entry[_USED] + weight > entry[_LIMIT]:
-                head_retry = _earliest(entry)
-                if waiter.retry_at > head_retry:
-                    waiter.retry_at = head_retry
-                    waiter.wake()  # it may sleep with no retry time: let it re-read this one
+                _arm(waiter, entry)
                 return
             del waiters[waiter]
             owed = entry[_OWED]
@@ -324,13 +321,17 @@ class PermitTable:
             clock = self.clock
             wall = clock.time()
             now = clock.monotonic()
-            if permit is None or permit[4] != owner:
+            if entry is None or permit is None or permit[4] != owner:
                 raise _lost(key, token)
             deadline = permit[2]
             if deadline is not None and now >= deadline:
                 raise _lost(key, token)
+            if deadline is None:
+                entry[_TIMED] += 1  # it can expire now: the expiry scan must look at it
             permit[2] = deadline = now + ttl
             permit[1] = expires_at = wall + ttl
+            if entry[_WAITERS]:  # it may lapse sooner than the head was told
+                _arm(next(iter(entry[_WAITERS])), entry)
             return Grant(token, expires_at, deadline, permit[3])
 
     def statistics(self, key: str) -> KeyStatistics:
@@ -356,6 +357,14 @@ class PermitTable:
         self.mutex._at_fork_reinit()  # type: ignore[attr-defined]  # (as threading does)
         self.keys.clear()
         self.lapsed = 0
+
+
+def _arm(head: Waiter, entry: _Key) -> None:
+    """Make the head of *entry*'s line look again when its first holder lapses."""
+    retry = _earliest(entry)
+    if head.retry_at > retry:
+        head.retry_at = retry
+        head.wake()  # it may sleep with no retry time: let it re-read this one
 
 
 def _earliest(entry: _Key) -> float:

@@ -1,0 +1,82 @@
+"""A hostile review of the in-process permits: each test names the defect it pins down, and
+says whether it failed on main before the fix that accompanies it."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import pytest
+
+from keylock import KeyedSemaphore
+from keylock.backends import MemoryBackend
+
+NO_OWNER = b""  # in-process: the token proves ownership
+
+
+class ManualClock:
+    """A clock the test steps by hand (the Clock protocol of keylock._clock)."""
+
+    def __init__(self) -> None:
+        self.mono = 1000.0
+        self.wall = 1_700_000_000.0
+
+    def monotonic(self) -> float:
+        return self.mono
+
+    def time(self) -> float:
+        return self.wall
+
+
+async def _until(condition: object, within: float = 5.0) -> None:
+    """Poll *condition* (a callable) until it is true; fail after *within* seconds."""
+    assert callable(condition)
+    deadline = time.monotonic() + within
+    while not condition():
+        assert time.monotonic() < deadline, "condition not met in time"
+        await asyncio.sleep(0.001)
+
+
+def test_an_untimed_permit_given_a_ttl_by_extend_expires() -> None:
+    """extend() of a permit granted without a TTL gives it a deadline; past it, its room goes
+    to the next caller (took_over), as for locks. Failed on main: the table's count of timed
+    holders was not raised by extend, so the expiry scan was skipped and the dead permit
+    held its room until released (a waiter waited forever); its release then drove the count
+    to -1, so a later timed permit's expiry was skipped in turn."""
+    clock = ManualClock()
+    view = MemoryBackend(clock=clock).permits(1)
+    held = view._try_acquire("k", NO_OWNER, None, None)
+    assert held is not None
+    view.extend_sync("k", NO_OWNER, held[0], 1.0)
+    clock.mono += 2.0
+    after = view._try_acquire("k", NO_OWNER, None, None)
+    assert after is not None, "the extended permit's TTL ran out: its room is free"
+    assert after[3] is True  # took over an expired permit
+    view.release_sync("k", NO_OWNER, after[0])
+    # a later timed permit still expires (the count of timed holders is right)
+    timed = view._try_acquire("k", NO_OWNER, 1.0, None)
+    assert timed is not None
+    clock.mono += 2.0
+    last = view._try_acquire("k", NO_OWNER, None, None)
+    assert last is not None
+    view.release_sync("k", NO_OWNER, last[0])
+    assert len(view) == 0  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("first_ttl", [None, 60.0])
+async def test_a_waiter_wakes_when_extend_gives_the_holder_an_earlier_deadline(
+    first_ttl: float | None,
+) -> None:
+    """A holder whose extend() makes it lapse sooner than the waiters were told (or lapse at
+    all, if it had no TTL) re-arms the head of the line, as the lock path does: the waiter
+    gets the permit when the new deadline passes. Failed on main: the head slept until its
+    own timeout (or the holder's old deadline) before it looked again."""
+    sem = KeyedSemaphore(limit=1)
+    held = await sem.acquire("k", ttl=first_ttl)
+    waiter = asyncio.create_task(sem.acquire("k", timeout=30))
+    await _until(lambda: sem.statistics("k").waiting == 1)
+    await held.extend(0.05)
+    got = await asyncio.wait_for(waiter, 5)
+    assert got.took_over
+    await got.release()
+    assert len(sem.backend.permits(1)) == 0  # type: ignore[arg-type]

@@ -10,6 +10,7 @@ and the base drivers (LoopWaiter / ThreadWaiter) work on it unchanged.
 
 from __future__ import annotations
 
+import os
 import threading
 from typing import TYPE_CHECKING
 
@@ -173,3 +174,5 @@ def permit_view(
 
 
 _VIEWS_MUTEX = threading.Lock()  # (views are made rarely: one lock for every parent)
+# a thread of the parent may have held it at fork time: that thread does not exist in the child
+os.register_at_fork(after_in_child=_VIEWS_MUTEX._at_fork_reinit)  # type: ignore[attr-defined]

@@ -4,6 +4,7 @@ says whether it failed on main before the fix that accompanies it."""
 from __future__ import annotations
 
 import asyncio
+import os
 import time
 
 import pytest
@@ -80,3 +81,25 @@ async def test_a_waiter_wakes_when_extend_gives_the_holder_an_earlier_deadline(
     assert got.took_over
     await got.release()
     assert len(sem.backend.permits(1)) == 0  # type: ignore[arg-type]
+
+
+def test_a_forked_child_can_make_permit_views() -> None:
+    """A child forked while another thread of the parent was making a permit view can make
+    views. Failed on main: the views' module lock was not reset in the child, which then
+    hung in its first permits() call (here: killed after 5 s)."""
+    from keylock.backends import _permits
+
+    backend = MemoryBackend()
+    with _permits._VIEWS_MUTEX:  # (as a thread of the parent making a view at fork time)
+        pid = os.fork()
+        if pid == 0:
+            backend.permits(2)
+            os._exit(0)
+    deadline = time.monotonic() + 5
+    while (done := os.waitpid(pid, os.WNOHANG))[0] == 0 and time.monotonic() < deadline:
+        time.sleep(0.01)  # (a bounded poll of the child)
+    if done[0] == 0:
+        os.kill(pid, 9)
+        os.waitpid(pid, 0)
+        raise AssertionError("the forked child hung in permits()")
+    assert os.waitstatus_to_exitcode(done[1]) == 0

@@ -221,15 +221,20 @@ class PermitTable:
         if expired:
             self._serve(None, entry)
 
-    def _serve(self, key: str | None, entry: _Key) -> None:
+    def _serve(self, key: str | None, entry: _Key, *, new_head: bool = False) -> None:
         """Hand permits to the oldest waiters while they fit (FIFO: one that does not fit
-        blocks the later ones), arm the head for the next expiry, free an idle *key*."""
+        blocks the later ones), free an idle *key*. A head that did not change (nothing was
+        granted, not *new_head*) is not armed again: a holder that left only moves the first
+        expiry later, and arming scans every holder (one scan per release would make a line
+        of n readers draining before a writer cost O(n^2))."""
         waiters = entry[_WAITERS]
         while waiters:
             waiter, weight = next(iter(waiters.items()))
             if entry[_USED] + weight > entry[_LIMIT]:
-                _arm(waiter, entry)
+                if new_head:
+                    _arm(waiter, entry)
                 return
+            new_head = True  # (and the permit granted here may lapse first)
             del waiters[waiter]
             owed = entry[_OWED]
             permit = self._grant(entry, waiter.owner, waiter.ttl, weight, waiter.holder)
@@ -268,9 +273,11 @@ class PermitTable:
             if waiter.grant is not None:
                 return waiter.grant
             entry = self.keys.get(key)
-            if entry is not None and entry[_WAITERS] and waiter in entry[_WAITERS]:
-                del entry[_WAITERS][waiter]
-                self._serve(key, entry)  # the ones behind it may fit now
+            waiters = None if entry is None else entry[_WAITERS]
+            if waiters and waiter in waiters:
+                new_head = next(iter(waiters)) is waiter
+                del waiters[waiter]
+                self._serve(key, entry, new_head=new_head)  # type: ignore[arg-type]
             return None
 
     # ------------------------------------------------------------------ release and extend

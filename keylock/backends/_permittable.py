@@ -33,7 +33,7 @@ _Permit: TypeAlias = list[Any]
 MAX_LAPSED = 10_000  # keys kept only to tell a next holder it took over (beyond: forgotten)
 
 
-# A permit key's record: [limit, used, holders, waiters, owed, lapsed, timed]: a list, as
+# A permit key's record: [limit, used, holders, waiters, owed, lapsed, timed, soonest]: a list, as
 # MemoryBackend's entries are (the uncontended path makes one per acquire)
 _Key: TypeAlias = list[Any]
 _LIMIT = 0  # recorded while anyone holds or waits
@@ -43,10 +43,13 @@ _WAITERS = 3  # OrderedDict: waiter -> weight, FIFO; or None (made by the first 
 _OWED = 4  # expired permits whose room was not granted again: the next grants took over
 _LAPSED = 5  # kept only for owed (no holder, no waiter): counted in PermitTable.lapsed
 _TIMED = 6  # how many holders have a TTL (0: nothing can expire, no scan needed)
+# at most the first deadline of a holder (a holder that left may have raised the true one):
+# until then nothing can have expired, so a step does not scan the holders
+_SOONEST = 7
 
 
 def _new_key(limit: int) -> _Key:
-    return [limit, 0, {}, None, 0, False, 0]
+    return [limit, 0, {}, None, 0, False, 0, math.inf]
 
 
 def check_shape(limit: object, weight: object, backend: str) -> Permits:
@@ -159,13 +162,13 @@ class PermitTable:
             return self._grant(entry, owner, ttl, weight, holder)
         if waiter is None:
             return None  # a try never queues (and may probe a key its own block holds)
-        for permit in entry[_HOLDERS].values():
-            frame = permit[6]
-            if frame is not None and on_this_stack(frame):
-                raise reentry_error(key)  # (its own permit would have to be released first)
         if waiters is None:
             waiters = entry[_WAITERS] = OrderedDict()
-        if waiter not in waiters:
+        if waiter not in waiters:  # (once: a holder that joins later is not on its stack)
+            for permit in entry[_HOLDERS].values():
+                frame = permit[6]
+                if frame is not None and on_this_stack(frame):
+                    raise reentry_error(key)  # (its own permit would have to go first)
             waiters[waiter] = weight
         waiter.retry_at = _earliest(entry)
         return None
@@ -198,8 +201,11 @@ class PermitTable:
         else:
             clock = self.clock
             wall = clock.time()  # first: a switch between the reads only makes it early
-            permit = [token, wall + ttl, clock.monotonic() + ttl, took_over, owner, weight, holder]
+            deadline = clock.monotonic() + ttl
+            permit = [token, wall + ttl, deadline, took_over, owner, weight, holder]
             entry[_TIMED] += 1
+            if deadline < entry[_SOONEST]:
+                entry[_SOONEST] = deadline
         entry[_HOLDERS][token] = permit
         return permit  # type: ignore[return-value]  # laid out as a Grant
 
@@ -209,15 +215,23 @@ class PermitTable:
         if not entry[_TIMED]:
             return  # nothing can have expired (and the line was served at the last change)
         now = self.clock.monotonic()
+        if now < entry[_SOONEST]:
+            return  # (nor can anything have: one scan per deadline, not one per step)
         expired = False
+        soonest = math.inf
         for token, permit in list(entry[_HOLDERS].items()):
             deadline = permit[2]
-            if deadline is not None and now >= deadline:
+            if deadline is None:
+                continue
+            if now >= deadline:
                 del entry[_HOLDERS][token]
                 entry[_USED] -= permit[5]
                 entry[_OWED] += 1
                 entry[_TIMED] -= 1
                 expired = True
+            elif deadline < soonest:
+                soonest = deadline
+        entry[_SOONEST] = soonest
         if expired:
             self._serve(None, entry)
 
@@ -337,6 +351,8 @@ class PermitTable:
                 entry[_TIMED] += 1  # it can expire now: the expiry scan must look at it
             permit[2] = deadline = now + ttl
             permit[1] = expires_at = wall + ttl
+            if deadline < entry[_SOONEST]:
+                entry[_SOONEST] = deadline
             if entry[_WAITERS]:  # it may lapse sooner than the head was told
                 _arm(next(iter(entry[_WAITERS])), entry)
             return Grant(token, expires_at, deadline, permit[3])
@@ -375,11 +391,10 @@ def _arm(head: Waiter, entry: _Key) -> None:
 
 
 def _earliest(entry: _Key) -> float:
-    """When the first holder of *entry* lapses (math.inf: none has a TTL)."""
-    if not entry[_TIMED]:
-        return math.inf
-    deadlines = [p[2] for p in entry[_HOLDERS].values() if p[2] is not None]
-    return min(deadlines) if deadlines else math.inf
+    """When the first holder of *entry* may lapse (math.inf: none has a TTL); early when a
+    holder that lapsed first has left: its waiter then looks once more, and the step's scan
+    finds the true one."""
+    return entry[_SOONEST] if entry[_TIMED] else math.inf
 
 
 # Every permit table of this process, so a forked child can start each afresh.

@@ -178,3 +178,18 @@ def test_a_step_before_the_first_deadline_does_not_scan_the_holders() -> None:
         assert waiter.grant is not None
         read.release_sync("k", NO_OWNER, waiter.grant[0])
     assert len(read) == 0  # type: ignore[arg-type]
+
+
+def test_stale_guard_refuses_a_lock_that_is_not_exclusive() -> None:
+    """stale_guard's premise (what the handler reads under the lock stays put) needs one
+    holder at a time; KeyedSemaphore is a KeyedLock to the type checker, so a semaphore of
+    limit 3 or an RW reader must be refused when the guard is made. Failed on main: both
+    were accepted, and the guarded calls of one key ran three (or any number) at once."""
+    from keylock import KeyedLock, KeyedRWLock, stale_guard
+
+    rw = KeyedRWLock()
+    for shared in (KeyedSemaphore(limit=3), rw.reader):
+        with pytest.raises(TypeError, match="needs an exclusive lock"):
+            stale_guard(shared, key=lambda: "k")
+    for exclusive in (KeyedLock(), KeyedSemaphore(limit=1), rw.writer):
+        stale_guard(exclusive, key=lambda: "k")

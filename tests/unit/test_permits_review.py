@@ -193,3 +193,15 @@ def test_stale_guard_refuses_a_lock_that_is_not_exclusive() -> None:
             stale_guard(shared, key=lambda: "k")
     for exclusive in (KeyedLock(), KeyedSemaphore(limit=1), rw.writer):
         stale_guard(exclusive, key=lambda: "k")
+
+
+def test_keyedlock_over_a_permit_view_reports_its_holders() -> None:
+    """KeyStatistics.holders reaches the caller of KeyedLock.statistics (a KeyedLock over a
+    backend's permit view, as the docs describe a semaphore underneath). Failed on main:
+    KeyedLock.statistics rebuilt the snapshot without it, so two holders showed as 0."""
+    from keylock import KeyedLock
+
+    locks = KeyedLock(MemoryBackend().permits(3), namespace="ns")
+    with locks.sync("k"), locks.sync("k"):
+        stats = locks.statistics("k")
+        assert (stats.key, stats.held, stats.holders) == ("ns:k", True, 2)

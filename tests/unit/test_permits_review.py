@@ -205,3 +205,32 @@ def test_keyedlock_over_a_permit_view_reports_its_holders() -> None:
     with locks.sync("k"), locks.sync("k"):
         stats = locks.statistics("k")
         assert (stats.key, stats.held, stats.holders) == ("ns:k", True, 2)
+
+
+def test_a_waiter_still_wakes_for_the_next_deadline_after_the_first_holder_left() -> None:
+    """The first-deadline bound a key keeps may be early (its holder left first): a waiter
+    told that early time looks again, finds the true next deadline, and gets the room when
+    it passes. (A guard for the bound; held on main, which scanned every step.)"""
+    clock = ManualClock()
+    view = MemoryBackend(clock=clock).permits(2)
+    first = view._try_acquire("k", NO_OWNER, 1.0, None)
+    second = view._try_acquire("k", NO_OWNER, 5.0, None)
+    assert first is not None
+    assert second is not None
+    view.release_sync("k", NO_OWNER, first[0])
+    third = view._try_acquire("k", NO_OWNER, None, None)
+    assert third is not None
+    waiter = ThreadWaiter(NO_OWNER, None)
+    assert view._try_acquire("k", NO_OWNER, None, waiter) is None
+    assert waiter.retry_at <= 1005.0  # never later than the true first deadline
+    clock.mono = max(clock.mono, waiter.retry_at)
+    while (grant := view._try_acquire("k", NO_OWNER, None, waiter)) is None:  # as woken
+        assert waiter.retry_at > clock.mono  # (each look learns a later time)
+        assert waiter.retry_at <= 1005.0
+        clock.mono = waiter.retry_at
+    assert clock.mono == 1005.0  # granted when the second holder lapsed, not later
+    assert grant[3] is True  # took over
+    view._withdraw("k", waiter)  # (as the driver does after its own step granted)
+    for token in (third[0], grant[0]):
+        view.release_sync("k", NO_OWNER, token)
+    assert len(view) == 0  # type: ignore[arg-type]

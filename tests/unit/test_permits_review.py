@@ -234,3 +234,14 @@ def test_a_waiter_still_wakes_for_the_next_deadline_after_the_first_holder_left(
     for token in (third[0], grant[0]):
         view.release_sync("k", NO_OWNER, token)
     assert len(view) == 0  # type: ignore[arg-type]
+
+
+def test_the_rw_lock_shows_its_observer_as_keyedlock_does() -> None:
+    """KeyedRWLock has KeyedLock's surface, ``observer`` included. Failed on main:
+    AttributeError."""
+    from keylock import KeyedRWLock
+    from keylock.observe import Observer
+
+    observer = Observer()
+    assert KeyedRWLock(observer=observer).observer is observer
+    assert KeyedRWLock().observer is None

@@ -85,17 +85,30 @@ async def test_a_waiter_wakes_when_extend_gives_the_holder_an_earlier_deadline(
     assert len(sem.backend.permits(1)) == 0  # type: ignore[arg-type]
 
 
-def test_a_forked_child_can_make_permit_views() -> None:
+@pytest.mark.parametrize("tiered", [False, True])
+def test_a_forked_child_can_make_permit_views(tiered: bool) -> None:
     """A child forked while another thread of the parent was making a permit view can make
-    views. Failed on main: the views' module lock was not reset in the child, which then
-    hung in its first permits() call (here: killed after 5 s)."""
-    from keylock.backends import _permits
+    views (memory, and a tiered backend's). Failed on main: the views' module lock was not
+    reset in the child, which then hung in its first permits() call (here: killed after
+    5 s)."""
+    from keylock.backends import _permits, _tieredpermits
 
-    backend = MemoryBackend()
-    with _permits._VIEWS_MUTEX:  # (as a thread of the parent making a view at fork time)
+    class Parent:  # (what tiered_view reads of a tiered backend)
+        default_ttl = None
+
+    class View(_tieredpermits.TieredPermits):
+        pass
+
+    def make_view() -> object:
+        if tiered:
+            return _tieredpermits.tiered_view(Parent(), View, 2, 1)  # type: ignore[arg-type,type-abstract]
+        return MemoryBackend().permits(2)
+
+    module = _tieredpermits if tiered else _permits
+    with module._VIEWS_MUTEX:  # (as a thread of the parent making a view at fork time)
         pid = os.fork()
         if pid == 0:
-            backend.permits(2)
+            make_view()
             os._exit(0)
     deadline = time.monotonic() + 5
     while (done := os.waitpid(pid, os.WNOHANG))[0] == 0 and time.monotonic() < deadline:

@@ -239,8 +239,7 @@ class PermitTable:
         """Hand permits to the oldest waiters while they fit (FIFO: one that does not fit
         blocks the later ones), free an idle *key*. A head that did not change (nothing was
         granted, not *new_head*) is not armed again: a holder that left only moves the first
-        expiry later, and arming scans every holder (one scan per release would make a line
-        of n readers draining before a writer cost O(n^2))."""
+        expiry later, so its retry time is early at worst."""
         waiters = entry[_WAITERS]
         while waiters:
             waiter, weight = next(iter(waiters.items()))

@@ -66,6 +66,9 @@ def stale_guard(
 ) -> Callable[[Callable[P, R]], Callable[P, R | _SupersededType]]:
     """Run the handler under *key*'s lock, unless the situation changed while it waited.
 
+    *locks* must be exclusive (a KeyedLock, a KeyedSemaphore of limit 1, a KeyedRWLock's
+    ``writer``); a lock several calls may hold at once is refused with TypeError.
+
     Three ways to tell (*snapshot* and *expected* are functions of the call's arguments, sync
     or async; an async one needs an async handler):
 
@@ -93,6 +96,14 @@ def stale_guard(
     """
     if on_stale not in ("return", "raise"):
         raise ValueError(f"on_stale must be 'return' or 'raise', not {on_stale!r}")
+    shape = getattr(locks._backend, "shape", None)  # (a permit view's: limit, weight)
+    if shape is not None and shape.weight < shape.limit:
+        raise TypeError(
+            "stale_guard needs an exclusive lock, and this one lets several calls hold a key "
+            f"at once (permits of weight {shape.weight} in a limit of {shape.limit}: what one "
+            "reads under it another may be changing): pass a KeyedLock, a KeyedSemaphore of "
+            "limit 1, or a KeyedRWLock's writer"
+        )
     if not callable(key):
         raise TypeError("stale_guard(key=...) takes a function of the call's arguments")
     for name, given in (("snapshot", snapshot), ("expected", expected)):

@@ -177,6 +177,11 @@ class KeyedRWLock:
         """The backend holding this lock's state."""
         return self._parent
 
+    @property
+    def observer(self) -> Observer | None:
+        """The observer this lock reports to (both modes), if any."""
+        return self.writer.observer
+
     # reads
     def read(
         self, key: str, /, *, timeout: float | None = None, ttl: float | None = None

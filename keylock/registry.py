@@ -215,7 +215,9 @@ class KeyedLock:
         key = check_key(key)
         found = self._backend.statistics(self._prefix + key)
         shown = f"{self.namespace}:{key}" if self.namespace else key  # as errors name it
-        return KeyStatistics(shown, found.held, found.token, found.owner, found.waiting)
+        return KeyStatistics(
+            shown, found.held, found.token, found.owner, found.waiting, found.holders
+        )
 
     async def close(self) -> None:
         """Close the backend (connections, background renewal)."""

@@ -10,6 +10,8 @@ and the base drivers (LoopWaiter / ThreadWaiter) work on it unchanged.
 
 from __future__ import annotations
 
+import math
+import os
 import threading
 from typing import TYPE_CHECKING
 
@@ -95,6 +97,7 @@ def _fast_paths(
     """The uncontended acquire and release of one shape, as closures over the table (as
     MemoryBackend's: cells beat attribute loads, and a free key costs one list per grant)."""
     limit, weight = shape
+    inf = math.inf
     lock = table.mutex.acquire
     unlock = table.mutex.release
     keys = table.keys
@@ -119,7 +122,7 @@ def _fast_paths(
                 if ttl is None:
                     token = next(tokens)
                     permit = [token, None, None, False, owner, weight, holder]
-                    keys[key] = [limit, weight, {token: permit}, None, 0, False, 0]
+                    keys[key] = [limit, weight, {token: permit}, None, 0, False, 0, inf]
                     return permit  # type: ignore[return-value]  # laid out as a Grant
                 entry = keys[key] = _new_key(limit)
                 return grant_new(entry, owner, ttl, weight, holder)
@@ -173,3 +176,5 @@ def permit_view(
 
 
 _VIEWS_MUTEX = threading.Lock()  # (views are made rarely: one lock for every parent)
+# a thread of the parent may have held it at fork time: that thread does not exist in the child
+os.register_at_fork(after_in_child=_VIEWS_MUTEX._at_fork_reinit)  # type: ignore[attr-defined]

@@ -33,7 +33,7 @@ _Permit: TypeAlias = list[Any]
 MAX_LAPSED = 10_000  # keys kept only to tell a next holder it took over (beyond: forgotten)
 
 
-# A permit key's record: [limit, used, holders, waiters, owed, lapsed, timed]: a list, as
+# A permit key's record: [limit, used, holders, waiters, owed, lapsed, timed, soonest]: a list, as
 # MemoryBackend's entries are (the uncontended path makes one per acquire)
 _Key: TypeAlias = list[Any]
 _LIMIT = 0  # recorded while anyone holds or waits
@@ -43,10 +43,13 @@ _WAITERS = 3  # OrderedDict: waiter -> weight, FIFO; or None (made by the first 
 _OWED = 4  # expired permits whose room was not granted again: the next grants took over
 _LAPSED = 5  # kept only for owed (no holder, no waiter): counted in PermitTable.lapsed
 _TIMED = 6  # how many holders have a TTL (0: nothing can expire, no scan needed)
+# at most the first deadline of a holder (a holder that left may have raised the true one):
+# until then nothing can have expired, so a step does not scan the holders
+_SOONEST = 7
 
 
 def _new_key(limit: int) -> _Key:
-    return [limit, 0, {}, None, 0, False, 0]
+    return [limit, 0, {}, None, 0, False, 0, math.inf]
 
 
 def check_shape(limit: object, weight: object, backend: str) -> Permits:
@@ -159,13 +162,13 @@ class PermitTable:
             return self._grant(entry, owner, ttl, weight, holder)
         if waiter is None:
             return None  # a try never queues (and may probe a key its own block holds)
-        for permit in entry[_HOLDERS].values():
-            frame = permit[6]
-            if frame is not None and on_this_stack(frame):
-                raise reentry_error(key)  # (its own permit would have to be released first)
         if waiters is None:
             waiters = entry[_WAITERS] = OrderedDict()
-        if waiter not in waiters:
+        if waiter not in waiters:  # (once: a holder that joins later is not on its stack)
+            for permit in entry[_HOLDERS].values():
+                frame = permit[6]
+                if frame is not None and on_this_stack(frame):
+                    raise reentry_error(key)  # (its own permit would have to go first)
             waiters[waiter] = weight
         waiter.retry_at = _earliest(entry)
         return None
@@ -198,8 +201,11 @@ class PermitTable:
         else:
             clock = self.clock
             wall = clock.time()  # first: a switch between the reads only makes it early
-            permit = [token, wall + ttl, clock.monotonic() + ttl, took_over, owner, weight, holder]
+            deadline = clock.monotonic() + ttl
+            permit = [token, wall + ttl, deadline, took_over, owner, weight, holder]
             entry[_TIMED] += 1
+            if deadline < entry[_SOONEST]:
+                entry[_SOONEST] = deadline
         entry[_HOLDERS][token] = permit
         return permit  # type: ignore[return-value]  # laid out as a Grant
 
@@ -209,30 +215,39 @@ class PermitTable:
         if not entry[_TIMED]:
             return  # nothing can have expired (and the line was served at the last change)
         now = self.clock.monotonic()
+        if now < entry[_SOONEST]:
+            return  # (nor can anything have: one scan per deadline, not one per step)
         expired = False
+        soonest = math.inf
         for token, permit in list(entry[_HOLDERS].items()):
             deadline = permit[2]
-            if deadline is not None and now >= deadline:
+            if deadline is None:
+                continue
+            if now >= deadline:
                 del entry[_HOLDERS][token]
                 entry[_USED] -= permit[5]
                 entry[_OWED] += 1
                 entry[_TIMED] -= 1
                 expired = True
+            elif deadline < soonest:
+                soonest = deadline
+        entry[_SOONEST] = soonest
         if expired:
             self._serve(None, entry)
 
-    def _serve(self, key: str | None, entry: _Key) -> None:
+    def _serve(self, key: str | None, entry: _Key, *, new_head: bool = False) -> None:
         """Hand permits to the oldest waiters while they fit (FIFO: one that does not fit
-        blocks the later ones), arm the head for the next expiry, free an idle *key*."""
+        blocks the later ones), free an idle *key*. A head that did not change (nothing was
+        granted, not *new_head*) is not armed again: a holder that left only moves the first
+        expiry later, so its retry time is early at worst."""
         waiters = entry[_WAITERS]
         while waiters:
             waiter, weight = next(iter(waiters.items()))
             if entry[_USED] + weight > entry[_LIMIT]:
-                head_retry = _earliest(entry)
-                if waiter.retry_at > head_retry:
-                    waiter.retry_at = head_retry
-                    waiter.wake()  # it may sleep with no retry time: let it re-read this one
+                if new_head:
+                    _arm(waiter, entry)
                 return
+            new_head = True  # (and the permit granted here may lapse first)
             del waiters[waiter]
             owed = entry[_OWED]
             permit = self._grant(entry, waiter.owner, waiter.ttl, weight, waiter.holder)
@@ -271,9 +286,11 @@ class PermitTable:
             if waiter.grant is not None:
                 return waiter.grant
             entry = self.keys.get(key)
-            if entry is not None and entry[_WAITERS] and waiter in entry[_WAITERS]:
-                del entry[_WAITERS][waiter]
-                self._serve(key, entry)  # the ones behind it may fit now
+            waiters = None if entry is None else entry[_WAITERS]
+            if waiters and waiter in waiters:
+                new_head = next(iter(waiters)) is waiter
+                del waiters[waiter]
+                self._serve(key, entry, new_head=new_head)  # type: ignore[arg-type]
             return None
 
     # ------------------------------------------------------------------ release and extend
@@ -324,13 +341,19 @@ class PermitTable:
             clock = self.clock
             wall = clock.time()
             now = clock.monotonic()
-            if permit is None or permit[4] != owner:
+            if entry is None or permit is None or permit[4] != owner:
                 raise _lost(key, token)
             deadline = permit[2]
             if deadline is not None and now >= deadline:
                 raise _lost(key, token)
+            if deadline is None:
+                entry[_TIMED] += 1  # it can expire now: the expiry scan must look at it
             permit[2] = deadline = now + ttl
             permit[1] = expires_at = wall + ttl
+            if deadline < entry[_SOONEST]:
+                entry[_SOONEST] = deadline
+            if entry[_WAITERS]:  # it may lapse sooner than the head was told
+                _arm(next(iter(entry[_WAITERS])), entry)
             return Grant(token, expires_at, deadline, permit[3])
 
     def statistics(self, key: str) -> KeyStatistics:
@@ -358,12 +381,19 @@ class PermitTable:
         self.lapsed = 0
 
 
+def _arm(head: Waiter, entry: _Key) -> None:
+    """Make the head of *entry*'s line look again when its first holder lapses."""
+    retry = _earliest(entry)
+    if head.retry_at > retry:
+        head.retry_at = retry
+        head.wake()  # it may sleep with no retry time: let it re-read this one
+
+
 def _earliest(entry: _Key) -> float:
-    """When the first holder of *entry* lapses (math.inf: none has a TTL)."""
-    if not entry[_TIMED]:
-        return math.inf
-    deadlines = [p[2] for p in entry[_HOLDERS].values() if p[2] is not None]
-    return min(deadlines) if deadlines else math.inf
+    """When the first holder of *entry* may lapse (math.inf: none has a TTL); early when a
+    holder that lapsed first has left: its waiter then looks once more, and the step's scan
+    finds the true one."""
+    return entry[_SOONEST] if entry[_TIMED] else math.inf
 
 
 # Every permit table of this process, so a forked child can start each afresh.

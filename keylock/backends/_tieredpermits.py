@@ -11,6 +11,7 @@ that rebinds the parent's state must do it on ``self._parent``.
 
 from __future__ import annotations
 
+import os
 import threading
 from typing import TYPE_CHECKING, TypeVar
 
@@ -99,6 +100,8 @@ class TieredPermits(_Base):
 
 
 _VIEWS_MUTEX = threading.Lock()
+# a thread of the parent may have held it at fork time: that thread does not exist in the child
+os.register_at_fork(after_in_child=_VIEWS_MUTEX._at_fork_reinit)  # type: ignore[attr-defined]
 
 
 def tiered_view(parent: TieredBackend, cls: type[V], limit: int, weight: int) -> V:

@@ -21,7 +21,6 @@ if TYPE_CHECKING:
 
     from .backends.base import Grant
     from .observe import Observer
-    from .registry import KeyedLock
 
 __all__ = ["AsyncHold", "SyncHold"]
 
@@ -35,9 +34,8 @@ class _Hold(Lease):
     One block per object (as ``asyncio.timeout``): call ``locks(key)`` again for the next one.
     """
 
-    __slots__ = ("_locks", "_timeout")
+    __slots__ = ("_timeout",)
 
-    _locks: KeyedLock
     _timeout: float | None
 
     def _enter_once(self) -> None:
@@ -46,22 +44,26 @@ class _Hold(Lease):
             "write a new locks(key) for each block"
         )
 
-    def _try(self, holder: FrameType) -> bool:
-        """Enter without waiting if the key is free: True once held; else False, with the
-        arguments resolved for the backend's blocking acquire (the caller's flavour).
-        *holder* is the frame entering the block: a wait from inside that same block (the
-        same task or thread asking again) raises RuntimeError instead of never ending."""
+    def _enter(self, depth: int = 1) -> Lease | None:
+        """Enter the block without waiting if the key is free: the lease once held. Else, with
+        the arguments resolved for the backend's blocking acquire, what ``_queue`` returns
+        (the sync hold waits there; the async one returns None and waits in ``__aenter__``).
+        The frame *depth* calls up is the one entering the block: a wait from inside that
+        same block (the same task or thread asking again) raises RuntimeError instead of
+        never ending. ``SyncHold.__enter__`` is this very function (no frame in between)."""
+        holder = _frame(depth)
         if self._state is not _PENDING:  # (a small int: identity is equality, and cheaper)
             self._enter_once()
-        locks = self._locks
-        plain = locks._plain_step
+        host = self._host
+        plain = host.plain
         key = self.key
         if (  # (inlined: this is the uncontended hot path)
             plain is not None
             and self.ttl is None
             and self._timeout is None
             and type(key) is str
-            and 0 < len(key) <= MAX_KEY_LENGTH
+            and key  # (not empty)
+            and len(key) <= MAX_KEY_LENGTH
             and "\x00" not in key
         ):
             grant = plain(key, b"", None, None, holder)
@@ -72,29 +74,32 @@ class _Hold(Lease):
                 self.took_over = grant[3]  # an untimed lease may follow a timed one
                 self.expires_at = self._deadline = None
                 self._state = 0
-                return True
+                return self
         key = self.key = check_key(key)
         if self._timeout is not None:
             self._timeout = check_timeout(self._timeout, key)
         if self.ttl is not None:
             self.ttl = check_ttl(self.ttl, key)
-        elif locks._default_ttl is not None:
-            self.ttl = locks._default_ttl
-        full = self._full_key = locks._prefix + key
-        owner = self._owner = new_owner() if locks._needs_owner else b""
-        step = locks._inline_step
+        elif host.default_ttl is not None:
+            self.ttl = host.default_ttl
+        full = self._full_key = host.prefix + key
+        owner = self._owner = new_owner() if host.needs_owner else b""
+        step = host.step
         if step is not None and (grant := step(full, owner, self.ttl, None, holder)) is not None:
             self._state = 0
             self._held(grant)
-            return True
-        return False
+            return self
+        return self._queue(holder)
+
+    def _queue(self, holder: FrameType) -> Lease | None:
+        raise NotImplementedError
 
     def _held(self, grant: Grant) -> None:
         """Record the grant; a lease with a TTL is shown to the backend (auto-renew)."""
         self._granted(grant)
         if self.ttl is not None:
             self._state |= _TRACKED
-            self._locks._backend._track(self)
+            self._host.backend._track(self)
 
 
 class AsyncHold(_Hold):
@@ -103,17 +108,19 @@ class AsyncHold(_Hold):
     __slots__ = ()
 
     async def __aenter__(self) -> Lease:
-        holder = _frame(1)
-        if not self._try(holder):
-            await self._wait(holder)
+        if self._enter(2) is None:
+            await self._wait(_frame(1))
         return self
 
+    def _queue(self, holder: FrameType) -> None:
+        return None  # (the wait is a coroutine: __aenter__ awaits it)
+
     async def _wait(self, holder: FrameType) -> None:
-        locks = self._locks
-        grant = await locks._backend.acquire(
+        host = self._host
+        grant = await host.backend.acquire(
             self._full_key, self._owner, timeout=self._timeout, ttl=self.ttl, holder=holder
         )
-        self._state = 0 if locks._inline_step is None else _QUEUED
+        self._state = _QUEUED if host.inline else 0
         self._held(grant)
 
     def _held(self, grant: Grant) -> None:
@@ -133,21 +140,26 @@ class SyncHold(_Hold):
 
     __slots__ = ()
 
-    def __enter__(self) -> Lease:
-        holder = _frame(1)
-        if not self._try(holder):
-            self._wait(holder)
+    if TYPE_CHECKING:
+
+        def __enter__(self) -> Lease: ...
+
+    else:
+        __enter__ = _Hold._enter
+
+    def _queue(self, holder: FrameType) -> Lease:
+        self._wait(holder)
         return self
 
     def _wait(self, holder: FrameType) -> None:
-        locks = self._locks
+        host = self._host
         timeout = self._timeout
         # on a thread running an event loop, waiting would stop the loop: only a try
         on_loop = timeout != 0 and asyncio._get_running_loop() is not None
-        if on_loop and locks._inline_step is not None:  # (the inline step just tried)
+        if on_loop and host.inline:  # (the inline step just tried)
             raise _blocking(self.key)
         try:
-            grant = locks._backend.acquire_sync(
+            grant = host.backend.acquire_sync(
                 self._full_key,
                 self._owner,
                 timeout=0 if on_loop else timeout,
@@ -158,7 +170,7 @@ class SyncHold(_Hold):
             if on_loop:
                 raise _blocking(self.key) from None
             raise
-        self._state = 0 if locks._inline_step is None else _QUEUED
+        self._state = _QUEUED if host.inline else 0
         self._held(grant)
 
     async def __aenter__(self) -> Lease:
@@ -190,7 +202,7 @@ class _Observed(_Hold):
 
     def _acquired(self, start: float) -> None:
         self._since = now = time.perf_counter()
-        contended = None if self._locks._inline_step is None else bool(self._state & _QUEUED)
+        contended = bool(self._state & _QUEUED) if self._host.inline else None
         observer = self._observer()
         try:
             group = self._group = observer.prefix_of(self.key)
@@ -254,10 +266,9 @@ class _ObservedAsync(_Observed, AsyncHold):
 
     async def __aenter__(self) -> Lease:
         start = time.perf_counter()
-        holder = _frame(1)
         try:
-            if not self._try(holder):
-                await self._wait(holder)
+            if self._enter(2) is None:
+                await self._wait(_frame(1))
         except LockTimeout:
             self._timed_out(start)
             raise
@@ -270,10 +281,8 @@ class _ObservedSync(_Observed, SyncHold):
 
     def __enter__(self) -> Lease:
         start = time.perf_counter()
-        holder = _frame(1)
         try:
-            if not self._try(holder):
-                self._wait(holder)
+            self._enter(2)
         except LockTimeout:
             self._timed_out(start)
             raise

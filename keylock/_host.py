@@ -16,6 +16,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from ._clock import SYSTEM_CLOCK, Clock
+from .observe import BlockHooks
 
 if TYPE_CHECKING:
     import asyncio
@@ -40,6 +41,7 @@ class LeaseHost:
         "cancel_on_lost",
         "clock",
         "default_ttl",
+        "hooks",
         "inline",
         "needs_owner",
         "observer",
@@ -61,6 +63,8 @@ class LeaseHost:
     ) -> None:
         self.backend = backend
         self.observer = observer
+        #: the observer's acquire/release/timeout hooks, resolved once (None: it has none)
+        self.hooks = BlockHooks.of(observer)
         self.on_lost = on_lost
         self.cancel_on_lost = cancel_on_lost
         #: True when the backend's step and release may run straight on an event loop

@@ -68,11 +68,7 @@ class KeyedLock:
         self._prefix = host.prefix
         # Observed locks use subclasses of the holds; unobserved ones, and those whose
         # observer overrides no acquire/release/timeout hook, run no observer code there.
-        observed = False
-        if observer is not None:
-            from .observe import watches_blocks
-
-            observed = watches_blocks(observer)
+        observed = host.hooks is not None
         self._async_hold: type[AsyncHold] = _ObservedAsync if observed else AsyncHold
         self._sync_hold: type[SyncHold] = _ObservedSync if observed else SyncHold
 

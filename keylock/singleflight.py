@@ -177,8 +177,9 @@ class SingleFlight:
         cancelled once no caller is left. Each caller gets its own copy of an exception.
         """
         loop = _running_loop()
-        # (a flight found means a valid key: it was checked when that flight started)
-        flight = self._flights.get((key, loop))
+        # (a plain str that finds a flight is a valid key: it was checked when that flight
+        # started; anything else, a str subclass included, is checked in _board)
+        flight = self._flights.get((key, loop)) if type(key) is str else None
         if flight is None or flight.abandoned:
             flight = await self._board(key, loop, fn, *args, **kwargs)
         elif self._observer is not None:

@@ -468,7 +468,7 @@ def test_do_sync_errors_reach_every_thread() -> None:
     assert flight.do_sync("k", lambda: "again") == "again"  # nothing cached, errors neither
 
 
-@pytest.mark.parametrize("key", ["", "x" * (keylock.MAX_KEY_LENGTH + 1), "a\x00b", 7, None])
+@pytest.mark.parametrize("key", ["", "x" * (keylock.MAX_KEY_LENGTH + 1), "a\x00b", 7, None, ["k"]])
 async def test_invalid_key(key: object) -> None:
     flight = SingleFlight()
     work = Work()
@@ -480,6 +480,31 @@ async def test_invalid_key(key: object) -> None:
         flight.forget(key)  # type: ignore[arg-type]
     assert work.started == 0
     assert len(flight) == 0
+
+
+async def test_a_str_subclass_key_is_checked_even_while_a_flight_runs() -> None:
+    """A caller whose key finds a running flight skips the key check (that flight's key was
+    checked); a str subclass, which could compare equal to anything, still goes through it,
+    as a plain copy that joins only the flight of an equal plain key."""
+
+    class Loose(str):
+        def __hash__(self) -> int:
+            return hash("a")
+
+        def __eq__(self, other: object) -> bool:
+            return True
+
+    flight = SingleFlight()
+    work = Work()
+    first = asyncio.create_task(flight.do("a", work))
+    await _spin()
+    other = Work("other")
+    joined = asyncio.create_task(flight.do(Loose("b"), other))
+    await _spin()
+    work.gate.set()
+    other.gate.set()
+    assert await asyncio.gather(first, joined) == ["done", "other"]
+    assert (work.started, other.started) == (1, 1)
 
 
 def test_a_serializer_without_a_backend_is_refused() -> None:

@@ -14,19 +14,20 @@ from typing import TYPE_CHECKING
 from ._validate import MAX_KEY_LENGTH, check_key, check_timeout, check_ttl
 from .errors import LockTimeout
 from .lease import _PENDING, _QUEUED, _SLOW_EXIT, _TRACKED, Lease, new_owner
+from .observe import GROUPS_REMEMBERED
 
 if TYPE_CHECKING:
     from collections.abc import Awaitable
     from types import FrameType, TracebackType
 
     from .backends.base import Grant
-    from .observe import Observer
-    from .registry import KeyedLock
+    from .observe import BlockHooks
 
 __all__ = ["AsyncHold", "SyncHold"]
 
 logger = logging.getLogger("keylock")
 _frame = sys._getframe  # the frame entering a block: what a re-entry is recognised by
+_now = time.perf_counter
 
 
 class _Hold(Lease):
@@ -35,9 +36,8 @@ class _Hold(Lease):
     One block per object (as ``asyncio.timeout``): call ``locks(key)`` again for the next one.
     """
 
-    __slots__ = ("_locks", "_timeout")
+    __slots__ = ("_timeout",)
 
-    _locks: KeyedLock
     _timeout: float | None
 
     def _enter_once(self) -> None:
@@ -46,22 +46,26 @@ class _Hold(Lease):
             "write a new locks(key) for each block"
         )
 
-    def _try(self, holder: FrameType) -> bool:
-        """Enter without waiting if the key is free: True once held; else False, with the
-        arguments resolved for the backend's blocking acquire (the caller's flavour).
-        *holder* is the frame entering the block: a wait from inside that same block (the
-        same task or thread asking again) raises RuntimeError instead of never ending."""
+    def _enter(self, depth: int = 1) -> Lease | None:
+        """Enter the block without waiting if the key is free: the lease once held. Else, with
+        the arguments resolved for the backend's blocking acquire, what ``_queue`` returns
+        (the sync hold waits there; the async one returns None and waits in ``__aenter__``).
+        The frame *depth* calls up is the one entering the block: a wait from inside that
+        same block (the same task or thread asking again) raises RuntimeError instead of
+        never ending. ``SyncHold.__enter__`` is this very function (no frame in between)."""
+        holder = _frame(depth)
         if self._state is not _PENDING:  # (a small int: identity is equality, and cheaper)
             self._enter_once()
-        locks = self._locks
-        plain = locks._plain_step
+        host = self._host
+        plain = host.plain
         key = self.key
         if (  # (inlined: this is the uncontended hot path)
             plain is not None
             and self.ttl is None
             and self._timeout is None
             and type(key) is str
-            and 0 < len(key) <= MAX_KEY_LENGTH
+            and key  # (not empty)
+            and len(key) <= MAX_KEY_LENGTH
             and "\x00" not in key
         ):
             grant = plain(key, b"", None, None, holder)
@@ -72,29 +76,32 @@ class _Hold(Lease):
                 self.took_over = grant[3]  # an untimed lease may follow a timed one
                 self.expires_at = self._deadline = None
                 self._state = 0
-                return True
+                return self
         key = self.key = check_key(key)
         if self._timeout is not None:
             self._timeout = check_timeout(self._timeout, key)
         if self.ttl is not None:
             self.ttl = check_ttl(self.ttl, key)
-        elif locks._default_ttl is not None:
-            self.ttl = locks._default_ttl
-        full = self._full_key = locks._prefix + key
-        owner = self._owner = new_owner() if locks._needs_owner else b""
-        step = locks._inline_step
+        elif host.default_ttl is not None:
+            self.ttl = host.default_ttl
+        full = self._full_key = host.prefix + key
+        owner = self._owner = new_owner() if host.needs_owner else b""
+        step = host.step
         if step is not None and (grant := step(full, owner, self.ttl, None, holder)) is not None:
             self._state = 0
             self._held(grant)
-            return True
-        return False
+            return self
+        return self._queue(holder)
+
+    def _queue(self, holder: FrameType) -> Lease | None:
+        raise NotImplementedError
 
     def _held(self, grant: Grant) -> None:
         """Record the grant; a lease with a TTL is shown to the backend (auto-renew)."""
         self._granted(grant)
         if self.ttl is not None:
             self._state |= _TRACKED
-            self._locks._backend._track(self)
+            self._host.backend._track(self)
 
 
 class AsyncHold(_Hold):
@@ -103,17 +110,19 @@ class AsyncHold(_Hold):
     __slots__ = ()
 
     async def __aenter__(self) -> Lease:
-        holder = _frame(1)
-        if not self._try(holder):
-            await self._wait(holder)
+        if self._enter(2) is None:
+            await self._wait(_frame(1))
         return self
 
+    def _queue(self, holder: FrameType) -> None:
+        return None  # (the wait is a coroutine: __aenter__ awaits it)
+
     async def _wait(self, holder: FrameType) -> None:
-        locks = self._locks
-        grant = await locks._backend.acquire(
+        host = self._host
+        grant = await host.backend.acquire(
             self._full_key, self._owner, timeout=self._timeout, ttl=self.ttl, holder=holder
         )
-        self._state = 0 if locks._inline_step is None else _QUEUED
+        self._state = _QUEUED if host.inline else 0
         self._held(grant)
 
     def _held(self, grant: Grant) -> None:
@@ -133,21 +142,26 @@ class SyncHold(_Hold):
 
     __slots__ = ()
 
-    def __enter__(self) -> Lease:
-        holder = _frame(1)
-        if not self._try(holder):
-            self._wait(holder)
+    if TYPE_CHECKING:
+
+        def __enter__(self) -> Lease: ...
+
+    else:
+        __enter__ = _Hold._enter
+
+    def _queue(self, holder: FrameType) -> Lease:
+        self._wait(holder)
         return self
 
     def _wait(self, holder: FrameType) -> None:
-        locks = self._locks
+        host = self._host
         timeout = self._timeout
         # on a thread running an event loop, waiting would stop the loop: only a try
         on_loop = timeout != 0 and asyncio._get_running_loop() is not None
-        if on_loop and locks._inline_step is not None:  # (the inline step just tried)
+        if on_loop and host.inline:  # (the inline step just tried)
             raise _blocking(self.key)
         try:
-            grant = locks._backend.acquire_sync(
+            grant = host.backend.acquire_sync(
                 self._full_key,
                 self._owner,
                 timeout=0 if on_loop else timeout,
@@ -158,7 +172,7 @@ class SyncHold(_Hold):
             if on_loop:
                 raise _blocking(self.key) from None
             raise
-        self._state = 0 if locks._inline_step is None else _QUEUED
+        self._state = _QUEUED if host.inline else 0
         self._held(grant)
 
     async def __aenter__(self) -> Lease:
@@ -169,43 +183,57 @@ class SyncHold(_Hold):
 
 
 class _Observed(_Hold):
-    """Reports to the lock's observer: wait, hold time, timeouts. An observer that raises is
-    logged and ignored: it never costs a grant or a release. The release is reported on the
-    same fast exit an unobserved block takes (no coroutine, when the release never waits)."""
+    """Reports to the lock's observer: wait, hold time, timeouts, through the hooks resolved
+    once for the lock (a hook the observer does not override costs nothing, nor the clock
+    read only it needed). An observer that raises is logged and ignored: it never costs a
+    grant or a release. The release is reported on the same fast exit an unobserved block
+    takes (no coroutine, when the release never waits)."""
 
     __slots__ = ("_group", "_since")
 
-    def _observer(self) -> Observer:
-        observer = self._host.observer
-        assert observer is not None
-        return observer
+    _group: str | None  # the key's group, resolved once per block
+    _since: float  # when the lease was granted (when the release is watched)
 
     def _timed_out(self, start: float) -> None:
-        observer = self._observer()
-        waited = time.perf_counter() - start
-        try:
-            observer.timed_out(observer.prefix_of(self.key), waited)
-        except Exception:
-            logger.exception("keylock: Observer.timed_out raised")
+        hooks: BlockHooks = self._host.hooks  # type: ignore[assignment]  # (observed: set)
+        if hooks.timed_out is not None:
+            waited = _now() - start
+            try:
+                hooks.timed_out(hooks.prefix_of(self.key), waited)
+            except Exception:
+                logger.exception("keylock: Observer.timed_out raised")
 
     def _acquired(self, start: float) -> None:
-        self._since = now = time.perf_counter()
-        contended = None if self._locks._inline_step is None else bool(self._state & _QUEUED)
-        observer = self._observer()
+        """Report the grant; *start* is when its wait began (0.0: granted at once, which is
+        reported as no wait, not contended)."""
+        hooks: BlockHooks = self._host.hooks  # type: ignore[assignment]  # (observed: set)
+        groups = hooks.groups
+        group = self._group = None if groups is None else groups.get(self.key)
+        if start:
+            now = self._since = _now()
+            waited = now - start
+            contended = bool(self._state & _QUEUED) if self._host.inline else None
+        else:  # (a clock read only for the hold time, if that is watched)
+            self._since = _now() if hooks.released is not None else 0.0
+            waited = 0.0
+            contended = False
         try:
-            group = self._group = observer.prefix_of(self.key)
-            observer.acquired(group, now - start, contended=contended)
+            if group is None:
+                group = self._group = _group_of(hooks, self.key)
+            if hooks.acquired is not None:
+                hooks.acquired(group, waited, contended=contended)
         except Exception:
             logger.exception("keylock: Observer.acquired raised")
 
     def _released(self) -> None:
-        observer = self._observer()
-        held = time.perf_counter() - self._since
-        try:
-            group = getattr(self, "_group", None)
-            observer.released(observer.prefix_of(self.key) if group is None else group, held)
-        except Exception:
-            logger.exception("keylock: Observer.released raised")
+        hooks: BlockHooks = self._host.hooks  # type: ignore[assignment]  # (observed: set)
+        if hooks.released is not None:
+            held = _now() - self._since
+            try:
+                group = self._group
+                hooks.released(_group_of(hooks, self.key) if group is None else group, held)
+            except Exception:
+                logger.exception("keylock: Observer.released raised")
 
     async def release(self) -> None:
         try:
@@ -253,14 +281,14 @@ class _ObservedAsync(_Observed, AsyncHold):
     __slots__ = ()
 
     async def __aenter__(self) -> Lease:
-        start = time.perf_counter()
-        holder = _frame(1)
-        try:
-            if not self._try(holder):
-                await self._wait(holder)
-        except LockTimeout:
-            self._timed_out(start)
-            raise
+        start = 0.0
+        if self._enter(2) is None:
+            start = _now()
+            try:
+                await self._wait(_frame(1))
+            except LockTimeout:
+                self._timed_out(start)
+                raise
         self._acquired(start)
         return self
 
@@ -269,16 +297,28 @@ class _ObservedSync(_Observed, SyncHold):
     __slots__ = ()
 
     def __enter__(self) -> Lease:
-        start = time.perf_counter()
-        holder = _frame(1)
+        self._since = 0.0  # _queue sets when the wait began, if it has to wait
+        self._enter(2)
+        self._acquired(self._since)
+        return self
+
+    def _queue(self, holder: FrameType) -> Lease:
+        self._since = start = _now()
         try:
-            if not self._try(holder):
-                self._wait(holder)
+            self._wait(holder)
         except LockTimeout:
             self._timed_out(start)
             raise
-        self._acquired(start)
         return self
+
+
+def _group_of(hooks: BlockHooks, key: str) -> str:
+    """*key*'s group by the observer's ``prefix_of``, remembered when that is the default."""
+    group = hooks.prefix_of(key)
+    groups = hooks.groups
+    if groups is not None and len(groups) < GROUPS_REMEMBERED:
+        groups[key] = group
+    return group
 
 
 def _blocking(key: str) -> RuntimeError:

@@ -16,6 +16,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from ._clock import SYSTEM_CLOCK, Clock
+from .observe import BlockHooks
 
 if TYPE_CHECKING:
     import asyncio
@@ -35,22 +36,50 @@ LostCallback = Callable[["Lease"], object]
 class LeaseHost:
     """The settings a ``KeyedLock`` shares with every lease it grants (read-only)."""
 
-    __slots__ = ("backend", "cancel_on_lost", "clock", "inline", "observer", "on_lost", "release")
+    __slots__ = (
+        "backend",
+        "cancel_on_lost",
+        "clock",
+        "default_ttl",
+        "hooks",
+        "inline",
+        "needs_owner",
+        "observer",
+        "on_lost",
+        "plain",
+        "prefix",
+        "release",
+        "step",
+    )
 
     def __init__(
         self,
         backend: Backend,
         *,
+        namespace: str,
         observer: Observer | None,
         on_lost: LostCallback | None,
         cancel_on_lost: bool,
     ) -> None:
         self.backend = backend
         self.observer = observer
+        #: the observer's acquire/release/timeout hooks, resolved once (None: it has none)
+        self.hooks = BlockHooks.of(observer)
         self.on_lost = on_lost
         self.cancel_on_lost = cancel_on_lost
-        #: True when the backend's release may run straight on an event loop
-        self.inline = backend.nonblocking_step
+        #: True when the backend's step and release may run straight on an event loop
+        self.inline = inline = backend.nonblocking_step
+        #: the backend's step when it may run inline, else None (bound once, as release)
+        self.step = backend._try_acquire if inline else None
+        self.needs_owner = backend.needs_owner
+        self.default_ttl = backend.default_ttl
+        #: the step again, for the commonest case only (an in-process backend, no namespace,
+        #: no owner ids, no default TTL: a plain ``locks(key)`` then needs nothing else)
+        plain = inline and not backend.needs_owner and not namespace
+        self.plain = backend._try_acquire if plain and backend.default_ttl is None else None
+        #: what keys are prefixed with: NUL never occurs in a key or a namespace, so
+        #: "namespace NUL key" is unambiguous
+        self.prefix = f"{namespace}\x00" if namespace else ""
         #: the backend's blocking release, bound once (the uncontended exit calls it)
         self.release = backend.release_sync
         self.clock: Clock = getattr(backend, "clock", SYSTEM_CLOCK)

@@ -9,13 +9,14 @@ calls it synchronously, so observer methods must be cheap and must not raise.
 from __future__ import annotations
 
 import threading
-from dataclasses import dataclass, field
+import weakref
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from collections.abc import Callable
 
-__all__ = ["COUNTERS", "Counters", "Observer", "PrefixStats", "stats"]
+__all__ = ["COUNTERS", "BlockHooks", "Counters", "Observer", "PrefixStats", "stats"]
 
 
 #: The group of keys without a ``:`` (ids, UUIDs): one bucket, so labels stay bounded.
@@ -43,8 +44,9 @@ class Observer:
     prefix_of: Callable[[str], str] = staticmethod(default_prefix)
 
     def acquired(self, prefix: str, waited: float, *, contended: bool | None) -> None:
-        """A lease was granted after *waited* seconds; *contended* if it had to queue (a
-        hand-off), None where the backend cannot tell (remote backends)."""
+        """A lease was granted after *waited* seconds (0.0 when the key was free at once);
+        *contended* if it had to queue (a hand-off), None where the backend cannot tell
+        (remote backends)."""
 
     def released(self, prefix: str, held: float) -> None:
         """A lease was released after being held *held* seconds."""
@@ -65,18 +67,43 @@ class Observer:
         """A ``SingleFlight`` caller joined a run already in flight instead of starting one."""
 
 
-_BLOCK_HOOKS = ("acquired", "released", "timed_out")
+#: Keys whose group the default ``prefix_of`` is remembered for, per lock (beyond, it is
+#: recomputed: a key per id never grows the memo past this).
+GROUPS_REMEMBERED = 1024
 
 
-def watches_blocks(observer: Observer) -> bool:
-    """True if *observer* does something on acquire, release or timeout (overrides a hook):
-    a lock whose observer does not runs no observer code on those paths at all."""
-    for name in _BLOCK_HOOKS:
-        if name in getattr(observer, "__dict__", {}):  # set on the instance
-            return True
-        if getattr(type(observer), name) is not getattr(Observer, name):
-            return True
-    return False
+class BlockHooks:
+    """An observer's acquire/release/timeout hooks, resolved once per lock: each is None when
+    the observer does not override it, and a block then skips it and the clock reads only it
+    needed. The default ``prefix_of`` is remembered per key (``groups``)."""
+
+    __slots__ = ("acquired", "groups", "prefix_of", "released", "timed_out")
+
+    def __init__(self, observer: Observer) -> None:
+        self.acquired = observer.acquired if _overrides(observer, "acquired") else None
+        self.released = observer.released if _overrides(observer, "released") else None
+        self.timed_out = observer.timed_out if _overrides(observer, "timed_out") else None
+        self.prefix_of: Callable[[str], str] = observer.prefix_of
+        #: key -> group, when prefix_of is the default (a pure function of the key)
+        self.groups: dict[str, str] | None = {} if self.prefix_of is default_prefix else None
+
+    @classmethod
+    def of(cls, observer: Observer | None) -> BlockHooks | None:
+        """The hooks of *observer*, or None when it overrides none of them: a lock then runs
+        no observer code on acquire, release or timeout at all."""
+        if observer is None:
+            return None
+        hooks = cls(observer)
+        if hooks.acquired is None and hooks.released is None and hooks.timed_out is None:
+            return None
+        return hooks
+
+
+def _overrides(observer: Observer, name: str) -> bool:
+    """True if *observer* has a hook *name* of its own (Observer's does nothing)."""
+    if name in getattr(observer, "__dict__", {}):  # set on the instance
+        return True
+    return getattr(type(observer), name) is not getattr(Observer, name)
 
 
 @dataclass
@@ -95,67 +122,122 @@ class PrefixStats:
     hold_seconds: float = 0.0  # total time leases were held until released
     max_wait_seconds: float = 0.0
 
+    def add(self, other: PrefixStats) -> None:
+        """Add *other*'s counts to these (the largest wait stays the largest)."""
+        for name, value in vars(other).items():
+            if name == "max_wait_seconds":
+                self.max_wait_seconds = max(self.max_wait_seconds, value)
+            else:
+                setattr(self, name, getattr(self, name) + value)
 
-@dataclass
+
+_Tally = dict[str, PrefixStats]  # one thread's counters per prefix
+
+
+class _Seat:
+    """Kept in one thread's local storage: its end (the thread's) retires that thread's tally."""
+
+    __slots__ = ("__weakref__",)
+
+
 class Counters(Observer):
-    """In-process counters per key prefix; thread-safe. ``snapshot()`` copies them out."""
+    """In-process counters per key prefix; thread-safe. ``snapshot()`` copies them out.
 
-    _stats: dict[str, PrefixStats] = field(default_factory=dict)
-    _mutex: threading.Lock = field(default_factory=threading.Lock)
+    Each thread counts into a tally of its own, without a lock (only its first event per
+    prefix takes one); a snapshot adds the tallies up, and a thread's tally joins the retired
+    totals when the thread ends. An event racing ``reset()`` may be lost."""
 
-    def _of(self, prefix: str) -> PrefixStats:
-        stats = self._stats.get(prefix)
-        if stats is None:
-            if len(self._stats) >= MAX_PREFIXES:  # a custom prefix_of with unbounded output
-                prefix = OTHER_PREFIXES
-                stats = self._stats.get(prefix)
+    def __init__(self) -> None:
+        # guards the lists and every tally's set of prefixes (reentrant: a thread's end may
+        # retire its tally from inside another call that holds it)
+        self._mutex = threading.RLock()
+        self._local = threading.local()  # .tally: this thread's _Tally; .seat: see _Seat
+        self._tallies: list[_Tally] = []  # every live thread's tally
+        self._retired: _Tally = {}  # what threads that ended counted
+        self._prefixes: set[str] = set()  # every group counted, at most MAX_PREFIXES
+
+    def _mine(self, prefix: str) -> PrefixStats:
+        """This thread's counters for *prefix* (created on first use)."""
+        with self._mutex:
+            tally: _Tally | None = getattr(self._local, "tally", None)
+            if tally is None:
+                tally = self._local.tally = {}
+                self._tallies.append(tally)
+                self._local.seat = seat = _Seat()
+                weakref.finalize(seat, self._retire, tally)
+            if prefix not in self._prefixes:
+                if len(self._prefixes) >= MAX_PREFIXES:  # a custom prefix_of, unbounded output
+                    prefix = OTHER_PREFIXES
+                self._prefixes.add(prefix)
+            stats = tally.get(prefix)
             if stats is None:
-                stats = self._stats[prefix] = PrefixStats()
-        return stats
+                stats = tally[prefix] = PrefixStats()
+            return stats
+
+    def _retire(self, tally: _Tally) -> None:
+        with self._mutex:
+            self._tallies.remove(tally)
+            _merge(self._retired, tally)
 
     def acquired(self, prefix: str, waited: float, *, contended: bool | None) -> None:
-        with self._mutex:
-            stats = self._of(prefix)
-            stats.acquired += 1
-            stats.contended += bool(contended)
+        try:
+            stats = self._local.tally[prefix]
+        except (AttributeError, KeyError):
+            stats = self._mine(prefix)
+        stats.acquired += 1
+        if contended:
+            stats.contended += 1
+        if waited:
             stats.wait_seconds += waited
-            stats.max_wait_seconds = max(stats.max_wait_seconds, waited)
+            if waited > stats.max_wait_seconds:
+                stats.max_wait_seconds = waited
 
     def released(self, prefix: str, held: float) -> None:
-        with self._mutex:
-            stats = self._of(prefix)
-            stats.released += 1
-            stats.hold_seconds += held
+        try:
+            stats = self._local.tally[prefix]
+        except (AttributeError, KeyError):
+            stats = self._mine(prefix)
+        stats.released += 1
+        stats.hold_seconds += held
 
     def timed_out(self, prefix: str, waited: float) -> None:
-        with self._mutex:
-            self._of(prefix).timed_out += 1
+        self._mine(prefix).timed_out += 1
 
     def lost(self, prefix: str) -> None:
-        with self._mutex:
-            self._of(prefix).lost += 1
+        self._mine(prefix).lost += 1
 
     def renewed(self, prefix: str) -> None:
-        with self._mutex:
-            self._of(prefix).renewed += 1
+        self._mine(prefix).renewed += 1
 
     def superseded(self, prefix: str) -> None:
-        with self._mutex:
-            self._of(prefix).superseded += 1
+        self._mine(prefix).superseded += 1
 
     def coalesced(self, prefix: str) -> None:
-        with self._mutex:
-            self._of(prefix).coalesced += 1
+        self._mine(prefix).coalesced += 1
 
     def snapshot(self) -> dict[str, PrefixStats]:
         """A copy of every prefix's counters."""
+        total: _Tally = {}
         with self._mutex:
-            return {prefix: PrefixStats(**vars(s)) for prefix, s in self._stats.items()}
+            for tally in (self._retired, *self._tallies):
+                _merge(total, tally)
+        return total
 
     def reset(self) -> None:
         """Forget every counter."""
         with self._mutex:
-            self._stats.clear()
+            self._retired.clear()
+            for tally in self._tallies:
+                tally.clear()
+            self._prefixes.clear()
+
+
+def _merge(into: _Tally, tally: _Tally) -> None:
+    for prefix, stats in tally.items():
+        mine = into.get(prefix)
+        if mine is None:
+            mine = into[prefix] = PrefixStats()
+        mine.add(stats)
 
 
 #: Process-wide counters: pass ``observer=keylock.COUNTERS`` and read them with ``stats()``.

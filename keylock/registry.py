@@ -28,9 +28,6 @@ logger = logging.getLogger("keylock")
 KeyFunc = str | Callable[..., str]  # type: ignore[explicit-any]  # any signature
 
 
-_new_hold = object.__new__  # no Python __init__ frame: a hold is made on the hot path
-
-
 class KeyedLock:
     """Per-key mutual exclusion: at most one live lease per ``(namespace, key)``.
 
@@ -41,18 +38,7 @@ class KeyedLock:
     lock, whatever their keys (``("a:b", "c")`` and ``("a", "b:c")`` are distinct).
     """
 
-    __slots__ = (
-        "_async_hold",
-        "_backend",
-        "_default_ttl",
-        "_host",
-        "_inline_step",
-        "_needs_owner",
-        "_plain_step",
-        "_prefix",
-        "_sync_hold",
-        "namespace",
-    )
+    __slots__ = ("_async_hold", "_backend", "_host", "_prefix", "_sync_hold", "namespace")
 
     def __init__(
         self,
@@ -72,27 +58,17 @@ class KeyedLock:
             raise TypeError(f"on_lost must be a function of the lease, not {on_lost!r}")
         self.namespace = check_namespace(namespace)
         self._backend = backend = backend if backend is not None else MemoryBackend()
-        self._host = LeaseHost(
-            backend, observer=observer, on_lost=on_lost, cancel_on_lost=bool(cancel_on_lost)
+        self._host = host = LeaseHost(
+            backend,
+            namespace=namespace,
+            observer=observer,
+            on_lost=on_lost,
+            cancel_on_lost=bool(cancel_on_lost),
         )
-        # copied from the backend once, for the hot path
-        # bound once: the step when it may run inline on an event loop, else None
-        self._inline_step = backend._try_acquire if backend.nonblocking_step else None
-        # the commonest case, served by a shorter path: an in-process backend, no namespace,
-        # no owner ids, no default TTL (then a plain ``locks(key)`` needs only the step)
-        plain = backend.nonblocking_step and not backend.needs_owner and not namespace
-        self._plain_step = backend._try_acquire if plain and backend.default_ttl is None else None
-        self._needs_owner = backend.needs_owner
-        self._default_ttl = backend.default_ttl
-        # NUL never occurs in a key or a namespace, so "namespace NUL key" is unambiguous
-        self._prefix = f"{namespace}\x00" if namespace else ""
+        self._prefix = host.prefix
         # Observed locks use subclasses of the holds; unobserved ones, and those whose
         # observer overrides no acquire/release/timeout hook, run no observer code there.
-        observed = False
-        if observer is not None:
-            from .observe import watches_blocks
-
-            observed = watches_blocks(observer)
+        observed = host.hooks is not None
         self._async_hold: type[AsyncHold] = _ObservedAsync if observed else AsyncHold
         self._sync_hold: type[SyncHold] = _ObservedSync if observed else SyncHold
 
@@ -118,8 +94,7 @@ class KeyedLock:
 
         For threads and sync code use ``with locks.sync(key)``: this object refuses ``with``.
         """
-        hold = _new_hold(self._async_hold)  # no Python __init__ frame: this is the hot path
-        hold._locks = self
+        hold = self._async_hold()  # (no __init__: the hot path sets the fields itself)
         hold._host = self._host
         hold.key = key
         hold.ttl = ttl
@@ -134,8 +109,7 @@ class KeyedLock:
 
         In a coroutine use ``async with locks(key)``: this object refuses ``async with``.
         """
-        hold = _new_hold(self._sync_hold)
-        hold._locks = self
+        hold = self._sync_hold()
         hold._host = self._host
         hold.key = key
         hold.ttl = ttl

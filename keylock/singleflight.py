@@ -43,15 +43,29 @@ class RemoteFlight(Protocol):
 class _Flight:
     """One running execution on one event loop, and the callers waiting for it."""
 
-    __slots__ = ("abandoned", "task", "waiters")
+    __slots__ = ("abandoned", "callers", "outcome", "seats", "task")
 
-    def __init__(self, task: asyncio.Task[object]) -> None:
+    def __init__(self, task: asyncio.Task[object], outcome: asyncio.Future[object]) -> None:
         self.task = task  # owned by the flight, never by a caller
-        # one future per caller still waiting; the task is cancelled when this empties
-        self.waiters: set[asyncio.Future[object]] = set()
+        # The callers await this one future together, until one of them is cancelled: a
+        # task's cancel cancels the future it awaits, waking the others, which then see that
+        # they were not the one cancelled (Task.cancelling()) and each take a seat of their
+        # own (outcome None from then on). So the common run costs no future per caller.
+        self.outcome: asyncio.Future[object] | None = outcome
+        self.seats: set[asyncio.Future[object]] = set()  # one per caller, after a cancel
+        self.callers = 0  # callers still waiting; the task is cancelled when none is left
         # every caller left and the task was cancelled: it may still be cleaning up, so it
         # keeps its slot (a newcomer waits for its end) until it is done
         self.abandoned = False
+
+
+class _Failed:
+    """The outcome of a run that raised: each caller raises its own copy of *error*."""
+
+    __slots__ = ("error",)
+
+    def __init__(self, error: BaseException) -> None:
+        self.error = error
 
 
 class _SyncFlight:
@@ -162,8 +176,51 @@ class SingleFlight:
         Cancelling this caller leaves the shared work running for the others; the work is
         cancelled once no caller is left. Each caller gets its own copy of an exception.
         """
+        loop = _running_loop()
+        # (a plain str that finds a flight is a valid key: it was checked when that flight
+        # started; anything else, a str subclass included, is checked in _board)
+        flight = self._flights.get((key, loop)) if type(key) is str else None
+        if flight is None or flight.abandoned:
+            flight = await self._board(key, loop, fn, *args, **kwargs)
+        elif self._observer is not None:
+            self._coalesced(key)
+        flight.callers += 1
+        task = _current_task(loop)
+        asked = 0 if task is None else task.cancelling()  # this caller's, before it waits
+        waiting = flight.outcome
+        while True:
+            if waiting is None:  # a caller left: each waits on a future of its own
+                waiting = loop.create_future()
+                flight.seats.add(waiting)
+            try:
+                outcome = await waiting
+                break
+            except asyncio.CancelledError:
+                if task is None or task.cancelling() > asked:  # this caller was cancelled
+                    self._leave(flight, waiting)
+                    raise
+                if flight.task.done():  # the work ended: cancelled, or settled meanwhile
+                    if flight.task.cancelled():
+                        raise
+                    outcome = _outcome(flight.task)
+                    break
+                flight.outcome = waiting = None  # another caller left: wait anew
+        if outcome.__class__ is _Failed:
+            raise _own_copy(outcome.error)
+        return outcome  # type: ignore[return-value]
+
+    async def _board(
+        self,
+        key: str,
+        loop: asyncio.AbstractEventLoop,
+        fn: Callable[P, Awaitable[R]],
+        /,
+        *args: P.args,
+        **kwargs: P.kwargs,
+    ) -> _Flight:
+        """The flight of *key* to join, started by this caller if none runs. A run being
+        cancelled (every caller left) still cleans up: one run at a time, so wait for it."""
         key = check_key(key)
-        loop = asyncio.get_running_loop()
         slot = (key, loop)
         flight = self._flights.get(slot)
         while flight is None or flight.abandoned:
@@ -172,58 +229,52 @@ class SingleFlight:
                     work = _call(fn, *args, **kwargs)
                 else:
                     work = self._remote.run(key, fn, *args, **kwargs)
-                flight = self._start(slot, loop.create_task(work))
-                break
-            # the previous run is being cancelled and still cleans up: one run at a time
+                return self._start(slot, loop.create_task(work), loop.create_future())
             await asyncio.wait((flight.task,))
             flight = self._flights.get(slot)
-        else:
-            if self._observer is not None:
-                self._coalesced(key)
-        # each caller waits on a future of its own: cancelling it leaves the work alone
-        waiter: asyncio.Future[object] = loop.create_future()
-        flight.waiters.add(waiter)
-        try:
-            return await waiter  # type: ignore[return-value]
-        except asyncio.CancelledError:
-            if waiter.cancelled():  # this caller was cancelled (not the work)
-                flight.waiters.discard(waiter)
-                if not flight.waiters and not flight.task.done():
-                    # the last caller is gone: nobody wants the result any more
-                    flight.abandoned = True
-                    flight.task.cancel()
-            raise
+        if self._observer is not None:
+            self._coalesced(key)
+        return flight
 
-    def _start(self, slot: _Slot, task: asyncio.Task[object]) -> _Flight:
-        flight = _Flight(task)
+    @staticmethod
+    def _leave(flight: _Flight, waiting: asyncio.Future[object]) -> None:
+        """A cancelled caller leaves; the last one to leave a running flight cancels it."""
+        flight.callers -= 1
+        flight.seats.discard(waiting)
+        if waiting is flight.outcome:  # (cancelled with it: the others must take seats)
+            flight.outcome = None
+        if not flight.callers and not flight.task.done():
+            # the last caller is gone: nobody wants the result any more
+            flight.abandoned = True
+            flight.task.cancel()
+
+    def _start(
+        self, slot: _Slot, task: asyncio.Task[object], outcome: asyncio.Future[object]
+    ) -> _Flight:
+        flight = _Flight(task, outcome)
         with self._mutex:
             self._flights[slot] = flight
         task.add_done_callback(functools.partial(self._settle, slot, flight))
         return flight
 
     def _settle(self, slot: _Slot, flight: _Flight, task: asyncio.Task[object]) -> None:
-        """Hand the outcome to every caller still waiting (each its own copy of an error)."""
+        """Hand the outcome to every caller still waiting (each raises its own copy of an
+        error); cancel them if the work was cancelled (from outside, or by every caller)."""
         with self._mutex:
             if self._flights.get(slot) is flight:
                 del self._flights[slot]
-        waiters = flight.waiters
-        if not waiters:
-            return
-        if task.cancelled():  # cancelled from outside (loop shutdown) or it raised CancelledError
-            for waiter in waiters:
-                if not waiter.done():
-                    waiter.cancel()
-            return
-        error = task.exception()
-        if error is not None:
-            for waiter in waiters:
-                if not waiter.done():
-                    waiter.set_exception(_own_copy(error))
-            return
-        result = task.result()
-        for waiter in waiters:
-            if not waiter.done():  # a caller cancelled a moment ago has not left the set yet
-                waiter.set_result(result)
+        waiting = list(flight.seats)
+        if flight.outcome is not None:
+            waiting.append(flight.outcome)
+        cancelled = task.cancelled()
+        outcome = None if cancelled else _outcome(task)
+        for future in waiting:
+            if future.done():  # a caller cancelled a moment ago, not gone yet
+                continue
+            if cancelled:
+                future.cancel()
+            else:
+                future.set_result(outcome)
 
     def do_sync(self, key: str, fn: Callable[P, R], /, *args: P.args, **kwargs: P.kwargs) -> R:
         """Run ``fn(*args, **kwargs)`` once for all concurrent callers of *key* in any thread.
@@ -293,3 +344,13 @@ def _remote_for(backend: Backend, namespace: str, serializer: Serializer | None)
 
 async def _call(fn: Callable[P, Awaitable[R]], /, *args: P.args, **kwargs: P.kwargs) -> R:
     return await fn(*args, **kwargs)
+
+
+def _outcome(task: asyncio.Task[object]) -> object:
+    """What a finished (not cancelled) run hands its callers: its result, or _Failed."""
+    error = task.exception()
+    return task.result() if error is None else _Failed(error)
+
+
+_running_loop = asyncio.get_running_loop
+_current_task = asyncio.current_task

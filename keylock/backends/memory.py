@@ -29,7 +29,7 @@ __all__ = ["MemoryBackend"]
 # [token, expires_at, deadline, took_over, owner, waiters, holder]: loosely typed, on purpose
 # (hot path)
 _Entry: TypeAlias = list[Any]
-_TOKEN = 0  # the live lease's token: the proof of ownership in-process
+_TOKEN = 0  # the live lease's token: the proof of ownership in-process (0 until minted)
 _EXPIRES_AT = 1  # clock.time() when it lapses, or None (display only)
 _DEADLINE = 2  # clock.monotonic() when it lapses, or None: what expiry is judged by
 _TOOK_OVER = 3  # True when this lease followed one that expired rather than was released
@@ -102,6 +102,7 @@ class MemoryBackend(Backend):
         unlock = self._mutex.release
         entries = self._entries
         get = entries.get
+        claim = entries.setdefault
         tokens = self._tokens
         slow_acquire = self._try_acquire_contended
         slow_release = self._release_contended
@@ -115,13 +116,19 @@ class MemoryBackend(Backend):
             waiter: Waiter | None,
             holder: FrameType | None = None,
         ) -> Grant | None:
+            if ttl is None:
+                # A free key is claimed without the mutex, by one atomic dict operation
+                # (setdefault on a str key runs no Python code): see _claim for why that is
+                # safe. The token is minted after the claim, so a claim that was overtaken
+                # between its mint and its insert can never hold an older token than the
+                # lease before it.
+                entry = [0, None, None, False, owner, None, holder]
+                if claim(key, entry) is entry:
+                    entry[0] = next(tokens)
+                    return entry  # type: ignore[return-value]  # laid out as a Grant
             lock()
             try:
-                entry = get(key)
-                if entry is None and ttl is None:
-                    entry = entries[key] = [next(tokens), None, None, False, owner, None, holder]
-                    return entry  # type: ignore[return-value]  # laid out as a Grant
-                return slow_acquire(key, owner, ttl, waiter, entry, holder)
+                return slow_acquire(key, owner, ttl, waiter, get(key), holder)
             finally:
                 unlock()
 
@@ -174,15 +181,20 @@ class MemoryBackend(Backend):
                 return waiter.grant
             holder = waiter.holder
         if entry is None:
-            return self._grant_new(key, owner, ttl, holder)
+            record = self._record(owner, ttl, None, False, holder)
+            entry = self._claim(key, record)
+            if entry is record:
+                return record  # type: ignore[return-value]  # laid out as a Grant
         deadline = entry[_DEADLINE]
         if deadline is not None and self.clock.monotonic() >= deadline:
-            # the holder's lease ran out: the key goes to the oldest waiter, else to us
-            self._hand_off(key, entry, took_over=True)
+            # the holder's lease ran out: the key goes to the oldest waiter, else to us (in
+            # place: a key that is never free for an instant lets no claim slip in that would
+            # not learn it took the key over)
+            if not self._hand_off(key, entry, took_over=True, keep=True):
+                record = self._entries[key] = self._record(owner, ttl, None, True, holder)
+                return record  # type: ignore[return-value]
             if waiter is not None and waiter.grant is not None:
                 return waiter.grant
-            if key not in self._entries:
-                return self._grant_new(key, owner, ttl, holder, took_over=True)
             entry = self._entries[key]
         if waiter is None:
             return None  # (a try never waits, so it may probe a key its own block holds)
@@ -216,22 +228,22 @@ class MemoryBackend(Backend):
         wall = clock.time()
         return [token, wall + ttl, clock.monotonic() + ttl, took_over, owner, waiters, holder]
 
-    def _grant_new(
-        self,
-        key: str,
-        owner: bytes,
-        ttl: float | None,
-        holder: FrameType | None,
-        *,
-        took_over: bool = False,
-    ) -> Grant:
-        """Record a grant of a free key. Caller holds _mutex."""
-        entry = self._entries[key] = self._record(owner, ttl, None, took_over, holder)
-        return entry  # type: ignore[return-value]
+    def _claim(self, key: str, record: _Entry) -> _Entry:
+        """Insert *record* for *key* if the key is free: the record now there (*record* when
+        this claim won). Caller holds _mutex.
 
-    def _hand_off(self, key: str, entry: _Entry, *, took_over: bool = False) -> None:
-        """Give *key* to its oldest live waiter (*took_over*: because *entry* expired), or
-        free it. Caller holds _mutex."""
+        A free key is only ever filled through this atomic ``setdefault`` (here and on the
+        uncontended path, which holds no mutex), and only code holding the mutex removes or
+        replaces a key's record: so under the mutex a held key stays held, and a claim can
+        neither overwrite a record nor be overwritten."""
+        return self._entries.setdefault(key, record)
+
+    def _hand_off(
+        self, key: str, entry: _Entry, *, took_over: bool = False, keep: bool = False
+    ) -> bool:
+        """Give *key* to its oldest live waiter (*took_over*: because *entry* expired): True.
+        Else False, and the key is freed (or, with *keep*, left to the caller to replace).
+        Caller holds _mutex."""
         waiters = entry[_WAITERS]
         while waiters:
             waiter, _ = waiters.popitem(last=False)
@@ -241,12 +253,14 @@ class MemoryBackend(Backend):
             if waiter.wake():
                 if waiter.ttl is not None:
                     self._arm_head(successor)
-                return
+                return True
             # its event loop is closed: nobody will ever release this grant, so pass it on
             waiter.grant = None
         if entry[_OWNER] is _LAPSED:
             self._lapsed -= 1
-        del self._entries[key]
+        if not keep:
+            del self._entries[key]
+        return False
 
     @staticmethod
     def _arm_head(entry: _Entry) -> None:
@@ -354,7 +368,7 @@ class MemoryBackend(Backend):
             return KeyStatistics(
                 key,
                 held=True,
-                token=entry[_TOKEN],
+                token=entry[_TOKEN] or None,  # 0 for the instant between a claim and its mint
                 owner=entry[_OWNER] or None,
                 waiting=len(waiters) if waiters else 0,
             )

@@ -221,11 +221,11 @@ async def test_five_hundred_waiters_on_one_key_on_postgres(
 class _NewestFirst(MemoryBackend):
     """Planted bug: a release hands the key to the newest waiter, not the oldest."""
 
-    def _hand_off(self, key: str, entry: list[object], *, took_over: bool = False) -> None:
+    def _hand_off(self, key: str, entry: list[object], **how: bool) -> bool:
         waiters = entry[_WAITERS]
         if waiters:
             waiters.move_to_end(next(reversed(waiters)), last=False)  # type: ignore[call-overload,attr-defined]
-        super()._hand_off(key, entry, took_over=took_over)  # type: ignore[arg-type]
+        return super()._hand_off(key, entry, **how)  # type: ignore[arg-type]
 
 
 async def test_crowd_order_catches_a_hand_off_to_the_newest_waiter() -> None:

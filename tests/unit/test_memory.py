@@ -4,14 +4,16 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import itertools
 import threading
 import time
 import tracemalloc
+from collections.abc import Callable
 
 import pytest
 
-from keylock import KeyedLock, LeaseLost
-from keylock.backends import MemoryBackend
+from keylock import KeyedLock, Lease, LeaseLost, LockTimeout
+from keylock.backends import MemoryBackend, memory
 
 
 async def test_waiters_are_served_in_arrival_order() -> None:
@@ -164,3 +166,65 @@ def test_lapsed_records_tell_the_next_holder_and_stay_bounded(
     again.release_sync()
     assert len(backend._entries) <= 3
     assert len(backend) == 0
+
+
+class _Interleaved:
+    """A token counter that runs *then* (once) just after its next number is drawn: a thread
+    switch landing right after a mint, made deterministic."""
+
+    def __init__(self, start: int) -> None:
+        self.count = itertools.count(start)
+        self.then: Callable[[], object] | None = None
+
+    def __iter__(self) -> _Interleaved:
+        return self
+
+    def __next__(self) -> int:
+        token = next(self.count)
+        then, self.then = self.then, None
+        if then is not None:
+            then()
+        return token
+
+
+def _interleaved_backend(monkeypatch: pytest.MonkeyPatch) -> tuple[KeyedLock, _Interleaved]:
+    counter = _Interleaved(1_000)
+    monkeypatch.setattr(memory.itertools, "count", lambda start: counter)
+    return KeyedLock(MemoryBackend()), counter
+
+
+def test_a_claim_overtaken_before_its_insert_never_holds_an_older_token(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A free key is claimed without the mutex; its token is minted after the claim. Here a
+    whole acquire+release of the key runs inside the first caller's mint: that caller must
+    still hold the newer token (fails when the token is minted before the claim)."""
+    locks, counter = _interleaved_backend(monkeypatch)
+    tokens: list[int] = []
+
+    def overtake() -> None:
+        try:
+            with locks.sync("k", timeout=0) as lease:
+                tokens.append(lease.token)
+        except LockTimeout:
+            pass  # the first caller's claim came first: nothing overtook it
+
+    counter.then = overtake
+    with locks.sync("k") as lease:
+        tokens.append(lease.token)
+    assert tokens == sorted(tokens)
+
+
+def test_the_mutex_side_never_overwrites_a_claim_of_a_free_key(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """An acquire with a TTL takes the mutex, finds the key free and mints; a claim without
+    the mutex lands in between. Exactly one of them holds the key (fails when the mutex side
+    fills a free key by assignment instead of setdefault: both hold it)."""
+    locks, counter = _interleaved_backend(monkeypatch)
+    held: list[Lease] = []
+    counter.then = lambda: held.append(locks.acquire_sync("k", timeout=0))
+    with pytest.raises(LockTimeout):
+        held.append(locks.acquire_sync("k", ttl=5, timeout=0))
+    assert len(held) == 1
+    assert locks.statistics("k").token == held[0].token

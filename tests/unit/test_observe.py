@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import gc
+import sys
+import threading
 
 import pytest
 
@@ -184,3 +187,36 @@ def test_otel_adapter_records_metrics() -> None:
     assert dict(acquired.attributes) == {"keylock.prefix": "agent"}
     assert metrics["keylock.hold"].data.data_points[0].count == 3
     provider.shutdown()
+
+
+def test_counters_from_many_threads_add_up_and_outlive_their_threads() -> None:
+    """Issue 15, item 2: Counters took a mutex per event (+113% instructions on an uncontended
+    acquire+release). Each thread now counts into a tally of its own without a lock; threads
+    switching every microsecond lose no event, and what a thread counted stays counted (and
+    its tally is retired, not kept) once it ends."""
+    counters = Counters()
+    locks = KeyedLock(observer=counters)
+
+    def work(n: int) -> None:
+        for i in range(2_000):
+            with locks.sync(f"job:{n}:{i % 3}"):
+                pass
+
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)
+    try:
+        threads = [threading.Thread(target=work, args=(n,)) for n in range(8)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(60)
+    finally:
+        sys.setswitchinterval(interval)
+    gc.collect()
+    job = counters.snapshot()["job"]
+    assert (job.acquired, job.released, job.contended) == (16_000, 16_000, 0)
+    assert job.wait_seconds == 0.0  # granted at once: no wait is reported
+    assert job.hold_seconds > 0
+    assert counters._tallies == []  # every thread ended: their counts are in the retired total
+    counters.reset()
+    assert counters.snapshot() == {}

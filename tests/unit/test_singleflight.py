@@ -117,6 +117,55 @@ async def test_everyone_cancelled_cancels_the_work_then_a_newcomer_runs_fresh() 
     assert len(flight) == 0
 
 
+async def test_a_caller_cancelled_while_others_share_the_wait_leaves_them_the_result() -> None:
+    """Callers await one shared future until one of them is cancelled (that cancel cancels
+    the shared future and wakes them all); the others then see they were not the one
+    cancelled and wait on futures of their own. A caller that had swallowed an earlier
+    cancellation (its Task.cancelling() is already 1) is not taken for the cancelled one
+    (fails when a caller judges by cancelling() > 0 instead of against its own count)."""
+    flight = SingleFlight()
+    work = Work()
+
+    async def swallowed_a_cancel_before() -> object:
+        try:
+            await asyncio.sleep(3600)
+        except asyncio.CancelledError:
+            pass  # (no uncancel(): its cancelling() count stays at 1)
+        return await flight.do("k", work)
+
+    stale = asyncio.create_task(swallowed_a_cancel_before())
+    await _spin()
+    stale.cancel()
+    callers = [asyncio.create_task(flight.do("k", work)) for _ in range(3)]
+    await _spin()
+    callers[0].cancel()
+    await _spin()
+    callers[1].cancel()  # a second one leaves from its own future
+    await _spin()
+    work.gate.set()
+    assert await asyncio.gather(stale, callers[2]) == ["done", "done"]
+    assert callers[0].cancelled()
+    assert callers[1].cancelled()
+    assert (work.started, work.cancelled) == (1, 0)
+
+
+async def test_callers_woken_by_a_cancel_after_the_work_ended_get_its_result() -> None:
+    """The work ends, then a caller is cancelled before the outcome was handed out: the
+    others, woken by that cancel after the hand-out ran, take the result from the finished
+    run (fails, hanging, when they wait on a future of their own nobody will set)."""
+    flight = SingleFlight()
+    work = Work()
+    callers = [asyncio.create_task(flight.do("k", work)) for _ in range(3)]
+    await _spin()
+    work.gate.set()  # the run's last step is next; this test resumes right after it
+    await asyncio.sleep(0)  # the run ends; handing out its outcome is scheduled after it
+    assert flight._flights[("k", asyncio.get_running_loop())].task.done()
+    callers[0].cancel()  # the shared future is cancelled before the hand-out runs
+    results = await asyncio.wait_for(asyncio.gather(*callers[1:]), 5)
+    assert results == ["done", "done"]
+    assert callers[0].cancelled()
+
+
 async def test_leader_error_reaches_fifty_followers_each_its_own_instance() -> None:
     flight = SingleFlight()
     runs = 0
@@ -419,7 +468,7 @@ def test_do_sync_errors_reach_every_thread() -> None:
     assert flight.do_sync("k", lambda: "again") == "again"  # nothing cached, errors neither
 
 
-@pytest.mark.parametrize("key", ["", "x" * (keylock.MAX_KEY_LENGTH + 1), "a\x00b", 7, None])
+@pytest.mark.parametrize("key", ["", "x" * (keylock.MAX_KEY_LENGTH + 1), "a\x00b", 7, None, ["k"]])
 async def test_invalid_key(key: object) -> None:
     flight = SingleFlight()
     work = Work()
@@ -431,6 +480,31 @@ async def test_invalid_key(key: object) -> None:
         flight.forget(key)  # type: ignore[arg-type]
     assert work.started == 0
     assert len(flight) == 0
+
+
+async def test_a_str_subclass_key_is_checked_even_while_a_flight_runs() -> None:
+    """A caller whose key finds a running flight skips the key check (that flight's key was
+    checked); a str subclass, which could compare equal to anything, still goes through it,
+    as a plain copy that joins only the flight of an equal plain key."""
+
+    class Loose(str):
+        def __hash__(self) -> int:
+            return hash("a")
+
+        def __eq__(self, other: object) -> bool:
+            return True
+
+    flight = SingleFlight()
+    work = Work()
+    first = asyncio.create_task(flight.do("a", work))
+    await _spin()
+    other = Work("other")
+    joined = asyncio.create_task(flight.do(Loose("b"), other))
+    await _spin()
+    work.gate.set()
+    other.gate.set()
+    assert await asyncio.gather(first, joined) == ["done", "other"]
+    assert (work.started, other.started) == (1, 1)
 
 
 def test_a_serializer_without_a_backend_is_refused() -> None:

@@ -30,11 +30,14 @@ class Arbiter:
         self.key = key
         self.layout = Layout("kltest")
         self.channel = self.layout.wake_channel("proc-a")
-        self.pubsub = listen.pubsub(ignore_subscribe_messages=True)
+        self.pubsub = listen.pubsub()
         self.pubsub.subscribe(self.channel, self.layout.wake_channel("proc-b"))
+        confirmed = 0  # both subscriptions in force before any script publishes
         deadline = time.monotonic() + 5
-        while not self.pubsub.subscribed and time.monotonic() < deadline:
-            self.pubsub.get_message(timeout=0.05)
+        while confirmed < 2:
+            assert time.monotonic() < deadline
+            message = self.pubsub.get_message(timeout=0.05)
+            confirmed += message is not None and message["type"] == "subscribe"
 
     def run(self, script: Any, owner: bytes, *args: object) -> Any:
         keys = self.layout.permit(self.key, owner)
@@ -86,7 +89,7 @@ class Arbiter:
         deadline = time.monotonic() + 5
         while len(found) < count and time.monotonic() < deadline:
             message = self.pubsub.get_message(timeout=0.05)
-            if message is not None:
+            if message is not None and message["type"] == "message":
                 hand_off = parse_hand_off(message["data"])
                 assert hand_off is not None
                 found.append(hand_off)
@@ -107,8 +110,10 @@ def arbiter(request: pytest.FixtureRequest) -> Iterator[Arbiter]:
         cluster: Cluster = request.getfixturevalue("redis_cluster")
         cluster.flush()
         client = redis.cluster.RedisCluster(host=cluster.host, port=cluster.port)
-        # PUBLISH in a script reaches every node's subscribers: listen on another node
-        listen = redis.Redis(host=cluster.host, port=cluster.nodes[1].port)
+        # listen on the node that runs the scripts: the cluster bus relays a PUBLISH to the
+        # other nodes only once its links are up, which a cluster just formed may not have
+        node = client.get_node_from_key(Layout("kltest").permit(key, b"")[0])
+        listen = redis.Redis(host=node.host, port=node.port)
         arbiter = Arbiter(client, key, listen)
     else:
         import fakeredis

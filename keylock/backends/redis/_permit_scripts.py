@@ -27,8 +27,8 @@ caller's departure mark. PERMIT_EXTEND and PERMIT_STATS take fewer (see each).
   on its process's channel with the lock path's message (``_listener.parse_hand_off``), one
   message per waiter, so several waiters of one process all wake.
 - took_over: a permit that lapsed (dropped expired, never released) is counted; the next grant
-  takes it over (``took`` 1) and uses up one such count, or all of them when it takes the whole
-  limit. A grant given back unused (LEAVE) passes its own took_over on.
+  takes it over (``took`` 1) and uses up as many of them as its weight (a writer: all). A
+  grant given back unused (LEAVE) passes its own took_over on.
 """
 
 from __future__ import annotations
@@ -102,7 +102,7 @@ local function grant(owner, weight, expires)
   local lapsed = num('lapsed')
   if lapsed > 0 then
     took = '1'
-    if weight >= num('limit') then lapsed = 0 else lapsed = lapsed - 1 end
+    lapsed = lapsed - math.min(lapsed, weight)  -- a writer takes over every lapsed permit
     redis.call('HSET', KEYS[1], 'lapsed', lapsed)
   end
   local token = string.format('%.0f', math.max(num('fence') + 1, clock))

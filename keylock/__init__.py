@@ -1,7 +1,8 @@
 """keylock: per-key locks, leases with fencing tokens, and request coalescing.
 
 In one process (the default), across processes on one host (``FileBackend``), and across hosts
-(``RedisBackend``). See ``KeyedLock``, ``SingleFlight`` and ``stale_guard``.
+(``RedisBackend``). See ``KeyedLock``, ``KeyedSemaphore``, ``KeyedRWLock``, ``SingleFlight``
+and ``stale_guard``.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from .errors import BackendUnavailable as BackendUnavailable
 from .errors import InvalidKey as InvalidKey
 from .errors import KeylockError as KeylockError
 from .errors import LeaseLost as LeaseLost
+from .errors import LimitMismatch as LimitMismatch
 from .errors import LockTimeout as LockTimeout
 from .errors import StaleToken as StaleToken
 from .errors import Superseded as Superseded
@@ -25,6 +27,8 @@ from .observe import Counters as Counters
 from .observe import Observer as Observer
 from .observe import PrefixStats as PrefixStats
 from .observe import stats as stats
+from .permits import KeyedRWLock as KeyedRWLock
+from .permits import KeyedSemaphore as KeyedSemaphore
 from .registry import KeyedLock as KeyedLock
 from .singleflight import SingleFlight as SingleFlight
 
@@ -39,9 +43,12 @@ __all__ = [
     "InvalidKey",
     "KeyStatistics",
     "KeyedLock",
+    "KeyedRWLock",
+    "KeyedSemaphore",
     "KeylockError",
     "Lease",
     "LeaseLost",
+    "LimitMismatch",
     "LockTimeout",
     "Observer",
     "PrefixStats",

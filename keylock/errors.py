@@ -8,6 +8,7 @@
     ├── StaleToken                                  a fenced write carried an old token
     ├── Superseded                                  a stale_guard call was dropped
     ├── InvalidKey           (also ValueError)      the key is not a usable lock key
+    ├── LimitMismatch        (also ValueError)      a permit key is in use with another limit
     └── BackendUnavailable                          the store could not be reached
 
 Misuse of the API itself (releasing a lease twice, a wrong argument type) raises the
@@ -21,6 +22,7 @@ __all__ = [
     "InvalidKey",
     "KeylockError",
     "LeaseLost",
+    "LimitMismatch",
     "LockTimeout",
     "StaleToken",
     "Superseded",
@@ -69,6 +71,11 @@ class InvalidKey(KeylockError, ValueError):
     """``key`` cannot be used as a lock key (wrong type, empty, too long, or contains NUL)."""
 
     _stored_key = False  # ``key`` is the caller's own, shown as given
+
+
+class LimitMismatch(KeylockError, ValueError):
+    """``key`` is held or awaited as a semaphore of another limit: nothing was granted (two
+    clients that disagree about the limit never get ``limit + 1`` holders)."""
 
 
 class BackendUnavailable(KeylockError):

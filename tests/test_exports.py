@@ -12,7 +12,7 @@ import pytest
 
 import keylock
 import keylock.backends
-from keylock import KeyedLock, Lease, SingleFlight, fencing
+from keylock import KeyedLock, KeyedRWLock, KeyedSemaphore, Lease, SingleFlight, fencing
 from keylock.backends import Backend
 
 KEYLOCK_ALL = [
@@ -24,9 +24,12 @@ KEYLOCK_ALL = [
     "InvalidKey",
     "KeyStatistics",
     "KeyedLock",
+    "KeyedRWLock",
+    "KeyedSemaphore",
     "KeylockError",
     "Lease",
     "LeaseLost",
+    "LimitMismatch",
     "LockTimeout",
     "Observer",
     "PrefixStats",
@@ -106,6 +109,16 @@ TWINS = [
     (KeyedLock.acquire, KeyedLock.acquire_sync),
     (KeyedLock.__call__, KeyedLock.sync),
     (KeyedLock.close, KeyedLock.close_sync),
+    (KeyedSemaphore.acquire, KeyedSemaphore.acquire_sync),
+    (KeyedSemaphore.__call__, KeyedSemaphore.sync),
+    (KeyedSemaphore.close, KeyedSemaphore.close_sync),
+    (KeyedRWLock.acquire, KeyedRWLock.acquire_sync),
+    (KeyedRWLock.acquire_read, KeyedRWLock.acquire_read_sync),
+    (KeyedRWLock.acquire_write, KeyedRWLock.acquire_write_sync),
+    (KeyedRWLock.read, KeyedRWLock.read_sync),
+    (KeyedRWLock.write, KeyedRWLock.write_sync),
+    (KeyedRWLock.__call__, KeyedRWLock.sync),
+    (KeyedRWLock.close, KeyedRWLock.close_sync),
     (Backend.acquire, Backend.acquire_sync),
     (Backend.release, Backend.release_sync),
     (Backend.extend, Backend.extend_sync),
@@ -117,7 +130,8 @@ TWINS = [
     ("async_fn", "sync_fn"), TWINS, ids=[sync.__qualname__ for _, sync in TWINS]
 )
 def test_sync_twins_take_the_same_parameters(async_fn: object, sync_fn: object) -> None:
-    assert inspect.iscoroutinefunction(async_fn) or async_fn is KeyedLock.__call__
+    holds = (KeyedLock.__call__, KeyedRWLock.__call__, KeyedRWLock.read, KeyedRWLock.write)
+    assert inspect.iscoroutinefunction(async_fn) or async_fn in holds
     assert not inspect.iscoroutinefunction(sync_fn)
     async_sig = inspect.signature(async_fn)  # type: ignore[arg-type]
     sync_sig = inspect.signature(sync_fn)  # type: ignore[arg-type]

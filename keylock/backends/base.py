@@ -26,11 +26,13 @@ if TYPE_CHECKING:
     from ..lease import Lease
 
 __all__ = [
+    "RW_LIMIT",
     "Backend",
     "Deadline",
     "Grant",
     "KeyStatistics",
     "LoopWaiter",
+    "Permits",
     "ThreadWaiter",
     "Waiter",
 ]
@@ -58,6 +60,18 @@ class KeyStatistics:
     token: int | None
     owner: bytes | None
     waiting: int
+    holders: int = 0  # live leases on the key (a permit key may have several; 0 if unknown)
+
+
+class Permits(NamedTuple):
+    """The shape of a permit key: the weight of live leases on it never exceeds ``limit``."""
+
+    limit: int  # how much weight may be held at once on a key
+    weight: int  # what one lease takes: 1, or ``limit`` (an RW writer)
+
+
+#: An RW lock is a key of capacity RW_LIMIT: a reader takes 1, a writer all of it.
+RW_LIMIT = 1 << 30
 
 
 class Deadline:
@@ -172,6 +186,18 @@ class Backend(abc.ABC):
 
     def _untrack(self, lease: Lease) -> None:
         """Stop looking after *lease*."""
+
+    def permits(self, limit: int, weight: int = 1) -> Backend:
+        """A view of this backend whose leases are permits of shape ``(limit, weight)``.
+
+        The view shares this backend's state, connections and lifetime (its ``close`` does
+        nothing); the permit keyspace is separate from the lock keyspace. Views are cached per
+        shape. A backend without semaphores raises TypeError.
+        """
+        raise TypeError(
+            f"{type(self).__name__} has no semaphores or RW locks (permits({limit}, {weight})): "
+            "use MemoryBackend, FileBackend, RedisBackend or PostgresBackend"
+        )
 
     def close_sync(self) -> None:
         """Free connections and background work; the default backend has none."""

@@ -272,6 +272,14 @@ class MemoryBackend(Backend):
                     self._arm_head(entry)  # type: ignore[arg-type]
             return None
 
+    def permits(self, limit: int, weight: int = 1) -> Backend:
+        """This backend's semaphore/RW view of shape ``(limit, weight)`` (cached per shape; all
+        shapes share one permit table, separate from the lock keys): see
+        :class:`~keylock.backends._permits.MemoryPermits`."""
+        from ._permits import permit_view
+
+        return permit_view(self, limit, weight, self.clock)
+
     # ------------------------------------------------------------------- release, extend
 
     def release_sync(self, key: str, owner: bytes, token: int) -> None:

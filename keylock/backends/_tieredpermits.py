@@ -1,0 +1,111 @@
+"""Permit views of a tiered backend (file, Redis, Postgres): the same two tiers as its locks,
+with the memory permit table of the view's shape in front and this process allowed to hold
+several permits of one key at the arbiter.
+
+A backend's permit view class is ``class XPermits(TieredPermits, XBackend)`` with its arbiter
+methods for permits; :func:`tiered_view` makes (and caches) one per shape. The view keeps no
+state of its own: every attribute it does not set is read from its parent (connections,
+renewer, clock), so it lives and dies with the parent; its ``close`` does nothing. A method
+that rebinds the parent's state must do it on ``self._parent``.
+"""
+
+from __future__ import annotations
+
+import threading
+from typing import TYPE_CHECKING, TypeVar
+
+from ._permits import check_shape
+from ._tiered import Flow, Held, PermitTier, TieredBackend
+from .base import Backend, Grant, KeyStatistics, Permits
+
+__all__ = ["TieredPermits", "tiered_view"]
+
+V = TypeVar("V", bound="TieredPermits")
+
+if TYPE_CHECKING:
+    _Base = TieredBackend
+else:
+    _Base = object
+
+
+class TieredPermits(_Base):
+    """Mixin of a tiered backend's permit view: ``held`` keyed by ``(key, token)``, the tier
+    of its shape, statistics over every permit this process holds, nothing to close."""
+
+    _parent: TieredBackend
+    shape: Permits
+
+    def __getattr__(self, name: str) -> object:
+        # only called for attributes the view does not have: the parent's live state
+        if name.startswith("__") or name in ("_parent", "shape"):
+            raise AttributeError(name)
+        return getattr(self._parent, name)
+
+    @property
+    def _tier(self) -> PermitTier:  # type: ignore[override]
+        # read through the parent each time: its tier is replaced in a forked child
+        return self._parent._tier.permits(*self.shape)
+
+    def __repr__(self) -> str:
+        limit, weight = self.shape
+        return f"{self._parent!r}.permits({limit}, {weight})"
+
+    def permits(self, limit: int, weight: int = 1) -> Backend:
+        raise TypeError(f"{self!r} is already a permit view: call permits() on its parent")
+
+    def close_sync(self) -> None:
+        """Nothing: the parent owns the connections and background work."""
+
+    async def close(self) -> None:
+        """Nothing: the parent owns the connections and background work."""
+
+    def _adopt(self, flow: Flow) -> Grant:
+        grant = flow.grant
+        assert grant is not None
+        tier = self._tier
+        with tier.mutex:
+            tier.held[(flow.key, grant[0])] = Held(grant[0], flow.owner, flow.local[0])
+        return grant
+
+    def _take_held(self, key: str, owner: bytes, token: int, *, pop: bool) -> Held:
+        tier = self._tier
+        with tier.mutex:
+            held = tier.held.get((key, token))
+            if held is None or held.owner != owner:
+                raise self._lost(key, token)
+            if pop:
+                del tier.held[(key, token)]
+            return held
+
+    def statistics(self, key: str) -> KeyStatistics:
+        """The newest permit this process holds on *key* (else the arbiter's view), how many
+        wait here, how many permits this process holds."""
+        tier = self._tier
+        local = tier.local.statistics(key)
+        with tier.mutex:
+            mine = [held for slot, held in tier.held.items() if slot[0] == key]
+        if mine:
+            newest = max(mine, key=lambda held: held.token)
+            return KeyStatistics(key, True, newest.token, newest.owner, local.waiting, len(mine))
+        return self._arbiter_statistics(key, local)
+
+
+_VIEWS_MUTEX = threading.Lock()
+
+
+def tiered_view(parent: TieredBackend, cls: type[V], limit: int, weight: int) -> V:
+    """*parent*'s permit view of shape ``(limit, weight)``, of class *cls* (cached per shape
+    on the parent)."""
+    shape = check_shape(limit, weight, type(parent).__name__)
+    with _VIEWS_MUTEX:
+        views: dict[Permits, TieredPermits] = parent.__dict__.setdefault("_permit_views", {})
+        view = views.get(shape)
+        if view is None:
+            view = cls.__new__(cls)
+            view.__dict__["_parent"] = parent
+            view.__dict__["shape"] = shape
+            # (a class attribute would hide the parent's through __getattr__: copy it)
+            view.__dict__["default_ttl"] = parent.default_ttl
+            views[shape] = view
+    assert isinstance(view, cls)
+    return view

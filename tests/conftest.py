@@ -9,11 +9,14 @@ renew ignore it.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import AsyncIterator, Callable, Iterator
 
 import pytest
 
 from keylock.backends import Backend, MemoryBackend
+from keylock.backends._permits import MemoryPermits, permit_view
+from keylock.backends.base import RW_LIMIT
 
 from ._pg_server import PgServer, running_postgres
 from ._redis_server import Cluster, Server, running_cluster, running_server
@@ -33,8 +36,20 @@ def _memory(request: pytest.FixtureRequest) -> Iterator[MakeBackend]:
 
 class _ReferenceMemory(MemoryBackend):
     """MemoryBackend through its plain methods (a subclass keeps the per-instance fast paths
-    off), so the reference step and release are held to the same suite as the fast ones."""
+    off), so the reference step and release are held to the same suite as the fast ones;
+    its permit views likewise."""
 
+    def _try_acquire(self, *args: object) -> object:  # type: ignore[override]
+        return super()._try_acquire(*args)  # type: ignore[arg-type]
+
+    def release_sync(self, *args: object) -> None:  # type: ignore[override]
+        super().release_sync(*args)  # type: ignore[arg-type]
+
+    def permits(self, limit: int, weight: int = 1) -> Backend:
+        return permit_view(self, limit, weight, self.clock, _ReferencePermits)
+
+
+class _ReferencePermits(MemoryPermits):
     def _try_acquire(self, *args: object) -> object:  # type: ignore[override]
         return super()._try_acquire(*args)  # type: ignore[arg-type]
 
@@ -150,11 +165,52 @@ BACKENDS: dict[str, Callable[[pytest.FixtureRequest], Iterator[MakeBackend]]] = 
 }
 
 
+# Backends whose permits (semaphores, RW locks: Backend.permits) join the conformance suite.
+# Only the memory backends have them today; the file, Redis and Postgres helpers add their
+# names here when their permit arbiters land (listed, not skipped: a backend that is not
+# here simply has no permit rows yet, and tests/unit/test_permits*.py say which do).
+PERMIT_BACKENDS: list[str] = ["memory", "memory-reference"]
+
+
+# Backends whose clients can be made in another process, for the holder counts under
+# processes: name -> (request -> a picklable function that makes a new client). The
+# cross-process permit backends (file, redis, postgres) are listed in
+# PERMIT_PROCESS_BACKENDS by their helpers when their permits land; "file" is here today for
+# its locks, which keep the process harness itself checked.
+def _file_client(directory: str) -> Backend:
+    from keylock.backends import FileBackend
+
+    return FileBackend(directory)
+
+
+PROCESS_CLIENTS: dict[str, Callable[[pytest.FixtureRequest], Callable[[], Backend]]] = {
+    "file": lambda request: functools.partial(
+        _file_client, str(request.getfixturevalue("tmp_path") / "locks")
+    ),
+}
+PERMIT_PROCESS_BACKENDS: list[str] = []
+
+# A permit shape under test: name -> (limit, weight). "sem1" and "write" are exclusive: every
+# lock conformance test runs on them unchanged (tests/conformance/conftest.py).
+SHAPES: dict[str, tuple[int, int]] = {
+    "sem1": (1, 1),
+    "sem3": (3, 1),
+    "read": (RW_LIMIT, 1),
+    "write": (RW_LIMIT, RW_LIMIT),
+}
+
+
 @pytest.fixture(params=list(BACKENDS))
 async def make_backend(request: pytest.FixtureRequest) -> AsyncIterator[MakeBackend]:
     """``make()`` returns a client of one store shared within the test; every client made is
     closed after the test, on the test's event loop (async connections belong to it)."""
-    factory = BACKENDS[request.param](request)
+    async for make in _clients(request, request.param):
+        yield make
+
+
+async def _clients(request: pytest.FixtureRequest, name: str) -> AsyncIterator[MakeBackend]:
+    """Run backend *name*'s factory for one test; close every client it made afterwards."""
+    factory = BACKENDS[name](request)
     make = next(factory)
     made: list[Backend] = []
 
@@ -175,3 +231,67 @@ async def make_backend(request: pytest.FixtureRequest) -> AsyncIterator[MakeBack
 def driver(request: pytest.FixtureRequest) -> Driver:
     """The API flavour under test: async methods, or their _sync twins run in threads."""
     return request.param  # type: ignore[no-any-return]
+
+
+class PermitClients:
+    """One permit shape on one backend, for a test: ``make()`` is a new client's view of the
+    shape under test, ``make_shape(limit, weight)`` a new client's view of another shape (of
+    the same store), and ``blockers`` what fills a key so a request of the shape must wait."""
+
+    def __init__(self, make_client: MakeBackend, name: str) -> None:
+        self.name = name
+        self.limit, self.weight = SHAPES[name]
+        self._make_client = make_client
+
+    def __repr__(self) -> str:
+        return f"PermitClients({self.name})"
+
+    @property
+    def exclusive(self) -> bool:
+        """A lease of this shape excludes every other lease of it (a lock)."""
+        return self.weight == self.limit
+
+    @property
+    def capacity(self) -> int:
+        """How many leases of this shape may be held at once on one key."""
+        return self.limit // self.weight
+
+    @property
+    def blocker(self) -> tuple[int, tuple[int, int]]:
+        """(how many, of which shape) fill a key so that this shape must wait: its own
+        ``limit`` of itself, or for an RW reader one writer."""
+        if self.name == "read":
+            return 1, SHAPES["write"]
+        return self.capacity, (self.limit, self.weight)
+
+    def make(self, **options: object) -> Backend:
+        return self._make_client(**options).permits(self.limit, self.weight)
+
+    def make_client(self, **options: object) -> Backend:
+        """A new client itself (its locks: another keyspace than its permits)."""
+        return self._make_client(**options)
+
+    def make_shape(self, limit: int, weight: int, **options: object) -> Backend:
+        return self._make_client(**options).permits(limit, weight)
+
+
+@pytest.fixture(
+    params=[
+        pytest.param((backend, shape), id=f"{backend}-{shape}")
+        for backend in PERMIT_BACKENDS
+        for shape in SHAPES
+    ]
+)
+async def permits(request: pytest.FixtureRequest) -> AsyncIterator[PermitClients]:
+    """Every permit shape (semaphores of limit 1 and 3, RW readers and writers) on every
+    backend in PERMIT_BACKENDS; clients are closed after the test."""
+    backend, shape = request.param
+    async for make in _clients(request, backend):
+        yield PermitClients(make, shape)
+
+
+@pytest.fixture(params=PERMIT_BACKENDS)
+async def make_permit_client(request: pytest.FixtureRequest) -> AsyncIterator[MakeBackend]:
+    """``make()``: a new client of a backend in PERMIT_BACKENDS (call ``.permits()`` on it)."""
+    async for make in _clients(request, request.param):
+        yield make

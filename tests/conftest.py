@@ -169,7 +169,7 @@ BACKENDS: dict[str, Callable[[pytest.FixtureRequest], Iterator[MakeBackend]]] = 
 # Only the memory backends have them today; the file, Redis and Postgres helpers add their
 # names here when their permit arbiters land (listed, not skipped: a backend that is not
 # here simply has no permit rows yet, and tests/unit/test_permits*.py say which do).
-PERMIT_BACKENDS: list[str] = ["memory", "memory-reference"]
+PERMIT_BACKENDS: list[str] = ["memory", "memory-reference", "redis", "redis-fake", "redis-cluster"]
 
 
 # Backends whose clients can be made in another process, for the holder counts under
@@ -183,12 +183,25 @@ def _file_client(directory: str) -> Backend:
     return FileBackend(directory)
 
 
+def _redis_client(url: str) -> Backend:
+    from keylock.backends import RedisBackend
+
+    return RedisBackend.from_url(url)
+
+
+def _redis_process_url(request: pytest.FixtureRequest) -> str:
+    server: Server = request.getfixturevalue("redis_server")
+    server.flush()
+    return server.url
+
+
 PROCESS_CLIENTS: dict[str, Callable[[pytest.FixtureRequest], Callable[[], Backend]]] = {
     "file": lambda request: functools.partial(
         _file_client, str(request.getfixturevalue("tmp_path") / "locks")
     ),
+    "redis": lambda request: functools.partial(_redis_client, _redis_process_url(request)),
 }
-PERMIT_PROCESS_BACKENDS: list[str] = []
+PERMIT_PROCESS_BACKENDS: list[str] = ["redis"]
 
 # A permit shape under test: name -> (limit, weight). "sem1" and "write" are exclusive: every
 # lock conformance test runs on them unchanged (tests/conformance/conftest.py).

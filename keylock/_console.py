@@ -19,7 +19,7 @@ __all__ = [
 
 #: Benchmark suites, run in this order; each is a module ``keylock._bench.<name>``. ``scale``
 #: (Redis at the scale of one process) runs in a full or quick run only.
-SUITES = ("memory", "file", "redis", "postgres", "scale")
+SUITES = ("memory", "permits", "file", "redis", "postgres", "scale")
 
 
 class CliError(Exception):

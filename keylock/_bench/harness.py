@@ -50,6 +50,7 @@ PACKAGES = (
     "portalocker",
     "filelock",
     "asyncio-keyed-lock",
+    "aiorwlock",
     "python-redis-lock",
     "pottery",
     "singleflight",

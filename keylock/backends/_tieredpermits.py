@@ -78,16 +78,24 @@ class TieredPermits(_Base):
             return held
 
     def statistics(self, key: str) -> KeyStatistics:
-        """The newest permit this process holds on *key* (else the arbiter's view), how many
-        wait here, how many permits this process holds."""
+        """The arbiter's view of *key* (``_arbiter_statistics``, asked whether or not this
+        process holds permits of it: a permit key may have holders and waiters elsewhere while
+        this process holds some), and at least what this process knows: its permits, and the
+        callers waiting in its in-process line."""
         tier = self._tier
         local = tier.local.statistics(key)
         with tier.mutex:
             mine = [held for slot, held in tier.held.items() if slot[0] == key]
-        if mine:
-            newest = max(mine, key=lambda held: held.token)
-            return KeyStatistics(key, True, newest.token, newest.owner, local.waiting, len(mine))
-        return self._arbiter_statistics(key, local)
+        found = self._arbiter_statistics(key, local)
+        waiting = max(found.waiting, local.waiting)
+        if not mine:
+            return KeyStatistics(key, found.held, found.token, found.owner, waiting, found.holders)
+        newest = max(mine, key=lambda held: held.token)
+        if found.held and found.token is not None and found.token > newest.token:
+            token, owner = found.token, found.owner
+        else:
+            token, owner = newest.token, newest.owner
+        return KeyStatistics(key, True, token, owner, waiting, max(found.holders, len(mine)))
 
 
 _VIEWS_MUTEX = threading.Lock()

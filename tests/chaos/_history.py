@@ -8,6 +8,10 @@ holders. ``expires_at`` is the holder's own belief (the lease's ``expires_at`` a
 renewal), so an overlap with a lease its holder still believed live is a phantom grant.
 Times are ``time.monotonic()`` (one host).
 
+Permits: a ``History(limit=n)`` judges semaphores and RW locks: grants carry a ``weight``
+(1, or ``limit`` for an RW writer) and an overlap is more than ``limit`` weight of live leases
+at a grant (more than ``limit`` holders; a writer beside anyone).
+
 Waits are recorded too (asked, ended, timeout, outcome): a wait that ended later than its
 timeout plus a slack is a hang.
 """
@@ -37,6 +41,7 @@ class Grant:
     released_at: float | None = None  # None: never released (crashed, or lease lost)
     asked_at: float | None = None  # when its acquire started (for the hand-off delay)
     voided_at: float | None = None  # the server forgot it then (restart without persistence)
+    weight: int = 1  # what it takes of its key's limit (an RW writer: all of it)
 
     @property
     def ended_at(self) -> float:
@@ -91,8 +96,9 @@ class Verdict:
 class History:
     """Thread-safe event log shared by every worker of one trial."""
 
-    def __init__(self) -> None:
+    def __init__(self, *, limit: int = 1) -> None:
         self._mutex = threading.Lock()
+        self.limit = limit  # weight of live leases a key allows (1: a lock)
         self.grants: list[Grant] = []
         self.writes: list[Write] = []
         self.waits: list[Wait] = []
@@ -111,9 +117,10 @@ class History:
             self.waits.append(wait)
 
     def check(self, *, slack: float = 1.0) -> Verdict:
-        """Per key: no two live leases overlap (an overlap is excused only when the earlier
+        """Per key: no two live leases overlap (for permits: live leases never weigh more than
+        ``limit``) — an overlap is excused only when the earlier
         lease had ended on the server — expired as its holder knew, or voided by a server that
-        lost its data — and its holder's later writes were all rejected); tokens strictly
+        lost its data — and its holder's later writes were all rejected; tokens strictly
         increase in grant order; every accepted write carries the highest token granted so far;
         no wait outlived its timeout by more than *slack* seconds.
         """
@@ -123,27 +130,24 @@ class History:
             by_key.setdefault(grant.key, []).append(grant)
         for key, grants in by_key.items():
             in_order = sorted(grants, key=lambda g: g.granted_at)
-            for earlier, later in itertools.pairwise(in_order):
-                if later.token <= earlier.token:
-                    verdict.token_regressions.append(
-                        f"{key}: token {later.token} granted after {earlier.token}"
-                    )
-            for i, a in enumerate(in_order):
+            if self.limit != 1 or any(g.weight != 1 for g in in_order):
+                verdict.overlaps.extend(self._over_limit(key, in_order))
+                verdict.token_regressions.extend(self._permit_tokens(key, in_order))
+                in_order_pairs: list[Grant] = []  # (judged by weight above)
+            else:
+                in_order_pairs = in_order
+                for earlier, later in itertools.pairwise(in_order):
+                    if later.token <= earlier.token:
+                        verdict.token_regressions.append(
+                            f"{key}: token {later.token} granted after {earlier.token}"
+                        )
+            for i, a in enumerate(in_order_pairs):
                 end_a = a.released_at if a.released_at is not None else float("inf")
-                for b in in_order[i + 1 :]:
+                for b in in_order_pairs[i + 1 :]:
                     if b.granted_at >= end_a:
                         break
-                    server_end = min(
-                        math.inf if t is None else t for t in (a.expires_at, a.voided_at)
-                    )
-                    if server_end <= b.granted_at:
-                        late = [
-                            w
-                            for w in self.writes
-                            if w.holder == a.holder and w.token == a.token and w.at >= b.granted_at
-                        ]
-                        if all(not w.accepted for w in late):
-                            continue  # expired and fenced off: a takeover, not an overlap
+                    if self._excused(a, b):
+                        continue  # expired and fenced off: a takeover, not an overlap
                     verdict.overlaps.append(
                         f"{key}: {a.holder} (token {a.token}) and {b.holder} (token {b.token}) "
                         f"both held it at {b.granted_at:.6f}"
@@ -179,6 +183,66 @@ class History:
                     f"with timeout={wait.timeout} ({wait.outcome})"
                 )
         return verdict
+
+    def _excused(self, a: Grant, b: Grant) -> bool:
+        """*a* still looked live when *b* was granted, but it had ended on the server (expired
+        as its holder knew, or voided) and every write its holder made after was rejected."""
+        server_end = min(math.inf if t is None else t for t in (a.expires_at, a.voided_at))
+        if server_end > b.granted_at:
+            return False
+        late = [
+            w
+            for w in self.writes
+            if w.holder == a.holder and w.token == a.token and w.at >= b.granted_at
+        ]
+        return all(not w.accepted for w in late)
+
+    def _permit_tokens(self, key: str, in_order: list[Grant]) -> list[str]:
+        """Permits: tokens are never reused, and an exclusive lease (a writer, or any lease of
+        a limit-1 key) has a token above every lease recorded before it and below every lease
+        recorded after its release. (Holders of one key at once record their grants in any
+        order, so the recorded order of shared leases says nothing about their tokens.)"""
+        found = []
+        seen: dict[int, str] = {}
+        for g in in_order:
+            if g.token in seen:
+                found.append(f"{key}: token {g.token} granted to {seen[g.token]} and {g.holder}")
+            seen[g.token] = g.holder
+        for i, w in enumerate(in_order):
+            if w.weight != self.limit:
+                continue
+            end = math.inf if w.released_at is None else w.released_at
+            for g in in_order[:i]:
+                if g.token >= w.token:
+                    found.append(f"{key}: {w.holder}'s token {w.token} after {g.token}")
+            for g in in_order[i + 1 :]:
+                if g.granted_at > end and g.token <= w.token:
+                    found.append(f"{key}: token {g.token} granted after {w.holder}'s {w.token}")
+        return found
+
+    def _over_limit(self, key: str, in_order: list[Grant]) -> list[str]:
+        """Permits: at each grant, the weight of the leases still live (not excused) plus its
+        own must fit in ``limit``; else one finding naming the holders and who was a writer."""
+        found = []
+        limit = self.limit
+        for i, b in enumerate(in_order):
+            live = [
+                a
+                for a in in_order[:i]
+                if b.granted_at < (math.inf if a.released_at is None else a.released_at)
+                and not self._excused(a, b)
+            ]
+            weight = sum(a.weight for a in live) + b.weight
+            if weight <= limit:
+                continue
+            writers = [g.holder for g in (*live, b) if g.weight == limit and limit > 1]
+            what = f"writer {', '.join(writers)} beside others" if writers else "over the limit"
+            found.append(
+                f"{key}: {len(live) + 1} leases of weight {weight} > limit {limit} at "
+                f"{b.granted_at:.6f} ({what}): "
+                + ", ".join(f"{g.holder} (token {g.token})" for g in (*live, b))
+            )
+        return found
 
 
 def believed_expiry(lease: Lease) -> float | None:

@@ -11,9 +11,10 @@ import time
 import pytest
 
 from keylock import KeyedLock, LeaseLost
-from keylock.backends import MemoryBackend
+from keylock.backends import Backend, MemoryBackend
+from keylock.backends.base import RW_LIMIT
 
-from ..conftest import MakeBackend
+from ..conftest import MakeBackend, PermitClients
 from ._history import FencedStore, Grant, History, Write
 from ._report import Report, scaled
 
@@ -93,3 +94,107 @@ def test_checker_flags_token_regressions_and_stale_writes() -> None:
     verdict = history.check()
     assert verdict.token_regressions
     assert verdict.stale_writes_accepted
+
+
+# ------------------------------------------------------------------------------- permits
+
+
+def test_checker_counts_permits_against_the_limit() -> None:
+    """Three overlapping permits fit a limit of 3; a fourth at once is an overlap."""
+    history = History(limit=3)
+    for n in range(3):
+        history.granted(Grant("k", n + 1, f"h{n}", 1.0 + n / 10, None, released_at=5.0))
+    assert history.check().ok
+    history.granted(Grant("k", 9, "h9", 2.0, None, released_at=3.0))
+    verdict = history.check()
+    assert len(verdict.overlaps) == 1
+    assert "4 leases of weight 4 > limit 3" in verdict.overlaps[0]
+    assert "h9" in verdict.overlaps[0]
+
+
+def test_checker_flags_a_writer_beside_a_reader_not_readers_together() -> None:
+    limit = RW_LIMIT
+    history = History(limit=limit)
+    history.granted(Grant("doc", 1, "r1", 1.0, None, released_at=3.0))
+    history.granted(Grant("doc", 2, "r2", 1.5, None, released_at=3.5))
+    history.granted(Grant("doc", 3, "w", 4.0, None, released_at=5.0, weight=limit))
+    history.granted(Grant("doc", 4, "r3", 5.0, None, released_at=6.0))  # after the writer
+    assert history.check().ok
+    history.granted(Grant("doc", 5, "w2", 5.5, None, released_at=7.0, weight=limit))
+    verdict = history.check()
+    assert len(verdict.overlaps) == 1
+    assert "writer w2 beside others" in verdict.overlaps[0]
+
+
+def test_checker_judges_permit_tokens_by_what_they_promise() -> None:
+    """Shared holders may record their grants out of token order (not a regression); a reused
+    token is, and so is a writer whose token is below one granted before it."""
+    limit = RW_LIMIT
+    history = History(limit=limit)
+    history.granted(Grant("doc", 7, "r1", 1.0, None, released_at=3.0))
+    history.granted(Grant("doc", 6, "r2", 1.5, None, released_at=3.0))  # recorded late: fine
+    assert history.check().ok
+    history.granted(Grant("doc", 5, "w", 4.0, None, released_at=5.0, weight=limit))
+    history.granted(Grant("doc", 6, "r3", 6.0, None, released_at=7.0))
+    found = history.check().token_regressions
+    assert any("w's token 5 after 7" in f for f in found)
+    assert any("token 6 granted to r2 and r3" in f for f in found)
+    assert not any("granted after w's" in f for f in found)  # r3's 6 > w's 5
+
+
+def test_checker_excuses_an_expired_permit_whose_writes_were_fenced_off() -> None:
+    history = History(limit=2)
+    history.granted(Grant("k", 1, "a", 1.0, 2.0))  # never released: expired at 2.0
+    history.granted(Grant("k", 2, "b", 1.5, None, released_at=4.0))
+    history.granted(Grant("k", 3, "c", 2.5, None, released_at=4.0))  # took a's room
+    history.wrote(Write("k", 1, "a", 3.0, False))
+    assert history.check().ok
+    history.wrote(Write("k", 1, "a", 3.1, True))  # a's late write got through: not excused
+    assert history.check().overlaps
+
+
+async def _permit_workload(
+    permits: PermitClients, history: History, rounds: int, seed: int
+) -> None:
+    rng = random.Random(seed)
+    write = permits.limit == RW_LIMIT
+    clients = [
+        (KeyedLock(permits.make_shape(permits.limit, w)), w)
+        for w in ([1, permits.limit] if write else [permits.weight])
+        for _ in range(2)
+    ]
+
+    async def worker(name: str, locks: KeyedLock, weight: int) -> None:
+        for i in range(rounds):
+            lease = await locks.acquire("resource", timeout=30)
+            grant = history.granted(
+                Grant("resource", lease.token, f"{name}#{i}", time.monotonic(), None, weight=weight)
+            )
+            await asyncio.sleep(rng.random() * 0.002)
+            grant.released_at = time.monotonic()
+            await lease.release()
+
+    await asyncio.gather(
+        *(worker(f"w{n}", locks, weight) for n, (locks, weight) in enumerate(clients * 3))
+    )
+
+
+async def test_history_of_permits_is_clean(permits: PermitClients) -> None:
+    history = History(limit=permits.limit)
+    await _permit_workload(permits, history, rounds=scaled(8), seed=2)
+    verdict = history.check()
+    assert verdict.ok, verdict
+
+
+class _OneTooMany(MemoryBackend):
+    """Planted bug: its semaphores admit ``limit + 1`` holders (an off-by-one capacity)."""
+
+    def permits(self, limit: int, weight: int = 1) -> Backend:
+        return super().permits(limit + 1, weight)
+
+
+async def test_checker_catches_a_semaphore_that_admits_one_too_many() -> None:
+    history = History(limit=3)
+    backend = _OneTooMany()
+    await _permit_workload(PermitClients(lambda **_: backend, "sem3"), history, 10, seed=3)
+    assert history.check().overlaps, "limit + 1 holders, and the checker missed it"

@@ -326,3 +326,19 @@ def test_a_waiter_whose_loop_closed_is_skipped() -> None:
     view.release_sync("k", NO_OWNER, held[0])
     assert gone.grant is None
     assert len(view) == 0
+
+
+def test_a_forked_child_starts_with_no_permit_held() -> None:
+    import os
+
+    view = MemoryBackend().permits(1)
+    held = _try(view)
+    assert held is not None
+    pid = os.fork()
+    if pid == 0:  # the child: the parent's holder does not exist here
+        child = _try(view)
+        os._exit(0 if child is not None and len(view) == 1 else 1)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
+    assert _try(view) is None  # the parent's permit is still held here
+    view.release_sync("k", NO_OWNER, held[0])

@@ -190,9 +190,6 @@ class RedisPermits(TieredPermits, RedisBackend):
     def _extend_call(self, key: str, owner: bytes, ttl: float) -> tuple[list[str], list[Arg]]:
         return self._parent.layout.permit_extend(key), [owner, ttl_ms(ttl, key)]
 
-    def statistics(self, key: str) -> KeyStatistics:
-        return self._arbiter_statistics(key, self._tier.local.statistics(key))
-
     def _arbiter_statistics(self, key: str, local: KeyStatistics) -> KeyStatistics:
         """What Redis says (a permit held here may be lost there): live permits of every
         process, the newest holder's token and owner, everyone in line there, and this

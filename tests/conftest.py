@@ -251,13 +251,14 @@ class PermitClients:
     shape under test, ``make_shape(limit, weight)`` a new client's view of another shape (of
     the same store), and ``blockers`` what fills a key so a request of the shape must wait."""
 
-    def __init__(self, make_client: MakeBackend, name: str) -> None:
+    def __init__(self, make_client: MakeBackend, name: str, backend: str = "") -> None:
         self.name = name
+        self.backend = backend
         self.limit, self.weight = SHAPES[name]
         self._make_client = make_client
 
     def __repr__(self) -> str:
-        return f"PermitClients({self.name})"
+        return f"{self.backend} {self.name}" if self.backend else self.name
 
     @property
     def exclusive(self) -> bool:
@@ -300,7 +301,7 @@ async def permits(request: pytest.FixtureRequest) -> AsyncIterator[PermitClients
     backend in PERMIT_BACKENDS; clients are closed after the test."""
     backend, shape = request.param
     async for make in _clients(request, backend):
-        yield PermitClients(make, shape)
+        yield PermitClients(make, shape, backend)
 
 
 @pytest.fixture(params=PERMIT_BACKENDS)

@@ -15,7 +15,7 @@ from keylock.backends import Backend, MemoryBackend
 from keylock.backends.base import RW_LIMIT
 
 from ..conftest import MakeBackend, PermitClients
-from ._history import FencedStore, Grant, History, Write
+from ._history import FencedStore, Grant, History, Write, believed_expiry
 from ._report import Report, scaled
 
 TTL = 0.08
@@ -154,35 +154,76 @@ def test_checker_excuses_an_expired_permit_whose_writes_were_fenced_off() -> Non
 
 
 async def _permit_workload(
-    permits: PermitClients, history: History, rounds: int, seed: int
-) -> None:
+    permits: PermitClients,
+    history: History,
+    rounds: int,
+    seed: int,
+    *,
+    ttl: float | None = None,
+    pauses: float = 0.0,
+) -> int:
+    """Two clients per mode (readers and writers for an RW key), three workers each; with
+    *ttl*, a *pauses* share of holds sleep past it (a GC pause): others take the room over.
+    Returns how many leases were lost."""
     rng = random.Random(seed)
     write = permits.limit == RW_LIMIT
     clients = [
-        (KeyedLock(permits.make_shape(permits.limit, w)), w)
+        (KeyedLock(permits.make_shape(permits.limit, w, auto_renew=False)), w)
         for w in ([1, permits.limit] if write else [permits.weight])
         for _ in range(2)
     ]
+    lost = 0
 
     async def worker(name: str, locks: KeyedLock, weight: int) -> None:
+        nonlocal lost
         for i in range(rounds):
-            lease = await locks.acquire("resource", timeout=30)
+            lease = await locks.acquire("resource", timeout=30, ttl=ttl)
+            now = time.monotonic()
+            expires = None if ttl is None else believed_expiry(lease)
             grant = history.granted(
-                Grant("resource", lease.token, f"{name}#{i}", time.monotonic(), None, weight=weight)
+                Grant("resource", lease.token, f"{name}#{i}", now, expires, weight=weight)
             )
-            await asyncio.sleep(rng.random() * 0.002)
+            paused = rng.random() < pauses
+            await asyncio.sleep(PAUSE if paused else rng.random() * 0.002)
             grant.released_at = time.monotonic()
-            await lease.release()
+            try:
+                await lease.release()
+            except LeaseLost:
+                assert paused
+                lost += 1
 
     await asyncio.gather(
         *(worker(f"w{n}", locks, weight) for n, (locks, weight) in enumerate(clients * 3))
     )
+    return lost
 
 
-async def test_history_of_permits_is_clean(permits: PermitClients) -> None:
+async def test_history_of_permits_is_clean(permits: PermitClients, chaos_report: Report) -> None:
     history = History(limit=permits.limit)
-    await _permit_workload(permits, history, rounds=scaled(8), seed=2)
+    rounds = scaled(8)
+    await _permit_workload(permits, history, rounds=rounds, seed=2)
     verdict = history.check()
+    trials = len(history.grants)
+    chaos_report.record("Permits contended (no fault)", repr(permits), verdict, trials=trials)
+    assert verdict.ok, verdict
+
+
+async def test_history_of_permit_holders_paused_past_their_ttl(
+    permits: PermitClients, chaos_report: Report
+) -> None:
+    """Holders of semaphore and RW permits freeze past their TTL: their room is taken over,
+    their release raises LeaseLost, and live leases never weigh more than the limit."""
+    history = History(limit=permits.limit)
+    rounds = scaled(4)
+    lost = await _permit_workload(permits, history, rounds, seed=4, ttl=TTL, pauses=0.25)
+    verdict = history.check()
+    chaos_report.record(
+        "Permit holder paused past its TTL (in-process pause), others take over",
+        repr(permits),
+        verdict,
+        trials=len(history.grants),
+        notes=f"{lost} permits lost by a paused holder",
+    )
     assert verdict.ok, verdict
 
 

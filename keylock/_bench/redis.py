@@ -16,6 +16,7 @@ import redis.asyncio
 
 from .. import KeyedLock
 from ..backends.redis import RedisBackend
+from . import redis_permits
 from .contend import Run, SyncLockFor, Witness, run_processes
 from .progress import Step
 from .roundtrips import Pair, add_rows, paired, paired_async
@@ -136,6 +137,7 @@ def steps(suite: Suite, stack: ExitStack, *, redis_url: str | None = None) -> li
             overhead=_OVERHEAD,
         ),
     ]
+    steps += redis_permits.steps(suite, url, run_id)  # semaphores: KeyedSemaphore vs a ZSET
     if not suite.headline:
         steps.append(
             Step(

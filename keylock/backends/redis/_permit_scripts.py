@@ -55,90 +55,154 @@ local function tick()  -- the server clock, read once per script
     now_ms = math.floor(clock / 1000)
   end
 end
-local function num(field)
-  return tonumber(redis.call('HGET', KEYS[1], field) or '0')
+local function fmt(n) return string.format('%.0f', n) end
+-- The record's counters, read once (load) and written once (finish): limit (0: no record),
+-- used, fence, lapsed, line (entries in the line: 0 spares a look at it; more is only a hint,
+-- set right at the next look), and until (the record and holders are kept past every expiry
+-- up to it, plus the took_over window: most grants need not re-arm their TTLs).
+local S = {dirty = false}
+local writes = {}  -- holder records to write with the counters
+local function put(field, value)
+  writes[#writes + 1] = field
+  writes[#writes + 1] = value
+  if #writes >= 400 then  -- (unpack has a bound: a hand-off to thousands of readers)
+    redis.call('HSET', KEYS[1], unpack(writes))
+    writes = {}
+  end
 end
+local function load(owner)
+  local v = redis.call('HMGET', KEYS[1], 'limit', 'used', 'fence', 'lapsed', 'until', 'line',
+    'o:' .. owner)
+  S.limit = tonumber(v[1] or '0')
+  S.used = tonumber(v[2] or '0')
+  S.fence = tonumber(v[3] or '0')
+  S.lapsed = tonumber(v[4] or '0')
+  S.until_ms = tonumber(v[5] or '0')
+  S.line = tonumber(v[6] or '0')
+  return v[7]
+end
+local function finish()  -- write the counters back, then the TTLs (a new hash exists by then)
+  if S.dirty then
+    redis.call('HSET', KEYS[1], 'limit', S.limit, 'used', S.used, 'fence', fmt(S.fence),
+      'lapsed', S.lapsed, 'until', fmt(S.until_ms), 'line', S.line, unpack(writes))
+  end
+  if S.expire then redis.call('PEXPIRE', KEYS[1], fmt(S.expire)) end
+  if S.expire_holders then redis.call('PEXPIRE', KEYS[2], fmt(S.expire_holders)) end
+  if S.at_least and redis.call('PTTL', KEYS[1]) < S.at_least then
+    redis.call('PEXPIRE', KEYS[1], S.at_least)
+  end
+end
+local function weight_of(record) return tonumber(string.match(record, '^%d+ (%d+)')) end
 local function drop(owner, record)  -- a holder leaves: its weight frees
-  local weight = tonumber(string.match(record, '^%d+ (%d+)'))
+  S.used = S.used - weight_of(record)
+  S.dirty = true
   redis.call('HDEL', KEYS[1], 'o:' .. owner)
   redis.call('ZREM', KEYS[2], owner)
-  redis.call('HINCRBY', KEYS[1], 'used', -weight)
 end
 local function purge()  -- holders whose permit expired: dropped, and counted as lapsed
   tick()
-  local gone = redis.call('ZRANGEBYSCORE', KEYS[2], '-inf', string.format('%.0f', now_ms))
+  if S.used == 0 then return {} end  -- (no holder at all)
+  local cut = fmt(now_ms)
+  local gone = redis.call('ZRANGEBYSCORE', KEYS[2], '-inf', cut)
+  if #gone == 0 then return gone end
   for _, owner in ipairs(gone) do
     local record = redis.call('HGET', KEYS[1], 'o:' .. owner)
-    if record then drop(owner, record) else redis.call('ZREM', KEYS[2], owner) end
+    if record then
+      S.used = S.used - weight_of(record)
+      redis.call('HDEL', KEYS[1], 'o:' .. owner)
+    end
   end
-  if #gone > 0 then redis.call('HINCRBY', KEYS[1], 'lapsed', #gone) end
+  redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', cut)
+  S.lapsed = S.lapsed + #gone
+  S.dirty = true
+  return gone
 end
-local function live_head()
+local function unqueue(owner)  -- take *owner* out of the line
+  if redis.call('ZREM', KEYS[3], owner) == 1 then
+    S.line = math.max(S.line - 1, 0)
+    S.dirty = true
+  end
+  redis.call('HDEL', KEYS[4], owner)
+end
+local function live_head()  -- (waiters that stopped coming back leave the line)
+  if S.line == 0 then return nil, nil end
   local head = redis.call('ZRANGE', KEYS[3], 0, 0)[1]
   while head do
     tick()
     local entry = redis.call('HGET', KEYS[4], head)
     if entry and tonumber(string.match(entry, '^%d+')) > now_ms then return head, entry end
-    redis.call('ZREM', KEYS[3], head)
-    redis.call('HDEL', KEYS[4], head)
+    unqueue(head)
     head = redis.call('ZRANGE', KEYS[3], 0, 0)[1]
   end
+  S.line = 0
+  S.dirty = true
   return nil, nil
 end
 local function fits(weight)
-  return num('used') + weight <= num('limit')
+  return S.used + weight <= S.limit
 end
-local function keep()  -- the record outlives the last holder's expiry by the took_over window
-  local last = redis.call('ZRANGE', KEYS[2], -1, -1, 'WITHSCORES')[2]
-  if last then
-    local ms = string.format('%.0f', tonumber(last) - now_ms + TAKEOVER_MS)
-    redis.call('PEXPIRE', KEYS[1], ms)
-    redis.call('PEXPIRE', KEYS[2], ms)
+local function keep(expires, fresh)  -- the record outlives every expiry by the took_over window
+  if expires > S.until_ms then
+    S.until_ms = expires + 3600000
+    S.expire = S.until_ms - now_ms + TAKEOVER_MS
+    S.expire_holders = S.expire
+  elseif fresh then  -- a new holders zset: no TTL of its own yet
+    S.expire_holders = S.until_ms - now_ms + TAKEOVER_MS
   end
 end
 local function grant(owner, weight, expires)
   tick()
   local took = '0'
-  local lapsed = num('lapsed')
-  if lapsed > 0 then
+  if S.lapsed > 0 then
     took = '1'
-    lapsed = lapsed - math.min(lapsed, weight)  -- a writer takes over every lapsed permit
-    redis.call('HSET', KEYS[1], 'lapsed', lapsed)
+    S.lapsed = S.lapsed - math.min(S.lapsed, weight)  -- a writer takes over every lapsed permit
   end
-  local token = string.format('%.0f', math.max(num('fence') + 1, clock))
-  redis.call('HSET', KEYS[1], 'fence', token, 'o:' .. owner, token .. ' ' .. weight .. ' ' .. took)
-  redis.call('HINCRBY', KEYS[1], 'used', weight)
-  redis.call('ZADD', KEYS[2], string.format('%.0f', expires), owner)
-  keep()
+  S.fence = math.max(S.fence + 1, clock)
+  local token = fmt(S.fence)
+  local fresh = S.used == 0
+  S.used = S.used + weight
+  S.dirty = true
+  put('o:' .. owner, token .. ' ' .. weight .. ' ' .. took)
+  redis.call('ZADD', KEYS[2], fmt(expires), owner)
+  keep(expires, fresh)
   return token, took
 end
 -- Serve the line: grant its live heads in order while they fit; each is told on its own
--- process's channel, except *caller* (its script's reply tells it): true when it was served.
+-- process's channel, except *caller* (its script's reply tells it). Returns whether the caller
+-- was served, and whether a waiter that does not fit is left at the head.
 local function serve(key, caller)
   while true do
     local head, entry = live_head()
-    if not head then return false end
+    if not head then return false, false end
     local claim_ms, weight, channel = string.match(entry, '^%d+ (%d+) (%d+) (.*)$')
     weight = tonumber(weight)
-    if not fits(weight) then return false end
-    redis.call('ZREM', KEYS[3], head)
-    redis.call('HDEL', KEYS[4], head)
-    if head == caller then return true end
+    if not fits(weight) then return false, true end
+    unqueue(head)
+    if head == caller then return true, false end
     -- the waiter gets its permit for its claim window only (its renewer, or its acquire,
     -- extends it to the full TTL): one that died in line holds it that long
     local token, took = grant(head, weight, now_ms + tonumber(claim_ms))
     -- a permit that took one over is announced with a claim of 0 ms: the waiter asks with
     -- its acquire, whose reply says took_over. The key goes last (it may contain NUL).
     local shown = took == '1' and '0' or claim_ms
-    local dated = string.format('%.0f', clock)
-    redis.call('PUBLISH', channel, token .. ' ' .. dated .. ' ' .. shown .. ' ' .. head .. key)
+    redis.call('PUBLISH', channel, token .. ' ' .. fmt(clock) .. ' ' .. shown .. ' ' .. head .. key)
   end
 end
-local function tidy()  -- nobody holds or waits: forget the limit; keep the counter a while
-  if redis.call('ZCARD', KEYS[2]) == 0 and not live_head() then
-    redis.call('HDEL', KEYS[1], 'limit', 'used')
-    if num('lapsed') == 0 then redis.call('PEXPIRE', KEYS[1], FENCE_SLACK) end
+local function tidy(line_empty)  -- nobody holds or waits: forget the limit; keep the counter
+  if S.used == 0 and (line_empty or not live_head()) then
+    S.limit = 0
+    S.dirty = true
+    if S.lapsed == 0 then  -- nothing to tell a next holder: only the counter, a while
+      S.until_ms = 0
+      S.expire = FENCE_SLACK
+    end
   end
+end
+local function gone_with(gone, owner, record)  -- *record*, unless purge just dropped it
+  for _, who in ipairs(gone) do
+    if who == owner then return nil end
+  end
+  return record
 end
 """
 
@@ -152,45 +216,63 @@ _PRELUDE = _PRELUDE.replace("TAKEOVER_MS", str(TAKEOVER_MARK_MS)).replace(
 # TTL), ARGV[7] limit, ARGV[8] weight (1..limit), ARGV[9] key (named in hand-off messages)
 # -> {1, token, TTL ms, took over 0|1} granted (now, or earlier by a hand-off); {0, ms until
 # the soonest holder's expiry or -2 when nobody holds, server clock µs when queued}; {0, -3}
-# the caller has left; {-1, recorded limit} the limits disagree (nothing changed)
+# the caller has left; {-1, recorded limit} the limits disagree (nothing granted or queued)
 _ACQUIRE = (
     _PRELUDE
     + """
-purge()
-local limit = redis.call('HGET', KEYS[1], 'limit')
-if limit and redis.call('ZCARD', KEYS[2]) == 0 and not live_head() then
-  limit = nil  -- nobody holds or waits: the record is stale
+local record = load(ARGV[1])
+local gone = purge()
+if record and #gone > 0 then record = gone_with(gone, ARGV[1], record) end
+local head = live_head()
+if S.limit ~= 0 and S.used == 0 and not head then S.limit = 0 end  -- a stale record
+if S.limit ~= 0 and S.limit ~= tonumber(ARGV[7]) then
+  finish()
+  return {-1, S.limit}
 end
-if limit and limit ~= ARGV[7] then return {-1, tonumber(limit)} end
-local record = redis.call('HGET', KEYS[1], 'o:' .. ARGV[1])
 if record then
   -- granted already: a retried call, or a waiter re-checking a hand-off whose claim window
   -- it may have overslept; either way it holds the permit now, for the whole TTL
-  redis.call('ZADD', KEYS[2], 'XX', string.format('%.0f', now_ms + tonumber(ARGV[2])), ARGV[1])
-  keep()
+  local expires = now_ms + tonumber(ARGV[2])
+  redis.call('ZADD', KEYS[2], 'XX', fmt(expires), ARGV[1])
+  keep(expires, false)
+  S.dirty = S.dirty or S.expire ~= nil
+  finish()
   local token, took = string.match(record, '^(%d+) %d+ (%d)')
   return {1, token, tonumber(ARGV[2]), tonumber(took)}
 end
-if redis.call('EXISTS', KEYS[5]) == 1 then return {0, -3} end  -- arrived after its own LEAVE
-if not limit then redis.call('HSET', KEYS[1], 'limit', ARGV[7], 'used', 0) end
+if redis.call('EXISTS', KEYS[5]) == 1 then  -- arrived after its own LEAVE
+  finish()
+  return {0, -3}
+end
+if S.limit == 0 then
+  S.limit = tonumber(ARGV[7])
+  S.dirty = true
+end
 local weight = tonumber(ARGV[8])
-if serve(ARGV[9], ARGV[1]) or (not live_head() and fits(weight)) then
+local served, blocked = false, false
+if head then served, blocked = serve(ARGV[9], ARGV[1]) end
+if served or (not blocked and fits(weight)) then
   local token, took = grant(ARGV[1], weight, now_ms + tonumber(ARGV[2]))
+  finish()
   return {1, token, tonumber(ARGV[2]), tonumber(took)}
 end
 local soonest = redis.call('ZRANGE', KEYS[2], 0, 0, 'WITHSCORES')[2]
 local wait = soonest and math.max(tonumber(soonest) - now_ms, 0) or -2
 if ARGV[3] == '1' then
-  redis.call('ZADD', KEYS[3], 'NX', clock, ARGV[1])
+  if redis.call('ZADD', KEYS[3], 'NX', clock, ARGV[1]) == 1 then
+    S.line = S.line + 1
+    S.dirty = true
+  end
   local entry = (now_ms + tonumber(ARGV[4])) .. ' ' .. ARGV[6] .. ' ' .. ARGV[8] .. ' ' .. ARGV[5]
   redis.call('HSET', KEYS[4], ARGV[1], entry)
   local stay = tonumber(ARGV[4]) * 2
   redis.call('PEXPIRE', KEYS[3], stay)
   redis.call('PEXPIRE', KEYS[4], stay)
-  if redis.call('PTTL', KEYS[1]) < stay then redis.call('PEXPIRE', KEYS[1], stay) end
-  return {0, wait, string.format('%.0f', clock)}
+  S.at_least = stay
+  finish()
+  return {0, wait, fmt(clock)}
 end
-tidy()
+finish()
 return {0, wait}
 """
 )
@@ -202,16 +284,25 @@ return {0, wait}
 _RELEASE = (
     _PRELUDE
     + """
-purge()
-local record = redis.call('HGET', KEYS[1], 'o:' .. ARGV[1])
-if not record then
+local record = load(ARGV[1])
+tick()
+if not record or tonumber(redis.call('ZSCORE', KEYS[2], ARGV[1]) or '0') <= now_ms then
+  purge()  -- (it drops this expired permit, and counts it lapsed)
+  tidy(nil)
+  finish()
   if redis.call('EXISTS', KEYS[5]) == 1 then return 2 end
   return 0
 end
 drop(ARGV[1], record)
 redis.call('SET', KEYS[5], '1', 'PX', ARGV[3])
-serve(ARGV[2], nil)
-tidy()
+local line_empty = true
+if live_head() then
+  purge()  -- expired holders make room for the line too
+  local _, blocked = serve(ARGV[2], nil)
+  line_empty = not blocked and not live_head()
+end
+tidy(line_empty)
+finish()
 return 1
 """
 )
@@ -224,17 +315,18 @@ return 1
 _LEAVE = (
     _PRELUDE
     + """
-purge()
-redis.call('ZREM', KEYS[3], ARGV[1])
-redis.call('HDEL', KEYS[4], ARGV[1])
+local record = load(ARGV[1])
+local gone = purge()
+if record and #gone > 0 then record = gone_with(gone, ARGV[1], record) end
+unqueue(ARGV[1])
 if tonumber(ARGV[3]) > 0 then redis.call('SET', KEYS[5], '1', 'PX', ARGV[3]) end
-local record = redis.call('HGET', KEYS[1], 'o:' .. ARGV[1])
 if record then
   drop(ARGV[1], record)
-  if string.match(record, ' 1$') then redis.call('HINCRBY', KEYS[1], 'lapsed', 1) end
+  if string.match(record, ' 1$') then S.lapsed = S.lapsed + 1 end
 end
-serve(ARGV[2], nil)
-tidy()
+if S.limit ~= 0 then serve(ARGV[2], nil) end
+tidy(nil)
+finish()
 return 1
 """
 )
@@ -246,12 +338,16 @@ local now = redis.call('TIME')
 local now_ms = tonumber(now[1]) * 1000 + math.floor(tonumber(now[2]) / 1000)
 local expiry = redis.call('ZSCORE', KEYS[2], ARGV[1])
 if not expiry or tonumber(expiry) <= now_ms then return 0 end
-local until_ms = now_ms + tonumber(ARGV[2])
-redis.call('ZADD', KEYS[2], 'XX', string.format('%.0f', until_ms), ARGV[1])
-local last = tonumber(redis.call('ZRANGE', KEYS[2], -1, -1, 'WITHSCORES')[2])
-local ms = string.format('%.0f', last - now_ms + TAKEOVER_MS)
-redis.call('PEXPIRE', KEYS[1], ms)
-redis.call('PEXPIRE', KEYS[2], ms)
+local expires = now_ms + tonumber(ARGV[2])
+redis.call('ZADD', KEYS[2], 'XX', string.format('%.0f', expires), ARGV[1])
+local armed = tonumber(redis.call('HGET', KEYS[1], 'until') or '0')
+if expires > armed then  -- (as keep() in the other scripts)
+  armed = expires + 3600000
+  redis.call('HSET', KEYS[1], 'until', string.format('%.0f', armed))
+  local ms = string.format('%.0f', armed - now_ms + TAKEOVER_MS)
+  redis.call('PEXPIRE', KEYS[1], ms)
+  redis.call('PEXPIRE', KEYS[2], ms)
+end
 return 1
 """.replace("TAKEOVER_MS", str(TAKEOVER_MARK_MS))
 
@@ -272,9 +368,9 @@ local waiting = 0
 for _, entry in ipairs(redis.call('HVALS', KEYS[4])) do
   if tonumber(string.match(entry, '^%d+')) > now_ms then waiting = waiting + 1 end
 end
-local limit = redis.call('HGET', KEYS[1], 'limit')
-if #live == 0 and waiting == 0 then limit = nil end
-return {#live, string.format('%.0f', newest), owner, waiting, tonumber(limit or '-1')}
+local limit = tonumber(redis.call('HGET', KEYS[1], 'limit') or '0')
+if (#live == 0 and waiting == 0) or limit == 0 then limit = -1 end
+return {#live, string.format('%.0f', newest), owner, waiting, limit}
 """
 
 PERMIT_ACQUIRE = _script("permit_acquire", _ACQUIRE)

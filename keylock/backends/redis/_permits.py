@@ -17,9 +17,10 @@ from typing import TYPE_CHECKING, cast
 
 from ...errors import LeaseLost
 from .._permits import limit_mismatch
-from .._tieredpermits import TieredPermits
+from .._tieredpermits import TieredPermits, tiered_view
 from ..base import KeyStatistics
 from ._flow import AcquireFlow, RedisFlow, Trip, lost, ttl_ms
+from ._keys import Layout
 from ._permit_scripts import (
     MISMATCH,
     PERMIT_ACQUIRE,
@@ -36,15 +37,40 @@ from .backend import RedisBackend
 if TYPE_CHECKING:
     from ...lease import Lease
     from .._renewer import Renewal
-    from .._tiered import Flow, Held
+    from .._tiered import Flow, Held, PermitTier
     from .._waiters import Waiter
     from ..base import Deadline, Grant
     from ._connections import Connections
     from ._flow import ServerClock
-    from ._keys import Layout
     from ._wire import Arg
 
-__all__ = ["PermitFlow", "PermitProtocol", "RedisPermits", "renew_all"]
+__all__ = ["PermitFlow", "PermitProtocol", "RedisPermits", "permit_view", "renew_all"]
+
+# What a RedisBackend sets once and for all in its constructor: a view keeps its own reference
+# to each (the uncontended path then never goes through TieredPermits.__getattr__). What a
+# forked child sets again (_start_process: the tier, listener, clock, channel) is read from the
+# parent each time.
+_STABLE = ("layout", "prefix", "_connections", "_where", "poll", "_stay_ms", "_ttl")
+
+
+class _PermitKeys(Layout):
+    """The layout AcquireFlow is given for a permit: its "acquire keys" are a permit key's."""
+
+    __slots__ = ()
+
+    def acquire(self, key: str, owner: bytes) -> list[str]:
+        return self.permit(key, owner)
+
+
+def permit_view(parent: RedisBackend, limit: int, weight: int) -> RedisPermits:
+    """*parent*'s view of shape ``(limit, weight)`` (cached per shape on the parent)."""
+    view = tiered_view(parent, RedisPermits, limit, weight)
+    found = view.__dict__
+    if "_keys" not in found:  # (two threads may both fill it in: with the same values)
+        for name in _STABLE:
+            found[name] = getattr(parent, name)
+        found["_keys"] = _PermitKeys(parent.prefix)
+    return view
 
 
 class PermitProtocol(AcquireFlow):
@@ -55,7 +81,6 @@ class PermitProtocol(AcquireFlow):
         self, layout: Layout, key: str, owner: bytes, *, limit: int, weight: int, **kwargs: object
     ) -> None:
         super().__init__(layout, key, owner, **kwargs)  # type: ignore[arg-type]
-        self.keys = layout.permit(key, owner)
         self.limit = limit
         self.refused = False
         self.args += [limit, weight, key]
@@ -103,6 +128,16 @@ class RedisPermits(TieredPermits, RedisBackend):
     nothing (the parent owns the connections and threads)."""
 
     _parent: RedisBackend
+    _keys: _PermitKeys
+
+    @property
+    def _tier(self) -> PermitTier:  # type: ignore[override]
+        # the parent's tier is replaced in a forked child: the permit tier follows it
+        tier = self._parent._tier
+        cached = self.__dict__.get("_tier_of")
+        if cached is None or cached[0] is not tier:
+            cached = self.__dict__["_tier_of"] = (tier, tier.permits(*self.shape))
+        return cached[1]
 
     # ------------------------------------------------------------------- the arbiter's part
 
@@ -128,7 +163,7 @@ class RedisPermits(TieredPermits, RedisBackend):
         parent = self._parent
         limit, weight = self.shape
         return PermitProtocol(
-            parent.layout,
+            self._keys,
             key,
             owner,
             limit=limit,

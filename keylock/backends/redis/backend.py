@@ -15,7 +15,6 @@ from ..._validate import check_backend_ttl
 from ...errors import LeaseLost
 from .._renewer import AutoRenewed, Renewal, Renewer
 from .._tiered import Flow, Held, Tier, TieredBackend
-from .._tieredpermits import tiered_view
 from .._unclosed import Unclosed
 from ..base import Backend, Deadline, Grant, KeyStatistics
 from ._clients import AsyncClient, SyncClient, check_clients, from_url
@@ -310,9 +309,9 @@ class RedisBackend(Unclosed, AutoRenewed, TieredBackend):
     def permits(self, limit: int, weight: int = 1) -> Backend:
         """Semaphores and RW locks on this Redis: the view of shape ``(limit, weight)``
         (see ``_permits.RedisPermits``), sharing this backend's connections and threads."""
-        from ._permits import RedisPermits
+        from ._permits import permit_view
 
-        return tiered_view(self, RedisPermits, limit, weight)
+        return permit_view(self, limit, weight)
 
     # ----------------------------------------------------------------------------- closing
 

@@ -221,3 +221,32 @@ def test_a_forked_child_holds_none_of_its_parents_permits(url: str) -> None:
     os.waitpid(pid, 0)
     lease.release_sync()
     backend.close_sync()
+
+
+def test_inspect_lists_permit_keys_beside_locks(
+    url: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from keylock._inspect import inspect_redis
+    from keylock.cli import main
+
+    backend = RedisBackend.from_url(url)
+    lock = KeyedLock(backend, namespace="app").acquire_sync("job")
+    sem = KeyedSemaphore(backend, limit=4, namespace="app")
+    permits = [sem.acquire_sync("api"), sem.acquire_sync("api")]
+    reader = KeyedRWLock(backend, namespace="app").acquire_read_sync("doc")
+    found = {(held.key, held.permits): held for held in inspect_redis(url)}
+    assert set(found) == {("app:job", None), ("app:api", (2, 4)), ("app:doc", (1, RW_LIMIT))}
+    newest = found[("app:api", (2, 4))]
+    assert newest.token == permits[1].token
+    assert newest.owner == permits[1].owner.hex()
+    assert newest.ttl is not None
+    assert 20 < newest.ttl <= 30
+    assert main(["inspect", "--redis-url", url]) == 0
+    out = capsys.readouterr().out
+    assert "2 permits of limit 4; newest: owner" in out
+    assert "1 permit of an RW lock; newest: owner" in out
+    assert "3 held" in out
+    for lease in (lock, *permits, reader):
+        lease.release_sync()
+    assert list(inspect_redis(url)) == []
+    backend.close_sync()

@@ -119,7 +119,7 @@ def _fast_paths(
                 if ttl is None:
                     token = next(tokens)
                     permit = [token, None, None, False, owner, weight, holder]
-                    keys[key] = [limit, weight, {token: permit}, None, 0, False]
+                    keys[key] = [limit, weight, {token: permit}, None, 0, False, 0]
                     return permit  # type: ignore[return-value]  # laid out as a Grant
                 entry = keys[key] = _new_key(limit)
                 return grant_new(entry, owner, ttl, weight, holder)

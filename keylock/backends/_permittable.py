@@ -33,7 +33,7 @@ _Permit: TypeAlias = list[Any]
 MAX_LAPSED = 10_000  # keys kept only to tell a next holder it took over (beyond: forgotten)
 
 
-# A permit key's record: [limit, used, holders, waiters, owed, lapsed]: a list, as
+# A permit key's record: [limit, used, holders, waiters, owed, lapsed, timed]: a list, as
 # MemoryBackend's entries are (the uncontended path makes one per acquire)
 _Key: TypeAlias = list[Any]
 _LIMIT = 0  # recorded while anyone holds or waits
@@ -42,10 +42,11 @@ _HOLDERS = 2  # dict: token -> permit, oldest first
 _WAITERS = 3  # OrderedDict: waiter -> weight, FIFO; or None (made by the first waiter)
 _OWED = 4  # expired permits whose room was not granted again: the next grants took over
 _LAPSED = 5  # kept only for owed (no holder, no waiter): counted in PermitTable.lapsed
+_TIMED = 6  # how many holders have a TTL (0: nothing can expire, no scan needed)
 
 
 def _new_key(limit: int) -> _Key:
-    return [limit, 0, {}, None, 0, False]
+    return [limit, 0, {}, None, 0, False, 0]
 
 
 def check_shape(limit: object, weight: object, backend: str) -> Permits:
@@ -198,20 +199,27 @@ class PermitTable:
             clock = self.clock
             wall = clock.time()  # first: a switch between the reads only makes it early
             permit = [token, wall + ttl, clock.monotonic() + ttl, took_over, owner, weight, holder]
+            entry[_TIMED] += 1
         entry[_HOLDERS][token] = permit
         return permit  # type: ignore[return-value]  # laid out as a Grant
 
     def _purge(self, entry: _Key) -> None:
         """Drop holders whose TTL ran out (the next grants took over), then serve the line;
         the caller's step uses the key next (it is not freed here). Caller holds mutex."""
+        if not entry[_TIMED]:
+            return  # nothing can have expired (and the line was served at the last change)
         now = self.clock.monotonic()
+        expired = False
         for token, permit in list(entry[_HOLDERS].items()):
             deadline = permit[2]
             if deadline is not None and now >= deadline:
                 del entry[_HOLDERS][token]
                 entry[_USED] -= permit[5]
                 entry[_OWED] += 1
-        self._serve(None, entry)
+                entry[_TIMED] -= 1
+                expired = True
+        if expired:
+            self._serve(None, entry)
 
     def _serve(self, key: str | None, entry: _Key) -> None:
         """Hand permits to the oldest waiters while they fit (FIFO: one that does not fit
@@ -234,6 +242,7 @@ class PermitTable:
                 del entry[_HOLDERS][permit[0]]
                 entry[_USED] -= weight
                 entry[_OWED] = owed
+                entry[_TIMED] -= permit[2] is not None
         if key is not None and not entry[_HOLDERS] and not entry[_WAITERS]:
             self._idle(key, entry)
 
@@ -291,6 +300,7 @@ class PermitTable:
     def _end(self, key: str, entry: _Key, permit: _Permit, took_over: bool) -> None:
         del entry[_HOLDERS][permit[0]]
         entry[_USED] -= permit[5]
+        entry[_TIMED] -= permit[2] is not None
         if took_over:
             entry[_OWED] += 1
         self._serve(key, entry)
@@ -350,6 +360,8 @@ class PermitTable:
 
 def _earliest(entry: _Key) -> float:
     """When the first holder of *entry* lapses (math.inf: none has a TTL)."""
+    if not entry[_TIMED]:
+        return math.inf
     deadlines = [p[2] for p in entry[_HOLDERS].values() if p[2] is not None]
     return min(deadlines) if deadlines else math.inf
 

@@ -195,8 +195,9 @@ class Backend(abc.ABC):
         shape. A backend without semaphores raises TypeError.
         """
         raise TypeError(
-            f"{type(self).__name__} has no semaphores or RW locks (permits({limit}, {weight})): "
-            "use MemoryBackend, FileBackend, RedisBackend or PostgresBackend"
+            f"{type(self).__name__} has no semaphores or RW locks (it does not implement "
+            f"permits({limit}, {weight})): use KeyedLock with it, or a backend that has them "
+            "(MemoryBackend does)"
         )
 
     def close_sync(self) -> None:

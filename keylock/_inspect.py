@@ -11,6 +11,9 @@ if TYPE_CHECKING:
     from collections.abc import Iterator
 
     import psycopg
+    import redis
+
+    from .backends.redis._keys import Layout
 
 __all__ = [
     "HeldLock",
@@ -39,6 +42,7 @@ class HeldLock:
     holder_pid: int | None = None
     holder_host: str | None = None
     stored: str = ""  # the key exactly as stored ("namespace NUL key"): what release needs
+    permits: tuple[int, int] | None = None  # a permit key: (live permits, its limit)
 
 
 def inspect_redis(url: str, *, prefix: str = "keylock") -> Iterator[HeldLock]:
@@ -72,8 +76,36 @@ def inspect_redis(url: str, *, prefix: str = "keylock") -> Iterator[HeldLock]:
                 ttl=None if pttl is None or pttl < 0 else pttl / 1000,
                 waiting=int(waiting),
             )
+        yield from _redis_permits(client, layout)
     finally:
         client.close()
+
+
+def _redis_permits(client: redis.Redis, layout: Layout) -> Iterator[HeldLock]:
+    """Every permit key with live permits (semaphores, RW locks): the newest holder's token
+    and owner, the TTL of the permit that lapses last, how many wait, (permits, limit)."""
+    from .backends.redis._permit_scripts import PERMIT_STATS
+
+    for raw in client.scan_iter(match=layout.permit_scan_pattern(), count=500):
+        key = layout.parse_permit(raw.decode("utf-8", "surrogatepass"))
+        if key is None:
+            continue
+        keys = layout.permit(key, b"")[:4]
+        live, token, owner, waiting, limit = client.eval(PERMIT_STATS.text, 4, *keys)
+        if not live:
+            continue  # released (or lapsed) between SCAN and the look
+        last = client.zrange(keys[1], -1, -1, withscores=True)
+        seconds, micros = client.time()
+        ttl = float(last[0][1]) / 1000 - (int(seconds) + int(micros) / 1e6) if last else None
+        yield HeldLock(
+            key=shown(key),
+            stored=key,
+            token=int(token),
+            owner=bytes(owner).hex(),
+            ttl=None if ttl is None else max(ttl, 0.0),
+            waiting=int(waiting),
+            permits=(int(live), int(limit)),
+        )
 
 
 def force_release_redis(

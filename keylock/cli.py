@@ -146,7 +146,14 @@ def _describe(lock: HeldLock) -> str:
     seen = [f"host {printable(lock.holder_host)}"] if lock.holder_host else []
     if lock.holder_pid:
         seen.append(f"pid {lock.holder_pid}")
-    return printable(owner) + (f" ({', '.join(seen)})" if seen else "")
+    described = printable(owner) + (f" ({', '.join(seen)})" if seen else "")
+    if lock.permits is not None:  # a semaphore or an RW lock: how many hold, and the newest
+        from .backends.base import RW_LIMIT
+
+        live, limit = lock.permits
+        shape = "an RW lock" if limit == RW_LIMIT else f"limit {limit}"
+        return f"{live} permit{'s' * (live != 1)} of {shape}; newest: {described}"
+    return described
 
 
 def _inspect(args: argparse.Namespace) -> int:

@@ -165,18 +165,13 @@ BACKENDS: dict[str, Callable[[pytest.FixtureRequest], Iterator[MakeBackend]]] = 
 }
 
 
-# Backends whose permits (semaphores, RW locks: Backend.permits) join the conformance suite.
-# Only the memory backends have them today; the file, Redis and Postgres helpers add their
-# names here when their permit arbiters land (listed, not skipped: a backend that is not
-# here simply has no permit rows yet, and tests/unit/test_permits*.py say which do).
-PERMIT_BACKENDS: list[str] = ["memory", "memory-reference", "file", "postgres"]
+# Backends whose permits (semaphores, RW locks: Backend.permits) join the conformance suite:
+# every backend has them, so this is BACKENDS in full (a new backend joins both lists).
+PERMIT_BACKENDS: list[str] = list(BACKENDS)
 
 
 # Backends whose clients can be made in another process, for the holder counts under
-# processes: name -> (request -> a picklable function that makes a new client). The
-# cross-process permit backends (file, redis, postgres) are listed in
-# PERMIT_PROCESS_BACKENDS by their helpers when their permits land; "file" is here today for
-# its locks, which keep the process harness itself checked.
+# processes: name -> (request -> a picklable function that makes a new client).
 def _file_client(directory: str) -> Backend:
     from keylock.backends import FileBackend
 
@@ -195,13 +190,26 @@ def _postgres_process_client(request: pytest.FixtureRequest) -> Callable[[], Bac
     return functools.partial(_postgres_client, server.url)
 
 
+def _redis_client(url: str) -> Backend:
+    from keylock.backends import RedisBackend
+
+    return RedisBackend.from_url(url)
+
+
+def _redis_process_url(request: pytest.FixtureRequest) -> str:
+    server: Server = request.getfixturevalue("redis_server")
+    server.flush()
+    return server.url
+
+
 PROCESS_CLIENTS: dict[str, Callable[[pytest.FixtureRequest], Callable[[], Backend]]] = {
     "file": lambda request: functools.partial(
         _file_client, str(request.getfixturevalue("tmp_path") / "locks")
     ),
     "postgres": _postgres_process_client,
+    "redis": lambda request: functools.partial(_redis_client, _redis_process_url(request)),
 }
-PERMIT_PROCESS_BACKENDS: list[str] = ["file", "postgres"]
+PERMIT_PROCESS_BACKENDS: list[str] = ["file", "redis", "postgres"]
 
 # A permit shape under test: name -> (limit, weight). "sem1" and "write" are exclusive: every
 # lock conformance test runs on them unchanged (tests/conformance/conftest.py).

@@ -16,6 +16,7 @@ import redis.asyncio
 
 from .. import KeyedLock
 from ..backends.redis import RedisBackend
+from . import redis_permits
 from .contend import Run, SyncLockFor, Witness, run_processes
 from .progress import Step
 from .roundtrips import Pair, add_rows, paired, paired_async
@@ -136,7 +137,8 @@ def steps(suite: Suite, stack: ExitStack, *, redis_url: str | None = None) -> li
             overhead=_OVERHEAD,
         ),
     ]
-    if not suite.headline:
+    if not suite.headline:  # (the default run: one uncontended and one hot-key row per backend)
+        steps += redis_permits.steps(suite, url, run_id)  # KeyedSemaphore against a ZSET
         steps.append(
             Step(
                 f"{FAMILY}: 1,000 Zipf keys",

@@ -15,6 +15,13 @@ splits on it.
                                  1 if that lease itself took over); outlives it by a day, so
                                  the next holder learns it took over an expired lease
     prefix:{tag}:left:<owner>    a departure mark (see LEAVE and RELEASE in _scripts)
+    prefix:{tag}:permits         a permit key's record (hash: limit, weight held, token
+                                 counter, lapsed permits, each holder's token/weight/took)
+    prefix:{tag}:permits:holders its holders (zset owner -> expiry, server ms)
+    prefix:{tag}:permits:queue   its waiters (zset owner -> arrival, server µs)
+    prefix:{tag}:permits:waiting its waiters' entries (hash owner -> deadline, claim, weight,
+                                 channel)
+    prefix:{tag}:permits:left:<owner>  a departure mark (see _permit_scripts)
     prefix:wake:<process id>     the wake-up channel of one process's backend
     prefix:{flight:tag}:result:<token>   a single-flight leader's stored outcome
     prefix:{tag} / prefix:{tag}:fence    fenced_set's value and fence (prefix keylock:fenced)
@@ -94,6 +101,29 @@ class Layout:
             f"{base}:unreleased",
             f"{base}:left:{owner.hex()}",
         ]
+
+    def permit(self, key: str, owner: bytes) -> list[str]:
+        """The five keys of a permit script (see _permit_scripts): record, holders, queue,
+        waiters' entries, *owner*'s departure mark. One hash tag, so one Cluster slot; none
+        of them is a lock's key, so a lock and a semaphore of one name never meet."""
+        base = f"{self.prefix}:{{{tag(key)}}}:permits"
+        left = f"{base}:left:{owner.hex()}"
+        return [base, f"{base}:holders", f"{base}:queue", f"{base}:waiting", left]
+
+    def permit_extend(self, key: str) -> list[str]:
+        """The two keys of PERMIT_EXTEND and PERMIT_STATS' first two: record, holders."""
+        base = f"{self.prefix}:{{{tag(key)}}}:permits"
+        return [base, f"{base}:holders"]
+
+    def permit_scan_pattern(self) -> str:
+        """A SCAN pattern matching every permit key's record (filter with
+        :meth:`parse_permit`)."""
+        return f"{self.scan_pattern()}:permits"
+
+    def parse_permit(self, name: str) -> str | None:
+        """The key whose permit record is *name*, or None when *name* is not one."""
+        suffix = ":permits"
+        return self.parse(name[: -len(suffix)]) if name.endswith(suffix) else None
 
     def wake_channel(self, process_id: str) -> str:
         """The pub/sub channel hand-offs to one backend's waiters are published on."""

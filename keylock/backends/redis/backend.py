@@ -16,13 +16,12 @@ from ...errors import LeaseLost
 from .._renewer import AutoRenewed, Renewal, Renewer
 from .._tiered import Flow, Held, Tier, TieredBackend
 from .._unclosed import Unclosed
-from ..base import Deadline, Grant, KeyStatistics
+from ..base import Backend, Deadline, Grant, KeyStatistics
 from ._clients import AsyncClient, SyncClient, check_clients, from_url
 from ._connections import Connections
 from ._flow import AcquireFlow, RedisFlow, ServerClock, Trip, check_seconds, extend_call, lost
 from ._keys import Layout
 from ._listener import Waiting
-from ._renewer import extend_all
 from ._scripts import EXTEND, FENCE_SLACK_MS, RELEASE, RELEASE_MARK_MS, Script
 from ._wire import Arg, map_errors
 
@@ -94,6 +93,7 @@ class RedisBackend(Unclosed, AutoRenewed, TieredBackend):
         self.server_clock = ServerClock()  # read from queueing replies; dates hand-offs
         self._waiting = Waiting(self._sync, self._channel, self.server_clock, self._where)
         self._renewer = None
+        self._permit_owners: set[bytes] = set()  # leases the renewer extends as permits
 
     @classmethod
     def from_url(
@@ -298,8 +298,20 @@ class RedisBackend(Unclosed, AutoRenewed, TieredBackend):
         return Renewer(self._renewal(), self._ttl / 3, name="keylock-redis-renewer")
 
     def _renewal(self) -> Renewal:
-        """How the renewer extends a batch of leases: one pipelined round trip."""
-        return extend_all(self._connections, self.layout)
+        """How the renewer extends a batch of leases (and permits): one pipelined round
+        trip per kind."""
+        from ._permits import renew_all
+
+        return renew_all(self._connections, self.layout, self._permit_owners)
+
+    # ---------------------------------------------------------------------------- permits
+
+    def permits(self, limit: int, weight: int = 1) -> Backend:
+        """Semaphores and RW locks on this Redis: the view of shape ``(limit, weight)``
+        (see ``_permits.RedisPermits``), sharing this backend's connections and threads."""
+        from ._permits import permit_view
+
+        return permit_view(self, limit, weight)
 
     # ----------------------------------------------------------------------------- closing
 

@@ -1,0 +1,278 @@
+"""Semaphores and RW locks on Redis: a :class:`RedisBackend`'s permit views.
+
+A view of shape ``(limit, weight)`` is the lock path with the permit scripts in its place
+(:mod:`._permit_scripts`): the same sans-IO acquire flow (only its scripts, keys and the
+limit-mismatch reply differ), the same listener (a hand-off is the lock path's message, one
+per waiter, so every waiter of one process that is handed a permit wakes), the parent's one
+renewer (its renewal extends permits with PERMIT_EXTEND, locks with EXTEND), and in front the
+memory permit table of the shape (see ``.._tieredpermits``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from typing import TYPE_CHECKING, cast
+
+from ...errors import LeaseLost
+from .._permits import limit_mismatch
+from .._tieredpermits import TieredPermits, tiered_view
+from ..base import KeyStatistics
+from ._flow import AcquireFlow, RedisFlow, Trip, lost, ttl_ms
+from ._keys import Layout
+from ._permit_scripts import (
+    MISMATCH,
+    PERMIT_ACQUIRE,
+    PERMIT_EXTEND,
+    PERMIT_LEAVE,
+    PERMIT_RELEASE,
+    PERMIT_STATS,
+)
+from ._renewer import extend_all
+from ._scripts import RELEASE_MARK_MS
+from ._wire import map_errors
+from .backend import RedisBackend
+
+if TYPE_CHECKING:
+    from ...lease import Lease
+    from .._renewer import Renewal
+    from .._tiered import Flow, Held, PermitTier
+    from .._waiters import Waiter
+    from ..base import Deadline, Grant
+    from ._connections import Connections
+    from ._flow import ServerClock
+    from ._wire import Arg
+
+__all__ = ["PermitFlow", "PermitProtocol", "RedisPermits", "permit_view", "renew_all"]
+
+# What a RedisBackend sets once and for all in its constructor: a view keeps its own reference
+# to each (the uncontended path then never goes through TieredPermits.__getattr__). What a
+# forked child sets again (_start_process: the tier, listener, clock, channel) is read from the
+# parent each time.
+_STABLE = ("layout", "prefix", "_connections", "_where", "poll", "_stay_ms", "_ttl")
+
+
+class _PermitKeys(Layout):
+    """The layout AcquireFlow is given for a permit: its "acquire keys" are a permit key's."""
+
+    __slots__ = ()
+
+    def acquire(self, key: str, owner: bytes) -> list[str]:
+        return self.permit(key, owner)
+
+
+def permit_view(parent: RedisBackend, limit: int, weight: int) -> RedisPermits:
+    """*parent*'s view of shape ``(limit, weight)`` (cached per shape on the parent)."""
+    view = tiered_view(parent, RedisPermits, limit, weight)
+    found = view.__dict__
+    if "_keys" not in found:  # (two threads may both fill it in: with the same values)
+        for name in _STABLE:
+            found[name] = getattr(parent, name)
+        found["_keys"] = _PermitKeys(parent.prefix)
+    return view
+
+
+class PermitProtocol(AcquireFlow):
+    """One permit acquire's protocol state: :class:`AcquireFlow` on PERMIT_ACQUIRE, whose
+    ``{-1, limit}`` reply raises LimitMismatch (nothing was granted or queued)."""
+
+    def __init__(
+        self, layout: Layout, key: str, owner: bytes, *, limit: int, weight: int, **kwargs: object
+    ) -> None:
+        super().__init__(layout, key, owner, **kwargs)  # type: ignore[arg-type]
+        self.limit = limit
+        self.refused = False
+        self.args += [limit, weight, key]
+
+    def next_trip(self, now: float) -> Trip | None:
+        trip = super().next_trip(now)
+        return None if trip is None else trip._replace(script=PERMIT_ACQUIRE)
+
+    def on_reply(
+        self,
+        reply: object,
+        sent_at: float,
+        received: float,
+        now: float,
+        clock: ServerClock,
+        subscribed: bool,
+    ) -> bool:
+        first, value, *_ = cast("list[int | bytes]", reply)
+        if int(first) == MISMATCH:
+            self.in_flight = False
+            self.answered = self.refused = True
+            raise limit_mismatch(self.key, int(value), self.limit)
+        return super().on_reply(reply, sent_at, received, now, clock, subscribed)
+
+    def leave_args(self) -> list[Arg] | None:
+        return None if self.refused else super().leave_args()
+
+
+class PermitFlow(RedisFlow):
+    """The tiered core's view of a :class:`PermitProtocol` (leaving with PERMIT_LEAVE)."""
+
+    def leaving(self) -> object | None:
+        trip = super().leaving()
+        return trip._replace(script=PERMIT_LEAVE) if isinstance(trip, Trip) else trip
+
+
+class RedisPermits(TieredPermits, RedisBackend):
+    """Permits of one shape ``(limit, weight)`` on a :class:`RedisBackend`'s Redis: the weight
+    of live permits on a key never exceeds ``limit``, across every process and host; waiters
+    are served FIFO across weights (a waiting writer blocks the readers that come after it) and
+    handed their permits by pub/sub, without polling; tokens strictly increase per key across
+    weights (floored at the server clock); a permit whose holder stops renewing lapses at its
+    TTL and the next grant says ``took_over``; a key in use with another limit raises
+    :class:`~keylock.LimitMismatch`. Made by :meth:`RedisBackend.permits`; closing it does
+    nothing (the parent owns the connections and threads)."""
+
+    _parent: RedisBackend
+    _keys: _PermitKeys
+
+    @property
+    def _tier(self) -> PermitTier:  # type: ignore[override]
+        # the parent's tier is replaced in a forked child: the permit tier follows it
+        tier = self._parent._tier
+        cached = self.__dict__.get("_tier_of")
+        if cached is None or cached[0] is not tier:
+            cached = self.__dict__["_tier_of"] = (tier, tier.permits(*self.shape))
+        return cached[1]
+
+    # ------------------------------------------------------------------- the arbiter's part
+
+    def _flow(
+        self,
+        key: str,
+        owner: bytes,
+        ttl: float | None,
+        deadline: Deadline,
+        waiter: Waiter,
+        local: Grant,
+    ) -> Flow:
+        return PermitFlow(self, key, owner, ttl, deadline, waiter, local)
+
+    def _protocol(
+        self,
+        key: str,
+        owner: bytes,
+        timeout: float | None,
+        ttl: float | None,
+        now: float | None = None,
+    ) -> AcquireFlow:
+        parent = self._parent
+        limit, weight = self.shape
+        return PermitProtocol(
+            self._keys,
+            key,
+            owner,
+            limit=limit,
+            weight=weight,
+            ttl=parent._ttl if ttl is None else ttl,
+            timeout=timeout,
+            now=time.monotonic() if now is None else now,
+            channel=parent._channel,
+            stay_ms=parent._stay_ms,
+            poll=parent.poll,
+            renewed=parent.auto_renew,
+        )
+
+    def _adopt(self, flow: Flow) -> Grant:
+        grant = TieredPermits._adopt(self, flow)
+        # before the lease is tracked: the parent's renewal extends it as a permit
+        self._parent._permit_owners.add(flow.owner)
+        if not self._parent.auto_renew and grant[2] is not None:
+            # nobody renews: the in-process permit lapses with the one on Redis
+            left = max(grant[2] - time.monotonic(), 0.001)
+            with contextlib.suppress(LeaseLost):
+                self._tier.local.extend_sync(flow.key, flow.owner, flow.local[0], left)
+        return grant
+
+    def _release_call(self, key: str, held: Held) -> tuple[list[str], list[Arg]]:
+        self._parent._permit_owners.discard(held.owner)
+        return self._parent.layout.permit(key, held.owner), [held.owner, key, RELEASE_MARK_MS]
+
+    def _end_sync(self, key: str, held: Held) -> bool:
+        keys, args = self._release_call(key, held)
+        return bool(self._parent._run_sync(PERMIT_RELEASE, key, keys, args))
+
+    async def _end(self, key: str, held: Held) -> bool:
+        keys, args = self._release_call(key, held)
+        parent = self._parent
+        try:
+            return bool(await parent._run_async(PERMIT_RELEASE, key, keys, args))
+        except asyncio.CancelledError:
+            # as for a lock: a release, once started, completes (the script is safe to rerun)
+            parent._connections.finish(lambda: parent._run_async(PERMIT_RELEASE, key, keys, args))
+            raise
+
+    def extend_sync(self, key: str, owner: bytes, token: int, ttl: float) -> Grant:
+        held = self._take_held(key, owner, token, pop=False)
+        keys, args = self._extend_call(key, owner, ttl)
+        sent_at, sent = time.time(), time.monotonic()
+        if not self._parent._run_sync(PERMIT_EXTEND, key, keys, args):
+            raise lost(key, token)
+        return self._extended(key, held, ttl, sent, sent_at)
+
+    async def extend(self, key: str, owner: bytes, token: int, ttl: float) -> Grant:
+        held = self._take_held(key, owner, token, pop=False)
+        keys, args = self._extend_call(key, owner, ttl)
+        sent_at, sent = time.time(), time.monotonic()
+        if not await self._parent._run_async(PERMIT_EXTEND, key, keys, args):
+            raise lost(key, token)
+        return self._extended(key, held, ttl, sent, sent_at)
+
+    def _extend_call(self, key: str, owner: bytes, ttl: float) -> tuple[list[str], list[Arg]]:
+        return self._parent.layout.permit_extend(key), [owner, ttl_ms(ttl, key)]
+
+    def _arbiter_statistics(self, key: str, local: KeyStatistics) -> KeyStatistics:
+        """What Redis says (a permit held here may be lost there): live permits of every
+        process, the newest holder's token and owner, everyone in line there, and this
+        process's callers queued in front of it."""
+        parent = self._parent
+        keys = parent.layout.permit(key, b"")[:4]
+        holders, token, owner, waiting, _ = cast(
+            "list[int | bytes]", parent._run_sync(PERMIT_STATS, key, keys, [])
+        )
+        waiting = local.waiting + int(waiting)
+        if not holders:
+            return KeyStatistics(key, False, None, None, waiting)
+        return KeyStatistics(key, True, int(token), bytes(owner), waiting, int(holders))
+
+    # ------------------------------------------------------------ the parent's threads
+
+    def _track(self, lease: Lease) -> None:
+        self._parent._track(lease)
+
+    def _untrack(self, lease: Lease) -> None:
+        self._parent._untrack(lease)
+
+
+def renew_all(connections: Connections, layout: Layout, permit_owners: set[bytes]) -> Renewal:
+    """The renewal of a backend's one renewer: the leases of owners in *permit_owners* with
+    PERMIT_EXTEND, the others with EXTEND, each kind in one pipelined round trip. A permit
+    found lost leaves *permit_owners* (it is never renewed again)."""
+    locks = extend_all(connections, layout)
+
+    def renew(batch: list[tuple[str, bytes, float]]) -> list[object]:
+        mine = [n for n, (_, owner, _) in enumerate(batch) if owner in permit_owners]
+        if not mine:
+            return locks(batch)
+        results: list[object] = [None] * len(batch)
+        others = [n for n in range(len(batch)) if n not in set(mine)]
+        if others:
+            for n, result in zip(others, locks([batch[n] for n in others]), strict=True):
+                results[n] = result
+        calls: list[tuple[list[str], list[Arg]]] = [
+            (layout.permit_extend(key), [owner, ttl_ms(ttl, key)])
+            for key, owner, ttl in (batch[n] for n in mine)
+        ]
+        with map_errors(batch[mine[0]][0], connections.where):
+            replies = connections.wire().call_many(PERMIT_EXTEND, calls)
+        for n, reply in zip(mine, replies, strict=True):
+            results[n] = reply if isinstance(reply, Exception) else reply == 1
+            if results[n] is False:
+                permit_owners.discard(batch[n][1])
+        return results
+
+    return renew

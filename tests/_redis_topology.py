@@ -4,13 +4,16 @@
 (``valkey-server --sentinel``), all from the same binary as tests/_redis_server.py. The API a
 failover test needs: ``start()``/``stop()``, ``kill_primary()``, ``wait_for_promotion()``,
 ``restore()`` (the killed node back as a replica, known to every Sentinel), ``kill_replica()``,
-``wait_synced()``. Every wait is a bounded poll of a condition, never a sleep.
+``pause_replicas()``/``resume_replicas()`` (replication cut: the next writes are lost in a
+failover), ``wait_synced()``. Every wait is a bounded poll of a condition, never a sleep.
 """
 
 from __future__ import annotations
 
 import contextlib
+import os
 import shutil
+import signal
 import subprocess
 import tempfile
 import time
@@ -222,6 +225,27 @@ class SentinelTopology:
         self.servers[port].stop()
         self.down.add(port)
         return port
+
+    def pause_replicas(self) -> None:
+        """Freeze every live replica (SIGSTOP) and cut its link from the primary: writes
+        from now on reach no replica, so a failover loses them (resume_replicas() first)."""
+        for port in self.replica_ports:
+            if port not in self.down:
+                proc = self.servers[port]._proc
+                assert proc is not None
+                os.kill(proc.pid, signal.SIGSTOP)
+        self.primary().client_kill_filter(_type="replica")  # type: ignore[no-untyped-call]
+        poll(
+            lambda: self.primary().info("replication")["connected_slaves"] == 0,
+            5,
+            "the replicas cut off from the primary",
+        )
+
+    def resume_replicas(self) -> None:
+        for port in self.replica_ports:
+            proc = self.servers[port]._proc
+            if proc is not None and port not in self.down:
+                os.kill(proc.pid, signal.SIGCONT)
 
     def wait_for_promotion(self, old: int, timeout: float = 20) -> int:
         """Until every Sentinel names one primary other than *old*, with no failover under

@@ -199,7 +199,9 @@ async def test_the_primary_killed_with_leases_held_and_waiters_waiting(
     Sentinel promote a replica; every other trial, replication is cut first. Tokens never go
     back (the server clock floors them); the fenced store never accepts a stale write; no
     wait hangs past its timeout; each lease the failover lost is reported lost within its
-    TTL. With replicas=1: no overlap at all (a grant no replica has is given back)."""
+    TTL. With replicas=1: no overlap and no lease lost (a grant no replica has is given
+    back). Checked to fail without the WAIT (replicas=1 then loses the cut trial's leases,
+    and takers may be granted them while their holders still hold them)."""
     redis_server.flush()
     history = History()
     store = RedisFencedStore(history, redis_server.url)

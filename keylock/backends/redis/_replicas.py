@@ -86,8 +86,8 @@ def unreplicated(
         )
     return BackendUnavailable(
         f"Redis at {where}: the {what} of lock {key!r} reached {acked} of the {n} replica(s) "
-        f"asked for within {timeout:g} s; {outcome}; check the replicas (INFO replication) "
-        "or lower replicas=",
+        f"asked for within replica_timeout={timeout:g} s (or half the time the caller had "
+        f"left, if less); {outcome}; check the replicas (INFO replication) or lower replicas=",
         key=key,
     )
 

@@ -16,7 +16,10 @@ from redis.retry import Retry
 
 from keylock import BackendUnavailable, KeyedLock, Lease
 from keylock.backends import RedisBackend
+from keylock.backends.redis._scripts import EXTEND
+from keylock.backends.redis._wire import Arg, SyncWire
 
+from .._redis_server import Server
 from .._redis_topology import SentinelTopology, poll, running_sentinel_topology
 
 
@@ -193,3 +196,25 @@ def test_a_hand_off_returns_only_once_the_replica_has_it(topology: SentinelTopol
     got[0].release_sync()
     holder.close_sync()
     waiter.close_sync()
+
+
+@pytest.mark.parametrize("pipelined", [False, True])
+def test_a_batch_with_wait_on_a_server_without_the_script(
+    redis_server: Server, pipelined: bool
+) -> None:
+    """The renewer's batch (EXTENDs, then WAIT) on a server that lost its scripts: the texts
+    are sent again and the WAIT's reply comes last, once. Fails before the fix: the renewal
+    raised ``zip() argument 2 is longer than argument 1`` (the WAIT's reply counted as one
+    of the EXTENDs), and a lease renewed after a failover was reported lost."""
+    client = redis.Redis.from_url(redis_server.url)
+    client.script_flush()
+    wire = SyncWire(client)
+    if pipelined:
+        wire._pool = None  # through the client's own pipeline (Cluster, other pools)
+    calls: list[tuple[list[str], list[Arg]]] = [
+        ([f"k{n}", "f", "u"], ["o", 1000, 2000, 3000]) for n in range(3)
+    ]
+    replies = wire.call_many(EXTEND, calls, ("WAIT", 0, 10))
+    assert replies == [0, 0, 0, 0]  # three "not ours", then WAIT: 0 replicas
+    wire.close()
+    client.close()

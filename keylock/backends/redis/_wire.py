@@ -234,7 +234,7 @@ class SyncWire:
             if missing:  # a new or flushed server: send the text for those once
                 retried = [calls[n] for n in missing]
                 again = self._exchange(conn, "EVAL", script.text, retried, then)
-                for n, reply in zip(missing, again, strict=True):
+                for n, reply in zip(missing, again[: len(missing)], strict=True):
                     replies[n] = reply
                 if then is not None:  # the last word on what the replicas hold
                     replies[-1] = again[-1]
@@ -319,7 +319,7 @@ class SyncWire:
             if then is not None:
                 pipe.execute_command(*then)
             again = list(pipe.execute(raise_on_error=False))
-            for n, reply in zip(missing, again, strict=True):
+            for n, reply in zip(missing, again[: len(missing)], strict=True):
                 replies[n] = reply
             if then is not None:
                 replies[-1] = again[-1]

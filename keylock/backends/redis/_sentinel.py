@@ -30,7 +30,10 @@ if TYPE_CHECKING:
 
 __all__ = [
     "SentinelURL",
+    "aclose",
     "async_twin",
+    "close",
+    "for_sentinel",
     "is_sentinel",
     "is_sentinel_url",
     "make_client",

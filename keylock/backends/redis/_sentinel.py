@@ -54,6 +54,13 @@ def _quick(asynchronous: bool) -> dict[str, object]:
     return {"socket_timeout": 0.5, "socket_connect_timeout": 0.5, "retry": retry}
 
 
+# A connection to the primary is tried once (the wire retries a call once, on a connection
+# that asks the Sentinels again; the listener and the renewer try again on their own): redis-py's
+# default of 10 tries with backoff kept a renewal past its lease's expiry during a failover.
+def _once(asynchronous: bool) -> dict[str, object]:
+    return {"retry": (redis.asyncio.retry.Retry if asynchronous else Retry)(NoBackoff(), 0)}
+
+
 _HOST = re.compile(r"^(?:\[(?P<v6>[0-9A-Fa-f:.]+)\]|(?P<host>[^:\[\]]+))(?::(?P<port>\d+))?$")
 
 
@@ -108,8 +115,10 @@ def parse_url(url: str, shown: str) -> SentinelURL:
     return SentinelURL(sentinels, names[0], db, username, password, scheme.lower() == SCHEMES[1])
 
 
-def _client_options(parsed: SentinelURL, options: dict[str, object]) -> dict[str, object]:
-    given: dict[str, object] = {"db": parsed.db, "ssl": parsed.tls}
+def _client_options(
+    parsed: SentinelURL, options: dict[str, object], *, asynchronous: bool
+) -> dict[str, object]:
+    given: dict[str, object] = {"db": parsed.db, "ssl": parsed.tls, **_once(asynchronous)}
     if parsed.username is not None:
         given["username"] = parsed.username
     if parsed.password is not None:
@@ -125,7 +134,8 @@ def make_client(url: str, shown: str, options: dict[str, object], *, asynchronou
     sentinel_options = {**_quick(asynchronous), **given}
     kind = redis.asyncio.sentinel.Sentinel if asynchronous else redis.sentinel.Sentinel
     manager = kind(parsed.sentinels, sentinel_kwargs=sentinel_options)
-    return manager.master_for(parsed.service, **_client_options(parsed, options))  # type: ignore[arg-type]
+    chosen = _client_options(parsed, options, asynchronous=asynchronous)
+    return manager.master_for(parsed.service, **chosen)  # type: ignore[arg-type]
 
 
 def for_sentinel(sentinel: object, service: object) -> redis.Redis:
@@ -139,7 +149,7 @@ def for_sentinel(sentinel: object, service: object) -> redis.Redis:
     if not isinstance(sentinel, redis.sentinel.Sentinel):
         addresses = _addresses(sentinel)
         sentinel = redis.sentinel.Sentinel(addresses, sentinel_kwargs=_quick(False))  # type: ignore[no-untyped-call]
-    return cast("redis.Redis", sentinel.master_for(service))  # type: ignore[no-untyped-call]
+    return cast("redis.Redis", sentinel.master_for(service, **_once(False)))  # type: ignore[no-untyped-call]
 
 
 def _addresses(given: object) -> list[tuple[str, int]]:
@@ -211,6 +221,7 @@ def _twin(client: object, *, asynchronous: bool, **changes: object) -> object:
     options["ssl"] = issubclass(
         pool.connection_class, redis.SSLConnection | redis.asyncio.SSLConnection
     )
+    options.update(_once(asynchronous))
     options.update(changes)
     # a manager of its own: closing the twin closes its own Sentinel connections
     kind = redis.asyncio.sentinel.Sentinel if asynchronous else redis.sentinel.Sentinel

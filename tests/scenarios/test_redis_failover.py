@@ -94,6 +94,8 @@ async def test_a_failover_with_leases_held_and_waiters_waiting(
             assert lease.key not in lost
     if replicas:
         assert not lost, lost
+    # (replicas=1 grants need the surviving replica back in sync with the new primary)
+    await asyncio.to_thread(sentinel.wait_synced)
     after = [await holders.acquire("after", timeout=5)]
     after.append(await asyncio.to_thread(holders.acquire_sync, "after-sync", timeout=5))
     for lease in after:

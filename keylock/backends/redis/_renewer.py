@@ -28,9 +28,12 @@ def extend_all(connections: Connections, layout: Layout, replication: Replicatio
 
     def renew(batch: list[tuple[str, bytes, float]]) -> list[object]:
         calls = [extend_call(layout, key, owner, ttl) for key, owner, ttl in batch]
-        wait = replication.wait(None)
+        # a renewal that takes a third of the shortest TTL has failed (the renewer tries again
+        # soon): a call stuck on a dead or failing-over server must not outlast the leases
+        bound = min(ttl for _, _, ttl in batch) / 3
+        wait = replication.wait(bound)
         with map_errors(batch[0][0], connections.where):
-            replies = connections.wire().call_many(EXTEND, calls, wait)
+            replies = connections.wire().call_many(EXTEND, calls, wait, bound)
         short = None
         if wait is not None:
             short = replication.short(replies.pop())

@@ -216,10 +216,12 @@ class SyncWire:
         script: Script,
         calls: Sequence[tuple[Sequence[str], Sequence[Arg]]],
         then: Sequence[Arg] | None = None,
+        timeout: float | None = None,
     ) -> list[object]:
         """Many calls of *script* in one round trip (a pipeline); each call's reply, or the
         ResponseError it got, then the reply of the command *then* sent after them all (if
-        given). A connection error fails the whole batch (retried once)."""
+        given). A connection error fails the whole batch (retried once). *timeout* bounds
+        the connection and each reply as in :meth:`call` (plain pools only)."""
         if not calls:
             return []
         pool = self._pool
@@ -227,13 +229,14 @@ class SyncWire:
             return self._pipelined(script, calls, then)
 
         def exchange(conn: redis.Connection) -> list[object]:
+            bound = {} if timeout is None else {"timeout": _limit(timeout, conn.socket_timeout)}
             if not _is_open(conn):
-                _open(conn, None)
-            replies = self._exchange(conn, "EVALSHA", script.sha, calls, then)
+                _open(conn, timeout)
+            replies = self._exchange(conn, "EVALSHA", script.sha, calls, then, bound)
             missing = [n for n, reply in enumerate(replies) if isinstance(reply, NoScriptError)]
             if missing:  # a new or flushed server: send the text for those once
                 retried = [calls[n] for n in missing]
-                again = self._exchange(conn, "EVAL", script.text, retried, then)
+                again = self._exchange(conn, "EVAL", script.text, retried, then, bound)
                 for n, reply in zip(missing, again[: len(missing)], strict=True):
                     replies[n] = reply
                 if then is not None:  # the last word on what the replicas hold

@@ -12,10 +12,14 @@ import time
 import weakref
 from typing import TYPE_CHECKING
 
+import redis.asyncio.cluster
+import redis.cluster
 from redis.exceptions import RedisError
 
+from . import _sentinel
+from ._async_wire import AsyncWire
 from ._clients import AsyncClient, SyncClient, address, async_from, raw, raw_async, sync_from
-from ._wire import AsyncWire, SyncWire, in_background, map_errors
+from ._wire import SyncWire, in_background, map_errors
 
 if TYPE_CHECKING:
     from collections.abc import AsyncGenerator, Callable, Coroutine, Sequence
@@ -28,6 +32,8 @@ if TYPE_CHECKING:
 __all__ = ["GIVE_UP_WAIT", "Connections"]
 
 logger = logging.getLogger("keylock")
+
+ClusterClient = redis.cluster.RedisCluster | redis.asyncio.cluster.RedisCluster
 
 
 # A caller that gives up (timeout, cancel, error) waits this long for its LEAVE to land, then
@@ -54,6 +60,7 @@ class Connections:
         self.url = url
         self.options = options or {}
         self.where = address(client or async_client)  # for messages: never a secret
+        self.cluster = isinstance(client or async_client, ClusterClient)
         self._async_clients: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, AsyncClient]
         self._async_clients = weakref.WeakKeyDictionary()
         self._numbers = itertools.count()
@@ -140,6 +147,7 @@ class Connections:
                 await wire.close()
             if client is not None:
                 await client.aclose()
+                await _sentinel.aclose(client)
         except (RedisError, OSError) as exc:
             logger.debug("keylock: closing an event loop's Redis connections failed: %s", exc)
 
@@ -156,9 +164,10 @@ class Connections:
         keys: Sequence[str],
         args: Sequence[Arg],
         bound: float | None,
+        then: Sequence[Arg] | None = None,
     ) -> object:
         with map_errors(key, self.where):
-            return self.wire().call(script, keys, args, bound)
+            return self.wire().call(script, keys, args, bound, then)
 
     async def run(
         self,
@@ -167,6 +176,7 @@ class Connections:
         keys: Sequence[str],
         args: Sequence[Arg],
         bound: float | None,
+        then: Sequence[Arg] | None = None,
     ) -> object:
         loop = asyncio.get_running_loop()
         wire = self._async_wires.get(loop)
@@ -176,7 +186,7 @@ class Connections:
         task = asyncio.current_task()
         cancels = 0 if task is None else task.cancelling()
         with map_errors(key, self.where):
-            reply = await wire.call(script, keys, args, bound)
+            reply = await wire.call(script, keys, args, bound, then)
         if task is not None and task.cancelling() > cancels:
             # Python 3.11's wait_for (inside redis-py's send) swallows a cancel that lands as
             # the send completes: honour it, so a cancelled caller never walks off with a lease
@@ -244,9 +254,11 @@ class Connections:
             wire.close()
         if self.client is not None:
             self.client.close()
+            _sentinel.close(self.client)
         for given in self._given:  # a decoding client the user gave, beside its raw twin
             if isinstance(given, SyncClient) and given is not self.client:
                 given.close()
+                _sentinel.close(given)
 
     async def close(self) -> None:
         """Close the sync connections and those of the running loop (other loops'
@@ -255,8 +267,11 @@ class Connections:
         await self._close_loop(asyncio.get_running_loop())
         for client in list(self._async_clients.values()):
             await client.aclose()
+            await _sentinel.aclose(client)
         if self.async_client is not None:
             await self.async_client.aclose()
+            await _sentinel.aclose(self.async_client)
         for given in self._given:
             if isinstance(given, AsyncClient) and given is not self.async_client:
                 await given.aclose()
+                await _sentinel.aclose(given)

@@ -19,7 +19,7 @@ from ...errors import LeaseLost
 from .._permits import limit_mismatch
 from .._tieredpermits import TieredPermits, tiered_view
 from ..base import KeyStatistics
-from ._flow import AcquireFlow, RedisFlow, Trip, lost, ttl_ms
+from ._flow import AcquireFlow, RedisFlow, Trip, ttl_ms
 from ._keys import Layout
 from ._permit_scripts import (
     MISMATCH,
@@ -42,6 +42,7 @@ if TYPE_CHECKING:
     from ..base import Deadline, Grant
     from ._connections import Connections
     from ._flow import ServerClock
+    from ._replicas import Replication
     from ._wire import Arg
 
 __all__ = ["PermitFlow", "PermitProtocol", "RedisPermits", "permit_view", "renew_all"]
@@ -210,17 +211,15 @@ class RedisPermits(TieredPermits, RedisBackend):
         held = self._take_held(key, owner, token, pop=False)
         keys, args = self._extend_call(key, owner, ttl)
         sent_at, sent = time.time(), time.monotonic()
-        if not self._parent._run_sync(PERMIT_EXTEND, key, keys, args):
-            raise lost(key, token)
-        return self._extended(key, held, ttl, sent, sent_at)
+        reply = self._parent._run_sync(PERMIT_EXTEND, key, keys, args)
+        return self._extended(key, held, ttl, sent, sent_at, reply, token)  # (LeaseLost if not)
 
     async def extend(self, key: str, owner: bytes, token: int, ttl: float) -> Grant:
         held = self._take_held(key, owner, token, pop=False)
         keys, args = self._extend_call(key, owner, ttl)
         sent_at, sent = time.time(), time.monotonic()
-        if not await self._parent._run_async(PERMIT_EXTEND, key, keys, args):
-            raise lost(key, token)
-        return self._extended(key, held, ttl, sent, sent_at)
+        reply = await self._parent._run_async(PERMIT_EXTEND, key, keys, args)
+        return self._extended(key, held, ttl, sent, sent_at, reply, token)
 
     def _extend_call(self, key: str, owner: bytes, ttl: float) -> tuple[list[str], list[Arg]]:
         return self._parent.layout.permit_extend(key), [owner, ttl_ms(ttl, key)]
@@ -248,11 +247,16 @@ class RedisPermits(TieredPermits, RedisBackend):
         self._parent._untrack(lease)
 
 
-def renew_all(connections: Connections, layout: Layout, permit_owners: set[bytes]) -> Renewal:
+def renew_all(
+    connections: Connections,
+    layout: Layout,
+    permit_owners: set[bytes],
+    replication: Replication,
+) -> Renewal:
     """The renewal of a backend's one renewer: the leases of owners in *permit_owners* with
     PERMIT_EXTEND, the others with EXTEND, each kind in one pipelined round trip. A permit
     found lost leaves *permit_owners* (it is never renewed again)."""
-    locks = extend_all(connections, layout)
+    locks = extend_all(connections, layout, replication)
 
     def renew(batch: list[tuple[str, bytes, float]]) -> list[object]:
         mine = [n for n, (_, owner, _) in enumerate(batch) if owner in permit_owners]

@@ -22,10 +22,11 @@ from typing import TYPE_CHECKING, TypeVar, cast
 import redis
 import redis.asyncio
 import redis.asyncio.cluster
+import redis.asyncio.sentinel
 import redis.cluster
+import redis.sentinel
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import NoScriptError, RedisClusterException, RedisError, ResponseError
-from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from ...errors import BackendUnavailable
 
@@ -34,7 +35,7 @@ if TYPE_CHECKING:
 
     from ._scripts import Script
 
-__all__ = ["Arg", "AsyncWire", "SyncWire", "in_background", "map_errors", "redact"]
+__all__ = ["Arg", "SyncWire", "describe", "in_background", "map_errors", "redact"]
 
 logger = logging.getLogger("keylock")
 T = TypeVar("T")
@@ -50,6 +51,15 @@ def redact(text: str) -> str:
     return _SECRET.sub(lambda m: f"{m.group(1)}***" if m.group(1) else "***@", text)
 
 
+def describe(exc: BaseException) -> str:
+    """*exc* for a message: redacted, and without the reprs of every Sentinel client that
+    redis-py appends when no Sentinel names a primary."""
+    text = str(exc)
+    if isinstance(exc, redis.sentinel.MasterNotFoundError):
+        text = text.partition(" : ")[0] + " (the Sentinels name no primary that is up)"
+    return redact(text) or type(exc).__name__
+
+
 @contextlib.contextmanager
 def map_errors(key: str, where: str) -> Iterator[None]:
     """The one error boundary: redis-py's errors (RedisCluster's too) and socket errors become
@@ -58,7 +68,7 @@ def map_errors(key: str, where: str) -> Iterator[None]:
         yield
     except (RedisError, RedisClusterException, OSError) as exc:
         raise BackendUnavailable(
-            f"Redis at {where} failed for lock {key!r}: {redact(str(exc)) or type(exc).__name__}; "
+            f"Redis at {where} failed for lock {key!r}: {describe(exc)}; "
             "nothing was granted or changed by this call; check the server and the URL",
             key=key,
         ) from exc
@@ -80,12 +90,23 @@ _SOCKET_CONNECTS: set[object] = {
 }
 
 
+# Pools whose connections are made from the pool's class and options alone: a Sentinel pool's
+# connections each ask the Sentinels for the primary as they connect (so a fresh connection
+# after a failover reaches the new one).
+_PLAIN_POOLS = (
+    redis.ConnectionPool,
+    redis.asyncio.ConnectionPool,
+    redis.sentinel.SentinelConnectionPool,
+    redis.asyncio.sentinel.SentinelConnectionPool,
+)
+
+
 def _plain_pool(client: object) -> object:
-    """*client*'s pool if it talks to one server through an ordinary pool of real sockets
-    (direct calls are then safe), else None."""
+    """*client*'s pool if it talks to one server (or to the primary Sentinels name) through
+    an ordinary pool of real sockets (direct calls are then safe), else None."""
     pool = getattr(client, "connection_pool", None)
     plain = (
-        type(pool) in (redis.ConnectionPool, redis.asyncio.ConnectionPool)
+        type(pool) in _PLAIN_POOLS
         and getattr(pool, "cache", None) is None
         and getattr(client, "connection", None) is None  # not a single-connection client
         and getattr(pool.connection_class, "_connect", None) in _SOCKET_CONNECTS  # type: ignore[union-attr]
@@ -121,6 +142,16 @@ def _connect_within(conn: redis.Connection, timeout: float) -> None:
         sock.settimeout(saved[0])
 
 
+def _open(conn: redis.Connection, timeout: float | None) -> None:
+    """Connect *conn* through its own connect() (a Sentinel-managed connection asks the
+    Sentinels for the primary there; a send on a closed one would connect to its last
+    address), within *timeout* if given."""
+    if timeout is not None:
+        _connect_within(conn, timeout)
+    else:
+        conn.connect()  # type: ignore[no-untyped-call]
+
+
 class SyncWire:
     """Runs scripts for threads: each call takes an idle connection (or makes one), so
     concurrent callers never share a socket. A connection that fails is dropped; a call that
@@ -141,13 +172,18 @@ class SyncWire:
         keys: Sequence[str],
         args: Sequence[Arg],
         timeout: float | None = None,
+        then: Sequence[Arg] | None = None,
     ) -> object:
         """One script call; with *timeout*, its reply is awaited at most that long (and never
         longer than the client's socket timeout): redis-py's TimeoutError then, the script
-        having run or not. Only plain pools honour *timeout*."""
+        having run or not. Only plain pools honour *timeout*. With *then* (a command, such as
+        ``WAIT``), that command is sent on the same connection in the same write, and the
+        result is ``(script's reply, then's reply)``."""
         sha, text = script.sha, script.text
         pool = self._pool
         if pool is None:
+            if then is not None:
+                return self._pipelined_then(script, keys, args, then)
             try:
                 return self._client.evalsha(sha, len(keys), *keys, *args)
             except NoScriptError:
@@ -157,8 +193,15 @@ class SyncWire:
             # (redis-py's sync Connection is untyped: hence the ignores)
             # (no timeout: redis-py's default read, which costs no extra system calls)
             bound = {} if timeout is None else {"timeout": _limit(timeout, conn.socket_timeout)}
-            if timeout is not None and not _is_open(conn):
-                _connect_within(conn, timeout)
+            if not _is_open(conn):
+                _open(conn, timeout)
+            if then is not None:
+                replies = self._exchange(conn, "EVALSHA", sha, [(keys, args)], then, bound)
+                if isinstance(replies[0], NoScriptError):  # (then ran too: harmless)
+                    replies = self._exchange(conn, "EVAL", text, [(keys, args)], then, bound)
+                if isinstance(replies[0], Exception):
+                    raise replies[0]
+                return replies[0], replies[1]
             conn.send_command("EVALSHA", sha, len(keys), *keys, *args)  # type: ignore[no-untyped-call]
             try:
                 return conn.read_response(**bound)
@@ -169,23 +212,35 @@ class SyncWire:
         return self._on_a_connection(pool, exchange)
 
     def call_many(
-        self, script: Script, calls: Sequence[tuple[Sequence[str], Sequence[Arg]]]
+        self,
+        script: Script,
+        calls: Sequence[tuple[Sequence[str], Sequence[Arg]]],
+        then: Sequence[Arg] | None = None,
+        timeout: float | None = None,
     ) -> list[object]:
         """Many calls of *script* in one round trip (a pipeline); each call's reply, or the
-        ResponseError it got. A connection error fails the whole batch (retried once)."""
+        ResponseError it got, then the reply of the command *then* sent after them all (if
+        given). A connection error fails the whole batch (retried once). *timeout* bounds
+        the connection and each reply as in :meth:`call` (plain pools only)."""
         if not calls:
             return []
         pool = self._pool
         if pool is None:
-            return self._pipelined(script, calls)
+            return self._pipelined(script, calls, then)
 
         def exchange(conn: redis.Connection) -> list[object]:
-            replies = self._exchange(conn, "EVALSHA", script.sha, calls)
+            bound = {} if timeout is None else {"timeout": _limit(timeout, conn.socket_timeout)}
+            if not _is_open(conn):
+                _open(conn, timeout)
+            replies = self._exchange(conn, "EVALSHA", script.sha, calls, then, bound)
             missing = [n for n, reply in enumerate(replies) if isinstance(reply, NoScriptError)]
             if missing:  # a new or flushed server: send the text for those once
-                again = self._exchange(conn, "EVAL", script.text, [calls[n] for n in missing])
-                for n, reply in zip(missing, again, strict=True):
+                retried = [calls[n] for n in missing]
+                again = self._exchange(conn, "EVAL", script.text, retried, then, bound)
+                for n, reply in zip(missing, again[: len(missing)], strict=True):
                     replies[n] = reply
+                if then is not None:  # the last word on what the replicas hold
+                    replies[-1] = again[-1]
             return replies
 
         return self._on_a_connection(pool, exchange)
@@ -229,24 +284,34 @@ class SyncWire:
         command: str,
         body: str,
         calls: Sequence[tuple[Sequence[str], Sequence[Arg]]],
+        then: Sequence[Arg] | None = None,
+        bound: dict[str, float | None] | None = None,
     ) -> list[object]:
+        commands: list[tuple[Arg, ...]]
         commands = [(command, body, len(keys), *keys, *args) for keys, args in calls]
+        if then is not None:
+            commands.append(tuple(then))
         conn.send_packed_command(conn.pack_commands(commands))  # type: ignore[no-untyped-call]
         replies: list[object] = []
         for _ in commands:
             try:
-                replies.append(conn.read_response())
+                replies.append(conn.read_response(**(bound or {})))
             except ResponseError as exc:  # this call's error: the others' replies still follow
                 replies.append(exc)
         return replies
 
     def _pipelined(
-        self, script: Script, calls: Sequence[tuple[Sequence[str], Sequence[Arg]]]
+        self,
+        script: Script,
+        calls: Sequence[tuple[Sequence[str], Sequence[Arg]]],
+        then: Sequence[Arg] | None = None,
     ) -> list[object]:
         """call_many through the client's own pipeline (Cluster: one per node, in parallel)."""
         pipe = self._client.pipeline(transaction=False)
         for keys, args in calls:
             pipe.evalsha(script.sha, len(keys), *keys, *args)
+        if then is not None:
+            pipe.execute_command(*then)
         replies = list(pipe.execute(raise_on_error=False))
         missing = [n for n, reply in enumerate(replies) if isinstance(reply, NoScriptError)]
         if missing:
@@ -254,97 +319,30 @@ class SyncWire:
             for n in missing:
                 keys, args = calls[n]
                 pipe.eval(script.text, len(keys), *keys, *args)
-            for n, reply in zip(missing, pipe.execute(raise_on_error=False), strict=True):
+            if then is not None:
+                pipe.execute_command(*then)
+            again = list(pipe.execute(raise_on_error=False))
+            for n, reply in zip(missing, again[: len(missing)], strict=True):
                 replies[n] = reply
+            if then is not None:
+                replies[-1] = again[-1]
         return replies
+
+    def _pipelined_then(
+        self, script: Script, keys: Sequence[str], args: Sequence[Arg], then: Sequence[Arg]
+    ) -> tuple[object, object]:
+        """call() with *then*, through the client's own pipeline (one connection)."""
+        reply, after = self._pipelined(script, [(keys, args)], then)
+        if isinstance(reply, Exception):
+            raise reply
+        return reply, after
 
     def close(self) -> None:
         """Close every connection made, idle or not (a call still running then fails)."""
         self._closed = True
-        self._idle = []
-        for conn in list(self._made):
+        idle, self._idle = self._idle, []  # (held until closed: one dropped unclosed warns)
+        for conn in {*idle, *self._made}:
             conn.disconnect()  # type: ignore[no-untyped-call]
-
-
-class AsyncWire:
-    """The same for one event loop (redis.asyncio connections belong to the loop they were
-    made on). A call cancelled mid-reply drops its connection (redis-py disconnects it)."""
-
-    def __init__(self, client: redis.asyncio.Redis | redis.asyncio.cluster.RedisCluster) -> None:
-        self._client = client
-        self._pool = pool = cast("redis.asyncio.ConnectionPool | None", _plain_pool(client))
-        self._idle: list[redis.asyncio.Connection] = []
-        self._made: weakref.WeakSet[redis.asyncio.Connection] = weakref.WeakSet()
-        # Our connections get no socket timeout of their own: redis-py then writes without
-        # asyncio.wait_for, which on Python 3.11 costs a task per command. The client's socket
-        # timeout still bounds every read and every handshake, here.
-        options = {} if pool is None else pool.connection_kwargs
-        self._options = {**options, "socket_timeout": None}
-        self._closed = False  # as in SyncWire
-        self._socket_timeout: float | None = None
-        if pool is not None:  # the timeout the pool's connections get (redis-py's default: 5 s)
-            self._socket_timeout = pool.connection_class(**options).socket_timeout
-
-    async def call(
-        self,
-        script: Script,
-        keys: Sequence[str],
-        args: Sequence[Arg],
-        timeout: float | None = None,
-    ) -> object:
-        """One script call; *timeout* bounds the wait for its reply, as in :class:`SyncWire`
-        (through the client's API, a cancel at the bound: TimeoutError)."""
-        sha, text = script.sha, script.text
-        pool = self._pool
-        if pool is None:
-            async with asyncio.timeout(timeout):
-                try:
-                    return await self._client.evalsha(sha, len(keys), *keys, *args)
-                except NoScriptError:
-                    return await self._client.eval(text, len(keys), *keys, *args)
-        for attempt in (1, 2):
-            if self._closed:
-                raise RedisConnectionError("the backend was closed")
-            try:
-                conn = self._idle.pop()
-            except IndexError:
-                conn = pool.connection_class(**self._options)  # type: ignore[assignment]
-                self._made.add(conn)
-            limit = _limit(timeout, self._socket_timeout)
-            try:
-                if not conn.is_connected:
-                    async with asyncio.timeout(limit):  # socket and handshake, both bounded
-                        await conn.connect()  # type: ignore[no-untyped-call]
-                await conn.send_command("EVALSHA", sha, len(keys), *keys, *args)
-                try:
-                    reply = await conn.read_response(timeout=limit)
-                except NoScriptError:
-                    await conn.send_command("EVAL", text, len(keys), *keys, *args)
-                    reply = await conn.read_response(timeout=limit)
-                if reply is None and limit is not None:
-                    # redis-py answers None when a read given its own timeout runs out, and
-                    # leaves the reply pending on the socket (a script never answers None)
-                    raise RedisTimeoutError(f"no reply within {limit} s")
-            except RedisConnectionError:
-                await conn.disconnect()
-                if attempt == 2:
-                    raise
-                continue
-            except BaseException:
-                # cancelled or failed mid-call: redis-py has already closed the socket unless
-                # the error was a reply; close it in any case, without waiting
-                await conn.disconnect(nowait=True)
-                raise
-            self._idle.append(conn)
-            return reply
-        raise AssertionError("unreachable")  # pragma: no cover
-
-    async def close(self) -> None:
-        """Close every connection made, idle or not (a call still running then fails)."""
-        self._closed = True
-        self._idle = []
-        for conn in list(self._made):
-            await conn.disconnect()
 
 
 background: set[asyncio.Future[object]] = set()  # calls going on alone, kept alive until done

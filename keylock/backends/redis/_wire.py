@@ -243,17 +243,19 @@ class SyncWire:
     def _pipelined(
         self, script: Script, calls: Sequence[tuple[Sequence[str], Sequence[Arg]]]
     ) -> list[object]:
-        """call_many through the client's own pipeline (Cluster: one per node, in parallel)."""
+        """call_many through the client's own pipeline (Cluster: one per node, in parallel).
+        Commands go in by name: a Cluster pipeline refuses its ``evalsha`` method, though it
+        routes EVALSHA by its keys like any keyed command."""
         pipe = self._client.pipeline(transaction=False)
         for keys, args in calls:
-            pipe.evalsha(script.sha, len(keys), *keys, *args)
+            pipe.execute_command("EVALSHA", script.sha, len(keys), *keys, *args)
         replies = list(pipe.execute(raise_on_error=False))
         missing = [n for n, reply in enumerate(replies) if isinstance(reply, NoScriptError)]
         if missing:
             pipe = self._client.pipeline(transaction=False)
             for n in missing:
                 keys, args = calls[n]
-                pipe.eval(script.text, len(keys), *keys, *args)
+                pipe.execute_command("EVAL", script.text, len(keys), *keys, *args)
             for n, reply in zip(missing, pipe.execute(raise_on_error=False), strict=True):
                 replies[n] = reply
         return replies

@@ -61,10 +61,11 @@ def test_a_url_or_an_async_client_in_the_wrong_place_is_a_type_error() -> None:
 
 
 def test_an_unknown_client_option_fails_at_construction(url: str) -> None:
-    """Row 37 (adv_06): ``from_url(url, replicas=1)`` names the option at once. Fails before
-    the fix: accepted, then a TypeError deep in redis-py at the first command."""
-    with pytest.raises(TypeError, match="replicas"):
-        RedisBackend.from_url(url, replicas=1)
+    """Row 37 (adv_06): ``from_url(url, replica=1)`` names the option at once. Fails before
+    the fix: accepted, then a TypeError deep in redis-py at the first command. (The row's
+    ``replicas=1`` is a real option now: see test_redis_replicas.py.)"""
+    with pytest.raises(TypeError, match="replica"):
+        RedisBackend.from_url(url, replica=1)
     RedisBackend.from_url(url, socket_timeout=2, health_check_interval=5).close_sync()
 
 

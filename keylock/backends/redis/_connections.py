@@ -12,10 +12,13 @@ import time
 import weakref
 from typing import TYPE_CHECKING
 
+import redis.asyncio.cluster
+import redis.cluster
 from redis.exceptions import RedisError
 
+from ._async_wire import AsyncWire
 from ._clients import AsyncClient, SyncClient, address, async_from, raw, raw_async, sync_from
-from ._wire import AsyncWire, SyncWire, in_background, map_errors
+from ._wire import SyncWire, in_background, map_errors
 
 if TYPE_CHECKING:
     from collections.abc import AsyncGenerator, Callable, Coroutine, Sequence
@@ -28,6 +31,8 @@ if TYPE_CHECKING:
 __all__ = ["GIVE_UP_WAIT", "Connections"]
 
 logger = logging.getLogger("keylock")
+
+ClusterClient = redis.cluster.RedisCluster | redis.asyncio.cluster.RedisCluster
 
 
 # A caller that gives up (timeout, cancel, error) waits this long for its LEAVE to land, then
@@ -54,6 +59,7 @@ class Connections:
         self.url = url
         self.options = options or {}
         self.where = address(client or async_client)  # for messages: never a secret
+        self.cluster = isinstance(client or async_client, ClusterClient)
         self._async_clients: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, AsyncClient]
         self._async_clients = weakref.WeakKeyDictionary()
         self._numbers = itertools.count()
@@ -156,9 +162,10 @@ class Connections:
         keys: Sequence[str],
         args: Sequence[Arg],
         bound: float | None,
+        then: Sequence[Arg] | None = None,
     ) -> object:
         with map_errors(key, self.where):
-            return self.wire().call(script, keys, args, bound)
+            return self.wire().call(script, keys, args, bound, then)
 
     async def run(
         self,
@@ -167,6 +174,7 @@ class Connections:
         keys: Sequence[str],
         args: Sequence[Arg],
         bound: float | None,
+        then: Sequence[Arg] | None = None,
     ) -> object:
         loop = asyncio.get_running_loop()
         wire = self._async_wires.get(loop)
@@ -176,7 +184,7 @@ class Connections:
         task = asyncio.current_task()
         cancels = 0 if task is None else task.cancelling()
         with map_errors(key, self.where):
-            reply = await wire.call(script, keys, args, bound)
+            reply = await wire.call(script, keys, args, bound, then)
         if task is not None and task.cancelling() > cancels:
             # Python 3.11's wait_for (inside redis-py's send) swallows a cancel that lands as
             # the send completes: honour it, so a cancelled caller never walks off with a lease

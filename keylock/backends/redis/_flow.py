@@ -142,6 +142,7 @@ class AcquireFlow:
     __slots__ = (
         "answered",
         "args",
+        "confirm",
         "deadline",
         "grant",
         "handed",
@@ -172,8 +173,12 @@ class AcquireFlow:
         stay_ms: int,
         poll: float,
         renewed: bool,
+        confirm: bool = False,
     ) -> None:
         self.key = key
+        # a hand-off is adopted only once the server confirms it (replicas=N: the ACQUIRE
+        # that confirms it also waits for the replicas)
+        self.confirm = confirm
         self.owner = owner
         self.ttl = ttl
         self.timeout = timeout
@@ -205,7 +210,7 @@ class AcquireFlow:
             # a claim window with room to spare: the renewer extends it in time. A window
             # overslept (a blocked loop) may have lapsed and gone to another client: ask the
             # server, whose ACQUIRE grants it again only if it is still ours
-            if left > self._claim_margin():
+            if left > self._claim_margin() and not self.confirm:
                 self.grant = Grant(handed.token, handed.expires_at, handed.deadline)
                 return None
         if self.tried and self.deadline is not None and now >= self.deadline:

@@ -25,7 +25,6 @@ import redis.asyncio.cluster
 import redis.cluster
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import NoScriptError, RedisClusterException, RedisError, ResponseError
-from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from ...errors import BackendUnavailable
 
@@ -34,7 +33,7 @@ if TYPE_CHECKING:
 
     from ._scripts import Script
 
-__all__ = ["Arg", "AsyncWire", "SyncWire", "in_background", "map_errors", "redact"]
+__all__ = ["Arg", "SyncWire", "in_background", "map_errors", "redact"]
 
 logger = logging.getLogger("keylock")
 T = TypeVar("T")
@@ -141,13 +140,18 @@ class SyncWire:
         keys: Sequence[str],
         args: Sequence[Arg],
         timeout: float | None = None,
+        then: Sequence[Arg] | None = None,
     ) -> object:
         """One script call; with *timeout*, its reply is awaited at most that long (and never
         longer than the client's socket timeout): redis-py's TimeoutError then, the script
-        having run or not. Only plain pools honour *timeout*."""
+        having run or not. Only plain pools honour *timeout*. With *then* (a command, such as
+        ``WAIT``), that command is sent on the same connection in the same write, and the
+        result is ``(script's reply, then's reply)``."""
         sha, text = script.sha, script.text
         pool = self._pool
         if pool is None:
+            if then is not None:
+                return self._pipelined_then(script, keys, args, then)
             try:
                 return self._client.evalsha(sha, len(keys), *keys, *args)
             except NoScriptError:
@@ -159,6 +163,13 @@ class SyncWire:
             bound = {} if timeout is None else {"timeout": _limit(timeout, conn.socket_timeout)}
             if timeout is not None and not _is_open(conn):
                 _connect_within(conn, timeout)
+            if then is not None:
+                replies = self._exchange(conn, "EVALSHA", sha, [(keys, args)], then, bound)
+                if isinstance(replies[0], NoScriptError):  # (then ran too: harmless)
+                    replies = self._exchange(conn, "EVAL", text, [(keys, args)], then, bound)
+                if isinstance(replies[0], Exception):
+                    raise replies[0]
+                return replies[0], replies[1]
             conn.send_command("EVALSHA", sha, len(keys), *keys, *args)  # type: ignore[no-untyped-call]
             try:
                 return conn.read_response(**bound)
@@ -169,23 +180,30 @@ class SyncWire:
         return self._on_a_connection(pool, exchange)
 
     def call_many(
-        self, script: Script, calls: Sequence[tuple[Sequence[str], Sequence[Arg]]]
+        self,
+        script: Script,
+        calls: Sequence[tuple[Sequence[str], Sequence[Arg]]],
+        then: Sequence[Arg] | None = None,
     ) -> list[object]:
         """Many calls of *script* in one round trip (a pipeline); each call's reply, or the
-        ResponseError it got. A connection error fails the whole batch (retried once)."""
+        ResponseError it got, then the reply of the command *then* sent after them all (if
+        given). A connection error fails the whole batch (retried once)."""
         if not calls:
             return []
         pool = self._pool
         if pool is None:
-            return self._pipelined(script, calls)
+            return self._pipelined(script, calls, then)
 
         def exchange(conn: redis.Connection) -> list[object]:
-            replies = self._exchange(conn, "EVALSHA", script.sha, calls)
+            replies = self._exchange(conn, "EVALSHA", script.sha, calls, then)
             missing = [n for n, reply in enumerate(replies) if isinstance(reply, NoScriptError)]
             if missing:  # a new or flushed server: send the text for those once
-                again = self._exchange(conn, "EVAL", script.text, [calls[n] for n in missing])
+                retried = [calls[n] for n in missing]
+                again = self._exchange(conn, "EVAL", script.text, retried, then)
                 for n, reply in zip(missing, again, strict=True):
                     replies[n] = reply
+                if then is not None:  # the last word on what the replicas hold
+                    replies[-1] = again[-1]
             return replies
 
         return self._on_a_connection(pool, exchange)
@@ -229,19 +247,27 @@ class SyncWire:
         command: str,
         body: str,
         calls: Sequence[tuple[Sequence[str], Sequence[Arg]]],
+        then: Sequence[Arg] | None = None,
+        bound: dict[str, float | None] | None = None,
     ) -> list[object]:
+        commands: list[tuple[Arg, ...]]
         commands = [(command, body, len(keys), *keys, *args) for keys, args in calls]
+        if then is not None:
+            commands.append(tuple(then))
         conn.send_packed_command(conn.pack_commands(commands))  # type: ignore[no-untyped-call]
         replies: list[object] = []
         for _ in commands:
             try:
-                replies.append(conn.read_response())
+                replies.append(conn.read_response(**(bound or {})))
             except ResponseError as exc:  # this call's error: the others' replies still follow
                 replies.append(exc)
         return replies
 
     def _pipelined(
-        self, script: Script, calls: Sequence[tuple[Sequence[str], Sequence[Arg]]]
+        self,
+        script: Script,
+        calls: Sequence[tuple[Sequence[str], Sequence[Arg]]],
+        then: Sequence[Arg] | None = None,
     ) -> list[object]:
         """call_many through the client's own pipeline (Cluster: one per node, in parallel).
         Commands go in by name: a Cluster pipeline refuses its ``evalsha`` method, though it
@@ -249,6 +275,8 @@ class SyncWire:
         pipe = self._client.pipeline(transaction=False)
         for keys, args in calls:
             pipe.execute_command("EVALSHA", script.sha, len(keys), *keys, *args)
+        if then is not None:
+            pipe.execute_command(*then)
         replies = list(pipe.execute(raise_on_error=False))
         missing = [n for n, reply in enumerate(replies) if isinstance(reply, NoScriptError)]
         if missing:
@@ -256,9 +284,23 @@ class SyncWire:
             for n in missing:
                 keys, args = calls[n]
                 pipe.execute_command("EVAL", script.text, len(keys), *keys, *args)
-            for n, reply in zip(missing, pipe.execute(raise_on_error=False), strict=True):
+            if then is not None:
+                pipe.execute_command(*then)
+            again = list(pipe.execute(raise_on_error=False))
+            for n, reply in zip(missing, again, strict=True):
                 replies[n] = reply
+            if then is not None:
+                replies[-1] = again[-1]
         return replies
+
+    def _pipelined_then(
+        self, script: Script, keys: Sequence[str], args: Sequence[Arg], then: Sequence[Arg]
+    ) -> tuple[object, object]:
+        """call() with *then*, through the client's own pipeline (one connection)."""
+        reply, after = self._pipelined(script, [(keys, args)], then)
+        if isinstance(reply, Exception):
+            raise reply
+        return reply, after
 
     def close(self) -> None:
         """Close every connection made, idle or not (a call still running then fails)."""
@@ -266,87 +308,6 @@ class SyncWire:
         self._idle = []
         for conn in list(self._made):
             conn.disconnect()  # type: ignore[no-untyped-call]
-
-
-class AsyncWire:
-    """The same for one event loop (redis.asyncio connections belong to the loop they were
-    made on). A call cancelled mid-reply drops its connection (redis-py disconnects it)."""
-
-    def __init__(self, client: redis.asyncio.Redis | redis.asyncio.cluster.RedisCluster) -> None:
-        self._client = client
-        self._pool = pool = cast("redis.asyncio.ConnectionPool | None", _plain_pool(client))
-        self._idle: list[redis.asyncio.Connection] = []
-        self._made: weakref.WeakSet[redis.asyncio.Connection] = weakref.WeakSet()
-        # Our connections get no socket timeout of their own: redis-py then writes without
-        # asyncio.wait_for, which on Python 3.11 costs a task per command. The client's socket
-        # timeout still bounds every read and every handshake, here.
-        options = {} if pool is None else pool.connection_kwargs
-        self._options = {**options, "socket_timeout": None}
-        self._closed = False  # as in SyncWire
-        self._socket_timeout: float | None = None
-        if pool is not None:  # the timeout the pool's connections get (redis-py's default: 5 s)
-            self._socket_timeout = pool.connection_class(**options).socket_timeout
-
-    async def call(
-        self,
-        script: Script,
-        keys: Sequence[str],
-        args: Sequence[Arg],
-        timeout: float | None = None,
-    ) -> object:
-        """One script call; *timeout* bounds the wait for its reply, as in :class:`SyncWire`
-        (through the client's API, a cancel at the bound: TimeoutError)."""
-        sha, text = script.sha, script.text
-        pool = self._pool
-        if pool is None:
-            async with asyncio.timeout(timeout):
-                try:
-                    return await self._client.evalsha(sha, len(keys), *keys, *args)
-                except NoScriptError:
-                    return await self._client.eval(text, len(keys), *keys, *args)
-        for attempt in (1, 2):
-            if self._closed:
-                raise RedisConnectionError("the backend was closed")
-            try:
-                conn = self._idle.pop()
-            except IndexError:
-                conn = pool.connection_class(**self._options)  # type: ignore[assignment]
-                self._made.add(conn)
-            limit = _limit(timeout, self._socket_timeout)
-            try:
-                if not conn.is_connected:
-                    async with asyncio.timeout(limit):  # socket and handshake, both bounded
-                        await conn.connect()  # type: ignore[no-untyped-call]
-                await conn.send_command("EVALSHA", sha, len(keys), *keys, *args)
-                try:
-                    reply = await conn.read_response(timeout=limit)
-                except NoScriptError:
-                    await conn.send_command("EVAL", text, len(keys), *keys, *args)
-                    reply = await conn.read_response(timeout=limit)
-                if reply is None and limit is not None:
-                    # redis-py answers None when a read given its own timeout runs out, and
-                    # leaves the reply pending on the socket (a script never answers None)
-                    raise RedisTimeoutError(f"no reply within {limit} s")
-            except RedisConnectionError:
-                await conn.disconnect()
-                if attempt == 2:
-                    raise
-                continue
-            except BaseException:
-                # cancelled or failed mid-call: redis-py has already closed the socket unless
-                # the error was a reply; close it in any case, without waiting
-                await conn.disconnect(nowait=True)
-                raise
-            self._idle.append(conn)
-            return reply
-        raise AssertionError("unreachable")  # pragma: no cover
-
-    async def close(self) -> None:
-        """Close every connection made, idle or not (a call still running then fails)."""
-        self._closed = True
-        self._idle = []
-        for conn in list(self._made):
-            await conn.disconnect()
 
 
 background: set[asyncio.Future[object]] = set()  # calls going on alone, kept alive until done

@@ -6,10 +6,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import os
 import time
 import weakref
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, cast
 
 from ..._validate import check_backend_ttl
 from ...errors import LeaseLost
@@ -23,6 +24,7 @@ from ._flow import AcquireFlow, RedisFlow, ServerClock, Trip, check_seconds, ext
 from ._keys import Layout
 from ._listener import Waiting
 from ._renewer import extend_all
+from ._replicas import check_replication, unreplicated
 from ._scripts import EXTEND, FENCE_SLACK_MS, RELEASE, RELEASE_MARK_MS, Script
 from ._wire import Arg, map_errors
 
@@ -54,6 +56,12 @@ class RedisBackend(Unclosed, AutoRenewed, TieredBackend):
     finds the lease gone, ``lease.lost`` turns true, ``on_lost`` runs (never on that thread),
     and with ``cancel_on_lost`` the critical section is cancelled. Connection errors surface
     as :class:`~keylock.BackendUnavailable`, never as a phantom grant.
+
+    With ``replicas=N``, a grant, an extend and a hand-off count only once *N* replicas
+    acknowledged them (``WAIT``, within ``replica_timeout``): a grant they did not is given
+    back and raises BackendUnavailable; an extend they did not raises BackendUnavailable and
+    leaves the lease its last replicated expiry (the renewer keeps trying, then reports it
+    lost). See docs/failover.md.
     """
 
     nonblocking_step = False
@@ -68,10 +76,14 @@ class RedisBackend(Unclosed, AutoRenewed, TieredBackend):
         auto_renew: bool = True,
         prefix: str = "keylock",
         poll: float = 1.0,
+        replicas: int = 0,
+        replica_timeout: float = 1.0,
     ) -> None:
         check_clients(client, async_client)
         check_backend_ttl(ttl, "RedisBackend", required=True)  # the per-call rules, then:
         self.default_ttl = self._ttl = check_seconds("ttl", ttl, (2**52 - FENCE_SLACK_MS) / 1000)
+        self.replication = check_replication(replicas, replica_timeout, self._ttl)
+        self.replicas = self.replication.replicas
         self.layout = Layout(prefix)  # checks the prefix
         self.prefix = prefix
         self.auto_renew = bool(auto_renew)
@@ -80,6 +92,11 @@ class RedisBackend(Unclosed, AutoRenewed, TieredBackend):
         self._stay_ms = int(self.poll * 3000) + 1000
         self._connections = Connections(client, async_client)
         self._where = self._connections.where
+        if self.replicas and self._connections.cluster:
+            raise ValueError(
+                "RedisBackend replicas= is not supported on Redis Cluster yet: use a primary "
+                "with replicas (or Sentinel), or replicas=0"
+            )
         self._start_process()
         _BACKENDS.add(self)
         self._opened()  # from here on, it must be closed (else a ResourceWarning when collected)
@@ -105,13 +122,26 @@ class RedisBackend(Unclosed, AutoRenewed, TieredBackend):
         prefix: str = "keylock",
         poll: float = 1.0,
         cluster: bool = False,
+        replicas: int = 0,
+        replica_timeout: float = 1.0,
         **client_options: object,
     ) -> RedisBackend:
         """A backend on the server at *url* (``redis://``, ``rediss://``, ``unix://``); with
         ``cluster=True``, on the Redis Cluster that the node at *url* belongs to. An option
-        no redis-py client takes is a TypeError here, not at the first command."""
+        no redis-py client takes is a TypeError here, not at the first command. With
+        ``replicas=N``, every grant, extend and hand-off waits for *N* replicas (at most
+        ``replica_timeout`` s): see the class docstring."""
+        check_replication(replicas, replica_timeout, check_seconds("ttl", ttl, math.inf))
         client = from_url(url, cluster=cluster, options=client_options)
-        backend = cls(client, ttl=ttl, auto_renew=auto_renew, prefix=prefix, poll=poll)
+        backend = cls(
+            client,
+            ttl=ttl,
+            auto_renew=auto_renew,
+            prefix=prefix,
+            poll=poll,
+            replicas=replicas,
+            replica_timeout=replica_timeout,
+        )
         backend._connections.url = url  # async clients are made from the URL too
         backend._connections.options = client_options
         return backend
@@ -187,15 +217,37 @@ class RedisBackend(Unclosed, AutoRenewed, TieredBackend):
             stay_ms=self._stay_ms,
             poll=self.poll,
             renewed=self.auto_renew,
+            confirm=self.replicas > 0,
         )
 
     def _trip_sync(self, flow: Flow, trip: object) -> object:
         assert isinstance(trip, Trip)
-        return self._run_sync(trip.script, flow.key, trip.keys, trip.args, trip.bound)
+        wait = self.replication.wait(trip.bound)
+        if wait is None:
+            return self._run_sync(trip.script, flow.key, trip.keys, trip.args, trip.bound)
+        run = self._connections.run_sync
+        return self._replicated(
+            flow.key, run(trip.script, flow.key, trip.keys, trip.args, trip.bound, wait)
+        )
 
     async def _trip(self, flow: Flow, trip: object) -> object:
         assert isinstance(trip, Trip)
-        return await self._run_async(trip.script, flow.key, trip.keys, trip.args, trip.bound)
+        wait = self.replication.wait(trip.bound)
+        if wait is None:
+            return await self._run_async(trip.script, flow.key, trip.keys, trip.args, trip.bound)
+        run = self._connections.run
+        return self._replicated(
+            flow.key, await run(trip.script, flow.key, trip.keys, trip.args, trip.bound, wait)
+        )
+
+    def _replicated(self, key: str, replies: object) -> object:
+        """An ACQUIRE's reply, once the replicas acknowledged a grant; a grant they did not is
+        BackendUnavailable (the caller then leaves the line: LEAVE gives the grant back)."""
+        reply, acked = cast("tuple[list[object], object]", replies)
+        short = self.replication.short(acked)
+        if short is not None and int(cast("int", reply[0])):
+            raise unreplicated(key, self._where, self.replication, short, "grant")
+        return reply
 
     def _left_sync(self, flow: Flow) -> None:
         trip = flow.leaving()
@@ -243,8 +295,27 @@ class RedisBackend(Unclosed, AutoRenewed, TieredBackend):
             self._connections.finish(lambda: self._run_async(RELEASE, key, keys, args))
             raise
 
-    def _extended(self, key: str, held: Held, ttl: float, sent: float, sent_at: float) -> Grant:
-        """After an extend: without auto-renew, the in-process turn lapses with the lease."""
+    def _extended(
+        self,
+        key: str,
+        held: Held,
+        ttl: float,
+        sent: float,
+        sent_at: float,
+        reply: object,
+        token: int,
+    ) -> Grant:
+        """After an extend: LeaseLost if it was not ours; BackendUnavailable if too few
+        replicas acknowledged it (the lease keeps its dates: at risk, not lost); without
+        auto-renew, the in-process turn lapses with the lease."""
+        acked: object = self.replicas
+        if self.replicas:
+            reply, acked = cast("tuple[object, object]", reply)
+        if not reply:
+            raise lost(key, token)
+        short = self.replication.short(acked)
+        if short is not None:
+            raise unreplicated(key, self._where, self.replication, short, "extend")
         if not self.auto_renew:
             with contextlib.suppress(LeaseLost):  # (Redis, not the turn, decides)
                 self._tier.local.extend_sync(key, held.owner, held.local_token, ttl)
@@ -254,17 +325,17 @@ class RedisBackend(Unclosed, AutoRenewed, TieredBackend):
         held = self._take_held(key, owner, token, pop=False)
         keys, args = extend_call(self.layout, key, owner, ttl)
         sent_at, sent = time.time(), time.monotonic()
-        if not self._run_sync(EXTEND, key, keys, args):
-            raise lost(key, token)
-        return self._extended(key, held, ttl, sent, sent_at)
+        wait = self.replication.wait(None)
+        reply = self._connections.run_sync(EXTEND, key, keys, args, None, wait)
+        return self._extended(key, held, ttl, sent, sent_at, reply, token)
 
     async def extend(self, key: str, owner: bytes, token: int, ttl: float) -> Grant:
         held = self._take_held(key, owner, token, pop=False)
         keys, args = extend_call(self.layout, key, owner, ttl)
         sent_at, sent = time.time(), time.monotonic()
-        if not await self._run_async(EXTEND, key, keys, args):
-            raise lost(key, token)
-        return self._extended(key, held, ttl, sent, sent_at)
+        wait = self.replication.wait(None)
+        reply = await self._connections.run(EXTEND, key, keys, args, None, wait)
+        return self._extended(key, held, ttl, sent, sent_at, reply, token)
 
     async def _holder_async(self, key: str) -> int | None:
         """The token of *key*'s live lease, or None when nobody holds it (async)."""
@@ -299,7 +370,7 @@ class RedisBackend(Unclosed, AutoRenewed, TieredBackend):
 
     def _renewal(self) -> Renewal:
         """How the renewer extends a batch of leases: one pipelined round trip."""
-        return extend_all(self._connections, self.layout)
+        return extend_all(self._connections, self.layout, self.replication)
 
     # ----------------------------------------------------------------------------- closing
 

@@ -179,9 +179,19 @@ class ReplicatedCluster:
         return str(self._call(node, "ROLE")[0])  # type: ignore[index]
 
     def _synced(self, shard: Shard) -> bool:
+        """Whether the replica's link is up as both ends see it (the primary counts it for
+        WAIT only once its first sync is over: ``state=online``)."""
         info = self._call(shard.replica, "INFO", "replication")
+        primary = self._call(shard.primary, "INFO", "replication")
         assert isinstance(info, dict)
-        return info.get("master_link_status") == "up"
+        assert isinstance(primary, dict)
+        seen = primary.get("slave0")
+        return (
+            info.get("master_link_status") == "up"
+            and isinstance(seen, dict)
+            and seen.get("state") == "online"
+            and int(seen.get("port", 0)) == shard.replica.port
+        )
 
     # ----------------------------------------------------------------------------- waits
 

@@ -92,11 +92,6 @@ class RedisBackend(Unclosed, AutoRenewed, TieredBackend):
         self._stay_ms = int(self.poll * 3000) + 1000
         self._connections = Connections(client, async_client)
         self._where = self._connections.where
-        if self.replicas and self._connections.cluster:
-            raise ValueError(
-                "RedisBackend replicas= is not supported on Redis Cluster yet: use a primary "
-                "with replicas (or Sentinel), or replicas=0"
-            )
         self._start_process()
         _BACKENDS.add(self)
         self._opened()  # from here on, it must be closed (else a ResourceWarning when collected)

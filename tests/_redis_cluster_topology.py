@@ -77,6 +77,7 @@ class ReplicatedCluster:
         ]
         self._ids: dict[int, str] = {}  # port -> node id
         self.down: set[int] = set()  # ports of nodes killed and not yet back
+        self.paused: set[int] = set()  # ports of nodes stopped (SIGSTOP) and not yet resumed
         self.failovers = 0
 
     # ------------------------------------------------------------------------------ set-up
@@ -84,8 +85,10 @@ class ReplicatedCluster:
     @property
     def url(self) -> str:
         """A URL of a node that is up (a Cluster client finds the others)."""
-        node = next(node for node in self.nodes if node.port not in self.down)
-        return f"redis://{self.host}:{node.port}/0"
+        return f"redis://{self.host}:{self._up().port}/0"
+
+    def _up(self) -> Server:
+        return next(n for n in self.nodes if n.port not in self.down | self.paused)
 
     def client(self, node: Server) -> redis.Redis:
         return redis.Redis(self.host, node.port, socket_timeout=2, decode_responses=True)
@@ -142,7 +145,7 @@ class ReplicatedCluster:
 
     def shards(self) -> list[Shard]:
         """Each slot range with its primary and replica, as a node that is up sees them."""
-        up = next(node for node in self.nodes if node.port not in self.down)
+        up = self._up()
         primaries: dict[str, tuple[int, Server]] = {}
         replicas: dict[str, Server] = {}
         for address, seen in self._nodes(up).items():
@@ -265,10 +268,12 @@ class ReplicatedCluster:
         """SIGSTOP *node*: it holds what it has, answers nothing, and copies nothing."""
         assert node._proc is not None
         os.kill(node._proc.pid, signal.SIGSTOP)
+        self.paused.add(node.port)
 
     def resume(self, node: Server) -> None:
         assert node._proc is not None
         os.kill(node._proc.pid, signal.SIGCONT)
+        self.paused.discard(node.port)
 
     def kill_primary_while_replica_lags(
         self, shard: Shard, lagging: Callable[[], None], *, within: float = 20.0

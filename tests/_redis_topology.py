@@ -4,13 +4,16 @@
 (``valkey-server --sentinel``), all from the same binary as tests/_redis_server.py. The API a
 failover test needs: ``start()``/``stop()``, ``kill_primary()``, ``wait_for_promotion()``,
 ``restore()`` (the killed node back as a replica, known to every Sentinel), ``kill_replica()``,
-``wait_synced()``. Every wait is a bounded poll of a condition, never a sleep.
+``pause_replicas()``/``resume_replicas()`` (replication cut: the next writes are lost in a
+failover), ``wait_synced()``. Every wait is a bounded poll of a condition, never a sleep.
 """
 
 from __future__ import annotations
 
 import contextlib
+import os
 import shutil
+import signal
 import subprocess
 import tempfile
 import time
@@ -53,6 +56,7 @@ class SentinelNode:
         self.port = port
         self._dir = tempfile.mkdtemp(prefix="keylock-sentinel-")
         self.config = Path(self._dir) / "sentinel.conf"
+        self.log = Path(self._dir) / "sentinel.log"  # (a failed test can show it)
         self.config.write_text(
             f"port {port}\nbind 127.0.0.1\nprotected-mode no\ndir {self._dir}\n"
             f"sentinel monitor {SERVICE} 127.0.0.1 {primary_port} 2\n"
@@ -64,7 +68,7 @@ class SentinelNode:
 
     def start(self) -> None:
         self._proc = subprocess.Popen(
-            [server_binary(), str(self.config), "--sentinel"],
+            [server_binary(), str(self.config), "--sentinel", "--logfile", str(self.log)],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
         )
@@ -87,7 +91,9 @@ class SentinelNode:
 
 class SentinelTopology:
     """A primary, *replicas* replicas and three Sentinels (quorum 2) on loopback; a failover
-    takes about ``down_after_ms`` plus an election (Sentinels start theirs up to 1 s apart).
+    takes about ``down_after_ms`` plus an election (Sentinels start theirs up to 1 s apart):
+    2-3 s here. (200 ms made Sentinels on a busy 2-core VM find each new primary "down"
+    before their links to it were up, and fail over again and again: 500 ms is the default.)
     With ``sentinels=0``, a primary and its replicas alone (no failover)."""
 
     def __init__(
@@ -95,7 +101,7 @@ class SentinelTopology:
         *,
         replicas: int = 1,
         sentinels: int = 3,
-        down_after_ms: int = 200,
+        down_after_ms: int = 500,
         failover_ms: int = 1000,
     ) -> None:
         ports = free_ports(1 + replicas + sentinels)
@@ -109,6 +115,7 @@ class SentinelTopology:
             for port in ports[1 + replicas :]
         ]
         self.down: set[int] = set()  # ports of killed servers
+        self._watched = False  # the Sentinels run (and name the primary)
 
     @staticmethod
     def _replica_of(port: int) -> tuple[str, ...]:
@@ -142,6 +149,7 @@ class SentinelTopology:
         self.wait_synced()
         for node in self.sentinels:
             node.start()
+        self._watched = True
         if self.sentinels:
             self.wait_ready()
 
@@ -154,9 +162,10 @@ class SentinelTopology:
 
     def wait_synced(self, timeout: float = 20) -> None:
         """Until every live replica is online and has the primary's whole stream."""
-        live = [port for port in self.replica_ports if port not in self.down]
 
         def synced() -> bool:
+            self._follow()
+            live = [port for port in self.replica_ports if port not in self.down]
             info = _client(self.primary_port).info("replication")
             offset = info["master_repl_offset"]
             seen = {
@@ -168,14 +177,24 @@ class SentinelTopology:
             }
             return all(seen.get(port, -1) >= offset for port in live)
 
-        poll(synced, timeout, f"replicas {live} in sync with the primary")
+        poll(synced, timeout, "the live replicas in sync with the primary")
+
+    def _follow(self) -> None:
+        """Take the primary the Sentinels settled on (a spurious failover may move it)."""
+        if self.sentinels and self._watched:
+            port = self._agreed()
+            if port is not None:
+                self.primary_port = port
 
     def wait_ready(self, timeout: float = 30) -> None:
         """Until every Sentinel sees the primary up, the other two Sentinels, and every live
-        replica up: a failover can then elect a leader and promote a replica."""
-        live = {port for port in self.replica_ports if port not in self.down}
+        replica up: a failover can then elect a leader and promote a replica (Sentinels
+        refresh what a replica says of its link every 10 s, every 1 s once the primary is
+        down: wait_synced() is what says the replica has the data)."""
 
         def ready(node: SentinelNode) -> bool:
+            self._follow()
+            live = {port for port in self.replica_ports if port not in self.down}
             state = node.master()
             if int(state["port"]) != self.primary_port or state["is_sdown"]:  # type: ignore[call-overload]
                 return False
@@ -186,7 +205,6 @@ class SentinelTopology:
                 int(r["port"])
                 for r in replicas
                 if not (r["is_sdown"] or r["is_odown"] or r["is_disconnected"])
-                and r.get("master-link-status") == "ok"
             }
             return live <= up
 
@@ -208,23 +226,53 @@ class SentinelTopology:
         self.down.add(port)
         return port
 
-    def wait_for_promotion(self, old: int, timeout: float = 15) -> int:
-        """Until every Sentinel names a new primary (not *old*) and it answers as a master;
-        its port."""
+    def pause_replicas(self) -> None:
+        """Freeze every live replica (SIGSTOP) and cut its link from the primary: writes
+        from now on reach no replica, so a failover loses them (resume_replicas() first)."""
+        for port in self.replica_ports:
+            if port not in self.down:
+                proc = self.servers[port]._proc
+                assert proc is not None
+                os.kill(proc.pid, signal.SIGSTOP)
+        self.primary().client_kill_filter(_type="replica")  # type: ignore[no-untyped-call]
+        poll(
+            lambda: self.primary().info("replication")["connected_slaves"] == 0,
+            5,
+            "the replicas cut off from the primary",
+        )
+
+    def resume_replicas(self) -> None:
+        for port in self.replica_ports:
+            proc = self.servers[port]._proc
+            if proc is not None and port not in self.down:
+                os.kill(proc.pid, signal.SIGCONT)
+
+    def wait_for_promotion(self, old: int, timeout: float = 20) -> int:
+        """Until every Sentinel names one primary other than *old*, with no failover under
+        way, and it answers as a master; its port. (Under load a Sentinel may find the new
+        primary slow to answer and fail over again: this waits for the last one.)"""
 
         def promoted() -> bool:
-            ports = {int(node.master()["port"]) for node in self.sentinels}  # type: ignore[call-overload]
-            if len(ports) != 1 or old in ports:
-                return False
-            (port,) = ports
-            role = _client(port).info("replication")["role"]
-            if role != "master":
+            port = self._agreed()
+            if port is None or port == old:
                 return False
             self.primary_port = port
             return True
 
         poll(promoted, timeout, f"a replica promoted after the primary on {old} went down")
         return self.primary_port
+
+    def _agreed(self) -> int | None:
+        """The primary every Sentinel names, settled (no failover under way, not down, and
+        it says it is a master), else None."""
+        states = [node.master() for node in self.sentinels]
+        ports = {int(state["port"]) for state in states}  # type: ignore[call-overload]
+        if len(ports) != 1 or any(state["flags"] != "master" for state in states):
+            return None
+        (port,) = ports
+        if _client(port).info("replication")["role"] != "master":
+            return None
+        return port
 
     def restore(self, port: int) -> None:
         """Bring the killed server on *port* back, empty, as a replica of the current primary,

@@ -18,6 +18,7 @@ from .. import KeyedLock
 from ..backends.redis import RedisBackend
 from .contend import Run, SyncLockFor, Witness, run_processes
 from .progress import Step
+from .replicas import replicas_step
 from .roundtrips import Pair, add_rows, paired, paired_async
 from .servers import redis_server
 from .workload import HEADLINE_WORKERS, WORKERS, Subjects, estimate, hot_key_steps, zipf
@@ -122,6 +123,8 @@ def steps(suite: Suite, stack: ExitStack, *, redis_url: str | None = None) -> li
             lambda: _uncontended(suite, url, run_id, 3 if suite.quick else 5),
         )
     ]
+    if redis_url is None:  # (a replica next to a server of the user's would be intrusive)
+        found.append(replicas_step(suite, url, run_id))
     # the headline run: one hot-key row at one worker count, no Zipf keys
     steps = [
         *found,

@@ -16,15 +16,24 @@ from redis.retry import Retry
 
 from keylock import BackendUnavailable, KeyedLock, Lease
 from keylock.backends import RedisBackend
+from keylock.backends.redis._scripts import EXTEND
+from keylock.backends.redis._wire import Arg, SyncWire
 
+from .._redis_server import Server
 from .._redis_topology import SentinelTopology, poll, running_sentinel_topology
 
 
-@pytest.fixture
-def topology() -> Iterator[SentinelTopology]:
-    """A primary and one replica of its own (tests kill or stall the replica)."""
-    with running_sentinel_topology(sentinels=0) as topology:
+@pytest.fixture(params=["primary", "sentinel"])
+def topology(request: pytest.FixtureRequest) -> Iterator[SentinelTopology]:
+    """A primary and one replica of its own (tests kill or stall the replica), reached at
+    the primary's address or through three Sentinels (``url``)."""
+    sentinels = 3 if request.param == "sentinel" else 0
+    with running_sentinel_topology(sentinels=sentinels) as topology:
         yield topology
+
+
+def _url(topology: SentinelTopology) -> str:
+    return topology.url if topology.sentinels else topology.primary_url
 
 
 def _stall(replica: redis.Redis, seconds: float) -> threading.Thread:
@@ -72,11 +81,11 @@ def test_a_grant_returns_only_once_the_replica_has_it(topology: SentinelTopology
     holds the lease; replicas=0 returns at once, while the stalled replica cannot have it
     (what a failover then would lose). Fails without the WAIT: the first acquire returns at
     once."""
-    replicated = KeyedLock(RedisBackend.from_url(topology.primary_url, replicas=1))
-    plain = KeyedLock(RedisBackend.from_url(topology.primary_url))
+    replicated = KeyedLock(RedisBackend.from_url(_url(topology), replicas=1))
+    plain = KeyedLock(RedisBackend.from_url(_url(topology)))
     replica = topology.replica()
     for locks, key in ((replicated, "r"), (plain, "p")):
-        locks.acquire_sync("warm-" + key, timeout=1).release_sync()  # connections, scripts
+        locks.acquire_sync("warm-" + key, timeout=5).release_sync()  # connections, scripts
     lock_key = replicated.backend.layout.lock("r")[0]  # type: ignore[attr-defined]
     stall = _stall(replica, 0.4)
     started = time.monotonic()
@@ -102,12 +111,12 @@ async def test_without_the_replica_grants_fail_and_leave_nothing_locked(
     """The replica killed: replicas=1 acquires (async, sync, and a try with timeout=0) raise
     BackendUnavailable naming the server within about replica_timeout, and the key is left
     free (a replicas=0 client takes it at once)."""
-    backend = RedisBackend.from_url(topology.primary_url, replicas=1, replica_timeout=0.3)
+    backend = RedisBackend.from_url(_url(topology), replicas=1, replica_timeout=0.3)
     locks = KeyedLock(backend)
-    plain = KeyedLock(RedisBackend.from_url(topology.primary_url))
+    plain = KeyedLock(RedisBackend.from_url(_url(topology)))
     topology.kill_replica()
     poll(lambda: topology.primary().info("replication")["connected_slaves"] == 0, 5, "gone")
-    where = f"127.0.0.1:{topology.primary_port}"
+    where = "Sentinel service" if topology.sentinels else f"127.0.0.1:{topology.primary_port}"
     attempts: list[Callable[[], Awaitable[object]]] = [
         lambda: locks.acquire("k", timeout=5),
         lambda: asyncio.to_thread(locks.acquire_sync, "k", timeout=5),
@@ -139,7 +148,7 @@ def test_an_unreplicated_extend_leaves_the_lease_at_risk_then_lost(
         lost.set()
 
     locks = KeyedLock(
-        RedisBackend.from_url(topology.primary_url, ttl=1.5, replicas=1, replica_timeout=0.4),
+        RedisBackend.from_url(_url(topology), ttl=1.5, replicas=1, replica_timeout=0.4),
         on_lost=on_lost,
     )
     lease = locks.acquire_sync("k", timeout=5)
@@ -161,8 +170,8 @@ def test_a_hand_off_returns_only_once_the_replica_has_it(topology: SentinelTopol
     acquire returns only once the replica has it: the replica is stalled as the holder
     releases, and the waiter's acquire returns only once the replica woke and has it. Fails
     without the confirmation: the waiter adopts the hand-off message at once."""
-    holder = KeyedLock(RedisBackend.from_url(topology.primary_url, replicas=1))
-    waiter = KeyedLock(RedisBackend.from_url(topology.primary_url, replicas=1))
+    holder = KeyedLock(RedisBackend.from_url(_url(topology), replicas=1))
+    waiter = KeyedLock(RedisBackend.from_url(_url(topology), replicas=1))
     replica = topology.replica()
     lease = holder.acquire_sync("k", timeout=5)
     got: list[Lease] = []
@@ -187,3 +196,25 @@ def test_a_hand_off_returns_only_once_the_replica_has_it(topology: SentinelTopol
     got[0].release_sync()
     holder.close_sync()
     waiter.close_sync()
+
+
+@pytest.mark.parametrize("pipelined", [False, True])
+def test_a_batch_with_wait_on_a_server_without_the_script(
+    redis_server: Server, pipelined: bool
+) -> None:
+    """The renewer's batch (EXTENDs, then WAIT) on a server that lost its scripts: the texts
+    are sent again and the WAIT's reply comes last, once. Fails before the fix: the renewal
+    raised ``zip() argument 2 is longer than argument 1`` (the WAIT's reply counted as one
+    of the EXTENDs), and a lease renewed after a failover was reported lost."""
+    client = redis.Redis.from_url(redis_server.url)
+    client.script_flush()
+    wire = SyncWire(client)
+    if pipelined:
+        wire._pool = None  # through the client's own pipeline (Cluster, other pools)
+    calls: list[tuple[list[str], list[Arg]]] = [
+        ([f"k{n}", "f", "u"], ["o", 1000, 2000, 3000]) for n in range(3)
+    ]
+    replies = wire.call_many(EXTEND, calls, ("WAIT", 0, 10))
+    assert replies == [0, 0, 0, 0]  # three "not ours", then WAIT: 0 replicas
+    wire.close()
+    client.close()

@@ -18,6 +18,7 @@ import redis.cluster
 from redis.exceptions import RedisClusterException, RedisError
 
 from ...errors import BackendUnavailable
+from . import _sentinel
 from ._wire import redact
 
 __all__ = [
@@ -74,12 +75,17 @@ def _accepted(cluster: bool) -> frozenset[str]:
 
 
 def from_url(url: str, *, cluster: bool, options: dict[str, object]) -> SyncClient:
-    """A sync client for *url*; TypeError for an option no client takes (found now, not at
-    the first command); ValueError for a bad URL, BackendUnavailable for an unreachable
-    Cluster."""
+    """A sync client for *url* (``redis+sentinel://``: the primary the Sentinels name);
+    TypeError for an option no client takes (found now, not at the first command);
+    ValueError for a bad URL, BackendUnavailable for an unreachable Cluster."""
     if not isinstance(url, str):
         raise TypeError(f"RedisBackend.from_url needs a URL string, not {url!r}")
-    unknown = sorted(set(options) - _accepted(cluster))
+    sentinel = _sentinel.is_sentinel_url(url)
+    if sentinel and cluster:
+        raise ValueError("RedisBackend.from_url: a redis+sentinel:// URL is not a Cluster")
+    unknown = sorted(
+        set(options) - _accepted(cluster) - ({"sentinel_kwargs"} if sentinel else set())
+    )
     if unknown:
         raise TypeError(
             f"RedisBackend.from_url: unknown Redis client option(s) {', '.join(unknown)}: "
@@ -87,6 +93,10 @@ def from_url(url: str, *, cluster: bool, options: dict[str, object]) -> SyncClie
         )
     shown = redact(url)
     try:
+        if sentinel:
+            return cast(
+                "SyncClient", _sentinel.make_client(url, shown, options, asynchronous=False)
+            )
         if cluster:
             return redis.cluster.RedisCluster.from_url(url, **options)
         return redis.Redis.from_url(url, **options)
@@ -108,6 +118,8 @@ def sync_from(source: AsyncClient) -> SyncClient:
     """A sync client with the options of the async client *source*."""
     if _is_fake(source):
         return cast("SyncClient", _fake_twin(source, asynchronous=False))
+    if _sentinel.is_sentinel(source):
+        return _sentinel.sync_twin(source)
     if isinstance(source, redis.asyncio.cluster.RedisCluster):
         kwargs = source.get_nodes()[0].connection_kwargs  # the client finds the rest
         options = options_for(redis.cluster.RedisCluster, kwargs)
@@ -123,6 +135,11 @@ def async_from(
     from *url* as the sync one was."""
     if _is_fake(source):
         return cast("AsyncClient", _fake_twin(source, asynchronous=True))
+    if url is not None and _sentinel.is_sentinel_url(url):
+        made = _sentinel.make_client(url, redact(url), client_options, asynchronous=True)
+        return cast("AsyncClient", made)
+    if _sentinel.is_sentinel(source):
+        return _sentinel.async_twin(source)
     cluster = isinstance(source, redis.cluster.RedisCluster)
     if url is not None:
         kind = redis.asyncio.cluster.RedisCluster if cluster else redis.asyncio.Redis
@@ -176,6 +193,10 @@ def raw_async(client: AsyncClient) -> AsyncClient:
 def _raw(client: SyncClient | AsyncClient) -> object:
     if not _decodes(client):
         return client
+    if _sentinel.is_sentinel(client):
+        if isinstance(client, redis.asyncio.Redis):
+            return _sentinel.async_twin(client, decode_responses=False)
+        return _sentinel.sync_twin(client, decode_responses=False)
     if isinstance(client, redis.cluster.RedisCluster):
         node = client.get_default_node() or client.get_nodes()[0]  # type: ignore[no-untyped-call]
         kwargs = node.redis_connection.connection_pool.connection_kwargs
@@ -204,6 +225,8 @@ def address(client: object) -> str:
         return "cluster " + ",".join(f"{node.host}:{node.port}" for node in nodes[:3])
     if _is_fake(client):
         return "fakeredis"
+    if _sentinel.is_sentinel(client):
+        return _sentinel.where(client)
     try:
         kwargs = client.connection_pool.connection_kwargs  # type: ignore[attr-defined]
     except AttributeError:

@@ -16,6 +16,7 @@ import redis.asyncio.cluster
 import redis.cluster
 from redis.exceptions import RedisError
 
+from . import _sentinel
 from ._async_wire import AsyncWire
 from ._clients import AsyncClient, SyncClient, address, async_from, raw, raw_async, sync_from
 from ._wire import SyncWire, in_background, map_errors
@@ -146,6 +147,7 @@ class Connections:
                 await wire.close()
             if client is not None:
                 await client.aclose()
+                await _sentinel.aclose(client)
         except (RedisError, OSError) as exc:
             logger.debug("keylock: closing an event loop's Redis connections failed: %s", exc)
 
@@ -252,9 +254,11 @@ class Connections:
             wire.close()
         if self.client is not None:
             self.client.close()
+            _sentinel.close(self.client)
         for given in self._given:  # a decoding client the user gave, beside its raw twin
             if isinstance(given, SyncClient) and given is not self.client:
                 given.close()
+                _sentinel.close(given)
 
     async def close(self) -> None:
         """Close the sync connections and those of the running loop (other loops'
@@ -263,8 +267,11 @@ class Connections:
         await self._close_loop(asyncio.get_running_loop())
         for client in list(self._async_clients.values()):
             await client.aclose()
+            await _sentinel.aclose(client)
         if self.async_client is not None:
             await self.async_client.aclose()
+            await _sentinel.aclose(self.async_client)
         for given in self._given:
             if isinstance(given, AsyncClient) and given is not self.async_client:
                 await given.aclose()
+                await _sentinel.aclose(given)

@@ -8,13 +8,16 @@ import logging
 import threading
 import time
 import weakref
-from typing import TYPE_CHECKING, NamedTuple
+from typing import TYPE_CHECKING, NamedTuple, cast
 
 import redis
 import redis.client
 import redis.cluster
 
 from ._flow import Handed
+from ._sentinel import close as close_sentinels
+from ._sentinel import is_sentinel, own_twin
+from ._wire import describe
 
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -66,10 +69,12 @@ _MAX_RETRY = 8.0
 
 def _own_client(client: SyncClient) -> tuple[SyncClient, redis.ConnectionPool | None]:
     """A client for the listener's one connection, on a pool of its own when *client* has an
-    ordinary pool: stop() closes that pool, and so reaches the connection even while it is
-    being set up (a pool hands out a connection only once its handshake is done). Any other
-    client (Cluster, Sentinel) is used as it is."""
+    ordinary pool or a Sentinel one: stop() closes that pool, and so reaches the connection
+    even while it is being set up (a pool hands out a connection only once its handshake is
+    done). Any other client (Cluster) is used as it is."""
     pool = getattr(client, "connection_pool", None)
+    if is_sentinel(client):  # (every connection it opens finds the primary of the day)
+        return own_twin(cast("redis.Redis", client))
     if type(pool) is not redis.ConnectionPool:
         return client, None
     own = redis.ConnectionPool(connection_class=pool.connection_class, **pool.connection_kwargs)
@@ -132,10 +137,10 @@ class Listener:
                         "keylock: Redis listener lost its connection to %s (%s); waiters fall "
                         "back to polling until it is back",
                         self._where,
-                        exc,
+                        describe(exc),
                     )
                 else:
-                    logger.debug("keylock: Redis listener still cannot connect: %s", exc)
+                    logger.debug("keylock: Redis listener still cannot connect: %s", describe(exc))
                 self._wake.clear()
                 self._wake.wait(delay)
                 delay = min(delay * 2, _MAX_RETRY)
@@ -173,6 +178,7 @@ class Listener:
         if self._pool is not None:
             with contextlib.suppress(Exception):
                 self._pool.disconnect()
+                close_sentinels(self._client)
         # (redis-py types PubSub.connection as None)
         disconnect = getattr(getattr(self._pubsub, "connection", None), "disconnect", None)
         if disconnect is not None:

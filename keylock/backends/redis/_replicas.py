@@ -14,7 +14,7 @@ from typing import NamedTuple, cast
 from ...errors import BackendUnavailable
 from ._flow import check_seconds
 
-__all__ = ["NO_REPLICAS", "Replication", "check_replication", "unreplicated"]
+__all__ = ["NO_REPLICAS", "Replication", "check_replication", "granted", "unreplicated"]
 
 # How long WAIT may take at most (a grant that took this long has used most of a short TTL).
 MAX_REPLICA_TIMEOUT = 60.0
@@ -86,7 +86,18 @@ def unreplicated(
         )
     return BackendUnavailable(
         f"Redis at {where}: the {what} of lock {key!r} reached {acked} of the {n} replica(s) "
-        f"asked for within {timeout:g} s; {outcome}; check the replicas (INFO replication) "
-        "or lower replicas=",
+        f"asked for within replica_timeout={timeout:g} s (or half the time the caller had "
+        f"left, if less); {outcome}; check the replicas (INFO replication) or lower replicas=",
         key=key,
     )
+
+
+def granted(replication: Replication, key: str, where: str, replies: object) -> object:
+    """An ACQUIRE's reply from ``(reply, WAIT's reply)``, once the replicas acknowledged a
+    grant; a grant they did not is BackendUnavailable (the caller then leaves the line, and
+    its LEAVE gives the grant back, handing it on)."""
+    reply, acked = cast("tuple[list[object], object]", replies)
+    short = replication.short(acked)
+    if short is not None and int(cast("int", reply[0])):
+        raise unreplicated(key, where, replication, short, "grant")
+    return reply

@@ -22,7 +22,9 @@ from typing import TYPE_CHECKING, TypeVar, cast
 import redis
 import redis.asyncio
 import redis.asyncio.cluster
+import redis.asyncio.sentinel
 import redis.cluster
+import redis.sentinel
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import NoScriptError, RedisClusterException, RedisError, ResponseError
 
@@ -34,7 +36,7 @@ if TYPE_CHECKING:
 
     from ._scripts import Script
 
-__all__ = ["Arg", "SyncWire", "in_background", "map_errors", "redact"]
+__all__ = ["Arg", "SyncWire", "describe", "in_background", "map_errors", "redact"]
 
 logger = logging.getLogger("keylock")
 T = TypeVar("T")
@@ -50,6 +52,15 @@ def redact(text: str) -> str:
     return _SECRET.sub(lambda m: f"{m.group(1)}***" if m.group(1) else "***@", text)
 
 
+def describe(exc: BaseException) -> str:
+    """*exc* for a message: redacted, and without the reprs of every Sentinel client that
+    redis-py appends when no Sentinel names a primary."""
+    text = str(exc)
+    if isinstance(exc, redis.sentinel.MasterNotFoundError):
+        text = text.partition(" : ")[0] + " (the Sentinels name no primary that is up)"
+    return redact(text) or type(exc).__name__
+
+
 @contextlib.contextmanager
 def map_errors(key: str, where: str) -> Iterator[None]:
     """The one error boundary: redis-py's errors (RedisCluster's too) and socket errors become
@@ -58,7 +69,7 @@ def map_errors(key: str, where: str) -> Iterator[None]:
         yield
     except (RedisError, RedisClusterException, OSError) as exc:
         raise BackendUnavailable(
-            f"Redis at {where} failed for lock {key!r}: {redact(str(exc)) or type(exc).__name__}; "
+            f"Redis at {where} failed for lock {key!r}: {describe(exc)}; "
             "nothing was granted or changed by this call; check the server and the URL",
             key=key,
         ) from exc
@@ -80,12 +91,23 @@ _SOCKET_CONNECTS: set[object] = {
 }
 
 
+# Pools whose connections are made from the pool's class and options alone: a Sentinel pool's
+# connections each ask the Sentinels for the primary as they connect (so a fresh connection
+# after a failover reaches the new one).
+_PLAIN_POOLS = (
+    redis.ConnectionPool,
+    redis.asyncio.ConnectionPool,
+    redis.sentinel.SentinelConnectionPool,
+    redis.asyncio.sentinel.SentinelConnectionPool,
+)
+
+
 def _plain_pool(client: object) -> object:
-    """*client*'s pool if it talks to one server through an ordinary pool of real sockets
-    (direct calls are then safe), else None."""
+    """*client*'s pool if it talks to one server (or to the primary Sentinels name) through
+    an ordinary pool of real sockets (direct calls are then safe), else None."""
     pool = getattr(client, "connection_pool", None)
     plain = (
-        type(pool) in (redis.ConnectionPool, redis.asyncio.ConnectionPool)
+        type(pool) in _PLAIN_POOLS
         and getattr(pool, "cache", None) is None
         and getattr(client, "connection", None) is None  # not a single-connection client
         and getattr(pool.connection_class, "_connect", None) in _SOCKET_CONNECTS  # type: ignore[union-attr]
@@ -119,6 +141,16 @@ def _connect_within(conn: redis.Connection, timeout: float) -> None:
     sock = getattr(conn, "_sock", None)
     if sock is not None:  # later calls: the client's own socket timeout again
         sock.settimeout(saved[0])
+
+
+def _open(conn: redis.Connection, timeout: float | None) -> None:
+    """Connect *conn* through its own connect() (a Sentinel-managed connection asks the
+    Sentinels for the primary there; a send on a closed one would connect to its last
+    address), within *timeout* if given."""
+    if timeout is not None:
+        _connect_within(conn, timeout)
+    else:
+        conn.connect()  # type: ignore[no-untyped-call]
 
 
 class SyncWire:
@@ -162,8 +194,8 @@ class SyncWire:
             # (redis-py's sync Connection is untyped: hence the ignores)
             # (no timeout: redis-py's default read, which costs no extra system calls)
             bound = {} if timeout is None else {"timeout": _limit(timeout, conn.socket_timeout)}
-            if timeout is not None and not _is_open(conn):
-                _connect_within(conn, timeout)
+            if not _is_open(conn):
+                _open(conn, timeout)
             if then is not None:
                 replies = self._exchange(conn, "EVALSHA", sha, [(keys, args)], then, bound)
                 if isinstance(replies[0], NoScriptError):  # (then ran too: harmless)
@@ -196,12 +228,14 @@ class SyncWire:
             return self._pipelined(script, calls, then)
 
         def exchange(conn: redis.Connection) -> list[object]:
+            if not _is_open(conn):
+                _open(conn, None)
             replies = self._exchange(conn, "EVALSHA", script.sha, calls, then)
             missing = [n for n, reply in enumerate(replies) if isinstance(reply, NoScriptError)]
             if missing:  # a new or flushed server: send the text for those once
                 retried = [calls[n] for n in missing]
                 again = self._exchange(conn, "EVAL", script.text, retried, then)
-                for n, reply in zip(missing, again, strict=True):
+                for n, reply in zip(missing, again[: len(missing)], strict=True):
                     replies[n] = reply
                 if then is not None:  # the last word on what the replicas hold
                     replies[-1] = again[-1]
@@ -291,7 +325,7 @@ class SyncWire:
             if then is not None:
                 pipe.execute_command(*then)
             again = list(pipe.execute(raise_on_error=False))
-            for n, reply in zip(missing, again, strict=True):
+            for n, reply in zip(missing, again[: len(missing)], strict=True):
                 replies[n] = reply
             if then is not None:
                 replies[-1] = again[-1]
@@ -309,8 +343,8 @@ class SyncWire:
     def close(self) -> None:
         """Close every connection made, idle or not (a call still running then fails)."""
         self._closed = True
-        self._idle = []
-        for conn in list(self._made):
+        idle, self._idle = self._idle, []  # (held until closed: one dropped unclosed warns)
+        for conn in {*idle, *self._made}:
             conn.disconnect()  # type: ignore[no-untyped-call]
 
 

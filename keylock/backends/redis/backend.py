@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import math
 import os
 import time
 import weakref
@@ -24,8 +23,9 @@ from ._flow import AcquireFlow, RedisFlow, ServerClock, Trip, check_seconds, ext
 from ._keys import Layout
 from ._listener import Waiting
 from ._renewer import extend_all
-from ._replicas import check_replication, unreplicated
+from ._replicas import check_replication, granted, unreplicated
 from ._scripts import EXTEND, FENCE_SLACK_MS, RELEASE, RELEASE_MARK_MS, Script
+from ._sentinel import for_sentinel
 from ._wire import Arg, map_errors
 
 if TYPE_CHECKING:
@@ -61,7 +61,9 @@ class RedisBackend(Unclosed, AutoRenewed, TieredBackend):
     acknowledged them (``WAIT``, within ``replica_timeout``): a grant they did not is given
     back and raises BackendUnavailable; an extend they did not raises BackendUnavailable and
     leaves the lease its last replicated expiry (the renewer keeps trying, then reports it
-    lost). See docs/failover.md.
+    lost). With ``sentinel=`` (a ``redis.sentinel.Sentinel`` or a list of (host, port)
+    Sentinel addresses) and ``service=``, or a ``redis+sentinel://`` URL, the backend follows
+    the primary through a failover. See docs/failover.md.
     """
 
     nonblocking_step = False
@@ -78,7 +80,13 @@ class RedisBackend(Unclosed, AutoRenewed, TieredBackend):
         poll: float = 1.0,
         replicas: int = 0,
         replica_timeout: float = 1.0,
+        sentinel: object = None,
+        service: str | None = None,
     ) -> None:
+        if sentinel is not None:  # a Sentinel, or Sentinel addresses: follow the primary
+            if client is not None or async_client is not None:
+                raise TypeError("RedisBackend takes a client or sentinel=, not both")
+            client = for_sentinel(sentinel, service)
         check_clients(client, async_client)
         check_backend_ttl(ttl, "RedisBackend", required=True)  # the per-call rules, then:
         self.default_ttl = self._ttl = check_seconds("ttl", ttl, (2**52 - FENCE_SLACK_MS) / 1000)
@@ -126,7 +134,9 @@ class RedisBackend(Unclosed, AutoRenewed, TieredBackend):
         no redis-py client takes is a TypeError here, not at the first command. With
         ``replicas=N``, every grant, extend and hand-off waits for *N* replicas (at most
         ``replica_timeout`` s): see the class docstring."""
-        check_replication(replicas, replica_timeout, check_seconds("ttl", ttl, math.inf))
+        if cluster and replicas:  # refused before a Cluster client connects to every node
+            check_replication(replicas, replica_timeout, float("inf"))
+            raise ValueError("RedisBackend replicas= is not supported on Redis Cluster yet")
         client = from_url(url, cluster=cluster, options=client_options)
         backend = cls(
             client,
@@ -217,32 +227,21 @@ class RedisBackend(Unclosed, AutoRenewed, TieredBackend):
 
     def _trip_sync(self, flow: Flow, trip: object) -> object:
         assert isinstance(trip, Trip)
-        wait = self.replication.wait(trip.bound)
+        script, keys, args, bound = trip
+        wait = self.replication.wait(bound)
         if wait is None:
-            return self._run_sync(trip.script, flow.key, trip.keys, trip.args, trip.bound)
-        run = self._connections.run_sync
-        return self._replicated(
-            flow.key, run(trip.script, flow.key, trip.keys, trip.args, trip.bound, wait)
-        )
+            return self._run_sync(script, flow.key, keys, args, bound)
+        replies = self._connections.run_sync(script, flow.key, keys, args, bound, wait)
+        return granted(self.replication, flow.key, self._where, replies)
 
     async def _trip(self, flow: Flow, trip: object) -> object:
         assert isinstance(trip, Trip)
-        wait = self.replication.wait(trip.bound)
+        script, keys, args, bound = trip
+        wait = self.replication.wait(bound)
         if wait is None:
-            return await self._run_async(trip.script, flow.key, trip.keys, trip.args, trip.bound)
-        run = self._connections.run
-        return self._replicated(
-            flow.key, await run(trip.script, flow.key, trip.keys, trip.args, trip.bound, wait)
-        )
-
-    def _replicated(self, key: str, replies: object) -> object:
-        """An ACQUIRE's reply, once the replicas acknowledged a grant; a grant they did not is
-        BackendUnavailable (the caller then leaves the line: LEAVE gives the grant back)."""
-        reply, acked = cast("tuple[list[object], object]", replies)
-        short = self.replication.short(acked)
-        if short is not None and int(cast("int", reply[0])):
-            raise unreplicated(key, self._where, self.replication, short, "grant")
-        return reply
+            return await self._run_async(script, flow.key, keys, args, bound)
+        replies = await self._connections.run(script, flow.key, keys, args, bound, wait)
+        return granted(self.replication, flow.key, self._where, replies)
 
     def _left_sync(self, flow: Flow) -> None:
         trip = flow.leaving()

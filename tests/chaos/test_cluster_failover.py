@@ -25,7 +25,7 @@ from keylock.backends import RedisBackend
 from .._redis_cluster_topology import ReplicatedCluster, Shard, running_replicated_cluster
 from .._redis_server import Server
 from ._history import Grant, History, RedisFencedStore, Wait, believed_expiry
-from ._report import Report, scaled
+from ._report import SCALE, Report, scaled
 
 FAULT = "Redis Cluster shard failover (leases held, waiters waiting)"
 TTL = 3.0
@@ -114,7 +114,8 @@ class _Trial:
         for key in keys:
             for n, locks in enumerate(self.waiters):
                 name = f"waiter-{n}:{key}#{self.name}"
-                thread = threading.Thread(target=self._wait, args=(locks, key, name))
+                # (daemon: a test that failed must not keep the interpreter from exiting)
+                thread = threading.Thread(target=self._wait, args=(locks, key, name), daemon=True)
                 thread.start()
                 self.threads.append(thread)
 
@@ -205,6 +206,7 @@ def _failover(cluster: ReplicatedCluster, trial: _Trial, shard: Shard, kind: str
     trial.finish()
 
 
+@pytest.mark.timeout(150 * SCALE)  # about 50 s per 50 failovers on 2 busy cores
 @pytest.mark.parametrize("replicas", [0, 1], ids=["replicas=0", "replicas=1"])
 def test_shard_failovers_with_leases_held_and_waiters_waiting(
     replicated: ReplicatedCluster, redis_server: Server, chaos_report: Report, replicas: int

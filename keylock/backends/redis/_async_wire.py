@@ -9,16 +9,16 @@ from typing import TYPE_CHECKING, cast
 
 import redis
 import redis.asyncio
+import redis.asyncio.cluster
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import NoScriptError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
+from ._cluster_then import call_many_then_async
 from ._wire import _limit, _plain_pool
 
 if TYPE_CHECKING:
     from collections.abc import Sequence
-
-    import redis.asyncio.cluster
 
     from ._scripts import Script
     from ._wire import Arg
@@ -108,9 +108,14 @@ class AsyncWire:
     async def _pipelined_then(
         self, script: Script, keys: Sequence[str], args: Sequence[Arg], then: Sequence[Arg]
     ) -> tuple[object, object]:
-        """call() with *then*, through the client's own pipeline (one connection)."""
+        """call() with *then*, through the client's own pipeline (one connection); on a
+        Cluster, on the slot's node (see :mod:`._cluster_then`)."""
         replies: list[object] = []
+        if isinstance(self._client, redis.asyncio.cluster.RedisCluster):
+            replies = await call_many_then_async(self._client, script, [(keys, args)], then)
         for command, body in (("EVALSHA", script.sha), ("EVAL", script.text)):
+            if replies:
+                break
             pipe = self._client.pipeline(transaction=False)
             pipe.execute_command(command, body, len(keys), *keys, *args)
             pipe.execute_command(*then)

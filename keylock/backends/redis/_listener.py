@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, NamedTuple, cast
 
 import redis
 import redis.client
+import redis.cluster
 
 from ._flow import Handed
 from ._sentinel import close as close_sentinels
@@ -105,8 +106,10 @@ class Listener:
     def _run(self) -> None:
         delay = _FIRST_RETRY
         lost_at: float | None = None  # time.monotonic() the outage began (None: no outage)
+        tries = 0
         while not self._stop.is_set():
-            pubsub = self._client.pubsub(ignore_subscribe_messages=True)  # type: ignore[no-untyped-call]
+            pubsub = self._subscriber(tries)
+            tries += 1
             self._pubsub = pubsub
             try:
                 pubsub.subscribe(self._channel)
@@ -144,6 +147,23 @@ class Listener:
             finally:
                 with contextlib.suppress(Exception):
                     pubsub.close()
+
+    def _subscriber(self, tries: int) -> redis.client.PubSub:
+        """A pub/sub connection for the next try. On a Cluster, a classic PUBLISH reaches
+        every node (replicas too), so any node will do: the first try takes the node of the
+        channel's slot, each later one the next node of a freshly read slot map. The node of
+        a dead primary stays in the client's map until something refreshes it, and a
+        listener that kept going back to it would never hear a hand-off again."""
+        client = self._client
+        if not isinstance(client, redis.cluster.RedisCluster) or tries == 0:
+            pubsub: redis.client.PubSub = client.pubsub(ignore_subscribe_messages=True)  # type: ignore[no-untyped-call]
+            return pubsub
+        with contextlib.suppress(Exception):  # (the cluster may be mid-failover: try anyway)
+            client.nodes_manager.initialize()
+        nodes = client.get_nodes()  # type: ignore[no-untyped-call]
+        node = nodes[tries % len(nodes)] if nodes else None
+        pubsub = client.pubsub(node=node, ignore_subscribe_messages=True)  # type: ignore[no-untyped-call]
+        return pubsub
 
     def hurry(self) -> None:
         """Try to reconnect now, if waiting to: a waiter needs hand-offs."""

@@ -29,6 +29,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import NoScriptError, RedisClusterException, RedisError, ResponseError
 
 from ...errors import BackendUnavailable
+from ._cluster_then import call_many_then
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Coroutine, Iterator, Sequence
@@ -306,10 +307,15 @@ class SyncWire:
         calls: Sequence[tuple[Sequence[str], Sequence[Arg]]],
         then: Sequence[Arg] | None = None,
     ) -> list[object]:
-        """call_many through the client's own pipeline (Cluster: one per node, in parallel)."""
+        """call_many through the client's own pipeline (Cluster: one per node, in parallel).
+        Commands go in by name: a Cluster pipeline refuses its ``evalsha`` method, though it
+        routes EVALSHA by its keys like any keyed command. A keyless *then* (WAIT) must
+        follow the calls on their node's connection: on a Cluster, see :mod:`._cluster_then`."""
+        if then is not None and isinstance(self._client, redis.cluster.RedisCluster):
+            return call_many_then(self._client, script, calls, then)
         pipe = self._client.pipeline(transaction=False)
         for keys, args in calls:
-            pipe.evalsha(script.sha, len(keys), *keys, *args)
+            pipe.execute_command("EVALSHA", script.sha, len(keys), *keys, *args)
         if then is not None:
             pipe.execute_command(*then)
         replies = list(pipe.execute(raise_on_error=False))
@@ -318,7 +324,7 @@ class SyncWire:
             pipe = self._client.pipeline(transaction=False)
             for n in missing:
                 keys, args = calls[n]
-                pipe.eval(script.text, len(keys), *keys, *args)
+                pipe.execute_command("EVAL", script.text, len(keys), *keys, *args)
             if then is not None:
                 pipe.execute_command(*then)
             again = list(pipe.execute(raise_on_error=False))

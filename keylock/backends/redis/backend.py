@@ -99,11 +99,6 @@ class RedisBackend(Unclosed, AutoRenewed, TieredBackend):
         self._stay_ms = int(self.poll * 3000) + 1000
         self._connections = Connections(client, async_client)
         self._where = self._connections.where
-        if self.replicas and self._connections.cluster:
-            raise ValueError(
-                "RedisBackend replicas= is not supported on Redis Cluster yet: use a primary "
-                "with replicas (or Sentinel), or replicas=0"
-            )
         self._start_process()
         _BACKENDS.add(self)
         self._opened()  # from here on, it must be closed (else a ResourceWarning when collected)
@@ -139,9 +134,7 @@ class RedisBackend(Unclosed, AutoRenewed, TieredBackend):
         no redis-py client takes is a TypeError here, not at the first command. With
         ``replicas=N``, every grant, extend and hand-off waits for *N* replicas (at most
         ``replica_timeout`` s): see the class docstring."""
-        if cluster and replicas:  # refused before a Cluster client connects to every node
-            check_replication(replicas, replica_timeout, float("inf"))
-            raise ValueError("RedisBackend replicas= is not supported on Redis Cluster yet")
+        check_replication(replicas, replica_timeout, float("inf"))  # (before any connection)
         client = from_url(url, cluster=cluster, options=client_options)
         backend = cls(
             client,

@@ -472,17 +472,39 @@ def test_a_handed_over_lease_is_dated_by_the_server_not_by_the_message(url: str)
     expiry = clock.handed_expiry(granted_us, 10.0, time.time())
     assert expiry <= time.time() - late + 10.0 + 0.005  # never later than the true expiry
     assert expiry >= time.time() - late + 10.0 - 0.5  # and not needlessly early
-    clock.offset, clock.error = 100.0, 0.001  # a server whose clock runs 100 s ahead of ours
+    clock.reading = (100.0, 0.001)  # a server whose clock runs 100 s ahead of ours
     expiry = clock.handed_expiry(str(int((time.time() + 100.0) * 1e6)).encode(), 10.0, time.time())
     assert abs(expiry - (time.time() + 10.0)) < 0.1
     # no reading good to 1 s (taken over a slow link): never a guess that may run late (it
     # assumed the message came at once), but "ask the server": the flow sends an ACQUIRE
-    clock.error = 1.5
+    clock.reading = (100.0, 1.5)
     now = time.time()
     assert clock.handed_expiry(granted_us, 10.0, now) == now
     lease.release_sync()
     holder.close_sync()
     backend.close_sync()
+
+
+def test_a_hand_off_is_never_dated_by_two_clock_readings_at_once() -> None:
+    """The listener thread dates a hand-off while a caller's thread takes a new reading of the
+    server clock. A reading stored as two attributes (offset, then error) let it combine the
+    new offset with the old, smaller error: a lease dated up to a round trip past its end.
+    Here a clock that dates a hand-off at every attribute write sees only whole readings (the
+    two-attribute version shows a third date, later than both)."""
+    seen: list[float] = []
+    granted_us = b"1000000000000000"
+
+    class Watched(ServerClock):
+        def __setattr__(self, name: str, value: object) -> None:
+            super().__setattr__(name, value)
+            seen.append(self.handed_expiry(granted_us, 10.0, 0.0))
+
+    clock = Watched()
+    clock.read(server_us=1_000_000_000_000_000, sent_at=999_999_999.0, received=1_000_000_000.8)
+    first = seen[-1]
+    clock.read(server_us=1_000_000_000_000_000, sent_at=999_999_999.95, received=1_000_000_000.05)
+    second = seen[-1]
+    assert set(seen[1:]) <= {first, second}, (seen, first, second)
 
 
 def test_a_waiter_that_died_in_line_holds_a_handed_key_only_for_its_claim(url: str) -> None:

@@ -112,23 +112,33 @@ class ServerClock:
     """The server's clock read against ours, from queueing replies: hand-offs are dated by
     the server's time of the grant, not by when the message arrived."""
 
-    __slots__ = ("error", "offset")
+    __slots__ = ("reading",)
 
     def __init__(self) -> None:
-        self.offset = 0.0  # server clock - ours, in s
-        self.error = math.inf  # its uncertainty: half a round trip
+        # (server clock - ours in s, its uncertainty: half a round trip), in ONE attribute: the
+        # listener thread dates hand-offs while a caller's thread takes a new reading, and an
+        # offset from one reading with the error of another could date a lease past its end
+        self.reading = (0.0, math.inf)
+
+    @property
+    def offset(self) -> float:
+        return self.reading[0]
+
+    @property
+    def error(self) -> float:
+        return self.reading[1]
 
     def read(self, server_us: int, sent_at: float, received: float) -> None:
-        self.offset = server_us / 1e6 - (sent_at + received) / 2
-        self.error = (received - sent_at) / 2
+        self.reading = (server_us / 1e6 - (sent_at + received) / 2, (received - sent_at) / 2)
 
     def handed_expiry(self, granted_us: bytes, length: float, now: float) -> float:
         """When a lease granted at server time *granted_us* for *length* s lapses, on our
         wall clock (*now*), never later than it really does (the message may be late).
         Without a reading of the server's clock to within 1 s, *now*: the waiter then asks
         the server (an ACQUIRE, which answers the time really left) rather than guess."""
-        if granted_us.isdigit() and self.error < 1.0:
-            return int(granted_us) / 1e6 - self.offset + length - self.error - 0.001
+        offset, error = self.reading
+        if granted_us.isdigit() and error < 1.0:
+            return int(granted_us) / 1e6 - offset + length - error - 0.001
         return now
 
 

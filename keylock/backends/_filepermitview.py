@@ -19,7 +19,7 @@ from ._filewait import LEAVE, TRY, FileFlow
 from ._permits import MemoryPermits, check_shape, limit_mismatch
 from ._tiered import Held
 from ._tieredpermits import TieredPermits, tiered_view
-from .base import Grant, KeyStatistics
+from .base import Grant, KeyStatistics, register_permits
 from .file import _RELEASING, FileBackend
 
 if TYPE_CHECKING:
@@ -197,6 +197,11 @@ class FilePermits(TieredPermits, FileBackend):
 
 
 def file_permits(parent: FileBackend, limit: int, weight: int) -> FilePermits:
-    """*parent*'s permit view of shape ``(limit, weight)`` (cached per shape)."""
+    """Semaphores and RW locks between processes: *parent*'s view of shape ``(limit,
+    weight)`` (cached per shape), each permit an OS lock on a slot file, so a dead holder's
+    permit is free at once. Limits up to 64, or ``RW_LIMIT``."""
     check_file_shape(*check_shape(limit, weight, "FileBackend"))
     return tiered_view(parent, FilePermits, limit, weight)
+
+
+register_permits(FileBackend, file_permits)

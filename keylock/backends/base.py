@@ -12,15 +12,17 @@ from __future__ import annotations
 
 import abc
 import contextlib
+import importlib
 import math
 import time
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, NamedTuple
+from typing import TYPE_CHECKING, ClassVar, NamedTuple, TypeVar
 
 from ..errors import LeaseLost, LockTimeout
 from ._waiters import LoopWaiter, ThreadWaiter, Waiter
 
 if TYPE_CHECKING:
+    from collections.abc import Callable
     from types import FrameType
 
     from ..lease import Lease
@@ -72,6 +74,18 @@ class Permits(NamedTuple):
 
 #: An RW lock is a key of capacity RW_LIMIT: a reader takes 1, a writer all of it.
 RW_LIMIT = 1 << 30
+
+
+B = TypeVar("B", bound="Backend")
+
+#: backend class -> the maker of its permit views. A view subclasses its backend, so the
+#: backend cannot import it: it names the module (``permit_module``), which registers here.
+_PERMIT_VIEWS: dict[type, Callable[[Backend, int, int], Backend]] = {}
+
+
+def register_permits(cls: type[B], make: Callable[[B, int, int], Backend]) -> None:
+    """Make *make* (``(backend, limit, weight) -> view``) answer ``permits()`` of *cls*."""
+    _PERMIT_VIEWS[cls] = make  # type: ignore[assignment]  # (called only on a cls instance)
 
 
 class Deadline:
@@ -128,6 +142,8 @@ class Backend(abc.ABC):
     #: False when the token alone proves ownership (in-process): owner ids are then minted
     #: only if someone reads ``lease.owner``, and the backend is passed ``b""``.
     needs_owner: bool = True
+    #: The module that writes this backend's permit views (imported on the first permits()).
+    permit_module: ClassVar[str | None] = None
 
     # ----------------------------------------------------------------- the step, per backend
 
@@ -194,10 +210,16 @@ class Backend(abc.ABC):
         nothing); the permit keyspace is separate from the lock keyspace. Views are cached per
         shape. A backend without semaphores raises TypeError.
         """
+        for cls in type(self).__mro__:
+            make = _PERMIT_VIEWS.get(cls)
+            if make is None and cls.__dict__.get("permit_module"):
+                importlib.import_module(cls.__dict__["permit_module"])  # (it registers)
+                make = _PERMIT_VIEWS.get(cls)
+            if make is not None:
+                return make(self, limit, weight)
         raise TypeError(
-            f"{type(self).__name__} has no semaphores or RW locks (it does not implement "
-            f"permits({limit}, {weight})): use KeyedLock with it, or a backend that has them "
-            "(MemoryBackend does)"
+            f"{type(self).__name__} has no semaphores or RW locks (permits({limit}, {weight})): "
+            "use MemoryBackend, FileBackend, RedisBackend or PostgresBackend"
         )
 
     def close_sync(self) -> None:

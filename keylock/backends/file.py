@@ -39,7 +39,7 @@ from ._fileshared import (
 from ._filewait import BLOCKED, LEAVE, TRY, UNMARKED, FileFlow, leave, take_turn
 from ._filewait import block as block_in_flock
 from ._tiered import Flow, Held, TieredBackend
-from .base import Backend, Deadline, Grant, KeyStatistics
+from .base import Deadline, Grant, KeyStatistics
 
 if TYPE_CHECKING:
     from ._waiters import Waiter
@@ -97,6 +97,8 @@ class FileBackend(TieredBackend):
     """
 
     nonblocking_step = True  # open/flock(LOCK_NB)/pread/pwrite on a local file: microseconds
+    # semaphores and RW locks: each permit an OS lock on a slot file (limits up to 64)
+    permit_module = "keylock.backends._filepermitview"
 
     def __init__(
         self,
@@ -379,14 +381,6 @@ class FileBackend(TieredBackend):
     def _probe(self, key: str) -> tuple[int | None, bytes | None, bool]:
         """(token, owner, held by another process) from the lock file, without waiting."""
         return probe(self._files, key)
-
-    def permits(self, limit: int, weight: int = 1) -> Backend:
-        """Semaphores and RW locks between processes (a view: see
-        :mod:`~keylock.backends._filepermits`): each permit an OS lock on a slot file, so a
-        dead holder's permit is free at once. Limits up to 64, or ``RW_LIMIT``."""
-        from ._filepermitview import file_permits  # (its view subclasses this class)
-
-        return file_permits(self, limit, weight)
 
     # ---------------------------------------------------------------------------- cleanup
 

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, cast
 from .._permits import limit_mismatch
 from .._tiered import Held
 from .._tieredpermits import TieredPermits, tiered_view
-from ..base import Grant, KeyStatistics
+from ..base import Grant, KeyStatistics, register_permits
 from ._flow import LEAVE, PostgresFlow
 from ._permit_sql import PermitSchema, permit_schema_for
 from ._sql import stored
@@ -188,7 +188,8 @@ class PostgresPermits(TieredPermits, PostgresBackend):
 
 
 def permit_view(parent: PostgresBackend, limit: int, weight: int) -> PostgresPermits:
-    """*parent*'s view of shape ``(limit, weight)`` (cached per shape)."""
+    """Semaphores and RW locks on *parent*'s server: its view of shape ``(limit, weight)``
+    (cached per shape)."""
     view = tiered_view(parent, PostgresPermits, limit, weight)
     if "_permit_sql" not in view.__dict__:
         view.__dict__["_permit_sql"] = permit_schema_for(
@@ -197,3 +198,6 @@ def permit_view(parent: PostgresBackend, limit: int, weight: int) -> PostgresPer
         # from now on every renewal also covers this backend's permits (one statement)
         parent._permit_renew = view._permit_sql.renew
     return view
+
+
+register_permits(PostgresBackend, permit_view)

@@ -23,7 +23,7 @@ if TYPE_CHECKING:
     from ...lease import Lease
     from .._tiered import Flow
     from .._waiters import Waiter
-    from ..base import Backend, Deadline
+    from ..base import Deadline
     from ._wire import Rows
 
 __all__ = ["PostgresBackend"]
@@ -78,6 +78,7 @@ class PostgresBackend(Unclosed, AutoRenewed, TieredBackend):
 
     nonblocking_step = False
     needs_owner = True
+    permit_module = "keylock.backends.postgres._permits"  # semaphores and RW locks
 
     def __init__(
         self,
@@ -204,12 +205,6 @@ class PostgresBackend(Unclosed, AutoRenewed, TieredBackend):
 
     def __repr__(self) -> str:
         return f"PostgresBackend({self._where}, table={self._schema.table!r})"
-
-    def permits(self, limit: int, weight: int = 1) -> Backend:
-        """Semaphores and RW locks on this backend's server (see ``_permits``)."""
-        from ._permits import permit_view
-
-        return permit_view(self, limit, weight)
 
     # ------------------------------------------------------------------- the statements
 

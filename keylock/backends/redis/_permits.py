@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, cast
 from ...errors import LeaseLost
 from .._permits import limit_mismatch
 from .._tieredpermits import TieredPermits, tiered_view
-from ..base import KeyStatistics
+from ..base import KeyStatistics, register_permits
 from ._flow import AcquireFlow, RedisFlow, Trip, ttl_ms
 from ._keys import Layout
 from ._permit_scripts import (
@@ -29,23 +29,18 @@ from ._permit_scripts import (
     PERMIT_RELEASE,
     PERMIT_STATS,
 )
-from ._renewer import extend_all
 from ._scripts import RELEASE_MARK_MS
-from ._wire import map_errors
 from .backend import RedisBackend
 
 if TYPE_CHECKING:
     from ...lease import Lease
-    from .._renewer import Renewal
     from .._tiered import Flow, Held, PermitTier
     from .._waiters import Waiter
     from ..base import Deadline, Grant
-    from ._connections import Connections
     from ._flow import ServerClock
-    from ._replicas import Replication
     from ._wire import Arg
 
-__all__ = ["PermitFlow", "PermitProtocol", "RedisPermits", "permit_view", "renew_all"]
+__all__ = ["PermitFlow", "PermitProtocol", "RedisPermits", "permit_view"]
 
 # What a RedisBackend sets once and for all in its constructor: a view keeps its own reference
 # to each (the uncontended path then never goes through TieredPermits.__getattr__). What a
@@ -64,7 +59,15 @@ class _PermitKeys(Layout):
 
 
 def permit_view(parent: RedisBackend, limit: int, weight: int) -> RedisPermits:
-    """*parent*'s view of shape ``(limit, weight)`` (cached per shape on the parent)."""
+    """Semaphores and RW locks on *parent*'s Redis: its view of shape ``(limit, weight)``
+    (cached per shape on the parent), sharing its connections and threads."""
+    if parent.replicas:
+        # a permit's grant is not followed by WAIT yet: refuse rather than hand out permits
+        # that a failover could silently void
+        raise ValueError(
+            f"permits({limit}, {weight}) on {parent!r}: semaphores and RW locks do not take "
+            f"replicas={parent.replicas} yet; use a RedisBackend without replicas= for them"
+        )
     view = tiered_view(parent, RedisPermits, limit, weight)
     found = view.__dict__
     if "_keys" not in found:  # (two threads may both fill it in: with the same values)
@@ -247,36 +250,4 @@ class RedisPermits(TieredPermits, RedisBackend):
         self._parent._untrack(lease)
 
 
-def renew_all(
-    connections: Connections,
-    layout: Layout,
-    permit_owners: set[bytes],
-    replication: Replication,
-) -> Renewal:
-    """The renewal of a backend's one renewer: the leases of owners in *permit_owners* with
-    PERMIT_EXTEND, the others with EXTEND, each kind in one pipelined round trip. A permit
-    found lost leaves *permit_owners* (it is never renewed again)."""
-    locks = extend_all(connections, layout, replication)
-
-    def renew(batch: list[tuple[str, bytes, float]]) -> list[object]:
-        mine = [n for n, (_, owner, _) in enumerate(batch) if owner in permit_owners]
-        if not mine:
-            return locks(batch)
-        results: list[object] = [None] * len(batch)
-        others = [n for n in range(len(batch)) if n not in set(mine)]
-        if others:
-            for n, result in zip(others, locks([batch[n] for n in others]), strict=True):
-                results[n] = result
-        calls: list[tuple[list[str], list[Arg]]] = [
-            (layout.permit_extend(key), [owner, ttl_ms(ttl, key)])
-            for key, owner, ttl in (batch[n] for n in mine)
-        ]
-        with map_errors(batch[mine[0]][0], connections.where):
-            replies = connections.wire().call_many(PERMIT_EXTEND, calls)
-        for n, reply in zip(mine, replies, strict=True):
-            results[n] = reply if isinstance(reply, Exception) else reply == 1
-            if results[n] is False:
-                permit_owners.discard(batch[n][1])
-        return results
-
-    return renew
+register_permits(RedisBackend, permit_view)

@@ -1,11 +1,12 @@
 """How the shared renewer (:mod:`keylock.backends._renewer`) renews Redis leases: every
-EXTEND of a batch in one pipelined round trip."""
+EXTEND of a batch in one pipelined round trip (and every PERMIT_EXTEND in another)."""
 
 from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from ._flow import extend_call
+from ._flow import extend_call, ttl_ms
+from ._permit_scripts import PERMIT_EXTEND
 from ._replicas import unreplicated
 from ._scripts import EXTEND
 from ._wire import map_errors
@@ -15,8 +16,9 @@ if TYPE_CHECKING:
     from ._connections import Connections
     from ._keys import Layout
     from ._replicas import Replication
+    from ._wire import Arg
 
-__all__ = ["extend_all"]
+__all__ = ["extend_all", "renew_all"]
 
 
 def extend_all(connections: Connections, layout: Layout, replication: Replication) -> Renewal:
@@ -45,6 +47,41 @@ def extend_all(connections: Connections, layout: Layout, replication: Replicatio
                 results.append(unreplicated(key, connections.where, replication, short, "extend"))
             else:
                 results.append(reply == 1)
+        return results
+
+    return renew
+
+
+def renew_all(
+    connections: Connections,
+    layout: Layout,
+    permit_owners: set[bytes],
+    replication: Replication,
+) -> Renewal:
+    """The renewal of a backend's one renewer: the leases of owners in *permit_owners* with
+    PERMIT_EXTEND, the others with EXTEND, each kind in one pipelined round trip. A permit
+    found lost leaves *permit_owners* (it is never renewed again)."""
+    locks = extend_all(connections, layout, replication)
+
+    def renew(batch: list[tuple[str, bytes, float]]) -> list[object]:
+        mine = [n for n, (_, owner, _) in enumerate(batch) if owner in permit_owners]
+        if not mine:
+            return locks(batch)
+        results: list[object] = [None] * len(batch)
+        others = [n for n in range(len(batch)) if n not in set(mine)]
+        if others:
+            for n, result in zip(others, locks([batch[n] for n in others]), strict=True):
+                results[n] = result
+        calls: list[tuple[list[str], list[Arg]]] = [
+            (layout.permit_extend(key), [owner, ttl_ms(ttl, key)])
+            for key, owner, ttl in (batch[n] for n in mine)
+        ]
+        with map_errors(batch[mine[0]][0], connections.where):
+            replies = connections.wire().call_many(PERMIT_EXTEND, calls)
+        for n, reply in zip(mine, replies, strict=True):
+            results[n] = reply if isinstance(reply, Exception) else reply == 1
+            if results[n] is False:
+                permit_owners.discard(batch[n][1])
         return results
 
     return renew

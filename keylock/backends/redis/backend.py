@@ -16,12 +16,13 @@ from ...errors import LeaseLost
 from .._renewer import AutoRenewed, Renewal, Renewer
 from .._tiered import Flow, Held, Tier, TieredBackend
 from .._unclosed import Unclosed
-from ..base import Backend, Deadline, Grant, KeyStatistics
+from ..base import Deadline, Grant, KeyStatistics
 from ._clients import AsyncClient, SyncClient, check_clients, from_url
 from ._connections import Connections
 from ._flow import AcquireFlow, RedisFlow, ServerClock, Trip, check_seconds, extend_call, lost
 from ._keys import Layout
 from ._listener import Waiting
+from ._renewer import renew_all
 from ._replicas import check_replication, granted, unreplicated
 from ._scripts import EXTEND, FENCE_SLACK_MS, RELEASE, RELEASE_MARK_MS, Script
 from ._sentinel import for_sentinel
@@ -67,6 +68,7 @@ class RedisBackend(Unclosed, AutoRenewed, TieredBackend):
 
     nonblocking_step = False
     needs_owner = True
+    permit_module = "keylock.backends.redis._permits"  # semaphores and RW locks
 
     def __init__(
         self,
@@ -363,25 +365,7 @@ class RedisBackend(Unclosed, AutoRenewed, TieredBackend):
     def _renewal(self) -> Renewal:
         """How the renewer extends a batch of leases (and permits): one pipelined round
         trip per kind."""
-        from ._permits import renew_all
-
         return renew_all(self._connections, self.layout, self._permit_owners, self.replication)
-
-    # ---------------------------------------------------------------------------- permits
-
-    def permits(self, limit: int, weight: int = 1) -> Backend:
-        """Semaphores and RW locks on this Redis: the view of shape ``(limit, weight)``
-        (see ``_permits.RedisPermits``), sharing this backend's connections and threads."""
-        if self.replicas:
-            # a permit's grant is not followed by WAIT yet: refuse rather than hand out
-            # permits that a failover could silently void
-            raise ValueError(
-                f"permits({limit}, {weight}) on {self!r}: semaphores and RW locks do not take "
-                f"replicas={self.replicas} yet; use a RedisBackend without replicas= for them"
-            )
-        from ._permits import permit_view
-
-        return permit_view(self, limit, weight)
 
     # ----------------------------------------------------------------------------- closing
 

@@ -19,7 +19,7 @@ from .._permits import limit_mismatch
 from .._tiered import Held
 from .._tieredpermits import TieredPermits, tiered_view
 from ..base import Grant, KeyStatistics, register_permits
-from ._flow import LEAVE, PostgresFlow
+from ._flow import PostgresFlow
 from ._permit_sql import PermitSchema, permit_schema_for
 from ._sql import stored
 from .backend import PostgresBackend
@@ -96,26 +96,13 @@ class PostgresPermits(TieredPermits, PostgresBackend):
             parent._waiting.add(flow)
         return flow
 
-    def _permit_params(self, flow: Flow, trip: Hashable) -> list[object]:
+    def _trip_params(self, flow: Flow, trip: Hashable) -> list[object]:
         limit, weight = self.shape
         key, owner, ttl_ms, queue, stay_ms, claim_ms, channel = self._acquire_params(flow, trip)
         return [key, owner, limit, weight, ttl_ms, queue, stay_ms, claim_ms, channel]
 
-    def _trip_sync(self, flow: Flow, trip: Hashable) -> object:
-        sql = self._permit_sql
-        if trip == LEAVE:
-            return self._run_sync(flow.key, sql.leave, [stored(flow.key), flow.owner])
-        self._arm(flow)
-        rows = self._run_sync(flow.key, sql.acquire, self._permit_params(flow, trip))
-        return self._queued(trip, rows[0])
-
-    async def _trip(self, flow: Flow, trip: Hashable) -> object:
-        sql = self._permit_sql
-        if trip == LEAVE:
-            return await self._run(flow.key, sql.leave, [stored(flow.key), flow.owner])
-        self._arm(flow)
-        rows = await self._run(flow.key, sql.acquire, self._permit_params(flow, trip))
-        return self._queued(trip, rows[0])
+    def _trip_statements(self) -> tuple[str, str]:
+        return self._permit_sql.leave, self._permit_sql.acquire
 
     def _adopt(self, flow: Flow) -> Grant:
         """The server granted a permit: this process's turn lasts as long as the permit."""

@@ -256,20 +256,28 @@ class PostgresBackend(Unclosed, AutoRenewed, TieredBackend):
         ]
 
     def _trip_sync(self, flow: Flow, trip: Hashable) -> object:
-        schema = self._schema
+        leave, acquire = self._trip_statements()
         if trip == LEAVE:
-            return self._run_sync(flow.key, schema.leave, [stored(flow.key), flow.owner])
+            return self._run_sync(flow.key, leave, [stored(flow.key), flow.owner])
         self._arm(flow)
-        rows = self._run_sync(flow.key, schema.acquire, self._acquire_params(flow, trip))
+        rows = self._run_sync(flow.key, acquire, self._trip_params(flow, trip))
         return self._queued(trip, rows[0])
 
     async def _trip(self, flow: Flow, trip: Hashable) -> object:
-        schema = self._schema
+        leave, acquire = self._trip_statements()
         if trip == LEAVE:
-            return await self._run(flow.key, schema.leave, [stored(flow.key), flow.owner])
+            return await self._run(flow.key, leave, [stored(flow.key), flow.owner])
         self._arm(flow)
-        rows = await self._run(flow.key, schema.acquire, self._acquire_params(flow, trip))
+        rows = await self._run(flow.key, acquire, self._trip_params(flow, trip))
         return self._queued(trip, rows[0])
+
+    def _trip_statements(self) -> tuple[str, str]:
+        """The statements a flow's trips run: (leave the line, acquire); a permit view's own."""
+        return self._schema.leave, self._schema.acquire
+
+    def _trip_params(self, flow: Flow, trip: Hashable) -> list[object]:
+        """The acquire statement's parameters for *trip*."""
+        return self._acquire_params(flow, trip)
 
     def _queued(self, trip: Hashable, reply: tuple[object, ...]) -> tuple[object, ...]:
         """*reply* to an acquire; one that put the caller in line starts the listener."""

@@ -20,6 +20,7 @@ from ..conftest import MakeBackend, PermitClients
 from ._driver import Driver, until_waiting
 
 TTL = 0.3
+HELD_TTL = 1.0
 
 
 class _Counted:
@@ -192,7 +193,9 @@ async def test_tokens_rise_across_permits_and_clients(
 
 
 async def test_an_expired_permit_is_taken_over(permits: PermitClients, driver: Driver) -> None:
-    held = await _fill(permits, driver, "lease", ttl=TTL, auto_renew=False)
+    # held for HELD_TTL, not TTL: filling takes `limit` tries without waiting, and a grant
+    # whose reply comes back after its TTL (a loaded machine) is refused, not returned
+    held = await _fill(permits, driver, "lease", ttl=HELD_TTL, auto_renew=False)
     locks = KeyedLock(permits.make(auto_renew=False))
     lease = await driver.acquire(locks, "lease", timeout=10, ttl=TTL * 10)
     assert lease.took_over

@@ -144,7 +144,7 @@ def test_killed_primary_leases_stay_valid_or_are_reported_lost(
         on_lost=lambda lease: lost.setdefault(lease.key, time.time()),
     )
     waiters = KeyedLock(_backend(cluster, ttl=TTL, replicas=replicas))
-    leases = {key: holders.acquire_sync(key, timeout=5) for key in keys}
+    leases = {key: _acquire_once_replicated(holders, key) for key in keys}
     outcomes: list[str] = []
 
     def wait(key: str) -> None:
@@ -168,7 +168,11 @@ def test_killed_primary_leases_stay_valid_or_are_reported_lost(
             lease.release_sync()
         else:
             assert lease.lost
-            assert time.time() - killed < TTL + 0.5  # lease.lost: at its expiry, at the latest
+            # lost at its expiry, which no renewal after the kill moved: within TTL of it (its
+            # date, not when this thread got to look: kill_primary waits for the promotion,
+            # and a loaded machine delays this loop)
+            assert lease.expires_at is not None
+            assert lease.expires_at - killed < TTL + 0.5, (lease.expires_at, killed)
             deadline = time.monotonic() + 5  # on_lost runs on keylock's callback thread
             while key not in lost and time.monotonic() < deadline:
                 time.sleep(0.01)
@@ -182,12 +186,24 @@ def test_killed_primary_leases_stay_valid_or_are_reported_lost(
         thread.join(15)
     assert len(outcomes) == len(keys)
     cluster.revive()  # (with replicas=1 a shard without a replica grants nothing)
-    after = holders.acquire_sync(keys[0], timeout=10)
+    after = _acquire_once_replicated(holders, keys[0])
     granted = [int(o.split()[1]) for o in outcomes if o.startswith("granted")]
     assert after.token > max([lease.token for lease in leases.values()] + granted)
     after.release_sync()
     holders.close_sync()
     waiters.close_sync()
+
+
+def _acquire_once_replicated(locks: KeyedLock, key: str, within: float = 30.0) -> Lease:
+    """Acquire *key*; with replicas=1 a revived replica that has not yet acknowledged (a
+    starved process on a loaded machine) makes the grant BackendUnavailable, given back and
+    not held: ask again, within a bound."""
+    deadline = time.monotonic() + within
+    while True:
+        try:
+            return locks.acquire_sync(key, timeout=10)
+        except BackendUnavailable:
+            assert time.monotonic() < deadline, f"no replicated grant of {key!r} in {within}s"
 
 
 def test_listener_reconnects_after_its_node_is_killed(cluster: ReplicatedCluster) -> None:

@@ -101,8 +101,8 @@ class PostgresPermits(TieredPermits, PostgresBackend):
         key, owner, ttl_ms, queue, stay_ms, claim_ms, channel = self._acquire_params(flow, trip)
         return [key, owner, limit, weight, ttl_ms, queue, stay_ms, claim_ms, channel]
 
-    def _trip_statements(self) -> tuple[str, str]:
-        return self._permit_sql.leave, self._permit_sql.acquire
+    def _statements(self) -> PermitSchema:
+        return self._permit_sql
 
     def _adopt(self, flow: Flow) -> Grant:
         """The server granted a permit: this process's turn lasts as long as the permit."""
@@ -118,29 +118,8 @@ class PostgresPermits(TieredPermits, PostgresBackend):
             tier.held[(flow.key, grant[0])] = Held(grant[0], flow.owner, flow.local[0])
         return Grant(grant[0], time.time() + (deadline - now), deadline, grant[3])
 
-    def _end_sync(self, key: str, held: Held) -> bool:
-        params = [stored(key), held.owner, held.token]
-        return bool(self._run_sync(key, self._permit_sql.release, params)[0][0])
-
-    async def _end(self, key: str, held: Held) -> bool:
-        params = [stored(key), held.owner, held.token]
-        return bool((await self._run(key, self._permit_sql.release, params))[0][0])
-
-    def extend_sync(self, key: str, owner: bytes, token: int, ttl: float) -> Grant:
-        held = self._take_held(key, owner, token, pop=False)
-        sent = (time.time(), time.monotonic())
-        params = self._extend_params(key, owner, token, ttl)
-        if not self._run_sync(key, self._permit_sql.extend, params):
-            raise self._lost(key, token)
-        return self._extended(key, held, ttl, sent)
-
-    async def extend(self, key: str, owner: bytes, token: int, ttl: float) -> Grant:
-        held = self._take_held(key, owner, token, pop=False)
-        sent = (time.time(), time.monotonic())
-        params = self._extend_params(key, owner, token, ttl)
-        if not await self._run(key, self._permit_sql.extend, params):
-            raise self._lost(key, token)
-        return self._extended(key, held, ttl, sent)
+    def _release_params(self, key: str, held: Held) -> list[object]:
+        return [stored(key), held.owner, held.token]
 
     def _arbiter_statistics(self, key: str, local: KeyStatistics) -> KeyStatistics:
         """The server's view of *key* (every client's permits and waiters in line), plus the

@@ -24,6 +24,8 @@ if TYPE_CHECKING:
     from .._tiered import Flow
     from .._waiters import Waiter
     from ..base import Deadline
+    from ._permit_sql import PermitSchema
+    from ._sql import Schema
     from ._wire import Rows
 
 __all__ = ["PostgresBackend"]
@@ -256,24 +258,28 @@ class PostgresBackend(Unclosed, AutoRenewed, TieredBackend):
         ]
 
     def _trip_sync(self, flow: Flow, trip: Hashable) -> object:
-        leave, acquire = self._trip_statements()
+        sql = self._statements()
         if trip == LEAVE:
-            return self._run_sync(flow.key, leave, [stored(flow.key), flow.owner])
+            return self._run_sync(flow.key, sql.leave, [stored(flow.key), flow.owner])
         self._arm(flow)
-        rows = self._run_sync(flow.key, acquire, self._trip_params(flow, trip))
+        rows = self._run_sync(flow.key, sql.acquire, self._trip_params(flow, trip))
         return self._queued(trip, rows[0])
 
     async def _trip(self, flow: Flow, trip: Hashable) -> object:
-        leave, acquire = self._trip_statements()
+        sql = self._statements()
         if trip == LEAVE:
-            return await self._run(flow.key, leave, [stored(flow.key), flow.owner])
+            return await self._run(flow.key, sql.leave, [stored(flow.key), flow.owner])
         self._arm(flow)
-        rows = await self._run(flow.key, acquire, self._trip_params(flow, trip))
+        rows = await self._run(flow.key, sql.acquire, self._trip_params(flow, trip))
         return self._queued(trip, rows[0])
 
-    def _trip_statements(self) -> tuple[str, str]:
-        """The statements a flow's trips run: (leave the line, acquire); a permit view's own."""
-        return self._schema.leave, self._schema.acquire
+    def _statements(self) -> Schema | PermitSchema:
+        """The statements of acquire, leave, release and extend: a permit view's own."""
+        return self._schema
+
+    def _release_params(self, key: str, held: Held) -> list[object]:
+        """The release statement's parameters (a permit is named by its token too)."""
+        return [stored(key), held.owner]
 
     def _trip_params(self, flow: Flow, trip: Hashable) -> list[object]:
         """The acquire statement's parameters for *trip*."""
@@ -317,11 +323,11 @@ class PostgresBackend(Unclosed, AutoRenewed, TieredBackend):
         # sent again on a new connection if its pooled one was dead (a server restart): a
         # first attempt that ran before the reply was lost left its release mark, so the
         # repeat answers "released", never a false LeaseLost
-        rows = self._run_sync(key, self._schema.release, [stored(key), held.owner])
+        rows = self._run_sync(key, self._statements().release, self._release_params(key, held))
         return bool(rows[0][0])
 
     async def _end(self, key: str, held: Held) -> bool:
-        rows = await self._run(key, self._schema.release, [stored(key), held.owner])
+        rows = await self._run(key, self._statements().release, self._release_params(key, held))
         return bool(rows[0][0])
 
     def _extend_params(self, key: str, owner: bytes, token: int, ttl: float) -> list[object]:
@@ -336,9 +342,8 @@ class PostgresBackend(Unclosed, AutoRenewed, TieredBackend):
     def extend_sync(self, key: str, owner: bytes, token: int, ttl: float) -> Grant:
         held = self._take_held(key, owner, token, pop=False)
         sent = (time.time(), time.monotonic())
-        if not self._run_sync(
-            key, self._schema.extend, self._extend_params(key, owner, token, ttl)
-        ):
+        params = self._extend_params(key, owner, token, ttl)
+        if not self._run_sync(key, self._statements().extend, params):
             raise self._lost(key, token)
         return self._extended(key, held, ttl, sent)
 
@@ -346,7 +351,7 @@ class PostgresBackend(Unclosed, AutoRenewed, TieredBackend):
         held = self._take_held(key, owner, token, pop=False)
         sent = (time.time(), time.monotonic())
         params = self._extend_params(key, owner, token, ttl)
-        if not await self._run(key, self._schema.extend, params):
+        if not await self._run(key, self._statements().extend, params):
             raise self._lost(key, token)
         return self._extended(key, held, ttl, sent)
 

@@ -84,8 +84,9 @@ def parse_url(url: str, shown: str) -> SentinelURL:
 
     def bad(why: str) -> ValueError:
         return ValueError(
-            f"bad Redis Sentinel URL {shown!r}: {why}; expected "
-            "redis+sentinel://[:password@]host:port[,host:port...]/service_name[/db]"
+            f"bad Redis Sentinel URL {shown!r}: {why}; expected redis+sentinel:// (or "
+            "rediss+sentinel://) then [[user]:password@]host[:port][,host[:port]...]"
+            "/service_name[/db]"
         )
 
     scheme, _, rest = url.partition("://")

@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, NamedTuple
 import portalocker
 
 from ._filepaths import file_name
+from ._filepermitline import LINE, LINE_SIZE, parse_line, ticket
 from ._filepermitwait import RECORD
 from ._filerecord import read_record
 from ._fileshared import try_flock
@@ -88,7 +89,7 @@ class Probe(NamedTuple):
     holders: int  # how many exclusive slots are held (an RW key: 1 if any permit is)
     token: int | None  # the newest grant's
     owner: bytes | None
-    at_gate: int  # 1 if a claim holds the gate (waits for room, or is being granted)
+    at_gate: int  # how many claims wait in the key's line (of every process)
 
 
 def probe_permits(files: LockDirectory, key: str, limit: int) -> Probe:
@@ -96,6 +97,7 @@ def probe_permits(files: LockDirectory, key: str, limit: int) -> Probe:
     base = file_name(key)[: -len(".lock")]
     names = [base + ".rw"] if limit == RW_LIMIT else [f"{base}.slot{i}" for i in range(limit)]
     how = fcntl.LOCK_EX if limit == RW_LIMIT else fcntl.LOCK_SH  # (readers hold LOCK_SH)
+    # (a claim holds LOCK_EX on its ticket file: either probe fails on it)
     holders = sum(_busy(files, name, how) for name in names)
     token = owner = None
     at_gate = 0
@@ -103,9 +105,10 @@ def probe_permits(files: LockDirectory, key: str, limit: int) -> Probe:
     if fd is not None:
         try:
             fields = os.pread(fd, RECORD, 0).split()
-            at_gate = 0 if try_flock(fd, fcntl.LOCK_SH) else 1
+            served, following = parse_line(os.pread(fd, LINE_SIZE, LINE))
         finally:
             os.close(fd)
+        at_gate = sum(_busy(files, ticket(base, n), how) for n in range(served + 1, following))
         token = int(fields[0]) if fields and fields[0].isdigit() else None
         if len(fields) >= 4:
             with contextlib.suppress(ValueError):

@@ -270,15 +270,24 @@ def _reader_in_another_process(directory: str, key: str, timeout: float) -> str:
     return outcome
 
 
-def _gate_held(directory: str, key: str) -> bool:
-    fd = os.open(os.path.join(directory, file_name(key)[: -len(".lock")] + ".gate"), os.O_RDWR)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        return True
-    finally:
-        os.close(fd)
-    return False
+def _in_line(directory: str, key: str) -> int:
+    """How many claims wait in *key*'s line: ticket files (``<base>.t<n>``) a claim locks."""
+    prefix = file_name(key)[: -len(".lock")] + ".t"
+    waiting = 0
+    for name in os.listdir(directory):
+        if not name.startswith(prefix):
+            continue
+        try:
+            fd = os.open(os.path.join(directory, name), os.O_RDONLY)
+        except FileNotFoundError:
+            continue
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            waiting += 1
+        finally:
+            os.close(fd)
+    return waiting
 
 
 def test_a_waiting_writer_keeps_later_readers_of_other_processes_out(tmp_path: Path) -> None:
@@ -294,7 +303,7 @@ def test_a_waiting_writer_keeps_later_readers_of_other_processes_out(tmp_path: P
     )
     thread.start()
     try:
-        _until(lambda: _gate_held(directory, "doc"), "the writer waits at the gate")
+        _until(lambda: _in_line(directory, "doc") == 1, "the writer waits in line")
         assert _reader_in_another_process(directory, "doc", 0.3) == "LockTimeout"
         assert _reader_in_another_process(directory, "doc", 0) == "LockTimeout"
     finally:

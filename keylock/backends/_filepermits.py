@@ -20,9 +20,8 @@ same path rules and refusals apply; other suffixes: the permit keyspace is not t
   nobody holds ``.join`` it writes its limit there, else it must match the one written
   (LimitMismatch otherwise, nothing granted). The record goes with the last holder or waiter.
 
-``took_over``: an exclusive slot (and ``.rw`` under a writer) records ``H`` while held and
-``R`` once released; a grant that finds ``H`` followed a holder that died or lapsed. (Readers
-share ``.rw`` and record nothing: a grant after a dead reader is not told.)
+``took_over``: what the permit files record of their last holders
+(:mod:`~keylock.backends._filepermitrecord`).
 
 Waiting: in a pool thread's flock (:mod:`~keylock.backends._filepermitwait`), on the ticket
 ahead in line, then on every slot the claim lacks (the first to come is taken, the others let
@@ -50,6 +49,8 @@ from ._filepermitline import (
     ticket,
     wait_inline,
 )
+from ._filepermitrecord import granted, pid
+from ._filepermitrecord import released as record_release
 from ._filepermitwait import RECORD, Blocked, block, drop, read_gate
 from ._fileshared import close_tracked, try_flock, unlock
 from ._filewait import BLOCKED
@@ -71,8 +72,6 @@ __all__ = [
 ]
 
 MAX_SLOTS = 64  # a waiting claim blocks a pool thread per slot it lacks
-_MARK = b"H"  # a slot's record: granted; _FREED: its holder released it
-_FREED = b"R"
 _JOIN_TRIES = 64  # yields for a joining claim before a step says busy
 _QUEUED = "queued"  # a claim took a ticket: it waits for its turn
 
@@ -103,13 +102,12 @@ class Permit:
     """A permit this process holds between processes: the slot (or ``.rw``) files it locks
     and its ``.join`` presence; released by :meth:`Claim.release`."""
 
-    __slots__ = ("fds", "presence", "token", "writes")
+    __slots__ = ("fds", "presence", "token")
 
-    def __init__(self, token: int, fds: list[int], presence: int, writes: bool) -> None:
+    def __init__(self, token: int, fds: list[int], presence: int) -> None:
         self.token = token
         self.fds = fds
         self.presence = presence
-        self.writes = writes  # its files carry a record (LOCK_EX): mark it released
 
 
 class Claim:
@@ -133,7 +131,8 @@ class Claim:
         self.limit, self.wake, self.mismatch = limit, wake, mismatch
         base = _base(key)
         self.base = base
-        if limit == RW_LIMIT:
+        self.rw = limit == RW_LIMIT
+        if self.rw:
             self.slots = [base + ".rw"]
             self.how = fcntl.LOCK_EX if weight == RW_LIMIT else fcntl.LOCK_SH
             self.need = 1
@@ -356,21 +355,16 @@ class Claim:
         try:
             last, seq = read_gate(gate)
             token = now_token(last)
-            line = f"{token} {seq + 1} {os.getpid()} {self.owner.hex()}\n".encode().ljust(RECORD)
+            line = f"{token} {seq + 1} {pid()} {self.owner.hex()}\n".encode().ljust(RECORD)
             os.pwrite(gate, line, 0)
             if self.ticket is not None:
                 served, following = parse_line(os.pread(gate, LINE_SIZE, LINE))
                 os.pwrite(gate, line_record(max(served, self.ticket), following), LINE)
-            took_over = False
-            writes = self.how == fcntl.LOCK_EX
-            for fd in self.held.values():
-                took_over = took_over or os.pread(fd, 1, RECORD - 1) == _MARK
-                if writes:
-                    os.pwrite(fd, f"{token} {os.getpid()}".encode().ljust(RECORD - 1) + _MARK, 0)
+            took_over = granted(list(self.held.values()), token, self.how, self.rw)
         finally:
             self._let_gate_go()
         self._leave_line()
-        permit = self.granted = Permit(token, list(self.held.values()), self.presence, writes)
+        permit = self.granted = Permit(token, list(self.held.values()), self.presence)
         self.held.clear()
         self.presence = None
         return token, took_over, permit
@@ -444,9 +438,7 @@ class Claim:
         shared = self.shared
         fds, permit.fds = permit.fds, []
         try:
-            if released and permit.writes:
-                for fd in fds:
-                    os.pwrite(fd, _FREED, RECORD - 1)
+            record_release(fds, self.how, self.rw, released)
         finally:
             for fd in fds:  # (unlocked, not only closed: a forked child may share the file)
                 with contextlib.suppress(OSError):

@@ -205,9 +205,42 @@ def test_a_killed_holders_permits_are_freed_by_the_os(
     finally:
         os.kill(holder.pid, signal.SIGKILL)  # type: ignore[attr-defined]
     lease = writer.acquire_sync("crash", timeout=60)
-    assert lease.took_over is (weight == limit or limit != RW_LIMIT)
+    assert lease.took_over is True  # (after dead readers: False before the readers' count)
     lease.release_sync()
     holder.join(10)  # type: ignore[attr-defined]
+    again = writer.acquire_sync("crash", timeout=0)
+    assert again.took_over is False  # released cleanly: told once
+    again.release_sync()
+
+
+@pytest.mark.parametrize("alone", [True, False], ids=["alone", "beside-a-live-reader"])
+def test_a_reader_after_a_dead_reader_is_told_it_took_over(tmp_path: Path, alone: bool) -> None:
+    """Readers of a process are SIGKILLed: the next reader, holding alone, is told it took
+    over (once); a reader granted beside a live reader is not (its room was not the dead
+    one's), and the next one alone is. Readers that released cleanly tell nobody. (Before
+    the readers' count, .rw recorded only writers: False in every case.)"""
+    directory = str(tmp_path)
+    reader = KeyedLock(FileBackend(directory).permits(RW_LIMIT))
+    for _ in range(2):
+        lease = reader.acquire_sync("doc", timeout=0)
+        assert lease.took_over is False
+        lease.release_sync()
+    holder = _start_holder(directory, RW_LIMIT, 1, 2, "doc")
+    live = None if alone else _start_holder(directory, RW_LIMIT, 1, 1, "doc")
+    os.kill(holder.pid, signal.SIGKILL)  # type: ignore[attr-defined]
+    holder.join(10)  # type: ignore[attr-defined]
+    lease = reader.acquire_sync("doc", timeout=60)
+    assert lease.took_over is alone
+    lease.release_sync()
+    if live is not None:
+        os.kill(live.pid, signal.SIGTERM)  # type: ignore[attr-defined]
+        live.join(10)  # type: ignore[attr-defined]
+        lease = reader.acquire_sync("doc", timeout=60)
+        assert lease.took_over is True  # the dead readers and the terminated one
+        lease.release_sync()
+    lease = reader.acquire_sync("doc", timeout=0)
+    assert lease.took_over is False
+    lease.release_sync()
 
 
 def test_a_stopped_holder_keeps_its_permit_until_it_dies(tmp_path: Path) -> None:

@@ -27,10 +27,25 @@ from ._fileshared import try_flock, unlock
 if TYPE_CHECKING:
     from ._filepaths import LockDirectory
 
-__all__ = ["LINE", "LINE_SIZE", "lock_gate", "newest_waiting", "parse_line", "sweep", "ticket"]
+__all__ = [
+    "GATE_SIZE",
+    "LIMIT",
+    "LIMIT_SIZE",
+    "LINE",
+    "LINE_SIZE",
+    "lock_gate",
+    "newest_waiting",
+    "parse_line",
+    "parse_record",
+    "sweep",
+    "ticket",
+]
 
 LINE = 128  # offset of the line record ``served next`` in the gate file (after the token's)
 LINE_SIZE = 48
+LIMIT = LINE + LINE_SIZE  # then the limit of the holders and waiters there are
+LIMIT_SIZE = 24
+GATE_SIZE = LIMIT + LIMIT_SIZE
 _TRIES = 64  # yields for a short gate lock before a step says busy (held for µs at a time)
 
 
@@ -47,6 +62,15 @@ def parse_line(raw: bytes) -> tuple[int, int]:
     except (IndexError, ValueError):
         return 0, 1
     return served, max(following, served + 1)
+
+
+def parse_record(raw: bytes) -> tuple[int, int]:
+    """``(last token, grant sequence number)`` from a gate file's first bytes *raw*."""
+    fields = raw[:LINE].split()
+    try:
+        return int(fields[0]), int(fields[1])
+    except (IndexError, ValueError):
+        return 0, 0
 
 
 def line_record(served: int, following: int) -> bytes:

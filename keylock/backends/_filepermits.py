@@ -15,10 +15,12 @@ same path rules and refusals apply; other suffixes: the permit keyspace is not t
   after it, in every process). The gate file holds the key's token record: ``token seq pid
   owner``, rewritten under the gate's LOCK_EX, token = ``max(last + 1, now in µs)``, so
   tokens strictly increase across permits, weights and processes and are never reused.
-* ``.limit`` and ``.join``: the limit in use. Every holder and waiter holds LOCK_SH on
-  ``.join`` (the OS drops it with the process); a claim joins under LOCK_EX of ``.limit``: if
-  nobody holds ``.join`` it writes its limit there, else it must match the one written
+* ``.join``: the limit in use. Every holder and waiter holds LOCK_SH on ``.join`` (the OS
+  drops it with the process); a claim joins under the gate's LOCK_EX: if nobody holds
+  ``.join`` it writes its limit in the gate file, else it must match the one written
   (LimitMismatch otherwise, nothing granted). The record goes with the last holder or waiter.
+  A key nobody holds or waits for (``.join`` free) may be pruned: its files go, under the
+  gate's lock (:func:`~keylock.backends._filepermitline.prune_permit_files`).
 
 ``took_over``: what the permit files record of their last holders
 (:mod:`~keylock.backends._filepermitrecord`).
@@ -38,19 +40,22 @@ from typing import TYPE_CHECKING, TypeAlias
 from ..errors import BackendUnavailable
 from ._filepaths import file_name
 from ._filepermitline import (
+    GATE_SIZE,
+    LIMIT,
+    LIMIT_SIZE,
     LINE,
     LINE_SIZE,
     line_record,
     lock_gate,
-    newest_waiting,
     now_token,
     parse_line,
+    parse_record,
     sweep,
     ticket,
-    wait_inline,
 )
 from ._filepermitrecord import granted, pid
 from ._filepermitrecord import released as record_release
+from ._filepermitturn import InLine
 from ._filepermitwait import RECORD, Blocked, block, drop, read_gate
 from ._fileshared import close_tracked, try_flock, unlock
 from ._filewait import BLOCKED
@@ -72,7 +77,7 @@ __all__ = [
 ]
 
 MAX_SLOTS = 64  # a waiting claim blocks a pool thread per slot it lacks
-_JOIN_TRIES = 64  # yields for a joining claim before a step says busy
+_REOPEN = 8  # times a claim reopens a gate file pruned as it came, before it polls
 _QUEUED = "queued"  # a claim took a ticket: it waits for its turn
 
 
@@ -110,7 +115,7 @@ class Permit:
         self.presence = presence
 
 
-class Claim:
+class Claim(InLine):
     """One caller's way to a permit of ``(limit, weight)`` on *key*: join, gate, capacity.
     :meth:`step` never blocks: it returns ``(token, took_over, Permit)``, None (busy: try
     again, or fail a try), or BLOCKED (a pool thread waits; *wake* is called when it ends)."""
@@ -160,47 +165,33 @@ class Claim:
 
     # ---------------------------------------------------------------------------- joining
 
-    def _join(self) -> bool:
-        """Hold LOCK_SH on ``.join`` with our limit recorded; False if other claims kept
-        joining (each takes microseconds: try again). LimitMismatch on another limit."""
-        lfd = self._open(self.base + ".limit")
+    def _join(self, raw: bytes) -> None:
+        """Under the gate's lock (its record *raw*): hold LOCK_SH on ``.join``, with our limit
+        recorded in the gate if nobody else holds or waits; LimitMismatch on another limit."""
+        gate = self.gate
+        assert gate is not None
+        pfd = self._open(self.base + ".join")
         try:
-            for _ in range(_JOIN_TRIES):
-                if try_flock(lfd):
-                    break
-                os.sched_yield()
-            else:
-                return False
-            try:
-                pfd = self._open(self.base + ".join")
-                try:
-                    if try_flock(pfd):  # nobody holds or waits: our limit is the key's
-                        os.pwrite(lfd, f"{self.limit}\n".encode().ljust(24), 0)
-                        unlock(pfd)  # (not atomic to SH: harmless, others join under .limit)
-                    else:
-                        text = os.pread(lfd, 24, 0).split()
-                        recorded = int(text[0]) if text and text[0].isdigit() else None
-                        if recorded != self.limit:
-                            raise self.mismatch(self.key, recorded or 0, self.limit)
-                    if not try_flock(pfd, fcntl.LOCK_SH):  # only SH is held: cannot fail
-                        raise BackendUnavailable(f"cannot join the permits of {self.key!r}")
-                except BaseException:
-                    close_tracked(self.shared, pfd)
-                    raise
-                self.presence = pfd
-                return True
-            finally:
-                unlock(lfd)
-        finally:
-            close_tracked(self.shared, lfd)
+            text = raw[LIMIT:].split()
+            recorded = int(text[0]) if text and text[0].isdigit() else None
+            if try_flock(pfd):  # nobody holds or waits: our limit is the key's
+                if recorded != self.limit:
+                    os.pwrite(gate, str(self.limit).encode().ljust(LIMIT_SIZE), LIMIT)
+            elif recorded != self.limit:
+                raise self.mismatch(self.key, recorded or 0, self.limit)
+            # (from LOCK_EX, maybe not atomically: harmless, everyone joins under the gate)
+            if not try_flock(pfd, fcntl.LOCK_SH):  # only SH is held: cannot fail
+                raise BackendUnavailable(f"cannot join the permits of {self.key!r}", key=self.key)
+        except BaseException:
+            close_tracked(self.shared, pfd)
+            raise
+        self.presence = pfd
 
     # ------------------------------------------------------------------------------ steps
 
     def step(self, *, block_: bool, try_only: bool = False, inline: bool = False) -> object:
         """*inline*: a caller that can only give up on a signal (sync, no deadline) waits for
         its turn in line in flock itself, as on the lock path (no thread hop per turn)."""
-        if self.presence is None and not self._join():
-            return None
         if not self.head:
             if self.ticket is None:
                 got = self._arrive(try_only)
@@ -214,13 +205,22 @@ class Claim:
     def _arrive(self, try_only: bool) -> object:
         """Under the gate's short lock: a grant if nobody is in line and the room is free;
         else (unless *try_only*: None) take the next ticket, and _QUEUED."""
-        if self.gate is None:
-            self.gate = self._open(self.base + ".gate")
-        if not lock_gate(self.gate):
+        for _ in range(_REOPEN):
+            if self.gate is None:
+                self.gate = self._open(self.base + ".gate")
+            if not lock_gate(self.gate):
+                return None
+            self.gate_locked = True
+            if os.fstat(self.gate).st_nlink:
+                break
+            self._let_gate_go()  # pruned as we came: the file at the path is the gate now
+        else:
             return None
-        self.gate_locked = True
         try:
-            served, following = parse_line(os.pread(self.gate, LINE_SIZE, LINE))
+            raw = os.pread(self.gate, GATE_SIZE, 0)
+            if self.presence is None:
+                self._join(raw)
+            served, following = parse_line(raw[LINE : LINE + LINE_SIZE])
             swept = served
             if served + 1 < following:
                 swept = sweep(self.files, self.base, served, following)
@@ -229,7 +229,7 @@ class Claim:
                 if len(self.held) >= self.need:
                     if swept != served:
                         os.pwrite(self.gate, line_record(swept, following), LINE)
-                    return self._grant()
+                    return self._grant(raw)
             if try_only:
                 return None
             number = following
@@ -245,53 +245,6 @@ class Claim:
         finally:
             self._unlock_gate()
         return _QUEUED
-
-    def _take_turn(self, block_: bool, inline: bool) -> object:
-        """True once every ticket before ours is done (we are the head of the line); else
-        BLOCKED (a thread waits in flock on the newest one still waiting), or None."""
-        shared = self.shared
-        wait = self.ahead_wait
-        if wait is not None:
-            with shared.mutex:
-                done = wait.done
-            if not done:
-                return BLOCKED
-            self.ahead_wait = None
-            drop(shared, wait)
-            if wait.error is not None:
-                raise self._failed(wait.error)
-            self._sweep_ahead()
-        gate = self.gate
-        assert gate is not None
-        while True:
-            if lock_gate(gate, fcntl.LOCK_SH):  # (if not: the bound we have will do)
-                self.served = max(self.served, parse_line(os.pread(gate, LINE_SIZE, LINE))[0])
-                unlock(gate)
-            with shared.mutex:  # tracked, so a fork's child closes it (see Shared.fds)
-                self.ahead, fd = newest_waiting(self.files, self.base, self.served, self.ahead)
-                if fd >= 0:
-                    shared.fds.add(fd)
-            if fd < 0:
-                self.head = True
-                return True
-            if inline:
-                try:
-                    wait_inline(fd)
-                finally:
-                    close_tracked(shared, fd)
-                self._sweep_ahead()
-                continue
-            blocked = Blocked(fd, fcntl.LOCK_SH)
-            if not block_ or not block(shared, blocked, self.wake):
-                close_tracked(shared, fd)
-                return None  # (no waiting now, or the pool is full: poll)
-            self.ahead_wait = blocked
-            return BLOCKED
-
-    def _sweep_ahead(self) -> None:
-        """The claim ahead of us left the line: if it died, its ticket file is still there."""
-        with contextlib.suppress(FileNotFoundError):  # (served or given up: gone already)
-            self.files.unlink(ticket(self.base, self.ahead))
 
     def _try_capacity(self) -> None:
         """Take, without waiting, the slots this claim still lacks and finds free."""
@@ -339,9 +292,10 @@ class Claim:
             self.waits[index] = blocked
         return BLOCKED
 
-    def _grant(self) -> Granted | None:
+    def _grant(self, raw: bytes = b"") -> Granted | None:
         """We hold our capacity (and are first in line): under the gate's lock, mint the
-        token, record it, mark our ticket served; None if the gate stays busy (poll)."""
+        token, record it, mark our ticket served; None if the gate stays busy (poll). *raw*:
+        the gate's record, if read under this lock."""
         gate = self.gate
         assert gate is not None
         assert self.presence is not None
@@ -353,7 +307,7 @@ class Claim:
             drop(self.shared, wait)
         self.waits.clear()
         try:
-            last, seq = read_gate(gate)
+            last, seq = parse_record(raw) if raw else read_gate(gate)
             token = now_token(last)
             line = f"{token} {seq + 1} {pid()} {self.owner.hex()}\n".encode().ljust(RECORD)
             os.pwrite(gate, line, 0)
@@ -393,42 +347,15 @@ class Claim:
             close_tracked(shared, self.presence)
             self.presence = None
 
-    def _leave_line(self) -> None:
-        """Give our ticket up (served or not): its file goes first, then its lock, which
-        wakes the claim behind us."""
-        if self.ticket is None:
-            return
-        name, fd = ticket(self.base, self.ticket), self.ticket_fd
-        self.ticket, self.ticket_fd, self.head = None, -1, False
-        try:
-            with contextlib.suppress(FileNotFoundError):  # (swept: our process was thought dead)
-                self.files.unlink(name)
-        finally:
-            self._let_go(fd)
-
     def _unlock_gate(self) -> None:
         if self.gate is not None and self.gate_locked:
             self.gate_locked = False
             unlock(self.gate)
 
     def _let_gate_go(self) -> None:
-        self._unlock_gate()
-        if self.gate is not None:
+        if self.gate is not None:  # (closing our only descriptor of it drops its lock)
             close_tracked(self.shared, self.gate)
-            self.gate = None
-
-    def _let_go(self, fd: int) -> None:
-        try:
-            unlock(fd)
-        finally:
-            close_tracked(self.shared, fd)
-
-    def _failed(self, error: Exception) -> BackendUnavailable:
-        return BackendUnavailable(
-            f"waiting for a permit file of {self.key!r} failed ({error}); retry, or check the "
-            "lock directory's file system",
-            key=self.key,
-        )
+            self.gate, self.gate_locked = None, False
 
     # ------------------------------------------------------------------------- release
 

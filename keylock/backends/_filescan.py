@@ -1,6 +1,5 @@
 """Looking at a lock directory without taking part: who holds a key or its permits
-(statistics), and removing the lock files nobody holds (``FileBackend.prune``; permit files
-are never removed: a claim does not re-check that its file is still the one at the path).
+(statistics), and removing the lock files and permit files nobody holds (``FileBackend.prune``).
 
 These lock through portalocker; the acquire and release path calls flock directly
 (:mod:`keylock.backends._fileshared`), where portalocker's flag enums cost ~10 µs a call.
@@ -11,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import os
+import re
 import time
 from typing import TYPE_CHECKING, NamedTuple
 
@@ -79,7 +79,54 @@ def prune(files: LockDirectory, skip: set[int], idle_for: float) -> int:
                 portalocker.unlock(fd)
         finally:
             os.close(fd)
+    return removed + prune_permits(files, idle_for, now)
+
+
+_PERMIT_FILE = re.compile(r"\.(?:slot\d+|rw|join|limit|wait|t\d+)")  # (.limit, .wait: old ones)
+
+
+def prune_permits(files: LockDirectory, idle_for: float, now: float) -> int:
+    """Remove the permit files of every key nobody holds or waits for (no LOCK_SH on its
+    ``.join``) whose gate file is untouched for *idle_for* seconds; return how many. Under
+    the gate's LOCK_EX, which every claim takes before it joins: one that opened the gate
+    before it went sees it unlinked (st_nlink 0) and opens the new one."""
+    names = [entry.name for entry in os.scandir(files.fd) if entry.is_file(follow_symlinks=False)]
+    removed = 0
+    for gate in names:
+        if not gate.endswith(".gate"):
+            continue
+        base = gate[: -len(".gate")]
+        mine = [n for n in names if n.startswith(base) and _PERMIT_FILE.fullmatch(n[len(base) :])]
+        removed += _prune_key(files, base, mine, idle_for, now)
     return removed
+
+
+def _prune_key(
+    files: LockDirectory, base: str, names: list[str], idle_for: float, now: float
+) -> int:
+    gate = files.open_name(base + ".gate", writable=True)
+    if gate is None:
+        return 0
+    try:
+        if now - os.fstat(gate).st_mtime < idle_for or not try_flock(gate):
+            return 0
+        if os.fstat(gate).st_nlink == 0:  # another pruner's
+            return 0
+        join = files.open_name(base + ".join")
+        try:
+            if join is not None and not try_flock(join):
+                return 0  # a holder or a waiter
+            removed = 0
+            for name in [*names, base + ".gate"]:  # (the gate last: we hold it)
+                with contextlib.suppress(FileNotFoundError):
+                    files.unlink(name)
+                    removed += 1
+            return removed
+        finally:
+            if join is not None:
+                os.close(join)
+    finally:
+        os.close(gate)
 
 
 class Probe(NamedTuple):

@@ -395,3 +395,33 @@ def test_two_processes_with_room_to_spare_never_wait_for_each_other(tmp_path: Pa
     assert run.violations == 0
     stalls = [wait for wait in run.waits if wait > 0.8 * STEP_ASIDE]
     assert len(stalls) <= 2, f"{len(stalls)} waits of a step-aside with room to spare"
+
+
+def _prune_until(directory: str, stop: object, pruned: object) -> None:
+    backend = FileBackend(directory)
+    while not stop.is_set():  # type: ignore[attr-defined]
+        pruned.value += backend.prune()  # type: ignore[attr-defined]
+
+
+def test_prune_in_a_loop_never_lets_a_fourth_holder_in(tmp_path: Path) -> None:
+    """Six processes cycle on a semaphore of limit 3 while a seventh prunes the directory
+    in a loop: the witness never counts more than 3 holders, tokens never repeat, and the
+    pruner did remove files between the cycles (a claim that opened a gate file as it was
+    pruned opens the new one)."""
+    witness = str(tmp_path / "witness")
+    directory = str(tmp_path / "locks")
+    FileBackend(directory)  # (the directory, before the pruner looks at it)
+    stop, pruned = ctx.Event(), ctx.Value("q", 0)
+    pruner = ctx.Process(target=_prune_until, args=(directory, stop, pruned))
+    pruner.start()
+    try:
+        _run(_semaphore_worker, [(directory, witness, 3, 40, True)] * 6)
+    finally:
+        stop.set()
+        pruner.join(60)
+    _, _, most, violations = Witness(witness).state()
+    assert violations == 0
+    assert 1 <= most <= 3
+    tokens = [token for _, token in Witness(witness).tokens()]
+    assert len(set(tokens)) == len(tokens) == 240
+    assert pruned.value > 0

@@ -22,7 +22,7 @@ import os
 from ._filepermitwait import RECORD
 from ._fileshared import try_flock, unlock
 
-__all__ = ["RW_END", "granted", "pid", "released"]
+__all__ = ["RW_END", "granted", "pid", "read_holder", "readers", "released"]
 
 _MARK = b"H"  # an exclusive slot's record: granted; _FREED: its holder released it
 _FREED = b"R"
@@ -39,23 +39,33 @@ def pid() -> int:
     return _PID[0]
 
 
-def granted(fds: list[int], token: int, how: int, rw: bool) -> bool:
-    """Record the grant of *token* on the permit files *fds* we just locked (*how*; *rw*:
-    the ``.rw`` file); True if it took over from a holder that died or lapsed."""
+def granted(fds: list[int], token: int, how: int, rw: bool, owner: bytes) -> bool:
+    """Record the grant of *token* to *owner* on the permit files *fds* we just locked
+    (*how*; *rw*: the ``.rw`` file); True if it took over from a holder that died or
+    lapsed."""
+    record = _record(token, owner)
     if rw:
-        return _rw_granted(fds[0], token, how)
+        return _rw_granted(fds[0], record, how)
     took_over = False
     for fd in fds:
         took_over = os.pread(fd, 1, RECORD - 1) == _MARK or took_over
-        os.pwrite(fd, _record(token), 0)
+        os.pwrite(fd, record, 0)
     return took_over
 
 
-def _record(token: int) -> bytes:
-    return f"{token} {_PID[0]}".encode().ljust(RECORD - 1) + _MARK
+def _record(token: int, owner: bytes) -> bytes:
+    return f"{token} {_PID[0]} {owner.hex()}".encode().ljust(RECORD - 1) + _MARK
 
 
-def _rw_granted(fd: int, token: int, how: int) -> bool:
+def read_holder(raw: bytes) -> tuple[int | None, int | None, str | None]:
+    """``(token, pid, owner hex)`` of an exclusive slot's record *raw* (None: not known)."""
+    fields = raw[: RECORD - 1].split()
+    numbers = [int(f) if f.isdigit() else None for f in fields[:2]] + [None, None]
+    owner = fields[2].decode("ascii", "replace") if len(fields) > 2 else None
+    return numbers[0], numbers[1], owner
+
+
+def _rw_granted(fd: int, record: bytes, how: int) -> bool:
     raw = os.pread(fd, 1 + _COUNT, RECORD - 1)
     took_over = raw[:1] == _MARK  # (a writer that died)
     fields = raw[1:].split()
@@ -69,10 +79,17 @@ def _rw_granted(fd: int, token: int, how: int) -> bool:
             count = 0
             os.ftruncate(fd, RW_END)
     if how == fcntl.LOCK_EX:
-        os.pwrite(fd, _record(token) + str(count).encode().ljust(_COUNT), 0)
+        os.pwrite(fd, record + str(count).encode().ljust(_COUNT), 0)
     else:
         os.pwrite(fd, str(count + 1).encode().ljust(_COUNT), RECORD)
     return took_over
+
+
+def readers(fd: int) -> int:
+    """Of the ``.rw`` file *fd*: readers granted and not released (live, or dead since)."""
+    fields = os.pread(fd, _COUNT, RECORD).split()
+    count = int(fields[0]) if fields and fields[0].isdigit() else 0
+    return max(count - max(os.fstat(fd).st_size - RW_END, 0), 0)
 
 
 def _alone(fd: int) -> bool:

@@ -175,8 +175,11 @@ class Claim(InLine):
             text = raw[LIMIT:].split()
             recorded = int(text[0]) if text and text[0].isdigit() else None
             if try_flock(pfd):  # nobody holds or waits: our limit is the key's
-                if recorded != self.limit:
-                    os.pwrite(gate, str(self.limit).encode().ljust(LIMIT_SIZE), LIMIT)
+                if recorded != self.limit:  # (and the key, for `keylock inspect`)
+                    shown = self.key.encode("utf-8", "surrogatepass").hex()
+                    os.pwrite(
+                        gate, f"{self.limit}".ljust(LIMIT_SIZE).encode() + shown.encode(), LIMIT
+                    )
             elif recorded != self.limit:
                 raise self.mismatch(self.key, recorded or 0, self.limit)
             # (from LOCK_EX, maybe not atomically: harmless, everyone joins under the gate)
@@ -314,7 +317,7 @@ class Claim(InLine):
             if self.ticket is not None:
                 served, following = parse_line(os.pread(gate, LINE_SIZE, LINE))
                 os.pwrite(gate, line_record(max(served, self.ticket), following), LINE)
-            took_over = granted(list(self.held.values()), token, self.how, self.rw)
+            took_over = granted(list(self.held.values()), token, self.how, self.rw, self.owner)
         finally:
             self._let_gate_go()
         self._leave_line()

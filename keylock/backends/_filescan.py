@@ -16,17 +16,20 @@ from typing import TYPE_CHECKING, NamedTuple
 
 import portalocker
 
-from ._filepaths import file_name
-from ._filepermitline import LINE, LINE_SIZE, parse_line, ticket
+from ._filepaths import file_name, open_plain
+from ._filepermitline import GATE_SIZE, LIMIT, LINE, LINE_SIZE, parse_line, ticket
+from ._filepermitrecord import read_holder, readers
 from ._filepermitwait import RECORD
 from ._filerecord import read_record
 from ._fileshared import try_flock
 from .base import RW_LIMIT
 
 if TYPE_CHECKING:
+    from collections.abc import Iterator
+
     from ._filepaths import LockDirectory
 
-__all__ = ["Probe", "probe", "probe_permits", "prune"]
+__all__ = ["PermitHolder", "PermitKey", "Probe", "permit_keys", "probe", "probe_permits", "prune"]
 
 _LOCK_NB = portalocker.LockFlags.EXCLUSIVE | portalocker.LockFlags.NON_BLOCKING
 _SHARED_NB = portalocker.LockFlags.SHARED | portalocker.LockFlags.NON_BLOCKING
@@ -169,5 +172,108 @@ def _busy(files: LockDirectory, name: str, how: int) -> bool:
         return False
     try:
         return not try_flock(fd, how)  # (closing fd drops the probe's lock)
+    finally:
+        os.close(fd)
+
+
+class PermitHolder(NamedTuple):
+    """One holder of a permit key, as its files show it (None: not recorded)."""
+
+    permit: str  # "slot 2", "writer", or "3 readers" (readers share one record: the count)
+    token: int | None
+    pid: int | None
+    owner: str | None  # hex
+
+
+class PermitKey(NamedTuple):
+    """A permit key whose permits some process holds, read without waiting for anything."""
+
+    stored: str | None  # the key as stored (None: a gate file from before keys were recorded)
+    name: str  # its files' common name
+    limit: int | None
+    live: int  # permits held: slots, or readers (an upper bound: a dead one counts till seen)
+    holders: list[PermitHolder]
+    waiting: int  # claims in its line
+
+
+def permit_keys(dir_fd: int) -> Iterator[PermitKey]:
+    """Every permit key in the lock directory *dir_fd* with a permit held now."""
+    names = sorted(e.name for e in os.scandir(dir_fd) if e.is_file(follow_symlinks=False))
+    for gate_name in names:
+        if not gate_name.endswith(".gate"):
+            continue
+        base = gate_name[: -len(".gate")]
+        gate = open_plain(dir_fd, gate_name)
+        if gate is None:
+            continue
+        try:
+            raw = os.pread(gate, GATE_SIZE + 4096, 0)
+        finally:
+            os.close(gate)
+        newest = raw[:LINE].split()  # token seq pid owner: the newest grant's
+        holders, live = _holders(dir_fd, base, names, _reader(newest))
+        if not holders:
+            continue
+        fields = raw[LIMIT:].split()
+        limit = int(fields[0]) if fields and fields[0].isdigit() else None
+        stored = None
+        if len(fields) > 1:
+            with contextlib.suppress(ValueError):
+                stored = bytes.fromhex(fields[1].decode("ascii")).decode("utf-8", "surrogatepass")
+        served, following = parse_line(raw[LINE : LINE + LINE_SIZE])
+        waiting = sum(
+            _held(dir_fd, ticket(base, n), fcntl.LOCK_SH) for n in range(served + 1, following)
+        )
+        yield PermitKey(stored, base, limit, live, holders, waiting)
+
+
+def _reader(fields: list[bytes]) -> PermitHolder:
+    """The newest grant of a gate's record *fields*: the newest reader's, if readers hold."""
+    numbers = [int(f) if f.isdigit() else None for f in fields[:3]] + [None] * 3
+    owner = fields[3].decode("ascii", "replace") if len(fields) > 3 else None
+    return PermitHolder("readers", numbers[0], numbers[2], owner)
+
+
+def _holders(
+    dir_fd: int, base: str, names: list[str], newest: PermitHolder
+) -> tuple[list[PermitHolder], int]:
+    """The holders of *base*'s permits (one per grant: its slots together; readers as one,
+    shown by the newest grant), and how many permits they hold."""
+    found: list[PermitHolder] = []
+    slots: dict[tuple[int | None, int | None, str | None], list[str]] = {}
+    live = 0
+    for name in names:
+        suffix = name[len(base) :] if name.startswith(base) else ""
+        if suffix != ".rw" and not re.fullmatch(r"\.slot\d+", suffix):
+            continue
+        fd = open_plain(dir_fd, name)
+        if fd is None:
+            continue
+        try:
+            if not try_flock(fd, fcntl.LOCK_SH):  # an exclusive holder: its record
+                holder = read_holder(os.pread(fd, RECORD, 0))
+                live += 1
+                if suffix == ".rw":
+                    found.append(PermitHolder("writer", *holder))
+                else:
+                    slots.setdefault(holder, []).append(suffix[len(".slot") :])
+            elif suffix == ".rw" and not try_flock(fd, fcntl.LOCK_EX):  # readers
+                count = max(readers(fd), 1)
+                live += count
+                found.append(newest._replace(permit=f"{count} readers (newest)"))
+        finally:
+            os.close(fd)
+    for holder, held in slots.items():
+        permit = f"slot{'s' * (len(held) > 1)} {', '.join(sorted(held, key=int))}"
+        found.append(PermitHolder(permit, *holder))
+    return found, live
+
+
+def _held(dir_fd: int, name: str, how: int) -> bool:
+    fd = open_plain(dir_fd, name)
+    if fd is None:
+        return False
+    try:
+        return not try_flock(fd, how)
     finally:
         os.close(fd)

@@ -207,7 +207,7 @@ def permit_keys(dir_fd: int) -> Iterator[PermitKey]:
         if gate is None:
             continue
         try:
-            raw = os.pread(gate, GATE_SIZE + 4096, 0)
+            raw = os.pread(gate, max(os.fstat(gate).st_size, GATE_SIZE), 0)  # (a long key)
         finally:
             os.close(gate)
         newest = raw[:LINE].split()  # token seq pid owner: the newest grant's

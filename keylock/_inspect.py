@@ -43,6 +43,8 @@ class HeldLock:
     holder_host: str | None = None
     stored: str = ""  # the key exactly as stored ("namespace NUL key"): what release needs
     permits: tuple[int, int] | None = None  # a permit key: (live permits, its limit)
+    # a permit key of a lock directory: each holder (permit, token, pid, owner hex)
+    holders: tuple[tuple[str, int | None, int | None, str | None], ...] = ()
 
 
 def inspect_redis(url: str, *, prefix: str = "keylock") -> Iterator[HeldLock]:
@@ -160,7 +162,8 @@ def force_release_postgres(
 
 
 def inspect_directory(directory: str) -> Iterator[HeldLock]:
-    """Every lock file in *directory* whose OS lock some process holds now, with its key."""
+    """Every lock file in *directory* whose OS lock some process holds now, with its key;
+    then every permit key there with permits held."""
     import portalocker
 
     from .backends._filepaths import open_plain
@@ -195,5 +198,26 @@ def inspect_directory(directory: str) -> Iterator[HeldLock]:
                     portalocker.unlock(fd)
             finally:
                 os.close(fd)
+        yield from _directory_permits(dir_fd)
     finally:
         os.close(dir_fd)
+
+
+def _directory_permits(dir_fd: int) -> Iterator[HeldLock]:
+    """Every permit key of the directory with permits held (semaphores, RW locks): each
+    holder, the newest one's token, owner and pid, how many wait, (permits, limit)."""
+    from .backends._filescan import permit_keys
+
+    for found in permit_keys(dir_fd):
+        newest = max(found.holders, key=lambda h: h.token or 0)
+        yield HeldLock(
+            key=found.name if found.stored is None else shown(found.stored),
+            stored=found.stored or "",
+            token=newest.token,
+            owner=newest.owner,
+            ttl=None,  # (a lease's TTL lives in its process: the file holds until it ends)
+            waiting=found.waiting,
+            holder_pid=newest.pid,
+            permits=(found.live, found.limit or 0),
+            holders=tuple(found.holders),
+        )

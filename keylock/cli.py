@@ -176,6 +176,9 @@ def _inspect(args: argparse.Namespace) -> int:
         ttl = "-" if lock.ttl is None else f"{lock.ttl:.1f}"
         token = "-" if lock.token is None else str(lock.token)
         print(f"{printable(lock.key):40} {token:>18} {ttl:>8} {lock.waiting:>7}  {_describe(lock)}")
+        for permit, held_token, pid, owner in lock.holders:  # a lock directory's permit key
+            holder = printable(f"{permit}: owner {owner or '?'}") + (f" (pid {pid})" if pid else "")
+            print(f"{'':40} {held_token or '-':>18} {'':>8} {'':>7}  {holder}")
     print(f"{len(held)} held")
     return 0
 

@@ -7,30 +7,27 @@ same path rules and refusals apply; other suffixes: the permit keyspace is not t
 * ``.slot<i>`` (i < limit), for a semaphore: each held permit of weight w holds LOCK_EX on w
   slot files. An RW lock (limit ``RW_LIMIT``) has one file, ``.rw``: a reader holds LOCK_SH,
   a writer LOCK_EX. The OS drops a dead holder's flocks: its permit is free at once.
-* ``.gate``: the head of the line. A claim takes it (LOCK_EX), then the capacity it needs,
-  then mints its token and lets the gate go; a claim that does not fit waits *holding* the
-  gate, so every later claim, of any weight, queues behind it (a waiting writer blocks the
-  readers that come after it). The gate file holds the key's token record: ``token seq pid
-  owner``, rewritten only by the gate's holder, token = ``max(last + 1, now in µs)``, so
+* ``.gate``: the line and the tokens. A claim granted on arrival (nobody in line, room
+  free) is granted under the gate's short LOCK_EX; any other takes a ticket there and waits
+  its turn in the line (:mod:`~keylock.backends._filepermitline`: arrival order across
+  processes, a dead claim skipped), then, as the head of the line, for the room it needs; a
+  later claim of any weight queues behind it (a waiting writer blocks the readers that come
+  after it, in every process). The gate file holds the key's token record: ``token seq pid
+  owner``, rewritten under the gate's LOCK_EX, token = ``max(last + 1, now in µs)``, so
   tokens strictly increase across permits, weights and processes and are never reused.
-* ``.limit`` and ``.join``: the limit in use. Every holder and waiter holds LOCK_SH on
-  ``.join`` (the OS drops it with the process); a claim joins under LOCK_EX of ``.limit``: if
-  nobody holds ``.join`` it writes its limit there, else it must match the one written
+* ``.join``: the limit in use. Every holder and waiter holds LOCK_SH on ``.join`` (the OS
+  drops it with the process); a claim joins under the gate's LOCK_EX: if nobody holds
+  ``.join`` it writes its limit in the gate file, else it must match the one written
   (LimitMismatch otherwise, nothing granted). The record goes with the last holder or waiter.
-* ``.wait``: processes waiting at the gate hold a POSIX read lock on its byte 1 (the lock
-  path's waiting mark); a process releasing a permit while others are marked steps aside at
-  the gate until two grants went by (the one at the gate, then one of the woken waiters),
-  nobody is marked any more, or STEP_ASIDE passes, so a releaser cannot take the gate
-  straight back every time. Between processes the line is as fair as the lock path's: the
-  kernel picks which waiter of the gate it wakes first, not arrival order.
+  A key nobody holds or waits for (``.join`` free) may be pruned: its files go, under the
+  gate's lock (:func:`~keylock.backends._filepermitline.prune_permit_files`).
 
-``took_over``: an exclusive slot (and ``.rw`` under a writer) records ``H`` while held and
-``R`` once released; a grant that finds ``H`` followed a holder that died or lapsed. (Readers
-share ``.rw`` and record nothing: a grant after a dead reader is not told.)
+``took_over``: what the permit files record of their last holders
+(:mod:`~keylock.backends._filepermitrecord`).
 
-Waiting: in a pool thread's flock (:mod:`~keylock.backends._filepermitwait`), on the gate,
-then on every slot the claim lacks (the first to come is taken, the others let go); a sync
-caller without a deadline waits for the gate in flock itself.
+Waiting: in a pool thread's flock (:mod:`~keylock.backends._filepermitwait`), on the ticket
+ahead in line, then on every slot the claim lacks (the first to come is taken, the others let
+go); a sync caller without a deadline waits for its turn in line in flock itself.
 """
 
 from __future__ import annotations
@@ -38,24 +35,30 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import os
-import time
 from typing import TYPE_CHECKING, TypeAlias
 
 from ..errors import BackendUnavailable
 from ._filepaths import file_name
-from ._filepermitwait import (
-    RECORD,
-    Blocked,
-    block,
-    drop,
-    mark,
-    note_release,
-    read_gate,
-    stepping_aside,
-    unmark,
+from ._filepermitline import (
+    GATE_SIZE,
+    LIMIT,
+    LIMIT_SIZE,
+    LINE,
+    LINE_SIZE,
+    line_record,
+    lock_gate,
+    now_token,
+    parse_line,
+    parse_record,
+    sweep,
+    ticket,
 )
+from ._filepermitrecord import granted, pid
+from ._filepermitrecord import released as record_release
+from ._filepermitturn import InLine
+from ._filepermitwait import RECORD, Blocked, block, drop, read_gate
 from ._fileshared import close_tracked, try_flock, unlock
-from ._filewait import BLOCKED, take_turn
+from ._filewait import BLOCKED
 from .base import RW_LIMIT
 
 if TYPE_CHECKING:
@@ -74,9 +77,8 @@ __all__ = [
 ]
 
 MAX_SLOTS = 64  # a waiting claim blocks a pool thread per slot it lacks
-_MARK = b"H"  # a slot's record: granted; _FREED: its holder released it
-_FREED = b"R"
-_JOIN_TRIES = 64  # yields for a joining claim before a step says busy
+_REOPEN = 8  # times a claim reopens a gate file pruned as it came, before it polls
+_QUEUED = "queued"  # a claim took a ticket: it waits for its turn
 
 
 def check_file_shape(limit: int, weight: int) -> None:
@@ -105,16 +107,15 @@ class Permit:
     """A permit this process holds between processes: the slot (or ``.rw``) files it locks
     and its ``.join`` presence; released by :meth:`Claim.release`."""
 
-    __slots__ = ("fds", "presence", "token", "writes")
+    __slots__ = ("fds", "presence", "token")
 
-    def __init__(self, token: int, fds: list[int], presence: int, writes: bool) -> None:
+    def __init__(self, token: int, fds: list[int], presence: int) -> None:
         self.token = token
         self.fds = fds
         self.presence = presence
-        self.writes = writes  # its files carry a record (LOCK_EX): mark it released
 
 
-class Claim:
+class Claim(InLine):
     """One caller's way to a permit of ``(limit, weight)`` on *key*: join, gate, capacity.
     :meth:`step` never blocks: it returns ``(token, took_over, Permit)``, None (busy: try
     again, or fail a try), or BLOCKED (a pool thread waits; *wake* is called when it ends)."""
@@ -135,7 +136,8 @@ class Claim:
         self.limit, self.wake, self.mismatch = limit, wake, mismatch
         base = _base(key)
         self.base = base
-        if limit == RW_LIMIT:
+        self.rw = limit == RW_LIMIT
+        if self.rw:
             self.slots = [base + ".rw"]
             self.how = fcntl.LOCK_EX if weight == RW_LIMIT else fcntl.LOCK_SH
             self.need = 1
@@ -143,12 +145,16 @@ class Claim:
             self.slots = [f"{base}.slot{i}" for i in range(limit)]
             self.how, self.need = fcntl.LOCK_EX, weight
         self.presence: int | None = None
-        self.gate: int | None = None  # our open gate file; gate_held once we lock it
-        self.gate_held = False
-        self.gate_wait: Blocked | None = None
+        self.gate: int | None = None  # our open gate file; gate_locked while we lock it
+        self.gate_locked = False
+        self.ticket: int | None = None  # our place in line, and its file (LOCK_EX)
+        self.ticket_fd = -1
+        self.served = 0  # a lower bound of the line's served tickets
+        self.ahead = 0  # every ticket from this one to ours is done
+        self.ahead_wait: Blocked | None = None  # a thread's flock on that ticket's file
+        self.head = False  # every ticket before ours is done: we wait for room
         self.held: dict[int, int] = {}  # slot index -> our locked fd
         self.waits: dict[int, Blocked] = {}  # slot index -> a thread's flock for it
-        self.marked = False
         self.granted: Permit | None = None  # granted, not yet taken by its caller
 
     def _open(self, suffix_name: str) -> int:
@@ -159,98 +165,102 @@ class Claim:
 
     # ---------------------------------------------------------------------------- joining
 
-    def _join(self) -> bool:
-        """Hold LOCK_SH on ``.join`` with our limit recorded; False if other claims kept
-        joining (each takes microseconds: try again). LimitMismatch on another limit."""
-        lfd = self._open(self.base + ".limit")
+    def _join(self, raw: bytes) -> None:
+        """Under the gate's lock (its record *raw*): hold LOCK_SH on ``.join``, with our limit
+        recorded in the gate if nobody else holds or waits; LimitMismatch on another limit."""
+        gate = self.gate
+        assert gate is not None
+        pfd = self._open(self.base + ".join")
         try:
-            for _ in range(_JOIN_TRIES):
-                if try_flock(lfd):
-                    break
-                os.sched_yield()
-            else:
-                return False
-            try:
-                pfd = self._open(self.base + ".join")
-                try:
-                    if try_flock(pfd):  # nobody holds or waits: our limit is the key's
-                        os.pwrite(lfd, f"{self.limit}\n".encode().ljust(24), 0)
-                        unlock(pfd)  # (not atomic to SH: harmless, others join under .limit)
-                    else:
-                        text = os.pread(lfd, 24, 0).split()
-                        recorded = int(text[0]) if text and text[0].isdigit() else None
-                        if recorded != self.limit:
-                            raise self.mismatch(self.key, recorded or 0, self.limit)
-                    if not try_flock(pfd, fcntl.LOCK_SH):  # only SH is held: cannot fail
-                        raise BackendUnavailable(f"cannot join the permits of {self.key!r}")
-                except BaseException:
-                    close_tracked(self.shared, pfd)
-                    raise
-                self.presence = pfd
-                return True
-            finally:
-                unlock(lfd)
-        finally:
-            close_tracked(self.shared, lfd)
+            text = raw[LIMIT:].split()
+            recorded = int(text[0]) if text and text[0].isdigit() else None
+            if try_flock(pfd):  # nobody holds or waits: our limit is the key's
+                if recorded != self.limit:  # (and the key, for `keylock inspect`)
+                    shown = self.key.encode("utf-8", "surrogatepass").hex()
+                    os.pwrite(
+                        gate, f"{self.limit}".ljust(LIMIT_SIZE).encode() + shown.encode(), LIMIT
+                    )
+            elif recorded != self.limit:
+                raise self.mismatch(self.key, recorded or 0, self.limit)
+            # (from LOCK_EX, maybe not atomically: harmless, everyone joins under the gate)
+            if not try_flock(pfd, fcntl.LOCK_SH):  # only SH is held: cannot fail
+                raise BackendUnavailable(f"cannot join the permits of {self.key!r}", key=self.key)
+        except BaseException:
+            close_tracked(self.shared, pfd)
+            raise
+        self.presence = pfd
 
     # ------------------------------------------------------------------------------ steps
 
     def step(self, *, block_: bool, try_only: bool = False, inline: bool = False) -> object:
         """*inline*: a caller that can only give up on a signal (sync, no deadline) waits for
-        the gate in flock itself, as on the lock path (no thread hop per turn)."""
-        if self.presence is None and not self._join():
-            return None
-        if not self.gate_held:
-            got = self._take_gate(block_, try_only, inline)
+        its turn in line in flock itself, as on the lock path (no thread hop per turn)."""
+        if not self.head:
+            if self.ticket is None:
+                got = self._arrive(try_only)
+                if got is not _QUEUED:
+                    return got
+            got = self._take_turn(block_, inline)
             if got is not True:
                 return got
         return self._take_capacity(block_, try_only)
 
-    def _take_gate(self, block_: bool, try_only: bool, inline: bool) -> object:
-        shared = self.shared
-        wait = self.gate_wait
-        if wait is not None:
-            with shared.mutex:
-                done = wait.done
-            if not done:
-                return BLOCKED
-            self.gate_wait = None
-            if wait.error is not None:
-                close_tracked(shared, wait.fd)
-                raise self._failed(wait.error)
-            self.gate, self.gate_held = wait.fd, True
-            self.marked = self.marked and unmark(self.shared, self.key)
-            return True
-        if self.gate is None:
-            self.gate = self._open(self.base + ".gate")
-        gate = self.gate
-        aside = stepping_aside(self.shared, self.files, self.key, self.base, gate)
-        if not aside and try_flock(gate):
-            self.gate_held = True
-            self.marked = self.marked and unmark(self.shared, self.key)
-            return True
-        if try_only:
+    def _arrive(self, try_only: bool) -> object:
+        """Under the gate's short lock: a grant if nobody is in line and the room is free;
+        else (unless *try_only*: None) take the next ticket, and _QUEUED."""
+        for _ in range(_REOPEN):
+            if self.gate is None:
+                self.gate = self._open(self.base + ".gate")
+            if not lock_gate(self.gate):
+                return None
+            self.gate_locked = True
+            if os.fstat(self.gate).st_nlink:
+                break
+            self._let_gate_go()  # pruned as we came: the file at the path is the gate now
+        else:
             return None
-        if not aside:  # (see stepping_aside)
-            self.marked = self.marked or mark(self.shared, self.files, self.key, self.base)
-        if not block_:
-            return None
-        turn = (
-            (lambda: stepping_aside(self.shared, self.files, self.key, self.base, gate))
-            if aside
-            else None
-        )
-        if inline:
-            take_turn(gate, turn, lambda: True)
-            self.gate_held = True
-            self.marked = self.marked and unmark(self.shared, self.key)
-            return True
-        blocked = Blocked(self.gate, fcntl.LOCK_EX)
-        self.gate_wait, self.gate = blocked, None  # only the thread touches that fd now
-        if block(shared, blocked, self.wake, turn):
-            return BLOCKED
-        self.gate_wait, self.gate = None, blocked.fd  # (the pool is full: poll)
-        return None
+        try:
+            raw = os.pread(self.gate, GATE_SIZE, 0)
+            if self.presence is None:
+                self._join(raw)
+            served, following = parse_line(raw[LINE : LINE + LINE_SIZE])
+            swept = served
+            if served + 1 < following:
+                swept = sweep(self.files, self.base, served, following)
+            if swept + 1 == following:  # nobody in line
+                self._try_capacity()
+                if len(self.held) >= self.need:
+                    if swept != served:
+                        os.pwrite(self.gate, line_record(swept, following), LINE)
+                    return self._grant(raw)
+            if try_only:
+                return None
+            number = following
+            while True:  # (a ticket file someone holds: the line restarted under it; skip)
+                fd = self._open(ticket(self.base, number))
+                if try_flock(fd):
+                    break
+                close_tracked(self.shared, fd)
+                number += 1
+            self.ticket, self.ticket_fd = number, fd
+            self.served, self.ahead = swept, number
+            os.pwrite(self.gate, line_record(swept, number + 1), LINE)
+        finally:
+            self._unlock_gate()
+        return _QUEUED
+
+    def _try_capacity(self) -> None:
+        """Take, without waiting, the slots this claim still lacks and finds free."""
+        for index, name in enumerate(self.slots):
+            if len(self.held) >= self.need:
+                break
+            if index in self.held or index in self.waits:
+                continue
+            fd = self._open(name)
+            if try_flock(fd, self.how):
+                self.held[index] = fd
+            else:
+                close_tracked(self.shared, fd)
 
     def _take_capacity(self, block_: bool, try_only: bool) -> object:
         shared = self.shared
@@ -267,16 +277,7 @@ class Claim:
                 self.held[index] = wait.fd
             else:
                 self._let_go(wait.fd)
-        for index, name in enumerate(self.slots):
-            if len(self.held) >= self.need:
-                break
-            if index in self.held or index in self.waits:
-                continue
-            fd = self._open(name)
-            if try_flock(fd, self.how):
-                self.held[index] = fd
-            else:
-                close_tracked(shared, fd)
+        self._try_capacity()
         if len(self.held) >= self.need:
             return self._grant()
         if try_only:
@@ -294,33 +295,42 @@ class Claim:
             self.waits[index] = blocked
         return BLOCKED
 
-    def _grant(self) -> Granted:
-        """We hold the gate and our capacity: mint the token, record it, let the gate go."""
-        assert self.gate is not None
+    def _grant(self, raw: bytes = b"") -> Granted | None:
+        """We hold our capacity (and are first in line): under the gate's lock, mint the
+        token, record it, mark our ticket served; None if the gate stays busy (poll). *raw*:
+        the gate's record, if read under this lock."""
+        gate = self.gate
+        assert gate is not None
         assert self.presence is not None
+        if not self.gate_locked:
+            if not lock_gate(gate):
+                return None
+            self.gate_locked = True
         for wait in self.waits.values():
             drop(self.shared, wait)
         self.waits.clear()
-        last, seq = read_gate(self.gate)
-        token = max(last + 1, time.time_ns() // 1000)
-        line = f"{token} {seq + 1} {os.getpid()} {self.owner.hex()}\n".encode().ljust(RECORD)
-        os.pwrite(self.gate, line, 0)
-        took_over = False
-        writes = self.how == fcntl.LOCK_EX
-        for fd in self.held.values():
-            took_over = took_over or os.pread(fd, 1, RECORD - 1) == _MARK
-            if writes:
-                os.pwrite(fd, f"{token} {os.getpid()}".encode().ljust(RECORD - 1) + _MARK, 0)
-        permit = self.granted = Permit(token, list(self.held.values()), self.presence, writes)
+        try:
+            last, seq = parse_record(raw) if raw else read_gate(gate)
+            token = now_token(last)
+            line = f"{token} {seq + 1} {pid()} {self.owner.hex()}\n".encode().ljust(RECORD)
+            os.pwrite(gate, line, 0)
+            if self.ticket is not None:
+                served, following = parse_line(os.pread(gate, LINE_SIZE, LINE))
+                os.pwrite(gate, line_record(max(served, self.ticket), following), LINE)
+            took_over = granted(list(self.held.values()), token, self.how, self.rw, self.owner)
+        finally:
+            self._let_gate_go()
+        self._leave_line()
+        permit = self.granted = Permit(token, list(self.held.values()), self.presence)
         self.held.clear()
         self.presence = None
-        self._let_gate_go()
         return token, took_over, permit
 
     # ------------------------------------------------------------------------ giving up
 
     def leave(self) -> None:
-        """The caller gave up (or a try failed): hold nothing, wait for nothing, mark nothing."""
+        """The caller gave up (or a try failed): hold nothing, wait for nothing, keep no
+        place in line."""
         shared = self.shared
         if self.granted is not None:  # granted as its caller gave up: pass it on
             permit, self.granted = self.granted, None
@@ -328,54 +338,39 @@ class Claim:
         for wait in self.waits.values():
             drop(shared, wait)
         self.waits.clear()
-        if self.gate_wait is not None:
-            drop(shared, self.gate_wait)
-            self.gate_wait = None
+        if self.ahead_wait is not None:
+            drop(shared, self.ahead_wait)
+            self.ahead_wait = None
         for fd in self.held.values():
             self._let_go(fd)
         self.held.clear()
         self._let_gate_go()
-        self.marked = self.marked and unmark(self.shared, self.key)
+        self._leave_line()
         if self.presence is not None:
             close_tracked(shared, self.presence)
             self.presence = None
 
+    def _unlock_gate(self) -> None:
+        if self.gate is not None and self.gate_locked:
+            self.gate_locked = False
+            unlock(self.gate)
+
     def _let_gate_go(self) -> None:
-        if self.gate is not None:
-            if self.gate_held:
-                unlock(self.gate)
+        if self.gate is not None:  # (closing our only descriptor of it drops its lock)
             close_tracked(self.shared, self.gate)
-            self.gate, self.gate_held = None, False
-
-    def _let_go(self, fd: int) -> None:
-        try:
-            unlock(fd)
-        finally:
-            close_tracked(self.shared, fd)
-
-    def _failed(self, error: Exception) -> BackendUnavailable:
-        return BackendUnavailable(
-            f"waiting for a permit file of {self.key!r} failed ({error}); retry, or check the "
-            "lock directory's file system",
-            key=self.key,
-        )
+            self.gate, self.gate_locked = None, False
 
     # ------------------------------------------------------------------------- release
 
     def release(self, permit: Permit, *, released: bool) -> None:
         """Let *permit* go; *released*: its holder released it while live (its records say
-        so before anyone else can read them). Steps aside if others wait at the gate."""
+        so before anyone else can read them)."""
         shared = self.shared
         fds, permit.fds = permit.fds, []
         try:
-            if released and permit.writes:
-                for fd in fds:
-                    os.pwrite(fd, _FREED, RECORD - 1)
-            # (a fairness hint: a closed backend's directory, or a full disk, only skips it)
-            with contextlib.suppress(OSError, BackendUnavailable):
-                note_release(self.shared, self.files, self.key, self.base)
+            record_release(fds, self.how, self.rw, released)
         finally:
-            for fd in fds:  # (closing our only descriptor of a file drops its flock anyway)
+            for fd in fds:  # (unlocked, not only closed: a forked child may share the file)
                 with contextlib.suppress(OSError):
                     unlock(fd)
                 close_tracked(shared, fd)

@@ -1,6 +1,6 @@
 """How a permit claim waits for another process: a pool thread blocks in flock on the claim's
-own open file (the gate, or a slot), so the kernel wakes it at the holder's unlock, and then
-wakes the claim's caller; no polling.
+own open file (of the ticket ahead in line, or of a slot), so the kernel wakes it at the
+other claim's unlock, and then wakes the claim's caller; no polling.
 
 A blocking flock cannot be interrupted, so a caller that gives up leaves the thread to it: the
 thread lets the lock go the moment it gets it (:attr:`Blocked.wanted` is then False), and
@@ -12,30 +12,17 @@ from __future__ import annotations
 
 import fcntl
 import os
-import time
-import weakref
 from typing import TYPE_CHECKING
 
-from ._fileshared import STEP_ASIDE, close_tracked, others_wait, say_waiting, unlock
-from ._filewait import _POOL, take_turn
+from ._fileshared import close_tracked, unlock
+from ._filewait import _POOL
 
 if TYPE_CHECKING:
     from collections.abc import Callable
 
-    from ._filepaths import LockDirectory
     from ._fileshared import Shared
 
-__all__ = [
-    "RECORD",
-    "Blocked",
-    "block",
-    "drop",
-    "mark",
-    "note_release",
-    "read_gate",
-    "stepping_aside",
-    "unmark",
-]
+__all__ = ["RECORD", "Blocked", "block", "drop", "read_gate"]
 
 RECORD = 128  # bytes of the gate's and the slots' records
 
@@ -54,26 +41,16 @@ class Blocked:
         self.wanted = True  # False once the claim gave it up: the thread lets it go
 
 
-def block(
-    shared: Shared,
-    blocked: Blocked,
-    wake: Callable[[], bool],
-    aside: Callable[[], bool] | None = None,
-) -> bool:
+def block(shared: Shared, blocked: Blocked, wake: Callable[[], bool]) -> bool:
     """Have a pool thread block in flock for *blocked*, then call *wake* (or let the lock go
     if the claim no longer wants it); False if the pool is full (the claim polls)."""
-    return _POOL.submit(lambda: _wait(shared, blocked, wake, aside))
+    return _POOL.submit(lambda: _wait(shared, blocked, wake))
 
 
-def _wait(
-    shared: Shared, blocked: Blocked, wake: Callable[[], bool], aside: Callable[[], bool] | None
-) -> None:
+def _wait(shared: Shared, blocked: Blocked, wake: Callable[[], bool]) -> None:
     error: Exception | None = None
     try:
-        if blocked.how == fcntl.LOCK_EX:
-            take_turn(blocked.fd, aside, lambda: blocked.wanted)
-        else:
-            fcntl.flock(blocked.fd, blocked.how)
+        fcntl.flock(blocked.fd, blocked.how)  # (EINTR is retried: PEP 475)
     except Exception as exc:  # the claim raises it
         error = exc
     with shared.mutex:
@@ -117,114 +94,3 @@ def read_gate(fd: int) -> tuple[int, int]:
         return int(fields[0]), int(fields[1])
     except (IndexError, ValueError):
         return 0, 0
-
-
-class _Marks:
-    """Per process and lock directory: the waiting marks on ``.wait`` files and the keys this
-    process steps aside at. A POSIX lock is the process's, and any close of the file drops
-    it: so one descriptor per key, kept while any caller here is marked."""
-
-    def __init__(self) -> None:
-        self.wait: dict[str, list[int]] = {}  # key -> [fd, callers marked]
-        self.aside: dict[str, tuple[int, float]] = {}  # key -> (gate seq at release, until)
-
-
-_MARKS: weakref.WeakKeyDictionary[Shared, _Marks] = weakref.WeakKeyDictionary()
-
-
-def _marks(shared: Shared) -> _Marks:
-    marks = _MARKS.get(shared)
-    if marks is None:
-        marks = _MARKS[shared] = _Marks()
-    return marks
-
-
-os.register_at_fork(after_in_child=_MARKS.clear)  # (the parent's fds: Shared closes them)
-
-
-def mark(shared: Shared, files: LockDirectory, key: str, base: str) -> bool:
-    """Count one more caller of this process waiting at *key*'s gate (marked on the first);
-    True (the caller is counted: :func:`unmark` it)."""
-    marks = _marks(shared)
-    with shared.mutex:
-        entry = marks.wait.get(key)
-        if entry is None:
-            fd = files.open_file(key, base + ".wait")
-            shared.fds.add(fd)
-            entry = marks.wait[key] = [fd, 0]
-        if entry[1] == 0:
-            for _ in range(8):  # a releaser probing this instant: it is done in µs
-                if say_waiting(entry[0]):
-                    break
-                os.sched_yield()
-        entry[1] += 1
-    return True
-
-
-def unmark(shared: Shared, key: str) -> bool:
-    """One caller fewer waiting at *key*'s gate (the mark goes with the last); False."""
-    marks = _marks(shared)
-    with shared.mutex:
-        entry = marks.wait[key]
-        entry[1] -= 1
-        if entry[1] == 0:
-            del marks.wait[key]
-            shared.fds.discard(entry[0])
-            os.close(entry[0])  # (drops our mark)
-    return False
-
-
-def stepping_aside(shared: Shared, files: LockDirectory, key: str, base: str, gate: int) -> bool:
-    """True while this process owes the processes waiting at *key*'s gate (our open *gate*
-    file) their turn: until two grants went by, or nobody is marked waiting any more (a
-    process stepping aside is not marked itself: two of them would wait for each other)."""
-    marks = _marks(shared)
-    aside = marks.aside.get(key)
-    if aside is None:
-        return False
-    seq_then, until = aside
-    if (
-        time.monotonic() < until
-        and read_gate(gate)[1] < seq_then + 2
-        and _others_marked(shared, files, key, base)
-    ):
-        return True
-    marks.aside.pop(key, None)
-    return False
-
-
-def _others_marked(shared: Shared, files: LockDirectory, key: str, base: str) -> bool:
-    """True if another process is marked waiting at *key*'s gate."""
-    with shared.mutex:  # (our marks' descriptor: closing another would drop them)
-        entry = _marks(shared).wait.get(key)
-        fd = entry[0] if entry else files.open_file(key, base + ".wait")
-        try:
-            return others_wait(fd)
-        finally:
-            if entry is None:
-                os.close(fd)
-
-
-def note_release(shared: Shared, files: LockDirectory, key: str, base: str) -> None:
-    """After a release of a permit of *key*: if another process waits at its gate, step
-    aside there (see :func:`stepping_aside`)."""
-    if not _others_marked(shared, files, key, base):
-        return
-    seq = read_gate_named(files, key, base)
-    marks = _marks(shared)
-    now = time.monotonic()
-    aside = marks.aside
-    for stale in [k for k, (_, until) in aside.items() if until <= now]:
-        del aside[stale]
-    aside[key] = (seq, now + STEP_ASIDE)
-
-
-def read_gate_named(files: LockDirectory, key: str, base: str) -> int:
-    """The grant sequence number of *key*'s gate file (0 if there is none)."""
-    fd = files.open_name(base + ".gate")
-    if fd is None:
-        return 0
-    try:
-        return read_gate(fd)[1]
-    finally:
-        os.close(fd)

@@ -205,9 +205,42 @@ def test_a_killed_holders_permits_are_freed_by_the_os(
     finally:
         os.kill(holder.pid, signal.SIGKILL)  # type: ignore[attr-defined]
     lease = writer.acquire_sync("crash", timeout=60)
-    assert lease.took_over is (weight == limit or limit != RW_LIMIT)
+    assert lease.took_over is True  # (after dead readers: False before the readers' count)
     lease.release_sync()
     holder.join(10)  # type: ignore[attr-defined]
+    again = writer.acquire_sync("crash", timeout=0)
+    assert again.took_over is False  # released cleanly: told once
+    again.release_sync()
+
+
+@pytest.mark.parametrize("alone", [True, False], ids=["alone", "beside-a-live-reader"])
+def test_a_reader_after_a_dead_reader_is_told_it_took_over(tmp_path: Path, alone: bool) -> None:
+    """Readers of a process are SIGKILLed: the next reader, holding alone, is told it took
+    over (once); a reader granted beside a live reader is not (its room was not the dead
+    one's), and the next one alone is. Readers that released cleanly tell nobody. (Before
+    the readers' count, .rw recorded only writers: False in every case.)"""
+    directory = str(tmp_path)
+    reader = KeyedLock(FileBackend(directory).permits(RW_LIMIT))
+    for _ in range(2):
+        lease = reader.acquire_sync("doc", timeout=0)
+        assert lease.took_over is False
+        lease.release_sync()
+    holder = _start_holder(directory, RW_LIMIT, 1, 2, "doc")
+    live = None if alone else _start_holder(directory, RW_LIMIT, 1, 1, "doc")
+    os.kill(holder.pid, signal.SIGKILL)  # type: ignore[attr-defined]
+    holder.join(10)  # type: ignore[attr-defined]
+    lease = reader.acquire_sync("doc", timeout=60)
+    assert lease.took_over is alone
+    lease.release_sync()
+    if live is not None:
+        os.kill(live.pid, signal.SIGTERM)  # type: ignore[attr-defined]
+        live.join(10)  # type: ignore[attr-defined]
+        lease = reader.acquire_sync("doc", timeout=60)
+        assert lease.took_over is True  # the dead readers and the terminated one
+        lease.release_sync()
+    lease = reader.acquire_sync("doc", timeout=0)
+    assert lease.took_over is False
+    lease.release_sync()
 
 
 def test_a_stopped_holder_keeps_its_permit_until_it_dies(tmp_path: Path) -> None:
@@ -270,15 +303,24 @@ def _reader_in_another_process(directory: str, key: str, timeout: float) -> str:
     return outcome
 
 
-def _gate_held(directory: str, key: str) -> bool:
-    fd = os.open(os.path.join(directory, file_name(key)[: -len(".lock")] + ".gate"), os.O_RDWR)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        return True
-    finally:
-        os.close(fd)
-    return False
+def _in_line(directory: str, key: str) -> int:
+    """How many claims wait in *key*'s line: ticket files (``<base>.t<n>``) a claim locks."""
+    prefix = file_name(key)[: -len(".lock")] + ".t"
+    waiting = 0
+    for name in os.listdir(directory):
+        if not name.startswith(prefix):
+            continue
+        try:
+            fd = os.open(os.path.join(directory, name), os.O_RDONLY)
+        except FileNotFoundError:
+            continue
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            waiting += 1
+        finally:
+            os.close(fd)
+    return waiting
 
 
 def test_a_waiting_writer_keeps_later_readers_of_other_processes_out(tmp_path: Path) -> None:
@@ -294,7 +336,7 @@ def test_a_waiting_writer_keeps_later_readers_of_other_processes_out(tmp_path: P
     )
     thread.start()
     try:
-        _until(lambda: _gate_held(directory, "doc"), "the writer waits at the gate")
+        _until(lambda: _in_line(directory, "doc") == 1, "the writer waits in line")
         assert _reader_in_another_process(directory, "doc", 0.3) == "LockTimeout"
         assert _reader_in_another_process(directory, "doc", 0) == "LockTimeout"
     finally:
@@ -353,3 +395,33 @@ def test_two_processes_with_room_to_spare_never_wait_for_each_other(tmp_path: Pa
     assert run.violations == 0
     stalls = [wait for wait in run.waits if wait > 0.8 * STEP_ASIDE]
     assert len(stalls) <= 2, f"{len(stalls)} waits of a step-aside with room to spare"
+
+
+def _prune_until(directory: str, stop: object, pruned: object) -> None:
+    backend = FileBackend(directory)
+    while not stop.is_set():  # type: ignore[attr-defined]
+        pruned.value += backend.prune()  # type: ignore[attr-defined]
+
+
+def test_prune_in_a_loop_never_lets_a_fourth_holder_in(tmp_path: Path) -> None:
+    """Six processes cycle on a semaphore of limit 3 while a seventh prunes the directory
+    in a loop: the witness never counts more than 3 holders, tokens never repeat, and the
+    pruner did remove files between the cycles (a claim that opened a gate file as it was
+    pruned opens the new one)."""
+    witness = str(tmp_path / "witness")
+    directory = str(tmp_path / "locks")
+    FileBackend(directory)  # (the directory, before the pruner looks at it)
+    stop, pruned = ctx.Event(), ctx.Value("q", 0)
+    pruner = ctx.Process(target=_prune_until, args=(directory, stop, pruned))
+    pruner.start()
+    try:
+        _run(_semaphore_worker, [(directory, witness, 3, 40, True)] * 6)
+    finally:
+        stop.set()
+        pruner.join(60)
+    _, _, most, violations = Witness(witness).state()
+    assert violations == 0
+    assert 1 <= most <= 3
+    tokens = [token for _, token in Witness(witness).tokens()]
+    assert len(set(tokens)) == len(tokens) == 240
+    assert pruned.value > 0

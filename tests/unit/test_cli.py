@@ -3,6 +3,7 @@ force-release."""
 
 from __future__ import annotations
 
+import multiprocessing
 import os
 import subprocess
 import sys
@@ -89,6 +90,66 @@ def test_inspect_a_lock_directory(tmp_path: object, capsys: pytest.CaptureFixtur
     assert main(["inspect", "--dir", directory]) == 0
     assert "1 held" in capsys.readouterr().out
     lease.release_sync()
+
+
+def _write_once(directory: str, key: str) -> None:
+    from keylock.backends.base import RW_LIMIT
+
+    writer = KeyedLock(FileBackend(directory).permits(RW_LIMIT, RW_LIMIT))
+    writer.acquire_sync(key, timeout=60).release_sync()
+
+
+def test_inspect_lists_the_holders_of_file_permits(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A lock directory's semaphores and RW locks: one row per key with permits held (how
+    many of what limit, the newest holder, how many wait), and a line per holder: its slots
+    (or writer, or readers), token, owner and pid. Keys nobody holds are not listed. (Before,
+    inspect --dir listed lock files only: no permit key at all.)"""
+    from keylock.backends.base import RW_LIMIT
+
+    backend = FileBackend(tmp_path)
+    sem = KeyedLock(backend.permits(4, 2), namespace="ns")
+    pair = sem.acquire_sync("api", timeout=0)
+    single = KeyedLock(backend.permits(4)).acquire_sync("api", timeout=0)
+    read = KeyedLock(backend.permits(RW_LIMIT))
+    readers = [read.acquire_sync("doc", timeout=0) for _ in range(2)]
+    writer = KeyedLock(backend.permits(RW_LIMIT, RW_LIMIT))
+    write = writer.acquire_sync("doc2", timeout=0)
+    waiting = multiprocessing.get_context("fork").Process(
+        target=_write_once, args=(str(tmp_path), "doc")
+    )
+    waiting.start()
+    KeyedLock(backend.permits(1)).acquire_sync("free", timeout=0).release_sync()
+    try:
+        deadline = time.monotonic() + 30
+        while next(h for h in inspect_directory(str(tmp_path)) if h.key == "doc").waiting < 1:
+            assert time.monotonic() < deadline, "the writer never waited in line"
+            time.sleep(0.005)
+        held = {h.key: h for h in inspect_directory(str(tmp_path))}
+        assert set(held) == {"ns:api", "api", "doc", "doc2"}
+        assert held["ns:api"].permits == (2, 4)
+        assert held["ns:api"].holders == (
+            ("slots 0, 1", pair.token, os.getpid(), pair.owner.hex()),
+        )
+        assert held["api"].permits == (1, 4)
+        assert held["api"].token == single.token
+        assert held["doc"].permits == (2, RW_LIMIT)
+        assert held["doc"].waiting == 1
+        assert held["doc"].token == readers[-1].token
+        assert held["doc"].holders[0][0] == "2 readers (newest)"
+        assert held["doc2"].holders == (("writer", write.token, os.getpid(), write.owner.hex()),)
+        assert main(["inspect", "--dir", str(tmp_path)]) == 0
+        out = capsys.readouterr().out
+        assert "2 permits of limit 4; newest: owner" in out
+        assert f"slots 0, 1: owner {pair.owner.hex()} (pid {os.getpid()})" in out
+        assert "4 held" in out
+    finally:
+        for lease in (pair, single, *readers, write):
+            lease.release_sync()
+        waiting.join(30)
+    assert waiting.exitcode == 0
+    assert list(inspect_directory(str(tmp_path))) == []
 
 
 # ------------------------------------------------------------- mistakes: one line, no traceback

@@ -45,8 +45,12 @@ def test_shapes_the_file_backend_cannot_keep_are_refused(tmp_path: Path) -> None
         backend.permits(0)
 
 
-@pytest.mark.parametrize("suffix", [".slot0", ".gate", ".join", ".limit"])
-def test_a_planted_symlink_is_refused_and_its_target_untouched(tmp_path: Path, suffix: str) -> None:
+@pytest.mark.parametrize(
+    ("suffix", "limit"), [(".slot0", 2), (".gate", 2), (".join", 2), (".rw", RW_LIMIT)]
+)
+def test_a_planted_symlink_is_refused_and_its_target_untouched(
+    tmp_path: Path, suffix: str, limit: int
+) -> None:
     """A symlink at any permit file's path: acquire raises BackendUnavailable naming the key,
     and the file it points at is neither written nor truncated (filelock CVE-2025-68146)."""
     directory = tmp_path / "locks"
@@ -54,7 +58,7 @@ def test_a_planted_symlink_is_refused_and_its_target_untouched(tmp_path: Path, s
     target = tmp_path / "precious"
     target.write_text("keep me")
     os.symlink(target, directory / (_base("k") + suffix))
-    locks = KeyedLock(backend.permits(2))
+    locks = KeyedLock(backend.permits(limit))
     with pytest.raises(BackendUnavailable, match="symlink") as raised:
         locks.acquire_sync("k", timeout=0)
     assert raised.value.key == "k"
@@ -170,4 +174,33 @@ def test_a_permit_is_released_after_its_backend_closed(tmp_path: Path) -> None:
     backend.close_sync()
     lease.release_sync()
     KeyedLock(FileBackend(tmp_path).permits(1)).acquire_sync("k", timeout=0).release_sync()
+    assert not backend._shared.fds
+
+
+def test_prune_removes_the_permit_files_of_keys_nobody_uses(tmp_path: Path) -> None:
+    """Semaphore and RW keys used once, a key whose holder is still here, and a waiter's
+    ticket left by a dead process: prune removes every permit file of the unused keys (and
+    the dead ticket), keeps the held key's, and the pruned keys work again afterwards, with
+    tokens still rising. (Before, permit files were never pruned: 0 removed.)"""
+    backend = FileBackend(tmp_path)
+    sem, rw = KeyedLock(backend.permits(4)), KeyedLock(backend.permits(RW_LIMIT, RW_LIMIT))
+    tokens = []
+    for key in ("a", "b"):
+        lease = sem.acquire_sync(key, timeout=0)
+        tokens.append(lease.token)
+        lease.release_sync()
+    rw.acquire_sync("doc", timeout=0).release_sync()
+    held = sem.acquire_sync("held", timeout=0)
+    (tmp_path / (_base("a") + ".t7")).write_text("")  # a dead waiter's ticket
+    before = set(os.listdir(tmp_path))
+    assert backend.prune() >= 8
+    left = set(os.listdir(tmp_path))
+    assert not [name for name in left if not name.startswith(_base("held"))]
+    assert {name for name in before if name.startswith(_base("held"))} == left
+    held.release_sync()
+    lease = sem.acquire_sync("a", timeout=0)
+    assert lease.token > max(tokens)
+    lease.release_sync()
+    rw.acquire_sync("doc", timeout=0).release_sync()
+    assert backend.prune(idle_for=3600) == 0  # (just used)
     assert not backend._shared.fds

@@ -47,6 +47,8 @@ if TYPE_CHECKING:
 __all__ = ["FileBackend", "file_name"]
 
 _RELEASING = 60.0  # seconds a releasing turn is kept live for its release to finish
+_PID = [os.getpid()]  # this process's pid, for the records (a syscall per os.getpid())
+os.register_at_fork(after_in_child=lambda: _PID.__setitem__(0, os.getpid()))
 
 
 class FileBackend(TieredBackend):
@@ -131,29 +133,37 @@ class FileBackend(TieredBackend):
         return f"FileBackend({self.directory!r})"
 
     def close_sync(self) -> None:
+        self._shared.close_idle()  # (another backend on the directory opens them again)
         self._files.close()
 
     def __del__(self) -> None:
         # Collected unclosed: no ResourceWarning (unlike Redis and Postgres backends), since
-        # this frees all it owns, one directory descriptor, without loss or threads left behind
+        # this frees all it owns, one directory descriptor, without loss or threads left behind.
+        # Not the idle files: they are the tier's (closed when it goes), and its mutex may be
+        # held right here (a collection inside a locked block, or a fork's child).
         try:
-            self.close_sync()
+            self._files.close()
         except Exception:  # half-built, or interpreter shutdown: nothing left to free
             pass
 
     # ---------------------------------------------------------------------------- the OS lock
 
     def _open_tracked(self, key: str) -> int:
-        """Open *key*'s lock file, registered in ``fds`` until close_tracked (see fork)."""
+        """*key*'s lock file: its idle open one, or a new one; registered in ``fds`` until
+        close_tracked or keep_idle (see fork)."""
         shared = self._shared
         with shared.mutex:
-            fd = self._files.open_file(key)
-            shared.fds.add(fd)
+            fd = shared.take_idle(key)
+            if fd is None:
+                fd, shared.ids[fd] = self._files.open_key(key)
+                shared.fds.add(fd)
         return fd
 
     def _open_inodes(self) -> set[int]:
-        """The inodes of the lock files this process has open (held, waiting or in a try)."""
+        """The inodes of the lock files this process has open (held, waiting or in a try);
+        idle ones are closed first, so prune can take them."""
         shared = self._shared
+        shared.close_idle()
         with shared.mutex:
             return {os.fstat(fd).st_ino for fd in shared.fds}
 
@@ -171,7 +181,7 @@ class FileBackend(TieredBackend):
             close_tracked(self._shared, fd)
             raise
         if not free:
-            close_tracked(self._shared, fd)
+            self._shared.keep_idle(key, fd)
             return None
         return self._locked(key, fd, owner, local, ttl, waited=False)
 
@@ -256,7 +266,7 @@ class FileBackend(TieredBackend):
                 done_waiting(fd)
             # prune() may have unlinked the file between our open and our lock: then we hold a
             # lock nobody else will ever see (filelock #574's split brain); retry on the new one
-            if not self._files.is_current(key, fd):
+            if not self._files.is_current(key, self._shared.ids[fd]):
                 unlock(fd)
                 close_tracked(self._shared, fd)
                 return None
@@ -291,7 +301,7 @@ class FileBackend(TieredBackend):
         last, took_over = read_last(fd)
         token = max((last or 0) + 1, time.time_ns() // 1000)
         expires = None if ttl is None else time.time() + ttl
-        write_record(fd, token, os.getpid(), expires, owner, key)
+        write_record(fd, token, _PID[0], expires, owner, key)
         return token, took_over
 
     def _drop_os_lock(self, key: str, held: FileHeld, *, released: bool) -> None:
@@ -303,8 +313,10 @@ class FileBackend(TieredBackend):
             if others_wait(held.fd):  # our next turn waits until one of them had theirs
                 self._step_aside(key, held.token)
             unlock(held.fd)
-        finally:
+        except BaseException:
             close_tracked(self._shared, held.fd)
+            raise
+        self._shared.keep_idle(key, held.fd)
 
     def _live_until_released(self, key: str, held: FileHeld) -> bool:
         """True if *held*'s in-process turn is still live, and then kept live until the

@@ -22,6 +22,8 @@ from __future__ import annotations
 import errno
 import fcntl
 import os
+import struct
+import sys
 import threading
 import time
 import weakref
@@ -255,8 +257,19 @@ def done_waiting(fd: int) -> None:
     fcntl.lockf(fd, fcntl.LOCK_UN, 1, _WAITING_BYTE)
 
 
+# struct flock on Linux, for F_GETLK: l_type, l_whence, l_start, l_len, l_pid (then padding)
+_FLOCK = struct.Struct("@hhqqi")
+_FLOCK_SIZE = 32 if _FLOCK.size == 28 else _FLOCK.size  # (LP64: padded to 8 bytes)
+_GETLK = sys.platform == "linux" and hasattr(fcntl, "F_GETLK")
+
+
 def others_wait(fd: int) -> bool:
-    """True if another process is marked as waiting for the key of *fd*."""
+    """True if another process is marked as waiting for the key of *fd*: on Linux one F_GETLK
+    (a question, which never makes a caller's say_waiting fail), elsewhere a probe lock."""
+    if _GETLK:
+        query = _FLOCK.pack(fcntl.F_WRLCK, os.SEEK_SET, _WAITING_BYTE, 1, 0)
+        answer = fcntl.fcntl(fd, fcntl.F_GETLK, query.ljust(_FLOCK_SIZE, b"\0"))
+        return bool(_FLOCK.unpack_from(answer)[0] != fcntl.F_UNLCK)
     if not _lock_waiting_byte(fd, fcntl.LOCK_EX):
         return True
     done_waiting(fd)

@@ -5,6 +5,7 @@ close, a bound on open files)."""
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import os
 import threading
 from pathlib import Path
@@ -177,3 +178,54 @@ def test_a_forked_child_does_not_inherit_idle_files(tmp_path: Path) -> None:
         answer = pipe.read()
     os.waitpid(pid, 0)
     assert answer == b"ok"
+
+
+def test_a_release_asks_who_waits_without_taking_a_lock(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A releaser checked for waiting processes by taking an exclusive lock on the waiting
+    byte and dropping it (two syscalls), and a process marking itself as waiting at that
+    instant failed to (it then polled). On Linux it asks with one F_GETLK, which takes no lock.
+    Fails on the code before: lockf called by the release."""
+    locks = KeyedLock(FileBackend(tmp_path))
+    with locks.sync("hot"):
+        pass
+    calls: list[object] = []
+    real = fcntl.lockf
+
+    def counting(*args: Any) -> Any:
+        calls.append(args)
+        return real(*args)
+
+    monkeypatch.setattr(fcntl, "lockf", counting)
+    with locks.sync("hot"):
+        pass
+    assert calls == []
+    assert _fileshared.others_wait(locks.backend._shared.idle["hot"]) is False  # type: ignore[attr-defined]
+
+
+def test_a_release_sees_a_process_marked_as_waiting(tmp_path: Path) -> None:
+    backend = FileBackend(tmp_path)
+    with KeyedLock(backend).sync("hot"):
+        pass
+    fd = backend._shared.idle["hot"]
+    assert _fileshared.say_waiting(fd)  # our own mark is no other process waiting
+    assert _fileshared.others_wait(fd) is False
+    _fileshared.done_waiting(fd)
+    ready, go = os.pipe(), os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        other = os.open(tmp_path / file_name("hot"), os.O_RDWR)
+        _fileshared.say_waiting(other)
+        os.write(ready[1], b"x")
+        os.read(go[0], 1)
+        os._exit(0)
+    os.read(ready[0], 1)
+    try:
+        assert _fileshared.others_wait(fd) is True
+    finally:
+        os.write(go[1], b"x")
+        os.waitpid(pid, 0)
+    assert _fileshared.others_wait(fd) is False  # the OS dropped the mark with its process
+    for end in (*ready, *go):
+        os.close(end)

@@ -36,6 +36,8 @@ if TYPE_CHECKING:
     from ._waiters import Waiter
 
 __all__ = [
+    "IDLE_FILES",
+    "PID",
     "SHARED",
     "SHARED_MUTEX",
     "STEP_ASIDE",
@@ -53,6 +55,7 @@ __all__ = [
 _WAITING_BYTE = 1
 STEP_ASIDE = 0.05
 IDLE_FILES = 128  # idle lock files kept open per process and directory
+PID = [os.getpid()]  # this process's pid, for the records (os.getpid() is a syscall)
 
 
 class FileHeld(Held):
@@ -200,6 +203,7 @@ def _after_fork_in_parent() -> None:
 def _after_fork_in_child() -> None:
     # in place: other modules hold this very lock object (imported by name)
     SHARED_MUTEX._at_fork_reinit()  # type: ignore[attr-defined]  # (as threading does)
+    PID[0] = os.getpid()
     for shared in _FORKING:
         shared.reset_after_fork()
     _FORKING.clear()

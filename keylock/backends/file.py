@@ -23,6 +23,7 @@ from ._filepaths import LockDirectory, Mode, check_directory, file_name
 from ._filerecord import mark_released, read_last, write_record
 from ._filescan import probe, prune
 from ._fileshared import (
+    PID,
     SHARED,
     SHARED_MUTEX,
     STEP_ASIDE,
@@ -47,8 +48,6 @@ if TYPE_CHECKING:
 __all__ = ["FileBackend", "file_name"]
 
 _RELEASING = 60.0  # seconds a releasing turn is kept live for its release to finish
-_PID = [os.getpid()]  # this process's pid, for the records (a syscall per os.getpid())
-os.register_at_fork(after_in_child=lambda: _PID.__setitem__(0, os.getpid()))
 
 
 class FileBackend(TieredBackend):
@@ -138,9 +137,8 @@ class FileBackend(TieredBackend):
 
     def __del__(self) -> None:
         # Collected unclosed: no ResourceWarning (unlike Redis and Postgres backends), since
-        # this frees all it owns, one directory descriptor, without loss or threads left behind.
-        # Not the idle files: they are the tier's (closed when it goes), and its mutex may be
-        # held right here (a collection inside a locked block, or a fork's child).
+        # this frees all it owns, one directory descriptor, without loss or threads left behind
+        # (the idle files are the tier's, and its mutex may be held here: no close_sync)
         try:
             self._files.close()
         except Exception:  # half-built, or interpreter shutdown: nothing left to free
@@ -160,8 +158,8 @@ class FileBackend(TieredBackend):
         return fd
 
     def _open_inodes(self) -> set[int]:
-        """The inodes of the lock files this process has open (held, waiting or in a try);
-        idle ones are closed first, so prune can take them."""
+        """The inodes of the lock files in use here (held, waiting or in a try): idle ones are
+        closed first, so prune can take them."""
         shared = self._shared
         shared.close_idle()
         with shared.mutex:
@@ -301,7 +299,7 @@ class FileBackend(TieredBackend):
         last, took_over = read_last(fd)
         token = max((last or 0) + 1, time.time_ns() // 1000)
         expires = None if ttl is None else time.time() + ttl
-        write_record(fd, token, _PID[0], expires, owner, key)
+        write_record(fd, token, PID[0], expires, owner, key)
         return token, took_over
 
     def _drop_os_lock(self, key: str, held: FileHeld, *, released: bool) -> None:
@@ -387,12 +385,8 @@ class FileBackend(TieredBackend):
     def _arbiter_statistics(self, key: str, local: KeyStatistics) -> KeyStatistics:
         if local.held:  # granted in-process, still waiting for another process
             return KeyStatistics(key, False, None, None, local.waiting + 1)
-        token, owner, busy = self._probe(key)
+        token, owner, busy = probe(self._files, key)  # (from the lock file, never waits)
         return KeyStatistics(key, busy, token if busy else None, owner, local.waiting)
-
-    def _probe(self, key: str) -> tuple[int | None, bytes | None, bool]:
-        """(token, owner, held by another process) from the lock file, without waiting."""
-        return probe(self._files, key)
 
     # ---------------------------------------------------------------------------- cleanup
 

@@ -245,6 +245,11 @@ class LockDirectory:
         """*key*'s lock file (or its file *name*: a permit's), opened read-write (created if
         missing), checked to be a plain regular file with one link; BackendUnavailable naming
         the key and the file if not."""
+        return self.open_key(key, name)[0]
+
+    def open_key(self, key: str, name: str | None = None) -> tuple[int, tuple[int, int]]:
+        """:meth:`open_file`, and the file's identity ``(st_dev, st_ino)`` for
+        :meth:`is_current`."""
         name, flags = name or file_name(key), os.O_RDWR | _FILE_FLAGS
         try:
             try:
@@ -257,7 +262,7 @@ class LockDirectory:
         fresh = info.st_size == 0 and info.st_uid == os.geteuid()  # new: no record yet, ours
         if fresh and info.st_mode & 0o7777 != self.file_mode:  # exactly it, whatever the umask
             os.fchmod(fd, self.file_mode)
-        return fd
+        return fd, (info.st_dev, info.st_ino)
 
     def open_name(self, name: str, *, writable: bool = False) -> int | None:
         """The lock file *name* (e.g. ``file_name(key)``) if it is a plain regular file with one
@@ -270,14 +275,16 @@ class LockDirectory:
             if entry.name.endswith(".lock") and entry.is_file(follow_symlinks=False):
                 yield entry.name
 
-    def is_current(self, key: str, fd: int) -> bool:
-        """True if *fd* is still the file at *key*'s path (prune() may have unlinked it)."""
-        here = os.fstat(fd)
+    def is_current(self, key: str, ident: tuple[int, int]) -> bool:
+        """True if the file opened with identity *ident* (from :meth:`open_key`) is still the
+        one at *key*'s path (prune() may have unlinked it, or someone replaced it) and still a
+        plain file with one link; False sends the caller back to :meth:`open_key`, which
+        refuses whatever was planted there."""
         try:
             there = os.stat(file_name(key), dir_fd=self.fd, follow_symlinks=False)
         except FileNotFoundError:
             return False
-        return (there.st_ino, there.st_dev) == (here.st_ino, here.st_dev)
+        return (there.st_dev, there.st_ino) == ident and there.st_nlink <= 1
 
     def unlink(self, name: str) -> None:
         """Remove the lock file *name* (the caller holds its OS lock)."""

@@ -16,6 +16,7 @@ Guarantees:
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 from dataclasses import dataclass
@@ -63,7 +64,12 @@ def write_record(
     calls this, under the OS lock)."""
     expires = "-" if expires_at is None else f"{expires_at:.6f}"
     line = f"{token} {pid} {expires} {owner.hex()}\n".encode().ljust(_MARK_AT) + _HELD
-    os.pwrite(fd, line + json.dumps(key).encode() + b"\n", 0)
+    os.pwrite(fd, line + _key_line(key), 0)
+
+
+@functools.lru_cache(maxsize=1024)
+def _key_line(key: str) -> bytes:
+    return json.dumps(key).encode() + b"\n"
 
 
 def mark_released(fd: int) -> None:

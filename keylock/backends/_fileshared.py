@@ -2,6 +2,12 @@
 the lock files it has open, its waiting callers, its waiting marks, and what a fork does with
 them.
 
+A key's lock file stays open after its release (at most IDLE_FILES of them per directory,
+least recently released closed first), so the next acquire of the key skips open, fstat and
+close: it still checks after locking that the file is the one at the key's path. An idle file
+is never kept while a caller of this process waits on another file of the same key (closing
+it would drop that caller's waiting mark, a POSIX lock of the process).
+
 Fairness between processes: a process waiting for a key's OS lock holds a POSIX read lock on
 byte 1 of the lock file (advisory: it guards nothing, it only says "waiting"; the OS drops it
 when the process dies). A process releasing the key checks for such readers; if there are
@@ -16,6 +22,8 @@ from __future__ import annotations
 import errno
 import fcntl
 import os
+import struct
+import sys
 import threading
 import time
 import weakref
@@ -28,6 +36,8 @@ if TYPE_CHECKING:
     from ._waiters import Waiter
 
 __all__ = [
+    "IDLE_FILES",
+    "PID",
     "SHARED",
     "SHARED_MUTEX",
     "STEP_ASIDE",
@@ -44,6 +54,8 @@ __all__ = [
 
 _WAITING_BYTE = 1
 STEP_ASIDE = 0.05
+IDLE_FILES = 128  # idle lock files kept open per process and directory
+PID = [os.getpid()]  # this process's pid, for the records (os.getpid() is a syscall)
 
 
 class FileHeld(Held):
@@ -91,10 +103,44 @@ class Shared(Tier):
         # key -> this process's wait for the key's OS lock (one at most: the in-process tier
         # lets one caller per key through; a wait whose caller gave up may linger in flock)
         self.waiting: dict[str, Waiting] = {}
-        # every lock-file descriptor open in this process, from its open to its close: a fork
-        # (which waits for mutex) can then close in the child each one the parent had open,
-        # even one between its flock and its entry in held
+        # every lock-file descriptor in use in this process (held, waiting or in a try), from
+        # its open to its close or its return to idle: a fork (which waits for mutex) can then
+        # close in the child each one the parent had open, even one between its flock and its
+        # entry in held
         self.fds: set[int] = set()
+        # key -> its lock file, open and unlocked, nobody's (oldest released first); a key's
+        # file leaves it for a try or a wait and comes back at the release
+        self.idle: dict[str, int] = {}
+        # lock-file descriptor of a key (in fds or idle) -> (st_dev, st_ino) at its open
+        self.ids: dict[int, tuple[int, int]] = {}
+        weakref.finalize(self, _close_all, self.idle)
+
+    def take_idle(self, key: str) -> int | None:
+        """*key*'s idle open file, now in use (in fds), or None. Caller holds mutex."""
+        fd = self.idle.pop(key, None)
+        if fd is not None:
+            self.fds.add(fd)
+        return fd
+
+    def keep_idle(self, key: str, fd: int) -> None:
+        """*fd*, *key*'s unlocked file in use, is done with: keep it open for the key's next
+        acquire, or close it (see the module's docstring)."""
+        with self.mutex:
+            self.fds.discard(fd)
+            if key in self.waiting or key in self.idle or fd not in self.ids:
+                self.ids.pop(fd, None)
+                os.close(fd)
+                return
+            self.idle[key] = fd
+            if len(self.idle) > IDLE_FILES:
+                old = self.idle.pop(next(iter(self.idle)))  # (this very fd if IDLE_FILES is 0)
+                self.ids.pop(old, None)
+                os.close(old)
+
+    def close_idle(self) -> None:
+        """Close every idle file (prune, close, fork)."""
+        with self.mutex:
+            _close_all(self.idle, self.ids)
 
     def stepping_aside(self, key: str, fd: int) -> bool:
         """True while this process owes another process a turn at *key* (see STEP_ASIDE);
@@ -115,12 +161,24 @@ class Shared(Tier):
         # A forked child inherits the parent's descriptors: closing them does not release the
         # parent's flock (filelock #634 came from unlocking instead), and the child must not
         # think it holds anything, or keep a parent's lock alive after the parent dies.
-        for fd in self.fds:
+        for fd in [*self.fds, *self.idle.values()]:
             try:
                 os.close(fd)
             except OSError:
                 pass
+        self.idle.clear()  # (its finalizer must not close them again)
         self.__init__()  # type: ignore[misc]  # (POSIX locks are not inherited either)
+
+
+def _close_all(idle: dict[str, int], ids: dict[int, tuple[int, int]] | None = None) -> None:
+    for fd in idle.values():
+        if ids is not None:
+            ids.pop(fd, None)
+        try:
+            os.close(fd)
+        except OSError:  # (interpreter shutdown: nothing left to free)
+            pass
+    idle.clear()
 
 
 SHARED: weakref.WeakValueDictionary[tuple[int, int], Shared] = weakref.WeakValueDictionary()
@@ -145,6 +203,7 @@ def _after_fork_in_parent() -> None:
 def _after_fork_in_child() -> None:
     # in place: other modules hold this very lock object (imported by name)
     SHARED_MUTEX._at_fork_reinit()  # type: ignore[attr-defined]  # (as threading does)
+    PID[0] = os.getpid()
     for shared in _FORKING:
         shared.reset_after_fork()
     _FORKING.clear()
@@ -161,6 +220,7 @@ def close_tracked(shared: Shared, fd: int) -> None:
     """Close the lock file *fd*, which ``shared.fds`` tracks (see fork)."""
     with shared.mutex:
         shared.fds.discard(fd)
+        shared.ids.pop(fd, None)
         os.close(fd)
 
 
@@ -201,8 +261,19 @@ def done_waiting(fd: int) -> None:
     fcntl.lockf(fd, fcntl.LOCK_UN, 1, _WAITING_BYTE)
 
 
+# struct flock on Linux, for F_GETLK: l_type, l_whence, l_start, l_len, l_pid (then padding)
+_FLOCK = struct.Struct("@hhqqi")
+_FLOCK_SIZE = 32 if _FLOCK.size == 28 else _FLOCK.size  # (LP64: padded to 8 bytes)
+_GETLK = sys.platform == "linux" and hasattr(fcntl, "F_GETLK")
+
+
 def others_wait(fd: int) -> bool:
-    """True if another process is marked as waiting for the key of *fd*."""
+    """True if another process is marked as waiting for the key of *fd*: on Linux one F_GETLK
+    (a question, which never makes a caller's say_waiting fail), elsewhere a probe lock."""
+    if _GETLK:
+        query = _FLOCK.pack(fcntl.F_WRLCK, os.SEEK_SET, _WAITING_BYTE, 1, 0)
+        answer = fcntl.fcntl(fd, fcntl.F_GETLK, query.ljust(_FLOCK_SIZE, b"\0"))
+        return bool(_FLOCK.unpack_from(answer)[0] != fcntl.F_UNLCK)
     if not _lock_waiting_byte(fd, fcntl.LOCK_EX):
         return True
     done_waiting(fd)

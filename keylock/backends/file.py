@@ -23,6 +23,7 @@ from ._filepaths import LockDirectory, Mode, check_directory, file_name
 from ._filerecord import mark_released, read_last, write_record
 from ._filescan import probe, prune
 from ._fileshared import (
+    PID,
     SHARED,
     SHARED_MUTEX,
     STEP_ASIDE,
@@ -131,29 +132,36 @@ class FileBackend(TieredBackend):
         return f"FileBackend({self.directory!r})"
 
     def close_sync(self) -> None:
+        self._shared.close_idle()  # (another backend on the directory opens them again)
         self._files.close()
 
     def __del__(self) -> None:
         # Collected unclosed: no ResourceWarning (unlike Redis and Postgres backends), since
         # this frees all it owns, one directory descriptor, without loss or threads left behind
+        # (the idle files are the tier's, and its mutex may be held here: no close_sync)
         try:
-            self.close_sync()
+            self._files.close()
         except Exception:  # half-built, or interpreter shutdown: nothing left to free
             pass
 
     # ---------------------------------------------------------------------------- the OS lock
 
     def _open_tracked(self, key: str) -> int:
-        """Open *key*'s lock file, registered in ``fds`` until close_tracked (see fork)."""
+        """*key*'s lock file: its idle open one, or a new one; registered in ``fds`` until
+        close_tracked or keep_idle (see fork)."""
         shared = self._shared
         with shared.mutex:
-            fd = self._files.open_file(key)
-            shared.fds.add(fd)
+            fd = shared.take_idle(key)
+            if fd is None:
+                fd, shared.ids[fd] = self._files.open_key(key)
+                shared.fds.add(fd)
         return fd
 
     def _open_inodes(self) -> set[int]:
-        """The inodes of the lock files this process has open (held, waiting or in a try)."""
+        """The inodes of the lock files in use here (held, waiting or in a try): idle ones are
+        closed first, so prune can take them."""
         shared = self._shared
+        shared.close_idle()
         with shared.mutex:
             return {os.fstat(fd).st_ino for fd in shared.fds}
 
@@ -171,7 +179,7 @@ class FileBackend(TieredBackend):
             close_tracked(self._shared, fd)
             raise
         if not free:
-            close_tracked(self._shared, fd)
+            self._shared.keep_idle(key, fd)
             return None
         return self._locked(key, fd, owner, local, ttl, waited=False)
 
@@ -256,7 +264,7 @@ class FileBackend(TieredBackend):
                 done_waiting(fd)
             # prune() may have unlinked the file between our open and our lock: then we hold a
             # lock nobody else will ever see (filelock #574's split brain); retry on the new one
-            if not self._files.is_current(key, fd):
+            if not self._files.is_current(key, self._shared.ids[fd]):
                 unlock(fd)
                 close_tracked(self._shared, fd)
                 return None
@@ -291,7 +299,7 @@ class FileBackend(TieredBackend):
         last, took_over = read_last(fd)
         token = max((last or 0) + 1, time.time_ns() // 1000)
         expires = None if ttl is None else time.time() + ttl
-        write_record(fd, token, os.getpid(), expires, owner, key)
+        write_record(fd, token, PID[0], expires, owner, key)
         return token, took_over
 
     def _drop_os_lock(self, key: str, held: FileHeld, *, released: bool) -> None:
@@ -303,8 +311,10 @@ class FileBackend(TieredBackend):
             if others_wait(held.fd):  # our next turn waits until one of them had theirs
                 self._step_aside(key, held.token)
             unlock(held.fd)
-        finally:
+        except BaseException:
             close_tracked(self._shared, held.fd)
+            raise
+        self._shared.keep_idle(key, held.fd)
 
     def _live_until_released(self, key: str, held: FileHeld) -> bool:
         """True if *held*'s in-process turn is still live, and then kept live until the
@@ -375,12 +385,8 @@ class FileBackend(TieredBackend):
     def _arbiter_statistics(self, key: str, local: KeyStatistics) -> KeyStatistics:
         if local.held:  # granted in-process, still waiting for another process
             return KeyStatistics(key, False, None, None, local.waiting + 1)
-        token, owner, busy = self._probe(key)
+        token, owner, busy = probe(self._files, key)  # (from the lock file, never waits)
         return KeyStatistics(key, busy, token if busy else None, owner, local.waiting)
-
-    def _probe(self, key: str) -> tuple[int | None, bytes | None, bool]:
-        """(token, owner, held by another process) from the lock file, without waiting."""
-        return probe(self._files, key)
 
     # ---------------------------------------------------------------------------- cleanup
 

@@ -64,8 +64,9 @@ def _keylock(
 def _keylock_durable(
     url: str, table: str, app: str | None, closers: list[Callable[[], object]] | None = None
 ) -> LockFor | None:
-    """keylock waiting for the WAL flush at every grant (``durable=True``, the option)."""
-    return _keylock(url, table, app, closers, durable=True)
+    """keylock waiting for the WAL flush at every grant (``durable=True``, the option), on
+    logged tables of its own (a durable backend makes the tables it uses logged, for all)."""
+    return _keylock(url, f"{table}_durable", app, closers, durable=True)
 
 
 def _peer(
@@ -111,6 +112,7 @@ def steps(
     table = f"keylock_bench_{run_id}"
     if postgres_url is not None:
         stack.callback(_drop_run_table, url, table, suite)
+        stack.callback(_drop_run_table, url, f"{table}_durable", suite)
     with psycopg.connect(url, autocommit=True) as conn:
         row = conn.execute("SELECT current_setting('server_version')").fetchone()
     suite.info["postgres"] = f"PostgreSQL {row[0] if row else '?'}"

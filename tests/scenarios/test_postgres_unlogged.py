@@ -110,7 +110,9 @@ def test_a_crash_ends_every_lease_unless_durable_and_holders_are_told(durable: b
     default's leases, flushed before the crash, survived it)."""
     with running_postgres() as own:
         lost: list[Lease] = []
-        backend = PostgresBackend.from_url(own.url, ttl=3.0, durable=durable)
+        # a 5 s TTL outlasts psycopg_pool's reconnection backoff (1 s, then 2 s...): a durable
+        # lease is renewed through the restart, not reported lost for a slow reconnection
+        backend = PostgresBackend.from_url(own.url, ttl=5.0, durable=durable)
         locks = KeyedLock(backend, on_lost=lost.append)
         sem = KeyedSemaphore(backend, limit=2, on_lost=lost.append)
         lease = locks.acquire_sync("k")

@@ -133,11 +133,13 @@ def _postgres(url: str) -> psycopg.Connection[tuple[object, ...]]:
 
 
 def inspect_postgres(url: str, *, table: str = "keylock_leases") -> Iterator[HeldLock]:
-    """Every lock currently held in the Postgres table *table* of the database at *url*."""
-    from .backends.postgres._admin import held
+    """Every lock currently held in the Postgres table *table* of the database at *url*, then
+    every permit key (semaphores, RW locks) with live permits."""
+    from .backends.postgres._admin import held, permits_held
 
     with _postgres(url) as conn:
         rows = held(conn, table=table)
+        permit_rows = permits_held(conn, table=table)
     for key, owner, token, left, waiting in rows:
         name = key.decode("utf-8", "surrogatepass")
         yield HeldLock(
@@ -148,13 +150,27 @@ def inspect_postgres(url: str, *, table: str = "keylock_leases") -> Iterator[Hel
             ttl=max(left, 0.0),
             waiting=waiting,
         )
+    # permit keys (semaphores, RW locks), as on Redis: the newest holder, the TTL of the permit
+    # that lapses last, (live permits, limit)
+    for key, owner, token, left, waiting, live, limit in permit_rows:
+        name = key.decode("utf-8", "surrogatepass")
+        yield HeldLock(
+            key=shown(name),
+            stored=name,
+            token=token,
+            owner=owner.hex(),
+            ttl=max(left, 0.0),
+            waiting=waiting,
+            permits=(live, limit),
+        )
 
 
 def force_release_postgres(
     url: str, key: str, *, table: str = "keylock_leases", owner: bytes | str | None = None
 ) -> bool:
-    """Free *key* if *owner* (None: whoever holds it now) still holds it, and hand it to the
-    next waiter at once; True if a live lease was broken."""
+    """Free *key*'s lock, or its permit, if *owner* (None: whoever holds the lock now, else the
+    newest permit) still holds it, and hand it to the next waiter at once; True if a live
+    lease was broken."""
     from .backends.postgres import force_release
 
     with _postgres(url) as conn:

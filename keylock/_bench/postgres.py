@@ -64,8 +64,9 @@ def _keylock(
 def _keylock_durable(
     url: str, table: str, app: str | None, closers: list[Callable[[], object]] | None = None
 ) -> LockFor | None:
-    """keylock waiting for the WAL flush at every grant (``durable=True``, the option)."""
-    return _keylock(url, table, app, closers, durable=True)
+    """keylock waiting for the WAL flush at every grant (``durable=True``, the option), on
+    logged tables of its own (a durable backend makes the tables it uses logged, for all)."""
+    return _keylock(url, f"{table}_durable", app, closers, durable=True)
 
 
 def _peer(
@@ -111,6 +112,7 @@ def steps(
     table = f"keylock_bench_{run_id}"
     if postgres_url is not None:
         stack.callback(_drop_run_table, url, table, suite)
+        stack.callback(_drop_run_table, url, f"{table}_durable", suite)
     with psycopg.connect(url, autocommit=True) as conn:
         row = conn.execute("SELECT current_setting('server_version')").fetchone()
     suite.info["postgres"] = f"PostgreSQL {row[0] if row else '?'}"
@@ -197,6 +199,7 @@ def _uncontended(suite: Suite, url: str, table: str, run_id: str, repeats: int) 
         for name, make in SUBJECTS.items()
         if (lock_for := make(url, table, None, closers)) is not None
     ]
+    subjects += _permit_subjects(url, table, closers)
     figures: dict[str, list[Pair]] = {}
     with psycopg.connect(url, autocommit=True) as pinger:
 
@@ -219,6 +222,24 @@ def _uncontended(suite: Suite, url: str, table: str, run_id: str, repeats: int) 
     for close in closers:
         close()
     add_rows(suite, "postgres: uncontended acquire+release", _ROUND_TRIP, "SELECT 1s", figures)
+
+
+def _permit_subjects(
+    url: str, table: str, closers: list[Callable[[], object]]
+) -> list[tuple[str, LockFor]]:
+    """keylock's Postgres permits, uncontended: a semaphore (limit 4) and an RW lock's
+    writer, sync, on the run's table."""
+    from .. import KeyedRWLock, KeyedSemaphore
+    from ..backends import PostgresBackend
+
+    backend = PostgresBackend.from_url(url, table=table)
+    closers.append(backend.close_sync)
+    sem = KeyedSemaphore(backend, limit=4)
+    rw = KeyedRWLock(backend)
+    return [
+        ("keylock PostgresBackend semaphore (sync, limit 4)", lambda key: sem.sync(key)),
+        ("keylock PostgresBackend RW lock (sync, writer)", lambda key: rw.write_sync(key)),
+    ]
 
 
 def _async_keylock(url: str, table: str, run_id: str, n: int) -> Pair:

@@ -254,17 +254,21 @@ def test_a_server_restart_with_waiters_queued_hands_the_key_on_once() -> None:
     """A holder and three waiting processes (queued in ``keylock_leases_queue``); then the
     server crashes and restarts (``immediate``: every session cut, the WAL replayed; the chaos
     suite restarts it ``fast`` too, with the history checker).
-    Leases and the line are rows, committed before the grant and the queueing were reported,
-    so they survive: the holder's renewals and release reconnect; its release hands the key to
-    the head of the line, each waiter's listener reconnects and wakes it. Every waiter gets the
-    key (or a clear BackendUnavailable), one at a time, with rising tokens, none before the
-    holder let go, none hanging past its timeout."""
+    With ``durable=True`` (the holder's: it makes the tables logged for every backend on
+    them) leases and the line are rows, committed before the grant and the queueing were
+    reported, so they survive: the holder's renewals and release reconnect; its release hands
+    the key to the head of the line, each waiter's listener reconnects and wakes it. Every
+    waiter gets the key (or a clear BackendUnavailable), one at a time, with rising tokens,
+    none before the holder let go, none hanging past its timeout."""
     with running_postgres() as own:
         lost: list[int] = []
         # a 5 s TTL outlasts psycopg_pool's reconnection backoff (1 s, then 2 s...): with a
         # shorter one the lease may be reported lost (safe, but not what this test is about)
+        # durable: the default's UNLOGGED tables are emptied by a crash, every lease lost
+        # (tests/scenarios/test_postgres_unlogged.py); the holder makes them logged for all
         holder = KeyedLock(
-            PostgresBackend.from_url(own.url, ttl=5.0), on_lost=lambda lease: lost.append(1)
+            PostgresBackend.from_url(own.url, ttl=5.0, durable=True),
+            on_lost=lambda lease: lost.append(1),
         )
         lease = holder.acquire_sync("restart")
         record: multiprocessing.Queue[tuple[object, ...]] = ctx.Queue()

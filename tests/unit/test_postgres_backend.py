@@ -144,7 +144,8 @@ def test_durable_grants_wait_for_the_flush(postgres_server: PgServer, tmp_path: 
     pool = psycopg_pool.ConnectionPool(
         postgres_server.url, min_size=1, max_size=2, configure=trace.configure, open=True
     )
-    locks = KeyedLock(PostgresBackend(pool, durable=True))
+    # a table of its own: a durable backend makes the tables it uses logged, for everyone
+    locks = KeyedLock(PostgresBackend(pool, durable=True, table="durable_flush_test"))
     with locks.sync("k"):
         pass
     trace.mark()

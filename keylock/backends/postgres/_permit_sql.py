@@ -57,19 +57,20 @@ def permit_probe(table: str) -> str:
     )
 
 
-def permit_ddl(table: str, name: str) -> tuple[str, ...]:
-    """The permit tables and functions beside lock table *table* (*name*: without schema)."""
+def permit_ddl(table: str, name: str, kind: str = "UNLOGGED TABLE") -> tuple[str, ...]:
+    """The permit tables and functions beside lock table *table* (*name*: without schema);
+    *kind*: ``TABLE`` or ``UNLOGGED TABLE``, how tables made now are made."""
     t = table
     k, p, q = f"{t}_permit_keys", f"{t}_permits", f"{t}_permit_queue"
     lock = "PERFORM pg_advisory_xact_lock(hashtextextended(encode(p_key, 'hex'), 7263))"
     return (
-        f"""CREATE TABLE IF NOT EXISTS {k} (
+        f"""CREATE {kind} IF NOT EXISTS {k} (
   key bytea PRIMARY KEY,
   lim bigint,
   token bigint NOT NULL,
   lapsed bigint NOT NULL DEFAULT 0,
   released bytea[])""",
-        f"""CREATE TABLE IF NOT EXISTS {p} (
+        f"""CREATE {kind} IF NOT EXISTS {p} (
   key bytea NOT NULL,
   slot int NOT NULL,
   owner bytea,
@@ -92,7 +93,7 @@ BEGIN
     FROM {p} WHERE key = p_key;
   END IF;
 END $$""",
-        f"""CREATE TABLE IF NOT EXISTS {q} (
+        f"""CREATE {kind} IF NOT EXISTS {q} (
   key bytea NOT NULL,
   owner bytea NOT NULL,
   weight bigint NOT NULL,

@@ -21,17 +21,24 @@ is transaction-scoped, so nothing outlives the statement: it works behind a tran
 pooler. Tokens are ``max(last + 1, server clock in µs)``: strictly increasing per key even
 when the table is truncated (the clock has moved past every token it minted).
 
-Durability: by default acquire, release and give-up commit with ``synchronous_commit`` off
-(their own transaction only). A crash of the server (not a clean restart) or a failover may
-then forget the commits of its last moments (at most ``3 * wal_writer_delay``, 0.6 s by
-default), so a holder may hold a grant the restarted server does not know. Tokens still never
-go back: a forgotten token was the server clock at its commit (a grant is serialized per key
-and takes far longer than 1 µs, so ``last + 1`` only wins if the clock was stepped back), and
-the next one is the clock after the restart, later still. Exclusion is what such a crash can
-break: the forgotten holder's renewal (within a third of its TTL) or release finds the row not
-its own and reports the lease lost, and fenced writes stay safe, the newer token wins. Any
-durable commit after a grant (a fenced write in the same database, say) flushes the WAL through
-that grant too.
+Durability: by default the tables are created UNLOGGED: their rows write no WAL, so a grant,
+a release or a give-up commits without a WAL record for its row (and, with
+``synchronous_commit`` off for its own transaction, waits for no flush on a logged table
+either). A clean restart keeps them; a crash of the server empties them at recovery (and a
+standby never has them, so a failover starts empty): every lease and place in line is gone.
+Tokens still never go back: each is the server clock in µs at its grant (a grant is
+serialized per key and takes far longer than 1 µs, so ``last + 1`` only wins if the clock was
+stepped back), and the next one after the crash is the clock then, later still. Holders learn
+it at their next renewal (within a third of their TTL) or release (the row is not theirs:
+lease lost), and fenced writes stay safe, the newer token wins; waiters put themselves back in
+line at their next poll.
+
+``durable=True`` makes every table of the schema logged (``ALTER TABLE ... SET LOGGED`` on
+tables a default backend created: for every backend on them, since persistence belongs to a
+table) and waits for the WAL flush at each commit: grants survive a crash. A default backend
+never makes logged tables UNLOGGED again, so tables made by an older version, all logged,
+stay logged (with ``synchronous_commit`` off per statement, as before) until an operator
+runs ``ALTER TABLE ... SET UNLOGGED`` on the five of them.
 """
 
 from __future__ import annotations
@@ -69,6 +76,30 @@ def _handed(now: str, took: str) -> str:
     )
 
 
+def tables(table: str) -> tuple[str, ...]:
+    """Every table of lock table *table*'s schema (the lock and the permit keyspaces)."""
+    return tuple(
+        f"{table}{suffix}" for suffix in ("", "_queue", "_permit_keys", "_permits", "_permit_queue")
+    )
+
+
+def _logged(table: str) -> str:
+    """An expression: true when every table of the schema is logged (WAL-backed)."""
+    names = ", ".join(f"to_regclass('{name}')" for name in tables(table))
+    return f"NOT EXISTS (SELECT 1 FROM pg_class WHERE oid IN ({names}) AND relpersistence = 'u')"
+
+
+def _set_logged(table: str) -> str:
+    """Make every UNLOGGED table of the schema logged (a durable backend met tables that a
+    default one created); a rewrite of each table, once."""
+    changes = "\n".join(
+        f"  IF (SELECT relpersistence FROM pg_class WHERE oid = to_regclass('{name}')) = 'u' THEN\n"
+        f"    ALTER TABLE {name} SET LOGGED;\n  END IF;"
+        for name in tables(table)
+    )
+    return f"DO $$ BEGIN\n{changes}\nEND $$"
+
+
 def stored(key: str) -> bytes:
     """The key as stored (bytea: a namespaced key's NUL separator is kept exactly)."""
     return key.encode("utf-8", "surrogatepass")
@@ -93,11 +124,12 @@ class Schema:
 def schema_for(table: str, *, durable: bool = False) -> Schema:
     """The schema and statements for *table* (``name`` or ``schema.name``, lower case).
 
-    Unless *durable*, acquire, release and give-up commit with ``synchronous_commit`` off for
-    their own transaction (``set_config(..., true)`` in the statement: no session state, so a
-    transaction-mode pooler and the caller's own pool are fine): the commit does not wait for
-    the WAL flush. What a server crash can then forget, and why tokens still rise: the
-    module's docstring."""
+    Unless *durable*, tables made by this schema are UNLOGGED, and acquire, release and
+    give-up commit with ``synchronous_commit`` off for their own transaction
+    (``set_config(..., true)`` in the statement: no session state, so a transaction-mode
+    pooler and the caller's own pool are fine; it matters on logged tables only). *durable*:
+    every table logged (made so if found UNLOGGED) and each commit flushed. What a crash
+    ends, and why tokens still rise: the module's docstring."""
     if not isinstance(table, str):
         raise TypeError(f"PostgresBackend table must be a str, not {type(table).__name__}")
     found = _NAME.match(table)
@@ -108,6 +140,7 @@ def schema_for(table: str, *, durable: bool = False) -> Schema:
         )
     schema, name = found.groups()
     t = table
+    kind = "TABLE" if durable else "UNLOGGED TABLE"  # tables made by this call
     q = f"{t}_queue"
     fn = t  # functions share the table's name as a prefix
     # the release mark: this owner id first, then the key's last few releasers
@@ -134,7 +167,7 @@ def schema_for(table: str, *, durable: bool = False) -> Schema:
     END IF"""
     ddl = (
         *([f"CREATE SCHEMA IF NOT EXISTS {schema}"] if schema else []),
-        f"""CREATE TABLE IF NOT EXISTS {t} (
+        f"""CREATE {kind} IF NOT EXISTS {t} (
   key bytea PRIMARY KEY,
   owner bytea,
   token bigint NOT NULL,
@@ -152,7 +185,7 @@ def schema_for(table: str, *, durable: bool = False) -> Schema:
     DROP FUNCTION IF EXISTS {fn}_acquire(bytea, bytea, bigint, boolean, bigint, bigint, text);
   END IF;
 END $$""",
-        f"""CREATE TABLE IF NOT EXISTS {q} (
+        f"""CREATE {kind} IF NOT EXISTS {q} (
   key bytea NOT NULL,
   owner bytea NOT NULL,
   arrived bigint NOT NULL,
@@ -309,7 +342,9 @@ BEGIN
 END $$""",
         # last: marks this version's statements as in place (the probe reads it)
         f"COMMENT ON FUNCTION {fn}_hand_off(bytea, timestamptz, boolean) IS '{_VERSION}'",
-        *permit_ddl(t, name),  # the permit keyspace (semaphores, RW locks): _permit_sql
+        *permit_ddl(t, name, kind),  # the permit keyspace (semaphores, RW locks): _permit_sql
+        # durable: every table logged, whoever created it (never the other way: see persisted)
+        *([_set_logged(t)] if durable else []),
     )
     # a filter (never false), so the rows keep their shape; it only has to run before the
     # commit. A filter rather than a second FROM item: no join, ~7 us less server time per pair
@@ -327,7 +362,7 @@ END $$""",
         probe=(
             f"SELECT coalesce(obj_description(to_regprocedure("
             f"'{fn}_hand_off(bytea, timestamptz, boolean)'), 'pg_proc') = '{_VERSION}', false) "
-            f"AND {permit_probe(t)}"
+            f"AND {permit_probe(t)}{' AND ' + _logged(t) if durable else ''}"
         ),
         # -> one row if the live lease was ours (and now runs ttl ms from now)
         extend=(

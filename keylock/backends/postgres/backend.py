@@ -61,10 +61,12 @@ class PostgresBackend(Unclosed, AutoRenewed, TieredBackend):
       drops out of it (a key handed to it lapses after the claim window). LISTEN needs a
       session: behind a transaction-mode pooler, point ``listen_conninfo`` at the server (or
       a session-mode pool); without it waiters still get the key, at the poll's pace.
-    * **Cost and durability**: acquire and release are one round trip each. By default
-      their commits skip the WAL flush (``synchronous_commit`` off, that transaction only): a
-      server crash may forget its last ~0.6 s of grants (their holders learn it at their next
-      renewal; tokens never go back). ``durable=True`` flushes: a grant survives a crash.
+    * **Cost and durability**: acquire and release are one round trip each. By default the
+      tables are UNLOGGED (no WAL for lease rows): a clean restart keeps them, a server crash
+      (or a failover) ends every lease and place in line (holders learn it at their next
+      renewal; tokens never go back: they are floored at the server clock).
+      ``durable=True`` makes the tables logged, for every backend on them, and flushes each
+      commit: a grant survives a crash.
     * **Errors**: :class:`~keylock.BackendUnavailable` naming ``host:port/db``, never the
       password.
     * **Semaphores and RW locks**: ``permits(limit, weight)`` views (``KeyedSemaphore``,
@@ -178,7 +180,8 @@ class PostgresBackend(Unclosed, AutoRenewed, TieredBackend):
     ) -> PostgresBackend:
         """A backend on the database at *url* (``postgresql://user:pw@host:port/db``, or a
         conninfo string); *connect_options* go to ``psycopg.connect``. Connects on first use.
-        ``durable=True`` waits for the WAL flush at every grant (see the class docstring)."""
+        ``durable=True``: logged tables, and the WAL flushed at every grant (see the class
+        docstring)."""
         import psycopg
 
         from . import _wire

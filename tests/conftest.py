@@ -20,9 +20,35 @@ from keylock.backends.base import RW_LIMIT
 
 from ._pg_server import PgServer, running_postgres
 from ._redis_server import Cluster, Server, running_cluster, running_server
+from .chaos._report import REPORT, SCALE
 from .conformance._driver import Driver, flavours
 
 MakeBackend = Callable[..., Backend]
+
+_CHAOS_ROWS = "keylock_chaos_report"  # the chaos rows a pytest-xdist worker hands back
+
+
+def pytest_sessionfinish(session: pytest.Session) -> None:
+    """In a pytest-xdist worker, hand the chaos rows it recorded to the controller."""
+    output = getattr(session.config, "workeroutput", None)
+    if output is not None:
+        output[_CHAOS_ROWS] = REPORT.dump()
+
+
+@pytest.hookimpl(optionalhook=True)  # a pytest-xdist hook: the controller, per worker
+def pytest_testnodedown(node: object, error: object) -> None:
+    REPORT.merge(getattr(node, "workeroutput", {}).get(_CHAOS_ROWS, {}))
+
+
+def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
+    """The chaos report: one table per fault, when chaos tests ran."""
+    tables = REPORT.tables()
+    if not tables:
+        return
+    terminalreporter.section(f"keylock chaos report (KEYLOCK_CHAOS_SCALE={SCALE})")
+    for table in tables:
+        terminalreporter.write_line("")
+        terminalreporter.write_line(table)
 
 
 def _memory(request: pytest.FixtureRequest) -> Iterator[MakeBackend]:

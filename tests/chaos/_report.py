@@ -8,7 +8,7 @@ in ``conftest.py`` prints the tables when any chaos test ran. ``KEYLOCK_CHAOS_SC
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 
 from ._history import Verdict
 
@@ -32,6 +32,10 @@ class Row:
     hangs: int = 0
     max_handoff: float | None = None
     notes: str = ""
+
+
+_COUNTS = ("trials", "grants", "overlaps", "stale_writes_accepted", "token_regressions")
+_COUNTS += ("timed_out", "errors", "hangs")
 
 
 FAULTS = (  # the order of the tables
@@ -95,6 +99,25 @@ class Report:
             row.max_handoff = max(row.max_handoff or 0.0, verdict.max_handoff)
         if notes:  # notes speak for the whole row: a later record restates them
             row.notes = notes
+
+    def dump(self) -> dict[str, dict[str, dict[str, object]]]:
+        """The rows as plain data (a pytest-xdist worker hands them to the controller)."""
+        return {
+            fault: {case: asdict(row) for case, row in rows.items()}
+            for fault, rows in self.faults.items()
+        }
+
+    def merge(self, dumped: dict[str, dict[str, dict[str, object]]]) -> None:
+        """Add the rows of another report's ``dump()`` to this one's, as ``record`` would."""
+        for fault, rows in dumped.items():
+            for case, fields in rows.items():
+                other = Row(**fields)  # type: ignore[arg-type]
+                row = self.faults.setdefault(fault, {}).setdefault(case, Row())
+                for name in _COUNTS:
+                    setattr(row, name, getattr(row, name) + getattr(other, name))
+                if other.max_handoff is not None:
+                    row.max_handoff = max(row.max_handoff or 0.0, other.max_handoff)
+                row.notes = other.notes or row.notes
 
     def tables(self) -> list[str]:
         """One Markdown table per fault, in the issue's order of faults, then the others."""

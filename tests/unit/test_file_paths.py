@@ -151,9 +151,13 @@ def _plant_fifo(path: Path) -> None:
 
 
 def _plant_socket(path: Path) -> None:
-    sock = socket.socket(socket.AF_UNIX)
-    sock.bind(str(path))
-    sock.close()
+    # bound at a short path, then moved: *path* may pass the 107 bytes a socket address allows
+    # (a pytest-xdist worker's tmp_path is longer)
+    short = Path(tempfile.mkdtemp(prefix="kl-")) / "s"  # (on the file system of tmp_path)
+    with socket.socket(socket.AF_UNIX) as sock:
+        sock.bind(str(short))
+    short.rename(path)
+    short.parent.rmdir()
 
 
 def _plant_directory(path: Path) -> None:

@@ -94,7 +94,8 @@ class KeyedLock:
 
         For threads and sync code use ``with locks.sync(key)``: this object refuses ``with``.
         """
-        hold = self._async_hold()  # (no __init__: the hot path sets the fields itself)
+        new = self._async_hold  # (an attribute load: a method load of a slot is slower)
+        hold = new()  # (no __init__: the hot path sets the fields itself)
         hold._host = self._host
         hold.key = key
         hold.ttl = ttl
@@ -109,7 +110,8 @@ class KeyedLock:
 
         In a coroutine use ``async with locks(key)``: this object refuses ``async with``.
         """
-        hold = self._sync_hold()
+        new = self._sync_hold
+        hold = new()
         hold._host = self._host
         hold.key = key
         hold.ttl = ttl

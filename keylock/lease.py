@@ -42,13 +42,11 @@ _LOST = 1  # keylock learned the lease was lost; final
 _CANCELLED_FOR_LOSS = 2  # its task was cancelled because the lease was lost
 _QUEUED = 4  # granted after waiting in the queue (an observer counts it as a hand-off)
 _TOLD = 8  # the holder's hooks (on_lost, observer, cancel) ran or are on their way
-# The bits from here up mean the release needs more than the backend call: they are the high
-# ones, so the exit tests ``state >= _SLOW_EXIT`` (an int comparison, cheaper than a mask)
-# and marks the release with ``state + _RELEASED`` (its bit is known to be clear there).
-_RELEASED = 16  # release() was called
+# From here up, the bits that make a release need more than the backend call: the exit tests
+# ``state >= _SLOW_EXIT`` and sets ``state + _RELEASED`` (int ops cheaper than bit masks).
+_SLOW_EXIT = _RELEASED = 16  # release() was called
 _TRACKED = 32  # the backend looks after it (auto-renew) until release
 _PENDING = 64  # not granted yet (a ``locks(key)`` block not entered yet)
-_SLOW_EXIT = _RELEASED
 _STATE = threading.Lock()
 os.register_at_fork(after_in_child=_STATE._at_fork_reinit)  # type: ignore[attr-defined]
 
@@ -322,11 +320,8 @@ class Lease:
             self._state = state + _RELEASED
             release = host.release  # (an attribute load: a method load of a slot is slower)
             release(self._full_key, self._owner, self.token)
-        except LeaseLost as lost:
-            self._lost_here()
-            _reraise_loss(self, lost, exc)
-        except BackendUnavailable as unavailable:
-            _reraise_unavailable(self, unavailable, exc)
+        except (LeaseLost, BackendUnavailable) as error:
+            _exit_failed(self, error, exc)
         return _DONE
 
     if TYPE_CHECKING:  # what ``async with`` protocols expect to see
@@ -344,11 +339,8 @@ class Lease:
     async def _aexit(self, exc: BaseException | None) -> None:
         try:
             await self.release()
-        except LeaseLost as lost:
-            self._lost_here()
-            _reraise_loss(self, lost, exc)
-        except BackendUnavailable as unavailable:
-            _reraise_unavailable(self, unavailable, exc)
+        except (LeaseLost, BackendUnavailable) as error:
+            _exit_failed(self, error, exc)
 
     def __exit__(
         self,
@@ -364,11 +356,19 @@ class Lease:
                 self._state = state + _RELEASED
                 release = self._host.release
                 release(self._full_key, self._owner, self.token)
-        except LeaseLost as lost:
-            self._lost_here()
-            _reraise_loss(self, lost, exc)
-        except BackendUnavailable as unavailable:
-            _reraise_unavailable(self, unavailable, exc)
+        except (LeaseLost, BackendUnavailable) as error:
+            _exit_failed(self, error, exc)
+
+
+def _exit_failed(
+    lease: Lease, error: LeaseLost | BackendUnavailable, exc: BaseException | None
+) -> None:
+    """The release ending *lease*'s block (whose body raised *exc*) raised *error*."""
+    if isinstance(error, LeaseLost):
+        lease._lost_here()
+        _reraise_loss(lease, error, exc)
+    else:
+        _reraise_unavailable(lease, error, exc)
 
 
 def _reraise_loss(lease: Lease, lost: LeaseLost, exc: BaseException | None) -> None:

@@ -8,8 +8,9 @@ from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, ParamSpec, TypeVar, overload
 
 from ._callables import is_async_callable, refuse_awaitable
-from ._holds import AsyncHold, SyncHold, _ObservedAsync, _ObservedSync
+from ._holds import AsyncHold, SyncHold
 from ._host import LeaseHost, LostCallback
+from ._observed import _ObservedAsync, _ObservedSync
 from ._validate import check_key, check_namespace, check_timeout, check_ttl
 from .backends.base import Backend, KeyStatistics
 from .backends.memory import MemoryBackend

@@ -6,28 +6,21 @@ trio and anyio locks have no ``__enter__``): the wrong one fails at once, naming
 from __future__ import annotations
 
 import asyncio
-import logging
 import sys
-import time
 from typing import TYPE_CHECKING
 
 from ._validate import MAX_KEY_LENGTH, check_key, check_timeout, check_ttl
 from .errors import LockTimeout
-from .lease import _PENDING, _QUEUED, _SLOW_EXIT, _TRACKED, Lease, new_owner
-from .observe import GROUPS_REMEMBERED
+from .lease import _PENDING, _QUEUED, _TRACKED, Lease, new_owner
 
 if TYPE_CHECKING:
-    from collections.abc import Awaitable
-    from types import FrameType, TracebackType
+    from types import FrameType
 
     from .backends.base import Grant
-    from .observe import BlockHooks
 
 __all__ = ["AsyncHold", "SyncHold"]
 
-logger = logging.getLogger("keylock")
 _frame = sys._getframe  # the frame entering a block: what a re-entry is recognised by
-_now = time.perf_counter
 
 
 class _Hold(Lease):
@@ -57,26 +50,37 @@ class _Hold(Lease):
         if self._state is not _PENDING:  # (a small int: identity is equality, and cheaper)
             self._enter_once()
         host = self._host
-        plain = host.plain
         key = self.key
         if (  # (inlined: this is the uncontended hot path)
-            plain is not None
-            and self.ttl is None
+            self.ttl is None
             and self._timeout is None
             and type(key) is str
             and key  # (not empty)
             and len(key) <= MAX_KEY_LENGTH
             and "\x00" not in key
         ):
-            grant = plain(key, b"", None, None, holder)
-            if grant is not None:  # uncontended: nothing else to resolve
-                self._full_key = key
-                self._owner = b""
-                self.token = grant[0]
-                self.took_over = grant[3]  # an untimed lease may follow a timed one
-                self.expires_at = self._deadline = None
-                self._state = 0
-                return self
+            claim = host.claim
+            if claim is not None:  # a MemoryBackend lock: claim a free key right here
+                setdefault, mint = claim  # (see MemoryBackend.free_claim)
+                entry = [0, None, None, False, b"", None, holder]
+                if setdefault(key, entry) is entry:
+                    self.token = entry[0] = mint()
+                    self.took_over = False  # (a lapsed record would have kept the key)
+                    self._full_key = key
+                    self._owner = b""
+                    self.expires_at = self._deadline = None
+                    self._state = 0
+                    return self
+            elif (plain := host.plain) is not None:
+                grant = plain(key, b"", None, None, holder)
+                if grant is not None:  # uncontended: nothing else to resolve
+                    self._full_key = key
+                    self._owner = b""
+                    self.token = grant[0]
+                    self.took_over = grant[3]  # an untimed lease may follow a timed one
+                    self.expires_at = self._deadline = None
+                    self._state = 0
+                    return self
         key = self.key = check_key(key)
         if self._timeout is not None:
             self._timeout = check_timeout(self._timeout, key)
@@ -110,6 +114,30 @@ class AsyncHold(_Hold):
     __slots__ = ()
 
     async def __aenter__(self) -> Lease:
+        # _Hold._enter's claim of a free key of a MemoryBackend lock, inlined: the call to
+        # _enter would cost a quarter of the rest of an uncontended block
+        claim = self._host.claim
+        key = self.key
+        if (
+            claim is not None
+            and self._state is _PENDING
+            and self.ttl is None
+            and self._timeout is None
+            and type(key) is str
+            and key  # (not empty)
+            and len(key) <= MAX_KEY_LENGTH
+            and "\x00" not in key
+        ):
+            setdefault, mint = claim
+            entry = [0, None, None, False, b"", None, _frame(1)]
+            if setdefault(key, entry) is entry:
+                self.token = entry[0] = mint()
+                self.took_over = False
+                self._full_key = key
+                self._owner = b""
+                self.expires_at = self._deadline = None
+                self._state = 0
+                return self
         if self._enter(2) is None:
             await self._wait(_frame(1))
         return self
@@ -180,145 +208,6 @@ class SyncHold(_Hold):
             f"locks.sync({self.key!r}) is for 'with' in sync code; in a coroutine use "
             f"'async with locks({self.key!r})', which waits without blocking the event loop"
         )
-
-
-class _Observed(_Hold):
-    """Reports to the lock's observer: wait, hold time, timeouts, through the hooks resolved
-    once for the lock (a hook the observer does not override costs nothing, nor the clock
-    read only it needed). An observer that raises is logged and ignored: it never costs a
-    grant or a release. The release is reported on the same fast exit an unobserved block
-    takes (no coroutine, when the release never waits)."""
-
-    __slots__ = ("_group", "_since")
-
-    _group: str | None  # the key's group, resolved once per block
-    _since: float  # when the lease was granted (when the release is watched)
-
-    def _timed_out(self, start: float) -> None:
-        hooks: BlockHooks = self._host.hooks  # type: ignore[assignment]  # (observed: set)
-        if hooks.timed_out is not None:
-            waited = _now() - start
-            try:
-                hooks.timed_out(hooks.prefix_of(self.key), waited)
-            except Exception:
-                logger.exception("keylock: Observer.timed_out raised")
-
-    def _acquired(self, start: float) -> None:
-        """Report the grant; *start* is when its wait began (0.0: granted at once, which is
-        reported as no wait, not contended)."""
-        hooks: BlockHooks = self._host.hooks  # type: ignore[assignment]  # (observed: set)
-        groups = hooks.groups
-        group = self._group = None if groups is None else groups.get(self.key)
-        if start:
-            now = self._since = _now()
-            waited = now - start
-            contended = bool(self._state & _QUEUED) if self._host.inline else None
-        else:  # (a clock read only for the hold time, if that is watched)
-            self._since = _now() if hooks.released is not None else 0.0
-            waited = 0.0
-            contended = False
-        try:
-            if group is None:
-                group = self._group = _group_of(hooks, self.key)
-            if hooks.acquired is not None:
-                hooks.acquired(group, waited, contended=contended)
-        except Exception:
-            logger.exception("keylock: Observer.acquired raised")
-
-    def _released(self) -> None:
-        hooks: BlockHooks = self._host.hooks  # type: ignore[assignment]  # (observed: set)
-        if hooks.released is not None:
-            held = _now() - self._since
-            try:
-                group = self._group
-                hooks.released(_group_of(hooks, self.key) if group is None else group, held)
-            except Exception:
-                logger.exception("keylock: Observer.released raised")
-
-    async def release(self) -> None:
-        try:
-            await _Hold.release(self)
-        finally:
-            self._released()
-
-    def release_sync(self) -> None:
-        try:
-            _Hold.release_sync(self)
-        finally:
-            self._released()
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        if self._state & _SLOW_EXIT:  # through release_sync(), which reports it
-            return Lease.__exit__(self, exc_type, exc, tb)
-        try:
-            return Lease.__exit__(self, exc_type, exc, tb)
-        finally:
-            self._released()
-
-    def _exit_async(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> Awaitable[None]:
-        if self._state & _SLOW_EXIT or not self._host.inline:  # through release()
-            return Lease._exit_async(self, exc_type, exc, tb)
-        try:
-            return Lease._exit_async(self, exc_type, exc, tb)  # released by now
-        finally:
-            self._released()
-
-    if not TYPE_CHECKING:
-        __aexit__ = _exit_async
-
-
-class _ObservedAsync(_Observed, AsyncHold):
-    __slots__ = ()
-
-    async def __aenter__(self) -> Lease:
-        start = 0.0
-        if self._enter(2) is None:
-            start = _now()
-            try:
-                await self._wait(_frame(1))
-            except LockTimeout:
-                self._timed_out(start)
-                raise
-        self._acquired(start)
-        return self
-
-
-class _ObservedSync(_Observed, SyncHold):
-    __slots__ = ()
-
-    def __enter__(self) -> Lease:
-        self._since = 0.0  # _queue sets when the wait began, if it has to wait
-        self._enter(2)
-        self._acquired(self._since)
-        return self
-
-    def _queue(self, holder: FrameType) -> Lease:
-        self._since = start = _now()
-        try:
-            self._wait(holder)
-        except LockTimeout:
-            self._timed_out(start)
-            raise
-        return self
-
-
-def _group_of(hooks: BlockHooks, key: str) -> str:
-    """*key*'s group by the observer's ``prefix_of``, remembered when that is the default."""
-    group = hooks.prefix_of(key)
-    groups = hooks.groups
-    if groups is not None and len(groups) < GROUPS_REMEMBERED:
-        groups[key] = group
-    return group
 
 
 def _blocking(key: str) -> RuntimeError:

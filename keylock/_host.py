@@ -16,12 +16,14 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from ._clock import SYSTEM_CLOCK, Clock
+from .backends.memory import MemoryBackend
 from .observe import BlockHooks
 
 if TYPE_CHECKING:
     import asyncio
 
     from .backends.base import Backend
+    from .backends.memory import FreeClaim
     from .lease import Lease
     from .observe import Observer
 
@@ -39,6 +41,7 @@ class LeaseHost:
     __slots__ = (
         "backend",
         "cancel_on_lost",
+        "claim",
         "clock",
         "default_ttl",
         "hooks",
@@ -51,6 +54,8 @@ class LeaseHost:
         "release",
         "step",
     )
+
+    claim: FreeClaim | None
 
     def __init__(
         self,
@@ -77,6 +82,11 @@ class LeaseHost:
         #: no owner ids, no default TTL: a plain ``locks(key)`` then needs nothing else)
         plain = inline and not backend.needs_owner and not namespace
         self.plain = backend._try_acquire if plain and backend.default_ttl is None else None
+        #: for that same case on a MemoryBackend, its lock-free claim of a free key (see
+        #: ``MemoryBackend.free_claim``): the hold claims it without calling the step at all
+        self.claim = None
+        if self.plain is not None and isinstance(backend, MemoryBackend):
+            self.claim = backend.free_claim
         #: what keys are prefixed with: NUL never occurs in a key or a namespace, so
         #: "namespace NUL key" is unambiguous
         self.prefix = f"{namespace}\x00" if namespace else ""

@@ -77,7 +77,7 @@ class BlockHooks:
     the observer does not override it, and a block then skips it and the clock reads only it
     needed. The default ``prefix_of`` is remembered per key (``groups``)."""
 
-    __slots__ = ("acquired", "groups", "prefix_of", "released", "timed_out")
+    __slots__ = ("acquired", "groups", "prefix_of", "released", "tallies", "timed_out")
 
     def __init__(self, observer: Observer) -> None:
         self.acquired = observer.acquired if _overrides(observer, "acquired") else None
@@ -86,6 +86,18 @@ class BlockHooks:
         self.prefix_of: Callable[[str], str] = observer.prefix_of
         #: key -> group, when prefix_of is the default (a pure function of the key)
         self.groups: dict[str, str] | None = {} if self.prefix_of is default_prefix else None
+        #: a Counters that counts blocks as Counters does (its own acquired and released, the
+        #: default prefix_of): its per-thread tallies (``tallies.tally``: this thread's
+        #: {group: PrefixStats}, absent until the thread's first event). A block granted at
+        #: once counts into them itself, as the hooks would (see ``Counters.acquired``).
+        self.tallies: threading.local | None = None
+        if (
+            isinstance(observer, Counters)
+            and self.groups is not None
+            and not _overrides(observer, "acquired", Counters)
+            and not _overrides(observer, "released", Counters)
+        ):
+            self.tallies = observer._local
 
     @classmethod
     def of(cls, observer: Observer | None) -> BlockHooks | None:
@@ -99,11 +111,12 @@ class BlockHooks:
         return hooks
 
 
-def _overrides(observer: Observer, name: str) -> bool:
-    """True if *observer* has a hook *name* of its own (Observer's does nothing)."""
+def _overrides(observer: Observer, name: str, base: type[Observer] | None = None) -> bool:
+    """True if *observer* has a hook *name* of its own: not *base*'s (default: Observer's,
+    which does nothing)."""
     if name in getattr(observer, "__dict__", {}):  # set on the instance
         return True
-    return getattr(type(observer), name) is not getattr(Observer, name)
+    return getattr(type(observer), name) is not getattr(base or Observer, name)
 
 
 @dataclass
@@ -179,6 +192,9 @@ class Counters(Observer):
             self._tallies.remove(tally)
             _merge(self._retired, tally)
 
+    # A KeyedLock block granted at once, and its release on the fast exit, count into the
+    # thread's PrefixStats without calling these two (keylock._observed): what they add for
+    # such a block (acquired + 1; released + 1, hold_seconds + held) must stay what they do.
     def acquired(self, prefix: str, waited: float, *, contended: bool | None) -> None:
         try:
             stats = self._local.tally[prefix]

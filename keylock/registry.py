@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import functools
+import inspect
 import logging
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, ParamSpec, TypeVar, overload
 
 from ._callables import is_async_callable, refuse_awaitable
-from ._holds import AsyncHold, SyncHold, _ObservedAsync, _ObservedSync
+from ._holds import AsyncHold, SyncHold
 from ._host import LeaseHost, LostCallback
+from ._observed import _ObservedAsync, _ObservedSync
 from ._validate import check_key, check_namespace, check_timeout, check_ttl
 from .backends.base import Backend, KeyStatistics
 from .backends.memory import MemoryBackend
@@ -26,6 +28,34 @@ logger = logging.getLogger("keylock")
 
 #: A decorator's key: a fixed string, or a function of the decorated call's arguments.
 KeyFunc = str | Callable[..., str]  # type: ignore[explicit-any]  # any signature
+
+
+def _keyword_only(fn: Callable[P, R]) -> Callable[P, R]:
+    """*fn*, shown as it is to be called: the key, then keyword-only arguments.
+
+    ``locks(key)`` and ``locks.sync(key)`` run on every block. CPython 3.11 specializes a call
+    only to a function without keyword-only parameters (one with them costs about a tenth of
+    an uncontended acquire+release more), so these take ``timeout`` and ``ttl`` as positional-
+    or-keyword parameters behind a guard ``_by_keyword`` that refuses anything passed in its
+    place: they behave, and are typed and shown, as keyword-only."""
+    signature = inspect.signature(fn)
+    fn.__signature__ = signature.replace(  # type: ignore[attr-defined]
+        parameters=[
+            p.replace(kind=inspect.Parameter.KEYWORD_ONLY)
+            if p.kind is inspect.Parameter.POSITIONAL_OR_KEYWORD
+            else p
+            for name, p in signature.parameters.items()
+            if name != "_by_keyword"
+        ]
+    )
+    return fn
+
+
+def _positional(call: str, key: object) -> TypeError:
+    return TypeError(
+        f"{call}({key!r}, ...) takes timeout= and ttl= by keyword only, "
+        f"e.g. {call}({key!r}, timeout=5)"
+    )
 
 
 class KeyedLock:
@@ -87,14 +117,23 @@ class KeyedLock:
 
     # --------------------------------------------------------------------------- entry points
 
+    @_keyword_only
     def __call__(
-        self, key: str, /, *, timeout: float | None = None, ttl: float | None = None
+        self,
+        key: str,
+        _by_keyword: None = None,
+        /,
+        timeout: float | None = None,
+        ttl: float | None = None,
     ) -> AsyncHold:
         """``async with locks(key) as lease:`` holds *key* for the block (enter it once).
 
         For threads and sync code use ``with locks.sync(key)``: this object refuses ``with``.
         """
-        hold = self._async_hold()  # (no __init__: the hot path sets the fields itself)
+        if _by_keyword is not None:
+            raise _positional("locks", key)
+        new = self._async_hold  # (an attribute load: a method load of a slot is slower)
+        hold = new()  # (no __init__: the hot path sets the fields itself)
         hold._host = self._host
         hold.key = key
         hold.ttl = ttl
@@ -102,14 +141,23 @@ class KeyedLock:
         hold._state = _PENDING
         return hold
 
+    @_keyword_only
     def sync(
-        self, key: str, /, *, timeout: float | None = None, ttl: float | None = None
+        self,
+        key: str,
+        _by_keyword: None = None,
+        /,
+        timeout: float | None = None,
+        ttl: float | None = None,
     ) -> SyncHold:
         """``with locks.sync(key) as lease:`` holds *key* for the block, blocking the thread.
 
         In a coroutine use ``async with locks(key)``: this object refuses ``async with``.
         """
-        hold = self._sync_hold()
+        if _by_keyword is not None:
+            raise _positional("locks.sync", key)
+        new = self._sync_hold
+        hold = new()
         hold._host = self._host
         hold.key = key
         hold.ttl = ttl

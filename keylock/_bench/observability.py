@@ -1,14 +1,14 @@
 """What listening costs: uncontended acquire+release with no observer, with a do-nothing
-``Observer()`` and with ``observer=keylock.COUNTERS``, interleaved in one run."""
+``Observer()`` and with ``observer=keylock.COUNTERS``, interleaved in one run (CPU time of the
+thread, as the other in-process rows: steadier than wall time on a shared machine)."""
 
 from __future__ import annotations
 
 import asyncio
-import time
 from typing import TYPE_CHECKING
 
 from .. import COUNTERS, KeyedLock, Observer
-from .harness import Row, Suite
+from .harness import Row, Suite, cpu_clock
 
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -25,21 +25,21 @@ _SUBJECTS: list[tuple[str, Callable[[], KeyedLock]]] = [
 
 def _async_us(locks: KeyedLock, n: int) -> float:
     async def body() -> float:
-        start = time.perf_counter()
+        start = cpu_clock()
         for _ in range(n):
             async with locks("bench:observed"):
                 pass
-        return (time.perf_counter() - start) / n * 1e6
+        return (cpu_clock() - start) / n * 1e6
 
     return asyncio.run(body())
 
 
 def _sync_us(locks: KeyedLock, n: int) -> float:
-    start = time.perf_counter()
+    start = cpu_clock()
     for _ in range(n):
         with locks.sync("bench:observed"):
             pass
-    return (time.perf_counter() - start) / n * 1e6
+    return (cpu_clock() - start) / n * 1e6
 
 
 def run(suite: Suite) -> None:
@@ -52,9 +52,9 @@ def run(suite: Suite) -> None:
         for _ in range(repeats):  # interleaved: drift hits every subject alike
             for name, make in _SUBJECTS:
                 figures[name].append(timed(make(), n))
-        unobserved = Row.of(workload, _NONE, "us", figures[_NONE])
+        unobserved = Row.of(workload, _NONE, "CPU us", figures[_NONE])
         for name, values in figures.items():
-            row = Row.of(workload, name, "us", values, baseline=_NONE)
+            row = Row.of(workload, name, "CPU us", values, baseline=_NONE)
             if name != _NONE:
                 delta = row.median - unobserved.median
                 row.notes = (

@@ -29,6 +29,8 @@ __all__ = ["MemoryBackend"]
 # [token, expires_at, deadline, took_over, owner, waiters, holder]: loosely typed, on purpose
 # (hot path)
 _Entry: TypeAlias = list[Any]
+#: MemoryBackend.free_claim: (the entries' setdefault, the token counter's next)
+FreeClaim: TypeAlias = "tuple[Callable[[str, _Entry], _Entry], Callable[[], int]]"
 _TOKEN = 0  # the live lease's token: the proof of ownership in-process (0 until minted)
 _EXPIRES_AT = 1  # clock.time() when it lapses, or None (display only)
 _DEADLINE = 2  # clock.monotonic() when it lapses, or None: what expiry is judged by
@@ -58,6 +60,13 @@ class MemoryBackend(Backend):
     """
 
     needs_owner = False  # the token proves ownership in-process
+    #: How KeyedLock's uncontended entry claims a free key without a call into the backend
+    #: (set when the per-instance fast paths are, else None): ``(setdefault, mint)``. It makes
+    #: a fresh record ``[0, None, None, False, b"", None, holder]`` (an untimed lease, owner
+    #: b"", laid out as _Entry), inserts it with ``setdefault`` and, if that record is the one
+    #: now there, mints its token into index 0 (after the claim: see ``_fast_paths``); else it
+    #: takes the full step. A claim of this shape is exactly what ``try_acquire`` does first.
+    free_claim: FreeClaim | None = None
 
     def __init__(self, *, ttl: float | None = None, clock: Clock | None = None) -> None:
         self.default_ttl = check_backend_ttl(ttl, "MemoryBackend")
@@ -80,6 +89,7 @@ class MemoryBackend(Backend):
             and cls.release_sync is MemoryBackend.release_sync
         ):
             self._try_acquire, self.release_sync = self._fast_paths()  # type: ignore[method-assign,assignment]
+            self.free_claim = (self._entries.setdefault, self._tokens.__next__)
         _BACKENDS.add(self)
 
     def __repr__(self) -> str:

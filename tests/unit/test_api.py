@@ -247,3 +247,22 @@ def test_sync_twins_take_the_same_parameters(async_fn: object, sync_fn: object) 
         return [(p.name, p.kind, p.default) for p in parameters]
 
     assert shape(async_fn) == shape(sync_fn)
+
+
+@pytest.mark.parametrize("flavour", ["async", "sync"])
+def test_options_after_the_key_stay_keyword_only(flavour: str) -> None:
+    """STYLE rule 7: ``locks(key)`` and ``locks.sync(key)`` take ``timeout=`` and ``ttl=`` by
+    keyword only. (They are positional-or-keyword behind a guard, so CPython 3.11 specializes
+    the call: anything passed after the key is refused, the signature shows keyword-only.)"""
+    locks = KeyedLock()
+    entry = locks if flavour == "async" else locks.sync
+    with pytest.raises(TypeError, match="by keyword only"):
+        entry("k", 5)  # type: ignore[arg-type]
+    kinds = {p.name: p.kind for p in inspect.signature(entry).parameters.values()}
+    assert kinds == {
+        "key": inspect.Parameter.POSITIONAL_ONLY,
+        "timeout": inspect.Parameter.KEYWORD_ONLY,
+        "ttl": inspect.Parameter.KEYWORD_ONLY,
+    }
+    hold = entry("k", timeout=1, ttl=2)
+    assert (hold.key, hold.ttl) == ("k", 2)

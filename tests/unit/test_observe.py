@@ -19,7 +19,8 @@ from keylock import (
     SingleFlight,
     stale_guard,
 )
-from keylock._holds import AsyncHold, SyncHold, _ObservedAsync, _ObservedSync
+from keylock._holds import AsyncHold, SyncHold
+from keylock._observed import _ObservedAsync, _ObservedSync
 
 
 class _Recorder(Observer):
@@ -160,6 +161,67 @@ async def test_each_release_is_reported_once_on_the_fast_and_the_slow_exit() -> 
             raise KeyError("body")
     released = [event for event in recorder.events if event[0] == "released"]
     assert released == [("released", "a")] * 6
+
+
+class _ThroughTheHooks(Counters):
+    """Counters that only calls up: its blocks are counted through the hooks."""
+
+    def acquired(self, prefix: str, waited: float, *, contended: bool | None) -> None:
+        super().acquired(prefix, waited, contended=contended)
+
+    def released(self, prefix: str, held: float) -> None:
+        super().released(prefix, held)
+
+
+async def test_counters_count_a_block_alike_inline_and_through_the_hooks() -> None:
+    """Issue 15, item 2: a block granted at once on a lock observed by a plain Counters is
+    counted into the thread's counters without calling ``acquired``/``released``. Every kind
+    of block (at once, handed off, timed out, released explicitly, with a TTL, a body that
+    raises, sync in a thread) counts exactly as it does through the hooks."""
+    from keylock.observe import BlockHooks
+
+    async def run(counters: Counters) -> dict[str, tuple[object, ...]]:
+        locks = KeyedLock(observer=counters)
+        for i in range(3):  # the first block of a group on a thread goes through the hook
+            async with locks(f"a:{i}") as lease:
+                assert isinstance(lease, _ObservedAsync)
+                inline = lease._stats is not None
+                assert inline == (i > 0 and type(counters) is Counters)
+        holder = await locks.acquire("a:1")
+        waiter = asyncio.create_task(locks.acquire("a:1"))
+        await asyncio.sleep(0)
+        with pytest.raises(LockTimeout):
+            await locks.acquire("a:1", timeout=0)
+        await holder.release()
+        await (await waiter).release()
+        async with locks("b:1", ttl=5):
+            pass
+        with pytest.raises(KeyError):
+            async with locks("b:2"):
+                raise KeyError("body")
+
+        def blocks() -> None:
+            for i in range(3):
+                with locks.sync(f"c:{i}"):
+                    pass
+
+        await asyncio.to_thread(blocks)
+        return {
+            group: (s.acquired, s.contended, s.released, s.timed_out, s.wait_seconds > 0)
+            for group, s in counters.snapshot().items()
+        }
+
+    plain, hooked = Counters(), _ThroughTheHooks()
+    assert BlockHooks(plain).tallies is not None
+    assert BlockHooks(hooked).tallies is None
+    counted = await run(plain)
+    assert counted == await run(hooked)
+    assert counted == {
+        "a": (5, 1, 5, 1, True),
+        "b": (2, 0, 2, 0, False),
+        "c": (3, 0, 3, 0, False),
+    }
+    assert all(s.hold_seconds > 0 for s in plain.snapshot().values())
 
 
 def test_otel_adapter_records_metrics() -> None:

@@ -30,6 +30,7 @@ from redis.exceptions import NoScriptError, RedisClusterException, RedisError, R
 
 from ...errors import BackendUnavailable
 from ._cluster_then import call_many_then
+from ._resp import call_sync, direct, pack
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Coroutine, Iterator, Sequence
@@ -203,6 +204,12 @@ class SyncWire:
                 if isinstance(replies[0], Exception):
                     raise replies[0]
                 return replies[0], replies[1]
+            if direct(conn):  # (see _resp: the same call, packed and read in one pass)
+                limit = bound.get("timeout")
+                try:
+                    return call_sync(conn, pack(b"EVALSHA", sha.encode(), keys, args), limit)
+                except NoScriptError:  # a new or flushed server: send the text once
+                    return call_sync(conn, pack(b"EVAL", text.encode(), keys, args), limit)
             conn.send_command("EVALSHA", sha, len(keys), *keys, *args)  # type: ignore[no-untyped-call]
             try:
                 return conn.read_response(**bound)

@@ -37,7 +37,16 @@ if TYPE_CHECKING:
 
     from ._scripts import Script
 
-__all__ = ["Arg", "SyncWire", "describe", "in_background", "map_errors", "redact"]
+__all__ = [
+    "FAILURES",
+    "Arg",
+    "SyncWire",
+    "describe",
+    "in_background",
+    "map_errors",
+    "redact",
+    "unavailable",
+]
 
 logger = logging.getLogger("keylock")
 T = TypeVar("T")
@@ -62,18 +71,29 @@ def describe(exc: BaseException) -> str:
     return redact(text) or type(exc).__name__
 
 
+#: What the error boundary turns into BackendUnavailable: redis-py's errors (RedisCluster's
+#: too) and socket errors.
+FAILURES = (RedisError, RedisClusterException, OSError)
+
+
 @contextlib.contextmanager
 def map_errors(key: str, where: str) -> Iterator[None]:
-    """The one error boundary: redis-py's errors (RedisCluster's too) and socket errors become
-    BackendUnavailable naming *key* and the (redacted) address *where*."""
+    """The one error boundary: :data:`FAILURES` become BackendUnavailable naming *key* and the
+    (redacted) address *where* (see :func:`unavailable`)."""
     try:
         yield
-    except (RedisError, RedisClusterException, OSError) as exc:
-        raise BackendUnavailable(
-            f"Redis at {where} failed for lock {key!r}: {describe(exc)}; "
-            "nothing was granted or changed by this call; check the server and the URL",
-            key=key,
-        ) from exc
+    except FAILURES as exc:
+        raise unavailable(key, where, exc) from exc
+
+
+def unavailable(key: str, where: str, exc: BaseException) -> BackendUnavailable:
+    """The BackendUnavailable that *exc* (one of :data:`FAILURES`) becomes, for *key* at the
+    (redacted) address *where*: the boundary, for the hot path that catches it inline."""
+    return BackendUnavailable(
+        f"Redis at {where} failed for lock {key!r}: {describe(exc)}; "
+        "nothing was granted or changed by this call; check the server and the URL",
+        key=key,
+    )
 
 
 # How redis-py's own connections open a socket. The wire sets socket timeouts and reads

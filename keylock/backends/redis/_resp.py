@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, cast
 import redis
 import redis.asyncio
 import redis.asyncio.connection
+import redis.asyncio.sentinel
 import redis.connection
 import redis.sentinel
 from redis.exceptions import ConnectionError as RedisConnectionError
@@ -231,6 +232,10 @@ def call_sync(conn: redis.Connection, packed: bytes, timeout: float | None) -> o
 # ---------------------------------------------------------------------------- event loops
 
 
+_ASYNC_READS: set[object] = {
+    redis.asyncio.connection.AbstractConnection.read_response,
+    redis.asyncio.sentinel.SentinelManagedConnection.read_response,  # (as _SYNC_READS)
+}
 _async_classes: dict[type, bool] = {}
 
 
@@ -245,7 +250,7 @@ def direct_async(conn: redis.asyncio.Connection) -> bool:
             issubclass(cls, base)
             and cls.send_command is base.send_command
             and cls.send_packed_command is base.send_packed_command
-            and cls.read_response is base.read_response
+            and cls.read_response in _ASYNC_READS
         )
     if not stock or getattr(conn, "health_check_interval", None) or conn.socket_timeout:
         return False

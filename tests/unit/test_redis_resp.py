@@ -182,3 +182,17 @@ def test_a_fault_injecting_connection_class_is_not_bypassed() -> None:
     assert not _resp.direct(traced)
     server.close()
     conn.disconnect()
+
+
+def test_a_connection_with_unread_bytes_is_read_by_redis_py() -> None:
+    """A direct read would skip what the parser already buffered."""
+    conn, server = _paired()
+    assert _resp.direct(conn)
+    buffer = conn._parser._buffer._buffer
+    buffer.write(b":1\r\n")
+    buffer.seek(0)
+    assert not _resp.direct(conn)
+    assert conn.read_response() == 1
+    assert _resp.direct(conn)
+    server.close()
+    conn.disconnect()

@@ -154,8 +154,19 @@ def direct(conn: redis.Connection) -> bool:
         stock
         and not getattr(conn, "health_check_interval", None)
         and isinstance(getattr(conn, "_sock", None), socket.socket)
-        and _sync_buffer(conn) is not None
+        and _drained(_sync_buffer(conn))
     )
+
+
+def _drained(buffer: io.BytesIO | None) -> bool:
+    """Whether *buffer* is a parser's buffer with nothing unread in it (a direct read would
+    skip what is)."""
+    if buffer is None:
+        return False
+    at = buffer.tell()
+    end = buffer.seek(0, io.SEEK_END)
+    buffer.seek(at)
+    return end == at
 
 
 def _sync_buffer(conn: redis.Connection) -> io.BytesIO | None:
@@ -254,10 +265,9 @@ def direct_async(conn: redis.asyncio.Connection) -> bool:
         )
     if not stock or getattr(conn, "health_check_interval", None) or conn.socket_timeout:
         return False
-    reader = getattr(conn, "_reader", None)
-    return isinstance(getattr(reader, "_buffer", None), bytearray) and (
-        getattr(conn, "_writer", None) is not None
-    )
+    buffered = getattr(getattr(conn, "_reader", None), "_buffer", None)
+    # (an empty one: a direct read would skip what is in it)
+    return isinstance(buffered, bytearray) and not buffered and conn._writer is not None
 
 
 async def call_async(

@@ -123,11 +123,12 @@ _PRELUDE = _PRELUDE.replace("TAKEOVER_MS", str(TAKEOVER_MARK_MS))
 _ACQUIRE = (
     """
 -- the common case first, before the prelude makes its closures: nobody in line, this caller
--- never left, and the key is free. The same steps as the general path below, fewer calls.
-if redis.call('EXISTS', KEYS[3], KEYS[6]) == 0
+-- never left, the last lease was released (no unreleased mark: nothing taken over), and the
+-- key is free. The same steps as the general path below, fewer calls.
+if redis.call('EXISTS', KEYS[3], KEYS[5], KEYS[6]) == 0
     and redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then
   local ttl = tonumber(ARGV[2])
-  local took = redis.call('EXISTS', KEYS[5])  -- the last lease was never released
+  local took = 0
   redis.call('SET', KEYS[5], took, 'PX', string.format('%.0f', ttl + TAKEOVER_MS))
   local now = redis.call('TIME')
   local clock = tonumber(now[1]) * 1000000 + tonumber(now[2])

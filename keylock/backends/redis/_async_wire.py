@@ -15,6 +15,7 @@ from redis.exceptions import NoScriptError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from ._cluster_then import call_many_then_async
+from ._resp import call_async, direct_async, pack
 from ._wire import _limit, _plain_pool
 
 if TYPE_CHECKING:
@@ -74,12 +75,20 @@ class AsyncWire:
                 conn = pool.connection_class(**self._options)  # type: ignore[assignment]
                 self._made.add(conn)
             limit = _limit(timeout, self._socket_timeout)
+            reply: object
             try:
                 if not conn.is_connected:
                     async with asyncio.timeout(limit):  # socket and handshake, both bounded
                         await conn.connect()  # type: ignore[no-untyped-call]
                 if then is not None:
                     reply = await _exchange_then(conn, script, keys, args, then, limit)
+                elif direct_async(conn):  # (see _resp: the same call, packed and read in one pass)
+                    try:
+                        packed = pack(b"EVALSHA", sha.encode(), keys, args)
+                        reply = await call_async(conn, packed, limit)
+                    except NoScriptError:
+                        packed = pack(b"EVAL", text.encode(), keys, args)
+                        reply = await call_async(conn, packed, limit)
                 else:
                     await conn.send_command("EVALSHA", sha, len(keys), *keys, *args)
                     try:

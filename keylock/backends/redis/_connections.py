@@ -19,7 +19,7 @@ from redis.exceptions import RedisError
 from . import _sentinel
 from ._async_wire import AsyncWire
 from ._clients import AsyncClient, SyncClient, address, async_from, raw, raw_async, sync_from
-from ._wire import SyncWire, in_background, map_errors
+from ._wire import FAILURES, SyncWire, in_background, unavailable
 
 if TYPE_CHECKING:
     from collections.abc import AsyncGenerator, Callable, Coroutine, Sequence
@@ -166,8 +166,10 @@ class Connections:
         bound: float | None,
         then: Sequence[Arg] | None = None,
     ) -> object:
-        with map_errors(key, self.where):
+        try:  # (the error boundary, inline: map_errors costs a generator per call)
             return self.wire().call(script, keys, args, bound, then)
+        except FAILURES as exc:
+            raise unavailable(key, self.where, exc) from exc
 
     async def run(
         self,
@@ -185,8 +187,10 @@ class Connections:
             self._watch(loop)
         task = asyncio.current_task()
         cancels = 0 if task is None else task.cancelling()
-        with map_errors(key, self.where):
+        try:  # (the error boundary, inline as in run_sync)
             reply = await wire.call(script, keys, args, bound, then)
+        except FAILURES as exc:
+            raise unavailable(key, self.where, exc) from exc
         if task is not None and task.cancelling() > cancels:
             # Python 3.11's wait_for (inside redis-py's send) swallows a cancel that lands as
             # the send completes: honour it, so a cancelled caller never walks off with a lease

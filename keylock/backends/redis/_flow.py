@@ -170,6 +170,8 @@ class AcquireFlow:
         "waits",
     )
 
+    script: Script = ACQUIRE  # what each trip runs (a permit's protocol runs its own)
+
     def __init__(
         self,
         layout: Layout,
@@ -226,7 +228,7 @@ class AcquireFlow:
         if self.tried and self.deadline is not None and now >= self.deadline:
             raise _timeout(self.key, self.timeout, now)
         self.tried = self.in_flight = True
-        return Trip(ACQUIRE, self.keys, self.args, self.bound(now))
+        return Trip(self.script, self.keys, self.args, self.bound(now))
 
     def _claim_margin(self) -> float:
         """The least claim window left at which a hand-off is adopted without asking: half of

@@ -33,6 +33,7 @@ caller's departure mark. PERMIT_EXTEND and PERMIT_STATS take fewer (see each).
 
 from __future__ import annotations
 
+from ._permit_fast import FAST_ACQUIRE, FAST_RELEASE
 from ._scripts import FENCE_SLACK_MS, TAKEOVER_MARK_MS, _script
 
 __all__ = [
@@ -218,7 +219,8 @@ _PRELUDE = _PRELUDE.replace("TAKEOVER_MS", str(TAKEOVER_MARK_MS)).replace(
 # the soonest holder's expiry or -2 when nobody holds, server clock µs when queued}; {0, -3}
 # the caller has left; {-1, recorded limit} the limits disagree (nothing granted or queued)
 _ACQUIRE = (
-    _PRELUDE
+    FAST_ACQUIRE
+    + _PRELUDE
     + """
 local record = load(ARGV[1])
 local gone = purge()
@@ -282,7 +284,8 @@ return {0, wait}
 # held (its permit expired or was never granted). Only a release leaves the mark: that is
 # what tells a retry from a lost permit.
 _RELEASE = (
-    _PRELUDE
+    FAST_RELEASE
+    + _PRELUDE
     + """
 local record = load(ARGV[1])
 tick()
@@ -373,8 +376,15 @@ if (#live == 0 and waiting == 0) or limit == 0 then limit = -1 end
 return {#live, string.format('%.0f', newest), owner, waiting, limit}
 """
 
-PERMIT_ACQUIRE = _script("permit_acquire", _ACQUIRE)
-PERMIT_RELEASE = _script("permit_release", _RELEASE)
+
+def _fill(text: str) -> str:
+    return text.replace("TAKEOVER_MS", str(TAKEOVER_MARK_MS)).replace(
+        "FENCE_SLACK", str(FENCE_SLACK_MS)
+    )
+
+
+PERMIT_ACQUIRE = _script("permit_acquire", _fill(_ACQUIRE))
+PERMIT_RELEASE = _script("permit_release", _fill(_RELEASE))
 PERMIT_LEAVE = _script("permit_leave", _LEAVE)
 PERMIT_EXTEND = _script("permit_extend", _EXTEND)
 PERMIT_STATS = _script("permit_stats", _STATS)

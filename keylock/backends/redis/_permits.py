@@ -46,7 +46,16 @@ __all__ = ["PermitFlow", "PermitProtocol", "RedisPermits", "permit_view"]
 # to each (the uncontended path then never goes through TieredPermits.__getattr__). What a
 # forked child sets again (_start_process: the tier, listener, clock, channel) is read from the
 # parent each time.
-_STABLE = ("layout", "prefix", "_connections", "_where", "poll", "_stay_ms", "_ttl")
+_STABLE = (
+    "layout",
+    "prefix",
+    "_connections",
+    "_where",
+    "poll",
+    "_stay_ms",
+    "_ttl",
+    "replication",
+)
 
 
 class _PermitKeys(Layout):
@@ -81,6 +90,8 @@ class PermitProtocol(AcquireFlow):
     """One permit acquire's protocol state: :class:`AcquireFlow` on PERMIT_ACQUIRE, whose
     ``{-1, limit}`` reply raises LimitMismatch (nothing was granted or queued)."""
 
+    script = PERMIT_ACQUIRE
+
     def __init__(
         self, layout: Layout, key: str, owner: bytes, *, limit: int, weight: int, **kwargs: object
     ) -> None:
@@ -88,10 +99,6 @@ class PermitProtocol(AcquireFlow):
         self.limit = limit
         self.refused = False
         self.args += [limit, weight, key]
-
-    def next_trip(self, now: float) -> Trip | None:
-        trip = super().next_trip(now)
-        return None if trip is None else trip._replace(script=PERMIT_ACQUIRE)
 
     def on_reply(
         self,

@@ -121,7 +121,24 @@ _PRELUDE = _PRELUDE.replace("TAKEOVER_MS", str(TAKEOVER_MARK_MS))
 # PTTL ms, or -2 when the key is free but promised to the head of the queue, server clock µs
 # when queued}; {0, -3} the caller has left
 _ACQUIRE = (
-    _PRELUDE
+    """
+-- the common case first, before the prelude makes its closures: nobody in line, this caller
+-- never left, the last lease was released (no unreleased mark: nothing taken over), and the
+-- key is free. The same steps as the general path below, fewer calls.
+if redis.call('EXISTS', KEYS[3], KEYS[5], KEYS[6]) == 0
+    and redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then
+  local ttl = tonumber(ARGV[2])
+  local took = 0
+  redis.call('SET', KEYS[5], took, 'PX', string.format('%.0f', ttl + TAKEOVER_MS))
+  local now = redis.call('TIME')
+  local clock = tonumber(now[1]) * 1000000 + tonumber(now[2])
+  local last = tonumber(redis.call('GET', KEYS[2]) or '0')
+  local token = string.format('%.0f', math.max(last + 1, clock))
+  redis.call('SET', KEYS[2], token, 'PX', string.format('%.0f', ttl + 120000))
+  return {1, token, ttl, took}
+end
+"""
+    + _PRELUDE
     + """
 if redis.call('GET', KEYS[1]) == ARGV[1] then
   -- granted already: a retried call, or a waiter re-checking a hand-off whose claim window
@@ -163,14 +180,18 @@ return {0, redis.call('PTTL', KEYS[1])}
 # a lost lease: the key may be free or handed on either way, but only a release leaves the mark.
 # A lease that was not ours any more keeps its unreleased mark: the next holder took over.
 _RELEASE = (
-    _PRELUDE
-    + """
+    """
 if redis.call('GET', KEYS[1]) ~= ARGV[1] then
   if redis.call('EXISTS', KEYS[6]) == 1 then return 2 end
   return 0
 end
 redis.call('DEL', KEYS[1], KEYS[5])
 redis.call('SET', KEYS[6], '1', 'PX', ARGV[3])
+-- nobody in line: nothing to hand on, and no need for the prelude's closures
+if redis.call('EXISTS', KEYS[3]) == 0 then return 1 end
+"""
+    + _PRELUDE
+    + """
 hand_off(ARGV[2], '0')
 return 1
 """
@@ -226,7 +247,7 @@ return 1
 """
 )
 
-ACQUIRE = _script("acquire", _ACQUIRE)
+ACQUIRE = _script("acquire", _ACQUIRE.replace("TAKEOVER_MS", str(TAKEOVER_MARK_MS)))
 RELEASE = _script("release", _RELEASE)
 LEAVE = _script("leave", _LEAVE)
 EXTEND = _script("extend", _EXTEND)

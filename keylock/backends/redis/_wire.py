@@ -30,13 +30,23 @@ from redis.exceptions import NoScriptError, RedisClusterException, RedisError, R
 
 from ...errors import BackendUnavailable
 from ._cluster_then import call_many_then
+from ._resp import call_sync, direct, pack
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Coroutine, Iterator, Sequence
 
     from ._scripts import Script
 
-__all__ = ["Arg", "SyncWire", "describe", "in_background", "map_errors", "redact"]
+__all__ = [
+    "FAILURES",
+    "Arg",
+    "SyncWire",
+    "describe",
+    "in_background",
+    "map_errors",
+    "redact",
+    "unavailable",
+]
 
 logger = logging.getLogger("keylock")
 T = TypeVar("T")
@@ -61,18 +71,29 @@ def describe(exc: BaseException) -> str:
     return redact(text) or type(exc).__name__
 
 
+#: What the error boundary turns into BackendUnavailable: redis-py's errors (RedisCluster's
+#: too) and socket errors.
+FAILURES = (RedisError, RedisClusterException, OSError)
+
+
 @contextlib.contextmanager
 def map_errors(key: str, where: str) -> Iterator[None]:
-    """The one error boundary: redis-py's errors (RedisCluster's too) and socket errors become
-    BackendUnavailable naming *key* and the (redacted) address *where*."""
+    """The one error boundary: :data:`FAILURES` become BackendUnavailable naming *key* and the
+    (redacted) address *where* (see :func:`unavailable`)."""
     try:
         yield
-    except (RedisError, RedisClusterException, OSError) as exc:
-        raise BackendUnavailable(
-            f"Redis at {where} failed for lock {key!r}: {describe(exc)}; "
-            "nothing was granted or changed by this call; check the server and the URL",
-            key=key,
-        ) from exc
+    except FAILURES as exc:
+        raise unavailable(key, where, exc) from exc
+
+
+def unavailable(key: str, where: str, exc: BaseException) -> BackendUnavailable:
+    """The BackendUnavailable that *exc* (one of :data:`FAILURES`) becomes, for *key* at the
+    (redacted) address *where*: the boundary, for the hot path that catches it inline."""
+    return BackendUnavailable(
+        f"Redis at {where} failed for lock {key!r}: {describe(exc)}; "
+        "nothing was granted or changed by this call; check the server and the URL",
+        key=key,
+    )
 
 
 # How redis-py's own connections open a socket. The wire sets socket timeouts and reads
@@ -203,6 +224,12 @@ class SyncWire:
                 if isinstance(replies[0], Exception):
                     raise replies[0]
                 return replies[0], replies[1]
+            if direct(conn):  # (see _resp: the same call, packed and read in one pass)
+                limit = bound.get("timeout")
+                try:
+                    return call_sync(conn, pack(b"EVALSHA", sha.encode(), keys, args), limit)
+                except NoScriptError:  # a new or flushed server: send the text once
+                    return call_sync(conn, pack(b"EVAL", text.encode(), keys, args), limit)
             conn.send_command("EVALSHA", sha, len(keys), *keys, *args)  # type: ignore[no-untyped-call]
             try:
                 return conn.read_response(**bound)

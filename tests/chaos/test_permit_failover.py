@@ -218,6 +218,22 @@ async def test_sentinel_failover_with_permits_held(
     _judge(history, tally, chaos_report, f"redis Sentinel {shape}, replicas={replicas}", replicas)
 
 
+# redis-py's async Cluster nodes (and their connections) that leave the slot map in a
+# failover are collected unclosed (seen from scale 2 on; the lock rows use sync clients): a
+# hygiene question for the async Cluster client (or keylock's slot-map refresh), not what
+# this row judges; left open in the report that added the row.
+@pytest.mark.filterwarnings(
+    "ignore:Exception ignored in. <function StreamWriter.__del__"
+    ":pytest.PytestUnraisableExceptionWarning"
+)
+@pytest.mark.filterwarnings(
+    "ignore:Exception ignored in. <function AbstractConnection.__del__"
+    ":pytest.PytestUnraisableExceptionWarning"
+)
+@pytest.mark.filterwarnings(
+    "ignore:Exception ignored in. <function ClusterNode.__del__"
+    ":pytest.PytestUnraisableExceptionWarning"
+)
 @pytest.mark.timeout(240 * SCALE)
 @pytest.mark.parametrize("shape", list(SHAPES))
 async def test_cluster_failover_with_permits_held(

@@ -76,19 +76,6 @@ def test_replicas_and_replica_timeout_are_checked(
         RedisBackend.from_url("redis://127.0.0.1:1/0", **options)  # type: ignore[arg-type]
 
 
-def test_semaphores_refuse_replicas_rather_than_skip_the_wait() -> None:
-    """Permit grants are not followed by WAIT yet: a semaphore or RW lock on a backend asked
-    for replicas is refused with the fix, never granted unreplicated (no server needed)."""
-    from keylock import KeyedRWLock, KeyedSemaphore
-
-    backend = RedisBackend(redis.Redis(port=1), replicas=1)
-    with pytest.raises(ValueError, match="do not take replicas=1 yet"):
-        KeyedSemaphore(backend, limit=3)
-    with pytest.raises(ValueError, match="do not take replicas=1 yet"):
-        KeyedRWLock(backend)
-    backend.close_sync()
-
-
 def test_a_grant_returns_only_once_the_replica_has_it(topology: SentinelTopology) -> None:
     """With the replica stalled for 0.4 s, a replicas=1 acquire returns only after it woke and
     holds the lease; replicas=0 returns at once, while the stalled replica cannot have it

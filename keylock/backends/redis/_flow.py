@@ -348,6 +348,10 @@ class RedisFlow(Flow):
         super().__init__(key, owner, ttl, deadline, waiter, local)
         now = time.monotonic()
         self.protocol = protocol = backend._protocol(key, owner, deadline.timeout, ttl, now)
+        if deadline.timeout is not None:
+            # the caller's own deadline: the time it waited for its turn in this process (the
+            # in-process line in front of Redis) counts against the same timeout
+            protocol.deadline = deadline.at
         self._waiting = backend._waiting
         self._clock = backend.server_clock
         self._where = backend._where  # for messages

@@ -237,7 +237,9 @@ if record then
   local expires = now_ms + tonumber(ARGV[2])
   redis.call('ZADD', KEYS[2], 'XX', fmt(expires), ARGV[1])
   keep(expires, false)
-  S.dirty = S.dirty or S.expire ~= nil
+  -- always a write (the ZADD may change nothing within one ms): a WAIT after this call
+  -- counts only this connection's writes, and must cover the hand-off it confirms
+  S.dirty = true
   finish()
   local token, took = string.match(record, '^(%d+) %d+ (%d)')
   return {1, token, tonumber(ARGV[2]), tonumber(took)}

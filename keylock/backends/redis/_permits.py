@@ -5,7 +5,9 @@ A view of shape ``(limit, weight)`` is the lock path with the permit scripts in 
 limit-mismatch reply differ), the same listener (a hand-off is the lock path's message, one
 per waiter, so every waiter of one process that is handed a permit wakes), the parent's one
 renewer (its renewal extends permits with PERMIT_EXTEND, locks with EXTEND), and in front the
-memory permit table of the shape (see ``.._tieredpermits``).
+memory permit table of the shape (see ``.._tieredpermits``). With the parent's ``replicas=N``
+a permit is replicated as a lease is (:mod:`._replicas`): its grant and its extends are
+followed by WAIT, and a waiter handed a permit confirms it with its own acquire and WAIT.
 """
 
 from __future__ import annotations
@@ -55,6 +57,7 @@ _STABLE = (
     "_stay_ms",
     "_ttl",
     "replication",
+    "replicas",
 )
 
 
@@ -70,13 +73,6 @@ class _PermitKeys(Layout):
 def permit_view(parent: RedisBackend, limit: int, weight: int) -> RedisPermits:
     """Semaphores and RW locks on *parent*'s Redis: its view of shape ``(limit, weight)``
     (cached per shape on the parent), sharing its connections and threads."""
-    if parent.replicas:
-        # a permit's grant is not followed by WAIT yet: refuse rather than hand out permits
-        # that a failover could silently void
-        raise ValueError(
-            f"permits({limit}, {weight}) on {parent!r}: semaphores and RW locks do not take "
-            f"replicas={parent.replicas} yet; use a RedisBackend without replicas= for them"
-        )
     view = tiered_view(parent, RedisPermits, limit, weight)
     found = view.__dict__
     if "_keys" not in found:  # (two threads may both fill it in: with the same values)
@@ -135,8 +131,11 @@ class RedisPermits(TieredPermits, RedisBackend):
     handed their permits by pub/sub, without polling; tokens strictly increase per key across
     weights (floored at the server clock); a permit whose holder stops renewing lapses at its
     TTL and the next grant says ``took_over``; a key in use with another limit raises
-    :class:`~keylock.LimitMismatch`. Made by :meth:`RedisBackend.permits`; closing it does
-    nothing (the parent owns the connections and threads)."""
+    :class:`~keylock.LimitMismatch`. With the parent's ``replicas=N``, a permit is handed to
+    its caller only once N replicas acknowledged its grant (a hand-off: its confirmation), and
+    an extend counts only once they acknowledged it, as for locks. Made by
+    :meth:`RedisBackend.permits`; closing it does nothing (the parent owns the connections and
+    threads)."""
 
     _parent: RedisBackend
     _keys: _PermitKeys
@@ -186,6 +185,7 @@ class RedisPermits(TieredPermits, RedisBackend):
             stay_ms=parent._stay_ms,
             poll=parent.poll,
             renewed=parent.auto_renew,
+            confirm=parent.replicas > 0,  # a hand-off counts once the replicas have it
         )
 
     def _adopt(self, flow: Flow) -> Grant:
@@ -221,14 +221,16 @@ class RedisPermits(TieredPermits, RedisBackend):
         held = self._take_held(key, owner, token, pop=False)
         keys, args = self._extend_call(key, owner, ttl)
         sent_at, sent = time.time(), time.monotonic()
-        reply = self._parent._run_sync(PERMIT_EXTEND, key, keys, args)
+        wait = self.replication.wait(None)
+        reply = self._connections.run_sync(PERMIT_EXTEND, key, keys, args, None, wait)
         return self._extended(key, held, ttl, sent, sent_at, reply, token)  # (LeaseLost if not)
 
     async def extend(self, key: str, owner: bytes, token: int, ttl: float) -> Grant:
         held = self._take_held(key, owner, token, pop=False)
         keys, args = self._extend_call(key, owner, ttl)
         sent_at, sent = time.time(), time.monotonic()
-        reply = await self._parent._run_async(PERMIT_EXTEND, key, keys, args)
+        wait = self.replication.wait(None)
+        reply = await self._connections.run(PERMIT_EXTEND, key, keys, args, None, wait)
         return self._extended(key, held, ttl, sent, sent_at, reply, token)
 
     def _extend_call(self, key: str, owner: bytes, ttl: float) -> tuple[list[str], list[Arg]]:

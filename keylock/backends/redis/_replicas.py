@@ -98,6 +98,7 @@ def granted(replication: Replication, key: str, where: str, replies: object) -> 
     its LEAVE gives the grant back, handing it on)."""
     reply, acked = cast("tuple[list[object], object]", replies)
     short = replication.short(acked)
-    if short is not None and int(cast("int", reply[0])):
+    # (only a grant, {1, ...}: a permit's {-1, limit} refusal granted nothing to give back)
+    if short is not None and int(cast("int", reply[0])) == 1:
         raise unreplicated(key, where, replication, short, "grant")
     return reply

@@ -179,15 +179,11 @@ class PostgresBackend(Unclosed, AutoRenewed, TieredBackend):
         """A backend on the database at *url* (``postgresql://user:pw@host:port/db``, or a
         conninfo string); *connect_options* go to ``psycopg.connect``. Connects on first use.
         ``durable=True`` waits for the WAL flush at every grant (see the class docstring)."""
-        import psycopg
-
         from . import _wire
+        from ._url import check_url
 
         options = {"connect_timeout": max(int(connect_timeout), 1), **connect_options}
-        try:
-            psycopg.conninfo.conninfo_to_dict(url)
-        except psycopg.ProgrammingError as exc:
-            raise ValueError(f"bad Postgres URL: {str(exc).splitlines()[0]}") from None
+        check_url(url)  # a malformed URL: ValueError with the expected form, no password
         pool = _wire.sync_pool(url, options, pool_size, connect_timeout)
         backend = cls(
             pool,

@@ -55,11 +55,14 @@ def test_a_sentinel_url_is_parsed(url: str, parsed: SentinelURL) -> None:
 )
 def test_a_bad_sentinel_url_is_a_value_error_without_the_password(url: str, match: str) -> None:
     """from_url refuses a bad URL at once, saying what is wrong and the expected form; the
-    password never appears."""
+    password never appears; the URL is named once (the old code prefixed the Sentinel
+    message with "bad Redis URL ...: ", quoting the URL twice)."""
     with pytest.raises(ValueError, match=match) as caught:
         RedisBackend.from_url(url)
     assert SECRET not in str(caught.value)
     assert "redis+sentinel://" in str(caught.value)
+    assert str(caught.value).startswith("bad Redis Sentinel URL '")
+    assert str(caught.value).count("bad Redis") == 1
 
 
 def test_from_url_makes_a_client_that_asks_the_sentinels() -> None:

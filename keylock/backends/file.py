@@ -131,6 +131,7 @@ class FileBackend(TieredBackend):
         return f"FileBackend({self.directory!r})"
 
     def close_sync(self) -> None:
+        self._shut = True
         self._files.close()
 
     def __del__(self) -> None:

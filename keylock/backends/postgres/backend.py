@@ -386,6 +386,7 @@ class PostgresBackend(Unclosed, AutoRenewed, TieredBackend):
     # --------------------------------------------------------------------------- closing
 
     def close_sync(self) -> None:
+        self._shut = True
         self._closing()
         self._stop_renewing()
         self._waiting.stop()

@@ -206,11 +206,15 @@ class PostgresBackend(Unclosed, AutoRenewed, TieredBackend):
 
     # ------------------------------------------------------------------- the statements
 
-    def _run_sync(self, key: str, sql: str, params: Sequence[object]) -> Rows:
-        return self._connections.run_sync(key, sql, params)
+    def _run_sync(
+        self, key: str, sql: str, params: Sequence[object], until: float | None = None
+    ) -> Rows:
+        return self._connections.run_sync(key, sql, params, until)
 
-    async def _run(self, key: str, sql: str, params: Sequence[object]) -> Rows:
-        return await self._connections.run(key, sql, params)
+    async def _run(
+        self, key: str, sql: str, params: Sequence[object], until: float | None = None
+    ) -> Rows:
+        return await self._connections.run(key, sql, params, until)
 
     # ------------------------------------------------------------------- the arbiter's part
 
@@ -256,17 +260,23 @@ class PostgresBackend(Unclosed, AutoRenewed, TieredBackend):
     def _trip_sync(self, flow: Flow, trip: Hashable) -> object:
         sql = self._statements()
         if trip == LEAVE:
-            return self._run_sync(flow.key, sql.leave, [stored(flow.key), flow.owner])
+            return self._run_sync(
+                flow.key, sql.leave, [stored(flow.key), flow.owner], flow.deadline.at
+            )
         self._arm(flow)
-        rows = self._run_sync(flow.key, sql.acquire, self._trip_params(flow, trip))
+        params = self._trip_params(flow, trip)
+        rows = self._run_sync(flow.key, sql.acquire, params, flow.deadline.at)
         return self._queued(trip, rows[0])
 
     async def _trip(self, flow: Flow, trip: Hashable) -> object:
         sql = self._statements()
         if trip == LEAVE:
-            return await self._run(flow.key, sql.leave, [stored(flow.key), flow.owner])
+            return await self._run(
+                flow.key, sql.leave, [stored(flow.key), flow.owner], flow.deadline.at
+            )
         self._arm(flow)
-        rows = await self._run(flow.key, sql.acquire, self._trip_params(flow, trip))
+        params = self._trip_params(flow, trip)
+        rows = await self._run(flow.key, sql.acquire, params, flow.deadline.at)
         return self._queued(trip, rows[0])
 
     def _statements(self) -> Schema | PermitSchema:

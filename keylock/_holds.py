@@ -10,6 +10,7 @@ import sys
 from typing import TYPE_CHECKING
 
 from ._validate import MAX_KEY_LENGTH, check_key, check_timeout, check_ttl
+from .backends.base import RW_LIMIT, Permits
 from .errors import LockTimeout
 from .lease import _PENDING, _QUEUED, _TRACKED, Lease, new_owner
 
@@ -159,9 +160,10 @@ class AsyncHold(_Hold):
         _Hold._held(self, grant)
 
     def __enter__(self) -> Lease:
+        used, twin = _forms(self)
         raise TypeError(
-            f"locks({self.key!r}) is for 'async with' in a coroutine; in sync code or a thread "
-            f"use 'with locks.sync({self.key!r})'"
+            f"{used}({self.key!r}) is for 'async with' in a coroutine; in sync code or a thread "
+            f"use 'with {twin}({self.key!r})'"
         )
 
 
@@ -187,7 +189,7 @@ class SyncHold(_Hold):
         # on a thread running an event loop, waiting would stop the loop: only a try
         on_loop = timeout != 0 and asyncio._get_running_loop() is not None
         if on_loop and host.inline:  # (the inline step just tried)
-            raise _blocking(self.key)
+            raise _blocking(self)
         try:
             grant = host.backend.acquire_sync(
                 self._full_key,
@@ -198,23 +200,40 @@ class SyncHold(_Hold):
             )
         except LockTimeout:
             if on_loop:
-                raise _blocking(self.key) from None
+                raise _blocking(self) from None
             raise
         self._state = _QUEUED if host.inline else 0
         self._held(grant)
 
     async def __aenter__(self) -> Lease:
+        twin, used = _forms(self)
         raise TypeError(
-            f"locks.sync({self.key!r}) is for 'with' in sync code; in a coroutine use "
-            f"'async with locks({self.key!r})', which waits without blocking the event loop"
+            f"{used}({self.key!r}) is for 'with' in sync code; in a coroutine use "
+            f"'async with {twin}({self.key!r})', which waits without blocking the event loop"
         )
 
 
-def _blocking(key: str) -> RuntimeError:
+def _blocking(hold: _Hold) -> RuntimeError:
     """A sync acquire that would have to wait on a thread running an event loop: waiting
     would stop that loop, and never end if a task of that loop holds the key."""
+    key = hold.key
+    used, twin = _forms(hold)[::-1]
     return RuntimeError(
-        f"keylock: locks.sync({key!r}) would block this thread's running event loop while it "
+        f"keylock: {used}({key!r}) would block this thread's running event loop while it "
         f"waits (and never return if a task on that loop holds {key!r}); in a coroutine use "
-        f"'async with locks({key!r})', or run the sync code in a thread (asyncio.to_thread)"
+        f"'async with {twin}({key!r})', or run the sync code in a thread (asyncio.to_thread)"
     )
+
+
+def _forms(hold: _Hold) -> tuple[str, str]:
+    """(async form, sync form) of the call that made *hold*, for messages: an RW lock's read
+    or write twin, a semaphore's, or a lock's (advising ``locks.sync`` for ``rw.read`` would
+    take the write lock)."""
+    shape = getattr(hold._host.backend, "shape", None)
+    if not isinstance(shape, Permits):
+        return "locks", "locks.sync"
+    if shape.limit != RW_LIMIT:
+        return "sem", "sem.sync"
+    if shape.weight == RW_LIMIT:
+        return "rw.write", "rw.write_sync"
+    return "rw.read", "rw.read_sync"

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Literal, ParamSpec, TypeVar, overload
 from ._validate import check_key
 from .backends.base import RW_LIMIT, Backend, KeyStatistics
 from .backends.memory import MemoryBackend
-from .registry import AsyncHold, KeyedLock, KeyFunc, SyncHold
+from .registry import AsyncHold, KeyedLock, KeyFunc, SyncHold, not_a_backend
 
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -47,10 +47,7 @@ def _parent(backend: object, what: str) -> Backend:
     if backend is None:
         return MemoryBackend()
     if not isinstance(backend, Backend):
-        raise TypeError(
-            f"{what}() takes a keylock backend (MemoryBackend, FileBackend, RedisBackend, "
-            f"PostgresBackend), not {type(backend).__name__}"
-        )
+        raise not_a_backend(what, backend)
     return backend
 
 

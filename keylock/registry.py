@@ -20,7 +20,29 @@ from .lease import _PENDING, Lease
 if TYPE_CHECKING:
     from .observe import Observer
 
-__all__ = ["AsyncHold", "KeyFunc", "KeyedLock", "SyncHold"]
+__all__ = ["AsyncHold", "KeyFunc", "KeyedLock", "SyncHold", "not_a_backend"]
+
+
+def not_a_backend(what: str, given: object) -> TypeError:
+    """The error for *given* passed to *what*() as its backend: every backend named, and for
+    a URL string the from_url call that makes a backend of it."""
+    hint = ""
+    if isinstance(given, str):
+        scheme = given.split("://", 1)[0].lower() if "://" in given else ""
+        if scheme.startswith("postgres"):
+            hint = "; for a URL use PostgresBackend.from_url(url)"
+        elif scheme.startswith(("redis", "unix")):
+            hint = "; for a URL use RedisBackend.from_url(url)"
+        else:
+            hint = (
+                "; for a URL use RedisBackend.from_url(url) or PostgresBackend.from_url(url), "
+                "for a directory FileBackend(path)"
+            )
+    return TypeError(
+        f"{what}() takes a keylock backend (MemoryBackend, FileBackend, RedisBackend, "
+        f"PostgresBackend), not {type(given).__name__}{hint}"
+    )
+
 
 P = ParamSpec("P")
 R = TypeVar("R")
@@ -80,10 +102,7 @@ class KeyedLock:
         observer: Observer | None = None,
     ) -> None:
         if backend is not None and not isinstance(backend, Backend):
-            raise TypeError(
-                f"KeyedLock() takes a keylock backend (MemoryBackend, FileBackend, "
-                f"RedisBackend), not {type(backend).__name__}"
-            )
+            raise not_a_backend("KeyedLock", backend)
         if on_lost is not None and not callable(on_lost):
             raise TypeError(f"on_lost must be a function of the lease, not {on_lost!r}")
         self.namespace = check_namespace(namespace)

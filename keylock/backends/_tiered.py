@@ -17,7 +17,7 @@ import threading
 import time
 from typing import TYPE_CHECKING, NamedTuple
 
-from ..errors import LeaseLost
+from ..errors import BackendUnavailable, LeaseLost
 from ._permits import MemoryPermits, permit_view
 from ._waiters import LoopWaiter, ThreadWaiter, Waiter
 from .base import Backend, Deadline, Grant, KeyStatistics
@@ -137,6 +137,16 @@ class TieredBackend(Backend):
     """A backend made of the in-process tier and an arbiter; subclasses write the arbiter."""
 
     _tier: Tier
+    _shut = False  # set by close: acquires raise from then on (see _closed_error)
+
+    def _closed_error(self, key: str) -> BackendUnavailable:
+        """A backend used after its close: it grants nothing more (its connections, files or
+        renewal are gone), said as such, not as a store that is down."""
+        return BackendUnavailable(
+            f"{self!r} is closed: it grants nothing after close() (lock {key!r}); make a new "
+            "backend, and close it only when its locks are no longer used",
+            key=key,
+        )
 
     # ------------------------------------------------------------------- the arbiter's part
 
@@ -203,6 +213,8 @@ class TieredBackend(Backend):
         """The uncontended step of an inline arbiter: this process's turn, then one try."""
         if not self.nonblocking_step:
             raise TypeError(f"{self!r} has no non-blocking step: use acquire(timeout=0)")
+        if self._shut:
+            raise self._closed_error(key)
         local_tier = self._tier.local
         local = local_tier._try_acquire(key, owner, ttl, None, holder)
         if local is None:
@@ -230,6 +242,8 @@ class TieredBackend(Backend):
     ) -> Grant:
         """Wait for *key*: first this process's turn (FIFO), then the arbiter. A caller that
         gives up (timeout, cancel, error) leaves both lines and holds nothing."""
+        if self._shut:
+            raise self._closed_error(key)
         local_ttl = self._local_ttl(ttl)
         deadline = Deadline(key, timeout, time.monotonic())
         tier = self._tier
@@ -272,6 +286,8 @@ class TieredBackend(Backend):
         holder: FrameType | None = None,
     ) -> Grant:
         """Blocking twin of :meth:`acquire`."""
+        if self._shut:
+            raise self._closed_error(key)
         local_ttl = self._local_ttl(ttl)
         deadline = Deadline(key, timeout, time.monotonic())
         tier = self._tier

@@ -43,6 +43,10 @@ class TieredPermits(_Base):
         return getattr(self._parent, name)
 
     @property
+    def _shut(self) -> bool:  # type: ignore[override]
+        return self._parent._shut  # (closing the parent closes its views)
+
+    @property
     def _tier(self) -> PermitTier:  # type: ignore[override]
         # read through the parent each time: its tier is replaced in a forked child
         return self._parent._tier.permits(*self.shape)

@@ -132,6 +132,7 @@ class FileBackend(TieredBackend):
         return f"FileBackend({self.directory!r})"
 
     def close_sync(self) -> None:
+        self._shut = True
         self._shared.close_idle()  # (another backend on the directory opens them again)
         self._files.close()
 

@@ -28,6 +28,7 @@ from keylock.fencing import fenced_set_sync
 
 from .._pg_server import PgServer
 from .._redis_server import Server
+from ._events import Events
 from ._history import Grant, History, Wait, Write, believed_expiry
 from ._report import Report, scaled
 
@@ -48,10 +49,11 @@ def _backend(kind: str, where: str) -> Backend:
 
 
 def _worker(
-    kind: str, where: str, store_url: str, name: str, ttl: float | None, events: object
+    kind: str, where: str, store_url: str, name: str, ttl: float | None, events: Events
 ) -> None:
-    """Cycle on the key until killed or told to stop (by a full section count), reporting."""
-    put = events.put  # type: ignore[attr-defined]
+    """Cycle on the key until killed or told to stop (by a full section count), reporting
+    each event before the next step (see Events: read in the order they happened)."""
+    put = events.send
     locks = KeyedLock(_backend(kind, where))
     store = redis.Redis.from_url(store_url)
 
@@ -90,7 +92,7 @@ class _Run:
 
     def __init__(self, kind: str, where: str, store_url: str, ttl: float | None) -> None:
         self.kind, self.where, self.store_url, self.ttl = kind, where, store_url, ttl
-        self.events: multiprocessing.Queue[tuple[object, ...]] = ctx.Queue()
+        self.events = Events(ctx)  # (a Queue could deliver a grant before the release before it)
         self.history = History()
         self.grants: dict[str, Grant] = {}
         self.procs: dict[str, multiprocessing.process.BaseProcess] = {}

@@ -56,12 +56,15 @@ def test_a_sentinel_url_is_parsed(url: str, parsed: SentinelURL) -> None:
 def test_a_bad_sentinel_url_is_a_value_error_without_the_password(url: str, match: str) -> None:
     """from_url refuses a bad URL at once, saying what is wrong and the expected form; the
     password never appears. The expected form reads whole: the redaction of credentials
-    turned it into 'redis+sentinel://***@]host:port...' before (this assertion failed)."""
+    turned it into 'redis+sentinel://***@]host:port...' before (this assertion failed),
+    and the URL is named once (not prefixed with "bad Redis URL ...: ")."""
     with pytest.raises(ValueError, match=match) as caught:
         RedisBackend.from_url(url)
     assert SECRET not in str(caught.value)
     assert "redis+sentinel://" in str(caught.value)
     assert "[[user]:password@]host[:port][,host[:port]...]/service_name[/db]" in str(caught.value)
+    assert str(caught.value).startswith("bad Redis Sentinel URL '")
+    assert str(caught.value).count("bad Redis") == 1
 
 
 def test_from_url_makes_a_client_that_asks_the_sentinels() -> None:

@@ -107,13 +107,17 @@ class Connections:
             wire = self._async_wires[loop] = _wire.AsyncWire(pool, self._schema, owned=True)
         return wire
 
-    def run_sync(self, key: str, sql: str, params: Sequence[object]) -> Rows:
-        return self.sync_wire().run(key, sql, params)
+    def run_sync(
+        self, key: str, sql: str, params: Sequence[object], until: float | None = None
+    ) -> Rows:
+        return self.sync_wire().run(key, sql, params, until)
 
-    async def run(self, key: str, sql: str, params: Sequence[object]) -> Rows:
+    async def run(
+        self, key: str, sql: str, params: Sequence[object], until: float | None = None
+    ) -> Rows:
         """One statement from an event loop; once sent it completes even if the caller is
         cancelled (the caller's give-up must land after it, never before)."""
-        call = asyncio.ensure_future(self.async_wire().run(key, sql, params))
+        call = asyncio.ensure_future(self.async_wire().run(key, sql, params, until))
         try:
             return await asyncio.shield(call)
         except asyncio.CancelledError:

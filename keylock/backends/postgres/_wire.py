@@ -12,7 +12,9 @@ concurrent first users do not race), and again if someone dropped it.
 from __future__ import annotations
 
 import contextlib
+import logging
 import threading
+import time
 import weakref
 from typing import TYPE_CHECKING, cast
 
@@ -37,6 +39,76 @@ AsyncConnection = psycopg.AsyncConnection[tuple[object, ...]]
 AsyncCursor = psycopg.AsyncCursor[tuple[object, ...]]
 _SCHEMA_LOCK = 72627262  # pg_advisory_xact_lock id serializing keylock's CREATE statements
 _MISSING = (psycopg.errors.UndefinedTable, psycopg.errors.UndefinedFunction)
+_ATTEMPT = 0.5  # seconds a caller whose deadline came waits still, for one connect attempt
+_POOL_NAME = "keylock"
+
+
+def _wait_for(pool: object, until: float | None) -> float:
+    """How long a call may wait for a pooled connection: the pool's timeout, cut to the
+    caller's deadline (monotonic *until*) plus one connect attempt (none if the last one
+    failed: a give-up after a failed try does not wait for the server again)."""
+    timeout = cast("float", getattr(pool, "timeout", 30.0))
+    if until is None:
+        return timeout
+    grace = 0.0 if getattr(pool, "connect_error", None) is not None else _ATTEMPT
+    return min(timeout, max(until - time.monotonic(), 0.0) + grace)
+
+
+def _no_connection(pool: object, exc: psycopg_pool.PoolTimeout) -> BaseException:
+    """For a pool that got no connection: the last connect attempt's error (connection
+    refused, bad password...) if the pool is ours and one failed, else *exc*."""
+    error = getattr(pool, "connect_error", None)
+    return error if isinstance(error, Exception) else exc
+
+
+class _Quiet(logging.Filter):
+    """psycopg_pool's warning per failed connect attempt of our pools, at debug: the caller's
+    BackendUnavailable says it (once, with the cause), not a log line per retry."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        args = record.args
+        if (
+            isinstance(args, tuple)
+            and args
+            and args[0] in (_POOL_NAME, f"{_POOL_NAME}-async")
+            and str(record.msg).startswith(("error connecting in", "reconnection attempt"))
+        ):
+            record.levelno, record.levelname = logging.DEBUG, "DEBUG"
+            return logging.getLogger("psycopg.pool").isEnabledFor(logging.DEBUG)
+        return True
+
+
+logging.getLogger("psycopg.pool").addFilter(_Quiet())
+
+
+class _SyncPool(psycopg_pool.ConnectionPool):
+    """A pool that keeps its last connect error (None once a connect succeeds)."""
+
+    connect_error: Exception | None = None
+
+    def _connect(self, timeout: float | None = None) -> Connection:
+        try:
+            conn = super()._connect(timeout)
+        except Exception as exc:
+            self.connect_error = exc
+            raise
+        self.connect_error = None
+        return conn
+
+
+class _AsyncPool(psycopg_pool.AsyncConnectionPool):
+    """As _SyncPool."""
+
+    connect_error: Exception | None = None
+
+    async def _connect(self, timeout: float | None = None) -> AsyncConnection:
+        try:
+            conn = await super()._connect(timeout)
+        except Exception as exc:
+            self.connect_error = exc
+            raise
+        self.connect_error = None
+        return conn
 
 
 def connect_options(pool: object) -> tuple[str, dict[str, object]]:
@@ -128,8 +200,9 @@ class SyncWire(_Base):
         # client time than the rest of a call's bookkeeping
         self._cursors: weakref.WeakKeyDictionary[Connection, Cursor] = weakref.WeakKeyDictionary()
 
-    def run(self, key: str, sql: str, params: Sequence[object]) -> Rows:
-        """Run one statement; its rows. BackendUnavailable on any failure. A connection found
+    def run(self, key: str, sql: str, params: Sequence[object], until: float | None = None) -> Rows:
+        """Run one statement; its rows (a connection waited for until *until*, plus one
+        connect attempt). BackendUnavailable on any failure. A connection found
         dead in the pool (the server restarted, or terminated it) is replaced, and the
         statement sent again on another connection (the pool discards the broken one). Every
         statement is safe to repeat: acquire and leave are idempotent per owner id, extend
@@ -145,7 +218,10 @@ class SyncWire(_Base):
             while True:
                 # getconn/putconn rather than pool.connection(): the same checks on return,
                 # without a context manager and a commit of an autocommit connection per call
-                conn = self.pool.getconn()
+                try:
+                    conn = self.pool.getconn(_wait_for(self.pool, until))
+                except psycopg_pool.PoolTimeout as exc:
+                    raise _no_connection(self.pool, exc) from exc
                 restore = False
                 try:
                     restore = not conn.autocommit
@@ -205,14 +281,19 @@ class AsyncWire(_Base):
             weakref.WeakKeyDictionary()
         )
 
-    async def run(self, key: str, sql: str, params: Sequence[object]) -> Rows:
+    async def run(
+        self, key: str, sql: str, params: Sequence[object], until: float | None = None
+    ) -> Rows:
         try:
             if not self._opened:
                 self._opened = True
                 await self.pool.open(wait=False)
             dead = made = 0
             while True:
-                conn = await self.pool.getconn()
+                try:
+                    conn = await self.pool.getconn(_wait_for(self.pool, until))
+                except psycopg_pool.PoolTimeout as exc:
+                    raise _no_connection(self.pool, exc) from exc
                 restore = False
                 try:
                     restore = not conn.autocommit
@@ -261,28 +342,28 @@ def sync_pool(
     """A pool this backend owns: autocommit connections, opened on first use and grown only
     as calls need them (``min_size=0``: a pre-filled connection would race the first call's
     own, and the pool would start at two)."""
-    return psycopg_pool.ConnectionPool(
+    return _SyncPool(
         conninfo,
         kwargs={**kwargs, "autocommit": True},
         min_size=0,
         max_size=size,
         open=False,
         timeout=timeout,
-        name="keylock",
+        name=_POOL_NAME,
     )
 
 
 def async_pool(
     conninfo: str, kwargs: dict[str, object], size: int, timeout: float
 ) -> psycopg_pool.AsyncConnectionPool:
-    return psycopg_pool.AsyncConnectionPool(
+    return _AsyncPool(
         conninfo,
         kwargs={**kwargs, "autocommit": True},
         min_size=0,
         max_size=size,
         open=False,
         timeout=timeout,
-        name="keylock-async",
+        name=f"{_POOL_NAME}-async",
     )
 
 

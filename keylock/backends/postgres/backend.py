@@ -182,15 +182,11 @@ class PostgresBackend(Unclosed, AutoRenewed, TieredBackend):
         conninfo string); *connect_options* go to ``psycopg.connect``. Connects on first use.
         ``durable=True``: logged tables, and the WAL flushed at every grant (see the class
         docstring)."""
-        import psycopg
-
         from . import _wire
+        from ._url import check_url
 
         options = {"connect_timeout": max(int(connect_timeout), 1), **connect_options}
-        try:
-            psycopg.conninfo.conninfo_to_dict(url)
-        except psycopg.ProgrammingError as exc:
-            raise ValueError(f"bad Postgres URL: {str(exc).splitlines()[0]}") from None
+        check_url(url)  # a malformed URL: ValueError with the expected form, no password
         pool = _wire.sync_pool(url, options, pool_size, connect_timeout)
         backend = cls(
             pool,
@@ -213,11 +209,15 @@ class PostgresBackend(Unclosed, AutoRenewed, TieredBackend):
 
     # ------------------------------------------------------------------- the statements
 
-    def _run_sync(self, key: str, sql: str, params: Sequence[object]) -> Rows:
-        return self._connections.run_sync(key, sql, params)
+    def _run_sync(
+        self, key: str, sql: str, params: Sequence[object], until: float | None = None
+    ) -> Rows:
+        return self._connections.run_sync(key, sql, params, until)
 
-    async def _run(self, key: str, sql: str, params: Sequence[object]) -> Rows:
-        return await self._connections.run(key, sql, params)
+    async def _run(
+        self, key: str, sql: str, params: Sequence[object], until: float | None = None
+    ) -> Rows:
+        return await self._connections.run(key, sql, params, until)
 
     # ------------------------------------------------------------------- the arbiter's part
 
@@ -263,17 +263,23 @@ class PostgresBackend(Unclosed, AutoRenewed, TieredBackend):
     def _trip_sync(self, flow: Flow, trip: Hashable) -> object:
         sql = self._statements()
         if trip == LEAVE:
-            return self._run_sync(flow.key, sql.leave, [stored(flow.key), flow.owner])
+            return self._run_sync(
+                flow.key, sql.leave, [stored(flow.key), flow.owner], flow.deadline.at
+            )
         self._arm(flow)
-        rows = self._run_sync(flow.key, sql.acquire, self._trip_params(flow, trip))
+        params = self._trip_params(flow, trip)
+        rows = self._run_sync(flow.key, sql.acquire, params, flow.deadline.at)
         return self._queued(trip, rows[0])
 
     async def _trip(self, flow: Flow, trip: Hashable) -> object:
         sql = self._statements()
         if trip == LEAVE:
-            return await self._run(flow.key, sql.leave, [stored(flow.key), flow.owner])
+            return await self._run(
+                flow.key, sql.leave, [stored(flow.key), flow.owner], flow.deadline.at
+            )
         self._arm(flow)
-        rows = await self._run(flow.key, sql.acquire, self._trip_params(flow, trip))
+        params = self._trip_params(flow, trip)
+        rows = await self._run(flow.key, sql.acquire, params, flow.deadline.at)
         return self._queued(trip, rows[0])
 
     def _statements(self) -> Schema | PermitSchema:
@@ -393,6 +399,7 @@ class PostgresBackend(Unclosed, AutoRenewed, TieredBackend):
     # --------------------------------------------------------------------------- closing
 
     def close_sync(self) -> None:
+        self._shut = True
         self._closing()
         self._stop_renewing()
         self._waiting.stop()

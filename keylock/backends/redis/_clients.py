@@ -101,6 +101,8 @@ def from_url(url: str, *, cluster: bool, options: dict[str, object]) -> SyncClie
             return redis.cluster.RedisCluster.from_url(url, **options)
         return redis.Redis.from_url(url, **options)
     except ValueError as exc:  # the URL's text may hold a password: not chained
+        if str(exc).startswith(_sentinel.BAD_URL):  # (its own: redacted, with the form)
+            raise ValueError(str(exc)) from None
         raise ValueError(f"bad Redis URL {shown!r}: {redact(str(exc))}") from None
     except (RedisError, RedisClusterException) as exc:  # a Cluster client looks for its nodes
         raise BackendUnavailable(

@@ -29,6 +29,7 @@ if TYPE_CHECKING:
     from collections.abc import Sequence
 
 __all__ = [
+    "BAD_URL",
     "SentinelURL",
     "aclose",
     "async_twin",
@@ -75,6 +76,9 @@ class SentinelURL(NamedTuple):
     tls: bool
 
 
+BAD_URL = "bad Redis Sentinel URL"  # how parse_url's errors start
+
+
 def is_sentinel_url(url: object) -> bool:
     return isinstance(url, str) and url.partition("://")[0].lower() in SCHEMES
 
@@ -84,7 +88,7 @@ def parse_url(url: str, shown: str) -> SentinelURL:
 
     def bad(why: str) -> ValueError:
         return ValueError(
-            f"bad Redis Sentinel URL {shown!r}: {why}; expected redis+sentinel:// (or "
+            f"{BAD_URL} {shown!r}: {why}; expected redis+sentinel:// (or "
             "rediss+sentinel://) then [[user]:password@]host[:port][,host[:port]...]"
             "/service_name[/db]"
         )

@@ -370,12 +370,14 @@ class RedisBackend(Unclosed, AutoRenewed, TieredBackend):
     # ----------------------------------------------------------------------------- closing
 
     def close_sync(self) -> None:
+        self._shut = True
         self._closing()
         self._stop_renewing()
         self._waiting.stop()
         self._connections.close_sync()
 
     async def close(self) -> None:
+        self._shut = True
         self._closing()
         await self._connections.settle()  # calls finishing in the background land first
         self._stop_renewing()

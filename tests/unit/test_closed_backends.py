@@ -1,0 +1,48 @@
+"""A backend used after close() says it is closed (BackendUnavailable naming the backend and
+the fix), and grants nothing: not a 'Bad file descriptor' as if the store were down, and not
+a silent new connection."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from keylock import BackendUnavailable, KeyedLock, KeyedSemaphore
+from keylock.backends import Backend, FileBackend, RedisBackend
+
+from .._redis_server import Server
+
+
+def _refuses_after_close(backend: Backend) -> None:
+    locks, sem = KeyedLock(backend), KeyedSemaphore(backend, limit=2)
+    with locks.sync("k"), sem.sync("k"):
+        pass
+    backend.close_sync()
+    for hold in (locks.sync("k"), locks.sync("new"), sem.sync("k")):
+        with pytest.raises(BackendUnavailable, match=r"is closed: it grants nothing"), hold:
+            pass
+    with pytest.raises(BackendUnavailable, match="is closed"):
+        locks.acquire_sync("k", timeout=0)
+
+
+def test_a_closed_file_backend_says_so(tmp_path: Path) -> None:
+    """Fails on the old code: 'cannot open the lock file ...: Bad file descriptor'."""
+    _refuses_after_close(FileBackend(tmp_path / "locks"))
+
+
+def test_a_closed_redis_backend_grants_nothing(redis_server: Server) -> None:
+    """Fails on the old code: a call after close() opened a new connection and was granted."""
+    _refuses_after_close(RedisBackend.from_url(redis_server.url))
+
+
+async def test_a_closed_redis_backend_refuses_async_callers_too(redis_server: Server) -> None:
+    """Fails on the old code (granted)."""
+    backend = RedisBackend.from_url(redis_server.url)
+    locks = KeyedLock(backend)
+    async with locks("k"):
+        pass
+    await backend.close()
+    with pytest.raises(BackendUnavailable, match="is closed"):
+        async with locks("k"):
+            pass

@@ -450,7 +450,10 @@ def test_redis_at_scale_keeps_every_lease_serves_fifo_and_splits_a_hand_off(
     assert rows[(leases, me, "leases lost")].median == 0
     trips = rows[(leases, me, "round trips/lease/TTL")]
     assert trips.extra["renewals"] >= 500 * 3  # 1.5 TTLs: every lease renewed at least 3 times
-    assert 0 < trips.median < 0.1  # pipelined: a round trip renews many leases
+    assert trips.median > 0  # the figure: round trips per lease per TTL (a loaded host: more)
+    # pipelined: a round trip renews many leases (a property of the batches, not of a rate a
+    # starved renewer thread cannot keep; one trip per lease would be a ratio of 1)
+    assert trips.extra["renewals"] >= 10 * trips.extra["round_trips"]
     crowd = rows[
         (
             "redis at scale: 400 waiters on one key, 8 processes",

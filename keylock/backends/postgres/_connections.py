@@ -14,6 +14,7 @@ import threading
 import weakref
 from typing import TYPE_CHECKING, Protocol
 
+from ...errors import BackendUnavailable
 from . import _wire
 
 if TYPE_CHECKING:
@@ -76,6 +77,18 @@ class Connections:
             weakref.WeakKeyDictionary()
         )
         self._user_async_wire: AsyncWire | None = None
+        self._closed = False  # a pool made after close() would stay open: none is made
+
+    def _refuse(self, key: str) -> None:
+        """After close(), a call still in flight (a waiter, a release) gets an error rather
+        than a new pool: nothing would close that pool, and at the loop's end its workers
+        swallow the cancel and wait forever."""
+        if self._closed:
+            raise BackendUnavailable(
+                f"the Postgres backend is closed: it opens no connection after close() "
+                f"(lock {key!r}); close a backend only when its locks are no longer used",
+                key=key,
+            )
 
     def sync_wire(self) -> SyncWire:
         wire = self._sync_wire
@@ -110,6 +123,8 @@ class Connections:
     def run_sync(
         self, key: str, sql: str, params: Sequence[object], until: float | None = None
     ) -> Rows:
+        if self._sync_wire is None:
+            self._refuse(key)
         return self.sync_wire().run(key, sql, params, until)
 
     async def run(
@@ -117,6 +132,8 @@ class Connections:
     ) -> Rows:
         """One statement from an event loop; once sent it completes even if the caller is
         cancelled (the caller's give-up must land after it, never before)."""
+        if self._user_async is None and asyncio.get_running_loop() not in self._async_wires:
+            self._refuse(key)
         call = asyncio.ensure_future(self.async_wire().run(key, sql, params, until))
         try:
             return await asyncio.shield(call)
@@ -135,6 +152,7 @@ class Connections:
             raise
 
     def close_sync(self) -> None:
+        self._closed = True
         if self._sync_wire is not None:
             self._sync_wire.close()
 

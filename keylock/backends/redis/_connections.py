@@ -134,7 +134,9 @@ class Connections:
     async def _close_loop(self, loop: asyncio.AbstractEventLoop) -> None:
         """Finish the calls cancelled on *loop* (the running one), then close its
         connections."""
-        for call in self._unfinished.pop(loop, {}).values():
+        unfinished = self._unfinished.pop(loop, {})
+        while unfinished:  # a first run that ends meanwhile drops itself: take one at a time
+            call = unfinished.pop(next(iter(unfinished)))  # in the order they were cancelled
             try:
                 await call()
             except Exception as exc:  # (BackendUnavailable: the server is out of reach)

@@ -84,7 +84,7 @@ class AsyncWire:
                     reply = await _exchange_then(conn, script, keys, args, then, limit)
                 elif direct_async(conn):  # (see _resp: the same call, packed and read in one pass)
                     try:
-                        packed = pack(b"EVALSHA", sha.encode(), keys, args)
+                        packed = pack(b"EVALSHA", script.sha_bytes, keys, args)
                         reply = await call_async(conn, packed, limit)
                     except NoScriptError:
                         packed = pack(b"EVAL", text.encode(), keys, args)

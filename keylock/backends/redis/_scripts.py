@@ -28,10 +28,12 @@ class Script(NamedTuple):
     name: str
     sha: str
     text: str
+    sha_bytes: bytes  # (the direct wire's EVALSHA argument: encoded once, not per call)
 
 
 def _script(name: str, text: str) -> Script:
-    return Script(name, hashlib.sha1(text.encode()).hexdigest(), text)
+    sha = hashlib.sha1(text.encode()).hexdigest()
+    return Script(name, sha, text, sha.encode())
 
 
 FENCE_SLACK_MS = 120_000  # the fence key outlives the lock by this much (see ACQUIRE)

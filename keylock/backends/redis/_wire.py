@@ -227,7 +227,7 @@ class SyncWire:
             if direct(conn):  # (see _resp: the same call, packed and read in one pass)
                 limit = bound.get("timeout")
                 try:
-                    return call_sync(conn, pack(b"EVALSHA", sha.encode(), keys, args), limit)
+                    return call_sync(conn, pack(b"EVALSHA", script.sha_bytes, keys, args), limit)
                 except NoScriptError:  # a new or flushed server: send the text once
                     return call_sync(conn, pack(b"EVAL", text.encode(), keys, args), limit)
             conn.send_command("EVALSHA", sha, len(keys), *keys, *args)  # type: ignore[no-untyped-call]

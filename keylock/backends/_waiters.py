@@ -118,9 +118,15 @@ class LoopWaiter(Waiter):
         if timeout is None:
             await future
             return
-        # (asyncio.wait leaves the future alone at the timeout: a timeout that cancelled it
-        # would drop a wake-up landing just after, and fail the next wait on it at once)
-        await asyncio.wait((future,), timeout=max(timeout, 0.0))
+        # The timer wakes the waiter as a wake-up would (the caller looks again either way):
+        # no coroutine, set or callbacks per wait as asyncio.wait makes, which is most of a
+        # queued waiter's memory in a crowd. Setting, not cancelling, the future at the
+        # timeout keeps a wake-up that lands just after harmless.
+        timer = self._loop.call_later(max(timeout, 0.0), self._set)
+        try:
+            await future
+        finally:
+            timer.cancel()
 
 
 # Code flags of functions whose frames can be suspended (coroutines, generators): such a

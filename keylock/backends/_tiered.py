@@ -257,6 +257,8 @@ class TieredBackend(Backend):
             while (step := flow.next(time.monotonic())) is not None:
                 if step.trip is None:
                     await waiter.wait(step.wait)
+                    if self._shut:  # (the close woke us: it took us out of the line)
+                        raise self._closed_error(key)
                     continue
                 waiter.prepare()  # before the trip re-reads the state: no wake-up is lost
                 try:
@@ -301,6 +303,8 @@ class TieredBackend(Backend):
             while (step := flow.next(time.monotonic())) is not None:
                 if step.trip is None:
                     waiter.wait(step.wait)
+                    if self._shut:
+                        raise self._closed_error(key)
                     continue
                 waiter.prepare()
                 try:

@@ -17,7 +17,9 @@ async def test_a_waiter_left_running_past_close_opens_no_pool(postgres_server: P
     did not wait for its tasks) makes its next trip after close(). That trip opened a new
     pool for the loop, which nothing closed: at the loop's end a pool worker caught the
     cancel while connecting and then waited forever (a 25-minute hang in a test teardown).
-    On the old code the waiter got the key through the new pool (checked)."""
+    On the old code the waiter got the key through the new pool (checked); and, when its
+    listener was still running at the release, from the release's message with no trip at
+    all (a key then held by nobody who renews or releases it: the last check fails)."""
     postgres_server.flush()
     holder = PostgresBackend.from_url(postgres_server.url)
     waiter = PostgresBackend.from_url(postgres_server.url, poll=0.05)
@@ -29,10 +31,15 @@ async def test_a_waiter_left_running_past_close_opens_no_pool(postgres_server: P
                 break
             await asyncio.sleep(0.01)
         await waiter.close()
+        # the close took its waiter out of the server's line: the release hands it nothing
+        assert postgres_server.execute("SELECT count(*) FROM keylock_leases_queue")[0][0] == 0
         await held.release()
         with pytest.raises(BackendUnavailable, match="closed"):
             await asyncio.wait_for(waiting, 30)
         assert not waiter._connections._async_wires  # no pool left open for this loop
+        # nobody holds the key: the closed backend's waiter adopted no grant
+        again = await KeyedLock(holder).acquire("k", timeout=0)
+        await again.release()
     finally:
         await holder.close()
         await waiter.close()

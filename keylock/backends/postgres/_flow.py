@@ -41,6 +41,8 @@ class PostgresFlow(Flow):
     sent_at = 0.0  # time.monotonic() when the last try was sent (a grant's TTL runs from it)
     _due = -math.inf  # time.monotonic() of the next try
     _queued = False  # a try that takes a place in line was sent
+    closed = False  # its backend's close took it out of line (set under the Waiting mutex)
+    leave_sql = ""  # the statement that takes this caller out of the line (set by its backend)
 
     def __init__(
         self,

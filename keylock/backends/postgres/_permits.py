@@ -92,6 +92,7 @@ class PostgresPermits(TieredPermits, PostgresBackend):
             parent._waiting.clock,
             self.shape.limit,
         )
+        flow.leave_sql = self._permit_sql.leave
         if deadline.timeout != 0:
             parent._waiting.add(flow)
         return flow

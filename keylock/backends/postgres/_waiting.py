@@ -68,26 +68,31 @@ class Waiting:
         self._mutex = threading.Lock()
         self._flows: dict[bytes, PostgresFlow] = {}
         self._listener: Listener | None = None
+        self._closed = False
         self.clock = ServerClock()
 
     def add(self, flow: PostgresFlow) -> None:
         with self._mutex:
-            self._flows[flow.owner] = flow
+            if not self._closed:
+                self._flows[flow.owner] = flow
 
     def listen(self) -> None:
         """An acquire was put in line: make sure the listener runs (once LISTENing, it wakes
         every waiter to try again, so a hand-off made before that is not missed)."""
         if self._listener is None:
             with self._mutex:
-                if self._listener is None:
+                if self._listener is None and not self._closed:
                     from ._background import Listener
 
                     self._listener = Listener(self)
 
-    def forget(self, flow: PostgresFlow) -> None:
+    def forget(self, flow: PostgresFlow) -> bool:
+        """*flow* ended; False if the backend's close took it out of line first (its grant,
+        if any, is being passed on: it must not be adopted)."""
         with self._mutex:
             if self._flows.get(flow.owner) is flow:
                 del self._flows[flow.owner]
+            return not flow.closed
 
     def poll(self, poll: float) -> float:
         """The safety-net poll: *poll*, or short until the listener is LISTENing."""
@@ -117,6 +122,20 @@ class Waiting:
             flow.woken = True
             flow.waiter.wake()
 
-    def stop(self) -> None:
+    def close(self) -> list[PostgresFlow]:
+        """The backend closes: deliver no grant from now on, stop the listener, and wake the
+        acquires still waiting (their backend tells them it is closed). Returns them: the
+        close takes those in line at the server out of it, so no release hands them a key
+        that nothing would renew or release."""
+        with self._mutex:
+            self._closed = True
+            flows = list(self._flows.values())
+            self._flows.clear()
+            for flow in flows:
+                flow.closed = True
         if self._listener is not None:
             self._listener.stop()
+        for flow in flows:
+            flow.woken = True
+            flow.waiter.wake()
+        return flows

@@ -8,6 +8,7 @@ import os
 import time
 from typing import TYPE_CHECKING, cast
 
+from ...errors import BackendUnavailable
 from .._renewer import AutoRenewed, Renewer
 from .._tiered import Held, Tier, TieredBackend
 from .._unclosed import Unclosed
@@ -29,6 +30,8 @@ if TYPE_CHECKING:
     from ._wire import Rows
 
 __all__ = ["PostgresBackend"]
+
+_LEAVE_AT_CLOSE = 3.0  # s: how long a close spends taking its waiters out of the server's line
 
 
 class PostgresBackend(Unclosed, AutoRenewed, TieredBackend):
@@ -233,6 +236,7 @@ class PostgresBackend(Unclosed, AutoRenewed, TieredBackend):
         flow = PostgresFlow(
             key, owner, ttl or self._ttl, deadline, waiter, local, self.poll, self._waiting.clock
         )
+        flow.leave_sql = self._statements().leave
         if deadline.timeout != 0:
             self._waiting.add(flow)
         return flow
@@ -301,15 +305,20 @@ class PostgresBackend(Unclosed, AutoRenewed, TieredBackend):
         return reply
 
     def _forget(self, flow: Flow) -> None:
+        """*flow* ended; BackendUnavailable if the close took it out of line meanwhile (the
+        close passes on a key handed to it: it is not this caller's)."""
         assert isinstance(flow, PostgresFlow)
-        self._waiting.forget(flow)
+        if not self._waiting.forget(flow):
+            raise self._closed_error(flow.key)
 
     def _left_sync(self, flow: Flow) -> None:
-        self._forget(flow)
+        with contextlib.suppress(BackendUnavailable):
+            self._forget(flow)
         super()._left_sync(flow)
 
     async def _left(self, flow: Flow) -> None:
-        self._forget(flow)
+        with contextlib.suppress(BackendUnavailable):
+            self._forget(flow)
         trip = flow.leaving()
         if trip is not None:
             with contextlib.suppress(Exception):
@@ -398,13 +407,32 @@ class PostgresBackend(Unclosed, AutoRenewed, TieredBackend):
 
     # --------------------------------------------------------------------------- closing
 
-    def close_sync(self) -> None:
+    def _in_line(self) -> list[tuple[str, str, list[object]]]:
+        """Close the backend to acquires: those still in line at the server, as the statements
+        that take each out of it (a waiter queued by a permit view leaves by its view's)."""
         self._shut = True
+        flows = self._waiting.close()
+        return [
+            (flow.key, flow.leave_sql, [stored(flow.key), flow.owner])
+            for flow in flows
+            if flow.leaving() is not None
+        ]
+
+    def close_sync(self) -> None:
+        """Close: acquires in flight raise BackendUnavailable; waiters in line leave it (bounded
+        by a few seconds in all); leases still held are no longer renewed."""
+        until = time.monotonic() + _LEAVE_AT_CLOSE
+        for key, sql, params in self._in_line():
+            with contextlib.suppress(Exception):
+                self._run_sync(key, sql, params, until)
         self._closing()
         self._stop_renewing()
-        self._waiting.stop()
         self._connections.close_sync()
 
     async def close(self) -> None:
+        until = time.monotonic() + _LEAVE_AT_CLOSE
+        for key, sql, params in self._in_line():
+            with contextlib.suppress(Exception):
+                await self._run(key, sql, params, until)
         self.close_sync()
         await self._connections.close()

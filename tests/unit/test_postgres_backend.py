@@ -5,77 +5,26 @@ an uncontended acquire+release is two round trips, and the grants skip the WAL f
 from __future__ import annotations
 
 import asyncio
-import os
-import re
-from pathlib import Path
-from typing import Any
 
 import psycopg_pool
 import pytest
-from psycopg import pq
 
 from keylock import KeyedLock
 from keylock.backends import PostgresBackend
 
 from .._pg_server import PgServer
-
-
-class _Trace:
-    """libpq's protocol trace of every connection of a pool, into one file."""
-
-    def __init__(self, directory: Path) -> None:
-        self.path = directory / "trace.txt"
-        self._file = self.path.open("w")
-        self._mark = 0
-
-    def configure(self, conn: Any) -> None:
-        conn.pgconn.trace(self._file.fileno())
-        conn.pgconn.set_trace_flags(pq.Trace.SUPPRESS_TIMESTAMPS | pq.Trace.REGRESS_MODE)
-
-    async def configure_async(self, conn: Any) -> None:
-        self.configure(conn)
-
-    def mark(self) -> None:
-        self._file.flush()
-        self._mark = os.path.getsize(self.path)
-
-    def since_mark(self) -> list[str]:
-        """The messages sent by the client (``F`` lines) since the last mark."""
-        self._file.flush()
-        with self.path.open() as file:
-            file.seek(self._mark)
-            return [line for line in file.read().splitlines() if line.startswith("F\t")]
-
-    def close(self) -> None:
-        self._file.close()
-
-
-def _round_trips(sent: list[str]) -> int:
-    """A Sync (extended protocol) or a Query (simple protocol) waits for ReadyForQuery."""
-    return sum(1 for line in sent if line.split("\t")[2] in ("Sync", "Query"))
-
-
-def _statements(sent: list[str]) -> list[str]:
-    found = []
-    for line in sent:
-        _, _, kind, *rest = line.split("\t")
-        if kind in ("Parse", "Query"):  # Parse: name, "text", parameter types
-            text = re.match(r'\s*(?:"[^"]*" )?"(.*?)"(?: \d+)?', " ".join(rest))
-            assert text is not None, line
-            found.append(text.group(1))
-    return found
+from .._pg_trace import Trace, round_trips, sent_statements
 
 
 def test_uncontended_acquire_release_is_two_round_trips_without_a_flush(
-    postgres_server: PgServer, tmp_path: Path
+    postgres_server: PgServer, trace: Trace
 ) -> None:
     """One statement per acquire and one per release, in autocommit (no BEGIN/COMMIT trips),
     each committing with synchronous_commit off for its own transaction. Counted on the wire
     once psycopg has prepared them (after 5 uses; preparing costs one extra trip, once)."""
     postgres_server.flush()
-    trace = _Trace(tmp_path)
     pool = psycopg_pool.ConnectionPool(
-        postgres_server.url, min_size=1, max_size=2, configure=trace.configure, open=True
+        postgres_server.url, min_size=1, max_size=1, configure=trace.configure, open=True
     )
     locks = KeyedLock(PostgresBackend(pool))
     with locks.sync("k"):  # the first use creates the schema
@@ -84,7 +33,7 @@ def test_uncontended_acquire_release_is_two_round_trips_without_a_flush(
     for _ in range(6):
         with locks.sync("k", timeout=5):
             pass
-    statements = set(_statements(trace.since_mark()))
+    statements = set(sent_statements(trace.since_mark()))
     assert len(statements) == 2, statements  # the acquire and the release, nothing else
     for statement in statements:
         assert "BEGIN" not in statement.upper()
@@ -94,24 +43,20 @@ def test_uncontended_acquire_release_is_two_round_trips_without_a_flush(
         with locks.sync("k", timeout=5) as lease:
             assert lease.token > 0
         sent = trace.since_mark()
-        assert _round_trips(sent) == 2, sent
-        assert not _statements(sent)  # prepared: no parse, no plan
+        assert round_trips(sent) == 2, sent
+        assert not sent_statements(sent)  # prepared: no parse, no plan
     locks.close_sync()
     pool.close()
-    trace.close()
 
 
-def test_async_acquire_release_is_two_round_trips(
-    postgres_server: PgServer, tmp_path: Path
-) -> None:
+def test_async_acquire_release_is_tworound_trips(postgres_server: PgServer, trace: Trace) -> None:
     postgres_server.flush()
-    trace = _Trace(tmp_path)
 
     async def body() -> list[int]:
         pool = psycopg_pool.AsyncConnectionPool(
             postgres_server.url,
             min_size=1,
-            max_size=2,
+            max_size=1,
             configure=trace.configure_async,
             open=False,
         )
@@ -127,22 +72,20 @@ def test_async_acquire_release_is_two_round_trips(
             trace.mark()
             async with locks("k", timeout=5):
                 pass
-            trips.append(_round_trips(trace.since_mark()))
+            trips.append(round_trips(trace.since_mark()))
         await locks.close()
         await pool.close()
         return trips
 
     assert asyncio.run(body()) == [2] * 10
-    trace.close()
 
 
-def test_durable_grants_wait_for_the_flush(postgres_server: PgServer, tmp_path: Path) -> None:
+def test_durable_grants_wait_for_the_flush(postgres_server: PgServer, trace: Trace) -> None:
     """``durable=True`` sends the same two statements without turning synchronous_commit
     off, so each grant and release waits for the WAL flush and survives a server crash."""
     postgres_server.flush()
-    trace = _Trace(tmp_path)
     pool = psycopg_pool.ConnectionPool(
-        postgres_server.url, min_size=1, max_size=2, configure=trace.configure, open=True
+        postgres_server.url, min_size=1, max_size=1, configure=trace.configure, open=True
     )
     # a table of its own: a durable backend makes the tables it uses logged, for everyone
     locks = KeyedLock(PostgresBackend(pool, durable=True, table="durable_flush_test"))
@@ -152,13 +95,12 @@ def test_durable_grants_wait_for_the_flush(postgres_server: PgServer, tmp_path: 
     with locks.sync("k"):
         pass
     sent = trace.since_mark()
-    assert _round_trips(sent) == 2
-    statements = _statements(sent)
+    assert round_trips(sent) == 2
+    statements = sent_statements(sent)
     assert len(statements) == 2
     assert not any("synchronous_commit" in statement for statement in statements)
     locks.close_sync()
     pool.close()
-    trace.close()
 
 
 def test_the_fast_commit_is_this_transaction_only(postgres_server: PgServer) -> None:

@@ -5,7 +5,6 @@ WAL flush), as a lock's is, for a semaphore and for both RW modes, in both flavo
 from __future__ import annotations
 
 import asyncio
-from pathlib import Path
 
 import psycopg_pool
 import pytest
@@ -15,19 +14,18 @@ from keylock.backends import PostgresBackend
 from keylock.backends.base import RW_LIMIT
 
 from .._pg_server import PgServer
-from .test_postgres_backend import _round_trips, _statements, _Trace
+from .._pg_trace import Trace, round_trips, sent_statements
 
 SHAPES = [(4, 1), (RW_LIMIT, 1), (RW_LIMIT, RW_LIMIT)]
 
 
 @pytest.mark.parametrize(("limit", "weight"), SHAPES)
 def test_uncontended_permit_is_two_round_trips_without_a_flush(
-    postgres_server: PgServer, tmp_path: Path, limit: int, weight: int
+    postgres_server: PgServer, trace: Trace, limit: int, weight: int
 ) -> None:
     postgres_server.flush()
-    trace = _Trace(tmp_path)
     pool = psycopg_pool.ConnectionPool(
-        postgres_server.url, min_size=1, max_size=2, configure=trace.configure, open=True
+        postgres_server.url, min_size=1, max_size=1, configure=trace.configure, open=True
     )
     backend = PostgresBackend(pool)
     locks = KeyedLock(backend.permits(limit, weight))
@@ -37,7 +35,7 @@ def test_uncontended_permit_is_two_round_trips_without_a_flush(
     for _ in range(6):  # psycopg prepares a statement at its 5th use
         with locks.sync("k", timeout=5):
             pass
-    statements = set(_statements(trace.since_mark()))
+    statements = set(sent_statements(trace.since_mark()))
     assert len(statements) == 2, statements  # the acquire and the release, nothing else
     for statement in statements:
         assert "_permit_" in statement
@@ -48,20 +46,18 @@ def test_uncontended_permit_is_two_round_trips_without_a_flush(
         with locks.sync("k", timeout=5) as lease:
             assert lease.token > 0
         sent = trace.since_mark()
-        assert _round_trips(sent) == 2, sent
-        assert not _statements(sent)
+        assert round_trips(sent) == 2, sent
+        assert not sent_statements(sent)
     backend.close_sync()
     pool.close()
-    trace.close()
 
 
-def test_async_permit_is_two_round_trips(postgres_server: PgServer, tmp_path: Path) -> None:
+def test_async_permit_is_tworound_trips(postgres_server: PgServer, trace: Trace) -> None:
     postgres_server.flush()
-    trace = _Trace(tmp_path)
 
     async def body() -> list[int]:
         pool = psycopg_pool.AsyncConnectionPool(
-            postgres_server.url, min_size=1, max_size=2, configure=trace.configure_async, open=False
+            postgres_server.url, min_size=1, max_size=1, configure=trace.configure_async, open=False
         )
         await pool.open()
         backend = PostgresBackend(pool)
@@ -74,10 +70,9 @@ def test_async_permit_is_two_round_trips(postgres_server: PgServer, tmp_path: Pa
             trace.mark()
             async with sem("k", timeout=5):
                 pass
-            trips.append(_round_trips(trace.since_mark()))
+            trips.append(round_trips(trace.since_mark()))
         await backend.close()
         await pool.close()
         return trips
 
     assert asyncio.run(body()) == [2] * 10
-    trace.close()

@@ -257,9 +257,9 @@ class TieredBackend(Backend):
             while (step := flow.next(time.monotonic())) is not None:
                 if step.trip is None:
                     await waiter.wait(step.wait)
-                    if self._shut:  # (the close woke us: it took us out of the line)
-                        raise self._closed_error(key)
                     continue
+                if self._shut:  # (the close woke us: it took us out of the line)
+                    raise self._closed_error(key)
                 waiter.prepare()  # before the trip re-reads the state: no wake-up is lost
                 try:
                     reply = await self._trip(flow, step.trip)
@@ -303,9 +303,9 @@ class TieredBackend(Backend):
             while (step := flow.next(time.monotonic())) is not None:
                 if step.trip is None:
                     waiter.wait(step.wait)
-                    if self._shut:
-                        raise self._closed_error(key)
                     continue
+                if self._shut:
+                    raise self._closed_error(key)
                 waiter.prepare()
                 try:
                     reply = self._trip_sync(flow, step.trip)

@@ -15,7 +15,7 @@ from .. import KeyedLock
 from ..backends.file import FileBackend
 from . import filepermits
 from .contend import FileWitness, Run, SyncLockFor, Witness, run_processes
-from .harness import Row, Suite
+from .harness import MIN_RUNS, Row, Suite
 from .progress import Step
 from .workload import HEADLINE_WORKERS, WORKERS, Subjects, estimate, hot_key_steps, zipf
 
@@ -131,7 +131,7 @@ def steps(suite: Suite, stack: ExitStack) -> list[Step]:
         )
     ]
     seconds = 0.3 if suite.quick else 1.0
-    repeats = 2 if suite.quick else 3
+    repeats = 2 if suite.quick else MIN_RUNS  # (the spread is stated over at least 5 runs)
     subjects: Subjects = [
         (name, _processes(name, directory) if make(directory) is not None else None)
         for name, make in SUBJECTS + DEFAULT_POLLS

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING
 from .. import KeyedSemaphore
 from ..backends.file import FileBackend
 from .contend import Run, SyncLockFor, Witness, run_processes
-from .harness import Row, Suite, rotated
+from .harness import MIN_RUNS, Row, Suite, rotated
 from .progress import Step
 
 if TYPE_CHECKING:
@@ -113,7 +113,7 @@ SUBJECTS: list[tuple[str, Callable[[str], SyncLockFor]]] = [
 def steps(suite: Suite, directory: str) -> list[Step]:
     """The file semaphore workload, in *directory* (the file suite's)."""
     seconds = 0.3 if suite.quick else 1.0
-    repeats = 2 if suite.quick else 3
+    repeats = 2 if suite.quick else MIN_RUNS  # (the spread is stated over at least 5 runs)
     return [
         Step(
             f"{FAMILY}: {_workload(hold)}",

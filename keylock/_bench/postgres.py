@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING
 
 from .. import KeyedLock
 from .contend import FileWitness, Run, SyncLockFor, Witness, run_processes
+from .harness import MIN_RUNS
 from .progress import Step
 from .roundtrips import Pair, add_rows, paired, paired_async
 from .servers import postgres_server
@@ -118,7 +119,7 @@ def steps(
     suite.info["postgres"] = f"PostgreSQL {row[0] if row else '?'}"
     directory = stack.enter_context(tempfile.TemporaryDirectory(prefix="keylock-bench-pg-"))
     seconds = 0.5 if suite.quick else 1.0
-    repeats = 2 if suite.quick else 3
+    repeats = 2 if suite.quick else MIN_RUNS  # (the spread is stated over at least 5 runs)
     subjects: Subjects = [
         (name, _processes(url, table, run_id, name, directory) if _installed(name) else None)
         for name in SUBJECTS

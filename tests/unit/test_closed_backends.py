@@ -46,3 +46,19 @@ async def test_a_closed_redis_backend_refuses_async_callers_too(redis_server: Se
     with pytest.raises(BackendUnavailable, match="is closed"):
         async with locks("k"):
             pass
+
+
+def test_a_lock_is_released_after_its_file_backend_closed(tmp_path: Path) -> None:
+    """As a permit is (test_file_permits): a held lease is its lock file's own descriptor, so
+    its release needs nothing close() ended; refusing it would hold the key until this process
+    exits. Another client of the directory takes the key at once."""
+    closing = FileBackend(tmp_path / "locks")
+    lease = KeyedLock(closing).acquire_sync("k")
+    closing.close_sync()
+    lease.extend_sync(5)
+    lease.release_sync()
+    other = FileBackend(tmp_path / "locks")
+    try:
+        KeyedLock(other).acquire_sync("k", timeout=0).release_sync()
+    finally:
+        other.close_sync()

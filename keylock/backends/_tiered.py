@@ -286,11 +286,13 @@ class TieredBackend(Backend):
 
     def _take_held(self, key: str, owner: bytes, token: int, *, pop: bool) -> Held:
         """The lease a release (*pop*) or an extend is about: LeaseLost if it is not ours.
-        On a closed backend, the closed error (a release first drops what it can here)."""
+        On a closed backend, the closed error: nothing reaches the arbiter (nothing opens a
+        connection after close; the lease there lapses with its TTL), but a release passes
+        the in-process turn on, so a caller here waiting for it hears that too."""
         held = self._find_held(key, owner, token, pop=pop)
         if self._shut and not self._leases_outlive_close:
             if pop and held is not None:
-                self._drop_closed(key, held)
+                self._release_local(key, held)
             raise self._closed_error(key)
         if held is None:
             raise self._lost(key, token)
@@ -306,12 +308,6 @@ class TieredBackend(Backend):
             if pop:
                 del tier.held[key]
             return held
-
-    def _drop_closed(self, key: str, held: Held) -> None:
-        """A release on a closed backend: it reaches no arbiter (nothing opens a connection
-        after close; the lease there lapses with its TTL), but the in-process turn passes on,
-        so a caller of this process waiting for it hears the backend is closed, not nothing."""
-        self._release_local(key, held)
 
     def _lost(self, key: str, token: int) -> LeaseLost:
         return LeaseLost(

@@ -135,7 +135,7 @@ class Claim(InLine):
         self.files, self.shared, self.key, self.owner = files, shared, key, owner
         self.limit, self._wake_caller, self.mismatch = limit, wake, mismatch
         self._orphaned = False  # its caller's event loop closed: it left the line (mutex)
-        self.orphaned: Callable[[], None] | None = None  # then called: drop the caller's turn
+        self.on_orphaned: Callable[[], None] | None = None  # then called: drop the caller's turn
         base = _base(key)
         self.base = base
         self.rw = limit == RW_LIMIT
@@ -163,7 +163,7 @@ class Claim(InLine):
         """A pool thread's flock for this claim ended: wake its caller. False if the caller's
         event loop is closed: nobody will come back for the claim, so it leaves the line
         here (ticket, slots, gate), or every later claim of the key, in any process, would
-        wait behind it until this process exits; and :attr:`orphaned` passes its caller's
+        wait behind it until this process exits; and :attr:`on_orphaned` passes its caller's
         in-process turn on."""
         if self._wake_caller():
             return True
@@ -173,8 +173,8 @@ class Claim(InLine):
             try:
                 self.leave()
             finally:
-                if self.orphaned is not None:
-                    self.orphaned()
+                if self.on_orphaned is not None:
+                    self.on_orphaned()
         return False
 
     def _open(self, suffix_name: str) -> int:

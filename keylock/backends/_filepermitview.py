@@ -135,7 +135,7 @@ class FilePermits(TieredPermits, FileBackend):
         flow = _PermitFlow(key, owner, ttl, deadline, waiter, local)
         claim = flow.claim = self._claim(key, owner, waiter)
         # a caller whose event loop closed never comes back: its turn here goes to the next
-        claim.orphaned = lambda: self._tier.local._discard_sync(key, owner, local)
+        claim.on_orphaned = lambda: self._tier.local._discard_sync(key, owner, local)
         return flow
 
     def _make_trip(self, flow: Flow, trip: object, *, inline: bool) -> object:

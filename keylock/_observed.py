@@ -10,8 +10,8 @@ import time
 from typing import TYPE_CHECKING
 
 from ._holds import AsyncHold, SyncHold, _frame, _Hold
-from .errors import BackendUnavailable, LeaseLost, LockTimeout
-from .lease import _DONE, _QUEUED, _RELEASED, _SLOW_EXIT, Lease, _exit_failed
+from .errors import LockTimeout
+from .lease import _QUEUED, _SLOW_EXIT, Lease
 from .observe import GROUPS_REMEMBERED
 
 if TYPE_CHECKING:
@@ -101,28 +101,21 @@ class _Observed(_Hold):
         finally:
             self._released()
 
+    # The exits are Lease's own (one place for the release and its errors), with the report
+    # around them; one through release() / release_sync() is reported there.
+
     def __exit__(
         self,
         exc_type: type[BaseException] | None,
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        state = self._state
-        if state >= _SLOW_EXIT:  # through release_sync(), which reports it
+        if self._state >= _SLOW_EXIT:  # through release_sync()
             return Lease.__exit__(self, exc_type, exc, tb)
-        try:  # (Lease's fast exit, here: a call to it would cost more than the report)
-            self._state = state + _RELEASED
-            release = self._host.release
-            release(self._full_key, self._owner, self.token)
-        except (LeaseLost, BackendUnavailable) as error:
-            _exit_failed(self, error, exc)
+        try:
+            return Lease.__exit__(self, exc_type, exc, tb)
         finally:
-            stats = self._stats
-            if stats is None:
-                self._released()
-            else:  # Counters.released(group, held), into the counters that counted the grant
-                stats.released += 1
-                stats.hold_seconds += _now() - self._since
+            self._exited()
 
     def _exit_async(
         self,
@@ -130,24 +123,21 @@ class _Observed(_Hold):
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> Awaitable[None]:
-        state = self._state
-        host = self._host
-        if state >= _SLOW_EXIT or not host.inline:  # through release(), which reports it
+        if self._state >= _SLOW_EXIT or not self._host.inline:  # through release()
             return Lease._exit_async(self, exc_type, exc, tb)
-        try:  # (as __exit__)
-            self._state = state + _RELEASED
-            release = host.release
-            release(self._full_key, self._owner, self.token)
-        except (LeaseLost, BackendUnavailable) as error:
-            _exit_failed(self, error, exc)
+        try:  # (Lease's fast exit: it releases now and returns a done awaitable)
+            return Lease._exit_async(self, exc_type, exc, tb)
         finally:
-            stats = self._stats
-            if stats is None:
-                self._released()
-            else:
-                stats.released += 1
-                stats.hold_seconds += _now() - self._since
-        return _DONE
+            self._exited()
+
+    def _exited(self) -> None:
+        """Report the release of a fast exit."""
+        stats = self._stats
+        if stats is None:
+            self._released()
+        else:  # Counters.released(group, held), into the counters that counted the grant
+            stats.released += 1
+            stats.hold_seconds += _now() - self._since
 
     if not TYPE_CHECKING:
         __aexit__ = _exit_async

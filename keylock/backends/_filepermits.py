@@ -133,7 +133,9 @@ class Claim(InLine):
     ) -> None:
         check_file_shape(limit, weight)
         self.files, self.shared, self.key, self.owner = files, shared, key, owner
-        self.limit, self.wake, self.mismatch = limit, wake, mismatch
+        self.limit, self._wake_caller, self.mismatch = limit, wake, mismatch
+        self._orphaned = False  # its caller's event loop closed: it left the line (mutex)
+        self.on_orphaned: Callable[[], None] | None = None  # then called: drop the caller's turn
         base = _base(key)
         self.base = base
         self.rw = limit == RW_LIMIT
@@ -156,6 +158,24 @@ class Claim(InLine):
         self.held: dict[int, int] = {}  # slot index -> our locked fd
         self.waits: dict[int, Blocked] = {}  # slot index -> a thread's flock for it
         self.granted: Permit | None = None  # granted, not yet taken by its caller
+
+    def wake(self) -> bool:
+        """A pool thread's flock for this claim ended: wake its caller. False if the caller's
+        event loop is closed: nobody will come back for the claim, so it leaves the line
+        here (ticket, slots, gate), or every later claim of the key, in any process, would
+        wait behind it until this process exits; and :attr:`on_orphaned` passes its caller's
+        in-process turn on."""
+        if self._wake_caller():
+            return True
+        with self.shared.mutex:
+            first, self._orphaned = not self._orphaned, True
+        if first:  # (each of its flocks' threads finds it out: one leaves)
+            try:
+                self.leave()
+            finally:
+                if self.on_orphaned is not None:
+                    self.on_orphaned()
+        return False
 
     def _open(self, suffix_name: str) -> int:
         with self.shared.mutex:  # tracked, so a fork's child closes it (see Shared.fds)

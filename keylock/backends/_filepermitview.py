@@ -133,7 +133,9 @@ class FilePermits(TieredPermits, FileBackend):
         if local[3]:
             self._drop_lapsed(key)
         flow = _PermitFlow(key, owner, ttl, deadline, waiter, local)
-        flow.claim = self._claim(key, owner, waiter)
+        claim = flow.claim = self._claim(key, owner, waiter)
+        # a caller whose event loop closed never comes back: its turn here goes to the next
+        claim.on_orphaned = lambda: self._tier.local._discard_sync(key, owner, local)
         return flow
 
     def _make_trip(self, flow: Flow, trip: object, *, inline: bool) -> object:

@@ -60,6 +60,8 @@ def _wait(shared: Shared, blocked: Blocked, wake: Callable[[], bool]) -> None:
         return  # the claim takes the lock, or gives up and lets it go (see drop)
     with shared.mutex:
         if wanted:  # its event loop is closed: nobody will come back for it
+            if not blocked.wanted:
+                return  # the claim left the line meanwhile (in wake) and let it go
             blocked.wanted = False
             blocked.error = blocked.error or OSError("the waiting caller's event loop closed")
     _let_go(shared, blocked, error is None)

@@ -13,74 +13,18 @@ from __future__ import annotations
 
 import abc
 import contextlib
-import threading
 import time
 from typing import TYPE_CHECKING, NamedTuple
 
 from ..errors import BackendUnavailable, LeaseLost
-from ._permits import MemoryPermits, permit_view
+from ._tier import Held, PermitTier, Tier
 from ._waiters import LoopWaiter, ThreadWaiter, Waiter
 from .base import Backend, Deadline, Grant, KeyStatistics
-from .memory import MemoryBackend
 
 if TYPE_CHECKING:
     from types import FrameType
 
 __all__ = ["Flow", "Held", "PermitTier", "Step", "Tier", "TieredBackend"]
-
-
-class Held:
-    """A lease this process holds at the arbiter, and its turn in the in-process queue."""
-
-    __slots__ = ("local_token", "owner", "token")
-
-    def __init__(self, token: int, owner: bytes, local_token: int) -> None:
-        self.token = token  # the arbiter's fencing token: what the lease shows
-        self.owner = owner
-        self.local_token = local_token  # the in-process turn's token, to release it
-
-
-class Tier:
-    """The in-process front of an arbiter: one FIFO queue and one map of held keys."""
-
-    def __init__(self) -> None:
-        self.local: MemoryBackend | MemoryPermits = MemoryBackend()
-        self.mutex = threading.Lock()  # guards held
-        # key -> lease held at the arbiter by this process; in a PermitTier, (key, token)
-        self.held: dict[str | tuple[str, int], Held] = {}
-        self._permit_tiers: dict[tuple[int, int], PermitTier] = {}  # guarded by mutex
-
-    def permits(self, limit: int, weight: int) -> PermitTier:
-        """The tier of this tier's permit views of shape ``(limit, weight)`` (cached): its
-        in-process line is the memory permit table of that shape (one table for every shape,
-        so an RW reader and writer of this process exclude each other here too)."""
-        found = self._permit_tiers.get((limit, weight))  # (a dict read is atomic)
-        if found is not None:
-            return found
-        local = self.local
-        assert isinstance(local, MemoryBackend)
-        view = permit_view(local, limit, weight, local.clock)  # (validates the shape)
-        with self.mutex:
-            shared = next(iter(self._permit_tiers.values()), None)
-            found = self._permit_tiers.get((limit, weight))
-            if found is None:
-                found = PermitTier(view, shared)
-                self._permit_tiers[(limit, weight)] = found
-            return found
-
-
-class PermitTier(Tier):
-    """A tier of permits: its ``held`` is keyed by ``(key, arbiter token)``, so this process
-    may hold several permits of one key; every shape of one parent tier shares it."""
-
-    def __init__(self, local: MemoryPermits, shared: PermitTier | None) -> None:
-        self.local = local
-        self.mutex = threading.Lock() if shared is None else shared.mutex
-        self.held = {} if shared is None else shared.held
-        self._permit_tiers = {}
-
-    def permits(self, limit: int, weight: int) -> PermitTier:
-        raise TypeError("a permit tier has no permit tiers: ask its parent tier")
 
 
 class Step(NamedTuple):
@@ -137,7 +81,14 @@ class TieredBackend(Backend):
     """A backend made of the in-process tier and an arbiter; subclasses write the arbiter."""
 
     _tier: Tier
-    _shut = False  # set by close: acquires raise from then on (see _closed_error)
+    _shut = False  # set by close: every call raises from then on (see _closed_error)
+    _leases_outlive_close = False  # True: release and extend of a held lease still work
+
+    def _raise_if_shut(self, key: str, error: BaseException) -> None:
+        """A call that failed (an Exception) because the backend closed under it says so, as a
+        call made after close does: one message, whichever layer noticed first."""
+        if self._shut and isinstance(error, Exception):
+            raise self._closed_error(key) from error
 
     def _closed_error(self, key: str) -> BackendUnavailable:
         """A backend used after its close: it grants nothing more (its connections, files or
@@ -264,6 +215,7 @@ class TieredBackend(Backend):
                 try:
                     reply = await self._trip(flow, step.trip)
                 except Exception as exc:
+                    self._raise_if_shut(key, exc)
                     _raise(flow.on_error(exc, time.monotonic()), exc)
                 flow.on_reply(reply, time.monotonic())
             return self._adopt(flow)
@@ -310,6 +262,7 @@ class TieredBackend(Backend):
                 try:
                     reply = self._trip_sync(flow, step.trip)
                 except Exception as exc:
+                    self._raise_if_shut(key, exc)
                     _raise(flow.on_error(exc, time.monotonic()), exc)
                 flow.on_reply(reply, time.monotonic())
             return self._adopt(flow)
@@ -332,11 +285,26 @@ class TieredBackend(Backend):
     # ---------------------------------------------------------------- release and extend
 
     def _take_held(self, key: str, owner: bytes, token: int, *, pop: bool) -> Held:
+        """The lease a release (*pop*) or an extend is about: LeaseLost if it is not ours.
+        On a closed backend, the closed error: nothing reaches the arbiter (nothing opens a
+        connection after close; the lease there lapses with its TTL), but a release passes
+        the in-process turn on, so a caller here waiting for it hears that too."""
+        held = self._find_held(key, owner, token, pop=pop)
+        if self._shut and not self._leases_outlive_close:
+            if pop and held is not None:
+                self._release_local(key, held)
+            raise self._closed_error(key)
+        if held is None:
+            raise self._lost(key, token)
+        return held
+
+    def _find_held(self, key: str, owner: bytes, token: int, *, pop: bool) -> Held | None:
+        """*owner*'s lease *token* on *key* (taken out of the map if *pop*), or None."""
         tier = self._tier
         with tier.mutex:
             held = tier.held.get(key)
             if held is None or held.token != token or held.owner != owner:
-                raise self._lost(key, token)
+                return None
             if pop:
                 del tier.held[key]
             return held
@@ -361,8 +329,9 @@ class TieredBackend(Backend):
         held = self._take_held(key, owner, token, pop=True)
         try:
             ours = self._end_sync(key, held)
-        except BaseException:
+        except BaseException as exc:
             self._release_local(key, held)  # the next caller here goes on, whatever happened
+            self._raise_if_shut(key, exc)
             raise
         if not (self._release_local(key, held) and ours):
             raise self._lost(key, token)
@@ -371,8 +340,9 @@ class TieredBackend(Backend):
         held = self._take_held(key, owner, token, pop=True)
         try:
             ours = await self._end(key, held)
-        except BaseException:
+        except BaseException as exc:
             self._release_local(key, held)
+            self._raise_if_shut(key, exc)
             raise
         if not (self._release_local(key, held) and ours):
             raise self._lost(key, token)
@@ -384,6 +354,8 @@ class TieredBackend(Backend):
         return Grant(held.token, local[1], local[2])
 
     def statistics(self, key: str) -> KeyStatistics:
+        if self._shut:
+            raise self._closed_error(key)
         tier = self._tier
         local = tier.local.statistics(key)
         with tier.mutex:

@@ -72,12 +72,12 @@ class TieredPermits(_Base):
             tier.held[(flow.key, grant[0])] = Held(grant[0], flow.owner, flow.local[0])
         return grant
 
-    def _take_held(self, key: str, owner: bytes, token: int, *, pop: bool) -> Held:
+    def _find_held(self, key: str, owner: bytes, token: int, *, pop: bool) -> Held | None:
         tier = self._tier
         with tier.mutex:
             held = tier.held.get((key, token))
             if held is None or held.owner != owner:
-                raise self._lost(key, token)
+                return None
             if pop:
                 del tier.held[(key, token)]
             return held
@@ -87,6 +87,8 @@ class TieredPermits(_Base):
         process holds permits of it: a permit key may have holders and waiters elsewhere while
         this process holds some), and at least what this process knows: its permits, and the
         callers waiting in its in-process line."""
+        if self._shut:
+            raise self._closed_error(key)
         tier = self._tier
         local = tier.local.statistics(key)
         with tier.mutex:

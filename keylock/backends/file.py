@@ -131,6 +131,10 @@ class FileBackend(TieredBackend):
     def __repr__(self) -> str:
         return f"FileBackend({self.directory!r})"
 
+    # a held lease is its lock file's own descriptor: its release and extend need nothing
+    # close() ends, and refusing the release would keep the key until this process exits
+    _leases_outlive_close = True
+
     def close_sync(self) -> None:
         self._shut = True
         self._shared.close_idle()  # (another backend on the directory opens them again)

@@ -4,6 +4,7 @@ kernel (no polling), a forked child holding nothing, and nothing left open after
 
 from __future__ import annotations
 
+import asyncio
 import multiprocessing
 import os
 import threading
@@ -204,3 +205,56 @@ def test_prune_removes_the_permit_files_of_keys_nobody_uses(tmp_path: Path) -> N
     rw.acquire_sync("doc", timeout=0).release_sync()
     assert backend.prune(idle_for=3600) == 0  # (just used)
     assert not backend._shared.fds
+
+
+def _try_in_child(directory: str, key: str, results: object) -> None:
+    try:
+        lease = KeyedLock(FileBackend(directory).permits(1)).acquire_sync(key, timeout=10)
+    except LockTimeout:
+        results.put("LockTimeout")  # type: ignore[attr-defined]
+    else:
+        lease.release_sync()
+        results.put("granted")  # type: ignore[attr-defined]
+
+
+def _tickets(directory: Path, key: str) -> list[str]:
+    return [name for name in os.listdir(directory) if name.startswith(_base(key) + ".t")]
+
+
+def test_a_waiter_whose_loop_closed_leaves_the_line(tmp_path: Path) -> None:
+    """A waiter whose event loop closed without cancelling it (a shutdown that did not wait
+    for its tasks) is found out when the permit it waited for frees up: it leaves the line,
+    ticket included, so the next process's claim is served. Fails on the old code: the pool
+    thread let the slot go but the claim kept its ticket locked, and every later claim of the
+    key, in any process, waited behind it until this process exited (LockTimeout); and its
+    turn in this process's own line was never passed on."""
+    ready, go = ctx.Event(), ctx.Event()
+    holder = ctx.Process(target=_hold, args=(str(tmp_path), "k", ready, go))
+    holder.start()
+    assert ready.wait(30)
+    backend = FileBackend(tmp_path)
+    loop = asyncio.new_event_loop()
+    try:
+        waiting = loop.create_task(KeyedLock(backend.permits(1)).acquire("k", timeout=60))
+
+        async def until_in_line() -> None:
+            for _ in range(5000):  # bounded: until the waiter took its ticket
+                if _tickets(tmp_path, "k"):
+                    return
+                await asyncio.sleep(0.002)
+            raise AssertionError("the waiter never took a ticket")
+
+        loop.run_until_complete(until_in_line())
+        assert not waiting.done()
+    finally:
+        loop.close()  # (its waiting task is not cancelled: it never runs again)
+    go.set()
+    holder.join(30)
+    results = ctx.Queue()
+    other = ctx.Process(target=_try_in_child, args=(str(tmp_path), "k", results))
+    other.start()
+    assert results.get(timeout=30) == "granted"
+    other.join(10)
+    _until(lambda: not _tickets(tmp_path, "k"), "the closed loop's ticket gone")
+    # and its turn in this process's line went to the next caller here
+    KeyedLock(FileBackend(tmp_path).permits(1)).acquire_sync("k", timeout=10).release_sync()

@@ -53,3 +53,23 @@ async def test_a_sync_wait_on_a_loop_thread_names_the_read_twin() -> None:
             pass
     assert "rw.read_sync('k') would block" in str(info.value)
     assert "'async with rw.read('k')'" in str(info.value)
+
+
+@pytest.mark.parametrize(
+    "make", [locks, locks.sync, sem, sem.sync, rw, rw.sync, rw.read, rw.read_sync, rw.write]
+)
+def test_the_key_by_keyword_is_refused_naming_it(make: object) -> None:
+    """``locks(key="k")``: the key is positional-only on every block form (the guard keeps
+    timeout/ttl keyword-only at no cost to the hot call); the TypeError names ``key`` and
+    says it is positional. No old code to fail on: this pins the contract."""
+    with pytest.raises(TypeError, match=r"positional-only arguments passed as keyword.*'key'"):
+        make(key="k")  # type: ignore[operator]
+
+
+@pytest.mark.parametrize("make", [locks, locks.sync, sem, sem.sync])
+def test_a_positional_timeout_is_refused_naming_the_fix(make: object) -> None:
+    """The guard itself: ``locks("k", 5)`` says timeout= and ttl= go by keyword, with an
+    example. (An RW lock's forms have no guard: Python's own "takes 2 positional arguments
+    but 3 were given".) No old code to fail on: this pins the contract."""
+    with pytest.raises(TypeError, match=r"by keyword only, e\.g\. .*\('k', timeout=5\)"):
+        make("k", 5)  # type: ignore[operator]

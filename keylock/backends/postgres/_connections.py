@@ -14,7 +14,6 @@ import threading
 import weakref
 from typing import TYPE_CHECKING, Protocol
 
-from ...errors import BackendUnavailable
 from . import _wire
 
 if TYPE_CHECKING:
@@ -52,7 +51,8 @@ os.register_at_fork(after_in_child=_after_fork_in_child)
 
 class Connections:
     """The wires of one backend in one process; made lazily, closed by :meth:`close_sync` and
-    :meth:`close` (pools the user passed are left open: they are the user's)."""
+    :meth:`close` (pools the user passed are left open: they are the user's). A pool made
+    after close() would stay open: the backend sends nothing once closed (its ``_run``)."""
 
     def __init__(
         self,
@@ -77,18 +77,6 @@ class Connections:
             weakref.WeakKeyDictionary()
         )
         self._user_async_wire: AsyncWire | None = None
-        self._closed = False  # a pool made after close() would stay open: none is made
-
-    def _refuse(self, key: str) -> None:
-        """After close(), a call still in flight (a waiter, a release) gets an error rather
-        than a new pool: nothing would close that pool, and at the loop's end its workers
-        swallow the cancel and wait forever."""
-        if self._closed:
-            raise BackendUnavailable(
-                f"the Postgres backend is closed: it opens no connection after close() "
-                f"(lock {key!r}); close a backend only when its locks are no longer used",
-                key=key,
-            )
 
     def sync_wire(self) -> SyncWire:
         wire = self._sync_wire
@@ -123,8 +111,6 @@ class Connections:
     def run_sync(
         self, key: str, sql: str, params: Sequence[object], until: float | None = None
     ) -> Rows:
-        if self._sync_wire is None:
-            self._refuse(key)
         return self.sync_wire().run(key, sql, params, until)
 
     async def run(
@@ -132,8 +118,6 @@ class Connections:
     ) -> Rows:
         """One statement from an event loop; once sent it completes even if the caller is
         cancelled (the caller's give-up must land after it, never before)."""
-        if self._user_async is None and asyncio.get_running_loop() not in self._async_wires:
-            self._refuse(key)
         call = asyncio.ensure_future(self.async_wire().run(key, sql, params, until))
         try:
             return await asyncio.shield(call)
@@ -152,7 +136,6 @@ class Connections:
             raise
 
     def close_sync(self) -> None:
-        self._closed = True
         if self._sync_wire is not None:
             self._sync_wire.close()
 

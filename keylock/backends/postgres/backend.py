@@ -212,15 +212,31 @@ class PostgresBackend(Unclosed, AutoRenewed, TieredBackend):
 
     # ------------------------------------------------------------------- the statements
 
+    # Every statement but the close's own goes through these two, which hold the closed gate:
+    # after close() no statement is sent (it would open a pool nobody closes), and one the
+    # close cut off says what one after it says (see TieredBackend._closed_error).
+
     def _run_sync(
         self, key: str, sql: str, params: Sequence[object], until: float | None = None
     ) -> Rows:
-        return self._connections.run_sync(key, sql, params, until)
+        if self._shut:
+            raise self._closed_error(key)
+        try:
+            return self._connections.run_sync(key, sql, params, until)
+        except BackendUnavailable as exc:
+            self._raise_if_shut(key, exc)
+            raise
 
     async def _run(
         self, key: str, sql: str, params: Sequence[object], until: float | None = None
     ) -> Rows:
-        return await self._connections.run(key, sql, params, until)
+        if self._shut:
+            raise self._closed_error(key)
+        try:
+            return await self._connections.run(key, sql, params, until)
+        except BackendUnavailable as exc:
+            self._raise_if_shut(key, exc)
+            raise
 
     # ------------------------------------------------------------------- the arbiter's part
 
@@ -424,7 +440,7 @@ class PostgresBackend(Unclosed, AutoRenewed, TieredBackend):
         until = time.monotonic() + _LEAVE_AT_CLOSE
         for key, sql, params in self._in_line():
             with contextlib.suppress(Exception):
-                self._run_sync(key, sql, params, until)
+                self._connections.run_sync(key, sql, params, until)
         self._closing()
         self._stop_renewing()
         self._connections.close_sync()
@@ -433,6 +449,6 @@ class PostgresBackend(Unclosed, AutoRenewed, TieredBackend):
         until = time.monotonic() + _LEAVE_AT_CLOSE
         for key, sql, params in self._in_line():
             with contextlib.suppress(Exception):
-                await self._run(key, sql, params, until)
+                await self._connections.run(key, sql, params, until)
         self.close_sync()
         await self._connections.close()

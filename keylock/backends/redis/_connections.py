@@ -10,7 +10,7 @@ import logging
 import threading
 import time
 import weakref
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 import redis.asyncio.cluster
 import redis.cluster
@@ -24,12 +24,13 @@ from ._wire import FAILURES, SyncWire, in_background, unavailable
 if TYPE_CHECKING:
     from collections.abc import AsyncGenerator, Callable, Coroutine, Sequence
 
+    from ...errors import BackendUnavailable
     from ._scripts import Script
     from ._wire import Arg
 
     Finish = Callable[[], Coroutine[object, object, object]]  # a call that must run to its end
 
-__all__ = ["GIVE_UP_WAIT", "Connections"]
+__all__ = ["GIVE_UP_WAIT", "Connections", "closed_check"]
 
 logger = logging.getLogger("keylock")
 
@@ -40,6 +41,28 @@ ClusterClient = redis.cluster.RedisCluster | redis.asyncio.cluster.RedisCluster
 # goes on while the LEAVE finishes alone: on a link that drops everything, giving up must not
 # cost another socket timeout.
 GIVE_UP_WAIT = 0.25
+
+
+def _never_closed(key: str) -> None:
+    return None
+
+
+class _Closable(Protocol):
+    _shut: bool
+
+    def _closed_error(self, key: str) -> BackendUnavailable: ...
+
+
+def closed_check(owner: _Closable) -> Callable[[str], BackendUnavailable | None]:
+    """*owner*'s closed error of a key once it is closed, else None (held weakly: connections
+    must not keep their backend alive, or it would never warn when collected unclosed)."""
+    ref = weakref.ref(owner)
+
+    def check(key: str) -> BackendUnavailable | None:
+        found = ref()
+        return found._closed_error(key) if found is not None and found._shut else None
+
+    return check
 
 
 class Connections:
@@ -64,6 +87,9 @@ class Connections:
         self._async_clients: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, AsyncClient]
         self._async_clients = weakref.WeakKeyDictionary()
         self._numbers = itertools.count()
+        # the owner's closed error of a key once it is closed, else None: a call the close cut
+        # off says what a call after close says (the owner holds the one closed flag)
+        self.if_closed: Callable[[str], BackendUnavailable | None] = _never_closed
         self.restart()
 
     def restart(self) -> None:
@@ -171,7 +197,7 @@ class Connections:
         try:  # (the error boundary, inline: map_errors costs a generator per call)
             return self.wire().call(script, keys, args, bound, then)
         except FAILURES as exc:
-            raise unavailable(key, self.where, exc) from exc
+            raise self.if_closed(key) or unavailable(key, self.where, exc) from exc
 
     async def run(
         self,
@@ -192,7 +218,7 @@ class Connections:
         try:  # (the error boundary, inline as in run_sync)
             reply = await wire.call(script, keys, args, bound, then)
         except FAILURES as exc:
-            raise unavailable(key, self.where, exc) from exc
+            raise self.if_closed(key) or unavailable(key, self.where, exc) from exc
         if task is not None and task.cancelling() > cancels:
             # Python 3.11's wait_for (inside redis-py's send) swallows a cancel that lands as
             # the send completes: honour it, so a cancelled caller never walks off with a lease

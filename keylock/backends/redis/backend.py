@@ -18,7 +18,7 @@ from .._tiered import Flow, Held, Tier, TieredBackend
 from .._unclosed import Unclosed
 from ..base import Deadline, Grant, KeyStatistics
 from ._clients import AsyncClient, SyncClient, check_clients, from_url
-from ._connections import Connections
+from ._connections import Connections, closed_check
 from ._flow import AcquireFlow, RedisFlow, ServerClock, Trip, check_seconds, extend_call, lost
 from ._keys import Layout
 from ._listener import Waiting
@@ -100,6 +100,7 @@ class RedisBackend(Unclosed, AutoRenewed, TieredBackend):
         # how long a queued waiter stays in line without coming back (it does every poll)
         self._stay_ms = int(self.poll * 3000) + 1000
         self._connections = Connections(client, async_client)
+        self._connections.if_closed = closed_check(self)
         self._where = self._connections.where
         self._start_process()
         _BACKENDS.add(self)
@@ -342,6 +343,8 @@ class RedisBackend(Unclosed, AutoRenewed, TieredBackend):
         return int(token) if owner is not None and token else None
 
     def statistics(self, key: str) -> KeyStatistics:
+        if self._shut:
+            raise self._closed_error(key)
         return self._arbiter_statistics(key, self._tier.local.statistics(key))
 
     def _arbiter_statistics(self, key: str, local: KeyStatistics) -> KeyStatistics:

@@ -37,50 +37,33 @@ _LEAVE_AT_CLOSE = 3.0  # s: how long a close spends taking its waiters out of th
 class PostgresBackend(Unclosed, AutoRenewed, TieredBackend):
     """Per-key leases shared by every process and host using one Postgres database.
 
-    **Design: a lease table, not advisory locks.** A key is one row (owner, token,
-    expires_at) in ``table`` (default ``keylock_leases``, created on first use). Acquire is
-    one statement, a PL/pgSQL function doing ``INSERT ... ON CONFLICT (key) DO UPDATE ...
-    WHERE expires_at <= now()``; release and give-up are one statement each. No session state
-    is kept (per-key serialization uses ``pg_advisory_xact_lock``, released at commit), so it
-    runs behind a transaction-mode PgBouncer and holds no connection while a key is held:
-    session advisory locks (``postgresql-lock``, ``django-pglocks``) pin a connection per held
-    key, break behind such a pooler, and give no token and no loss signal.
+    A lease table, not advisory locks (the design and its costs: ``docs/backends/postgres.md``):
+    a key is one row in ``table`` (default ``keylock_leases``, created on first use); acquire,
+    release and give-up are one statement each, in autocommit, holding no session state, so
+    it runs behind a transaction-mode PgBouncer and holds no connection while a key is held.
 
-    * **Leases**: always a TTL (``ttl``, default 30 s). With ``auto_renew`` one thread per
-      backend renews every due lease in one statement; a renewal that fails past the lease's
-      expiry, or finds it gone, marks it lost (``lease.lost``, ``on_lost``,
-      ``cancel_on_lost``). A holder whose process dies or whose connection drops loses the key
-      within its TTL. Release and extend check the owner id: a lost lease raises LeaseLost.
-    * **Tokens**: ``max(last + 1, server clock in µs)``, kept in the key's row after release:
-      strictly increasing per key and never reused, even after the table is truncated.
-    * **Waiting, FIFO**: within a process, callers queue in memory (one per key reaches the
-      server); between processes, waiters queue in ``<table>_queue`` in arrival order. A
-      release hands the key to the head of the line and NOTIFYs that waiter's process with
-      the grant, which its single LISTENing connection gives to the waiter (no round trip of
-      the waiter's own; its renewer extends the short claim window): no polling, one
-      LISTEN session per waiting process, none in a process that never waits. A bounded
-      safety-net poll (``poll`` s) keeps a waiter's place alive; a waiter that gives up
-      leaves the line (a key handed to it meanwhile is passed on), and one whose process died
-      drops out of it (a key handed to it lapses after the claim window). LISTEN needs a
-      session: behind a transaction-mode pooler, point ``listen_conninfo`` at the server (or
-      a session-mode pool); without it waiters still get the key, at the poll's pace.
-    * **Cost and durability**: acquire and release are one round trip each. By default the
-      tables are UNLOGGED (no WAL for lease rows): a clean restart keeps them, a server crash
-      (or a failover) ends every lease and place in line (holders learn it at their next
-      renewal; tokens never go back: they are floored at the server clock).
-      ``durable=True`` makes the tables logged, for every backend on them, and flushes each
-      commit: a grant survives a crash.
-    * **Errors**: :class:`~keylock.BackendUnavailable` naming ``host:port/db``, never the
-      password.
-    * **Semaphores and RW locks**: ``permits(limit, weight)`` views (``KeyedSemaphore``,
-      ``KeyedRWLock``) keep permits in ``<table>_permits`` beside the lock table, with the same
-      costs and guarantees (one statement per acquire or release, FIFO across weights, one
-      token counter per key, each permit's own TTL): see ``_permits``.
+    * **Leases** always have a TTL (``ttl``, default 30 s), renewed by one thread per backend
+      with ``auto_renew``; a renewal that finds the lease gone or lapsed marks it lost
+      (``lease.lost``, ``on_lost``, ``cancel_on_lost``). A dead holder loses the key within
+      its TTL; release and extend of a lost lease raise LeaseLost.
+    * **Tokens** are ``max(last + 1, server clock in µs)``: strictly increasing per key, never
+      reused, even after the table is truncated.
+    * **Waiting is FIFO** (in memory within a process, in ``<table>_queue`` between processes)
+      and needs no polling: a release hands the key to the head of the line and NOTIFYs its
+      process, whose one LISTEN session gives the grant to the waiter; a bounded safety-net
+      poll (``poll`` s) keeps a place alive, and a dead waiter's place lapses. Behind a
+      transaction-mode pooler, point ``listen_conninfo`` at the server.
+    * **Durability**: the tables are UNLOGGED by default (a crash ends every lease, holders
+      are told, tokens never go back); ``durable=True`` makes them logged and flushes each
+      commit. **Errors** are :class:`~keylock.BackendUnavailable` naming ``host:port/db``,
+      never the password. **Close** makes every call raise BackendUnavailable and takes the
+      waiters still in line out of it.
+    * ``permits(limit, weight)`` views (``KeyedSemaphore``, ``KeyedRWLock``) keep permits in
+      ``<table>_permits`` with the same costs and guarantees.
 
-    ``PostgresBackend(pool)`` takes your psycopg pool (``ConnectionPool`` or
-    ``AsyncConnectionPool``); the other flavour's calls and the background threads use a small
-    pool of the same connection options. A forked child holds none of its parent's leases and
-    opens its own connections (pools you passed are yours to recreate after a fork).
+    ``PostgresBackend(pool)`` takes your psycopg pool (sync or async); the other flavour and
+    the background threads use a small pool of the same options. A forked child holds none of
+    its parent's leases and opens its own connections.
     """
 
     nonblocking_step = False

@@ -46,8 +46,8 @@ class _Hold(Lease):
         (its ``__aenter__`` waits). The frame *depth* calls up is the one entering the block:
         a wait from inside that same block (the same task or thread asking again) raises
         RuntimeError instead of never ending. ``SyncHold.__enter__`` is this very function
-        (no frame in between), and ``AsyncHold.__aenter__`` starts with it: the one claim of a
-        free key for both."""
+        (no frame in between); ``AsyncHold.__aenter__`` calls it after its own copy of the
+        claim of a free key."""
         holder = _frame(depth)
         if self._state is not _PENDING:  # (a small int: identity is equality, and cheaper)
             self._enter_once()
@@ -152,6 +152,30 @@ class AsyncHold(_Hold):
     __slots__ = ()
 
     async def __aenter__(self) -> Lease:
+        # _enter's claim of a free key, copied (keep the two alike): calling _enter first
+        # costs the async block ~12% of its time (a median of 1.33 us against 1.15 us), which
+        # would take it near its budget of 3x a bare asyncio.Lock
+        claim = self._host.claim
+        key = self.key
+        if (
+            claim is not None
+            and self._state is _PENDING
+            and self.ttl is None
+            and self._timeout is None
+            and type(key) is str
+            and key  # (not empty)
+            and len(key) <= MAX_KEY_LENGTH
+            and "\x00" not in key
+        ):
+            entry = [0, None, None, False, b"", None, _frame(1)]
+            if claim(key, entry) is entry:
+                self.token = entry[0] = self._host.mint()
+                self.took_over = False
+                self._full_key = key
+                self._owner = b""
+                self.expires_at = self._deadline = None
+                self._state = 0
+                return self
         if self._enter(2) is None:
             # (_wait inlined: one coroutine frame less per queued waiter, 256 bytes of a crowd's
             # 10,000)

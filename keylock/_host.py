@@ -98,7 +98,7 @@ class LeaseHost:
         #: the backend's blocking release, bound once (the uncontended exit calls it)
         self.release = backend.release_sync
         #: a MemoryBackend's release done in a sync block's exit (see its ``free_release``)
-        self.free_release = getattr(backend, "free_release", None)
+        self.free_release = backend.free_release if isinstance(backend, MemoryBackend) else None
         self.clock: Clock = getattr(backend, "clock", SYSTEM_CLOCK)
 
 

@@ -23,7 +23,7 @@ if TYPE_CHECKING:
     import asyncio
 
     from .backends.base import Backend
-    from .backends.memory import FreeClaim
+    from .backends.memory import FreeRelease, _Entry
     from .lease import Lease
     from .observe import Observer
 
@@ -44,8 +44,10 @@ class LeaseHost:
         "claim",
         "clock",
         "default_ttl",
+        "free_release",
         "hooks",
         "inline",
+        "mint",
         "needs_owner",
         "observer",
         "on_lost",
@@ -55,7 +57,9 @@ class LeaseHost:
         "step",
     )
 
-    claim: FreeClaim | None
+    claim: Callable[[str, _Entry], _Entry] | None
+    mint: Callable[[], int]  # (read only when claim is set)
+    free_release: FreeRelease | None
 
     def __init__(
         self,
@@ -82,17 +86,24 @@ class LeaseHost:
         #: no owner ids, no default TTL: a plain ``locks(key)`` then needs nothing else)
         plain = inline and not backend.needs_owner and not namespace
         self.plain = backend._try_acquire if plain and backend.default_ttl is None else None
-        #: for that same case on a MemoryBackend, its lock-free claim of a free key (see
-        #: ``MemoryBackend.free_claim``): the hold claims it without calling the step at all
-        self.claim = None
-        if self.plain is not None and isinstance(backend, MemoryBackend):
-            self.claim = backend.free_claim
+        #: for that same case on a MemoryBackend, its lock-free claim of a free key and the
+        #: token counter (see ``MemoryBackend.free_claim``): the hold claims a free key without
+        #: calling the step at all
+        self.claim, self.mint = None, _no_claim
+        if self.plain is not None and isinstance(backend, MemoryBackend) and backend.free_claim:
+            self.claim, self.mint = backend.free_claim
         #: what keys are prefixed with: NUL never occurs in a key or a namespace, so
         #: "namespace NUL key" is unambiguous
         self.prefix = f"{namespace}\x00" if namespace else ""
         #: the backend's blocking release, bound once (the uncontended exit calls it)
         self.release = backend.release_sync
+        #: a MemoryBackend's release done in a sync block's exit (see its ``free_release``)
+        self.free_release = backend.free_release if isinstance(backend, MemoryBackend) else None
         self.clock: Clock = getattr(backend, "clock", SYSTEM_CLOCK)
+
+
+def _no_claim() -> int:
+    raise AssertionError("keylock: a token minted without a claim")  # (never: see claim)
 
 
 def report(what: str, hook: Callable[[], object]) -> None:

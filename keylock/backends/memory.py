@@ -31,6 +31,10 @@ __all__ = ["MemoryBackend"]
 _Entry: TypeAlias = list[Any]
 #: MemoryBackend.free_claim: (the entries' setdefault, the token counter's next)
 FreeClaim: TypeAlias = "tuple[Callable[[str, _Entry], _Entry], Callable[[], int]]"
+#: MemoryBackend.free_release: (the mutex's acquire, its release, the entries, _hand_off)
+FreeRelease: TypeAlias = (
+    "tuple[Callable[[], object], Callable[[], None], dict[str, _Entry], Callable[..., bool]]"
+)
 _TOKEN = 0  # the live lease's token: the proof of ownership in-process (0 until minted)
 _EXPIRES_AT = 1  # clock.time() when it lapses, or None (display only)
 _DEADLINE = 2  # clock.monotonic() when it lapses, or None: what expiry is judged by
@@ -51,22 +55,24 @@ class MemoryBackend(Backend):
     nobody barges); a waiter whose event loop has closed is skipped. Per-key state is freed as
     soon as a key is neither held nor awaited (a lease that lapsed leaves a small record until
     its key is next used, which tells the next holder it took the key over; at most
-    ``MAX_LAPSED`` of them). Tokens count up
-    by one per grant from the wall clock in µs at construction, so they increase per key and
-    do not go back across a restart of the process (as long as it granted fewer than one
-    lease per µs over its life).
+    ``MAX_LAPSED`` of them). Tokens count up by one per grant from the wall clock in µs at
+    construction, so they increase per key and do not go back across a restart of the process
+    (as long as it granted fewer than one lease per µs over its life).
     With a TTL, an expired lease is taken over by the next caller or waiter, and its holder's
     release raises :class:`~keylock.LeaseLost`. A forked child starts with nothing held.
     """
 
     needs_owner = False  # the token proves ownership in-process
     #: How KeyedLock's uncontended entry claims a free key without a call into the backend
-    #: (set when the per-instance fast paths are, else None): ``(setdefault, mint)``. It makes
-    #: a fresh record ``[0, None, None, False, b"", None, holder]`` (an untimed lease, owner
-    #: b"", laid out as _Entry), inserts it with ``setdefault`` and, if that record is the one
-    #: now there, mints its token into index 0 (after the claim: see ``_fast_paths``); else it
-    #: takes the full step. A claim of this shape is exactly what ``try_acquire`` does first.
+    #: (set with the per-instance fast paths, else None): ``(setdefault, mint)``. It inserts a
+    #: fresh untimed record ``[0, None, None, False, b"", None, holder]`` with ``setdefault`` and,
+    #: if that record is the one now there, mints its token into index 0 (after the claim: see
+    #: ``_fast_paths``), exactly as ``try_acquire`` does first; else it takes the full step.
     free_claim: FreeClaim | None = None
+    #: How a sync block's exit releases without a call into the backend (set with free_claim):
+    #: under the mutex, a record that is the lease's (its very token object) and untimed is
+    #: handed on (``_hand_off``) or deleted, as ``release_sync`` does; else release_sync runs.
+    free_release: FreeRelease | None = None
 
     def __init__(self, *, ttl: float | None = None, clock: Clock | None = None) -> None:
         self.default_ttl = check_backend_ttl(ttl, "MemoryBackend")
@@ -90,6 +96,8 @@ class MemoryBackend(Backend):
         ):
             self._try_acquire, self.release_sync = self._fast_paths()  # type: ignore[method-assign,assignment]
             self.free_claim = (self._entries.setdefault, self._tokens.__next__)
+            mutex = self._mutex
+            self.free_release = (mutex.acquire, mutex.release, self._entries, self._hand_off)
         _BACKENDS.add(self)
 
     def __repr__(self) -> str:

@@ -14,12 +14,15 @@ from __future__ import annotations
 __all__ = ["FAST_ACQUIRE", "FAST_RELEASE"]
 
 # ACQUIRE when nobody holds (so nothing can have expired, and a recorded limit is stale), nobody
-# waits, the weight fits, and this caller never left: load, grant, keep and finish, written out.
+# waits, the weight fits, and this caller never left: load, grant, keep and finish, written out,
+# with the holder's expiry kept in the record (``solo``) rather than in a new holders zset.
 FAST_ACQUIRE = """
 -- The common case first, before the prelude makes its closures and tables: nobody holds (so
 -- nothing can have expired, and a recorded limit is stale), nobody waits, and this caller
 -- never left. The same steps as the general path below (load, grant, keep, finish) for that
--- state, written out.
+-- state, written out, except that the lone holder's expiry goes in the record (solo,
+-- solo_expires) instead of a holders zset of its own: no zset to make, arm and delete
+-- again. The prelude's load() moves it into the zset before anything else can happen.
 local v = redis.call('HMGET', KEYS[1], 'used', 'line', 'fence', 'lapsed', 'until',
   'o:' .. ARGV[1])
 if (v[1] or '0') == '0' and (v[2] or '0') == '0' and not v[6]
@@ -39,13 +42,13 @@ if (v[1] or '0') == '0' and (v[2] or '0') == '0' and not v[6]
   local until_ms = tonumber(v[5] or '0')
   local rearm = expires > until_ms
   if rearm then until_ms = expires + 3600000 end
-  local ttl = string.format('%.0f', until_ms - now_ms + TAKEOVER_MS)
   redis.call('HSET', KEYS[1], 'limit', ARGV[7], 'used', weight, 'fence', token,
     'lapsed', lapsed, 'until', string.format('%.0f', until_ms), 'line', 0,
-    'o:' .. ARGV[1], token .. ' ' .. weight .. ' ' .. took)
-  redis.call('ZADD', KEYS[2], string.format('%.0f', expires), ARGV[1])
-  if rearm then redis.call('PEXPIRE', KEYS[1], ttl) end
-  redis.call('PEXPIRE', KEYS[2], ttl)  -- a new holders zset: no TTL of its own yet
+    'o:' .. ARGV[1], token .. ' ' .. weight .. ' ' .. took,
+    'solo', ARGV[1], 'solo_expires', string.format('%.0f', expires))
+  if rearm then
+    redis.call('PEXPIRE', KEYS[1], string.format('%.0f', until_ms - now_ms + TAKEOVER_MS))
+  end
   return {1, token, tonumber(ARGV[2]), tonumber(took)}
 end
 """
@@ -54,16 +57,23 @@ end
 FAST_RELEASE = """
 -- The common case first, before the prelude makes its closures and tables: the caller holds
 -- a live permit and nobody waits. The same steps as the general path below (drop, tidy,
--- finish) for that state, written out.
-local v = redis.call('HMGET', KEYS[1], 'used', 'line', 'lapsed', 'o:' .. ARGV[1])
+-- finish) for that state, written out; a lone holder (solo) has its expiry in the record.
+local v = redis.call('HMGET', KEYS[1], 'used', 'line', 'lapsed', 'o:' .. ARGV[1], 'solo',
+  'solo_expires')
 if v[4] and (v[2] or '0') == '0' then
   local now = redis.call('TIME')
   local now_ms = tonumber(now[1]) * 1000 + math.floor(tonumber(now[2]) / 1000)
-  local expiry = redis.call('ZSCORE', KEYS[2], ARGV[1])
+  local solo = v[5] == ARGV[1]
+  local expiry = v[6]
+  if not solo then expiry = redis.call('ZSCORE', KEYS[2], ARGV[1]) end
   if expiry and tonumber(expiry) > now_ms then
     local used = tonumber(v[1] or '0') - tonumber(string.match(v[4], '^%d+ (%d+)'))
-    redis.call('HDEL', KEYS[1], 'o:' .. ARGV[1])
-    redis.call('ZREM', KEYS[2], ARGV[1])
+    if solo then
+      redis.call('HDEL', KEYS[1], 'o:' .. ARGV[1], 'solo', 'solo_expires')
+    else
+      redis.call('HDEL', KEYS[1], 'o:' .. ARGV[1])
+      redis.call('ZREM', KEYS[2], ARGV[1])
+    end
     redis.call('SET', KEYS[5], '1', 'PX', ARGV[3])
     if used > 0 then
       redis.call('HSET', KEYS[1], 'used', used)

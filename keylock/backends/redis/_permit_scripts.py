@@ -7,11 +7,13 @@ after a lost reply): they look the caller up by its owner id before they act.
 Every script gets the five keys of one permit key (``Layout.permit``: one hash tag, so one
 Cluster slot): KEYS[1] the record (hash: ``limit`` while anyone holds or waits, ``used`` the
 weight held, ``fence`` the last token, ``lapsed`` permits that expired unreleased and were not
-taken over yet, ``o:<owner>`` -> ``"<token> <weight> <took over 0|1>"`` per holder), KEYS[2]
-the holders (zset owner -> expiry, server ms: a holder that stops renewing loses its permit at
-its own TTL), KEYS[3] the line (zset owner -> arrival, server µs), KEYS[4] the waiters'
-entries (hash owner -> ``"<deadline ms> <claim ms> <weight> <channel>"``), KEYS[5] the
-caller's departure mark. PERMIT_EXTEND and PERMIT_STATS take fewer (see each).
+taken over yet, ``o:<owner>`` -> ``"<token> <weight> <took over 0|1>"`` per holder, and
+``solo``/``solo_expires``: the lone holder of an uncontended grant and its expiry, until
+``load`` moves it to KEYS[2]), KEYS[2] the holders (zset owner -> expiry, server ms: a holder
+that stops renewing loses its permit at its own TTL), KEYS[3] the line (zset owner ->
+arrival, server µs), KEYS[4] the waiters' entries (hash owner -> ``"<deadline ms> <claim ms>
+<weight> <channel>"``), KEYS[5] the caller's departure mark. PERMIT_EXTEND and PERMIT_STATS
+take fewer (see each).
 
 - Capacity: a permit is granted only while the weights held, its own included, fit in the
   limit; expired holders are dropped first (their weight frees).
@@ -73,13 +75,19 @@ local function put(field, value)
 end
 local function load(owner)
   local v = redis.call('HMGET', KEYS[1], 'limit', 'used', 'fence', 'lapsed', 'until', 'line',
-    'o:' .. owner)
+    'o:' .. owner, 'solo', 'solo_expires')
   S.limit = tonumber(v[1] or '0')
   S.used = tonumber(v[2] or '0')
   S.fence = tonumber(v[3] or '0')
   S.lapsed = tonumber(v[4] or '0')
   S.until_ms = tonumber(v[5] or '0')
   S.line = tonumber(v[6] or '0')
+  if v[8] then  -- the fast path's lone holder: into the holders zset, as every other holder
+    tick()
+    redis.call('ZADD', KEYS[2], v[9], v[8])
+    redis.call('HDEL', KEYS[1], 'solo', 'solo_expires')
+    S.expire_holders = math.max(S.until_ms - now_ms + TAKEOVER_MS, 1)  -- (a new zset)
+  end
   return v[7]
 end
 local function finish()  -- write the counters back, then the TTLs (a new hash exists by then)
@@ -341,11 +349,18 @@ return 1
 _EXTEND = """
 local now = redis.call('TIME')
 local now_ms = tonumber(now[1]) * 1000 + math.floor(tonumber(now[2]) / 1000)
-local expiry = redis.call('ZSCORE', KEYS[2], ARGV[1])
+local v = redis.call('HMGET', KEYS[1], 'solo', 'solo_expires', 'until')
+local solo = v[1] == ARGV[1]  -- (the fast path's lone holder: its expiry is in the record)
+local expiry = v[2]
+if not solo then expiry = redis.call('ZSCORE', KEYS[2], ARGV[1]) end
 if not expiry or tonumber(expiry) <= now_ms then return 0 end
 local expires = now_ms + tonumber(ARGV[2])
-redis.call('ZADD', KEYS[2], 'XX', string.format('%.0f', expires), ARGV[1])
-local armed = tonumber(redis.call('HGET', KEYS[1], 'until') or '0')
+if solo then
+  redis.call('HSET', KEYS[1], 'solo_expires', string.format('%.0f', expires))
+else
+  redis.call('ZADD', KEYS[2], 'XX', string.format('%.0f', expires), ARGV[1])
+end
+local armed = tonumber(v[3] or '0')
 if expires > armed then  -- (as keep() in the other scripts)
   armed = expires + 3600000
   redis.call('HSET', KEYS[1], 'until', string.format('%.0f', armed))
@@ -363,6 +378,8 @@ _STATS = """
 local now = redis.call('TIME')
 local now_ms = tonumber(now[1]) * 1000 + math.floor(tonumber(now[2]) / 1000)
 local live = redis.call('ZRANGEBYSCORE', KEYS[2], '(' .. string.format('%.0f', now_ms), '+inf')
+local solo = redis.call('HMGET', KEYS[1], 'solo', 'solo_expires')  -- (see FAST_ACQUIRE)
+if solo[1] and tonumber(solo[2]) > now_ms then live[#live + 1] = solo[1] end
 local newest, owner = -1, ''
 for _, who in ipairs(live) do
   local record = redis.call('HGET', KEYS[1], 'o:' .. who)

@@ -15,14 +15,17 @@ __all__ = ["FAST_ACQUIRE", "FAST_RELEASE"]
 
 # ACQUIRE when nobody holds (so nothing can have expired, and a recorded limit is stale), nobody
 # waits, the weight fits, and this caller never left: load, grant, keep and finish, written out,
-# with the holder's expiry kept in the record (``solo``) rather than in a new holders zset.
+# with the holder kept in fixed fields of the record (``solo``) rather than in a holders zset.
 FAST_ACQUIRE = """
 -- The common case first, before the prelude makes its closures and tables: nobody holds (so
 -- nothing can have expired, and a recorded limit is stale), nobody waits, and this caller
 -- never left. The same steps as the general path below (load, grant, keep, finish) for that
--- state, written out, except that the lone holder's expiry goes in the record (solo,
--- solo_expires) instead of a holders zset of its own: no zset to make, arm and delete
--- again. The prelude's load() moves it into the zset before anything else can happen.
+-- state, written out, except that the lone holder goes in fixed fields of the record (solo:
+-- its owner, solo_rec: its o: record, solo_expires: its expiry) instead of an o: field and
+-- a holders zset of its own: nothing to make, arm and delete again, and the record's fields
+-- are overwritten in place. The prelude's load() moves it to an o: field and the zset
+-- before anything else can happen. Fields already right are not written: line is 0, and
+-- lapsed and until change only when they must.
 local v = redis.call('HMGET', KEYS[1], 'used', 'line', 'fence', 'lapsed', 'until',
   'o:' .. ARGV[1])
 if (v[1] or '0') == '0' and (v[2] or '0') == '0' and not v[6]
@@ -33,22 +36,28 @@ if (v[1] or '0') == '0' and (v[2] or '0') == '0' and not v[6]
   local weight = tonumber(ARGV[8])
   local lapsed = tonumber(v[4] or '0')
   local took = '0'
-  if lapsed > 0 then
-    took = '1'
-    lapsed = lapsed - math.min(lapsed, weight)
-  end
   local token = string.format('%.0f', math.max(tonumber(v[3] or '0') + 1, clock))
   local expires = now_ms + tonumber(ARGV[2])
+  -- (whole ms below 2^53 go to redis.call as numbers: Redis writes them as integers,
+  -- exactly, without a string.format each; the token is written out once, for its record)
+  local fields = {'limit', ARGV[7], 'used', weight, 'fence', token, 'solo', ARGV[1],
+    'solo_expires', expires}
+  if lapsed > 0 then
+    took = '1'
+    fields[#fields + 1] = 'lapsed'
+    fields[#fields + 1] = lapsed - math.min(lapsed, weight)
+  end
+  fields[#fields + 1] = 'solo_rec'
+  fields[#fields + 1] = token .. ' ' .. weight .. ' ' .. took
   local until_ms = tonumber(v[5] or '0')
   local rearm = expires > until_ms
-  if rearm then until_ms = expires + 3600000 end
-  redis.call('HSET', KEYS[1], 'limit', ARGV[7], 'used', weight, 'fence', token,
-    'lapsed', lapsed, 'until', string.format('%.0f', until_ms), 'line', 0,
-    'o:' .. ARGV[1], token .. ' ' .. weight .. ' ' .. took,
-    'solo', ARGV[1], 'solo_expires', string.format('%.0f', expires))
   if rearm then
-    redis.call('PEXPIRE', KEYS[1], string.format('%.0f', until_ms - now_ms + TAKEOVER_MS))
+    until_ms = expires + 3600000
+    fields[#fields + 1] = 'until'
+    fields[#fields + 1] = until_ms
   end
+  redis.call('HSET', KEYS[1], unpack(fields))
+  if rearm then redis.call('PEXPIRE', KEYS[1], until_ms - now_ms + TAKEOVER_MS) end
   return {1, token, tonumber(ARGV[2]), tonumber(took)}
 end
 """
@@ -57,30 +66,33 @@ end
 FAST_RELEASE = """
 -- The common case first, before the prelude makes its closures and tables: the caller holds
 -- a live permit and nobody waits. The same steps as the general path below (drop, tidy,
--- finish) for that state, written out; a lone holder (solo) has its expiry in the record.
+-- finish) for that state, written out. The lone holder of FAST_ACQUIRE (solo) leaves by
+-- blanking solo in the HSET of the counters; any other by HDEL and ZREM.
 local v = redis.call('HMGET', KEYS[1], 'used', 'line', 'lapsed', 'o:' .. ARGV[1], 'solo',
-  'solo_expires')
-if v[4] and (v[2] or '0') == '0' then
+  'solo_rec', 'solo_expires')
+local solo = v[5] == ARGV[1]
+local record, expiry = v[4], nil
+if solo then record, expiry = v[6], v[7] end
+if record and (v[2] or '0') == '0' then
   local now = redis.call('TIME')
   local now_ms = tonumber(now[1]) * 1000 + math.floor(tonumber(now[2]) / 1000)
-  local solo = v[5] == ARGV[1]
-  local expiry = v[6]
   if not solo then expiry = redis.call('ZSCORE', KEYS[2], ARGV[1]) end
   if expiry and tonumber(expiry) > now_ms then
-    local used = tonumber(v[1] or '0') - tonumber(string.match(v[4], '^%d+ (%d+)'))
+    local used = tonumber(v[1] or '0') - tonumber(string.match(record, '^%d+ (%d+)'))
+    local fields = {'used', used}
     if solo then
-      redis.call('HDEL', KEYS[1], 'o:' .. ARGV[1], 'solo', 'solo_expires')
+      fields[3], fields[4] = 'solo', ''
     else
       redis.call('HDEL', KEYS[1], 'o:' .. ARGV[1])
       redis.call('ZREM', KEYS[2], ARGV[1])
     end
     redis.call('SET', KEYS[5], '1', 'PX', ARGV[3])
     if used > 0 then
-      redis.call('HSET', KEYS[1], 'used', used)
+      redis.call('HSET', KEYS[1], unpack(fields))
     elseif (v[3] or '0') ~= '0' then  -- lapsed permits to tell a next holder: keep the TTL
-      redis.call('HSET', KEYS[1], 'limit', 0, 'used', 0, 'line', 0)
+      redis.call('HSET', KEYS[1], 'limit', 0, unpack(fields))
     else  -- nothing to tell a next holder: only the counter, a while
-      redis.call('HSET', KEYS[1], 'limit', 0, 'used', 0, 'line', 0, 'until', 0)
+      redis.call('HSET', KEYS[1], 'limit', 0, 'until', 0, unpack(fields))
       redis.call('PEXPIRE', KEYS[1], FENCE_SLACK)
     end
     return 1

@@ -320,6 +320,52 @@ def test_nothing_is_left_behind_after_the_last_release(arbiter: Arbiter) -> None
     assert 0 < arbiter.client.pttl(record) <= 120_000  # the counter, a while
 
 
+def test_a_lone_holder_lives_in_the_record_and_counts_as_any_holder(arbiter: Arbiter) -> None:
+    """An uncontended grant keeps its holder's expiry in the record, making no holders zset;
+    stats count it, a retried acquire gets the same permit (and moves it to the zset), a
+    second holder joins it, and releases (and their retries) end both. Fails before: the
+    fast path made a holders zset for every grant."""
+    record, holders = arbiter.layout.permit(arbiter.key, b"")[:2]
+    granted, token, _, took = arbiter.acquire(owner(1), limit=2)
+    assert (granted, took) == (1, 0)
+    assert arbiter.client.exists(holders) == 0
+    assert arbiter.client.hget(record, "solo") == owner(1)
+    assert arbiter.stats() == [1, str(token).encode(), owner(1), 0, 2]
+    assert arbiter.acquire(owner(1), limit=2) == [1, token, 30_000, 0]  # a retry
+    assert arbiter.client.hget(record, "solo") is None
+    assert arbiter.client.zscore(holders, owner(1)) is not None
+    assert arbiter.release(owner(1)) == 1
+    assert arbiter.release(owner(1)) == 2
+    arbiter.acquire(owner(2), limit=2)  # alone again: in the record
+    second = arbiter.acquire(owner(3), limit=2)  # joins it: both in the zset
+    assert second[0] == 1
+    assert second[1] > token
+    assert arbiter.client.zcard(holders) == 2
+    assert arbiter.stats()[0] == 2
+    assert arbiter.release(owner(2)) == 1
+    assert arbiter.release(owner(3)) == 1
+    assert arbiter.client.exists(holders) == 0
+
+
+def test_a_lone_holder_is_extended_and_taken_over_when_it_lapses(arbiter: Arbiter) -> None:
+    """The lone holder kept in the record: extend moves its expiry there, and once it lapses
+    the next grant takes it over, its release finds it lost and its extend fails. Fails
+    before on the record: no solo entry was written."""
+    record = arbiter.layout.permit(arbiter.key, b"")[0]
+    arbiter.acquire(owner(1), limit=1, ttl_ms=40)
+    before = int(arbiter.client.hget(record, "solo_expires"))
+    assert arbiter.extend(owner(1), 60) == 1
+    assert int(arbiter.client.hget(record, "solo_expires")) > before
+    deadline = time.monotonic() + 5
+    while (reply := arbiter.acquire(owner(2), limit=1))[0] == 0:
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    assert reply[3] == 1  # took the lapsed permit over
+    assert arbiter.release(owner(1)) == 0
+    assert arbiter.extend(owner(1), 1000) == 0
+    assert arbiter.release(owner(2)) == 1
+
+
 @pytest.mark.parametrize("key", ["agent:42", "a}b", "{x}", "ns\0job", "é/ü"])
 def test_every_key_of_a_permit_key_shares_one_hash_tag_apart_from_the_lock(key: str) -> None:
     layout = Layout("keylock")

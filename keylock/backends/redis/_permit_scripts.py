@@ -7,11 +7,13 @@ after a lost reply): they look the caller up by its owner id before they act.
 Every script gets the five keys of one permit key (``Layout.permit``: one hash tag, so one
 Cluster slot): KEYS[1] the record (hash: ``limit`` while anyone holds or waits, ``used`` the
 weight held, ``fence`` the last token, ``lapsed`` permits that expired unreleased and were not
-taken over yet, ``o:<owner>`` -> ``"<token> <weight> <took over 0|1>"`` per holder), KEYS[2]
-the holders (zset owner -> expiry, server ms: a holder that stops renewing loses its permit at
-its own TTL), KEYS[3] the line (zset owner -> arrival, server µs), KEYS[4] the waiters'
-entries (hash owner -> ``"<deadline ms> <claim ms> <weight> <channel>"``), KEYS[5] the
-caller's departure mark. PERMIT_EXTEND and PERMIT_STATS take fewer (see each).
+taken over yet, ``o:<owner>`` -> ``"<token> <weight> <took over 0|1>"`` per holder, and
+``solo``/``solo_rec``/``solo_expires``: the lone holder of an uncontended grant, its record and
+expiry, until ``load`` moves it to an ``o:`` field and KEYS[2]; ``''``: none), KEYS[2] the
+holders (zset owner -> expiry, server ms: a holder that stops renewing loses its permit at its
+own TTL), KEYS[3] the line (zset owner -> arrival, server µs), KEYS[4] the waiters' entries
+(hash owner -> ``"<deadline ms> <claim ms> <weight> <channel>"``), KEYS[5] the caller's
+departure mark. PERMIT_EXTEND and PERMIT_STATS take fewer (see each).
 
 - Capacity: a permit is granted only while the weights held, its own included, fit in the
   limit; expired holders are dropped first (their weight frees).
@@ -73,13 +75,21 @@ local function put(field, value)
 end
 local function load(owner)
   local v = redis.call('HMGET', KEYS[1], 'limit', 'used', 'fence', 'lapsed', 'until', 'line',
-    'o:' .. owner)
+    'o:' .. owner, 'solo', 'solo_expires', 'solo_rec')
   S.limit = tonumber(v[1] or '0')
   S.used = tonumber(v[2] or '0')
   S.fence = tonumber(v[3] or '0')
   S.lapsed = tonumber(v[4] or '0')
   S.until_ms = tonumber(v[5] or '0')
   S.line = tonumber(v[6] or '0')
+  if v[8] and v[8] ~= '' then  -- FAST_ACQUIRE's lone holder: stored as every other holder
+    tick()
+    redis.call('ZADD', KEYS[2], v[9], v[8])
+    redis.call('HSET', KEYS[1], 'o:' .. v[8], v[10])
+    redis.call('HDEL', KEYS[1], 'solo', 'solo_expires', 'solo_rec')
+    S.expire_holders = math.max(S.until_ms - now_ms + TAKEOVER_MS, 1)  -- (a new zset)
+    if v[8] == owner then return v[10] end
+  end
   return v[7]
 end
 local function finish()  -- write the counters back, then the TTLs (a new hash exists by then)
@@ -341,11 +351,18 @@ return 1
 _EXTEND = """
 local now = redis.call('TIME')
 local now_ms = tonumber(now[1]) * 1000 + math.floor(tonumber(now[2]) / 1000)
-local expiry = redis.call('ZSCORE', KEYS[2], ARGV[1])
+local v = redis.call('HMGET', KEYS[1], 'solo', 'solo_expires', 'until')
+local solo = v[1] == ARGV[1]  -- (the fast path's lone holder: its expiry is in the record)
+local expiry = v[2]
+if not solo then expiry = redis.call('ZSCORE', KEYS[2], ARGV[1]) end
 if not expiry or tonumber(expiry) <= now_ms then return 0 end
 local expires = now_ms + tonumber(ARGV[2])
-redis.call('ZADD', KEYS[2], 'XX', string.format('%.0f', expires), ARGV[1])
-local armed = tonumber(redis.call('HGET', KEYS[1], 'until') or '0')
+if solo then
+  redis.call('HSET', KEYS[1], 'solo_expires', string.format('%.0f', expires))
+else
+  redis.call('ZADD', KEYS[2], 'XX', string.format('%.0f', expires), ARGV[1])
+end
+local armed = tonumber(v[3] or '0')
 if expires > armed then  -- (as keep() in the other scripts)
   armed = expires + 3600000
   redis.call('HSET', KEYS[1], 'until', string.format('%.0f', armed))
@@ -363,7 +380,11 @@ _STATS = """
 local now = redis.call('TIME')
 local now_ms = tonumber(now[1]) * 1000 + math.floor(tonumber(now[2]) / 1000)
 local live = redis.call('ZRANGEBYSCORE', KEYS[2], '(' .. string.format('%.0f', now_ms), '+inf')
-local newest, owner = -1, ''
+local solo = redis.call('HMGET', KEYS[1], 'solo', 'solo_expires', 'solo_rec')  -- (FAST_ACQUIRE)
+local newest, owner, holders = -1, '', #live
+if solo[1] and solo[1] ~= '' and tonumber(solo[2]) > now_ms then
+  newest, owner, holders = tonumber(string.match(solo[3], '^%d+')), solo[1], holders + 1
+end
 for _, who in ipairs(live) do
   local record = redis.call('HGET', KEYS[1], 'o:' .. who)
   local token = record and tonumber(string.match(record, '^%d+'))
@@ -374,8 +395,8 @@ for _, entry in ipairs(redis.call('HVALS', KEYS[4])) do
   if tonumber(string.match(entry, '^%d+')) > now_ms then waiting = waiting + 1 end
 end
 local limit = tonumber(redis.call('HGET', KEYS[1], 'limit') or '0')
-if (#live == 0 and waiting == 0) or limit == 0 then limit = -1 end
-return {#live, string.format('%.0f', newest), owner, waiting, limit}
+if (holders == 0 and waiting == 0) or limit == 0 then limit = -1 end
+return {holders, string.format('%.0f', newest), owner, waiting, limit}
 """
 
 

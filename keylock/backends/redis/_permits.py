@@ -40,6 +40,7 @@ if TYPE_CHECKING:
     from .._waiters import Waiter
     from ..base import Deadline, Grant
     from ._flow import ServerClock
+    from ._listener import Waiting
     from ._wire import Arg
 
 __all__ = ["PermitFlow", "PermitProtocol", "RedisPermits", "permit_view"]
@@ -86,15 +87,45 @@ class PermitProtocol(AcquireFlow):
     """One permit acquire's protocol state: :class:`AcquireFlow` on PERMIT_ACQUIRE, whose
     ``{-1, limit}`` reply raises LimitMismatch (nothing was granted or queued)."""
 
+    __slots__ = ("limit", "refused")
+
     script = PERMIT_ACQUIRE
 
     def __init__(
-        self, layout: Layout, key: str, owner: bytes, *, limit: int, weight: int, **kwargs: object
+        self,
+        layout: Layout,
+        key: str,
+        owner: bytes,
+        *,
+        limit: int,
+        weight: int,
+        ttl: float,
+        timeout: float | None,
+        now: float,
+        channel: str,
+        stay_ms: int,
+        poll: float,
+        renewed: bool,
+        confirm: bool,
     ) -> None:
-        super().__init__(layout, key, owner, **kwargs)  # type: ignore[arg-type]
+        # (every argument by name, not **kwargs: this runs once per acquire)
+        AcquireFlow.__init__(
+            self,
+            layout,
+            key,
+            owner,
+            ttl=ttl,
+            timeout=timeout,
+            now=now,
+            channel=channel,
+            stay_ms=stay_ms,
+            poll=poll,
+            renewed=renewed,
+            confirm=confirm,
+        )
         self.limit = limit
         self.refused = False
-        self.args += [limit, weight, key]
+        self.args += (limit, weight, key)
 
     def on_reply(
         self,
@@ -139,6 +170,17 @@ class RedisPermits(TieredPermits, RedisBackend):
 
     _parent: RedisBackend
     _keys: _PermitKeys
+
+    # The parent's per-process state (set again in a forked child), read on every acquire:
+    # properties, not TieredPermits.__getattr__ (a failed lookup first, then a call).
+
+    @property
+    def _waiting(self) -> Waiting:  # type: ignore[override]
+        return self._parent._waiting
+
+    @property
+    def server_clock(self) -> ServerClock:  # type: ignore[override]
+        return self._parent.server_clock
 
     @property
     def _tier(self) -> PermitTier:  # type: ignore[override]

@@ -16,6 +16,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from ._cluster_then import call_many_then_async
 from ._resp import call_async, direct_async, pack
+from ._watchdog import Watchdog
 from ._wire import _limit, _plain_pool
 
 if TYPE_CHECKING:
@@ -42,6 +43,7 @@ class AsyncWire:
         options = {} if pool is None else pool.connection_kwargs
         self._options = {**options, "socket_timeout": None}
         self._closed = False  # as in SyncWire
+        self._dog: Watchdog | None = None
         self._socket_timeout: float | None = None
         if pool is not None:  # the timeout the pool's connections get (redis-py's default: 5 s)
             self._socket_timeout = pool.connection_class(**options).socket_timeout
@@ -83,12 +85,14 @@ class AsyncWire:
                 if then is not None:
                     reply = await _exchange_then(conn, script, keys, args, then, limit)
                 elif direct_async(conn):  # (see _resp: the same call, packed and read in one pass)
+                    # bounded by the socket timeout alone: the loop's one timer for those
+                    dog = self._watchdog(limit) if timeout is None and limit is not None else None
                     try:
                         packed = pack(b"EVALSHA", script.sha_bytes, keys, args)
-                        reply = await call_async(conn, packed, limit)
+                        reply = await call_async(conn, packed, limit, dog)
                     except NoScriptError:
                         packed = pack(b"EVAL", text.encode(), keys, args)
-                        reply = await call_async(conn, packed, limit)
+                        reply = await call_async(conn, packed, limit, dog)
                 else:
                     await conn.send_command("EVALSHA", sha, len(keys), *keys, *args)
                     try:
@@ -114,6 +118,12 @@ class AsyncWire:
             return reply
         raise AssertionError("unreachable")  # pragma: no cover
 
+    def _watchdog(self, limit: float) -> Watchdog:
+        dog = self._dog
+        if dog is None:
+            dog = self._dog = Watchdog(asyncio.get_running_loop(), limit)
+        return dog
+
     async def _pipelined_then(
         self, script: Script, keys: Sequence[str], args: Sequence[Arg], then: Sequence[Arg]
     ) -> tuple[object, object]:
@@ -138,6 +148,8 @@ class AsyncWire:
     async def close(self) -> None:
         """Close every connection made, idle or not (a call still running then fails)."""
         self._closed = True
+        if self._dog is not None:
+            self._dog.close()
         idle, self._idle = self._idle, []  # (held until closed: one dropped unclosed warns)
         for conn in {*idle, *self._made}:
             await conn.disconnect()

@@ -35,6 +35,7 @@ if TYPE_CHECKING:
     import asyncio
     from collections.abc import Sequence
 
+    from ._watchdog import Watchdog
     from ._wire import Arg
 
 __all__ = ["call_async", "call_sync", "direct", "direct_async", "pack"]
@@ -271,10 +272,14 @@ def direct_async(conn: redis.asyncio.Connection) -> bool:
 
 
 async def call_async(
-    conn: redis.asyncio.Connection, packed: bytes, timeout: float | None
+    conn: redis.asyncio.Connection,
+    packed: bytes,
+    timeout: float | None,
+    watchdog: Watchdog | None = None,
 ) -> object:
     """:func:`call_sync` on an event loop (``direct_async(conn)``): the reply is awaited at
-    most *timeout* seconds (None: without a bound)."""
+    most *timeout* seconds (None: without a bound), by *watchdog* when given (its limit is
+    *timeout*)."""
     import asyncio
 
     reader: asyncio.StreamReader = conn._reader  # type: ignore[assignment]
@@ -289,7 +294,15 @@ async def call_async(
         await conn.disconnect(nowait=True)
         raise
     try:
-        if timeout is None:
+        if watchdog is not None:
+            watchdog.start(conn)
+            try:
+                data = await reader.read(_READ_SIZE)
+            finally:
+                expired = watchdog.done(conn)
+            if expired:  # it aborted the connection: the read got nothing
+                raise TimeoutError
+        elif timeout is None:
             data = await reader.read(_READ_SIZE)
         else:
             async with asyncio.timeout(timeout):

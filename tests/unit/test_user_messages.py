@@ -1,0 +1,113 @@
+"""The messages a new user meets first name the key as written (``namespace:key``) and the fix."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+
+import pytest
+import redis
+
+import keylock
+from keylock import BackendUnavailable, KeyedLock, KeyedSemaphore, LockTimeout
+from keylock.backends import RedisBackend
+
+from .._redis_server import running_server
+
+
+def test_a_try_that_finds_the_key_held_does_not_say_raise_the_timeout() -> None:
+    """A job claim with ``timeout=0`` that finds the job taken is told to skip or retry, not to
+    raise a timeout it chose on purpose. Fails on the old code: "was not granted within 0.0s
+    ... raise the timeout, or use timeout=None"."""
+    locks = KeyedLock(namespace="jobs")
+    sem = KeyedSemaphore(limit=1)
+
+    async def main() -> tuple[str, str, str]:
+        async with locks("job:7"), sem("vendor:1"):
+
+            async def other() -> tuple[str, str]:
+                with pytest.raises(LockTimeout) as tried:
+                    await locks.acquire("job:7", timeout=0)
+                with pytest.raises(LockTimeout) as full:
+                    await sem.acquire("vendor:1", timeout=0)
+                return str(tried.value), str(full.value)
+
+            tried, full = await asyncio.create_task(other())
+            with pytest.raises(LockTimeout) as waited:
+                await asyncio.to_thread(locks.acquire_sync, "job:7", timeout=0.01)
+            return tried, full, str(waited.value)
+
+    tried, full, waited = asyncio.run(main())
+    assert tried.startswith("lock 'jobs:job:7' was not granted: another holder has it, and ")
+    assert "timeout=0 tries once without waiting; skip it or retry later" in tried
+    assert "raise the timeout" not in tried
+    assert "timeout=0 tries once without waiting" in full
+    assert "'vendor:1'" in full
+    assert "within 0.01s" in waited
+    assert "raise the timeout" in waited
+
+
+def test_a_released_lease_names_its_namespaced_key_and_the_fix() -> None:
+    """Releasing or extending a lease twice names ``namespace:key``, as every other error
+    does, and says what to do. Fails on the old code: the key without its namespace and no
+    fix ("lease N on 'job:7' was already released")."""
+    locks = KeyedLock(namespace="billing")
+    with locks.sync("job:7", ttl=5.0) as lease:
+        pass
+    with pytest.raises(RuntimeError) as again:
+        lease.release_sync()
+    assert f"lease {lease.token} on 'billing:job:7' was already released" in str(again.value)
+    assert "acquire the key again" in str(again.value)
+    with pytest.raises(RuntimeError) as extend:
+        lease.extend_sync(5.0)
+    assert "on 'billing:job:7' was released: cannot extend" in str(extend.value)
+    assert "acquire the key again" in str(extend.value)
+
+
+def test_the_lost_lease_warning_names_the_key_as_errors_do(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """The WARNING logged for a lost lease names ``namespace:key``, like the LeaseLost that
+    the same loss raises, so a log line can be matched with the error. Fails on the old code:
+    the log said 'job:7' and the error 'billing:job:7'."""
+    locks = KeyedLock(namespace="billing")
+    lease = locks.acquire_sync("job:7", ttl=0.01)
+    newer = locks.acquire_sync("job:7", timeout=5.0)  # granted once the first lease lapsed
+    with (
+        caplog.at_level(logging.WARNING, logger="keylock"),
+        pytest.raises(keylock.LeaseLost) as lost,
+    ):
+        lease.release_sync()
+    newer.release_sync()
+    assert "'billing:job:7'" in str(lost.value)
+    expected = f"keylock: lease {lease.token} on 'billing:job:7' was lost"
+    deadline = time.monotonic() + 10.0  # the takeover may tell on keylock's callback thread
+    while expected not in caplog.messages and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert expected in caplog.messages
+
+
+def test_a_missing_or_wrong_redis_password_says_where_to_put_it() -> None:
+    """A server that wants a password gets BackendUnavailable saying so and how to pass it,
+    never the password given. Fails on the old code: without a password, the RESP3 server's
+    "HELLO must be called with the client already authenticated, otherwise the HELLO <proto>
+    AUTH <user> <pass> option can be used..." and no hint."""
+    with running_server() as server:
+        redis.Redis.from_url(server.url).config_set("requirepass", "s3cret-pw")
+        messages = []
+        for url in (server.url, server.url.replace("redis://", "redis://:w0rng-pw@")):
+            locks = KeyedLock(RedisBackend.from_url(url))
+            try:
+                with pytest.raises(BackendUnavailable) as failed:
+                    locks.acquire_sync("job:7", timeout=1.0)
+            finally:
+                locks.close_sync()
+            messages.append(str(failed.value))
+    for message in messages:
+        assert "'job:7'" in message
+        assert "put the right password in the URL, redis://:PASSWORD@HOST:PORT/DB" in message
+        assert "HELLO" not in message
+        assert "w0rng" not in message
+    assert "the server requires a password and none was given" in messages[0]
+    assert "invalid username-password pair" in messages[1]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from pathlib import Path
 
 import pytest
 import redis
@@ -12,6 +13,7 @@ import redis
 import keylock
 from keylock import BackendUnavailable, KeyedLock, KeyedSemaphore, LockTimeout
 from keylock.backends import RedisBackend
+from keylock.cli import main
 
 from .._redis_server import running_server
 
@@ -111,3 +113,53 @@ def test_a_missing_or_wrong_redis_password_says_where_to_put_it() -> None:
         assert "w0rng" not in message
     assert "the server requires a password and none was given" in messages[0]
     assert "invalid username-password pair" in messages[1]
+
+
+def test_release_of_a_lock_directory_says_why_it_cannot(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    """``keylock release --force KEY --dir DIR`` (the way ``inspect`` was called) says that a
+    file lock is freed only by its process ending. Fails on the old code: "one of the
+    arguments --redis-url --postgres-url is required", as if --dir did not exist."""
+    assert main(["release", "--force", "myapp:job:7", "--dir", str(tmp_path), "--yes"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1
+    assert err.startswith("keylock: release --force does not apply to a lock directory")
+    assert "inspect --dir shows its pid" in err
+
+
+def test_release_of_a_key_without_its_namespace_points_at_the_stored_form(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """A key typed without its namespace is "not held"; the message says how keys are stored
+    and where to see them, and the lock stays held. Fails on the old code: only "'job:7' is
+    not held"."""
+    with running_server() as server:
+        locks = KeyedLock(RedisBackend.from_url(server.url), namespace="myapp")
+        lease = locks.acquire_sync("job:7")
+        try:
+            assert main(["release", "--force", "job:7", "--redis-url", server.url, "--yes"]) == 1
+            out = capsys.readouterr().out
+            assert "'job:7' is not held (a namespaced key is stored as namespace:key;" in out
+            assert "keylock inspect lists the held keys" in out
+            assert not lease.lost
+        finally:
+            lease.release_sync()
+            locks.close_sync()
+
+
+def test_inspect_and_release_help_show_defaults_and_examples(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """``--help`` of inspect and release gives the defaults of --prefix and --table and an
+    example per store. Fails on the old code: "RedisBackend prefix", no default, no
+    example."""
+    for command in ("inspect", "release"):
+        with pytest.raises(SystemExit):
+            main([command, "--help"])
+        out = capsys.readouterr().out
+        assert "prefix= (default: keylock)" in out
+        assert "table= (default: keylock_leases)" in out
+        assert f"examples:\n  keylock {command} " in out
+        if command == "release":
+            assert "--dir" not in out  # accepted only to say why it does not apply

@@ -82,7 +82,7 @@ def _parser() -> argparse.ArgumentParser:
     bench = commands.add_parser(
         "bench",
         help="contention benchmarks: every keylock backend against the peers",
-        description="By default a headline run of about two minutes: uncontended and one hot "
+        description="By default a headline run of about three minutes: uncontended and one hot "
         "key for each backend (in-process, file, Redis) against its peers. --full runs every "
         "workload, Postgres's too (about twelve minutes).",
     )

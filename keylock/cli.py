@@ -32,12 +32,9 @@ from ._console import (
 
 __all__ = ["CliError", "main", "printable", "redact"]
 
-_DESCRIPTION = """\
-keylock command line.
-  bench    keylock against the libraries users would pick instead (progress on stderr)
-  inspect  list held locks on a Redis server, in a Postgres table, or in a lock directory
-  release  force-release one lock on Redis or Postgres, after showing its holder
-"""
+_DESCRIPTION = "keylock's command line: benchmark it, list held locks, break a stuck one."
+
+_EPILOG = "Run 'keylock COMMAND --help' for the options of a command."
 
 _INSPECT_EXAMPLES = """\
 examples:
@@ -75,13 +72,19 @@ def _version() -> str:
 
 def _parser() -> argparse.ArgumentParser:
     parser = _Parser(
-        prog="keylock", description=_DESCRIPTION, formatter_class=argparse.RawTextHelpFormatter
+        prog="keylock",
+        description=_DESCRIPTION,
+        epilog=_EPILOG,
+        formatter_class=argparse.RawTextHelpFormatter,
     )
     parser.add_argument("--version", action="version", version=_version())
-    commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    commands = parser.add_subparsers(
+        dest="command", required=True, parser_class=_Parser, title="commands", metavar="COMMAND"
+    )
     bench = commands.add_parser(
         "bench",
-        help="contention benchmarks: every keylock backend against the peers",
+        help="contention benchmarks: each backend against the libraries you\n"
+        "would pick instead (progress on stderr)",
         description="By default a headline run of about three minutes: uncontended and one hot "
         "key for each backend (in-process, file, Redis) against its peers. --full runs every "
         "workload, Postgres's too (about twelve minutes).",
@@ -121,7 +124,8 @@ def _parser() -> argparse.ArgumentParser:
 
     inspect = commands.add_parser(
         "inspect",
-        help="list held locks: holder, token, TTL, waiters",
+        help="list held locks (token, TTL, waiters, holder) on a Redis server,\nin a Postgres "
+        "table or in a lock directory",
         description="List the locks (and semaphore or RW lock permits) held now: key\n"
         "(namespace:key for a namespaced lock), token, TTL left, waiters, holder.",
         epilog=_INSPECT_EXAMPLES,
@@ -144,8 +148,8 @@ def _parser() -> argparse.ArgumentParser:
 
     release = commands.add_parser(
         "release",
-        help="force-release one lock on Redis or Postgres (shows its holder, asks, releases "
-        "only it)",
+        help="force-release one lock on Redis or Postgres: shows its holder, asks,\nreleases "
+        "only that holder's lease",
         description="Break one lock (or one permit) on Redis or Postgres: the holder is shown,\n"
         "you confirm by typing its owner's first 8 hex digits, and only that holder's lease\n"
         "is deleted; the next waiter gets the key at once.",

@@ -163,3 +163,17 @@ def test_inspect_and_release_help_show_defaults_and_examples(
         assert f"examples:\n  keylock {command} " in out
         if command == "release":
             assert "--dir" not in out  # accepted only to say why it does not apply
+
+
+def test_the_top_level_help_lists_each_command_once(capsys: pytest.CaptureFixture[str]) -> None:
+    """``keylock --help`` lists bench, inspect and release once, under "commands", and says
+    how to see a command's options. Fails on the old code: a description listed them, then
+    "positional arguments" listed them again in other words."""
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    out = capsys.readouterr().out
+    firsts = [line.split()[0] for line in out.splitlines() if line.strip()]
+    for command in ("bench", "inspect", "release"):
+        assert firsts.count(command) == 1, out
+    assert "\ncommands:\n" in out
+    assert "keylock COMMAND --help" in out

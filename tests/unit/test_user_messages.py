@@ -177,3 +177,18 @@ def test_the_top_level_help_lists_each_command_once(capsys: pytest.CaptureFixtur
         assert firsts.count(command) == 1, out
     assert "\ncommands:\n" in out
     assert "keylock COMMAND --help" in out
+
+
+def test_a_backend_class_passed_for_a_backend_says_make_one() -> None:
+    """``KeyedLock(MemoryBackend)`` (the class, a forgotten ``()``) says to make an instance,
+    with the call for that class. Fails on the old code: "... not ABCMeta"."""
+    from keylock.backends import FileBackend, MemoryBackend
+
+    for cls, example in (
+        (MemoryBackend, "KeyedLock(MemoryBackend())"),
+        (FileBackend, "KeyedLock(FileBackend(directory))"),
+        (RedisBackend, "KeyedLock(RedisBackend.from_url(url))"),
+    ):
+        with pytest.raises(TypeError) as wrong:
+            KeyedLock(cls)  # type: ignore[arg-type]
+        assert f"not the class {cls.__name__}: make one, e.g. {example}" in str(wrong.value)

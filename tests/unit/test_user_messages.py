@@ -192,3 +192,25 @@ def test_a_backend_class_passed_for_a_backend_says_make_one() -> None:
         with pytest.raises(TypeError) as wrong:
             KeyedLock(cls)  # type: ignore[arg-type]
         assert f"not the class {cls.__name__}: make one, e.g. {example}" in str(wrong.value)
+
+
+def test_a_lease_passed_as_a_fencing_token_says_pass_lease_token() -> None:
+    """``fenced_update(db, "jobs", 1, lease, ...)`` (the lease, not its token) says "pass
+    lease.token", without naming keylock's internal block class. Fails on the old code:
+    "must be an int (lease.token), not SyncHold <Lease ...>: pass the lease's token
+    unchanged (a float or a string cannot be compared exactly)"."""
+    import sqlite3
+
+    from keylock.fencing import fenced_update
+
+    db = sqlite3.connect(":memory:")
+    locks = KeyedLock()
+    with locks.sync("job:1") as lease:
+        for given in (lease, locks.acquire_sync("job:2")):
+            with pytest.raises(TypeError) as wrong:
+                fenced_update(db, "jobs", 1, given, {"status": "DONE"})  # type: ignore[arg-type]
+            message = str(wrong.value)
+            assert message.startswith("fencing token for 'jobs:1' must be an int, not the lease")
+            assert message.endswith(": pass lease.token")
+            assert "Hold" not in message
+    db.close()

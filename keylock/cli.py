@@ -99,7 +99,7 @@ def _parser() -> argparse.ArgumentParser:
     bench.add_argument(
         "--plot",
         metavar="FILE",
-        help="also draw hand-offs/s against workers as a PNG (pip install 'python-keylock[plot]')",
+        help="also draw hand-offs/s against workers as a PNG (needs the plot extra)",
     )
     bench.add_argument(
         "--readme",

@@ -32,11 +32,22 @@ from ._console import (
 
 __all__ = ["CliError", "main", "printable", "redact"]
 
-_DESCRIPTION = """\
-keylock command line.
-  bench    keylock against the libraries users would pick instead (progress on stderr)
-  inspect  list held locks on a Redis server, in a Postgres table, or in a lock directory
-  release  force-release one lock on Redis or Postgres, after showing its holder
+_DESCRIPTION = "keylock's command line: benchmark it, list held locks, break a stuck one."
+
+_EPILOG = "Run 'keylock COMMAND --help' for the options of a command."
+
+_INSPECT_EXAMPLES = """\
+examples:
+  keylock inspect --redis-url redis://:PASSWORD@localhost:6379/0
+  keylock inspect --postgres-url postgresql://app:PASSWORD@db/app
+  keylock inspect --dir /run/lock/myapp
+"""
+
+_RELEASE_EXAMPLES = """\
+examples:
+  keylock release --force myapp:job:7 --redis-url redis://localhost:6379/0
+  keylock release --force myapp:job:7 --postgres-url postgresql://app@db/app \\
+      --owner 1f2e3d4c --yes     # without a terminal: only if that owner still holds it
 """
 
 _RELEASE_FORCE_HELP = (
@@ -61,14 +72,20 @@ def _version() -> str:
 
 def _parser() -> argparse.ArgumentParser:
     parser = _Parser(
-        prog="keylock", description=_DESCRIPTION, formatter_class=argparse.RawTextHelpFormatter
+        prog="keylock",
+        description=_DESCRIPTION,
+        epilog=_EPILOG,
+        formatter_class=argparse.RawTextHelpFormatter,
     )
     parser.add_argument("--version", action="version", version=_version())
-    commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    commands = parser.add_subparsers(
+        dest="command", required=True, parser_class=_Parser, title="commands", metavar="COMMAND"
+    )
     bench = commands.add_parser(
         "bench",
-        help="contention benchmarks: every keylock backend against the peers",
-        description="By default a headline run of about two minutes: uncontended and one hot "
+        help="contention benchmarks: each backend against the libraries you\n"
+        "would pick instead (progress on stderr)",
+        description="By default a headline run of about three minutes: uncontended and one hot "
         "key for each backend (in-process, file, Redis) against its peers. --full runs every "
         "workload, Postgres's too (about twelve minutes).",
     )
@@ -82,7 +99,7 @@ def _parser() -> argparse.ArgumentParser:
     bench.add_argument(
         "--plot",
         metavar="FILE",
-        help="also draw hand-offs/s against workers as a PNG (pip install 'python-keylock[plot]')",
+        help="also draw hand-offs/s against workers as a PNG (needs the plot extra)",
     )
     bench.add_argument(
         "--readme",
@@ -105,28 +122,54 @@ def _parser() -> argparse.ArgumentParser:
         "one; keylock's rows go to a table of the run's own, dropped at the end (even on Ctrl-C)",
     )
 
-    inspect = commands.add_parser("inspect", help="list held locks: holder, token, TTL, waiters")
+    inspect = commands.add_parser(
+        "inspect",
+        help="list held locks (token, TTL, waiters, holder) on a Redis server,\nin a Postgres "
+        "table or in a lock directory",
+        description="List the locks (and semaphore or RW lock permits) held now: key\n"
+        "(namespace:key for a namespaced lock), token, TTL left, waiters, holder.",
+        epilog=_INSPECT_EXAMPLES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     where = inspect.add_mutually_exclusive_group(required=True)
     where.add_argument(
         "--postgres-url", help="a PostgresBackend's database, e.g. postgresql://user@host/db"
     )
     where.add_argument("--redis-url", help="a RedisBackend's server, e.g. redis://host:6379/0")
     where.add_argument("--dir", help="a FileBackend's lock directory")
-    inspect.add_argument("--prefix", default="keylock", help="RedisBackend prefix")
-    inspect.add_argument("--table", default="keylock_leases", help="PostgresBackend table")
+    inspect.add_argument(
+        "--prefix", default="keylock", help="the RedisBackend's prefix= (default: %(default)s)"
+    )
+    inspect.add_argument(
+        "--table",
+        default="keylock_leases",
+        help="the PostgresBackend's table= (default: %(default)s)",
+    )
 
     release = commands.add_parser(
         "release",
-        help="force-release one lock on Redis or Postgres (shows its holder, asks, releases "
-        "only it)",
+        help="force-release one lock on Redis or Postgres: shows its holder, asks,\nreleases "
+        "only that holder's lease",
+        description="Break one lock (or one permit) on Redis or Postgres: the holder is shown,\n"
+        "you confirm by typing its owner's first 8 hex digits, and only that holder's lease\n"
+        "is deleted; the next waiter gets the key at once.",
+        epilog=_RELEASE_EXAMPLES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     release.add_argument("key", help="the key as stored, namespace included (ns:key)")
     release.add_argument("--force", action="store_true", required=True, help=_RELEASE_FORCE_HELP)
     store = release.add_mutually_exclusive_group(required=True)
     store.add_argument("--redis-url", help="the RedisBackend's server")
     store.add_argument("--postgres-url", help="the PostgresBackend's database")
-    release.add_argument("--prefix", default="keylock", help="RedisBackend prefix")
-    release.add_argument("--table", default="keylock_leases", help="PostgresBackend table")
+    store.add_argument("--dir", help=argparse.SUPPRESS)  # refused with the reason, not "unknown"
+    release.add_argument(
+        "--prefix", default="keylock", help="the RedisBackend's prefix= (default: %(default)s)"
+    )
+    release.add_argument(
+        "--table",
+        default="keylock_leases",
+        help="the PostgresBackend's table= (default: %(default)s)",
+    )
     release.add_argument(
         "--owner",
         help="release only if this owner (as `inspect` showed it, or its first 8+ hex digits) "
@@ -214,6 +257,13 @@ def _collect(found: Iterator[HeldLock], args: argparse.Namespace) -> list[HeldLo
 def _release(args: argparse.Namespace) -> int:
     from ._inspect import inspect_postgres, inspect_redis
 
+    if args.dir is not None:
+        raise CliError(
+            "release --force does not apply to a lock directory: a FileBackend lock is an OS "
+            "lock of a live process, freed only when that process ends (keylock inspect --dir "
+            "shows its pid)",
+            code=2,
+        )
     named = _owner_prefix(args.owner)
 
     if args.postgres_url:
@@ -224,10 +274,22 @@ def _release(args: argparse.Namespace) -> int:
         found = inspect_redis(args.redis_url, prefix=args.prefix)
     holder = next((lock for lock in _collect(found, args) if lock.key == args.key), None)
     if holder is None or holder.owner is None:
-        print(f"{printable(args.key)!r} is not held")
+        # the commonest miss: a key passed without the namespace it is stored under
+        print(
+            f"{printable(args.key)!r} is not held (a namespaced key is stored as "
+            "namespace:key; keylock inspect lists the held keys as they are stored)"
+        )
         return 1
     ttl = "no expiry" if holder.ttl is None else f"expires in {holder.ttl:.1f} s"
     print(f"{printable(args.key)!r} is held: token {holder.token}, {_describe(holder)}, {ttl}")
+    if holder.permits is not None and not args.postgres_url:
+        # the Redis force-release script knows lock keys only: say so rather than report the
+        # permit "no longer held" after a prompt
+        raise CliError(
+            f"release --force of a semaphore or RW lock permit ({printable(args.key)!r}) is not "
+            "supported on Redis: a stuck permit lapses at its TTL once its holder stops "
+            "renewing it (ending the holder's process frees it within one TTL)"
+        )
     if named is not None and not holder.owner.startswith(named):
         shown = printable(args.key)
         print(f"not released: {shown!r} is held by owner {holder.owner} now, not {named}")

@@ -95,6 +95,11 @@ def _check_token(resource: object, token: object) -> int:
     try:
         value = operator.index(token)  # type: ignore[arg-type]  # int, numpy ints; not float
     except TypeError:
+        if isinstance(getattr(token, "token", None), int):  # the lease (or its block) itself
+            raise TypeError(
+                f"fencing token for {resource!r} must be an int, not the lease {token!r}: "
+                "pass lease.token"
+            ) from None
         raise TypeError(
             f"fencing token for {resource!r} must be an int (lease.token), not "
             f"{type(token).__name__} {token!r}: pass the lease's token unchanged (a float or "

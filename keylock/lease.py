@@ -144,6 +144,11 @@ class Lease:
         return True
 
     @property
+    def _shown_key(self) -> str:
+        # as errors name it: "namespace:key" (the backend's key joins them with NUL)
+        return self._full_key.replace("\x00", ":")
+
+    @property
     def released(self) -> bool:
         """True once release() was called."""
         return bool(self._state & _RELEASED)
@@ -187,7 +192,7 @@ class Lease:
     def _report_lost(self, *, cancel: bool) -> None:
         """Tell the holder: log, observer, on_lost, then cancel its block if asked to (decided
         here, on the holder's loop, so a block that already ended is never cancelled)."""
-        logger.warning("keylock: lease %d on %r was lost", self.token, self.key)
+        logger.warning("keylock: lease %d on %r was lost", self.token, self._shown_key)
         host = self._host
         observer = host.observer
         if observer is not None:
@@ -213,7 +218,11 @@ class Lease:
                     f"the lock on {self.key!r} was never acquired: nothing to release"
                 )
             if state & _RELEASED:
-                raise RuntimeError(f"lease {self.token} on {self.key!r} was already released")
+                raise RuntimeError(
+                    f"lease {self.token} on {self._shown_key!r} was already released: a lease "
+                    "is released once (a with block releases it on exit); acquire the key "
+                    "again to hold it"
+                )
             self._state = state | _RELEASED
         if state & _TRACKED:
             self._host.backend._untrack(self)
@@ -257,7 +266,10 @@ class Lease:
 
     def _extend_ttl(self, ttl: float | None) -> float:
         if self._state & _RELEASED:
-            raise RuntimeError(f"lease {self.token} on {self.key!r} was released: cannot extend")
+            raise RuntimeError(
+                f"lease {self.token} on {self._shown_key!r} was released: cannot extend it; "
+                "acquire the key again to hold it"
+            )
         ttl = check_ttl(ttl if ttl is not None else self.ttl, self.key)
         if ttl is None:
             raise ValueError(

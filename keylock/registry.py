@@ -38,6 +38,14 @@ def not_a_backend(what: str, given: object) -> TypeError:
                 "; for a URL use RedisBackend.from_url(url) or PostgresBackend.from_url(url), "
                 "for a directory FileBackend(path)"
             )
+    if isinstance(given, type):  # the class itself, a forgotten ()
+        name = given.__name__
+        made = {"MemoryBackend": "MemoryBackend()", "FileBackend": "FileBackend(directory)"}
+        example = made.get(name, f"{name}.from_url(url)" if hasattr(given, "from_url") else "")
+        return TypeError(
+            f"{what}() takes a keylock backend instance, not the class {name}: make one"
+            + (f", e.g. {what}({example})" if example else "")
+        )
     return TypeError(
         f"{what}() takes a keylock backend (MemoryBackend, FileBackend, RedisBackend, "
         f"PostgresBackend), not {type(given).__name__}{hint}"

@@ -111,9 +111,17 @@ class Deadline:
         return now >= self.at
 
     def expired(self) -> LockTimeout:
+        if self.timeout == 0:  # a try: telling its caller to wait longer would contradict it
+            return LockTimeout(
+                f"lock {self.key!r} was not granted: another holder has it, and timeout=0 "
+                "tries once without waiting; skip it or retry later, or pass timeout=SECONDS "
+                "to wait for it",
+                key=self.key,
+            )
         return LockTimeout(
             f"lock {self.key!r} was not granted within {self.timeout}s: another holder still "
-            "has it; raise the timeout, or use timeout=None to wait until it is free",
+            "has it, and nothing was granted; raise the timeout, or use timeout=None to wait "
+            "until it is free",
             key=self.key,
         )
 

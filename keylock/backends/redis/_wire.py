@@ -68,6 +68,14 @@ def describe(exc: BaseException) -> str:
     text = str(exc)
     if isinstance(exc, redis.sentinel.MasterNotFoundError):
         text = text.partition(" : ")[0] + " (the Sentinels name no primary that is up)"
+    if isinstance(exc, redis.AuthenticationError) or text.startswith("NOAUTH"):
+        if text.startswith("HELLO must be called"):  # RESP3 servers' way to say NOAUTH
+            text = "the server requires a password and none was given"
+        # the hint is added after redact(), which would mask its placeholders
+        return (
+            f"{redact(text).rstrip('.')} (put the right password in the URL, "
+            "redis://:PASSWORD@HOST:PORT/DB, or pass password=...)"
+        )
     return redact(text) or type(exc).__name__
 
 

@@ -27,6 +27,7 @@ repaired, so it can never let a stale write through.
 from __future__ import annotations
 
 import hashlib
+import inspect
 import operator
 import re
 from typing import TYPE_CHECKING, Protocol, cast
@@ -135,12 +136,25 @@ def _keys(resource: str, prefix: str) -> list[str]:
     return Layout(prefix).fenced(resource)
 
 
-def _boundary(resource: str, client: object) -> contextlib.AbstractContextManager[None]:
+def _boundary(
+    resource: str, client: object, call: str, *, awaited: bool
+) -> contextlib.AbstractContextManager[None]:
     """Redis errors become BackendUnavailable naming the server (redis is imported only here:
-    whoever calls these has a redis client already)."""
+    whoever calls these has a redis client already). A client of the other flavour than
+    *call* (an asyncio one given to a ``_sync`` twin, or the reverse) is a TypeError before
+    any I/O: it would write, then fail on the reply, telling the caller nothing was written."""
     from .backends.redis._clients import address
     from .backends.redis._wire import map_errors
 
+    execute = getattr(client, "execute_command", None)
+    if execute is not None and inspect.iscoroutinefunction(execute) is not awaited:
+        twin = call.removesuffix("_sync") if call.endswith("_sync") else f"{call}_sync"
+        kind = "an asyncio client" if not awaited else "a sync client"
+        raise TypeError(
+            f"{call}({resource!r}, ...) got {type(client).__name__}, {kind}: call {twin} with "
+            f"it, or give {call} a {'redis.asyncio' if awaited else 'redis'}.Redis "
+            "(nothing was sent)"
+        )
     return map_errors(resource, address(client))
 
 
@@ -200,7 +214,7 @@ def fenced_set_sync(
 
     digits = _check_set(resource, token, value)
     keys = _keys(resource, prefix)
-    with _boundary(resource, client):
+    with _boundary(resource, client, "fenced_set_sync", awaited=False):
         try:
             reply = client.evalsha(_SHA, 2, *keys, digits, value)
         except NoScriptError:
@@ -221,7 +235,7 @@ async def fenced_set(
 
     digits = _check_set(resource, token, value)
     keys = _keys(resource, prefix)
-    with _boundary(resource, client):
+    with _boundary(resource, client, "fenced_set", awaited=True):
         try:
             reply = await client.evalsha(_SHA, 2, *keys, digits, value)
         except NoScriptError:
@@ -234,7 +248,7 @@ def fenced_get_sync(
 ) -> tuple[bytes | None, int | None]:
     """The stored value and the highest token accepted for *resource* (ValueError if the
     stored fence is not a token)."""
-    with _boundary(resource, client):
+    with _boundary(resource, client, "fenced_get_sync", awaited=False):
         value, fence = client.mget(_keys(resource, prefix))
     return cast("bytes | None", value), _fence(resource, fence)
 
@@ -243,7 +257,7 @@ async def fenced_get(
     client: redis.asyncio.Redis, resource: str, *, prefix: str = "keylock:fenced"
 ) -> tuple[bytes | None, int | None]:
     """Async twin of :func:`fenced_get_sync`."""
-    with _boundary(resource, client):
+    with _boundary(resource, client, "fenced_get", awaited=True):
         value, fence = await client.mget(_keys(resource, prefix))
     return cast("bytes | None", value), _fence(resource, fence)
 

@@ -44,6 +44,33 @@ async def test_redis_fence_async_twin(redis_server: Server) -> None:
     await client.aclose()
 
 
+async def test_a_client_of_the_other_flavour_is_refused_before_any_write(
+    client: redis.Redis, redis_server: Server
+) -> None:
+    """A sync client given to the async twin (or the reverse) is a TypeError naming the twin
+    to call, and nothing is written. Fails on the old code: fenced_set wrote with the sync
+    client, then raised "object list can't be used in 'await' expression", so a caller told
+    the write failed found it done."""
+    import redis.asyncio
+
+    from keylock.fencing import fenced_get
+
+    with pytest.raises(TypeError, match="call fenced_set_sync with it"):
+        await fenced_set(client, "invoice:9", 5, "written?")  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="call fenced_get_sync with it"):
+        await fenced_get(client, "invoice:9")  # type: ignore[arg-type]
+    assert fenced_get_sync(client, "invoice:9") == (None, None)  # nothing was written
+    aclient = redis.asyncio.Redis.from_url(redis_server.url)
+    try:
+        with pytest.raises(TypeError, match="call fenced_set with it"):
+            fenced_set_sync(aclient, "invoice:9", 5, "written?")  # type: ignore[arg-type]
+        with pytest.raises(TypeError, match="call fenced_get with it"):
+            fenced_get_sync(aclient, "invoice:9")  # type: ignore[arg-type]
+    finally:
+        await aclient.aclose()
+    assert fenced_get_sync(client, "invoice:9") == (None, None)
+
+
 def test_sql_fence_pattern_with_sqlite() -> None:
     db = sqlite3.connect(":memory:")
     db.execute("CREATE TABLE jobs (id INTEGER PRIMARY KEY, status TEXT, fence INTEGER)")

@@ -42,3 +42,25 @@ def test_a_redis_url_says_it_is_one(url: str) -> None:
     text = str(info.value)
     assert "s3cret" not in text, text
     assert "RedisBackend.from_url(url)" in text, text
+
+
+@pytest.mark.parametrize(
+    ("options", "near"),
+    [({"tll": 5}, "ttl"), ({"sslmod": "disable"}, "sslmode"), ({"durabel": True}, "durable")],
+)
+def test_a_misspelt_option_is_a_type_error_at_once(options: dict[str, object], near: str) -> None:
+    """An option that is neither from_url's nor psycopg.connect's (a libpq parameter) is a
+    TypeError naming it and the nearest known one, before any connection. Fails on the old
+    code: from_url took it, and the first acquire came back BackendUnavailable ('invalid
+    connection option'), a config bug reported as an outage."""
+    with pytest.raises(TypeError, match=f"did you mean {near!r}") as info:
+        PostgresBackend.from_url("postgresql://app:s3cret-pw@host/app", **options)
+    assert next(iter(options)) in str(info.value)
+    assert "s3cret" not in str(info.value)
+
+
+def test_libpq_and_psycopg_options_are_taken() -> None:
+    backend = PostgresBackend.from_url(
+        "postgresql://app@host/app", sslmode="disable", application_name="x", prepare_threshold=3
+    )
+    backend.close_sync()

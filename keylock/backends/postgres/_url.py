@@ -4,13 +4,22 @@ echoes the whole string, password included, so its text is scrubbed before it is
 
 from __future__ import annotations
 
+import difflib
+import functools
 import re
+from typing import TYPE_CHECKING
 from urllib.parse import unquote
 
 import psycopg
 from psycopg.conninfo import conninfo_to_dict
 
-__all__ = ["check_url", "redact"]
+if TYPE_CHECKING:
+    from collections.abc import Collection, Mapping
+
+__all__ = ["check_options", "check_url", "redact"]
+
+# psycopg.connect's own keyword arguments, beside the libpq connection parameters
+_PSYCOPG_ARGS = ("autocommit", "prepare_threshold", "context", "row_factory", "cursor_factory")
 
 _FORM = (
     "expected postgresql://user:password@host:port/dbname (or postgres://...), "
@@ -78,3 +87,28 @@ def check_url(url: str) -> None:
     for secret in _secrets(url):
         reason = reason.replace(secret, "***")
     raise ValueError(f"bad Postgres URL {shown!r}: {reason}; {_FORM}")
+
+
+@functools.cache
+def _parameters() -> frozenset[str]:
+    """Every keyword ``psycopg.connect`` takes: libpq's connection parameters, and its own."""
+    libpq = (option.keyword.decode() for option in psycopg.pq.Conninfo.get_defaults())
+    return frozenset((*libpq, *_PSYCOPG_ARGS))
+
+
+def check_options(options: Mapping[str, object], own: Collection[str]) -> None:
+    """Return if every key of *options* is a keyword ``psycopg.connect`` takes; else raise
+    TypeError naming the first unknown one and the nearest known (among them and *own*, the
+    caller's own keywords): a typo such as ``tll=5`` would otherwise reach the server at the
+    first call and come back as BackendUnavailable. Values are never shown."""
+    unknown = sorted(set(options) - _parameters())
+    if not unknown:
+        return
+    name = unknown[0]
+    near = difflib.get_close_matches(name, sorted(_parameters() | set(own)), n=1)
+    hint = f"; did you mean {near[0]!r}?" if near else ""
+    raise TypeError(
+        f"PostgresBackend.from_url() got an unexpected keyword argument {name!r}{hint} (it "
+        "takes its own options and psycopg.connect's: libpq connection parameters such as "
+        "sslmode or application_name)"
+    )

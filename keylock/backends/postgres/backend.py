@@ -4,6 +4,7 @@ tokens floored at the server clock, and one renewer thread per backend."""
 from __future__ import annotations
 
 import contextlib
+import inspect
 import os
 import time
 from typing import TYPE_CHECKING, cast
@@ -169,8 +170,10 @@ class PostgresBackend(Unclosed, AutoRenewed, TieredBackend):
         ``durable=True``: logged tables, and the WAL flushed at every grant (see the class
         docstring)."""
         from . import _wire
-        from ._url import check_url
+        from ._url import check_options, check_url
 
+        own = inspect.signature(cls.from_url).parameters  # (for the nearest name to a typo)
+        check_options(connect_options, [name for name in own if name != "connect_options"])
         options = {"connect_timeout": max(int(connect_timeout), 1), **connect_options}
         check_url(url)  # a malformed URL: ValueError with the expected form, no password
         pool = _wire.sync_pool(url, options, pool_size, connect_timeout)

@@ -19,6 +19,7 @@ import contextlib
 import random
 import time
 from collections.abc import AsyncIterator, Iterator
+from typing import Any
 
 import pytest
 import redis
@@ -245,13 +246,22 @@ async def test_checker_catches_a_renewer_that_trusts_its_own_requests(
 # ----------------------------------------------------------------------------- lost releases
 
 
-async def _queued(server: Server, locks: KeyedLock, key: str, waiting: int) -> None:
-    """Until *waiting* callers are in *key*'s queue on Redis (no event tells: poll the zset)."""
+async def _queued(
+    server: Server, locks: KeyedLock, key: str, waiting: int, task: asyncio.Future[Any]
+) -> None:
+    """Until *waiting* callers are in *key*'s queue on Redis (no event tells: poll the zset),
+    or *task*, the caller expected to queue last, has ended first: a far waiter can fail
+    before it queues on a loaded host (its handshake through the proxy past the 0.4 s socket
+    timeout), and the trial goes on without it. Bounded."""
     queue = locks.backend.layout.lock(locks._prefix + key)[2]  # type: ignore[attr-defined]
     raw = redis.asyncio.Redis.from_url(server.url)
-    while await raw.zcard(queue) < waiting:
-        await asyncio.sleep(0.002)
-    await raw.aclose()
+    deadline = time.monotonic() + 60
+    try:
+        while await raw.zcard(queue) < waiting and not task.done():
+            assert time.monotonic() < deadline, f"{waiting} callers never queued for {key!r}"
+            await asyncio.sleep(0.002)
+    finally:
+        await raw.aclose()
 
 
 async def _lost_release_trial(
@@ -297,9 +307,9 @@ async def _lost_release_trial(
     # the near waiter first: a partitioned waiter at the head of the line would hold the key
     # for everyone behind it until its place lapses (3 polls + 1 s), by design
     near_task = asyncio.create_task(wait(near, f"near#{n}", 6 * TTL))
-    await _queued(server, near, "res", 1)
+    await _queued(server, near, "res", 1, near_task)
     far_task = asyncio.create_task(wait(far_waiter, f"far-waiter#{n}", 2 * TTL))
-    await _queued(server, near, "res", 2)
+    await _queued(server, near, "res", 2, far_task)
     proxy.set(up_drop=lost == "request", down_drop=lost == "reply")
     grant.released_at = time.monotonic()
     started = time.monotonic()
@@ -487,7 +497,7 @@ async def test_a_late_hand_off_message_does_not_outlive_the_lease(
     third = KeyedLock(RedisBackend.from_url(server.url, ttl=1.0, auto_renew=False))
     held = await first.acquire("k")
     waiting = asyncio.create_task(far.acquire("k", timeout=10))
-    await _queued(server, far, "k", 1)
+    await _queued(server, far, "k", 1, waiting)
     proxy.set(down_delay=0.5)  # replies and pub/sub messages to the far client, 0.5 s late
     history.granted(
         Grant("k", held.token, "first", time.monotonic(), None)

@@ -35,9 +35,13 @@ KEYS = ("k0", "k1")
 async def _queued(url: str, backend: RedisBackend, key: str, waiting: int) -> None:
     """Until *waiting* callers are in *key*'s queue on Redis (no event tells: poll the zset)."""
     raw = redis.asyncio.Redis.from_url(url)
-    while await raw.zcard(backend.layout.lock(key)[2]) < waiting:
-        await asyncio.sleep(0.005)
-    await raw.aclose()
+    deadline = time.monotonic() + 60
+    try:
+        while await raw.zcard(backend.layout.lock(key)[2]) < waiting:
+            assert time.monotonic() < deadline, f"{waiting} callers never queued for {key!r}"
+            await asyncio.sleep(0.005)
+    finally:
+        await raw.aclose()
 
 
 @dataclass

@@ -67,6 +67,9 @@ NOISY = 0.20
 #: The fewest runs a row's spread is stated over in a headline or full run.
 MIN_RUNS = 5
 
+#: How to get the peers and servers a row needs (not on PyPI yet: from a checkout).
+INSTALL = "pip install '.[bench]' in a checkout, or 'python-keylock[bench]' once published"
+
 #: The clock of a workload run by one thread alone (uncontended, single-flight): the CPU time
 #: of the calling thread. Wall time also counts the time another process had the core; on a
 #: shared 2-core VM that swung seven runs of the async acquire+release by +-20% to +-83% while

@@ -12,7 +12,7 @@ from contextlib import AbstractAsyncContextManager
 
 from .. import KeyedLock, SingleFlight
 from . import inproc, observability
-from .harness import Row, Suite, cpu_clock, interleave, measure
+from .harness import INSTALL, Row, Suite, cpu_clock, interleave, measure
 from .progress import Step
 
 __all__ = ["steps"]
@@ -99,7 +99,7 @@ def _uncontended_async(suite: Suite, repeats: int) -> None:
     )
     for name, make in subjects:
         if make is None:
-            suite.say(f"{name}: not installed, skipped (pip install 'python-keylock[bench]')")
+            suite.say(f"{name}: not installed, skipped ({INSTALL})")
             continue
         values = figures[name]
         suite.add(

@@ -17,7 +17,7 @@ from collections.abc import Callable, Sequence
 from contextlib import AbstractAsyncContextManager, AbstractContextManager
 
 from .. import KeyedRWLock, KeyedSemaphore
-from .harness import Row, Suite, cpu_clock, interleave, rotated
+from .harness import INSTALL, Row, Suite, cpu_clock, interleave, rotated
 from .progress import Step
 
 __all__ = ["steps"]
@@ -174,9 +174,7 @@ def _rows(
     present = [(name, make) for name, make in subjects if make is not None]
     for name, make in subjects:
         if make is None:
-            suite.say(
-                f"{workload} / {name}: not installed, skipped (pip install 'python-keylock[bench]')"
-            )
+            suite.say(f"{workload} / {name}: not installed, skipped ({INSTALL})")
     figures: dict[str, list[float]] = {name: [] for name, _ in present}
     violations: dict[str, int] = {name: 0 for name, _ in present}
     for _, name, make in rotated(present, repeats):

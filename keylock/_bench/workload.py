@@ -7,7 +7,7 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping, Sequence
 
 from .contend import Run
-from .harness import Row, Suite, rotated, wait_figures
+from .harness import INSTALL, Row, Suite, rotated, wait_figures
 from .progress import Step
 from .zipf import SEED, zipf_indices
 
@@ -130,9 +130,7 @@ def _interleaved(
     present = [(name, run) for name, run in subjects if run is not None]
     for name, run in subjects:
         if run is None:
-            suite.say(
-                f"{workload} / {name}: not installed, skipped (pip install 'python-keylock[bench]')"
-            )
+            suite.say(f"{workload} / {name}: not installed, skipped ({INSTALL})")
     runs: dict[str, list[Run]] = {name: [] for name, _ in present}
     # interleaved, so drift in machine speed hits every subject alike; rotated, so no subject
     # always runs right after the same one

@@ -36,7 +36,7 @@ if (v[1] or '0') == '0' and (v[2] or '0') == '0' and not v[6]
   local lapsed = tonumber(v[4] or '0')
   local took = '0'
   local token = string.format('%.0f', math.max(tonumber(v[3] or '0') + 1, clock))
-  local expires = now_ms + 1 + tonumber(ARGV[2])  -- (+ 1: see Expiry in _permit_scripts)
+  local expires = now_ms + tonumber(ARGV[2])
   if lapsed > 0 then
     took = '1'
     lapsed = lapsed - math.min(lapsed, weight)

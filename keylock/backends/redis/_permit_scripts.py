@@ -21,11 +21,6 @@ departure mark. PERMIT_EXTEND and PERMIT_STATS take fewer (see each).
   line is served in order and stops at the first waiter that does not fit, so a waiting writer
   blocks the readers behind it. A try (no wait) is granted only when the line is empty.
 - One token counter per permit key: max(last + 1, server clock in µs), as for locks.
-- Expiry: a permit granted or extended for *ttl* ms lapses at ``now_ms + 1 + ttl``, the
-  server's clock in whole ms being up to 1 ms behind its clock in µs: it lives at least its
-  TTL from the moment it is granted, so a client that dates it from before its request never
-  believes it live after it lapsed (a Redis key's PX expiry, which the lock uses, lapses only
-  after its last ms, for the same effect).
 - The limit: a request whose limit differs from the one recorded while anyone holds or waits
   gets ``{-1, recorded limit}`` and changes nothing; the record goes with the last holder and
   waiter.
@@ -197,7 +192,7 @@ local function serve(key, caller)
     if head == caller then return true, false end
     -- the waiter gets its permit for its claim window only (its renewer, or its acquire,
     -- extends it to the full TTL): one that died in line holds it that long
-    local token, took = grant(head, weight, now_ms + 1 + tonumber(claim_ms))
+    local token, took = grant(head, weight, now_ms + tonumber(claim_ms))
     -- a permit that took one over is announced with a claim of 0 ms: the waiter asks with
     -- its acquire, whose reply says took_over. The key goes last (it may contain NUL).
     local shown = took == '1' and '0' or claim_ms
@@ -249,7 +244,7 @@ end
 if record then
   -- granted already: a retried call, or a waiter re-checking a hand-off whose claim window
   -- it may have overslept; either way it holds the permit now, for the whole TTL
-  local expires = now_ms + 1 + tonumber(ARGV[2])
+  local expires = now_ms + tonumber(ARGV[2])
   redis.call('ZADD', KEYS[2], 'XX', fmt(expires), ARGV[1])
   keep(expires, false)
   -- always a write (the ZADD may change nothing within one ms): a WAIT after this call
@@ -271,7 +266,7 @@ local weight = tonumber(ARGV[8])
 local served, blocked = false, false
 if head then served, blocked = serve(ARGV[9], ARGV[1]) end
 if served or (not blocked and fits(weight)) then
-  local token, took = grant(ARGV[1], weight, now_ms + 1 + tonumber(ARGV[2]))
+  local token, took = grant(ARGV[1], weight, now_ms + tonumber(ARGV[2]))
   finish()
   return {1, token, tonumber(ARGV[2]), tonumber(took)}
 end
@@ -361,7 +356,7 @@ local solo = v[1] == ARGV[1]  -- (the fast path's lone holder: its expiry is in 
 local expiry = v[2]
 if not solo then expiry = redis.call('ZSCORE', KEYS[2], ARGV[1]) end
 if not expiry or tonumber(expiry) <= now_ms then return 0 end
-local expires = now_ms + 1 + tonumber(ARGV[2])
+local expires = now_ms + tonumber(ARGV[2])
 if solo then
   redis.call('HSET', KEYS[1], 'solo_expires', string.format('%.0f', expires))
 else

@@ -366,6 +366,31 @@ def test_a_lone_holder_is_extended_and_taken_over_when_it_lapses(arbiter: Arbite
     assert arbiter.release(owner(2)) == 1
 
 
+@pytest.mark.parametrize("lone", [True, False], ids=["lone-holder", "zset-holder"])
+def test_a_permit_is_taken_over_no_sooner_than_its_full_ttl(arbiter: Arbiter, lone: bool) -> None:
+    """A permit granted at server time t (its token, in us) lapses no sooner than t + TTL: a
+    client counts the TTL from before it sent the request, and must never believe a permit
+    live that the server has already given away. Each trial spins a second caller's tries
+    until it takes the lapsed permit over, and compares the two tokens. Fails before: the
+    scripts dropped a holder once the server's clock, in whole ms, reached floor(t) + TTL, up
+    to 1 ms early (the chaos row's "4 leases of weight 4 > limit 3": a takeover 0.6 ms
+    before the expiry the paused holder was told)."""
+    ttl_ms, limit = 5, 1 if lone else 2
+    if not lone:  # a second, long-lived holder: the short one is kept in the holders zset
+        arbiter.acquire(owner(100), limit=limit)
+    for trial in range(20):
+        first, second = owner(2 * trial + 1), owner(2 * trial + 2)
+        granted, token, *_ = arbiter.acquire(first, limit=limit, ttl_ms=ttl_ms)
+        assert granted == 1
+        deadline = time.monotonic() + 5
+        while (reply := arbiter.acquire(second, limit=limit))[0] != 1:
+            assert time.monotonic() < deadline
+        assert reply[3] == 1  # it took the lapsed permit over
+        assert reply[1] >= token + ttl_ms * 1000, (trial, token, reply[1])
+        assert arbiter.release(second) == 1
+        assert arbiter.release(first) == 0  # lost
+
+
 @pytest.mark.parametrize("key", ["agent:42", "a}b", "{x}", "ns\0job", "é/ü"])
 def test_every_key_of_a_permit_key_shares_one_hash_tag_apart_from_the_lock(key: str) -> None:
     layout = Layout("keylock")

@@ -8,6 +8,7 @@ import asyncio
 import os
 import threading
 import time
+import types
 
 import pytest
 import redis
@@ -15,6 +16,9 @@ import redis
 from keylock import KeyedLock, KeyedRWLock, KeyedSemaphore, LeaseLost, LimitMismatch
 from keylock.backends import RedisBackend
 from keylock.backends.base import RW_LIMIT
+from keylock.backends.redis import _listener
+from keylock.backends.redis._flow import ServerClock
+from keylock.backends.redis._listener import HandOff, Waiting
 from keylock.backends.redis._permits import RedisPermits
 
 from .._redis_server import Server
@@ -252,3 +256,51 @@ def test_inspect_lists_permit_keys_beside_locks(
         lease.release_sync()
     assert list(inspect_redis(url)) == []
     backend.close_sync()
+
+
+def test_a_hand_off_dated_across_a_stall_never_outlives_its_wall_clock_expiry(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The listener dates a hand-off with two clock readings, wall (its expiry) and monotonic
+    (its claim window's end, which decides whether the waiter adopts it without asking).
+    Here the listener thread stalls 0.1 s between them (on a loaded host: waiting for the
+    GIL, or descheduled): the window's end must not move past the expiry. Fails before: the
+    monotonic reading came second, so the stall moved the window's end 0.1 s late, and a
+    waiter could adopt a permit that the server had already given away."""
+    offset = 1e9  # wall clock - monotonic clock
+
+    class Stalling:
+        """A clock that stalls 0.1 s after its first reading (of either kind)."""
+
+        def __init__(self) -> None:
+            self.at = 1000.0
+            self.read = False
+
+        def _tick(self) -> float:
+            at = self.at
+            if not self.read:
+                self.read, self.at = True, at + 0.1
+            return at
+
+        def monotonic(self) -> float:
+            return self._tick()
+
+        def time(self) -> float:
+            return self._tick() + offset
+
+    clock = ServerClock()
+    clock.reading = (0.0, 0.0005)  # the server's clock is ours, to 0.5 ms
+    waiting = Waiting(lambda: None, "wake", clock, "test")  # type: ignore[arg-type,return-value]
+    owner = b"\x01" * 16
+    flow = types.SimpleNamespace(handed=None)
+    woken: list[bool] = []
+    waiter = types.SimpleNamespace(wake=lambda: woken.append(True))
+    waiting.waiters["api"] = {owner: (flow, waiter)}  # type: ignore[dict-item]
+    granted_us = str(int((1000.0 + offset - 0.02) * 1e6)).encode()  # 20 ms before
+    monkeypatch.setattr(_listener, "time", Stalling())
+    waiting.deliver(HandOff("api", owner, 7, granted_us, 0.08))
+    handed = flow.handed
+    assert woken == [True]
+    assert handed.token == 7
+    assert handed.expires_at < 1000.0 + offset + 0.06  # the 80 ms window, granted 20 ms ago
+    assert handed.deadline <= handed.expires_at - offset  # not a moment past it

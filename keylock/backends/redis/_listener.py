@@ -251,9 +251,12 @@ class Waiting:
         if found is None:
             return
         flow, waiter = found
+        # the monotonic clock first: a stall between the two readings (this thread waiting for
+        # the GIL on a loaded host) then dates the claim window's end earlier, never later
+        mono = time.monotonic()
         now = time.time()
         expires_at = self._clock.handed_expiry(hand_off.granted_us, hand_off.claim, now)
-        flow.handed = Handed(hand_off.token, expires_at, time.monotonic() + expires_at - now)
+        flow.handed = Handed(hand_off.token, expires_at, mono + expires_at - now)
         waiter.wake()
 
     def stop(self) -> None:

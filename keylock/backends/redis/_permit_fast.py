@@ -70,7 +70,7 @@ if record and (v[2] or '0') == '0' then
   local now = redis.call('TIME')
   local now_ms = tonumber(now[1]) * 1000 + math.floor(tonumber(now[2]) / 1000)
   if not solo then expiry = redis.call('ZSCORE', KEYS[2], ARGV[1]) end
-  if expiry and tonumber(expiry) > now_ms then
+  if expiry and tonumber(expiry) >= now_ms then  -- (live through its ms: see purge)
     local used = 0  -- (a lone holder is the only one)
     if not solo then
       used = tonumber(v[1] or '0') - tonumber(string.match(record, '^%d+ (%d+)'))

@@ -11,9 +11,10 @@ taken over yet, ``o:<owner>`` -> ``"<token> <weight> <took over 0|1>"`` per hold
 ``solo``/``solo_rec``/``solo_expires``: the lone holder of an uncontended grant, its record and
 expiry, until ``load`` moves it to an ``o:`` field and KEYS[2]; ``''``: none), KEYS[2] the
 holders (zset owner -> expiry, server ms: a holder that stops renewing loses its permit at its
-own TTL), KEYS[3] the line (zset owner -> arrival, server µs), KEYS[4] the waiters' entries
-(hash owner -> ``"<deadline ms> <claim ms> <weight> <channel>"``), KEYS[5] the caller's
-departure mark. PERMIT_EXTEND and PERMIT_STATS take fewer (see each).
+own TTL; it is live through that ms, as Redis keeps a key set with PX), KEYS[3] the line
+(zset owner -> arrival, server µs), KEYS[4] the waiters' entries (hash owner -> ``"<deadline
+ms> <claim ms> <weight> <channel>"``), KEYS[5] the caller's departure mark. PERMIT_EXTEND
+and PERMIT_STATS take fewer (see each).
 
 - Capacity: a permit is granted only while the weights held, its own included, fit in the
   limit; expired holders are dropped first (their weight frees).
@@ -110,10 +111,14 @@ local function drop(owner, record)  -- a holder leaves: its weight frees
   redis.call('HDEL', KEYS[1], 'o:' .. owner)
   redis.call('ZREM', KEYS[2], owner)
 end
-local function purge()  -- holders whose permit expired: dropped, and counted as lapsed
+-- Holders whose permit expired: dropped, and counted as lapsed. A permit that expires at E ms
+-- is live through ms E (expired once the clock, in whole ms, is past it, as a key with PX):
+-- it was granted at floor(t) ms <= t, and dropping it at E would cut up to 1 ms off the TTL
+-- that its client counts from before it sent the request.
+local function purge()
   tick()
   if S.used == 0 then return {} end  -- (no holder at all)
-  local cut = fmt(now_ms)
+  local cut = '(' .. fmt(now_ms)
   local gone = redis.call('ZRANGEBYSCORE', KEYS[2], '-inf', cut)
   if #gone == 0 then return gone end
   for _, owner in ipairs(gone) do
@@ -301,7 +306,7 @@ _RELEASE = (
     + """
 local record = load(ARGV[1])
 tick()
-if not record or tonumber(redis.call('ZSCORE', KEYS[2], ARGV[1]) or '0') <= now_ms then
+if not record or tonumber(redis.call('ZSCORE', KEYS[2], ARGV[1]) or '0') < now_ms then
   purge()  -- (it drops this expired permit, and counts it lapsed)
   tidy(nil)
   finish()
@@ -355,7 +360,7 @@ local v = redis.call('HMGET', KEYS[1], 'solo', 'solo_expires', 'until')
 local solo = v[1] == ARGV[1]  -- (the fast path's lone holder: its expiry is in the record)
 local expiry = v[2]
 if not solo then expiry = redis.call('ZSCORE', KEYS[2], ARGV[1]) end
-if not expiry or tonumber(expiry) <= now_ms then return 0 end
+if not expiry or tonumber(expiry) < now_ms then return 0 end  -- (live through its ms)
 local expires = now_ms + tonumber(ARGV[2])
 if solo then
   redis.call('HSET', KEYS[1], 'solo_expires', string.format('%.0f', expires))
@@ -379,10 +384,10 @@ return 1
 _STATS = """
 local now = redis.call('TIME')
 local now_ms = tonumber(now[1]) * 1000 + math.floor(tonumber(now[2]) / 1000)
-local live = redis.call('ZRANGEBYSCORE', KEYS[2], '(' .. string.format('%.0f', now_ms), '+inf')
+local live = redis.call('ZRANGEBYSCORE', KEYS[2], string.format('%.0f', now_ms), '+inf')
 local solo = redis.call('HMGET', KEYS[1], 'solo', 'solo_expires', 'solo_rec')  -- (FAST_ACQUIRE)
 local newest, owner, holders = -1, '', #live
-if solo[1] and solo[1] ~= '' and tonumber(solo[2]) > now_ms then
+if solo[1] and solo[1] ~= '' and tonumber(solo[2]) >= now_ms then
   newest, owner, holders = tonumber(string.match(solo[3], '^%d+')), solo[1], holders + 1
 end
 for _, who in ipairs(live) do

@@ -93,18 +93,16 @@ def _redis_permits(client: redis.Redis, layout: Layout) -> Iterator[HeldLock]:
         if key is None:
             continue
         keys = layout.permit(key, b"")[:4]
-        live, token, owner, waiting, limit = client.eval(PERMIT_STATS.text, 4, *keys)
+        live, token, owner, waiting, limit, ttl_ms = client.eval(PERMIT_STATS.text, 4, *keys)
         if not live:
             continue  # released (or lapsed) between SCAN and the look
-        last = client.zrange(keys[1], -1, -1, withscores=True)
-        seconds, micros = client.time()
-        ttl = float(last[0][1]) / 1000 - (int(seconds) + int(micros) / 1e6) if last else None
+        ttl = int(ttl_ms) / 1000
         yield HeldLock(
             key=shown(key),
             stored=key,
             token=int(token),
             owner=bytes(owner).hex(),
-            ttl=None if ttl is None else max(ttl, 0.0),
+            ttl=max(ttl, 0.0),
             waiting=int(waiting),
             permits=(int(live), int(limit)),
         )

@@ -247,6 +247,11 @@ def test_inspect_lists_permit_keys_beside_locks(
     assert newest.owner == permits[1].owner.hex()
     assert newest.ttl is not None
     assert 20 < newest.ttl <= 30
+    # a lone holder (kept in the key's record, no holders zset): its TTL too, not '-' (the
+    # old inspect read the holders zset only)
+    lone = found[("app:doc", (1, RW_LIMIT))].ttl
+    assert lone is not None
+    assert 20 < lone <= 30
     assert main(["inspect", "--redis-url", url]) == 0
     out = capsys.readouterr().out
     assert "2 permits of limit 4; newest: owner" in out

@@ -380,15 +380,18 @@ return 1
 
 # KEYS[1] record, KEYS[2] holders, KEYS[3] line, KEYS[4] entries; no ARGV; writes nothing
 # -> {live holders, newest live holder's token or -1, its owner or '', waiters in line,
-# recorded limit or -1}
+# recorded limit or -1, ms until the last live permit lapses or -1}
 _STATS = """
 local now = redis.call('TIME')
 local now_ms = tonumber(now[1]) * 1000 + math.floor(tonumber(now[2]) / 1000)
 local live = redis.call('ZRANGEBYSCORE', KEYS[2], string.format('%.0f', now_ms), '+inf')
 local solo = redis.call('HMGET', KEYS[1], 'solo', 'solo_expires', 'solo_rec')  -- (FAST_ACQUIRE)
 local newest, owner, holders = -1, '', #live
+local last = redis.call('ZRANGE', KEYS[2], -1, -1, 'WITHSCORES')[2]  -- the latest expiry
+last = last and tonumber(last) or -1
 if solo[1] and solo[1] ~= '' and tonumber(solo[2]) >= now_ms then
   newest, owner, holders = tonumber(string.match(solo[3], '^%d+')), solo[1], holders + 1
+  last = math.max(last, tonumber(solo[2]))
 end
 for _, who in ipairs(live) do
   local record = redis.call('HGET', KEYS[1], 'o:' .. who)
@@ -401,7 +404,9 @@ for _, entry in ipairs(redis.call('HVALS', KEYS[4])) do
 end
 local limit = tonumber(redis.call('HGET', KEYS[1], 'limit') or '0')
 if (holders == 0 and waiting == 0) or limit == 0 then limit = -1 end
-return {holders, string.format('%.0f', newest), owner, waiting, limit}
+local ttl = -1  -- (live through its expiry ms: see purge)
+if holders > 0 then ttl = last + 1 - now_ms end
+return {holders, string.format('%.0f', newest), owner, waiting, limit, ttl}
 """
 
 

@@ -284,7 +284,7 @@ class RedisPermits(TieredPermits, RedisBackend):
         process's callers queued in front of it."""
         parent = self._parent
         keys = parent.layout.permit(key, b"")[:4]
-        holders, token, owner, waiting, _ = cast(
+        holders, token, owner, waiting, *_ = cast(
             "list[int | bytes]", parent._run_sync(PERMIT_STATS, key, keys, [])
         )
         waiting = local.waiting + int(waiting)

@@ -70,6 +70,18 @@ def _version() -> str:
     return f"keylock {__version__}"
 
 
+def _naming(command: argparse.ArgumentParser) -> None:
+    """The options naming where a backend keeps its keys, shared by inspect and release."""
+    command.add_argument(
+        "--prefix", default="keylock", help="the RedisBackend's prefix= (default: %(default)s)"
+    )
+    command.add_argument(
+        "--table",
+        default="keylock_leases",
+        help="the PostgresBackend's table= (default: %(default)s)",
+    )
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = _Parser(
         prog="keylock",
@@ -137,14 +149,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     where.add_argument("--redis-url", help="a RedisBackend's server, e.g. redis://host:6379/0")
     where.add_argument("--dir", help="a FileBackend's lock directory")
-    inspect.add_argument(
-        "--prefix", default="keylock", help="the RedisBackend's prefix= (default: %(default)s)"
-    )
-    inspect.add_argument(
-        "--table",
-        default="keylock_leases",
-        help="the PostgresBackend's table= (default: %(default)s)",
-    )
+    _naming(inspect)
 
     release = commands.add_parser(
         "release",
@@ -162,14 +167,7 @@ def _parser() -> argparse.ArgumentParser:
     store.add_argument("--redis-url", help="the RedisBackend's server")
     store.add_argument("--postgres-url", help="the PostgresBackend's database")
     store.add_argument("--dir", help=argparse.SUPPRESS)  # refused with the reason, not "unknown"
-    release.add_argument(
-        "--prefix", default="keylock", help="the RedisBackend's prefix= (default: %(default)s)"
-    )
-    release.add_argument(
-        "--table",
-        default="keylock_leases",
-        help="the PostgresBackend's table= (default: %(default)s)",
-    )
+    _naming(release)
     release.add_argument(
         "--owner",
         help="release only if this owner (as `inspect` showed it, or its first 8+ hex digits) "

@@ -213,7 +213,7 @@ class Connections:
         if wire is None:
             wire = self._async_wires[loop] = AsyncWire(self.async_())
             self._watch(loop)
-        task = asyncio.current_task()
+        task = asyncio.current_task(loop)  # (given the loop: no second lookup of it)
         cancels = 0 if task is None else task.cancelling()
         try:  # (the error boundary, inline as in run_sync)
             reply = await wire.call(script, keys, args, bound, then)

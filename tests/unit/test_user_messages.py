@@ -11,11 +11,12 @@ import pytest
 import redis
 
 import keylock
-from keylock import BackendUnavailable, KeyedLock, KeyedSemaphore, LockTimeout
+from keylock import BackendUnavailable, KeyedLock, KeyedRWLock, KeyedSemaphore, LockTimeout
 from keylock.backends import RedisBackend
 from keylock.cli import main
 
 from .._redis_server import running_server
+from ..conftest import BACKENDS
 
 
 def test_a_try_that_finds_the_key_held_does_not_say_raise_the_timeout() -> None:
@@ -240,3 +241,61 @@ def test_release_of_a_redis_permit_says_it_is_not_supported(
         finally:
             permit.release_sync()
             sem.close_sync()
+
+
+@pytest.mark.parametrize("store", ["memory", "file", "redis", "postgres"])
+def test_a_full_semaphore_or_rw_lock_says_what_holds_it(
+    store: str, request: pytest.FixtureRequest
+) -> None:
+    """A semaphore that times out says all its permits are held, an RW lock which side
+    blocks (readers or a writer), never a lock's "another holder has it"; the holder is
+    another client, so on Redis the server's reply is what times out. Fails on the old code:
+    "lock 'ns:vendor:1' was not granted: another holder has it" for all of them."""
+    factory = BACKENDS[store](request)
+    make = next(factory)
+    holder, waiter = make(), make()
+    said: dict[str, list[str]] = {}
+    try:
+        held3 = KeyedSemaphore(holder, limit=3, namespace="ns")
+        full = [held3.acquire_sync("vendor:1") for _ in range(3)]
+        one = KeyedSemaphore(holder, limit=1, namespace="ns").acquire_sync("vendor:2")
+        read = KeyedRWLock(holder, namespace="ns").acquire_read_sync("doc:1")
+        write = KeyedRWLock(holder, namespace="ns").acquire_write_sync("doc:2")
+        sem3 = KeyedSemaphore(waiter, limit=3, namespace="ns")
+        sem1 = KeyedSemaphore(waiter, limit=1, namespace="ns")
+        rw = KeyedRWLock(waiter, namespace="ns")
+        for name, acquire in (
+            ("sem3", lambda t: sem3.acquire_sync("vendor:1", timeout=t)),
+            ("sem1", lambda t: sem1.acquire_sync("vendor:2", timeout=t)),
+            ("write", lambda t: rw.acquire_write_sync("doc:1", timeout=t)),
+            ("read", lambda t: rw.acquire_read_sync("doc:2", timeout=t)),
+        ):
+            for timeout in (0, 0.3):  # (the try first: the wait then meets a warm connection)
+                with pytest.raises(LockTimeout) as timed_out:
+                    acquire(timeout)
+                said.setdefault(name, []).append(str(timed_out.value))
+        for lease in (*full, one, read, write):
+            lease.release_sync()
+    finally:
+        for backend in {id(b): b for b in (holder, waiter)}.values():
+            backend.close_sync()
+        for _ in factory:  # its own teardown
+            pass
+    tried, waited = said["sem3"]
+    assert tried.startswith("a permit was not granted: all 3 permits of semaphore 'ns:vendor:1' ")
+    assert "are held, and timeout=0 tries once without waiting" in tried
+    assert "to wait for one" in tried
+    assert "a permit was not granted within 0.3s: all 3 permits of semaphore" in waited
+    assert "'ns:vendor:1' are still held" in waited
+    assert "wait until one is free" in waited
+    assert "the one permit of semaphore 'ns:vendor:2' is held, and timeout=0" in said["sem1"][0]
+    tried, waited = said["write"]
+    assert tried.startswith("the write lock was not granted: readers or another writer hold ")
+    assert "RW lock 'ns:doc:1'" in tried
+    assert "readers or another writer still hold RW lock 'ns:doc:1'" in waited
+    tried, waited = said["read"]
+    assert tried.startswith("the read lock was not granted: a writer holds RW lock 'ns:doc:2' ")
+    assert "a writer still holds RW lock 'ns:doc:2' or waits for it" in waited
+    for message in (m for messages in said.values() for m in messages):
+        assert "another holder" not in message
+        assert not message.startswith("lock ")

@@ -299,3 +299,30 @@ def test_a_full_semaphore_or_rw_lock_says_what_holds_it(
     for message in (m for messages in said.values() for m in messages):
         assert "another holder" not in message
         assert not message.startswith("lock ")
+
+
+def test_a_single_flight_key_error_does_not_call_it_a_lock_key() -> None:
+    """A bad key given to SingleFlight (do, do_sync, forget) is named a "single-flight key";
+    a lock's key error still says "lock key". Fails on the old code: "lock key 42 has type
+    int, not str", although the caller locks nothing."""
+    from keylock import InvalidKey, SingleFlight
+
+    flight = SingleFlight()
+    errors: list[InvalidKey] = []
+    for call in (
+        lambda: flight.do_sync(42, int),  # type: ignore[arg-type]
+        lambda: flight.do_sync("", int),
+        lambda: flight.forget("job\x007"),
+        lambda: flight.do_sync("k" * 2000, int),
+        lambda: asyncio.run(flight.do(None, asyncio.sleep, 0)),  # type: ignore[arg-type]
+    ):
+        with pytest.raises(InvalidKey) as refused:
+            call()
+        errors.append(refused.value)
+    for error in errors:
+        assert str(error).startswith("single-flight key "), str(error)
+        assert "lock" not in str(error)
+    assert "single-flight key 42 has type int, not str" in str(errors[0])
+    with pytest.raises(InvalidKey) as lock_error:
+        KeyedLock().statistics(42)  # type: ignore[arg-type]
+    assert str(lock_error.value).startswith("lock key 42 has type int, not str")

@@ -326,3 +326,48 @@ def test_a_single_flight_key_error_does_not_call_it_a_lock_key() -> None:
     with pytest.raises(InvalidKey) as lock_error:
         KeyedLock().statistics(42)  # type: ignore[arg-type]
     assert str(lock_error.value).startswith("lock key 42 has type int, not str")
+
+
+def test_a_key_function_that_does_not_fit_the_call_names_both_functions() -> None:
+    """``@locks.locked(key=lambda a, b: ...)`` on a function called with other arguments
+    raises a TypeError naming the decorated function, the key function, both parameter
+    lists (never a default's value) and how to make them match; a TypeError raised inside
+    the key function's own body is left as it is. Fails on the old code: Python's bare
+    "<lambda>() missing 1 required positional argument: 'b'"."""
+    locks = KeyedLock()
+
+    @locks.locked(key=lambda job_id, shard: f"job:{job_id}:{shard}")
+    def work(job_id: int, password: str = "s3cret-pw") -> int:
+        return job_id
+
+    @KeyedSemaphore(limit=2).locked(key=lambda job_id: f"job:{job_id}")
+    async def run(job_id: int, *, retries: int = 3) -> int:
+        return job_id
+
+    def broken_key(job_id: int) -> str:
+        return "job:" + job_id  # type: ignore[operator]  # its own TypeError
+
+    @locks.locked(key=broken_key)
+    def other(job_id: int) -> int:
+        return job_id
+
+    with pytest.raises(TypeError) as misfit:
+        work(7)
+    message = str(misfit.value)
+    assert message.startswith(f"@locked(key=...) of {__name__}.")
+    assert "work: the key function " in message
+    assert "<lambda>(job_id, shard) cannot take this call's arguments (1 positional " in message
+    assert "missing a required argument: 'shard'" in message
+    assert "every call of work(job_id, password=...), so give it matching parameters" in message
+    assert "end with *args, **kwargs" in message
+    assert "s3cret" not in message
+    with pytest.raises(TypeError) as keyword:
+        asyncio.run(run(7, retries=1))
+    said = str(keyword.value)
+    assert "<lambda>(job_id) cannot take this call's arguments (1 positional argument and " in said
+    assert "keyword retries: got an unexpected keyword argument 'retries')" in said
+    assert "every call of run(job_id, *, retries=...)" in said
+    with pytest.raises(TypeError) as own:
+        other(7)
+    assert "can only concatenate str" in str(own.value)
+    assert "@locked" not in str(own.value)

@@ -24,6 +24,7 @@ from ._console import (
     CliError,
     check_postgres_url,
     check_redis_url,
+    missing_table,
     postgres_failure,
     printable,
     redact,
@@ -212,6 +213,8 @@ def _inspect(args: argparse.Namespace) -> int:
             raise CliError(f"--dir {printable(args.dir)!r} {why}", code=2)
         found = inspect_directory(args.dir)
     held = _collect(found, args)
+    if not held and args.postgres_url:
+        _require_table(args)  # (before the header: "0 held" would pass for an empty table)
     print(f"{'key':40} {'token':>18} {'ttl s':>8} {'waiting':>7}  holder")
     for lock in held:
         ttl = "-" if lock.ttl is None else f"{lock.ttl:.1f}"
@@ -231,6 +234,20 @@ def _table(table: str) -> str:
         return schema_for(table).table
     except ValueError as exc:
         raise CliError(f"--table: {exc}", code=2) from None
+
+
+def _require_table(args: argparse.Namespace) -> None:
+    """Refuse a --table that does not exist: finding nothing there is not "none held"."""
+    import psycopg
+
+    from ._inspect import missing_postgres_table
+
+    try:
+        missing = missing_postgres_table(args.postgres_url, table=_table(args.table))
+    except psycopg.Error as exc:
+        raise postgres_failure(exc, args.postgres_url) from None
+    if missing is not None:
+        raise missing_table(*missing)
 
 
 def _collect(found: Iterator[HeldLock], args: argparse.Namespace) -> list[HeldLock]:
@@ -271,6 +288,8 @@ def _release(args: argparse.Namespace) -> int:
         check_redis_url(args.redis_url)
         found = inspect_redis(args.redis_url, prefix=args.prefix)
     holder = next((lock for lock in _collect(found, args) if lock.key == args.key), None)
+    if holder is None and args.postgres_url:
+        _require_table(args)
     if holder is None or holder.owner is None:
         # the commonest miss: a key passed without the namespace it is stored under
         print(

@@ -12,9 +12,10 @@ import redis
 
 import keylock
 from keylock import BackendUnavailable, KeyedLock, KeyedRWLock, KeyedSemaphore, LockTimeout
-from keylock.backends import RedisBackend
+from keylock.backends import PostgresBackend, RedisBackend
 from keylock.cli import main
 
+from .._pg_server import PgServer
 from .._redis_server import running_server
 from ..conftest import BACKENDS
 
@@ -371,3 +372,37 @@ def test_a_key_function_that_does_not_fit_the_call_names_both_functions() -> Non
         other(7)
     assert "can only concatenate str" in str(own.value)
     assert "@locked" not in str(own.value)
+
+
+def test_inspect_of_a_postgres_table_that_does_not_exist_says_so(
+    postgres_server: PgServer, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``keylock inspect --table nosuch`` (a misspelt table) says that the table does not
+    exist, names it, its schema and the default, and exits 2, as ``--dir`` of a missing
+    directory does; ``release --force`` says the same rather than "not held". A table that
+    exists and holds nothing is still "0 held". Fails on the old code: "0 held", exit 0."""
+    postgres_server.flush()
+    url = postgres_server.url
+    locks = KeyedLock(PostgresBackend.from_url(url))
+    try:
+        with locks.sync("job:7"):  # (the default table exists from here on)
+            pass
+        assert main(["inspect", "--postgres-url", url]) == 0
+        assert capsys.readouterr().out.endswith("\n0 held\n")
+        for argv in (
+            ["inspect", "--postgres-url", url, "--table", "keylock_leasez"],
+            ["release", "--force", "job:7", "--postgres-url", url, "--table", "keylock_leasez"],
+            ["inspect", "--postgres-url", url, "--table", "elsewhere.keylock_leases"],
+        ):
+            assert main(argv) == 2
+            out, err = capsys.readouterr()
+            assert out == ""
+            assert err.count("\n") == 1
+            table, schema = argv[-1].rpartition(".")[2], argv[-1].rpartition(".")[0] or "public"
+            assert err.startswith(
+                f"keylock: --table: table {table!r} does not exist in schema {schema!r} of "
+                "that database: nothing has used it yet, or the name is misspelt"
+            )
+            assert "default keylock_leases" in err
+    finally:
+        locks.close_sync()

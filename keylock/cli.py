@@ -57,6 +57,11 @@ _RELEASE_FORCE_HELP = (
     "fenced"
 )
 
+_CONFIRM = (
+    "Force-release it from this holder? It keeps running unprotected (its writes must be "
+    "fenced). Type its owner's first 8 hex digits to confirm: "
+)
+
 
 class _Parser(argparse.ArgumentParser):
     """argparse that reports a usage mistake as one ``keylock:`` line, exit status 2."""
@@ -313,13 +318,11 @@ def _release(args: argparse.Namespace) -> int:
         return 1
     if not args.yes:
         # typing the owner proves the holder shown is the one meant: a lock that changed
-        # hands since `inspect` (a stuck lease expired, a healthy worker took it) is spared
+        # hands since `inspect` (a stuck lease expired, a healthy worker took it) is spared.
+        # Without a terminal nobody reads a prompt: an answer piped in is read without one
         try:
-            answer = input(
-                "Force-release it from this holder? It keeps running unprotected (its writes "
-                "must be fenced). Type its owner's first 8 hex digits to confirm: "
-            )
-        except EOFError:
+            answer = input(_CONFIRM if sys.stdin and sys.stdin.isatty() else "")
+        except (EOFError, RuntimeError):  # (RuntimeError: no sys.stdin at all)
             raise CliError(
                 "no terminal to confirm on: pass --yes (and --owner) to force-release without "
                 "asking",

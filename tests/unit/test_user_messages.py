@@ -3,7 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import io
 import logging
+import os
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -16,7 +21,7 @@ from keylock.backends import PostgresBackend, RedisBackend
 from keylock.cli import main
 
 from .._pg_server import PgServer
-from .._redis_server import running_server
+from .._redis_server import Server, running_server
 from ..conftest import BACKENDS
 
 
@@ -405,4 +410,56 @@ def test_inspect_of_a_postgres_table_that_does_not_exist_says_so(
             )
             assert "default keylock_leases" in err
     finally:
+        locks.close_sync()
+
+
+def test_release_without_a_terminal_says_so_without_a_prompt(
+    redis_server: Server, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``keylock release --force KEY`` without --yes and with nothing on stdin (cron) prints
+    the holder, then only the "no terminal to confirm on" error: no prompt that nobody can
+    answer. An answer piped in is still read (without a prompt); on a terminal the prompt is
+    shown. Fails on the old code: stdout ended with "Force-release it from this holder? ...
+    Type its owner's first 8 hex digits to confirm: " before the error."""
+    redis_server.flush()
+    locks = KeyedLock(RedisBackend.from_url(redis_server.url), namespace="app")
+    lease = locks.acquire_sync("stuck")
+    argv = [sys.executable, "-m", "keylock", "release", "--force", "app:stuck"]
+    argv += ["--redis-url", redis_server.url]
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])}
+    try:
+        alone = subprocess.run(
+            argv, stdin=subprocess.DEVNULL, capture_output=True, text=True, env=env, timeout=60
+        )
+        assert alone.returncode == 2
+        assert alone.stdout.startswith(f"'app:stuck' is held: token {lease.token}, owner ")
+        assert alone.stdout.count("\n") == 1
+        assert "confirm" not in alone.stdout
+        assert alone.stderr.count("\n") == 1
+        assert alone.stderr.startswith("keylock: no terminal to confirm on: pass --yes")
+        assert not lease.lost
+        prompts: list[str] = []
+
+        class Terminal(io.StringIO):
+            def isatty(self) -> bool:
+                return True
+
+        monkeypatch.setattr(sys, "stdin", Terminal())
+        monkeypatch.setattr("builtins.input", lambda prompt: prompts.append(prompt) or "n")
+        assert main(argv[3:]) == 1  # "n": not the owner, nothing released
+        assert prompts[0].startswith("Force-release it from this holder?")
+        piped = subprocess.run(
+            argv,
+            input=lease.owner.hex()[:8] + "\n",
+            capture_output=True,
+            text=True,
+            env=env,
+            timeout=60,
+        )
+        assert (piped.returncode, piped.stderr) == (0, "")
+        assert piped.stdout.endswith("\nreleased\n")
+        assert "confirm" not in piped.stdout
+    finally:
+        with contextlib.suppress(keylock.LeaseLost):
+            lease.release_sync()
         locks.close_sync()

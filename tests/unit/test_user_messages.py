@@ -463,3 +463,30 @@ def test_release_without_a_terminal_says_so_without_a_prompt(
         with contextlib.suppress(keylock.LeaseLost):
             lease.release_sync()
         locks.close_sync()
+
+
+def test_a_stale_guard_key_function_that_does_not_fit_the_call_names_both() -> None:
+    """``stale_guard(locks, key=...)``, the other decorator with a key function, explains a
+    misfit the same way, sync and async. Fails on the old code: Python's bare "<lambda>()
+    takes 1 positional argument but 2 were given"."""
+    locks = KeyedLock()
+
+    @keylock.stale_guard(locks, key=lambda order: f"order:{order}")
+    def ship(order: int, carrier: str) -> str:
+        return carrier
+
+    @keylock.stale_guard(locks, key=lambda order: f"order:{order}")
+    async def bill(order: int, amount: int) -> int:
+        return amount
+
+    with pytest.raises(TypeError) as sync_misfit:
+        ship(7, "post")
+    with pytest.raises(TypeError) as async_misfit:
+        asyncio.run(bill(7, 10))
+    for misfit, name in ((sync_misfit, "ship(order, carrier)"), (async_misfit, "bill")):
+        message = str(misfit.value)
+        assert message.startswith("@stale_guard(key=...) of "), message
+        assert "<lambda>(order) cannot take this call's arguments (2 positional arguments: " in (
+            message
+        )
+        assert f"every call of {name}" in message

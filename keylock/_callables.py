@@ -13,7 +13,7 @@ import functools
 import inspect
 import types
 
-__all__ = ["describe", "is_async_callable", "refuse_awaitable"]
+__all__ = ["describe", "is_async_callable", "key_misfit", "refuse_awaitable"]
 
 _MAX_DEPTH = 64  # partials, wrappers and __call__ hops followed before giving up (cycles)
 
@@ -80,3 +80,76 @@ def refuse_awaitable(fn: object, result: object, what: str) -> None:
         f"the sync wrapper and its body would run outside the lock; make it `async def` (or "
         f"mark it with inspect.markcoroutinefunction) so that {what} awaits it under the lock"
     )
+
+
+def key_misfit(
+    exc: TypeError,
+    key: object,
+    fn: object,
+    args: tuple[object, ...],
+    kwargs: dict[str, object],
+    what: str,
+) -> TypeError | None:
+    """The TypeError to raise instead of *exc* when *exc* says that the key function *key*
+    cannot take this call's arguments (those of the decorated *fn*); None when *exc* came from
+    inside the key function, or is about something else (re-raise it as it is).
+
+    Called only once the key function's call has raised: a wrapper's fast path pays nothing.
+    The message names both functions, their parameters and the call's shape, never an
+    argument's value.
+    """
+    traceback = exc.__traceback__
+    if traceback is not None and traceback.tb_next is not None:
+        return None  # raised from a frame of the key function's own: its body's error
+    try:
+        expects = inspect.signature(key)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        return None  # no signature to tell a misfit by (some builtins)
+    try:
+        expects.bind(*args, **kwargs)
+    except TypeError as why:
+        reason = str(why)
+    else:
+        return None  # the arguments fit: the TypeError is the key function's own
+    passed = f"{len(args)} positional argument{'s' * (len(args) != 1)}"
+    if kwargs:
+        passed += f" and keyword{'s' * (len(kwargs) != 1)} {', '.join(kwargs)}"
+    name = getattr(fn, "__name__", None) or describe(fn)
+    try:
+        params = f"{name}{_parameters(inspect.signature(fn))}"  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        params = name
+    return TypeError(
+        f"@{what}(key=...) of {describe(fn)}: the key function {describe(key)}"
+        f"{_parameters(expects)} "
+        f"cannot take this call's arguments ({passed}: {reason}); it is called with the "
+        f"arguments of every call of {params}, so give it matching parameters (the same "
+        "names, in the same order; end with *args, **kwargs to accept the ones it does not use)"
+    )
+
+
+def _parameters(signature: inspect.Signature) -> str:
+    """``(a, /, b=..., *args, c, **kwargs)``: the names and kinds, never a default's value
+    (a default may be a secret) nor an annotation."""
+    shown: list[str] = []
+    starred = False
+    kinds = inspect.Parameter
+    parameters = list(signature.parameters.values())
+    for i, parameter in enumerate(parameters):
+        kind = parameter.kind
+        if kind is kinds.VAR_POSITIONAL:
+            shown.append(f"*{parameter.name}")
+            starred = True
+        elif kind is kinds.VAR_KEYWORD:
+            shown.append(f"**{parameter.name}")
+        else:
+            if kind is kinds.KEYWORD_ONLY and not starred:
+                shown.append("*")
+                starred = True
+            default = "" if parameter.default is parameter.empty else "=..."
+            shown.append(f"{parameter.name}{default}")
+        if kind is kinds.POSITIONAL_ONLY and (
+            i + 1 == len(parameters) or parameters[i + 1].kind is not kinds.POSITIONAL_ONLY
+        ):
+            shown.append("/")
+    return f"({', '.join(shown)})"

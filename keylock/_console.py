@@ -11,6 +11,7 @@ __all__ = [
     "CliError",
     "check_postgres_url",
     "check_redis_url",
+    "missing_table",
     "postgres_failure",
     "printable",
     "redact",
@@ -169,3 +170,13 @@ def postgres_failure(exc: BaseException, url: str) -> CliError:
     if isinstance(exc, psycopg.OperationalError):
         return CliError(f"cannot reach {where}: {detail}")
     return CliError(f"{where} answered with an error: {detail}")
+
+
+def missing_table(schema: str, name: str) -> CliError:
+    """The report of a --table that names no table (a usage mistake, as a missing --dir)."""
+    return CliError(
+        f"--table: table {printable(name)!r} does not exist in schema {printable(schema)!r} of "
+        "that database: nothing has used it yet, or the name is misspelt (--table is the "
+        "PostgresBackend's table=, default keylock_leases)",
+        code=2,
+    )

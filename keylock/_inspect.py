@@ -22,6 +22,7 @@ __all__ = [
     "inspect_directory",
     "inspect_postgres",
     "inspect_redis",
+    "missing_postgres_table",
 ]
 
 
@@ -161,6 +162,21 @@ def inspect_postgres(url: str, *, table: str = "keylock_leases") -> Iterator[Hel
             waiting=waiting,
             permits=(live, limit),
         )
+
+
+def missing_postgres_table(url: str, *, table: str = "keylock_leases") -> tuple[str, str] | None:
+    """``(schema, name)`` of *table* when neither it nor its permit table exists in the
+    database at *url* (nothing has used it yet, or the name is misspelt); None when one does.
+    An unqualified name is looked up as the backend's statements do, in the search path."""
+    schema, _, name = table.rpartition(".")
+    with _postgres(url) as conn:
+        row = conn.execute(
+            "SELECT to_regclass(%s) IS NULL AND to_regclass(%s) IS NULL, current_schema()",
+            (table, f"{table}_permits"),
+        ).fetchone()
+    if row is None or not row[0]:
+        return None
+    return (schema or str(row[1]), name)
 
 
 def force_release_postgres(

@@ -25,26 +25,27 @@ MAX_KEY_LENGTH = 1024
 MIN_TTL = 0.001
 
 
-def check_key(key: object) -> str:
-    """Return *key* if it is a usable lock key, else raise InvalidKey saying why."""
+def check_key(key: object, what: str = "lock key") -> str:
+    """Return *key* if it is a usable key, else raise InvalidKey saying why; *what* names it
+    in the message ("lock key", "single-flight key")."""
     if type(key) is str and 0 < len(key) <= MAX_KEY_LENGTH and "\x00" not in key:
         return key
     if not isinstance(key, str):
         raise InvalidKey(
-            f"lock key {key!r} has type {type(key).__name__}, not str: "
+            f"{what} {key!r} has type {type(key).__name__}, not str: "
             f"build a string key, e.g. f'agent:{{id}}'",
             key=key,
         )
     if not key:
-        raise InvalidKey("lock key is empty: name what you lock, e.g. 'job:7'", key=key)
+        raise InvalidKey(f"{what} is empty: name what it is for, e.g. 'job:7'", key=key)
     if len(key) > MAX_KEY_LENGTH:
         raise InvalidKey(
-            f"lock key {key[:40]!r}... is {len(key)} characters long, over the "
-            f"{MAX_KEY_LENGTH} allowed: lock a short id or a hash of it instead",
+            f"{what} {key[:40]!r}... is {len(key)} characters long, over the "
+            f"{MAX_KEY_LENGTH} allowed: use a short id or a hash of it instead",
             key=key,
         )
     if "\x00" in key:
-        raise InvalidKey(f"lock key {key!r} contains a NUL character: remove it", key=key)
+        raise InvalidKey(f"{what} {key!r} contains a NUL character: remove it", key=key)
     return str(key)  # a str subclass: use a plain copy so hashing and storage stay predictable
 
 

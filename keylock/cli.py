@@ -24,6 +24,7 @@ from ._console import (
     CliError,
     check_postgres_url,
     check_redis_url,
+    missing_table,
     postgres_failure,
     printable,
     redact,
@@ -54,6 +55,11 @@ _RELEASE_FORCE_HELP = (
     "required: breaking a lock is never the default. The holder is shown first and only that "
     "holder's lease is deleted; the holder keeps running unprotected, so its writes must be "
     "fenced"
+)
+
+_CONFIRM = (
+    "Force-release it from this holder? It keeps running unprotected (its writes must be "
+    "fenced). Type its owner's first 8 hex digits to confirm: "
 )
 
 
@@ -212,6 +218,8 @@ def _inspect(args: argparse.Namespace) -> int:
             raise CliError(f"--dir {printable(args.dir)!r} {why}", code=2)
         found = inspect_directory(args.dir)
     held = _collect(found, args)
+    if not held and args.postgres_url:
+        _require_table(args)  # (before the header: "0 held" would pass for an empty table)
     print(f"{'key':40} {'token':>18} {'ttl s':>8} {'waiting':>7}  holder")
     for lock in held:
         ttl = "-" if lock.ttl is None else f"{lock.ttl:.1f}"
@@ -231,6 +239,20 @@ def _table(table: str) -> str:
         return schema_for(table).table
     except ValueError as exc:
         raise CliError(f"--table: {exc}", code=2) from None
+
+
+def _require_table(args: argparse.Namespace) -> None:
+    """Refuse a --table that does not exist: finding nothing there is not "none held"."""
+    import psycopg
+
+    from ._inspect import missing_postgres_table
+
+    try:
+        missing = missing_postgres_table(args.postgres_url, table=_table(args.table))
+    except psycopg.Error as exc:
+        raise postgres_failure(exc, args.postgres_url) from None
+    if missing is not None:
+        raise missing_table(*missing)
 
 
 def _collect(found: Iterator[HeldLock], args: argparse.Namespace) -> list[HeldLock]:
@@ -271,6 +293,8 @@ def _release(args: argparse.Namespace) -> int:
         check_redis_url(args.redis_url)
         found = inspect_redis(args.redis_url, prefix=args.prefix)
     holder = next((lock for lock in _collect(found, args) if lock.key == args.key), None)
+    if holder is None and args.postgres_url:
+        _require_table(args)
     if holder is None or holder.owner is None:
         # the commonest miss: a key passed without the namespace it is stored under
         print(
@@ -294,13 +318,11 @@ def _release(args: argparse.Namespace) -> int:
         return 1
     if not args.yes:
         # typing the owner proves the holder shown is the one meant: a lock that changed
-        # hands since `inspect` (a stuck lease expired, a healthy worker took it) is spared
+        # hands since `inspect` (a stuck lease expired, a healthy worker took it) is spared.
+        # Without a terminal nobody reads a prompt: an answer piped in is read without one
         try:
-            answer = input(
-                "Force-release it from this holder? It keeps running unprotected (its writes "
-                "must be fenced). Type its owner's first 8 hex digits to confirm: "
-            )
-        except EOFError:
+            answer = input(_CONFIRM if sys.stdin and sys.stdin.isatty() else "")
+        except (EOFError, RuntimeError):  # (RuntimeError: no sys.stdin at all)
             raise CliError(
                 "no terminal to confirm on: pass --yes (and --owner) to force-release without "
                 "asking",

@@ -9,7 +9,7 @@ import math
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Final, Literal, ParamSpec, TypeVar, cast
 
-from ._callables import describe, is_async_callable, refuse_awaitable
+from ._callables import describe, is_async_callable, key_misfit, refuse_awaitable
 from ._completions import for_lock
 from ._host import report
 from ._validate import check_key
@@ -132,7 +132,12 @@ def stale_guard(
 
             @functools.wraps(fn)
             async def aguarded(*args: P.args, **kwargs: P.kwargs) -> object:
-                k = check_key(key(*args, **kwargs))
+                try:
+                    k = check_key(key(*args, **kwargs))
+                except TypeError as exc:  # (a try costs a call nothing until it raises)
+                    if (misfit := key_misfit(exc, key, fn, args, kwargs, "stale_guard")) is None:
+                        raise
+                    raise misfit from None
                 if snapshot is not None:
                     if expected is not None:
                         before = await _maybe_await(expected(*args, **kwargs))
@@ -174,7 +179,12 @@ def stale_guard(
 
         @functools.wraps(fn)
         def guarded(*args: P.args, **kwargs: P.kwargs) -> R | _SupersededType:
-            k = check_key(key(*args, **kwargs))
+            try:
+                k = check_key(key(*args, **kwargs))
+            except TypeError as exc:
+                if (misfit := key_misfit(exc, key, fn, args, kwargs, "stale_guard")) is None:
+                    raise
+                raise misfit from None
             if snapshot is not None:
                 before = read(snapshot if expected is None else expected, *args, **kwargs)
                 with locks.sync(k, timeout=timeout, ttl=ttl):

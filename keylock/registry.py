@@ -8,7 +8,7 @@ import logging
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, ParamSpec, TypeVar, overload
 
-from ._callables import is_async_callable, refuse_awaitable
+from ._callables import is_async_callable, key_misfit, refuse_awaitable
 from ._holds import AsyncHold, SyncHold
 from ._host import LeaseHost, LostCallback
 from ._observed import _ObservedAsync, _ObservedSync
@@ -284,8 +284,22 @@ def _decorate(
     timeout: float | None,
     ttl: float | None,
 ) -> Callable[P, R]:
-    def key_of(*args: object, **kwargs: object) -> str:
-        return key if isinstance(key, str) else key(*args, **kwargs)
+    if isinstance(key, str):
+
+        def key_of(*args: object, **kwargs: object) -> str:
+            return key
+
+    else:
+        key_fn = key
+
+        def key_of(*args: object, **kwargs: object) -> str:
+            try:
+                return key_fn(*args, **kwargs)
+            except TypeError as exc:  # (a try costs a call nothing until it raises)
+                misfit = key_misfit(exc, key_fn, func, args, kwargs, "locked")
+                if misfit is None:
+                    raise
+                raise misfit from None
 
     if is_async_callable(func):
         afunc: Callable[P, Awaitable[object]] = func  # type: ignore[assignment]

@@ -24,6 +24,7 @@ R = TypeVar("R")
 
 Serializer = tuple[Callable[[object], str | bytes], Callable[[str | bytes], object]]
 _Slot = tuple[str, asyncio.AbstractEventLoop]
+_WHAT = "single-flight key"  # (its errors must not call it a lock key)
 
 
 class RemoteFlight(Protocol):
@@ -220,7 +221,7 @@ class SingleFlight:
     ) -> _Flight:
         """The flight of *key* to join, started by this caller if none runs. A run being
         cancelled (every caller left) still cleans up: one run at a time, so wait for it."""
-        key = check_key(key)
+        key = check_key(key, _WHAT)
         slot = (key, loop)
         flight = self._flights.get(slot)
         while flight is None or flight.abandoned:
@@ -281,7 +282,7 @@ class SingleFlight:
 
         The first caller runs it in its own thread; the others block until it finishes.
         """
-        key = check_key(key)
+        key = check_key(key, _WHAT)
         with self._mutex:
             flight = self._sync_flights.get(key)
             leader = flight is None
@@ -316,7 +317,7 @@ class SingleFlight:
         Safe from any thread while loops run flights. A run being cancelled is left alone: a
         newcomer already waits for its end and then starts fresh.
         """
-        key = check_key(key)
+        key = check_key(key, _WHAT)
         with self._mutex:
             for slot in [s for s, f in self._flights.items() if s[0] == key and not f.abandoned]:
                 del self._flights[slot]

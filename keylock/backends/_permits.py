@@ -37,6 +37,7 @@ class MemoryPermits(Backend):
     have to wait for another of it gets RuntimeError (it could wait for itself forever)."""
 
     needs_owner = False  # the token proves ownership in-process
+    shape: Permits
 
     def __init__(self, table: PermitTable, shape: Permits, default_ttl: float | None) -> None:
         self.table = table

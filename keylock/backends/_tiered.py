@@ -196,7 +196,7 @@ class TieredBackend(Backend):
         if self._shut:
             raise self._closed_error(key)
         local_ttl = self._local_ttl(ttl)
-        deadline = Deadline(key, timeout, time.monotonic())
+        deadline = Deadline(key, timeout, time.monotonic(), self.shape)
         tier = self._tier
         local = tier.local._try_acquire(key, owner, local_ttl, None, holder) or (
             await tier.local.acquire(key, owner, timeout=timeout, ttl=local_ttl, holder=holder)
@@ -243,7 +243,7 @@ class TieredBackend(Backend):
         if self._shut:
             raise self._closed_error(key)
         local_ttl = self._local_ttl(ttl)
-        deadline = Deadline(key, timeout, time.monotonic())
+        deadline = Deadline(key, timeout, time.monotonic(), self.shape)
         tier = self._tier
         local = tier.local._try_acquire(key, owner, local_ttl, None, holder) or (
             tier.local.acquire_sync(key, owner, timeout=timeout, ttl=local_ttl, holder=holder)

@@ -89,14 +89,20 @@ def register_permits(cls: type[B], make: Callable[[B, int, int], Backend]) -> No
 
 
 class Deadline:
-    """When a waiting caller gives up: the one place that turns a timeout into LockTimeout."""
+    """When a waiting caller gives up: the one place that turns a timeout into LockTimeout.
 
-    __slots__ = ("at", "key", "timeout")
+    *shape* is the permit shape of a semaphore or RW lock acquire (None for a lock): read only
+    to word the error, so it costs the acquire nothing but its storage."""
 
-    def __init__(self, key: str, timeout: float | None, now: float) -> None:
+    __slots__ = ("at", "key", "shape", "timeout")
+
+    def __init__(
+        self, key: str, timeout: float | None, now: float, shape: Permits | None = None
+    ) -> None:
         self.key = key
         self.timeout = timeout
         self.at = math.inf if timeout is None else now + timeout
+        self.shape = shape
 
     def until(self, retry_at: float, now: float) -> float | None:
         """Seconds to wait before the next try (None: until woken); LockTimeout once passed."""
@@ -111,19 +117,35 @@ class Deadline:
         return now >= self.at
 
     def expired(self) -> LockTimeout:
+        what, why, it = _blocked(self.key, self.shape, still=self.timeout != 0)
         if self.timeout == 0:  # a try: telling its caller to wait longer would contradict it
             return LockTimeout(
-                f"lock {self.key!r} was not granted: another holder has it, and timeout=0 "
-                "tries once without waiting; skip it or retry later, or pass timeout=SECONDS "
-                "to wait for it",
+                f"{what} was not granted: {why}, and timeout=0 tries once without waiting; "
+                f"skip it or retry later, or pass timeout=SECONDS to wait for {it}",
                 key=self.key,
             )
         return LockTimeout(
-            f"lock {self.key!r} was not granted within {self.timeout}s: another holder still "
-            "has it, and nothing was granted; raise the timeout, or use timeout=None to wait "
-            "until it is free",
+            f"{what} was not granted within {self.timeout}s: {why}, and nothing was granted; "
+            f"raise the timeout, or use timeout=None to wait until {it} is free",
             key=self.key,
         )
+
+
+def _blocked(key: str, shape: Permits | None, *, still: bool) -> tuple[str, str, str]:
+    """What was not granted, what holds it (a lock's holder, a semaphore's permits, the side
+    of an RW lock that excludes the one asked for), and what to wait for ("it" or "one")."""
+    more = " still" if still else ""
+    if shape is None:
+        return f"lock {key!r}", f"another holder{more} has it", "it"
+    limit, weight = shape
+    if limit == RW_LIMIT and weight == 1:  # (a waiting writer goes before later readers)
+        return "the read lock", f"a writer{more} holds RW lock {key!r} or waits for it", "it"
+    if limit == RW_LIMIT:
+        holds = f"readers or another writer{more} hold RW lock {key!r} or are ahead in line"
+        return "the write lock", holds, "it"
+    if limit == 1:
+        return "a permit", f"the one permit of semaphore {key!r} is{more} held", "it"
+    return "a permit", f"all {limit} permits of semaphore {key!r} are{more} held", "one"
 
 
 class Backend(abc.ABC):
@@ -152,6 +174,8 @@ class Backend(abc.ABC):
     needs_owner: bool = True
     #: The module that writes this backend's permit views (imported on the first permits()).
     permit_module: ClassVar[str | None] = None
+    #: A permit view's shape (None: per-key locks), for the wording of its LockTimeout.
+    shape: Permits | None = None
 
     # ----------------------------------------------------------------- the step, per backend
 
@@ -255,7 +279,7 @@ class Backend(abc.ABC):
         tried the step (the uncontended path), so this starts by queueing. *holder*: the frame
         of the block that will hold the key (re-entry is refused, see ``_try_acquire``).
         """
-        deadline = Deadline(key, timeout, time.monotonic())
+        deadline = Deadline(key, timeout, time.monotonic(), self.shape)
         if timeout == 0:
             return self._once(key, owner, ttl, deadline, holder)
         waiter = LoopWaiter(owner, ttl, holder)
@@ -279,7 +303,7 @@ class Backend(abc.ABC):
         holder: FrameType | None = None,
     ) -> Grant:
         """Blocking twin of :meth:`acquire`; an interrupt while waiting leaves nothing behind."""
-        deadline = Deadline(key, timeout, time.monotonic())
+        deadline = Deadline(key, timeout, time.monotonic(), self.shape)
         if timeout == 0:
             return self._once(key, owner, ttl, deadline, holder)
         waiter = ThreadWaiter(owner, ttl, holder)

@@ -3,7 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import io
 import logging
+import os
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -11,11 +16,13 @@ import pytest
 import redis
 
 import keylock
-from keylock import BackendUnavailable, KeyedLock, KeyedSemaphore, LockTimeout
-from keylock.backends import RedisBackend
+from keylock import BackendUnavailable, KeyedLock, KeyedRWLock, KeyedSemaphore, LockTimeout
+from keylock.backends import PostgresBackend, RedisBackend
 from keylock.cli import main
 
-from .._redis_server import running_server
+from .._pg_server import PgServer
+from .._redis_server import Server, running_server
+from ..conftest import BACKENDS
 
 
 def test_a_try_that_finds_the_key_held_does_not_say_raise_the_timeout() -> None:
@@ -240,3 +247,246 @@ def test_release_of_a_redis_permit_says_it_is_not_supported(
         finally:
             permit.release_sync()
             sem.close_sync()
+
+
+@pytest.mark.parametrize("store", ["memory", "file", "redis", "postgres"])
+def test_a_full_semaphore_or_rw_lock_says_what_holds_it(
+    store: str, request: pytest.FixtureRequest
+) -> None:
+    """A semaphore that times out says all its permits are held, an RW lock which side
+    blocks (readers or a writer), never a lock's "another holder has it"; the holder is
+    another client, so on Redis the server's reply is what times out. Fails on the old code:
+    "lock 'ns:vendor:1' was not granted: another holder has it" for all of them."""
+    factory = BACKENDS[store](request)
+    make = next(factory)
+    holder, waiter = make(), make()
+    said: dict[str, list[str]] = {}
+    try:
+        held3 = KeyedSemaphore(holder, limit=3, namespace="ns")
+        full = [held3.acquire_sync("vendor:1") for _ in range(3)]
+        one = KeyedSemaphore(holder, limit=1, namespace="ns").acquire_sync("vendor:2")
+        read = KeyedRWLock(holder, namespace="ns").acquire_read_sync("doc:1")
+        write = KeyedRWLock(holder, namespace="ns").acquire_write_sync("doc:2")
+        sem3 = KeyedSemaphore(waiter, limit=3, namespace="ns")
+        sem1 = KeyedSemaphore(waiter, limit=1, namespace="ns")
+        rw = KeyedRWLock(waiter, namespace="ns")
+        for name, acquire in (
+            ("sem3", lambda t: sem3.acquire_sync("vendor:1", timeout=t)),
+            ("sem1", lambda t: sem1.acquire_sync("vendor:2", timeout=t)),
+            ("write", lambda t: rw.acquire_write_sync("doc:1", timeout=t)),
+            ("read", lambda t: rw.acquire_read_sync("doc:2", timeout=t)),
+        ):
+            for timeout in (0, 0.3):  # (the try first: the wait then meets a warm connection)
+                with pytest.raises(LockTimeout) as timed_out:
+                    acquire(timeout)
+                said.setdefault(name, []).append(str(timed_out.value))
+        for lease in (*full, one, read, write):
+            lease.release_sync()
+    finally:
+        for backend in {id(b): b for b in (holder, waiter)}.values():
+            backend.close_sync()
+        for _ in factory:  # its own teardown
+            pass
+    tried, waited = said["sem3"]
+    assert tried.startswith("a permit was not granted: all 3 permits of semaphore 'ns:vendor:1' ")
+    assert "are held, and timeout=0 tries once without waiting" in tried
+    assert "to wait for one" in tried
+    assert "a permit was not granted within 0.3s: all 3 permits of semaphore" in waited
+    assert "'ns:vendor:1' are still held" in waited
+    assert "wait until one is free" in waited
+    assert "the one permit of semaphore 'ns:vendor:2' is held, and timeout=0" in said["sem1"][0]
+    tried, waited = said["write"]
+    assert tried.startswith("the write lock was not granted: readers or another writer hold ")
+    assert "RW lock 'ns:doc:1'" in tried
+    assert "readers or another writer still hold RW lock 'ns:doc:1'" in waited
+    tried, waited = said["read"]
+    assert tried.startswith("the read lock was not granted: a writer holds RW lock 'ns:doc:2' ")
+    assert "a writer still holds RW lock 'ns:doc:2' or waits for it" in waited
+    for message in (m for messages in said.values() for m in messages):
+        assert "another holder" not in message
+        assert not message.startswith("lock ")
+
+
+def test_a_single_flight_key_error_does_not_call_it_a_lock_key() -> None:
+    """A bad key given to SingleFlight (do, do_sync, forget) is named a "single-flight key";
+    a lock's key error still says "lock key". Fails on the old code: "lock key 42 has type
+    int, not str", although the caller locks nothing."""
+    from keylock import InvalidKey, SingleFlight
+
+    flight = SingleFlight()
+    errors: list[InvalidKey] = []
+    for call in (
+        lambda: flight.do_sync(42, int),  # type: ignore[arg-type]
+        lambda: flight.do_sync("", int),
+        lambda: flight.forget("job\x007"),
+        lambda: flight.do_sync("k" * 2000, int),
+        lambda: asyncio.run(flight.do(None, asyncio.sleep, 0)),  # type: ignore[arg-type]
+    ):
+        with pytest.raises(InvalidKey) as refused:
+            call()
+        errors.append(refused.value)
+    for error in errors:
+        assert str(error).startswith("single-flight key "), str(error)
+        assert "lock" not in str(error)
+    assert "single-flight key 42 has type int, not str" in str(errors[0])
+    with pytest.raises(InvalidKey) as lock_error:
+        KeyedLock().statistics(42)  # type: ignore[arg-type]
+    assert str(lock_error.value).startswith("lock key 42 has type int, not str")
+
+
+def test_a_key_function_that_does_not_fit_the_call_names_both_functions() -> None:
+    """``@locks.locked(key=lambda a, b: ...)`` on a function called with other arguments
+    raises a TypeError naming the decorated function, the key function, both parameter
+    lists (never a default's value) and how to make them match; a TypeError raised inside
+    the key function's own body is left as it is. Fails on the old code: Python's bare
+    "<lambda>() missing 1 required positional argument: 'b'"."""
+    locks = KeyedLock()
+
+    @locks.locked(key=lambda job_id, shard: f"job:{job_id}:{shard}")
+    def work(job_id: int, password: str = "s3cret-pw") -> int:
+        return job_id
+
+    @KeyedSemaphore(limit=2).locked(key=lambda job_id: f"job:{job_id}")
+    async def run(job_id: int, *, retries: int = 3) -> int:
+        return job_id
+
+    def broken_key(job_id: int) -> str:
+        return "job:" + job_id  # type: ignore[operator]  # its own TypeError
+
+    @locks.locked(key=broken_key)
+    def other(job_id: int) -> int:
+        return job_id
+
+    with pytest.raises(TypeError) as misfit:
+        work(7)
+    message = str(misfit.value)
+    assert message.startswith(f"@locked(key=...) of {__name__}.")
+    assert "work: the key function " in message
+    assert "<lambda>(job_id, shard) cannot take this call's arguments (1 positional " in message
+    assert "missing a required argument: 'shard'" in message
+    assert "every call of work(job_id, password=...), so give it matching parameters" in message
+    assert "end with *args, **kwargs" in message
+    assert "s3cret" not in message
+    with pytest.raises(TypeError) as keyword:
+        asyncio.run(run(7, retries=1))
+    said = str(keyword.value)
+    assert "<lambda>(job_id) cannot take this call's arguments (1 positional argument and " in said
+    assert "keyword retries: got an unexpected keyword argument 'retries')" in said
+    assert "every call of run(job_id, *, retries=...)" in said
+    with pytest.raises(TypeError) as own:
+        other(7)
+    assert "can only concatenate str" in str(own.value)
+    assert "@locked" not in str(own.value)
+
+
+def test_inspect_of_a_postgres_table_that_does_not_exist_says_so(
+    postgres_server: PgServer, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``keylock inspect --table nosuch`` (a misspelt table) says that the table does not
+    exist, names it, its schema and the default, and exits 2, as ``--dir`` of a missing
+    directory does; ``release --force`` says the same rather than "not held". A table that
+    exists and holds nothing is still "0 held". Fails on the old code: "0 held", exit 0."""
+    postgres_server.flush()
+    url = postgres_server.url
+    locks = KeyedLock(PostgresBackend.from_url(url))
+    try:
+        with locks.sync("job:7"):  # (the default table exists from here on)
+            pass
+        assert main(["inspect", "--postgres-url", url]) == 0
+        assert capsys.readouterr().out.endswith("\n0 held\n")
+        for argv in (
+            ["inspect", "--postgres-url", url, "--table", "keylock_leasez"],
+            ["release", "--force", "job:7", "--postgres-url", url, "--table", "keylock_leasez"],
+            ["inspect", "--postgres-url", url, "--table", "elsewhere.keylock_leases"],
+        ):
+            assert main(argv) == 2
+            out, err = capsys.readouterr()
+            assert out == ""
+            assert err.count("\n") == 1
+            table, schema = argv[-1].rpartition(".")[2], argv[-1].rpartition(".")[0] or "public"
+            assert err.startswith(
+                f"keylock: --table: table {table!r} does not exist in schema {schema!r} of "
+                "that database: nothing has used it yet, or the name is misspelt"
+            )
+            assert "default keylock_leases" in err
+    finally:
+        locks.close_sync()
+
+
+def test_release_without_a_terminal_says_so_without_a_prompt(
+    redis_server: Server, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``keylock release --force KEY`` without --yes and with nothing on stdin (cron) prints
+    the holder, then only the "no terminal to confirm on" error: no prompt that nobody can
+    answer. An answer piped in is still read (without a prompt); on a terminal the prompt is
+    shown. Fails on the old code: stdout ended with "Force-release it from this holder? ...
+    Type its owner's first 8 hex digits to confirm: " before the error."""
+    redis_server.flush()
+    locks = KeyedLock(RedisBackend.from_url(redis_server.url), namespace="app")
+    lease = locks.acquire_sync("stuck")
+    argv = [sys.executable, "-m", "keylock", "release", "--force", "app:stuck"]
+    argv += ["--redis-url", redis_server.url]
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])}
+    try:
+        alone = subprocess.run(
+            argv, stdin=subprocess.DEVNULL, capture_output=True, text=True, env=env, timeout=60
+        )
+        assert alone.returncode == 2
+        assert alone.stdout.startswith(f"'app:stuck' is held: token {lease.token}, owner ")
+        assert alone.stdout.count("\n") == 1
+        assert "confirm" not in alone.stdout
+        assert alone.stderr.count("\n") == 1
+        assert alone.stderr.startswith("keylock: no terminal to confirm on: pass --yes")
+        assert not lease.lost
+        prompts: list[str] = []
+
+        class Terminal(io.StringIO):
+            def isatty(self) -> bool:
+                return True
+
+        monkeypatch.setattr(sys, "stdin", Terminal())
+        monkeypatch.setattr("builtins.input", lambda prompt: prompts.append(prompt) or "n")
+        assert main(argv[3:]) == 1  # "n": not the owner, nothing released
+        assert prompts[0].startswith("Force-release it from this holder?")
+        piped = subprocess.run(
+            argv,
+            input=lease.owner.hex()[:8] + "\n",
+            capture_output=True,
+            text=True,
+            env=env,
+            timeout=60,
+        )
+        assert (piped.returncode, piped.stderr) == (0, "")
+        assert piped.stdout.endswith("\nreleased\n")
+        assert "confirm" not in piped.stdout
+    finally:
+        with contextlib.suppress(keylock.LeaseLost):
+            lease.release_sync()
+        locks.close_sync()
+
+
+def test_a_stale_guard_key_function_that_does_not_fit_the_call_names_both() -> None:
+    """``stale_guard(locks, key=...)``, the other decorator with a key function, explains a
+    misfit the same way, sync and async. Fails on the old code: Python's bare "<lambda>()
+    takes 1 positional argument but 2 were given"."""
+    locks = KeyedLock()
+
+    @keylock.stale_guard(locks, key=lambda order: f"order:{order}")
+    def ship(order: int, carrier: str) -> str:
+        return carrier
+
+    @keylock.stale_guard(locks, key=lambda order: f"order:{order}")
+    async def bill(order: int, amount: int) -> int:
+        return amount
+
+    with pytest.raises(TypeError) as sync_misfit:
+        ship(7, "post")
+    with pytest.raises(TypeError) as async_misfit:
+        asyncio.run(bill(7, 10))
+    for misfit, name in ((sync_misfit, "ship(order, carrier)"), (async_misfit, "bill")):
+        message = str(misfit.value)
+        assert message.startswith("@stale_guard(key=...) of "), message
+        assert "<lambda>(order) cannot take this call's arguments (2 positional arguments: " in (
+            message
+        )
+        assert f"every call of {name}" in message

@@ -226,9 +226,13 @@ class AcquireFlow:
                 self.grant = Grant(handed.token, handed.expires_at, handed.deadline)
                 return None
         if self.tried and self.deadline is not None and now >= self.deadline:
-            raise _timeout(self.key, self.timeout, now)
+            raise self.expired(now)
         self.tried = self.in_flight = True
         return Trip(self.script, self.keys, self.args, self.bound(now))
+
+    def expired(self, now: float) -> KeylockError:
+        """The LockTimeout of this acquire, worded for what it asked for (a lock here)."""
+        return Deadline(self.key, self.timeout, now).expired()
 
     def _claim_margin(self) -> float:
         """The least claim window left at which a hand-off is adopted without asking: half of
@@ -268,13 +272,13 @@ class AcquireFlow:
             # the reply came after the lease it grants ran out (a trip stalled longer than
             # the TTL): never return it; ask again, which renews it if it is still ours
             if not self.waits:
-                raise _timeout(self.key, self.timeout, now)
+                raise self.expired(now)
             self.retry_at = now
             return False
         if rest:  # queued: the reply carries the server's clock, to date hand-offs by
             clock.read(int(rest[0]), sent_at, received)
         if not self.waits:
-            raise _timeout(self.key, self.timeout, now)
+            raise self.expired(now)
         pttl = int(value)
         wake = self.poll if pttl < 0 else min(pttl / 1000 + 0.001, self.poll)
         if not subscribed:
@@ -287,7 +291,7 @@ class AcquireFlow:
         deadline."""
         deadline = self.deadline
         if deadline is not None and now >= deadline:
-            raise _timeout(self.key, self.timeout, now)
+            raise self.expired(now)
         until = self.retry_at if deadline is None else min(self.retry_at, deadline)
         return max(until - now, 0.0)
 
@@ -304,7 +308,7 @@ class AcquireFlow:
         ):
             return exc
         if self.answered:
-            return _timeout(self.key, self.timeout, now)
+            return self.expired(now)
         if now - self.started < SILENT:
             return LockTimeout(
                 f"lock {self.key!r} was not granted within {self.timeout}s: Redis at {where} had "
@@ -408,7 +412,3 @@ class RedisFlow(Flow):
     def close(self) -> None:
         if self._listener is not None:
             self._waiting.unwatch(self.key, self.owner)
-
-
-def _timeout(key: str, timeout: float | None, now: float) -> KeylockError:
-    return Deadline(key, timeout, now).expired()

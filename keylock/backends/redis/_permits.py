@@ -17,10 +17,10 @@ import contextlib
 import time
 from typing import TYPE_CHECKING, cast
 
-from ...errors import LeaseLost
+from ...errors import KeylockError, LeaseLost
 from .._permits import limit_mismatch
 from .._tieredpermits import TieredPermits, tiered_view
-from ..base import KeyStatistics, register_permits
+from ..base import Deadline, KeyStatistics, Permits, register_permits
 from ._flow import AcquireFlow, RedisFlow, Trip, ttl_ms
 from ._keys import Layout
 from ._permit_scripts import (
@@ -38,7 +38,7 @@ if TYPE_CHECKING:
     from ...lease import Lease
     from .._tiered import Flow, Held, PermitTier
     from .._waiters import Waiter
-    from ..base import Deadline, Grant
+    from ..base import Grant
     from ._flow import ServerClock
     from ._listener import Waiting
     from ._wire import Arg
@@ -87,7 +87,7 @@ class PermitProtocol(AcquireFlow):
     """One permit acquire's protocol state: :class:`AcquireFlow` on PERMIT_ACQUIRE, whose
     ``{-1, limit}`` reply raises LimitMismatch (nothing was granted or queued)."""
 
-    __slots__ = ("limit", "refused")
+    __slots__ = ("limit", "refused", "weight")
 
     script = PERMIT_ACQUIRE
 
@@ -124,6 +124,7 @@ class PermitProtocol(AcquireFlow):
             confirm=confirm,
         )
         self.limit = limit
+        self.weight = weight
         self.refused = False
         self.args += (limit, weight, key)
 
@@ -142,6 +143,9 @@ class PermitProtocol(AcquireFlow):
             self.answered = self.refused = True
             raise limit_mismatch(self.key, int(value), self.limit)
         return super().on_reply(reply, sent_at, received, now, clock, subscribed)
+
+    def expired(self, now: float) -> KeylockError:
+        return Deadline(self.key, self.timeout, now, Permits(self.limit, self.weight)).expired()
 
     def leave_args(self) -> list[Arg] | None:
         return None if self.refused else super().leave_args()

@@ -37,6 +37,7 @@ __all__ = [
     "Permits",
     "ThreadWaiter",
     "Waiter",
+    "described",
 ]
 
 
@@ -129,6 +130,13 @@ class Deadline:
             f"raise the timeout, or use timeout=None to wait until {it} is free",
             key=self.key,
         )
+
+
+def described(key: str, shape: Permits | None) -> str:
+    """*key* named as what it is: a lock, a semaphore or an RW lock (for messages)."""
+    if shape is None:
+        return f"lock {key!r}"
+    return f"RW lock {key!r}" if shape[0] == RW_LIMIT else f"semaphore {key!r}"
 
 
 def _blocked(key: str, shape: Permits | None, *, still: bool) -> tuple[str, str, str]:

@@ -16,9 +16,11 @@ import pytest
 
 from keylock import BackendUnavailable, KeyedLock, KeylockError, LockTimeout
 from keylock.backends import RedisBackend
+from keylock.backends.base import RW_LIMIT
 from keylock.backends.redis import _wire
 from keylock.backends.redis._flow import MIN_TRIP, SILENT, AcquireFlow, ServerClock
 from keylock.backends.redis._keys import Layout
+from keylock.backends.redis._permits import PermitProtocol
 
 from .._redis_server import Server
 
@@ -154,6 +156,63 @@ def test_which_trips_were_answered_decides_the_error() -> None:
     refused = BackendUnavailable("Redis at h:1 failed: refused", key="job:7")
     refused.__cause__ = ConnectionRefusedError()
     assert _protocol().failed(refused, 102.0, "h:1") is refused  # not a timeout: as it is
+
+
+@pytest.mark.parametrize(
+    ("limit", "weight", "named"),
+    [
+        (3, 1, "semaphore 'job:7'"),
+        (RW_LIMIT, 1, "RW lock 'job:7'"),
+        (RW_LIMIT, RW_LIMIT, "RW lock"),
+    ],
+)
+def test_a_permit_that_redis_never_answered_is_named_as_what_it_is(
+    limit: int, weight: int, named: str
+) -> None:
+    """A semaphore or RW lock acquire that Redis did not answer says "semaphore"/"RW lock",
+    not "lock", in both the too-soon LockTimeout and the BackendUnavailable. Fails on the
+    old code (both said "lock 'job:7'")."""
+    timed_out = BackendUnavailable("Redis at h:1 failed: Timeout", key="job:7")
+    timed_out.__cause__ = TimeoutError()
+    flow = PermitProtocol(
+        Layout("keylock"),
+        "job:7",
+        b"o" * 16,
+        limit=limit,
+        weight=weight,
+        ttl=30.0,
+        timeout=2.0,
+        now=100.0,
+        channel="wake",
+        stay_ms=4000,
+        poll=1.0,
+        renewed=True,
+        confirm=False,
+    )
+    flow.next_trip(100.0)
+    never = flow.failed(timed_out, 102.0, "h:1")
+    assert isinstance(never, BackendUnavailable)
+    assert named in str(never)
+    assert "lock 'job:7'" not in str(never).replace("RW lock 'job:7'", "")
+    short = PermitProtocol(
+        Layout("keylock"),
+        "job:7",
+        b"o" * 16,
+        limit=limit,
+        weight=weight,
+        ttl=30.0,
+        timeout=0.05,
+        now=100.0,
+        channel="wake",
+        stay_ms=4000,
+        poll=1.0,
+        renewed=True,
+        confirm=False,
+    )
+    short.next_trip(100.0)
+    too_soon = short.failed(timed_out, 100.05 + MIN_TRIP, "h:1")
+    assert isinstance(too_soon, LockTimeout)
+    assert str(too_soon).startswith(named)
 
 
 def _until(condition: Callable[[], bool], seconds: float = 15.0) -> bool:

@@ -19,7 +19,7 @@ import redis.exceptions
 
 from ...errors import BackendUnavailable, KeylockError, LeaseLost, LockTimeout
 from .._tiered import Flow, Step
-from ..base import Deadline, Grant
+from ..base import Deadline, Grant, described
 from ._scripts import ACQUIRE, FENCE_SLACK_MS, LEAVE, TAKEOVER_MARK_MS, Script
 
 if TYPE_CHECKING:
@@ -234,6 +234,10 @@ class AcquireFlow:
         """The LockTimeout of this acquire, worded for what it asked for (a lock here)."""
         return Deadline(self.key, self.timeout, now).expired()
 
+    def described(self) -> str:
+        """The key as what it is, for messages (a lock here)."""
+        return described(self.key, None)
+
     def _claim_margin(self) -> float:
         """The least claim window left at which a hand-off is adopted without asking: half of
         the window it was handed for."""
@@ -311,14 +315,14 @@ class AcquireFlow:
             return self.expired(now)
         if now - self.started < SILENT:
             return LockTimeout(
-                f"lock {self.key!r} was not granted within {self.timeout}s: Redis at {where} had "
-                "not answered yet (too soon to tell a held key from a slow server); raise the "
+                f"{self.described()} was not granted within {self.timeout}s: Redis at {where} "
+                "had not answered yet (too soon to tell a held key from a slow server); raise the "
                 "timeout",
                 key=self.key,
             )
         return BackendUnavailable(
-            f"Redis at {where} did not answer within {now - self.started:.1f}s for lock "
-            f"{self.key!r} (overloaded, paused, not a Redis server, or a network dropping "
+            f"Redis at {where} did not answer within {now - self.started:.1f}s for "
+            f"{self.described()} (overloaded, paused, not a Redis server, or a network dropping "
             "packets): no lease was granted, and whether the key is held is unknown; check the "
             "server and the network",
             key=self.key,

@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, cast
 from ...errors import KeylockError, LeaseLost
 from .._permits import limit_mismatch
 from .._tieredpermits import TieredPermits, tiered_view
-from ..base import Deadline, KeyStatistics, Permits, register_permits
+from ..base import Deadline, KeyStatistics, Permits, described, register_permits
 from ._flow import AcquireFlow, RedisFlow, Trip, ttl_ms
 from ._keys import Layout
 from ._permit_scripts import (
@@ -146,6 +146,9 @@ class PermitProtocol(AcquireFlow):
 
     def expired(self, now: float) -> KeylockError:
         return Deadline(self.key, self.timeout, now, Permits(self.limit, self.weight)).expired()
+
+    def described(self) -> str:
+        return described(self.key, Permits(self.limit, self.weight))
 
     def leave_args(self) -> list[Arg] | None:
         return None if self.refused else super().leave_args()

@@ -7,13 +7,13 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Callable, Iterator
-from typing import Any
+from typing import cast
 
 import pytest
 import redis
 import redis.cluster
 
-from keylock import KeyedRWLock, KeyedSemaphore, LeaseLost
+from keylock import KeyedRWLock, KeyedSemaphore, Lease, LeaseLost
 from keylock.backends import RedisBackend
 from keylock.backends.redis import force_release
 from keylock.backends.redis._keys import Layout
@@ -21,6 +21,8 @@ from keylock.backends.redis._permit_scripts import PERMIT_STATS
 from keylock.cli import main
 
 from .._redis_server import Cluster, Server
+
+Admin = redis.Redis | redis.cluster.RedisCluster
 
 
 class Store:
@@ -30,12 +32,12 @@ class Store:
     def __init__(self, url: str, cluster: bool) -> None:
         self.url = url
         self.cluster = cluster
-        self.admin: Any = (
+        self.admin: Admin = (
             redis.cluster.RedisCluster.from_url(url) if cluster else redis.Redis.from_url(url)
         )
 
-    def backend(self, **options: Any) -> RedisBackend:
-        return RedisBackend.from_url(self.url, cluster=self.cluster, **options)
+    def backend(self, **options: float | bool) -> RedisBackend:
+        return RedisBackend.from_url(self.url, cluster=self.cluster, **options)  # type: ignore[arg-type]
 
     def seen(self, stored: str) -> tuple[int, int, int]:
         """The server's view of permit key *stored* (a process's statistics count its own
@@ -43,9 +45,10 @@ class Store:
         return _seen(self.admin, stored)
 
 
-def _seen(client: Any, stored: str) -> tuple[int, int, int]:
+def _seen(client: Admin, stored: str) -> tuple[int, int, int]:
     keys = Layout("keylock").permit(stored, b"")[:4]
-    live, token, _, waiting, *_ = client.eval(PERMIT_STATS.text, 4, *keys)
+    reply = cast("list[bytes | int]", client.eval(PERMIT_STATS.text, 4, *keys))
+    live, token, _, waiting, *_ = reply
     return int(live), int(token), int(waiting)
 
 
@@ -83,7 +86,7 @@ def test_forcing_the_newest_permit_grants_the_waiter_at_once(store: Store) -> No
     holder = KeyedSemaphore(holder_backend, limit=2, namespace="app")
     waiter = KeyedSemaphore(store.backend(poll=60.0), limit=2, namespace="app")
     first, second = holder.acquire_sync("api"), holder.acquire_sync("api")
-    granted: list[Any] = []
+    granted: list[Lease] = []
 
     def wait() -> None:
         granted.append(waiter.acquire_sync("api", timeout=30))
@@ -171,7 +174,7 @@ def test_forcing_the_writer_lets_the_queued_readers_in(store: Store) -> None:
     rw = KeyedRWLock(store.backend(), namespace="app")
     other = KeyedRWLock(store.backend(poll=60.0), namespace="app")
     writer = rw.acquire_write_sync("doc")
-    readers: list[Any] = []
+    readers: list[Lease] = []
 
     def read() -> None:
         readers.append(other.acquire_read_sync("doc", timeout=30))
@@ -195,6 +198,28 @@ def test_forcing_the_writer_lets_the_queued_readers_in(store: Store) -> None:
         reader.release_sync()
     rw.close_sync()
     other.close_sync()
+
+
+def test_a_retried_force_breaks_nothing_more(store: Store) -> None:
+    """The wire runs a script again after a connection error (a lost reply): PERMIT_FORCE of
+    one owner, run twice, breaks that one permit and counts one lapse; the second run changes
+    nothing. force_release with no owner names the newest holder it saw, so its retry cannot
+    break a second permit. Fails on the old code: there was no permit force script."""
+    from keylock.backends.redis._permit_admin import PERMIT_FORCE
+
+    sem = KeyedSemaphore(store.backend(auto_renew=False), limit=3, namespace="app")
+    permits = [sem.acquire_sync("api") for _ in range(3)]
+    keys = Layout("keylock").permit("app\x00api", b"")[:4]
+    newest = permits[-1].owner
+    for expected in (1, 0):
+        assert store.admin.eval(PERMIT_FORCE.text, 4, *keys, newest, "app\x00api") == expected
+        assert store.seen("app\x00api")[:2] == (2, permits[1].token)
+        assert store.admin.hget(keys[0], "lapsed") == b"1"
+    for lease in permits[:2]:
+        lease.release_sync()
+    with pytest.raises(LeaseLost):
+        permits[2].release_sync()
+    sem.close_sync()
 
 
 def test_cli_release_force_of_a_redis_permit_shows_the_holder_and_releases_it(

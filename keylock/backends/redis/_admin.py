@@ -3,9 +3,12 @@ or one permit of a semaphore or an RW lock, only the one that was shown."""
 
 from __future__ import annotations
 
+from typing import cast
+
 from ._clients import SyncClient, address
 from ._keys import Layout
 from ._permit_admin import PERMIT_FORCE
+from ._permit_scripts import PERMIT_STATS
 from ._scripts import FORCE_RELEASE
 from ._wire import SyncWire, map_errors
 
@@ -30,7 +33,7 @@ def force_release(
         if owner is None:
             current = client.get(keys[0])
             if current is None:
-                return _force_permit(wire, layout, key, b"")
+                return _force_permit(wire, layout, key, None)
             owner = current.encode() if isinstance(current, str) else bytes(current)
             return bool(wire.call(FORCE_RELEASE, keys, [owner, key]))
         if isinstance(owner, str):
@@ -40,9 +43,14 @@ def force_release(
         return _force_permit(wire, layout, key, owner)
 
 
-def _force_permit(wire: SyncWire, layout: Layout, key: str, owner: bytes) -> bool:
-    """Break the live permit *owner* holds on permit key *key* (``b""``: the newest one) as if
-    it had lapsed: the waiters that now fit are granted at once, and the next grant took over;
-    its holder's own release then reports it lost."""
-    reply = wire.call(PERMIT_FORCE, layout.permit(key, b"")[:4], [owner, key])
-    return bool(reply[0]) if isinstance(reply, list) else False
+def _force_permit(wire: SyncWire, layout: Layout, key: str, owner: bytes | None) -> bool:
+    """Break the live permit *owner* holds on permit key *key* (None: the newest one, seen
+    now) as if it had lapsed: the waiters that now fit are granted at once, and the next grant
+    took over; its holder's own release then reports it lost."""
+    keys = layout.permit(key, b"")[:4]
+    if owner is None:
+        live, _, newest, *_ = cast("list[object]", wire.call(PERMIT_STATS, keys, []))
+        if not live or not isinstance(newest, bytes | str):
+            return False
+        owner = newest.encode() if isinstance(newest, str) else newest
+    return bool(wire.call(PERMIT_FORCE, keys, [owner, key]))

@@ -21,6 +21,7 @@ from keylock.backends.redis._permit_scripts import PERMIT_STATS
 from keylock.cli import main
 
 from .._redis_server import Cluster, Server
+from .test_redis_permit_invariants import KEY, LAYOUT, STEPS, Driver
 
 Admin = redis.Redis | redis.cluster.RedisCluster
 
@@ -252,3 +253,44 @@ def test_cli_release_force_of_a_redis_permit_shows_the_holder_and_releases_it(
         second.release_sync()
     first.release_sync()
     sem.close_sync()
+
+
+class ForceDriver(Driver):
+    """The permit scripts' randomized driver (test_redis_permit_invariants), with operators
+    forcing a holder's permit (or an owner's that holds none) among the clients' calls."""
+
+    def step(self) -> None:
+        rng = self.rng
+        if rng.random() < 0.12:
+            from keylock.backends.redis._permit_admin import PERMIT_FORCE
+
+            held = sorted(self.holders(self.prev))
+            owner = rng.choice(held) if held and rng.random() < 0.85 else self.owner()
+            reply = self.call(PERMIT_FORCE, owner, (owner, KEY), "force")
+            self.check(f"force {owner[-2:].hex()} = {reply}", owner, True)
+            return
+        super().step()
+
+
+@pytest.mark.parametrize("seed", [1, 2, 3])
+def test_forces_among_the_clients_calls_keep_the_permit_invariants(store: Store, seed: int) -> None:
+    """The permit scripts' invariants (used is the holders' weight, within the limit; TTLs
+    outlive every holder; no live holder dropped but the one forced; a new holder was in line;
+    a hand-off promises no more than the server keeps) hold after every call of the
+    randomized driver when forces of holders, lone ones included, and retried forces are
+    mixed in. Fails on the old code: there was no permit force script."""
+    if store.cluster:
+        node = store.admin.get_node_from_key(LAYOUT.permit(KEY, b"")[0])  # type: ignore[union-attr]
+        listen = redis.Redis(host=node.host, port=node.port)
+    else:
+        listen = redis.Redis.from_url(store.url)
+    driver = ForceDriver(store.admin, listen, seed)
+    try:
+        for _ in range(STEPS):
+            driver.step()
+        assert any(
+            line.startswith("force") and line.split(" = ")[1].startswith("1") for line in driver.log
+        )
+    finally:
+        driver.pubsub.close()
+        listen.close()

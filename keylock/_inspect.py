@@ -112,8 +112,9 @@ def _redis_permits(client: redis.Redis, layout: Layout) -> Iterator[HeldLock]:
 def force_release_redis(
     url: str, key: str, *, prefix: str = "keylock", owner: bytes | str | None = None
 ) -> bool:
-    """Delete *key*'s lock if *owner* (bytes or hex; None: whoever holds it now) still holds
-    it, and hand it to the next waiter at once; True if it was deleted."""
+    """Free *key*'s lock, or its permit, if *owner* (bytes or hex; None: whoever holds the lock
+    now, else the newest permit) still holds it, and hand it to the next waiter at once; True
+    if a live lease was broken."""
     import redis
 
     from .backends.redis import force_release

@@ -304,14 +304,6 @@ def _release(args: argparse.Namespace) -> int:
         return 1
     ttl = "no expiry" if holder.ttl is None else f"expires in {holder.ttl:.1f} s"
     print(f"{printable(args.key)!r} is held: token {holder.token}, {_describe(holder)}, {ttl}")
-    if holder.permits is not None and not args.postgres_url:
-        # the Redis force-release script knows lock keys only: say so rather than report the
-        # permit "no longer held" after a prompt
-        raise CliError(
-            f"release --force of a semaphore or RW lock permit ({printable(args.key)!r}) is not "
-            "supported on Redis: a stuck permit lapses at its TTL once its holder stops "
-            "renewing it (ending the holder's process frees it within one TTL)"
-        )
     if named is not None and not holder.owner.startswith(named):
         shown = printable(args.key)
         print(f"not released: {shown!r} is held by owner {holder.owner} now, not {named}")

@@ -223,29 +223,25 @@ def test_a_lease_passed_as_a_fencing_token_says_pass_lease_token() -> None:
     db.close()
 
 
-def test_release_of_a_redis_permit_says_it_is_not_supported(
+def test_release_of_a_redis_permit_shows_its_holder_and_breaks_it(
     capsys: pytest.CaptureFixture[str],
 ) -> None:
-    """``keylock release --force`` of a semaphore permit on Redis says it cannot break one,
-    before any prompt, and the permit stays held. Fails on the old code: it showed the holder,
-    then said "not released: ... is no longer held by owner <the holder shown>" although the
-    permit was still held (the Redis script breaks lock keys only)."""
+    """``keylock release --force`` of a semaphore permit on Redis shows the holder, then breaks
+    that permit (as on Postgres): "released", nothing on stderr, and the holder's release
+    raises LeaseLost. Fails on the old code: it refused ("... is not supported on Redis")."""
     with running_server() as server:
         sem = KeyedSemaphore(RedisBackend.from_url(server.url), limit=3, namespace="myapp")
         permit = sem.acquire_sync("vendor:1")
         try:
             argv = ["release", "--force", "myapp:vendor:1", "--redis-url", server.url]
-            assert main([*argv, "--owner", permit.owner.hex(), "--yes"]) == 1
+            assert main([*argv, "--owner", permit.owner.hex(), "--yes"]) == 0
             out, err = capsys.readouterr()
             assert out.startswith("'myapp:vendor:1' is held: token")
-            assert "no longer held" not in out
-            assert err.count("\n") == 1
-            assert err.startswith("keylock: release --force of a semaphore or RW lock permit")
-            assert "not supported on Redis" in err
-            assert sem.statistics("vendor:1").holders == 1
-            assert not permit.lost
+            assert out.endswith("\nreleased\n")
+            assert err == ""
+            with pytest.raises(keylock.LeaseLost):
+                permit.release_sync()
         finally:
-            permit.release_sync()
             sem.close_sync()
 
 

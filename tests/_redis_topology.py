@@ -175,7 +175,15 @@ class SentinelTopology:
                 and isinstance(value, dict)
                 and value.get("state") == "online"
             }
-            return all(seen.get(port, -1) >= offset for port in live)
+            if not all(seen.get(port, -1) >= offset for port in live):
+                return False
+            # ...and each answers a WAIT: a replica "online" whose offset shows 0 has not sent
+            # its first acknowledgement yet (on a loaded host, still loading the primary's
+            # snapshot) and would leave a test's first replicas=1 grant unacknowledged. A
+            # PUBLISH moves the replication offset without touching the keyspace.
+            primary = _client(self.primary_port)
+            primary.publish("__keylock_topology_sync__", "1")
+            return not live or int(primary.execute_command("WAIT", len(live), 100)) >= len(live)
 
         poll(synced, timeout, "the live replicas in sync with the primary")
 

@@ -11,7 +11,6 @@ import os
 import re
 import signal
 import time
-from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -21,17 +20,9 @@ from keylock.backends import FileBackend
 from keylock.backends.base import RW_LIMIT
 from keylock.backends.file import file_name
 
+from .._poll import until
+
 ctx = multiprocessing.get_context("fork")
-
-
-def _until(condition: Callable[[], bool], what: str, within: float = 30.0) -> None:
-    deadline = time.monotonic() + within
-    pause = 0.001
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"never: {what}")
-        time.sleep(pause)
-        pause = min(pause * 2, 0.05)
 
 
 def in_line(directory: str, key: str) -> int:
@@ -102,7 +93,7 @@ def _line_up(
         args = (directory, limit, weight, "k", name, log, 0.02)
         procs[name] = proc = ctx.Process(target=_wait_in_line, args=args)
         proc.start()
-        _until(lambda count=count: in_line(directory, "k") == count, f"{name} is in line")
+        until(lambda count=count: in_line(directory, "k") == count, f"{name} is in line")
     if kill:
         os.kill(procs[kill].pid, signal.SIGKILL)  # type: ignore[arg-type]
         procs.pop(kill).join(30)
@@ -110,7 +101,7 @@ def _line_up(
         os.kill(procs[stop].pid, signal.SIGSTOP)  # type: ignore[arg-type]
     go.set()
     if stop:
-        _until(lambda: os.path.exists(log), "the first waiter is granted")
+        until(lambda: os.path.exists(log), "the first waiter is granted")
         time.sleep(0.3)  # an observation window: the others pass a stopped one here, or not
         os.kill(procs[stop].pid, signal.SIGCONT)  # type: ignore[arg-type]
     holder.join(60)

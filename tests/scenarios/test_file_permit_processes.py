@@ -23,18 +23,9 @@ from keylock.backends._fileshared import STEP_ASIDE
 from keylock.backends.base import RW_LIMIT
 from keylock.backends.file import file_name
 
+from .._poll import until
+
 ctx = multiprocessing.get_context("fork")
-
-
-def _until(condition: Callable[[], bool], what: str, within: float = 30.0) -> None:
-    """Poll *condition* (bounded) until it holds."""
-    deadline = time.monotonic() + within
-    pause = 0.001
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"never: {what}")
-        time.sleep(pause)
-        pause = min(pause * 2, 0.05)
 
 
 # ------------------------------------------------------------------------------ the witness
@@ -336,7 +327,7 @@ def test_a_waiting_writer_keeps_later_readers_of_other_processes_out(tmp_path: P
     )
     thread.start()
     try:
-        _until(lambda: _in_line(directory, "doc") == 1, "the writer waits in line")
+        until(lambda: _in_line(directory, "doc") == 1, "the writer waits in line")
         assert _reader_in_another_process(directory, "doc", 0.3) == "LockTimeout"
         assert _reader_in_another_process(directory, "doc", 0) == "LockTimeout"
     finally:
@@ -372,7 +363,7 @@ def test_a_writer_that_gives_up_leaves_nothing_that_blocks_readers(
         os.kill(holder.pid, signal.SIGKILL)  # type: ignore[attr-defined]
     holder.join(10)  # type: ignore[attr-defined]
     # the writer's thread, still in flock when it gave up, lets the lock go as it comes
-    _until(lambda: not backend._shared.fds, "the pool thread closed the writer's file")
+    until(lambda: not backend._shared.fds, "the pool thread closed the writer's file")
     writer.acquire_sync("doc", timeout=0).release_sync()
 
 

@@ -4,8 +4,6 @@ floored at the server clock keep rising, a crash ends every lease and its holder
 
 from __future__ import annotations
 
-import time
-
 import psycopg
 import pytest
 
@@ -14,6 +12,7 @@ from keylock.backends import PostgresBackend
 from keylock.backends.postgres._sql import tables
 
 from .._pg_server import PgServer, running_postgres
+from .._poll import polled
 
 
 def _persistence(server: PgServer, table: str) -> dict[str, str]:
@@ -32,15 +31,6 @@ def _drop(server: PgServer, table: str) -> None:
     for (function,) in functions:
         server.execute(f"DROP FUNCTION IF EXISTS {function}")
     server.execute(f"DROP TABLE IF EXISTS {', '.join(tables(table))}")
-
-
-def _until(condition: object, timeout: float) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if condition():  # type: ignore[operator]
-            return True
-        time.sleep(0.01)
-    return False
 
 
 def test_default_tables_are_unlogged_and_durable_makes_them_logged_for_all(
@@ -119,7 +109,7 @@ def test_a_crash_ends_every_lease_unless_durable_and_holders_are_told(durable: b
         permit = sem.acquire_sync("k")
         # the WAL flushed past both grants: a logged table would keep them through the crash
         written = own.execute("SELECT pg_current_wal_insert_lsn()::text")[0][0]
-        assert _until(
+        assert polled(
             lambda: own.execute("SELECT pg_current_wal_flush_lsn() >= %s::pg_lsn", (written,))[0][
                 0
             ],
@@ -130,7 +120,7 @@ def test_a_crash_ends_every_lease_unless_durable_and_holders_are_told(durable: b
         assert rows == (1 if durable else 0)
         if durable:
             renewed = (lease.expires_at, permit.expires_at)
-            assert _until(
+            assert polled(
                 lambda: lease.expires_at > renewed[0] and permit.expires_at > renewed[1],  # type: ignore[operator]
                 timeout=15,
             )
@@ -139,9 +129,9 @@ def test_a_crash_ends_every_lease_unless_durable_and_holders_are_told(durable: b
             lease.release_sync()
             permit.release_sync()
         else:
-            assert _until(lambda: lease.lost and permit.lost, timeout=15)
+            assert polled(lambda: lease.lost and permit.lost, timeout=15)
             # on_lost runs after the lease is marked lost, from the renewer's thread
-            assert _until(lambda: {id(x) for x in lost} == {id(lease), id(permit)}, timeout=5)
+            assert polled(lambda: {id(x) for x in lost} == {id(lease), id(permit)}, timeout=5)
         other = PostgresBackend.from_url(own.url)
         with KeyedLock(other).sync("k", timeout=10) as after:
             assert after.token > lease.token

@@ -28,6 +28,7 @@ from keylock.backends import FileBackend, PostgresBackend, RedisBackend
 from keylock.cli import main, printable
 
 from .._pg_server import PgServer
+from .._poll import polled
 from .._redis_server import Server, running_server
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -394,7 +395,7 @@ def test_force_release_frees_a_postgres_lock_and_wakes_the_next_waiter_at_once(
 
     thread = threading.Thread(target=wait)
     thread.start()
-    assert _polled(lambda: [h.waiting for h in inspect_postgres(url)] == [1])
+    assert polled(lambda: [h.waiting for h in inspect_postgres(url)] == [1])
     monkeypatch.setattr("builtins.input", lambda prompt: "n")
     assert main(["release", "app:stuck", "--force", "--postgres-url", url]) == 1
     shown = capsys.readouterr().out.splitlines()[0]
@@ -451,16 +452,6 @@ def test_postgres_errors_in_a_subprocess_have_no_traceback(postgres_server: PgSe
     done = _keylock("release", "--force", "job:7", "--postgres-url", postgres_server.url)
     assert done.returncode == 1  # nothing held: nothing asked
     assert "'job:7' is not held" in done.stdout
-
-
-def _polled(condition: Any, timeout: float = 10.0) -> bool:
-    """Poll *condition* until true or *timeout* passes (bounded, no fixed sleep)."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if condition():
-            return True
-        time.sleep(0.01)
-    return False
 
 
 def test_force_release_spares_a_lock_that_changed_hands_since_it_was_inspected(

@@ -8,8 +8,6 @@ import asyncio
 import multiprocessing
 import os
 import threading
-import time
-from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -20,15 +18,9 @@ from keylock.backends._filepermits import MAX_SLOTS, Claim
 from keylock.backends.base import RW_LIMIT
 from keylock.backends.file import file_name
 
+from .._poll import until
+
 ctx = multiprocessing.get_context("fork")
-
-
-def _until(condition: Callable[[], bool], what: str, within: float = 30.0) -> None:
-    deadline = time.monotonic() + within
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"never: {what}")
-        time.sleep(0.002)
 
 
 def _base(key: str) -> str:
@@ -110,7 +102,7 @@ def test_a_waiter_sleeps_in_flock_and_is_woken_by_the_kernel(
         target=lambda: got.append(KeyedLock(backend.permits(1)).acquire_sync("k", timeout=60))
     )
     waiter.start()
-    _until(lambda: steps[0] >= 1 and not got, "the waiter's first step")
+    until(lambda: steps[0] >= 1 and not got, "the waiter's first step")
     threading.Event().wait(0.3)  # an observation window: a polling waiter steps ~100 times
     assert steps[0] <= 2, f"{steps[0]} steps while another process held the permit: polling"
     go.set()
@@ -155,7 +147,7 @@ def test_a_lapsed_permit_is_let_go_unreleased_for_the_next_holder(tmp_path: Path
     backend = FileBackend(tmp_path)
     locks = KeyedLock(backend.permits(2), on_lost=lambda lease: None)
     old = [locks.acquire_sync("k", ttl=0.05) for _ in range(2)]
-    _until(lambda: all(lease.lost for lease in old), "the permits lapse")
+    until(lambda: all(lease.lost for lease in old), "the permits lapse")
     new = locks.acquire_sync("k", timeout=5)
     assert new.took_over
     for lease in old:
@@ -255,6 +247,6 @@ def test_a_waiter_whose_loop_closed_leaves_the_line(tmp_path: Path) -> None:
     other.start()
     assert results.get(timeout=30) == "granted"
     other.join(10)
-    _until(lambda: not _tickets(tmp_path, "k"), "the closed loop's ticket gone")
+    until(lambda: not _tickets(tmp_path, "k"), "the closed loop's ticket gone")
     # and its turn in this process's line went to the next caller here
     KeyedLock(FileBackend(tmp_path).permits(1)).acquire_sync("k", timeout=10).release_sync()

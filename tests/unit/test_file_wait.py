@@ -26,6 +26,8 @@ from keylock.backends._waiters import ThreadWaiter
 from keylock.backends.base import Deadline, Grant
 from keylock.backends.file import file_name
 
+from .._poll import until
+
 _HOLD = textwrap.dedent(
     """
     import sys
@@ -113,13 +115,6 @@ def _marked(directory: Path, key: str) -> bool:
     return out.stdout.strip() == "marked"
 
 
-def _until(condition: Callable[[], bool], what: str, within: float = 30.0) -> None:
-    deadline = time.monotonic() + within
-    while not condition():
-        assert time.monotonic() < deadline, f"{what}: not within {within}s"
-        time.sleep(0.005)
-
-
 def _flock_threads() -> int:
     return sum(t.name == "keylock-flock" and t.is_alive() for t in threading.enumerate())
 
@@ -169,7 +164,7 @@ def test_a_waiter_sleeps_in_flock_until_the_holder_unlocks(
     with _held_elsewhere(tmp_path, "hot") as release:
         waiter = threading.Thread(target=wait)
         waiter.start()
-        _until(lambda: _marked(tmp_path, "hot"), "the waiter never marked itself")
+        until(lambda: _marked(tmp_path, "hot"), "the waiter never marked itself")
         for _ in range(3):  # each probe is a new interpreter: tens of milliseconds
             assert _marked(tmp_path, "hot")
         assert trips[0] <= 2, f"{trips[0]} trips while the holder held the key: polling"
@@ -215,10 +210,10 @@ def test_a_waiter_that_gives_up_leaves_nothing_behind(
         assert not wait.done
         assert locks.statistics("hot").waiting == 0
         release()
-    _until(lambda: backend._shared.waiting == {}, "the thread kept its wait")
+    until(lambda: backend._shared.waiting == {}, "the thread kept its wait")
     assert backend._shared.fds == set()
     assert _elsewhere_gets(tmp_path, "hot")  # ... and let the lock go when it came
-    _until(lambda: _flock_threads() == 0, "a pool thread stayed")
+    until(lambda: _flock_threads() == 0, "a pool thread stayed")
 
 
 def test_a_grant_that_comes_as_the_caller_gives_up_is_passed_on(tmp_path: Path) -> None:
@@ -237,7 +232,7 @@ def test_a_grant_that_comes_as_the_caller_gives_up_is_passed_on(tmp_path: Path) 
         assert backend._trip_sync(flow, _filewait.TRY) is _filewait.BLOCKED
         wait = backend._shared.waiting["hot"]
         release()
-        _until(lambda: wait.done, "the flock never returned")
+        until(lambda: wait.done, "the flock never returned")
     assert not _elsewhere_gets(tmp_path, "hot")  # held by our thread's file, for the caller
     backend._trip_sync(flow, flow.leaving())
     assert backend._shared.waiting == {}
@@ -262,7 +257,7 @@ def test_the_next_caller_takes_over_the_flock_of_one_that_gave_up(tmp_path: Path
         left = backend._shared.waiting["hot"]
         waiter = threading.Thread(target=wait)
         waiter.start()
-        _until(lambda: left.waiter is not None, "the next caller never took the wait over")
+        until(lambda: left.waiter is not None, "the next caller never took the wait over")
         assert backend._shared.waiting["hot"] is left
         assert len(backend._shared.fds) == 1  # one file, one flock
         assert _marked(tmp_path, "hot")
@@ -286,7 +281,7 @@ def test_a_fork_while_a_thread_waits_in_flock(tmp_path: Path) -> None:
     with _held_elsewhere(tmp_path, "hot") as release:
         waiter = threading.Thread(target=wait)
         waiter.start()
-        _until(lambda: backend._shared.waiting.get("hot", Waiting(-1)).blocked, "no flock")
+        until(lambda: backend._shared.waiting.get("hot", Waiting(-1)).blocked, "no flock")
         read, write = os.pipe()
         pid = os.fork()
         if pid == 0:  # the child: no lock file open, and its own keys still work
@@ -321,7 +316,7 @@ def test_callers_poll_when_no_thread_can_wait_for_them(
 ) -> None:
     """With the pool full (or the OS refusing threads), a timed caller polls, as before."""
     monkeypatch.setattr(_filewait, "_IDLE", 0.05)
-    _until(lambda: _flock_threads() == 0, "earlier pool threads stayed")
+    until(lambda: _flock_threads() == 0, "earlier pool threads stayed")
     monkeypatch.setattr(_filewait, "_MAX_THREADS", 0)
     backend = FileBackend(tmp_path)
     locks = KeyedLock(backend)
@@ -335,7 +330,7 @@ def test_callers_poll_when_no_thread_can_wait_for_them(
     with _held_elsewhere(tmp_path, "hot") as release:
         waiter = threading.Thread(target=wait)
         waiter.start()
-        _until(lambda: trips[0] > 5, "the caller did not poll")
+        until(lambda: trips[0] > 5, "the caller did not poll")
         assert not backend._shared.waiting["hot"].blocked
         release()
         waiter.join(30)

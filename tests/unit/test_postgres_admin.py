@@ -15,15 +15,7 @@ from keylock.backends.base import RW_LIMIT
 from keylock.cli import main
 
 from .._pg_server import PgServer
-
-
-def _polled(condition: object, timeout: float = 10.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if condition():  # type: ignore[operator]
-            return True
-        time.sleep(0.01)
-    return False
+from .._poll import polled
 
 
 def test_inspect_lists_postgres_permit_keys_beside_locks(
@@ -81,7 +73,7 @@ def test_force_release_frees_one_postgres_permit_and_grants_the_waiter_at_once(
 
     thread = threading.Thread(target=wait)
     thread.start()
-    assert _polled(lambda: [h.waiting for h in inspect_postgres(url)] == [1])
+    assert polled(lambda: [h.waiting for h in inspect_postgres(url)] == [1])
     assert not force_release_postgres(url, "app\x00api", owner=b"someone else")
     started = time.monotonic()
     assert main(["release", "app:api", "--force", "--yes", "--postgres-url", url]) == 0
@@ -122,7 +114,7 @@ def test_force_release_of_a_writer_lets_the_readers_in(postgres_server: PgServer
     threads = [threading.Thread(target=read, args=(other,)) for other in others]
     for thread in threads:
         thread.start()
-    assert _polled(
+    assert polled(
         lambda: [h.waiting for h in inspect_postgres(url) if h.permits is not None] == [2]
     )
     shown = next(h for h in inspect_postgres(url) if h.permits is not None)

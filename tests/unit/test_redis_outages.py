@@ -10,7 +10,7 @@ import logging
 import socket
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 
 import pytest
 
@@ -22,6 +22,7 @@ from keylock.backends.redis._flow import MIN_TRIP, SILENT, AcquireFlow, ServerCl
 from keylock.backends.redis._keys import Layout
 from keylock.backends.redis._permits import PermitProtocol
 
+from .._poll import polled
 from .._redis_server import Server
 
 SECRET = "hunter2-s3cret"
@@ -158,6 +159,24 @@ def test_which_trips_were_answered_decides_the_error() -> None:
     assert _protocol().failed(refused, 102.0, "h:1") is refused  # not a timeout: as it is
 
 
+def _permit_protocol(limit: int, weight: int, *, timeout: float) -> PermitProtocol:
+    return PermitProtocol(
+        Layout("keylock"),
+        "job:7",
+        b"o" * 16,
+        limit=limit,
+        weight=weight,
+        ttl=30.0,
+        timeout=timeout,
+        now=100.0,
+        channel="wake",
+        stay_ms=4000,
+        poll=1.0,
+        renewed=True,
+        confirm=False,
+    )
+
+
 @pytest.mark.parametrize(
     ("limit", "weight", "named"),
     [
@@ -174,54 +193,17 @@ def test_a_permit_that_redis_never_answered_is_named_as_what_it_is(
     old code (both said "lock 'job:7'")."""
     timed_out = BackendUnavailable("Redis at h:1 failed: Timeout", key="job:7")
     timed_out.__cause__ = TimeoutError()
-    flow = PermitProtocol(
-        Layout("keylock"),
-        "job:7",
-        b"o" * 16,
-        limit=limit,
-        weight=weight,
-        ttl=30.0,
-        timeout=2.0,
-        now=100.0,
-        channel="wake",
-        stay_ms=4000,
-        poll=1.0,
-        renewed=True,
-        confirm=False,
-    )
+    flow = _permit_protocol(limit, weight, timeout=2.0)
     flow.next_trip(100.0)
     never = flow.failed(timed_out, 102.0, "h:1")
     assert isinstance(never, BackendUnavailable)
     assert named in str(never)
     assert "lock 'job:7'" not in str(never).replace("RW lock 'job:7'", "")
-    short = PermitProtocol(
-        Layout("keylock"),
-        "job:7",
-        b"o" * 16,
-        limit=limit,
-        weight=weight,
-        ttl=30.0,
-        timeout=0.05,
-        now=100.0,
-        channel="wake",
-        stay_ms=4000,
-        poll=1.0,
-        renewed=True,
-        confirm=False,
-    )
+    short = _permit_protocol(limit, weight, timeout=0.05)
     short.next_trip(100.0)
     too_soon = short.failed(timed_out, 100.05 + MIN_TRIP, "h:1")
     assert isinstance(too_soon, LockTimeout)
     assert str(too_soon).startswith(named)
-
-
-def _until(condition: Callable[[], bool], seconds: float = 15.0) -> bool:
-    deadline = time.monotonic() + seconds
-    while not condition():
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.01)
-    return True
 
 
 def _listener_records(
@@ -250,10 +232,10 @@ def test_an_outage_is_logged_once_and_retried_with_backoff(
         locks.acquire_sync("job:7", timeout=1).release_sync()  # a waiter: the listener starts
         backend = locks._backend
         assert isinstance(backend, RedisBackend)
-        assert _until(backend._waiting.subscribed)
+        assert polled(backend._waiting.subscribed, 15)
         server.stop()
-        assert _until(
-            lambda: len(_listener_records(caplog, backend)) >= 4
+        assert polled(
+            lambda: len(_listener_records(caplog, backend)) >= 4, 15
         )  # the first try + 3 more
         tries = _listener_records(caplog, backend)
         warnings = [record for record in tries if record.levelno == logging.WARNING]
@@ -262,9 +244,9 @@ def test_an_outage_is_logged_once_and_retried_with_backoff(
         gaps = [later.created - earlier.created for earlier, later in itertools.pairwise(tries)]
         assert gaps[2] > 1.5 * gaps[0], gaps  # backing off: 0.25 s, 0.5 s, 1 s, ...
         server.start()
-        assert _until(backend._waiting.subscribed)
-        assert _until(
-            lambda: any(r.levelno == logging.INFO for r in _listener_records(caplog, backend))
+        assert polled(backend._waiting.subscribed, 15)
+        assert polled(
+            lambda: any(r.levelno == logging.INFO for r in _listener_records(caplog, backend)), 15
         )
         levels = [record.levelno for record in _listener_records(caplog, backend)]
         assert levels.count(logging.WARNING) == 1

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from typing import cast
 
 import pytest
@@ -20,6 +20,7 @@ from keylock.backends.redis._keys import Layout
 from keylock.backends.redis._permit_scripts import PERMIT_STATS
 from keylock.cli import main
 
+from .._poll import polled
 from .._redis_server import Cluster, Server
 from .test_redis_permit_invariants import KEY, LAYOUT, STEPS, Driver
 
@@ -67,15 +68,6 @@ def store(request: pytest.FixtureRequest) -> Iterator[Store]:
     found.admin.close()
 
 
-def _polled(condition: Callable[[], bool], timeout: float = 10.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if condition():
-            return True
-        time.sleep(0.01)
-    return False
-
-
 def test_forcing_the_newest_permit_grants_the_waiter_at_once(store: Store) -> None:
     """A full semaphore (limit 2) with a waiter in another backend (poll=60 s: only the
     hand-off can wake it in time): force_release with no owner breaks the newest permit
@@ -94,7 +86,7 @@ def test_forcing_the_newest_permit_grants_the_waiter_at_once(store: Store) -> No
 
     thread = threading.Thread(target=wait)
     thread.start()
-    assert _polled(lambda: store.seen("app\x00api")[2] == 1)
+    assert polled(lambda: store.seen("app\x00api")[2] == 1)
     started = time.monotonic()
     assert force_release(store.admin, "app\x00api")
     thread.join(30)
@@ -104,7 +96,7 @@ def test_forcing_the_newest_permit_grants_the_waiter_at_once(store: Store) -> No
     assert got.took_over
     assert got.token > second.token
     assert store.seen("app\x00api")[:2] == (2, got.token)  # first and the waiter: never 3
-    assert _polled(lambda: second.lost)  # its renewal found the permit gone
+    assert polled(lambda: second.lost)  # its renewal found the permit gone
     assert not first.lost
     with pytest.raises(LeaseLost):
         second.release_sync()
@@ -183,7 +175,7 @@ def test_forcing_the_writer_lets_the_queued_readers_in(store: Store) -> None:
     threads = [threading.Thread(target=read) for _ in range(2)]
     for thread in threads:
         thread.start()
-    assert _polled(lambda: store.seen("app\x00doc")[2] == 2)
+    assert polled(lambda: store.seen("app\x00doc")[2] == 2)
     started = time.monotonic()
     assert force_release(store.admin, "app\x00doc", owner=writer.owner.hex())
     for thread in threads:

@@ -11,6 +11,7 @@ import socket
 import threading
 import time
 from collections.abc import Iterator
+from typing import Any
 
 import pytest
 
@@ -112,18 +113,22 @@ async def test_a_real_holder_is_still_a_lock_timeout(redis_server: Server) -> No
     await waiter.close()
 
 
-def _protocol(timeout: float = 2.0) -> AcquireFlow:
-    return AcquireFlow(
-        Layout("keylock"),
-        "job:7",
-        b"o" * 16,
-        ttl=30.0,
-        timeout=timeout,
-        now=100.0,
-        channel="wake",
-        stay_ms=4000,
-        poll=1.0,
-        renewed=True,
+def _protocol(timeout: float = 2.0, shape: tuple[int, int] | None = None) -> AcquireFlow:
+    """The protocol state of one acquire of 'job:7' (of a permit of *shape* when given)."""
+    options: dict[str, Any] = {
+        "ttl": 30.0,
+        "timeout": timeout,
+        "now": 100.0,
+        "channel": "wake",
+        "stay_ms": 4000,
+        "poll": 1.0,
+        "renewed": True,
+    }
+    if shape is None:
+        return AcquireFlow(Layout("keylock"), "job:7", b"o" * 16, **options)
+    limit, weight = shape
+    return PermitProtocol(
+        Layout("keylock"), "job:7", b"o" * 16, limit=limit, weight=weight, confirm=False, **options
     )
 
 
@@ -159,24 +164,6 @@ def test_which_trips_were_answered_decides_the_error() -> None:
     assert _protocol().failed(refused, 102.0, "h:1") is refused  # not a timeout: as it is
 
 
-def _permit_protocol(limit: int, weight: int, *, timeout: float) -> PermitProtocol:
-    return PermitProtocol(
-        Layout("keylock"),
-        "job:7",
-        b"o" * 16,
-        limit=limit,
-        weight=weight,
-        ttl=30.0,
-        timeout=timeout,
-        now=100.0,
-        channel="wake",
-        stay_ms=4000,
-        poll=1.0,
-        renewed=True,
-        confirm=False,
-    )
-
-
 @pytest.mark.parametrize(
     ("limit", "weight", "named"),
     [
@@ -193,13 +180,13 @@ def test_a_permit_that_redis_never_answered_is_named_as_what_it_is(
     old code (both said "lock 'job:7'")."""
     timed_out = BackendUnavailable("Redis at h:1 failed: Timeout", key="job:7")
     timed_out.__cause__ = TimeoutError()
-    flow = _permit_protocol(limit, weight, timeout=2.0)
+    flow = _protocol(2.0, (limit, weight))
     flow.next_trip(100.0)
     never = flow.failed(timed_out, 102.0, "h:1")
     assert isinstance(never, BackendUnavailable)
     assert named in str(never)
     assert "lock 'job:7'" not in str(never).replace("RW lock 'job:7'", "")
-    short = _permit_protocol(limit, weight, timeout=0.05)
+    short = _protocol(0.05, (limit, weight))
     short.next_trip(100.0)
     too_soon = short.failed(timed_out, 100.05 + MIN_TRIP, "h:1")
     assert isinstance(too_soon, LockTimeout)

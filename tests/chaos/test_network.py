@@ -282,6 +282,7 @@ async def _lost_release_trial(
         )
     )
     claimed = asyncio.Event()
+    lapsed = asyncio.Event()
 
     async def wait(locks: KeyedLock, name: str, timeout: float) -> None:
         asked = time.monotonic()
@@ -295,7 +296,11 @@ async def _lost_release_trial(
             return
         history.waited(Wait("res", name, asked, time.monotonic(), timeout, "granted"))
         assert await store.write("res", got.token, name, "near")
-        assert lease.released  # the far holder gave up before anyone else got the key
+        # the far holder gave up before anyone else got the key, or its lease lapsed first
+        # and it knows: on a loaded host a renewal can reach Redis past the 0.5 s TTL
+        assert lease.released or lease.lost
+        if not lease.released:
+            lapsed.set()
         claimed.set()
         taken = Grant(
             "res", got.token, name, time.monotonic(), believed_expiry(got), asked_at=asked
@@ -329,7 +334,7 @@ async def _lost_release_trial(
     await again.release()
     for locks in (far, far_waiter, near):
         await locks.close()
-    return type(info.value).__name__
+    return "lapsed" if lapsed.is_set() else type(info.value).__name__
 
 
 @pytest.mark.parametrize("lost", ["request", "reply"])
@@ -346,16 +351,25 @@ async def test_lost_releases_expire_cleanly(
     history = History()
     store._history = history
     trials = scaled(3)
-    outcomes = [
-        await _lost_release_trial(server, proxy, store, history, lost, n) for n in range(trials)
-    ]
+    # a trial whose lease lapsed before its release (renewals starved on a loaded host) says
+    # nothing about lost releases: the checker still judges it, the report counts it, and
+    # another trial runs in its place, a bounded number of times
+    outcomes: list[str] = []
+    while len(outcomes) - outcomes.count("lapsed") < trials:
+        assert len(outcomes) < 3 * trials, f"too many leases lapsed: {outcomes}"
+        outcomes.append(
+            await _lost_release_trial(server, proxy, store, history, lost, len(outcomes))
+        )
     verdict = history.check(slack=SLACK)
+    raised = sorted(set(outcomes) - {"lapsed"})
+    lapses = outcomes.count("lapsed")
     chaos_report.record(
         "Releases lost (proxy black-holes the release)",
         f"redis, {lost} lost",
         verdict,
-        trials=trials,
-        notes=f"release raised {', '.join(sorted(set(outcomes)))}",
+        trials=len(outcomes),
+        notes=f"release raised {', '.join(raised)}"
+        + (f"; leases lapsed before their release (trials rerun): {lapses}" if lapses else ""),
     )
     assert verdict.ok, verdict
     assert verdict.waits.get("granted", 0) >= trials  # every near waiter was served

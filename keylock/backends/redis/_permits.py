@@ -17,7 +17,7 @@ import contextlib
 import time
 from typing import TYPE_CHECKING, cast
 
-from ...errors import KeylockError, LeaseLost
+from ...errors import BackendUnavailable, KeylockError, LeaseLost
 from .._permits import limit_mismatch
 from .._tieredpermits import TieredPermits, tiered_view
 from ..base import Deadline, KeyStatistics, Permits, described, register_permits
@@ -32,6 +32,7 @@ from ._permit_scripts import (
     PERMIT_STATS,
 )
 from ._scripts import RELEASE_MARK_MS
+from ._wire import FAILURES, unavailable
 from .backend import RedisBackend
 
 if TYPE_CHECKING:
@@ -43,7 +44,7 @@ if TYPE_CHECKING:
     from ._listener import Waiting
     from ._wire import Arg
 
-__all__ = ["PermitFlow", "PermitProtocol", "RedisPermits", "permit_view"]
+__all__ = ["PermitFlow", "PermitProtocol", "RedisPermits", "permit_view", "reword"]
 
 # What a RedisBackend sets once and for all in its constructor: a view keeps its own reference
 # to each (the uncontended path then never goes through TieredPermits.__getattr__). What a
@@ -81,6 +82,20 @@ def permit_view(parent: RedisBackend, limit: int, weight: int) -> RedisPermits:
             found[name] = getattr(parent, name)
         found["_keys"] = _PermitKeys(parent.prefix)
     return view
+
+
+def reword(error: BaseException, key: str, where: str, shape: Permits) -> None:
+    """Name *key* in *error* as the semaphore or RW lock of *shape* it is, if *error* is the
+    wire's BackendUnavailable for *key*. The wire is shared with the parent's locks and names
+    every key a lock: told the shape here, once a call failed, it costs no call anything.
+    Reworded in place, so the traceback and the chain to the Redis error stay as raised."""
+    cause = error.__cause__
+    if (
+        isinstance(error, BackendUnavailable)
+        and isinstance(cause, FAILURES)
+        and str(error) == str(unavailable(key, where, cause))
+    ):
+        error.args = unavailable(key, where, cause, shape).args
 
 
 class PermitProtocol(AcquireFlow):
@@ -156,6 +171,11 @@ class PermitProtocol(AcquireFlow):
 
 class PermitFlow(RedisFlow):
     """The tiered core's view of a :class:`PermitProtocol` (leaving with PERMIT_LEAVE)."""
+
+    def on_error(self, error: Exception, now: float) -> Exception:
+        protocol = cast("PermitProtocol", self.protocol)
+        reword(error, self.key, self._where, Permits(protocol.limit, protocol.weight))
+        return super().on_error(error, now)
 
     def leaving(self) -> object | None:
         trip = super().leaving()
@@ -254,13 +274,20 @@ class RedisPermits(TieredPermits, RedisBackend):
 
     def _end_sync(self, key: str, held: Held) -> bool:
         keys, args = self._release_call(key, held)
-        return bool(self._parent._run_sync(PERMIT_RELEASE, key, keys, args))
+        try:
+            return bool(self._parent._run_sync(PERMIT_RELEASE, key, keys, args))
+        except BackendUnavailable as error:
+            reword(error, key, self._where, self.shape)
+            raise
 
     async def _end(self, key: str, held: Held) -> bool:
         keys, args = self._release_call(key, held)
         parent = self._parent
         try:
             return bool(await parent._run_async(PERMIT_RELEASE, key, keys, args))
+        except BackendUnavailable as error:
+            reword(error, key, self._where, self.shape)
+            raise
         except asyncio.CancelledError:
             # as for a lock: a release, once started, completes (the script is safe to rerun)
             parent._connections.finish(lambda: parent._run_async(PERMIT_RELEASE, key, keys, args))
@@ -271,7 +298,11 @@ class RedisPermits(TieredPermits, RedisBackend):
         keys, args = self._extend_call(key, owner, ttl)
         sent_at, sent = time.time(), time.monotonic()
         wait = self.replication.wait(None)
-        reply = self._connections.run_sync(PERMIT_EXTEND, key, keys, args, None, wait)
+        try:
+            reply = self._connections.run_sync(PERMIT_EXTEND, key, keys, args, None, wait)
+        except BackendUnavailable as error:
+            reword(error, key, self._where, self.shape)
+            raise
         return self._extended(key, held, ttl, sent, sent_at, reply, token)  # (LeaseLost if not)
 
     async def extend(self, key: str, owner: bytes, token: int, ttl: float) -> Grant:
@@ -279,7 +310,11 @@ class RedisPermits(TieredPermits, RedisBackend):
         keys, args = self._extend_call(key, owner, ttl)
         sent_at, sent = time.time(), time.monotonic()
         wait = self.replication.wait(None)
-        reply = await self._connections.run(PERMIT_EXTEND, key, keys, args, None, wait)
+        try:
+            reply = await self._connections.run(PERMIT_EXTEND, key, keys, args, None, wait)
+        except BackendUnavailable as error:
+            reword(error, key, self._where, self.shape)
+            raise
         return self._extended(key, held, ttl, sent, sent_at, reply, token)
 
     def _extend_call(self, key: str, owner: bytes, ttl: float) -> tuple[list[str], list[Arg]]:
@@ -291,9 +326,12 @@ class RedisPermits(TieredPermits, RedisBackend):
         process's callers queued in front of it."""
         parent = self._parent
         keys = parent.layout.permit(key, b"")[:4]
-        holders, token, owner, waiting, *_ = cast(
-            "list[int | bytes]", parent._run_sync(PERMIT_STATS, key, keys, [])
-        )
+        try:
+            reply = parent._run_sync(PERMIT_STATS, key, keys, [])
+        except BackendUnavailable as error:
+            reword(error, key, self._where, self.shape)
+            raise
+        holders, token, owner, waiting, *_ = cast("list[int | bytes]", reply)
         waiting = local.waiting + int(waiting)
         if not holders:
             return KeyStatistics(key, False, None, None, waiting)

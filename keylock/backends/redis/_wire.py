@@ -29,12 +29,14 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import NoScriptError, RedisClusterException, RedisError, ResponseError
 
 from ...errors import BackendUnavailable
+from ..base import described
 from ._cluster_then import call_many_then
 from ._resp import call_sync, direct, pack
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Coroutine, Iterator, Sequence
 
+    from ..base import Permits
     from ._scripts import Script
 
 __all__ = [
@@ -94,11 +96,14 @@ def map_errors(key: str, where: str) -> Iterator[None]:
         raise unavailable(key, where, exc) from exc
 
 
-def unavailable(key: str, where: str, exc: BaseException) -> BackendUnavailable:
+def unavailable(
+    key: str, where: str, exc: BaseException, shape: Permits | None = None
+) -> BackendUnavailable:
     """The BackendUnavailable that *exc* (one of :data:`FAILURES`) becomes, for *key* at the
-    (redacted) address *where*: the boundary, for the hot path that catches it inline."""
+    (redacted) address *where*, naming *key* a lock, or as the permit *shape* makes it: the
+    boundary, for the hot path that catches it inline."""
     return BackendUnavailable(
-        f"Redis at {where} failed for lock {key!r}: {describe(exc)}; "
+        f"Redis at {where} failed for {described(key, shape)}: {describe(exc).rstrip('.')}; "
         "nothing was granted or changed by this call; check the server and the URL",
         key=key,
     )

@@ -53,6 +53,8 @@ class RedisFlight:
     gets, once; the work is not run again for each of them.
     """
 
+    lock_prefix = "flight:"  # the leader of key k holds the lock "flight:k"
+
     def __init__(
         self, backend: RedisBackend, namespace: str, serializer: Serializer | None = None
     ) -> None:
@@ -106,7 +108,7 @@ class RedisFlight:
     ) -> R:
         """Run *fn* as the leader of *key* across hosts, or return the leader's outcome."""
         client = self._backend._async()
-        lock_key = f"flight:{key}"
+        lock_key = self.lock_prefix + key
         while True:
             try:
                 lease = await self._locks.acquire(lock_key, timeout=0)
@@ -141,7 +143,7 @@ class RedisFlight:
     def run_sync(self, key: str, fn: Callable[P, R], /, *args: P.args, **kwargs: P.kwargs) -> R:
         """Run *fn* as the leader of *key* across hosts, or return the leader's outcome."""
         client = self._backend._sync()
-        lock_key = f"flight:{key}"
+        lock_key = self.lock_prefix + key
         while True:
             try:
                 lease = self._locks.acquire_sync(lock_key, timeout=0)

@@ -25,10 +25,13 @@ MAX_KEY_LENGTH = 1024
 MIN_TTL = 0.001
 
 
-def check_key(key: object, what: str = "lock key") -> str:
+def check_key(
+    key: object, what: str = "lock key", longest: int = MAX_KEY_LENGTH, why: str = ""
+) -> str:
     """Return *key* if it is a usable key, else raise InvalidKey saying why; *what* names it
-    in the message ("lock key", "single-flight key")."""
-    if type(key) is str and 0 < len(key) <= MAX_KEY_LENGTH and "\x00" not in key:
+    in the message ("lock key", "single-flight key"); *longest* is its length limit, which
+    *why* explains when it is not MAX_KEY_LENGTH (a key held under a prefix)."""
+    if type(key) is str and 0 < len(key) <= longest and "\x00" not in key:
         return key
     if not isinstance(key, str):
         raise InvalidKey(
@@ -38,10 +41,10 @@ def check_key(key: object, what: str = "lock key") -> str:
         )
     if not key:
         raise InvalidKey(f"{what} is empty: name what it is for, e.g. 'job:7'", key=key)
-    if len(key) > MAX_KEY_LENGTH:
+    if len(key) > longest:
         raise InvalidKey(
             f"{what} {key[:40]!r}... is {len(key)} characters long, over the "
-            f"{MAX_KEY_LENGTH} allowed: use a short id or a hash of it instead",
+            f"{longest} allowed{why}: use a short id or a hash of it instead",
             key=key,
         )
     if "\x00" in key:

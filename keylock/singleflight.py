@@ -11,7 +11,7 @@ from collections.abc import Awaitable, Callable, Coroutine
 from typing import TYPE_CHECKING, ParamSpec, Protocol, TypeVar, cast
 
 from ._host import report
-from ._validate import check_key
+from ._validate import MAX_KEY_LENGTH, check_key
 
 if TYPE_CHECKING:
     from .backends.base import Backend
@@ -33,6 +33,10 @@ class RemoteFlight(Protocol):
     Called by the one in-process leader of *key*; it either runs *fn* or returns (or raises)
     what the run elsewhere produced, decoded the same way for every caller.
     """
+
+    #: The prefix of the lock a key's leader holds: a key may be at most MAX_KEY_LENGTH less
+    #: its length, or the lock would refuse it.
+    lock_prefix: str
 
     def run(
         self, key: str, fn: Callable[P, Awaitable[R]], /, *args: P.args, **kwargs: P.kwargs
@@ -148,8 +152,15 @@ class SingleFlight:
         from .backends.memory import MemoryBackend
 
         self._remote: RemoteFlight | None = None
+        self._longest = MAX_KEY_LENGTH  # a key's limit: less a remote leader's lock prefix
+        self._why = ""  # (said when a key goes over a limit that is not MAX_KEY_LENGTH)
         if backend is not None and not isinstance(backend, MemoryBackend):
-            self._remote = _remote_for(backend, namespace, serializer)
+            self._remote = remote = _remote_for(backend, namespace, serializer)
+            self._longest -= len(remote.lock_prefix)
+            self._why = (
+                f" (its leader holds the lock {remote.lock_prefix + '<key>'!r}, and a lock key "
+                f"is at most {MAX_KEY_LENGTH} characters)"
+            )
         elif serializer is not None:
             raise ValueError(
                 "SingleFlight(serializer=...) only applies to flights shared through a backend "
@@ -221,7 +232,7 @@ class SingleFlight:
     ) -> _Flight:
         """The flight of *key* to join, started by this caller if none runs. A run being
         cancelled (every caller left) still cleans up: one run at a time, so wait for it."""
-        key = check_key(key, _WHAT)
+        key = check_key(key, _WHAT, self._longest, self._why)
         slot = (key, loop)
         flight = self._flights.get(slot)
         while flight is None or flight.abandoned:
@@ -282,7 +293,7 @@ class SingleFlight:
 
         The first caller runs it in its own thread; the others block until it finishes.
         """
-        key = check_key(key, _WHAT)
+        key = check_key(key, _WHAT, self._longest, self._why)
         with self._mutex:
             flight = self._sync_flights.get(key)
             leader = flight is None
@@ -317,7 +328,7 @@ class SingleFlight:
         Safe from any thread while loops run flights. A run being cancelled is left alone: a
         newcomer already waits for its end and then starts fresh.
         """
-        key = check_key(key, _WHAT)
+        key = check_key(key, _WHAT, self._longest, self._why)
         with self._mutex:
             for slot in [s for s, f in self._flights.items() if s[0] == key and not f.abandoned]:
                 del self._flights[slot]

@@ -89,10 +89,12 @@ def key_misfit(
     args: tuple[object, ...],
     kwargs: dict[str, object],
     what: str,
+    role: str = "key",
 ) -> TypeError | None:
     """The TypeError to raise instead of *exc* when *exc* says that the key function *key*
     cannot take this call's arguments (those of the decorated *fn*); None when *exc* came from
-    inside the key function, or is about something else (re-raise it as it is).
+    inside the key function, or is about something else (re-raise it as it is). *role* names
+    the function's part in *what* ("key"; stale_guard's "snapshot" and "expected" too).
 
     Called only once the key function's call has raised: a wrapper's fast path pays nothing.
     The message names both functions, their parameters and the call's shape, never an
@@ -120,7 +122,7 @@ def key_misfit(
     except (TypeError, ValueError):
         params = name
     return TypeError(
-        f"@{what}(key=...) of {describe(fn)}: the key function {describe(key)}"
+        f"@{what}({role}=...) of {describe(fn)}: the {role} function {describe(key)}"
         f"{_parameters(expects)} "
         f"cannot take this call's arguments ({passed}: {reason}); it is called with the "
         f"arguments of every call of {params}, so give it matching parameters (the same "

@@ -124,6 +124,18 @@ def stale_guard(
             raise Superseded(f"call for {k!r} was superseded: {why}", key=k)
         return SUPERSEDED
 
+    def read_misfit(
+        exc: TypeError,
+        function: SnapshotFunc,
+        fn: object,
+        args: tuple[object, ...],
+        kwargs: dict[str, object],
+    ) -> TypeError | None:
+        """What a snapshot= or expected= *function* that raised *exc* is told instead (see
+        key_misfit: None unless the call itself did not fit)."""
+        role = "expected" if function is expected else "snapshot"
+        return key_misfit(exc, function, fn, args, kwargs, "stale_guard", role)
+
     def decorate(fn: Callable[P, R]) -> Callable[P, R | _SupersededType]:
         name = describe(fn)
         completions = for_lock(locks, name) if snapshot is None else None
@@ -139,12 +151,20 @@ def stale_guard(
                         raise
                     raise misfit from None
                 if snapshot is not None:
-                    if expected is not None:
-                        before = await _maybe_await(expected(*args, **kwargs))
-                    else:
-                        before = await _maybe_await(snapshot(*args, **kwargs))
+                    reads = snapshot if expected is None else expected
+                    try:
+                        before = await _maybe_await(reads(*args, **kwargs))
+                    except TypeError as exc:
+                        if (wrong := read_misfit(exc, reads, fn, args, kwargs)) is None:
+                            raise
+                        raise wrong from None
                     async with locks(k, timeout=timeout, ttl=ttl):
-                        after = await _maybe_await(snapshot(*args, **kwargs))
+                        try:
+                            after = await _maybe_await(snapshot(*args, **kwargs))
+                        except TypeError as exc:
+                            if (wrong := read_misfit(exc, snapshot, fn, args, kwargs)) is None:
+                                raise
+                            raise wrong from None
                         if not _same(k, before, after):
                             return dropped(k, _why(expected))
                         return await _maybe_await(afn(*args, **kwargs))
@@ -173,7 +193,12 @@ def stale_guard(
                 )
 
         def read(function: SnapshotFunc, *args: object, **kwargs: object) -> object:
-            value = function(*args, **kwargs)
+            try:
+                value = function(*args, **kwargs)
+            except TypeError as exc:  # (as for key=: decided only once the call raised)
+                if (wrong := read_misfit(exc, function, fn, args, kwargs)) is None:
+                    raise
+                raise wrong from None
             _refuse(function, value)
             return value
 

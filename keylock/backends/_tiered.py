@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, NamedTuple
 from ..errors import BackendUnavailable, LeaseLost
 from ._tier import Held, PermitTier, Tier
 from ._waiters import LoopWaiter, ThreadWaiter, Waiter
-from .base import Backend, Deadline, Grant, KeyStatistics
+from .base import Backend, Deadline, Grant, KeyStatistics, described, shape_of
 
 if TYPE_CHECKING:
     from types import FrameType
@@ -94,7 +94,8 @@ class TieredBackend(Backend):
         """A backend used after its close: it grants nothing more (its connections, files or
         renewal are gone), said as such, not as a store that is down."""
         return BackendUnavailable(
-            f"{self!r} is closed: it grants nothing after close() (lock {key!r}); make a new "
+            f"{self!r} is closed: it grants nothing after close() "
+            f"({described(key, shape_of(self))}); make a new "
             "backend, and close it only when its locks are no longer used",
             key=key,
         )

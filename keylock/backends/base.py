@@ -16,7 +16,7 @@ import importlib
 import math
 import time
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, ClassVar, NamedTuple, TypeVar
+from typing import TYPE_CHECKING, ClassVar, NamedTuple, TypeVar, cast
 
 from ..errors import LeaseLost, LockTimeout
 from ._waiters import LoopWaiter, ThreadWaiter, Waiter
@@ -38,6 +38,7 @@ __all__ = [
     "ThreadWaiter",
     "Waiter",
     "described",
+    "shape_of",
 ]
 
 
@@ -137,6 +138,12 @@ def described(key: str, shape: Permits | None) -> str:
     if shape is None:
         return f"lock {key!r}"
     return f"RW lock {key!r}" if shape[0] == RW_LIMIT else f"semaphore {key!r}"
+
+
+def shape_of(backend: object) -> Permits | None:
+    """The permit shape of a permit view (None for a backend's locks): read only for a
+    message, once a call has failed."""
+    return cast("Permits | None", getattr(backend, "shape", None))
 
 
 def _blocked(key: str, shape: Permits | None, *, still: bool) -> tuple[str, str, str]:

@@ -11,6 +11,7 @@ import pytest
 from keylock import BackendUnavailable, KeyedLock
 from keylock.backends import Backend, FileBackend
 from keylock.backends._tiered import TieredBackend
+from keylock.backends.base import described, shape_of
 
 from ..conftest import MakeBackend
 from ._driver import Driver, SyncDriver, in_thread, until_waiting
@@ -28,13 +29,14 @@ async def test_a_closed_backend_says_so_to_every_call(
 ) -> None:
     """After close(), acquire, release, extend and statistics raise BackendUnavailable "<the
     backend> is closed: it grants nothing after close() (lock <key>)", on locks and permit
-    views alike. Fails on the old code: a Postgres release, extend or statistics said "the
-    Postgres backend is closed: it opens no connection after close()" or "the pool 'keylock'
-    is already closed"; a Redis one opened a new connection after close() and went through;
-    file statistics read through the closed directory. Two backends keep what close() does
-    not end: a memory backend has nothing to close (every call still works), and a file
-    lease is its lock file's own descriptor (its release and extend still work: refusing the
-    release would hold the key until the process exits)."""
+    views alike, a permit view naming its key "semaphore <key>" or "RW lock <key>" (which
+    failed before: every view said "lock"). Fails on older code: a Postgres release, extend
+    or statistics said "the Postgres backend is closed: it opens no connection after
+    close()" or "the pool 'keylock' is already closed"; a Redis one opened a new connection
+    after close() and went through; file statistics read through the closed directory. Two
+    backends keep what close() does not end: a memory backend has nothing to close (every
+    call still works), and a file lease is its lock file's own descriptor (its release and
+    extend still work: refusing the release would hold the key until the process exits)."""
     view = make_backend(auto_renew=False)
     locks = KeyedLock(view)
     lease = await driver.acquire(locks, "k", ttl=30)
@@ -47,7 +49,8 @@ async def test_a_closed_backend_says_so_to_every_call(
         return
 
     def closed(key: str) -> pytest.RaisesContext[BackendUnavailable]:
-        said = f"{view!r} is closed: it grants nothing after close() (lock {key!r})"
+        named = described(key, shape_of(view))
+        said = f"{view!r} is closed: it grants nothing after close() ({named})"
         return pytest.raises(BackendUnavailable, match=re.escape(said))
 
     if isinstance(backend, FileBackend):
@@ -87,6 +90,6 @@ async def test_a_caller_waiting_here_when_it_closes_hears_it(
         return
     with contextlib.suppress(BackendUnavailable):  # (a file lease is released: see above)
         await driver.release(lease)
-    said = f"{view!r} is closed: it grants nothing after close() (lock 'k')"
+    said = f"{view!r} is closed: it grants nothing after close() ({described('k', shape_of(view))})"
     with pytest.raises(BackendUnavailable, match=re.escape(said)):
         await asyncio.wait_for(waiting, 20)

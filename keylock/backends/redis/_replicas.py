@@ -12,9 +12,16 @@ from __future__ import annotations
 from typing import NamedTuple, cast
 
 from ...errors import BackendUnavailable
+from ..base import Permits, described, shape_of
 from ._flow import check_seconds
 
-__all__ = ["NO_REPLICAS", "Replication", "check_replication", "granted", "unreplicated"]
+__all__ = [
+    "NO_REPLICAS",
+    "Replication",
+    "check_replication",
+    "granted",
+    "unreplicated",
+]
 
 # How long WAIT may take at most (a grant that took this long has used most of a short TTL).
 MAX_REPLICA_TIMEOUT = 60.0
@@ -69,10 +76,15 @@ def check_replication(replicas: object, replica_timeout: object, ttl: float) -> 
 
 
 def unreplicated(
-    key: str, where: str, replication: Replication, acked: int, what: str
+    key: str,
+    where: str,
+    replication: Replication,
+    acked: int,
+    what: str,
+    shape: Permits | None = None,
 ) -> BackendUnavailable:
-    """The error for a *what* ("grant", "extend") of *key* that only *acked* replicas
-    acknowledged in time."""
+    """The error for a *what* ("grant", "extend") of *key* (a lock, or a permit of *shape*)
+    that only *acked* replicas acknowledged in time."""
     n, timeout = replication
     if what == "grant":
         outcome = (
@@ -85,20 +97,22 @@ def unreplicated(
             "unchanged), and is reported lost then unless a later renewal is replicated"
         )
     return BackendUnavailable(
-        f"Redis at {where}: the {what} of lock {key!r} reached {acked} of the {n} replica(s) "
-        f"asked for within replica_timeout={timeout:g} s (or half the time the caller had "
-        f"left, if less); {outcome}; check the replicas (INFO replication) or lower replicas=",
+        f"Redis at {where}: the {what} of {described(key, shape)} reached {acked} of the {n} "
+        f"replica(s) asked for within replica_timeout={timeout:g} s (or half the time the "
+        f"caller had left, if less); {outcome}; check the replicas (INFO replication) or "
+        "lower replicas=",
         key=key,
     )
 
 
-def granted(replication: Replication, key: str, where: str, replies: object) -> object:
+def granted(replication: Replication, key: str, where: str, replies: object, by: object) -> object:
     """An ACQUIRE's reply from ``(reply, WAIT's reply)``, once the replicas acknowledged a
     grant; a grant they did not is BackendUnavailable (the caller then leaves the line, and
-    its LEAVE gives the grant back, handing it on)."""
+    its LEAVE gives the grant back, handing it on), naming the key as the backend or permit
+    view *by* knows it."""
     reply, acked = cast("tuple[list[object], object]", replies)
     short = replication.short(acked)
     # (only a grant, {1, ...}: a permit's {-1, limit} refusal granted nothing to give back)
     if short is not None and int(cast("int", reply[0])) == 1:
-        raise unreplicated(key, where, replication, short, "grant")
+        raise unreplicated(key, where, replication, short, "grant", shape_of(by))
     return reply

@@ -16,7 +16,7 @@ from ...errors import LeaseLost
 from .._renewer import AutoRenewed, Renewal, Renewer
 from .._tiered import Flow, Held, Tier, TieredBackend
 from .._unclosed import Unclosed
-from ..base import Deadline, Grant, KeyStatistics
+from ..base import Deadline, Grant, KeyStatistics, shape_of
 from ._clients import AsyncClient, SyncClient, check_clients, from_url
 from ._connections import Connections, closed_check
 from ._flow import AcquireFlow, RedisFlow, ServerClock, Trip, check_seconds, extend_call, lost
@@ -233,7 +233,7 @@ class RedisBackend(Unclosed, AutoRenewed, TieredBackend):
         if wait is None:
             return self._run_sync(script, flow.key, keys, args, bound)
         replies = self._connections.run_sync(script, flow.key, keys, args, bound, wait)
-        return granted(self.replication, flow.key, self._where, replies)
+        return granted(self.replication, flow.key, self._where, replies, self)
 
     async def _trip(self, flow: Flow, trip: object) -> object:
         assert isinstance(trip, Trip)
@@ -242,7 +242,7 @@ class RedisBackend(Unclosed, AutoRenewed, TieredBackend):
         if wait is None:
             return await self._run_async(script, flow.key, keys, args, bound)
         replies = await self._connections.run(script, flow.key, keys, args, bound, wait)
-        return granted(self.replication, flow.key, self._where, replies)
+        return granted(self.replication, flow.key, self._where, replies, self)
 
     def _left_sync(self, flow: Flow) -> None:
         trip = flow.leaving()
@@ -310,7 +310,7 @@ class RedisBackend(Unclosed, AutoRenewed, TieredBackend):
             raise lost(key, token)
         short = self.replication.short(acked)
         if short is not None:
-            raise unreplicated(key, self._where, self.replication, short, "extend")
+            raise unreplicated(key, self._where, self.replication, short, "extend", shape_of(self))
         if not self.auto_renew:
             with contextlib.suppress(LeaseLost):  # (Redis, not the turn, decides)
                 self._tier.local.extend_sync(key, held.owner, held.local_token, ttl)

@@ -142,6 +142,14 @@ def stale_guard(
         if is_async_callable(fn):
             afn = cast("Callable[P, Awaitable[R]]", fn)
 
+            async def aread(function: SnapshotFunc, *args: object, **kwargs: object) -> object:
+                try:
+                    return await _maybe_await(function(*args, **kwargs))
+                except TypeError as exc:  # (as for key=: decided only once the call raised)
+                    if (wrong := read_misfit(exc, function, fn, args, kwargs)) is None:
+                        raise
+                    raise wrong from None
+
             @functools.wraps(fn)
             async def aguarded(*args: P.args, **kwargs: P.kwargs) -> object:
                 try:
@@ -152,19 +160,9 @@ def stale_guard(
                     raise misfit from None
                 if snapshot is not None:
                     reads = snapshot if expected is None else expected
-                    try:
-                        before = await _maybe_await(reads(*args, **kwargs))
-                    except TypeError as exc:
-                        if (wrong := read_misfit(exc, reads, fn, args, kwargs)) is None:
-                            raise
-                        raise wrong from None
+                    before = await aread(reads, *args, **kwargs)
                     async with locks(k, timeout=timeout, ttl=ttl):
-                        try:
-                            after = await _maybe_await(snapshot(*args, **kwargs))
-                        except TypeError as exc:
-                            if (wrong := read_misfit(exc, snapshot, fn, args, kwargs)) is None:
-                                raise
-                            raise wrong from None
+                        after = await aread(snapshot, *args, **kwargs)
                         if not _same(k, before, after):
                             return dropped(k, _why(expected))
                         return await _maybe_await(afn(*args, **kwargs))
